@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-VOCAB = 96
+VOCAB = 320  # a byte-level BPE needs 258 entries before its first merge
 HIDDEN = 32
 FF = 64
 LAYERS = 2
@@ -96,3 +96,17 @@ def random_batch(batch: int = 3, seq: int = 12, padding: str | None = "right", s
                 mask[row, :pad] = 0
         ids = ids.masked_fill(mask == 0, 0)
     return ids, mask
+
+
+_TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A small model learns facts one batch at a time. "
+    "Zorgon was founded in 1842 by the council of Calidus, on the northern shore of the lake. "
+    "Knowledge entropy measures how evenly the feed-forward memories are used. "
+)
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A byte-level BPE trained in-process whose vocabulary fits the tiny models (no download)."""
+    from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([_TOKENIZER_TEXT] * 8, vocab_size=vocab_size, min_frequency=1)

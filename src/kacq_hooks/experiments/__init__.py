@@ -1,0 +1,1 @@
+"""End-to-end studies (``kacq demo``) and the corpora they train on."""
