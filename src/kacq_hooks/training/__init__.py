@@ -1,0 +1,1 @@
+"""Training-time parts: Trainer callbacks, sharpness-aware minimization, formatting augmentation."""
