@@ -1,0 +1,99 @@
+"""Knowledge entropy (Kim et al., ICLR 2025): the entropy of each layer's averaged coefficient distribution.
+
+For layer l with m neurons: p_l = c̄_l / sum(c̄_l), H_l = -sum p_l ln p_l, and H = sum_l H_l, whose
+maximum is L ln m. It is the entropy *of the averaged* distribution, not an average of per-token
+entropies. Computed in float64 from fp32 running sums: the signal is ~1e-3 relative.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import KacqError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KnowledgeEntropy:
+    """Per-layer and total knowledge entropy, in nats.
+
+    >>> ke = knowledge_entropy([torch.ones(8), torch.tensor([1.0, 0, 0, 0])])
+    >>> round(ke.total, 4), round(ke.max_total, 4), ke.per_layer[1]
+    (2.0794, 3.4657, 0.0)
+    """
+
+    per_layer: list[float]
+    max_per_layer: list[float]
+    weighting: str = "token"
+    tokens: int | None = None
+    nonfinite_per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.per_layer))
+
+    @property
+    def max_total(self) -> float:
+        """L ln m for equal widths: the entropy of uniform use of every neuron."""
+        return float(sum(self.max_per_layer))
+
+    @property
+    def normalized_per_layer(self) -> list[float]:
+        return [h / hmax for h, hmax in zip(self.per_layer, self.max_per_layer)]
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "max_total": self.max_total, "per_layer": list(self.per_layer),
+                "max_per_layer": list(self.max_per_layer), "weighting": self.weighting, "tokens": self.tokens,
+                "nonfinite_per_layer": list(self.nonfinite_per_layer)}
+
+
+def entropy(mean_abs: torch.Tensor) -> float:
+    """-sum p ln p of the distribution proportional to ``mean_abs`` (non-negative), with 0 ln 0 = 0."""
+    c = mean_abs.detach().to(torch.float64).flatten()
+    if c.numel() == 0:
+        raise KacqError("cannot take the entropy of an empty coefficient vector")
+    if bool((c < 0).any()) or not bool(torch.isfinite(c).all()):
+        raise KacqError("mean |C| must be finite and non-negative; non-finite coefficients are excluded by the "
+                        "statistics, so this vector did not come from them")
+    total = c.sum()
+    if total <= 0:
+        raise KacqError("every mean |C| is zero: no tokens were recorded for this layer, or the layer is dead")
+    p = c / total
+    return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum())
+
+
+def knowledge_entropy(source, weighting: str = "token") -> KnowledgeEntropy:
+    """Knowledge entropy of an Instrumentation, a CoefficientStats, or a list of per-layer c̄ vectors."""
+    from .stats import CoefficientStats
+
+    if hasattr(source, "stats") and isinstance(source.stats, CoefficientStats):
+        source = source.stats
+    tokens, nonfinite = None, []
+    if isinstance(source, CoefficientStats):
+        tokens = [int(s.tokens) for s in source]
+        if not any(tokens):
+            raise KacqError("no tokens have been recorded: run forward passes on the instrumented model "
+                            "(outside inst.pause()) before asking for knowledge entropy")
+        nonfinite = source.nonfinite_per_layer()
+        bad = {i: n for i, n in enumerate(nonfinite) if n}
+        if bad:
+            log.warning("non-finite coefficients were seen and left out of the entropy (layer: count): %s", bad)
+        cbars = [s.mean_abs(weighting) for s in source]
+        tokens = max(tokens)
+    elif isinstance(source, Sequence) and all(isinstance(c, torch.Tensor) for c in source):
+        cbars = list(source)
+    else:
+        raise TypeError(f"knowledge_entropy takes an Instrumentation, CoefficientStats or a list of tensors, "
+                        f"not {type(source).__name__}")
+    return KnowledgeEntropy(
+        per_layer=[entropy(c) for c in cbars],
+        max_per_layer=[math.log(c.numel()) for c in cbars],
+        weighting=weighting,
+        tokens=tokens,
+        nonfinite_per_layer=nonfinite,
+    )

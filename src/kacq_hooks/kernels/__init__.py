@@ -1,0 +1,62 @@
+"""Coefficient reductions, dispatched by device.
+
+``accumulate_forward(c, rows, doc_weight, out)`` and ``accumulate_backward(c, g, rows, out)`` add one
+forward's (or backward's) statistics of a [N, d_ff] coefficient tensor into a
+:class:`kacq_hooks.stats.LayerStats`. :mod:`.reference` is the specification. Dispatch:
+
+- CUDA tensors with Triton installed: the fused kernels of :mod:`.triton`;
+- CPU tensors: :mod:`.cpu`, the reference made cache-friendly (host checks are free there);
+- anything else, or while ``torch.compile`` traces: :mod:`.reference`.
+
+``KACQ_KERNELS=torch`` forces the reference everywhere, ``KACQ_KERNELS=triton`` the Triton kernels
+(on CPU only under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import cpu, reference
+
+_VALID = ("auto", "torch", "triton")
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend used for tensors on ``device``: "triton", "cpu" or "torch"."""
+    choice = os.environ.get("KACQ_KERNELS", "auto").lower()
+    if choice not in _VALID:
+        raise ValueError(f"KACQ_KERNELS={choice!r} is not one of {_VALID}")
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        return "triton"
+    if device.type == "cuda" and _triton_available():
+        return "triton"
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return "cpu"
+    return "torch"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _module(backend: str):
+    if backend == "triton":
+        from . import triton as triton_kernels
+
+        return triton_kernels
+    return cpu if backend == "cpu" else reference
+
+
+def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> None:
+    _module(backend_for(c.device)).accumulate_forward(c, rows, doc_weight, out)
+
+
+def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> None:
+    _module(backend_for(c.device)).accumulate_backward(c, g, rows, out)
