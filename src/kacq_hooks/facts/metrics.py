@@ -1,0 +1,278 @@
+"""Acquisition and forgetting metrics on probe trajectories (Chang et al. 2024; Kim et al. 2025; SCIENCE.md section 4).
+
+A trajectory is ``values[..., j] = l(q, θ_{steps[j]})``: the probe's target log prob under the model
+before update ``steps[j]`` (after ``steps[j]`` updates). Leading dimensions are independent probes that
+share the injection steps. Steps need not be contiguous, but the metrics read the model at the
+injection steps, so those must be recorded.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+ArrayLike = torch.Tensor | Sequence
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """``R(t) ~ intercept - decay * log10(t)``; the x-intercept is where the fitted R reaches 0."""
+
+    decay: float
+    intercept: float
+    r_squared: float
+    x_intercept_steps: float
+    x_intercept_tokens: float | None = None
+    n_points: int = 0
+
+
+def _as_float64(values: ArrayLike) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float64)
+
+
+def _step_index(steps: torch.Tensor) -> dict[int, int]:
+    if steps.dim() != 1:
+        raise ValueError(f"steps must be 1-D, got shape {tuple(steps.shape)}")
+    if steps.numel() > 1 and not bool((steps[1:] > steps[:-1]).all()):
+        raise ValueError("steps must be strictly increasing")
+    return {int(s): j for j, s in enumerate(steps.tolist())}
+
+
+def _prepare(steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int]):
+    steps_t = torch.as_tensor(steps, dtype=torch.long)
+    index = _step_index(steps_t)
+    values_t = _as_float64(values)
+    if values_t.shape[-1] != steps_t.numel():
+        raise ValueError(f"values have {values_t.shape[-1]} steps in their last dimension, steps has {steps_t.numel()}")
+    injections = [int(t) for t in injection_steps]
+    if not injections:
+        raise ValueError("no injection steps given")
+    if any(b <= a for a, b in zip(injections, injections[1:])):
+        raise ValueError(f"injection steps {injections} must be strictly increasing")
+    missing = [t for t in injections if t not in index]
+    if missing:
+        raise ValueError(
+            f"the trajectory has no value at injection step(s) {missing}; record the model before every injection"
+        )
+    return steps_t, index, values_t, injections
+
+
+def local_acquisition_maximum(
+    steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int], window: int = 50
+) -> torch.Tensor:
+    """t_LAM per injection: the step in ``(t_i, t_i + window]`` with the highest value. Long [..., n_injections]."""
+    steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    result = []
+    for t in injections:
+        in_window = ((steps_t > t) & (steps_t <= t + window)).nonzero().squeeze(1)
+        if in_window.numel() == 0:
+            raise ValueError(f"no recorded step in the window ({t}, {t + window}] after injection step {t}")
+        best = values_t[..., in_window].argmax(dim=-1)
+        result.append(steps_t[in_window][best])
+    return torch.stack(result, dim=-1)
+
+
+def effectivity(
+    steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int], window: int = 50
+) -> torch.Tensor:
+    """E(q, i) = l(θ_{t_LAM(q,i)}) - l(θ_{t_i}) for each injection i: float64 [..., n_injections].
+
+    ``window`` is t_w: 50 for AdamW with beta1 = 0.9, 1 for an optimizer without momentum.
+
+    >>> effectivity([0, 1, 2, 3, 4], [-5.0, -3.0, -2.0, -4.0, -4.5], [0, 3], window=2).tolist()
+    [3.0, -0.5]
+    """
+    steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
+    lam = local_acquisition_maximum(steps_t, values_t, injections, window)
+    before = torch.stack([values_t[..., index[t]] for t in injections], dim=-1)
+    lam_columns = torch.tensor([index[int(s)] for s in lam.reshape(-1).tolist()]).reshape(lam.shape)
+    at_lam = values_t.gather(-1, lam_columns)
+    return at_lam - before
+
+
+def retainability(
+    steps: ArrayLike,
+    values: ArrayLike,
+    injection_steps: Sequence[int],
+    window: int = 50,
+    horizon: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """R(q, t) after the last injection, for t = 0 .. horizon: returns (t [n_t], R float64 [..., n_t]).
+
+    R(q, t) = [l(θ_{t_LAM,n + t}) - l(θ_{t_1})] / [l(θ_{t_LAM,n}) - l(θ_{t_1})], with t_LAM,n the local
+    acquisition maximum after the last injection and t_1 the first injection. NaN where the step
+    ``t_LAM,n + t`` was not recorded or the denominator is 0. ``horizon`` defaults to the longest available.
+
+    >>> t, r = retainability([0, 1, 2, 3, 4], [-5.0, -3.0, -2.0, -4.0, -4.5], [0], window=2)
+    >>> t.tolist(), r.tolist()
+    ([0, 1, 2], [1.0, 0.3333333333333333, 0.16666666666666666])
+    """
+    steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
+    if int(steps_t[0]) < 0:
+        raise ValueError(f"steps must be >= 0, got {int(steps_t[0])}")
+    lam_last = local_acquisition_maximum(steps_t, values_t, injections[-1:], window)[..., 0]
+    if horizon is None:
+        horizon = int(steps_t[-1] - lam_last.min())
+    offsets = torch.arange(horizon + 1)
+    lookup = torch.full((int(steps_t[-1]) + 1,), -1, dtype=torch.long)
+    lookup[steps_t] = torch.arange(steps_t.numel())
+    wanted = lam_last[..., None] + offsets  # [..., n_t] steps
+    columns = torch.where(wanted < lookup.numel(), lookup[wanted.clamp(max=lookup.numel() - 1)], -1)
+    present = columns >= 0
+    after = values_t.gather(-1, columns.clamp(min=0))
+    at_lam = values_t.gather(-1, lookup[lam_last][..., None])
+    before = values_t[..., index[injections[0]]][..., None]
+    denominator = at_lam - before
+    ratio = (after - before) / denominator.where(denominator != 0, torch.nan)
+    return offsets, ratio.where(present, torch.nan)
+
+
+def iqr_mask(values: ArrayLike, factor: float = 1.5, dim: int = 0) -> torch.Tensor:
+    """True where a value lies within [Q1 - factor*IQR, Q3 + factor*IQR] along ``dim`` (NaN: False).
+
+    The paper uses factor 1.5; the released code 2.0.
+
+    >>> iqr_mask([1.0, 2.0, 3.0, 4.0, 100.0]).tolist()
+    [True, True, True, True, False]
+    """
+    values_t = _as_float64(values)
+    q1 = torch.nanquantile(values_t, 0.25, dim=dim, keepdim=True)
+    q3 = torch.nanquantile(values_t, 0.75, dim=dim, keepdim=True)
+    spread = factor * (q3 - q1)
+    return (values_t >= q1 - spread) & (values_t <= q3 + spread)
+
+
+def mean_without_outliers(values: ArrayLike, factor: float | None = 1.5, dim: int = 0) -> torch.Tensor:
+    """The mean along ``dim`` after the IQR filter (``factor=None``: no filter); NaNs are skipped."""
+    values_t = _as_float64(values)
+    keep = iqr_mask(values_t, factor, dim) if factor is not None else ~torch.isnan(values_t)
+    total = torch.where(keep, values_t, 0.0).sum(dim)
+    count = keep.sum(dim)
+    return total / count.where(count > 0, torch.nan)
+
+
+def fit_power_law(t: ArrayLike, r: ArrayLike, tokens_per_step: float | None = None) -> PowerLawFit:
+    """Least-squares fit of ``r ~ intercept - decay * log10(t)`` over the points with t >= 1 and finite r.
+
+    ``x_intercept_steps = 10 ** (intercept / decay)``: the step count at which the fitted retention
+    reaches 0; times ``tokens_per_step`` (batch size x sequence length) for ``x_intercept_tokens``.
+
+    >>> fit = fit_power_law([1, 10, 100], [0.9, 0.7, 0.5])
+    >>> round(fit.decay, 6), round(fit.intercept, 6), round(fit.x_intercept_steps, 3)
+    (0.2, 0.9, 31622.777)
+    """
+    t_all, r_all = _as_float64(t).reshape(-1), _as_float64(r).reshape(-1)
+    if t_all.shape != r_all.shape:
+        raise ValueError(f"t has {t_all.numel()} points and r {r_all.numel()}; give one r per t")
+    usable = (t_all >= 1) & torch.isfinite(r_all)
+    x, y = torch.log10(t_all[usable]), r_all[usable]
+    if x.numel() < 2 or float(x.max() - x.min()) == 0:
+        raise ValueError(f"a power-law fit needs at least two distinct t >= 1 with finite r; got {x.numel()} points")
+    x_mean, y_mean = x.mean(), y.mean()
+    slope = float(((x - x_mean) * (y - y_mean)).sum() / ((x - x_mean) ** 2).sum())
+    intercept = float(y_mean - slope * x_mean)
+    residual = float(((y - (intercept + slope * x)) ** 2).sum())
+    total = float(((y - y_mean) ** 2).sum())
+    r_squared = 1.0 - residual / total if total > 0 else 1.0
+    decay = -slope
+    x_intercept = 10 ** (intercept / decay) if decay != 0 else math.inf
+    tokens = x_intercept * tokens_per_step if tokens_per_step is not None else None
+    return PowerLawFit(decay, intercept, r_squared, x_intercept, tokens, int(x.numel()))
+
+
+# Kim et al. 2025's summary metrics
+
+
+def knowledge_score(scores: torch.Tensor | dict[str, torch.Tensor]) -> float:
+    """K: the mean target log prob over all probes (NaN-aware); accepts a tensor or ``{kind: tensor}``."""
+    flat = torch.cat([v.reshape(-1) for v in scores.values()]) if isinstance(scores, dict) else _as_float64(scores).reshape(-1)
+    flat = flat[~torch.isnan(flat)]
+    if flat.numel() == 0:
+        raise ValueError("no finite probe scores to average")
+    return float(flat.double().mean())
+
+
+def acquisition(k_before: float, k_after: float) -> float:
+    """A = (K_after - K_before) / |K_before|: relative gain of the mean target log prob.
+
+    >>> acquisition(-4.0, -3.0)
+    0.25
+    """
+    if k_before == 0:
+        raise ValueError("K_before is 0, so the relative acquisition is undefined")
+    return (k_after - k_before) / abs(k_before)
+
+
+def forgetting(p_before: float, p_after: float) -> float:
+    """F = (P_before - P_after) / P_before on a downstream accuracy P.
+
+    >>> forgetting(0.5, 0.25)
+    0.5
+    """
+    if p_before == 0:
+        raise ValueError("P_before is 0, so the relative forgetting is undefined")
+    return (p_before - p_after) / p_before
+
+
+def summarize_acquisition(
+    store,
+    schedule,
+    reduction: str = "mean",
+    *,
+    window: int = 50,
+    iqr_factor: float | None = 1.5,
+    tokens_per_step: float | None = None,
+) -> list[dict]:
+    """The paper's summary per (scenario, kind) from a trajectory store and its injection schedule.
+
+    For each group: mean effectivity over probes and injections (IQR-filtered), the retainability
+    curve averaged over probes per t (IQR-filtered per t), and its power-law fit. Records whose
+    injection steps differ (``max_per_step``) are aligned on their own steps before averaging.
+    Returns one dict per group with keys scenario, kind, n_probes, effectivity, decay, intercept,
+    r_squared, x_intercept_steps, x_intercept_tokens (fit values NaN where too few points).
+    """
+    steps = torch.tensor(store.steps, dtype=torch.long)
+    values = store.values(reduction).double()
+    scenarios = store.scenarios or schedule.facts.scenarios
+    rows = []
+    kinds = list(dict.fromkeys(p.kind for p in store.probes))
+    for scenario in dict.fromkeys(scenarios):
+        if scenario == "unused":
+            continue
+        for kind in kinds:
+            gains, curves = [], []
+            records = sorted({p.record for p in store.probes if p.kind == kind and scenarios[p.record] == scenario})
+            if not records:
+                continue
+            for record in records:
+                injections = schedule.steps_of(record)
+                if not injections:
+                    continue
+                columns = store.columns(record=record, kind=kind)
+                trajectories = values[:, columns].T  # [n_probes, n_steps]
+                gains.append(effectivity(steps, trajectories, injections, window).reshape(-1))
+                curves.append(retainability(steps, trajectories, injections, window)[1])
+            if not gains:
+                continue
+            width = max(c.shape[-1] for c in curves)
+            padded = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[-1]), value=torch.nan) for c in curves])
+            mean_curve = mean_without_outliers(padded, iqr_factor, dim=0)
+            row = {
+                "scenario": scenario,
+                "kind": kind,
+                "n_probes": int(padded.shape[0]),
+                "effectivity": float(mean_without_outliers(torch.cat(gains), iqr_factor, dim=0)),
+            }
+            try:
+                fit = fit_power_law(torch.arange(width), mean_curve, tokens_per_step)
+                row.update(decay=fit.decay, intercept=fit.intercept, r_squared=fit.r_squared,
+                           x_intercept_steps=fit.x_intercept_steps, x_intercept_tokens=fit.x_intercept_tokens)
+            except ValueError:  # too short a trajectory after the last injection to fit
+                row.update(decay=math.nan, intercept=math.nan, r_squared=math.nan,
+                           x_intercept_steps=math.nan, x_intercept_tokens=None)
+            rows.append(row)
+    return rows
