@@ -1,0 +1,122 @@
+"""Acquisition and forgetting metrics on synthetic trajectories with answers known in closed form."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kacq_hooks import facts
+
+
+def test_exact_power_law_gives_back_decay_and_x_intercept():
+    decay, intercept = 0.25, 0.75  # R reaches 0 at 10 ** (0.75 / 0.25) = 1000 steps
+    t = torch.arange(0, 500)
+    r = intercept - decay * torch.log10(t.double().clamp(min=1))
+    r[0] = 1.0  # t = 0 is R's definition point and is left out of the fit
+    fit = facts.fit_power_law(t, r, tokens_per_step=2048 * 16)
+    assert abs(fit.decay - decay) < 1e-6
+    assert abs(fit.intercept - intercept) < 1e-6
+    assert abs(fit.x_intercept_steps - 1000.0) < 1e-6
+    assert abs(fit.x_intercept_tokens - 1000.0 * 2048 * 16) < 1e-6 * 2048 * 16
+    assert fit.r_squared == pytest.approx(1.0, abs=1e-12) and fit.n_points == 499
+
+
+def test_power_law_from_a_trajectory_end_to_end():
+    # One injection at step 10, window 1 (no momentum): the maximum is step 11, then R(t) = 0.9 - 0.3 log10 t.
+    pre, peak = -6.0, -2.0
+    values = [pre] * 11 + [peak] + [pre + (peak - pre) * (0.9 - 0.3 * math.log10(t)) for t in range(1, 300)]
+    t, r = facts.retainability(range(len(values)), values, [10], window=1)
+    assert r[0] == 1.0
+    fit = facts.fit_power_law(t, r)
+    assert abs(fit.decay - 0.3) < 1e-6 and abs(fit.x_intercept_steps - 10 ** 3) < 1e-6
+
+
+HAND_VALUES = [-6.0, -6.0, -6.0, -4.0, -3.5, -4.5, -2.0, -1.5, -3.0, -3.5]  # steps 0..9, injections at 2 and 5
+
+
+def test_hand_worked_effectivity_and_retainability():
+    steps = list(range(10))
+    lam = facts.local_acquisition_maximum(steps, HAND_VALUES, [2, 5], window=2)
+    assert lam.tolist() == [4, 7]
+    gains = facts.effectivity(steps, HAND_VALUES, [2, 5], window=2)
+    assert gains.tolist() == pytest.approx([2.5, 3.0])  # -3.5 - (-6); -1.5 - (-4.5)
+    t, r = facts.retainability(steps, HAND_VALUES, [2, 5], window=2)
+    # t_pre = 2 (l = -6), t_LAM,n = 7 (l = -1.5): R = (l - (-6)) / 4.5
+    assert t.tolist() == [0, 1, 2]
+    assert r.tolist() == pytest.approx([1.0, 3.0 / 4.5, 2.5 / 4.5])
+    # a wider window sees further: the maximum after step 2 within 4 steps is step 6
+    assert facts.effectivity(steps, HAND_VALUES, [2], window=4).tolist() == pytest.approx([4.0])
+
+
+def test_metrics_on_batches_of_probes_and_sparse_steps():
+    steps = [0, 2, 3, 5, 8]
+    values = torch.tensor([[-5.0, -4.0, -2.0, -3.0, -3.5], [-5.0, -1.0, -4.0, -4.5, -5.0]])
+    gains = facts.effectivity(steps, values, [0], window=3)  # recorded steps 2 and 3 are in (0, 3]
+    assert gains[:, 0].tolist() == pytest.approx([3.0, 4.0])
+    t, r = facts.retainability(steps, values, [0], window=3)
+    # probe 0 peaks at step 3 (den 3), probe 1 at step 2 (den 4); unrecorded steps give NaN
+    assert r[0, 0] == 1.0 and r[0, 2] == pytest.approx(2.0 / 3.0) and r[0, 5] == pytest.approx(1.5 / 3.0)
+    assert torch.isnan(r[0, 1]) and r[1, 1] == pytest.approx(1.0 / 4.0) and r[1, 3] == pytest.approx(0.5 / 4.0)
+
+
+def test_metric_errors_say_what_is_missing():
+    with pytest.raises(ValueError, match=r"no value at injection step\(s\) \[4\]"):
+        facts.effectivity([0, 1, 2, 3, 5], [0.0] * 5, [4])
+    with pytest.raises(ValueError, match="no recorded step in the window"):
+        facts.effectivity([0, 1, 2], [0.0] * 3, [2])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        facts.effectivity([0, 2, 1], [0.0] * 3, [0])
+    with pytest.raises(ValueError, match="at least two distinct"):
+        facts.fit_power_law([0, 1], [1.0, 0.9])
+
+
+def test_iqr_filter_with_both_factors():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 9.0, float("nan")])
+    # Q1 = 2, Q3 = 4, IQR = 2: factor 1.5 keeps [-1, 7], factor 2.0 keeps [-2, 8]; 9 is out either way
+    assert facts.iqr_mask(values).tolist() == [True, True, True, True, False, False]
+    assert facts.iqr_mask(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.5])).tolist() == [True] * 4 + [False]
+    assert facts.iqr_mask(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.5]), factor=2.0).tolist() == [True] * 5
+    assert float(facts.mean_without_outliers(values)) == pytest.approx(2.5)
+    assert float(facts.mean_without_outliers(values, factor=None)) == pytest.approx(19.0 / 5)
+
+
+def test_kim_et_al_summary_metrics():
+    k = facts.knowledge_score({"mem": torch.tensor([[-2.0, -4.0]]), "gen": torch.tensor([[-3.0, float("nan")]])})
+    assert k == pytest.approx(-3.0)
+    assert facts.acquisition(-4.0, -3.0) == pytest.approx(0.25)
+    assert facts.forgetting(0.5, 0.25) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="K_before is 0"):
+        facts.acquisition(0.0, -1.0)
+
+
+def _record():
+    probes = {f"{k}_{p}": ["a", "b"] for k in ("mem", "gen", "hard_gen") for p in ("input", "target")}
+    return facts.FactRecord("A passage.", **probes)
+
+
+def test_summary_from_a_store_and_its_schedule():
+    fs = facts.FactSet([_record(), _record(), _record()], ["duplication", "once", "unused"])
+    schedule = facts.InjectionSchedule(fs, interval=10, rounds=2)
+    assert schedule.steps_of(0) == [0, 10] and schedule.steps_of(1) == [0] and schedule.steps_of(2) == []
+    n_steps, decay = 60, 0.2
+
+    def decayed(pre, peak, t):
+        return pre + (peak - pre) * (1.0 - decay * math.log10(t))
+
+    once = [-5.0, -3.0] + [decayed(-5.0, -3.0, t) for t in range(1, n_steps - 1)]
+    dup = [-5.0, -3.0] + [decayed(-5.0, -3.0, t) for t in range(1, 10)]  # steps 0..10
+    dup += [-2.0] + [decayed(-5.0, -2.0, t) for t in range(1, n_steps - 11)]
+    probes = [facts.ProbeRef(r, "mem", i) for r in range(3) for i in range(2)]
+    store = facts.TrajectoryStore(None, probes, fs.scenarios)
+    for step in range(n_steps):
+        row = torch.tensor([dup[step]] * 2 + [once[step]] * 2 + [-5.0] * 2)
+        store.append(step, {"mean": row, "first": row, "sum": row})
+    rows = {(r["scenario"], r["kind"]): r for r in facts.summarize_acquisition(store, schedule, window=1)}
+    assert set(rows) == {("duplication", "mem"), ("once", "mem")}
+    assert rows["once", "mem"]["effectivity"] == pytest.approx(2.0)
+    second_gain = -2.0 - dup[10]
+    assert rows["duplication", "mem"]["effectivity"] == pytest.approx((2.0 + second_gain) / 2)
+    for key in rows:
+        assert rows[key]["decay"] == pytest.approx(decay, abs=1e-5)
+        assert rows[key]["x_intercept_steps"] == pytest.approx(10 ** (1 / decay), rel=1e-4)
