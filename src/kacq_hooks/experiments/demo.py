@@ -1,0 +1,696 @@
+"""The study behind ``kacq demo``: pretrain a small Llama from scratch, then inject facts from several arms.
+
+One run, one seed, one results dict:
+
+1. **Pretraining** on an offline corpus (English Wikipedia summaries by default), measuring knowledge
+   entropy per layer on a fixed held-out calibration set every ``entropy_every`` steps (Kim et al. 2025).
+2. **Continued training with fact injection** (Chang et al. 2024) from each *arm*: a starting checkpoint,
+   an optional weight edit (e.g. resuscitation), a transform of the injected passages (e.g. formatting
+   augmentation) and a training step factory (AdamW, or SAM). Every probe is scored before every update.
+3. **Metrics** per arm: effectivity, retainability with power-law fits (Chang), acquisition and
+   forgetting (Kim), and the entropy at the arm's start.
+
+The function :func:`run_demo` prints nothing; progress goes to an optional callback, which the CLI
+turns into a progress bar. Same config and seed give the same numbers (the results dict carries no
+wall-clock times; :func:`run_demo` returns those separately in ``timings``).
+
+>>> config = DemoConfig.quick()   # doctest: +SKIP
+>>> results = run_demo(config)
+>>> results["pretraining"]["entropy"]["total"][-1]
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import KacqError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, dict], None]
+TrainStep = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+class DemoConfigError(KacqError, ValueError):
+    """The demo's settings cannot work together (e.g. more injected rows than batch rows)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every setting of the study. ``DemoConfig()`` is the default run (<= 10 min on 2 CPU cores);
+    :meth:`quick` is a smoke-sized run (well under 2 min)."""
+
+    seed: int = 0
+    # model: a Llama-style decoder trained from scratch
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512
+    seq_len: int = 128
+    vocab_size: int = 2048
+    # corpus and tokenizer
+    corpus: str | None = None            # None: offline Wikipedia summaries; else a .txt / .jsonl path
+    max_docs: int | None = 4000
+    cache_dir: str | None = None         # tokenizer cache; None: $KACQ_CACHE or ~/.cache/kacq_hooks
+    calibration_sequences: int = 32
+    # pretraining
+    pretrain_steps: int = 500
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 25
+    weight_decay: float = 0.01
+    early_step: int = 100                # the "early" checkpoint; the "late" one is the last step
+    entropy_every: int = 25
+    # facts and injection
+    facts: str | None = None             # None: procedural facts; else a Fictional Knowledge JSON path
+    facts_per_scenario: int = 3
+    injection_every: int = 20
+    injection_rounds: int = 5
+    lead_steps: int = 5                  # steps before the first injection (the t_pre baseline)
+    tail_steps: int = 60                 # steps after the last injection, for forgetting
+    continue_lr: float = 5e-4
+    window: int = 10                     # t_w: local acquisition maximum searched in (t_i, t_i + t_w]
+    iqr_factor: float = 1.5
+    # resuscitation (Kim et al. Algorithm 1, weight mode)
+    resuscitation_ratio: float = 0.5
+    resuscitation_factor: float = 2.0
+    resuscitation_cap: float = 10.0
+    # Zhu et al. arms
+    augment_variants: int = 4
+    sam_rho: float = 0.05
+    arms: tuple[str, ...] = ("early", "late", "late+resuscitation")
+    threads: int = 1                     # fixed thread count: CPU reductions are then run-to-run identical
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        """A smoke-sized study for tests and a first look (under 2 minutes on 2 CPU cores)."""
+        small = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, seq_len=128, vocab_size=768, max_docs=800,
+                     calibration_sequences=8, pretrain_steps=60, batch_size=24, lr=3e-3, warmup_steps=6,
+                     early_step=15, entropy_every=10, facts_per_scenario=2, injection_every=8, injection_rounds=3,
+                     lead_steps=3, tail_steps=16, window=5, augment_variants=2)
+        return cls(**{**small, **overrides})
+
+    @property
+    def continue_steps(self) -> int:
+        return self.lead_steps + self.injection_every * (self.injection_rounds - 1) + 1 + self.tail_steps
+
+    def injection_steps(self) -> list[int]:
+        return [self.lead_steps + r * self.injection_every for r in range(self.injection_rounds)]
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise DemoConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0 < self.early_step < self.pretrain_steps:
+            raise DemoConfigError(f"early_step={self.early_step} must lie in (0, pretrain_steps={self.pretrain_steps})")
+        if self.injection_rounds < 1 or self.injection_every < 1:
+            raise DemoConfigError("injection_rounds and injection_every must be >= 1")
+        if self.window >= self.injection_every and self.injection_rounds > 1:
+            log.info("window %d >= injection interval %d: acquisition maxima may see the next injection",
+                     self.window, self.injection_every)
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise DemoConfigError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "continue_steps": self.continue_steps}
+
+
+# ------------------------------------------------------------------------------------------------
+# Arms: (starting checkpoint, optional edit, data transform, training-step factory)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One branch of continued training.
+
+    Attributes:
+        name: the arm's label in results and figures.
+        checkpoint: "early" or "late" pretraining checkpoint to start from.
+        edit: ``edit(model, calibration, config) -> dict`` changes the weights once before training and
+            returns what it did (for the report); None for no edit.
+        transform: ``transform(record, scenario, round, config) -> str | None`` the passage injected for a
+            fact at an injection round (None: not injected this round); None uses :func:`paper_passage`.
+        optimizer: ``optimizer(model, config) -> step`` where ``step(ids, mask) -> loss`` does one update.
+    """
+
+    name: str
+    checkpoint: str
+    edit: Callable[[nn.Module, "Calibration", DemoConfig], dict] | None = None
+    transform: Callable[[Any, str, int, DemoConfig], str | None] | None = None
+    optimizer: Callable[[nn.Module, DemoConfig], TrainStep] | None = None
+
+
+def paper_passage(record, scenario: str, round_index: int, config: DemoConfig) -> str | None:
+    """Chang et al.'s schedule: paraphrase records inject their i-th version at round i (round 0 the
+    passage itself), duplication records the same passage every round, once records only at round 0."""
+    if scenario == "duplication":
+        return record.train_context
+    if scenario == "once":
+        return record.train_context if round_index == 0 else None
+    if scenario == "paraphrase":
+        versions = [record.train_context, *record.paraphrases]
+        return versions[round_index % len(versions)]
+    return None
+
+
+def _augmented_passage(record, scenario: str, round_index: int, config: DemoConfig) -> str | None:
+    """Formatting augmentation (Zhu et al.): the paper's schedule, each injected copy in a new layout."""
+    from ..training.augment import augment_record
+
+    passage = paper_passage(record, scenario, round_index, config)
+    if passage is None:
+        return None
+    if round_index == 0:
+        return passage
+    variants = augment_record(dataclasses.replace(record, train_context=passage), config.augment_variants,
+                              seed=config.seed + round_index)
+    return variants[round_index % len(variants)]
+
+
+def adamw_step(model: nn.Module, config: DemoConfig) -> TrainStep:
+    """Plain AdamW at the continued-training rate, fresh optimizer state (as after resuscitation)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay)
+
+    def step(ids: torch.Tensor, mask: torch.Tensor) -> float:
+        loss = _lm_loss(model, ids, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def sam_step(model: nn.Module, config: DemoConfig) -> TrainStep:
+    """Sharpness-aware minimization around AdamW (Foret et al. 2021): two forward/backward passes a step."""
+    try:
+        from ..training import sam as sam_module  # the library's SAM, when present
+    except ImportError:
+        sam_module = None
+    if sam_module is not None and hasattr(sam_module, "SAM"):
+        optimizer = sam_module.SAM(model.parameters(), torch.optim.AdamW, rho=config.sam_rho, model=model,
+                                   lr=config.continue_lr, weight_decay=config.weight_decay)
+
+        def library_step(ids: torch.Tensor, mask: torch.Tensor) -> float:
+            def closure() -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = _lm_loss(model, ids, mask)
+                loss.backward()
+                return loss
+            loss = optimizer.step(closure)
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        return library_step
+    base = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(ids: torch.Tensor, mask: torch.Tensor) -> float:
+        loss = _lm_loss(model, ids, mask)
+        loss.backward()
+        grads = [p.grad for p in params]
+        norm = torch.norm(torch.stack([g.norm() for g in grads if g is not None]))
+        scale = config.sam_rho / (norm + 1e-12)
+        offsets = []
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                offset = g * scale if g is not None else torch.zeros_like(p)
+                p.add_(offset)
+                offsets.append(offset)
+        base.zero_grad(set_to_none=True)
+        _lm_loss(model, ids, mask).backward()
+        with torch.no_grad():
+            for p, offset in zip(params, offsets):
+                p.sub_(offset)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        base.step()
+        base.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def resuscitation_edit(model: nn.Module, calibration: "Calibration", config: DemoConfig) -> dict:
+    """Kim et al. Algorithm 1 as a one-off weight edit of every layer (multipliers capped), measured on calibration."""
+    from ..interventions import resuscitate, resuscitation_plan
+
+    plan = resuscitation_plan(calibration.instrumentation(model), ratio=config.resuscitation_ratio,
+                              factor=config.resuscitation_factor, max_multiplier=config.resuscitation_cap)
+    predicted = plan.predicted_entropy()
+    resuscitate(model, plan, mode="weights")
+    layers = [{"layer": e.layer, "selected": int(e.selected), "capped": int(e.capped),
+               "max_multiplier": float(e.multipliers.max()) if e.selected else 1.0,
+               "mean_multiplier": float(e.multipliers.double().mean()) if e.selected else 1.0} for e in plan.edits]
+    return {"kind": "resuscitation", "mode": "weights", "ratio": plan.ratio, "factor": plan.factor,
+            "cap": plan.max_multiplier, "selected": plan.selected, "capped": plan.capped, "layers": layers,
+            "entropy_predicted": predicted.to_dict()}
+
+
+ARMS: dict[str, Arm] = {
+    "early": Arm("early", "early"),
+    "late": Arm("late", "late"),
+    "late+resuscitation": Arm("late+resuscitation", "late", edit=resuscitation_edit),
+    "late+augment": Arm("late+augment", "late", transform=_augmented_passage),
+    "late+sam": Arm("late+sam", "late", optimizer=sam_step),
+    "late+augment+sam": Arm("late+augment+sam", "late", transform=_augmented_passage, optimizer=sam_step),
+}
+ZHU_ARMS = ("late", "late+augment", "late+sam", "late+augment+sam")
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpus, tokenizer, model
+
+
+def corpus_texts(path: str | None = None, max_docs: int | None = None) -> list[str]:
+    """Documents of the pretraining corpus: a .txt or .jsonl file (see :func:`~.corpus.load_corpus`) or,
+    with no path, the offline English Wikipedia summaries; the first ``max_docs`` of them."""
+    from .corpus import load_corpus, wikipedia_summaries
+
+    texts = wikipedia_summaries() if path is None else load_corpus(path)
+    return texts[:max_docs] if max_docs is not None else texts
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KACQ_CACHE") or Path.home() / ".cache" / "kacq_hooks")
+
+
+def build_model(config: DemoConfig, vocab_size: int, pad_token_id: int, eos_token_id: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads, max_position_embeddings=max(512, config.seq_len),
+        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(config.seed)
+    return LlamaForCausalLM(model_config)
+
+
+def _lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    labels = ids.masked_fill(mask == 0, -100)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration: entropy and held-out accuracy on a fixed set
+
+
+@dataclass
+class Calibration:
+    """A fixed held-out batch: knowledge entropy and next-token accuracy are always measured on it."""
+
+    ids: torch.Tensor
+    batch_size: int = 8
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.ids), self.batch_size):
+            yield self.ids[start:start + self.batch_size]
+
+    def instrumentation(self, model: nn.Module):
+        from ..instrument import instrument
+
+        inst = instrument(model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for ids in self._batches():
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            inst.remove()
+            model.train(was_training)
+        return inst
+
+    def entropy(self, model: nn.Module) -> dict:
+        return self.instrumentation(model).knowledge_entropy().to_dict()
+
+    def mean_abs_coefficients(self, model: nn.Module) -> list[torch.Tensor]:
+        return self.instrumentation(model).mean_abs_coefficients()
+
+    def accuracy(self, model: nn.Module) -> float:
+        """Top-1 next-token accuracy: the stand-in for Kim et al.'s downstream accuracy P."""
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for ids in self._batches():
+                logits = model(input_ids=ids).logits[:, :-1]
+                correct += int((logits.argmax(-1) == ids[:, 1:]).sum())
+                total += ids[:, 1:].numel()
+        model.train(was_training)
+        return correct / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuscitation (weight mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# Injection
+
+
+def inject_spanning(batch: torch.Tensor, passages: Sequence[list[int]], seq_len: int) -> tuple[torch.Tensor, list[int]]:
+    """Put each passage (token ids, EOS included) at the start of batch rows, as Chang et al. do, whole.
+
+    Unlike :func:`kacq_hooks.facts.injection.inject`, which cuts a passage to one row, a passage longer
+    than a row continues on the next rows (the demo's rows are shorter than its passages); the last of its rows keeps the original
+    tokens after it, so the batch shape never changes. Returns the new batch and each passage's first row.
+
+    >>> inject_spanning(torch.zeros(3, 4, dtype=torch.long), [[7, 7, 7, 7, 7, 9]], 4)[0].tolist()
+    [[7, 7, 7, 7], [7, 9, 0, 0], [0, 0, 0, 0]]
+    """
+    batch = batch.clone()
+    row, starts = 0, []
+    for tokens in passages:
+        starts.append(row)
+        for offset in range(0, len(tokens), seq_len):
+            if row >= len(batch):
+                needed = sum(math.ceil(len(t) / seq_len) for t in passages)
+                raise DemoConfigError(f"injected passages need {needed} rows of {seq_len} tokens but a batch has "
+                                      f"{len(batch)}: raise batch_size or lower facts_per_scenario")
+            chunk = torch.tensor(tokens[offset:offset + seq_len], dtype=torch.long)
+            batch[row, :len(chunk)] = chunk
+            row += 1
+    return batch, starts
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+
+
+@contextlib.contextmanager
+def deterministic(threads: int) -> Iterator[None]:
+    """Deterministic algorithms and a fixed thread count for the duration, restored after."""
+    previous_threads = torch.get_num_threads()
+    previous_mode = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_mode)
+
+
+def run_demo(config: DemoConfig | None = None, progress: Progress | None = None) -> dict:
+    """Run the whole study and return its results dict (JSON-ready; NaN becomes None).
+
+    ``progress(phase, info)`` is called after every training step with ``info`` holding ``step``,
+    ``total``, ``loss`` and the latest ``entropy``; phases are "prepare", "pretrain" and "arm:<name>".
+    """
+    config = config or DemoConfig()
+    config.validate()
+    report = progress or (lambda phase, info: None)
+    timings: dict[str, float] = {}
+    with deterministic(config.threads):
+        started = time.perf_counter()
+        data = _prepare(config, report)
+        timings["prepare_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        pretraining, checkpoints = _pretrain(config, data, report)
+        timings["pretrain_s"] = time.perf_counter() - started
+        timings["pretrain_step_s"] = timings["pretrain_s"] / config.pretrain_steps
+        arms = {}
+        for name in config.arms:
+            started = time.perf_counter()
+            arms[name] = _run_arm(ARMS[name], config, data, checkpoints, report)
+            timings[f"arm:{name}_s"] = time.perf_counter() - started
+            timings[f"arm:{name}_step_s"] = timings[f"arm:{name}_s"] / config.continue_steps
+    results = {
+        "format": "kacq_hooks.demo", "version": 1,
+        "config": config.to_dict(),
+        "data": data.summary,
+        "pretraining": pretraining,
+        "arms": arms,
+    }
+    from .findings import assess
+
+    results["findings"] = assess(results)
+    results = _json_ready(results)
+    results["timings"] = timings  # removed by write_results: wall-clock times are not reproducible
+    return results
+
+
+@dataclass
+class _Data:
+    tokenizer: Any
+    train: torch.Tensor
+    calibration: Calibration
+    facts: Any
+    summary: dict = field(default_factory=dict)
+
+
+def _prepare(config: DemoConfig, report: Progress) -> _Data:
+    from ..facts.generator import assign_scenarios, generate_facts
+    from .corpus import cached_tokenizer, pack_documents
+
+    report("prepare", {"stage": "corpus"})
+    texts = corpus_texts(config.corpus, config.max_docs)
+    tokenizer = cached_tokenizer(texts, config.vocab_size, config.cache_dir or default_cache_dir())
+    report("prepare", {"stage": "tokenize"})
+    packed = pack_documents(texts, tokenizer, config.seq_len)
+    n_cal = config.calibration_sequences
+    if len(packed) <= n_cal + config.batch_size:
+        raise DemoConfigError(f"the corpus packs into {len(packed)} sequences of {config.seq_len}; it needs more "
+                              f"than calibration_sequences + batch_size = {n_cal + config.batch_size}")
+    calibration, train = packed[:n_cal], packed[n_cal:]
+    per = config.facts_per_scenario
+    if config.facts is None:
+        facts = generate_facts(3 * per, seed=config.seed, n_paraphrases=max(1, config.injection_rounds - 1),
+                               avoid=texts)
+        facts = assign_scenarios(facts, {"paraphrase": 1 / 3, "duplication": 1 / 3, "once": 1 / 3})
+        facts_source = "generated"
+    else:
+        from ..facts.data import load_fictional_knowledge
+        from ..facts.records import FactSet
+
+        loaded = load_fictional_knowledge(config.facts)
+        picked = []
+        for scenario in ("paraphrase", "duplication", "once"):
+            indices = loaded.indices(scenario)[:per]
+            if len(indices) < per:
+                raise DemoConfigError(f"{config.facts} has {len(indices)} '{scenario}' records, fewer than "
+                                      f"facts_per_scenario={per}")
+            picked += [(loaded[i], scenario) for i in indices]
+        facts = FactSet([r for r, _ in picked], [s for _, s in picked])
+        facts_source = str(config.facts)
+    summary = {
+        "corpus": config.corpus or "wikipedia_summaries", "documents": len(texts),
+        "tokens": int(packed.numel()), "train_sequences": len(train),
+        "calibration_sequences": n_cal, "vocab_size": len(tokenizer),
+        "facts": facts_source, "records": len(facts), "scenarios": list(facts.scenarios),
+        "injection_steps": config.injection_steps(),
+    }
+    return _Data(tokenizer, train, Calibration(calibration), facts, summary)
+
+
+def _pretrain(config: DemoConfig, data: _Data, report: Progress) -> tuple[dict, dict]:
+    tokenizer = data.tokenizer
+    model = build_model(config, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.warmup_steps, config.pretrain_steps))
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed))
+    entropy = {"steps": [], "total": [], "per_layer": [], "max_total": None}
+    losses, checkpoints = [], {}
+
+    def measure(step: int) -> dict:
+        ke = data.calibration.entropy(model)
+        entropy["steps"].append(step)
+        entropy["total"].append(ke["total"])
+        entropy["per_layer"].append(ke["per_layer"])
+        entropy["max_total"] = ke["max_total"]
+        return ke
+
+    latest = measure(0)
+    for step in range(1, config.pretrain_steps + 1):
+        rows = order[torch.arange((step - 1) * config.batch_size, step * config.batch_size) % len(order)]
+        ids = data.train[rows]
+        loss = _lm_loss(model, ids, torch.ones_like(ids))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step % config.entropy_every == 0 or step in (config.early_step, config.pretrain_steps):
+            if not entropy["steps"] or entropy["steps"][-1] != step:
+                latest = measure(step)
+        if step == config.early_step:
+            checkpoints["early"] = _snapshot(model, step)
+        report("pretrain", {"step": step, "total": config.pretrain_steps, "loss": losses[-1],
+                            "entropy": latest["total"]})
+    checkpoints["late"] = _snapshot(model, config.pretrain_steps)
+    checkpoints["tokenizer"] = tokenizer
+    checkpoints["model"] = model
+    pretraining = {"steps": list(range(1, config.pretrain_steps + 1)), "loss": losses, "entropy": entropy,
+                   "checkpoints": {"early": config.early_step, "late": config.pretrain_steps},
+                   "accuracy": {"early": None, "late": data.calibration.accuracy(model)}}
+    return pretraining, checkpoints
+
+
+def _snapshot(model: nn.Module, step: int) -> dict:
+    return {"step": step, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, report: Progress) -> dict:
+    from ..facts.records import PROBE_KINDS
+    from ..facts.tracker import FactTracker
+
+    model = checkpoints["model"]
+    model.load_state_dict(checkpoints[arm.checkpoint]["state"])
+    torch.manual_seed(config.seed + 1)  # every arm sees the same background batches
+    entropy_start = data.calibration.entropy(model)
+    edit = arm.edit(model, data.calibration, config) if arm.edit else None
+    if edit is not None:
+        edit["entropy_before"] = entropy_start
+        entropy_start = data.calibration.entropy(model)
+    accuracy_before = data.calibration.accuracy(model)
+    step_fn = (arm.optimizer or adamw_step)(model, config)
+    tracker = FactTracker(model, data.tokenizer, data.facts, batch_size=64)
+    transform = arm.transform or paper_passage
+    eos = data.tokenizer.eos_token_id
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed + 17))
+    injection_steps = config.injection_steps()
+    injected: dict[int, list[int]] = {i: [] for i in range(len(data.facts))}
+    scores, losses = [], []
+    model.train()
+    for step in range(config.continue_steps):
+        scores.append(tracker.score_probes().mean)
+        rows = order[torch.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(order)]
+        ids = data.train[rows]
+        if step in injection_steps:
+            round_index = injection_steps.index(step)
+            passages, which = [], []
+            for index, (record, scenario) in enumerate(zip(data.facts, data.facts.scenarios)):
+                text = transform(record, scenario, round_index, config)
+                if text is not None:
+                    passages.append(data.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+                    which.append(index)
+            ids, _ = inject_spanning(ids, passages, config.seq_len)
+            for index in which:
+                injected[index].append(step)
+        losses.append(step_fn(ids, torch.ones_like(ids)))
+        report(f"arm:{arm.name}", {"step": step + 1, "total": config.continue_steps, "loss": losses[-1],
+                                   "entropy": entropy_start["total"]})
+    scores.append(tracker.score_probes().mean)
+    trajectory = torch.stack(scores).double()  # [steps + 1, probes]
+    accuracy_after = data.calibration.accuracy(model)
+    entropy_end = data.calibration.entropy(model)
+    return {
+        "checkpoint": arm.checkpoint, "checkpoint_step": checkpoints[arm.checkpoint]["step"],
+        "edit": edit, "entropy_start": entropy_start, "entropy_end": entropy_end,
+        "loss": losses,
+        **_fact_metrics(trajectory, tracker, data.facts, injected, config, PROBE_KINDS),
+        "kim": _kim_metrics(trajectory, accuracy_before, accuracy_after),
+    }
+
+
+def _fact_metrics(trajectory, tracker, facts, injected, config, kinds) -> dict:
+    """Chang et al.'s metrics per (scenario, kind), from ``trajectory`` [steps + 1, probes] (l before each step)."""
+    from ..facts.metrics import effectivity, fit_power_law, mean_without_outliers, retainability
+
+    steps = list(range(len(trajectory)))
+    groups: dict[str, dict] = {}
+    trajectories: dict[str, list] = {}
+    for scenario in ("paraphrase", "duplication", "once"):
+        for kind in kinds:
+            columns = [c for c, p in enumerate(tracker.probes)
+                       if p.kind == kind and facts.scenarios[p.record] == scenario]
+            if not columns:
+                continue
+            key = f"{scenario}/{kind}"
+            when = injected[tracker.probes[columns[0]].record]
+            values = trajectory[:, columns].T                                     # [probes, steps + 1]
+            trajectories[key] = values.nanmean(0).tolist()
+            eff = effectivity(steps, values, when, config.window)                # [probes, rounds]
+            t, r = retainability(steps, values, when, config.window)             # R [probes, n_t], t from 0
+            t, r = t[1:], r[:, 1:]
+            curve = mean_without_outliers(r, config.iqr_factor, dim=0)         # over probes, per t
+            try:
+                fit = fit_power_law(t, curve)
+                fit_dict = {"a": fit.decay, "b": fit.intercept, "r2": fit.r_squared,
+                            "x_intercept": fit.x_intercept_steps if fit.decay > 0 else None, "points": fit.n_points}
+            except ValueError as error:  # too few finite points: record why instead of a number
+                fit_dict = {"a": None, "b": None, "r2": None, "x_intercept": None, "points": 0, "error": str(error)}
+            groups[key] = {
+                "injection_steps": list(when),
+                "effectivity": float(mean_without_outliers(eff.flatten(), config.iqr_factor)),
+                "effectivity_per_round": mean_without_outliers(eff, config.iqr_factor, dim=0).tolist(),
+                "effectivity_positive_fraction": float((eff > 0).double().mean()),
+                "retainability": {"t": t.tolist(), "R": curve.tolist(), "probes": len(columns), "fit": fit_dict},
+                "log_prob_start": float(values[:, 0].nanmean()), "log_prob_end": float(values[:, -1].nanmean()),
+            }
+    return {"trajectories": trajectories, "groups": groups}
+
+
+def _kim_metrics(trajectory: torch.Tensor, accuracy_before: float, accuracy_after: float) -> dict:
+    """K = mean target log prob over probes; A = (K_after - K_before) / |K_before|; F on held-out accuracy;
+    retention = share of the peak gain in K still held at the end."""
+    from ..facts.metrics import acquisition, forgetting
+
+    k = trajectory.nanmean(1)
+    k_before, k_after, k_peak = float(k[0]), float(k[-1]), float(k.max())
+    gain = k_peak - k_before
+    return {
+        "K_before": k_before, "K_after": k_after, "K_peak": k_peak,
+        "acquisition": acquisition(k_before, k_after),
+        "retention": (k_after - k_before) / gain if gain > 0 else None,
+        "P_before": accuracy_before, "P_after": accuracy_after,
+        "forgetting": forgetting(accuracy_before, accuracy_after) if accuracy_before > 0 else None,
+        "K": k.tolist(),
+    }
+
+
+def _json_ready(value):
+    """Floats rounded to 7 significant digits (stable text), NaN and inf to None, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_ready(value.tolist())
+    if isinstance(value, float):
+        return float(f"{value:.7g}") if math.isfinite(value) else None
+    return value
+
+
+def write_results(results: dict, out: str | os.PathLike) -> Path:
+    """Write ``results.json`` (without wall-clock timings, so equal runs give equal bytes) and ``timings.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stable = {k: v for k, v in results.items() if k != "timings"}
+    path = out / "results.json"
+    path.write_text(json.dumps(stable, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    if "timings" in results:
+        (out / "timings.json").write_text(json.dumps(results["timings"], indent=1, sort_keys=True) + "\n",
+                                          encoding="utf-8")
+    return path

@@ -1,0 +1,152 @@
+"""Which of the papers' findings a demo run reproduces: explicit criteria applied to its numbers.
+
+Nothing here is hard-coded: each finding states its criterion, the values it looked at and whether it
+holds (``None`` when the run lacks what the criterion needs, e.g. an arm that was not run).
+
+>>> assess({"pretraining": {"entropy": {"steps": [0, 1, 2], "total": [3.0, 2.9, 2.8],
+...          "per_layer": [[1.5, 1.5], [1.5, 1.4], [1.5, 1.3]]}}, "arms": {}})[0]["holds"]
+True
+"""
+from __future__ import annotations
+
+import math
+from statistics import mean, median
+from typing import Any
+
+KINDS = ("mem", "gen", "hard_gen")
+SCENARIOS = ("paraphrase", "duplication", "once")
+
+
+def _finding(key: str, paper: str, claim: str, criterion: str, values: dict, holds: bool | None) -> dict:
+    return {"id": key, "paper": paper, "claim": claim, "criterion": criterion, "values": values, "holds": holds}
+
+
+def _spearman(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            out[i] = float(rank)
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = mean(rx), mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else None
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _kim(results: dict, arm: str, key: str) -> float | None:
+    value = results["arms"].get(arm, {}).get("kim", {}).get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def _compare(results: dict, key: str, higher: str, lower: str) -> tuple[dict, bool | None]:
+    a, b = _kim(results, higher, key), _kim(results, lower, key)
+    values = {f"{key}[{higher}]": a, f"{key}[{lower}]": b}
+    return values, (a > b) if a is not None and b is not None else None
+
+
+def assess(results: dict) -> list[dict]:
+    """The findings list for a results dict (see :func:`kacq_hooks.experiments.demo.run_demo`)."""
+    found = []
+    entropy = results["pretraining"]["entropy"]
+    steps, totals, per_layer = entropy["steps"], entropy["total"], entropy["per_layer"]
+    rho = _spearman([float(s) for s in steps], totals)
+    found.append(_finding(
+        "entropy_decays", "Kim et al. 2025", "knowledge entropy decays during pretraining",
+        "total entropy at the last measurement < at the first, and Spearman(step, entropy) <= -0.5",
+        {"first": totals[0], "last": totals[-1], "spearman": rho},
+        (totals[-1] < totals[0] and rho is not None and rho <= -0.5) if len(totals) >= 2 else None))
+    drops = [first - last for first, last in zip(per_layer[0], per_layer[-1])]
+    found.append(_finding(
+        "last_layer_falls_most", "Kim et al. 2025", "the last layer's entropy falls most",
+        "entropy drop (first - last measurement) is largest in the last layer",
+        {"drop_per_layer": drops}, (max(range(len(drops)), key=drops.__getitem__) == len(drops) - 1)
+        if len(drops) > 1 else None))
+
+    arms = results.get("arms", {})
+    values, holds = _compare(results, "acquisition", "early", "late")
+    found.append(_finding("late_acquires_less", "Kim et al. 2025",
+                          "a later checkpoint acquires new knowledge less well",
+                          "acquisition A = (K_after - K_before)/|K_before| of the early arm > the late arm",
+                          values, holds))
+    values, holds = _compare(results, "forgetting", "late", "early")
+    found.append(_finding("late_forgets_more", "Kim et al. 2025", "a later checkpoint forgets more",
+                          "forgetting F (relative drop of held-out next-token accuracy) of the late arm > early arm",
+                          values, holds))
+    for key, claim in (("acquisition", "resuscitation improves acquisition at the late checkpoint"),
+                       ("retention", "resuscitation improves retention at the late checkpoint")):
+        values, holds = _compare(results, key, "late+resuscitation", "late")
+        found.append(_finding(f"resuscitation_improves_{key}", "Kim et al. 2025", claim,
+                              f"{key} of late+resuscitation > late", values, holds))
+
+    reference = "late" if "late" in arms else next(iter(arms), None)
+    groups = arms[reference]["groups"] if reference else {}
+
+    def per_kind(field: str) -> dict[str, float | None]:
+        out = {}
+        for kind in KINDS:
+            vals = _finite(groups[f"{s}/{kind}"][field] for s in SCENARIOS if f"{s}/{kind}" in groups)
+            out[kind] = mean(vals) if vals else None
+        return out
+
+    positive = {k: g["effectivity_positive_fraction"] for k, g in groups.items()}
+    found.append(_finding(
+        "injection_raises_log_prob", "Chang et al. 2024", "each update on a fact raises its probes' log prob",
+        f"in arm '{reference}', more than half of all (probe, injection) effectivities are > 0 in every group",
+        {"positive_fraction": positive}, all(v > 0.5 for v in positive.values()) if positive else None))
+    kinds = per_kind("effectivity")
+    ordered = [kinds[k] for k in KINDS]
+    found.append(_finding(
+        "mem_gen_hard_gen_order", "Chang et al. 2024", "effectivity: memorization > semantic > compositional",
+        f"in arm '{reference}', mean effectivity over scenarios: mem > gen > hard_gen", {"effectivity": kinds},
+        (ordered[0] > ordered[1] > ordered[2]) if None not in ordered else None))
+    fits = {k: g["retainability"]["fit"] for k, g in groups.items() if g["retainability"]["fit"]["r2"] is not None}
+    r2 = [f["r2"] for f in fits.values()]
+    found.append(_finding(
+        "power_law_forgetting", "Chang et al. 2024", "forgetting follows a power law in steps",
+        f"in arm '{reference}', the fit R ~ b - a log10(t) has median R^2 >= 0.5 and a > 0 in most groups",
+        {"r2": {k: f["r2"] for k, f in fits.items()}, "a": {k: f["a"] for k, f in fits.items()}},
+        (median(r2) >= 0.5 and sum(f["a"] > 0 for f in fits.values()) > len(fits) / 2) if fits else None))
+
+    def scenario_mean(scenario: str, pick) -> float | None:
+        vals = _finite(pick(groups[f"{scenario}/{kind}"]) for kind in KINDS if f"{scenario}/{kind}" in groups)
+        return mean(vals) if vals else None
+
+    dup_e = scenario_mean("duplication", lambda g: g["effectivity"])
+    par_e = scenario_mean("paraphrase", lambda g: g["effectivity"])
+    found.append(_finding(
+        "duplication_more_effective", "Chang et al. 2024", "duplication gives higher effectivity than paraphrase",
+        f"in arm '{reference}', mean effectivity over kinds: duplication > paraphrase",
+        {"duplication": dup_e, "paraphrase": par_e}, (dup_e > par_e) if None not in (dup_e, par_e) else None))
+    dup_a = scenario_mean("duplication", lambda g: g["retainability"]["fit"]["a"])
+    par_a = scenario_mean("paraphrase", lambda g: g["retainability"]["fit"]["a"])
+    found.append(_finding(
+        "duplication_forgets_faster", "Chang et al. 2024", "duplication is forgotten faster than paraphrase",
+        f"in arm '{reference}', mean decay constant a over kinds: duplication > paraphrase",
+        {"duplication": dup_a, "paraphrase": par_a}, (dup_a > par_a) if None not in (dup_a, par_a) else None))
+
+    for arm, claim in (("late+augment", "formatting augmentation"), ("late+sam", "SAM"),
+                       ("late+augment+sam", "augmentation and SAM together")):
+        if arm in arms:
+            values, holds = _compare(results, "acquisition", arm, "late")
+            found.append(_finding(f"{arm.replace('late+', '').replace('+', '_')}_improves_acquisition",
+                                  "Zhu et al. 2025", f"{claim} improves knowledge acquisition",
+                                  f"acquisition of {arm} > late", values, holds))
+    return found
+
+
+def summarize(findings: list[dict]) -> dict[str, Any]:
+    """Counts of findings that hold, do not hold, and could not be checked."""
+    return {"reproduced": sum(f["holds"] is True for f in findings),
+            "not_reproduced": sum(f["holds"] is False for f in findings),
+            "not_checked": sum(f["holds"] is None for f in findings)}
