@@ -33,7 +33,7 @@ from kacq_hooks.facts.records import SCENARIOS, FactRecord, FactSet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_facts", "assign_scenarios", "invented_names", "PAPER_FRACTIONS", "KINDS"]
+__all__ = ["generate_facts", "assign_scenarios", "invented_names", "max_paraphrases", "PAPER_FRACTIONS", "KINDS"]
 
 # The paper's 130 records: 40 paraphrase, 40 duplication, 40 once, 10 unused.
 PAPER_FRACTIONS: dict[str, float] = {"paraphrase": 40 / 130, "duplication": 40 / 130, "once": 40 / 130, "unused": 10 / 130}
