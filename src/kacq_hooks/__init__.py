@@ -9,6 +9,7 @@
 from .entropy import KnowledgeEntropy, entropy, knowledge_entropy
 from .errors import KacqError, LocateError, MissingExtraError, ShapeError
 from .instrument import Instrumentation, instrument, instrumentations_of, paused
+from .interventions import Resuscitation, ResuscitationPlan, resuscitate, resuscitation_plan
 from .locate import Site, find_sites
 from .stats import CoefficientStats, LayerStats
 
@@ -17,5 +18,6 @@ __all__ = [
     "knowledge_entropy", "entropy", "KnowledgeEntropy",
     "find_sites", "Site", "CoefficientStats", "LayerStats",
     "KacqError", "LocateError", "ShapeError", "MissingExtraError",
+    "resuscitation_plan", "resuscitate", "ResuscitationPlan", "Resuscitation",
 ]
 __version__ = "0.1.0"
