@@ -216,10 +216,10 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
             if progress:
                 progress("skip", {"name": checkpoint.name, "index": index, "count": len(checkpoints)})
             continue
+        model, tokenizer = load_checkpoint(checkpoint, dtype, device)
         if progress:
             progress("checkpoint", {"name": checkpoint.name, "index": index, "count": len(checkpoints),
                                     "documents": len(texts)})
-        model, tokenizer = load_checkpoint(checkpoint, dtype, device)
         measured = measure_checkpoint(model, tokenizer, texts, settings, progress)
         del model
         results["checkpoints"].append({"name": checkpoint.name, "model": checkpoint.source,
