@@ -30,7 +30,7 @@ FORMAT_NAME = "kacq_hooks.trajectory"
 FORMAT_VERSION = 1
 
 
-class TrajectoryError(KacqError):
+class TrajectoryError(KacqError, ValueError):
     """A trajectory file or step does not fit the store (other probes, a step already recorded, a broken file)."""
 
 
