@@ -1,0 +1,159 @@
+"""`kacq demo`: the quick study end to end (every output, same seed -> same bytes) and its parts."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from kacq_hooks.cli import main
+from kacq_hooks.experiments.demo import (
+    ARMS,
+    DemoConfig,
+    DemoConfigError,
+    inject_spanning,
+    paper_passage,
+)
+from kacq_hooks.experiments.findings import assess
+from kacq_hooks.facts.records import FactRecord
+from kacq_hooks.report import FIGURES, render_markdown
+
+OUTPUTS = ("results.json", "report.md", "timings.json", *FIGURES)
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Two `kacq demo --quick` runs with the same seed (the only place the study runs in the suite)."""
+    root = tmp_path_factory.mktemp("demo")
+    cache = root / "cache"
+    for name in ("a", "b"):
+        assert main(["demo", "--quick", "--out", str(root / name), "--cache-dir", str(cache)]) == 0
+    return root / "a", root / "b"
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_output(quick_runs):
+    out, _ = quick_runs
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    config = DemoConfig.quick()
+    entropy = results["pretraining"]["entropy"]
+    assert entropy["steps"][0] == 0 and entropy["steps"][-1] == config.pretrain_steps
+    assert len(entropy["total"]) == len(entropy["steps"]) == len(entropy["per_layer"])
+    assert all(0 < total <= entropy["max_total"] + 1e-9 for total in entropy["total"])
+    assert all(len(layers) == config.n_layers for layers in entropy["per_layer"])
+    assert sum(entropy["per_layer"][-1]) == pytest.approx(entropy["total"][-1], rel=1e-6)
+    assert set(results["arms"]) == set(config.arms)
+    for arm in results["arms"].values():
+        assert len(arm["kim"]["K"]) == config.continue_steps + 1  # every probe scored before every update
+        assert len(arm["groups"]) == 9  # 3 scenarios x 3 probe kinds
+        fits = [g["retainability"]["fit"] for g in arm["groups"].values()]
+        assert any(f["a"] is not None and f["r2"] is not None for f in fits)
+        for group in arm["groups"].values():
+            assert len(group["effectivity_per_round"]) == len(group["injection_steps"])
+    assert results["arms"]["late"]["groups"]["once/mem"]["injection_steps"] == [config.lead_steps]
+    edit = results["arms"]["late+resuscitation"]["edit"]
+    assert edit["kind"] == "resuscitation" and edit["selected"] > 0
+    assert results["arms"]["late+resuscitation"]["entropy_start"]["total"] != results["arms"]["late"]["entropy_start"]["total"]
+    ids = {f["id"] for f in results["findings"]}
+    assert {"entropy_decays", "power_law_forgetting", "resuscitation_improves_acquisition"} <= ids
+    report = (out / "report.md").read_text()
+    assert "## Which findings reproduce at this scale" in report
+    for figure in FIGURES:
+        assert f"({figure})" in report
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_results_json(quick_runs):
+    first, second = quick_runs
+    assert (first / "results.json").read_bytes() == (second / "results.json").read_bytes()
+
+
+def test_inject_spanning_keeps_passages_whole_and_batch_shape():
+    batch = torch.arange(12).view(3, 4)
+    out, starts = inject_spanning(batch, [[100, 101, 102, 103, 104], [200]], seq_len=4)
+    assert out.shape == batch.shape and starts == [0, 2]
+    assert out.tolist() == [[100, 101, 102, 103], [104, 5, 6, 7], [200, 9, 10, 11]]
+    assert batch[0, 0] == 0  # the input is not modified
+    with pytest.raises(DemoConfigError, match="raise batch_size"):
+        inject_spanning(batch, [[1] * 9, [2]], seq_len=4)
+
+
+def test_paper_passage_schedule():
+    probes = {f"{k}_{p}": ["x"] for k in ("mem", "gen", "hard_gen") for p in ("input", "target")}
+    record = FactRecord("original", paraphrases=["first", "second"], **probes)
+    config = DemoConfig.quick()
+    assert [paper_passage(record, "paraphrase", r, config) for r in range(3)] == ["original", "first", "second"]
+    assert [paper_passage(record, "duplication", r, config) for r in range(3)] == ["original"] * 3
+    assert [paper_passage(record, "once", r, config) for r in range(3)] == ["original", None, None]
+
+
+def test_config_validation_names_the_problem():
+    with pytest.raises(DemoConfigError, match="early_step"):
+        DemoConfig.quick(early_step=500).validate()
+    with pytest.raises(DemoConfigError, match="unknown arm"):
+        DemoConfig.quick(arms=("late", "nonsense")).validate()
+    assert {"late", "late+augment", "late+sam", "late+augment+sam"} <= set(ARMS)
+
+
+def test_bad_arms_option_exits_2(capsys, tmp_path):
+    assert main(["demo", "--quick", "--arms", "late,bogus", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and "Traceback" not in err
+
+
+def _synthetic_results() -> dict:
+    """A minimal results dict with hand-set numbers, so verdicts can be checked against them."""
+    group = {"effectivity": 0.5, "effectivity_positive_fraction": 0.9, "injection_steps": [0],
+             "retainability": {"t": [1, 2], "R": [0.9, 0.8], "fit": {"a": 0.3, "b": 0.9, "r2": 0.8,
+                                                                      "x_intercept": 1000.0}}}
+    groups = {f"{s}/{k}": copy.deepcopy(group) for s in ("paraphrase", "duplication", "once")
+              for k in ("mem", "gen", "hard_gen")}
+    for kind, value in (("mem", 0.9), ("gen", 0.5), ("hard_gen", 0.1)):
+        for scenario in ("paraphrase", "duplication", "once"):
+            groups[f"{scenario}/{kind}"]["effectivity"] = value
+    kim = {"acquisition": 0.2, "retention": 0.5, "forgetting": 0.1}
+    return {"pretraining": {"entropy": {"steps": [0, 10, 20], "total": [3.0, 2.9, 2.8],
+                                        "per_layer": [[1.5, 1.5], [1.45, 1.45], [1.45, 1.35]]}},
+            "arms": {"early": {"kim": dict(kim, acquisition=0.3, forgetting=0.05), "groups": groups},
+                     "late": {"kim": dict(kim), "groups": groups},
+                     "late+resuscitation": {"kim": dict(kim, acquisition=0.25, retention=0.4), "groups": groups}}}
+
+
+def test_findings_follow_the_numbers():
+    results = _synthetic_results()
+    verdicts = {f["id"]: f["holds"] for f in assess(results)}
+    assert verdicts["entropy_decays"] and verdicts["last_layer_falls_most"]
+    assert verdicts["late_acquires_less"] and verdicts["late_forgets_more"]
+    assert verdicts["resuscitation_improves_acquisition"] is True
+    assert verdicts["resuscitation_improves_retention"] is False
+    assert verdicts["mem_gen_hard_gen_order"] and verdicts["power_law_forgetting"]
+    assert verdicts["duplication_more_effective"] is False  # equal effectivity: not higher
+
+    results["pretraining"]["entropy"]["total"] = [2.8, 2.9, 3.0]
+    results["arms"]["early"]["kim"]["acquisition"] = 0.1
+    del results["arms"]["late+resuscitation"]
+    verdicts = {f["id"]: f["holds"] for f in assess(results)}
+    assert verdicts["entropy_decays"] is False and verdicts["late_acquires_less"] is False
+    assert verdicts["resuscitation_improves_acquisition"] is None  # arm not run: not checked
+
+
+def test_report_states_verdicts_from_findings():
+    results = _synthetic_results()
+    results["findings"] = assess(results)
+    base = {"config": DemoConfig.quick().to_dict(),
+            "data": {"vocab_size": 768, "corpus": "c", "documents": 1, "tokens": 2, "calibration_sequences": 1,
+                     "records": 6, "facts": "generated", "injection_steps": [3]}}
+    results.update(base)
+    results["pretraining"].update(checkpoints={"early": 15, "late": 60})
+    results["pretraining"]["entropy"]["max_total"] = 3.5
+    for arm in results["arms"].values():
+        arm.update(entropy_start={"total": 2.8}, edit=None)
+        arm["kim"].update(K_before=-5.0, K_after=-4.0)
+    text = render_markdown(results)
+    assert "**knowledge entropy decays during pretraining** (Kim et al. 2025): reproduces" in text
+    assert "**resuscitation improves retention at the late checkpoint** (Kim et al. 2025): does not reproduce" in text
