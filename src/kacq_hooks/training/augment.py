@@ -209,8 +209,8 @@ class Format:
         """The format named "decoration+arrangement+enclosure" (see DECORATIONS, ARRANGEMENTS, ENCLOSURES)."""
         parts = name.split("+")
         if len(parts) != 3:
-            raise FormatError(f"format name {name!r} has {len(parts)} part(s); expected 'decoration+arrangement+enclosure'"
-                              f", e.g. 'numbered+newline+none'")
+            raise FormatError(f"format name {name!r} has {len(parts)} part(s); expected "
+                              "'decoration+arrangement+enclosure', e.g. 'numbered+newline+none'")
         stages = []
         for stage, part in zip(("decoration", "arrangement", "enclosure"), parts):
             if part not in _BY_NAME[stage]:
