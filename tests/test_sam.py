@@ -239,6 +239,32 @@ def test_state_dict_round_trip_and_schedulers_share_groups():
     assert all(torch.equal(a, p) for a, p in zip(after_continuing, params))
 
 
+def test_closure_step_with_model_counts_one_pass_per_step():
+    model = tiny_model("llama").train()
+    ids = torch.randint(2, VOCAB, (2, 8))
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=model)
+
+    def closure():
+        sam.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    with kh.instrument(model) as inst:
+        for _ in range(3):
+            sam.step(closure)
+    assert [int(layer.tokens) for layer in inst.stats] == [3 * 2 * 8] * len(inst.stats)
+
+
+def test_a_step_without_gradients_is_a_no_op_not_a_crash():
+    params, _ = quadratic()
+    sam = SAM(params, torch.optim.SGD, lr=0.1)
+    sam.first_step()  # no backward ran: nothing to perturb, logged
+    assert sam.perturbed
+    sam.second_step()
+    assert torch.equal(torch.cat([p.detach() for p in params]), X0)
+
+
 def test_misuse_gives_clear_errors():
     params, loss_fn = quadratic()
     sam = SAM(params, torch.optim.SGD, lr=0.1)

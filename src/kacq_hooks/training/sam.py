@@ -89,13 +89,14 @@ class SAM(torch.optim.Optimizer):
         self.eps = eps
         self.model = model
         self._origin: dict[torch.Tensor, torch.Tensor] = {}  # original weights while perturbed
+        self._perturbed = False
         self._restored = False  # restore() ran: the next plain step() is the base step
 
     # -- the two passes --------------------------------------------------------------------------
     @property
     def perturbed(self) -> bool:
         """True between :meth:`first_step` and :meth:`restore` (the weights are ``w + e``)."""
-        return bool(self._origin)
+        return self._perturbed
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -104,6 +105,7 @@ class SAM(torch.optim.Optimizer):
             raise SAMError("first_step() called while the weights are already perturbed; call second_step() "
                            "(or restore()) after the backward pass at the perturbed weights first")
         self._restored = False
+        self._perturbed = True
         norm = self._grad_norm()
         if norm is None:
             logger.warning("SAM.first_step found no gradients; no perturbation made (did backward run?)")
@@ -130,6 +132,7 @@ class SAM(torch.optim.Optimizer):
         for p, original in self._origin.items():
             p.copy_(original)
         self._origin.clear()
+        self._perturbed = False
         self._restored = True
 
     def second_step(self, zero_grad: bool = False) -> None:
