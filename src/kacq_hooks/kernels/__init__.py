@@ -4,7 +4,8 @@
 forward's (or backward's) statistics of a [N, d_ff] coefficient tensor into a
 :class:`kacq_hooks.stats.LayerStats`. :mod:`.reference` is the specification. Dispatch:
 
-- CUDA tensors with Triton installed: the fused kernels of :mod:`.triton`;
+- CUDA tensors with Triton installed: the fused kernels of :mod:`.triton`, custom ops that
+  ``torch.compile`` keeps (and Inductor schedules), so compiled models use them too;
 - CPU tensors: :mod:`.cpu`, the reference made cache-friendly (host checks are free there);
 - anything else, or while ``torch.compile`` traces: :mod:`.reference`.
 
@@ -13,6 +14,7 @@ forward's (or backward's) statistics of a [N, d_ff] coefficient tensor into a
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -38,16 +40,19 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once, without importing triton
+
+
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAS_TRITON
 
 
 def _module(backend: str):
     if backend == "triton":
+        if not _triton_available():
+            from ..errors import MissingExtraError
+
+            raise MissingExtraError("triton", "triton", "KACQ_KERNELS=triton")
         from . import triton as triton_kernels
 
         return triton_kernels
