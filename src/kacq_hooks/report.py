@@ -186,6 +186,21 @@ def render_markdown(results: dict) -> str:
                          f"cap {arm['edit']['cap']}) scaled {sum(l['selected'] for l in layers)} neurons, "
                          f"{sum(l['capped'] for l in layers)} of them at the cap; entropy "
                          f"{_fmt(arm['edit']['entropy_before']['total'])} -> {_fmt(arm['entropy_start']['total'])}.")
+    lines += ["", "Mean effectivity and end-of-run log-prob change per probe kind (mean over scenarios):", "",
+              "| arm | " + " | ".join(f"E {KIND_NAMES[k]}" for k in KINDS) + " | "
+              + " | ".join(f"dlogp {KIND_NAMES[k]}" for k in KINDS) + " |", "|---" * (1 + 2 * len(KINDS)) + "|"]
+    for name, arm in results["arms"].items():
+        eff = [_mean([g["effectivity"] for key, g in arm["groups"].items() if key.endswith("/" + k)]) for k in KINDS]
+        change = [_mean([g["log_prob_end"] - g["log_prob_start"] for key, g in arm["groups"].items()
+                         if key.endswith("/" + k) and g.get("log_prob_end") is not None
+                         and g.get("log_prob_start") is not None]) for k in KINDS]
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in eff + change) + " |")
+    timings = results.get("timings")
+    if timings:
+        lines += ["", "Wall-clock cost per continued-training step (this run, this machine; includes scoring every "
+                  "probe): " + ", ".join(f"{name} {timings[f'arm:{name}_step_s']:.3g} s"
+                                         for name in results["arms"] if f"arm:{name}_step_s" in timings)
+                  + f"; pretraining {timings['pretrain_step_s']:.3g} s/step."]
     reference = _reference_arm(results)
     lines += ["", f"Per-group metrics in arm '{reference}' (effectivity: mean gain to the local acquisition "
               f"maximum within {config['window']} steps; fit of retainability R ~ b - a log10 t):", "",
@@ -206,6 +221,11 @@ def render_markdown(results: dict) -> str:
     lines += ["", "These are single-seed results of a very small model trained briefly; treat a verdict as "
               "what this run measured, not as evidence for or against the papers."]
     return "\n".join(lines) + "\n"
+
+
+def _mean(values: list) -> float | None:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def _fmt_value(value) -> str:

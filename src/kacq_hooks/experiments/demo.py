@@ -69,22 +69,22 @@ class DemoConfig:
     cache_dir: str | None = None         # tokenizer cache; None: $KACQ_CACHE or ~/.cache/kacq_hooks
     calibration_sequences: int = 32
     # pretraining
-    pretrain_steps: int = 500
-    batch_size: int = 32
+    pretrain_steps: int = 250
+    batch_size: int = 24
     lr: float = 2e-3
-    warmup_steps: int = 25
+    warmup_steps: int = 15
     weight_decay: float = 0.01
-    early_step: int = 100                # the "early" checkpoint; the "late" one is the last step
-    entropy_every: int = 25
+    early_step: int = 50                # the "early" checkpoint; the "late" one is the last step
+    entropy_every: int = 10
     # facts and injection
     facts: str | None = None             # None: procedural facts; else a Fictional Knowledge JSON path
-    facts_per_scenario: int = 3
-    injection_every: int = 20
+    facts_per_scenario: int = 2
+    injection_every: int = 15
     injection_rounds: int = 5
     lead_steps: int = 5                  # steps before the first injection (the t_pre baseline)
-    tail_steps: int = 60                 # steps after the last injection, for forgetting
+    tail_steps: int = 40                 # steps after the last injection, for forgetting
     continue_lr: float = 5e-4
-    window: int = 10                     # t_w: local acquisition maximum searched in (t_i, t_i + t_w]
+    window: int = 8                     # t_w: local acquisition maximum searched in (t_i, t_i + t_w]
     iqr_factor: float = 1.5
     # resuscitation (Kim et al. Algorithm 1, weight mode)
     resuscitation_ratio: float = 0.5
