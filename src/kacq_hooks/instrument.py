@@ -90,7 +90,9 @@ class Instrumentation:
         self.grads = grads
         self.mask_padding = mask_padding
         self.weighting = weighting
-        self.stats = CoefficientStats([s.d_ff for s in binding.sites], [_device_of(s.module) for s in binding.sites])
+        root_device = _device_of(binding.root)
+        self.stats = CoefficientStats([s.d_ff for s in binding.sites],
+                                      [_device_of(s.module, root_device) for s in binding.sites])
         self._handles: list = []
         self._pause_depth = 0
         self._call: tuple[torch.Tensor | None, tuple[int, int] | None] = (None, None)
@@ -162,9 +164,12 @@ class Instrumentation:
         c = args[0]
         recomputing = torch._C._current_graph_task_id() != -1  # activation checkpointing re-runs forwards in backward
         c2d = c.detach().reshape(-1, c.shape[-1])
+        stats = self.stats[index]
+        if stats.device != c.device:  # a parameterless site (a TransformerLens HookPoint) on a sharded model
+            stats.to(c.device)
         rows, doc_weight = self._rows_for(c)
         if not recomputing:
-            kernels.accumulate_forward(c2d, rows, doc_weight, self.stats[index])
+            kernels.accumulate_forward(c2d, rows, doc_weight, stats)
         if self.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_gradient, index, c2d, rows))
 
@@ -262,7 +267,7 @@ class Instrumentation:
         return f"Instrumentation({len(self.sites)} sites via {self.binding.name}, {state}, grads={self.grads})"
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:
     for tensor in module.parameters():
         return tensor.device if tensor.device.type != "meta" else torch.device("cpu")
-    return torch.device("cpu")
+    return default or torch.device("cpu")
