@@ -234,10 +234,11 @@ def test_pause_excludes_forwards_and_instrumentations_of_finds_inner_model():
 def test_mask_padding_false_counts_padded_positions():
     model = tiny_model("llama")
     ids, mask = random_batch(padding="right")
-    inst = kh.instrument(model, mask_padding=False)
+    unmasked, compat = kh.instrument(model, mask_padding=False), kh.instrument(model, padding_compat=True)
     with torch.no_grad():
         model(ids, attention_mask=mask)
-    assert int(inst.stats[0].tokens) == ids.numel() > int(mask.sum())
+    assert int(unmasked.stats[0].tokens) == ids.numel() > int(mask.sum())
+    assert unmasked.knowledge_entropy().per_layer == compat.knowledge_entropy().per_layer
 
 
 def test_document_weighting_is_the_mean_of_per_row_means():

@@ -32,7 +32,7 @@ _attached: "weakref.WeakSet[Instrumentation]" = weakref.WeakSet()
 
 
 def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = False, mask_padding: bool = True,
-               weighting: str = "token") -> "Instrumentation":
+               weighting: str = "token", padding_compat: bool = False) -> "Instrumentation":
     """Attach coefficient capture to ``model`` and return the :class:`Instrumentation` that owns it.
 
     Args:
@@ -43,10 +43,12 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
             overriding the automatic search.
         grads: also stream dL/dC in backward passes (per neuron: sum |g| and sum C*g).
         mask_padding: leave padded positions out (default). ``False`` counts them, as the released
-            knowledge-entropy code does (its ``padding_compat``).
+            knowledge-entropy code does, which never passes the mask.
         weighting: the default for :meth:`Instrumentation.knowledge_entropy`: "token" (every token
             counts once; the released code) or "document" (mean over each batch row first; the paper's
             equation). Document sums are only kept when "document" is chosen here.
+        padding_compat: the released code's padding behaviour by its SCIENCE.md name; the same as
+            ``mask_padding=False``.
 
     >>> import kacq_hooks as kh
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -58,7 +60,8 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
     """
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
-    inst = Instrumentation(bind(model, mlp_out), model=model, grads=grads, mask_padding=mask_padding,
+    inst = Instrumentation(bind(model, mlp_out), model=model, grads=grads,
+                           mask_padding=mask_padding and not padding_compat,
                            weighting=weighting)
     inst.attach()
     return inst
