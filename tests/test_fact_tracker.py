@@ -17,6 +17,15 @@ needs_data = pytest.mark.skipif(not DATA.exists(), reason="shared Fictional Know
 LONG = {"llama": {"max_position_embeddings": 512}, "gpt2": {"n_positions": 512}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two cores are shared by parallel test runs: several torch threads each would spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny_tokenizer()

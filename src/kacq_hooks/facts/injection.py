@@ -208,10 +208,11 @@ def inject(
     new_mask = mask.clone() if mask is not None else None
     new_labels = labels.clone() if labels is not None else None
     pad_id = _pad_id(input_ids, mask, tokenizer, eos)
+    cut = []
     for passage, row in zip(passages, rows):
         passage_ids = tokenizer(passage, add_special_tokens=False)["input_ids"] + [eos]
         if len(passage_ids) > width:
-            logger.warning("an injected passage of %d tokens is cut to the sequence length %d", len(passage_ids), width)
+            cut.append(len(passage_ids))
         own = _real_positions(mask, row, width)
         content = (passage_ids + input_ids[row, own].tolist())[:width]
         content_labels = None
@@ -229,6 +230,8 @@ def inject(
         if new_labels is not None:
             new_labels[row] = IGNORE_INDEX
             new_labels[row, span] = torch.tensor(content_labels, dtype=labels.dtype)
+    if cut:
+        logger.warning("%d injected passage(s) of up to %d tokens cut to the sequence length %d", len(cut), max(cut), width)
     out["input_ids"] = new_ids
     if new_mask is not None:
         out["attention_mask"] = new_mask
