@@ -163,11 +163,11 @@ class ModelCaller:
     position embeddings (GPT-2); ``logits_to_keep`` skips the LM head where no target is predicted.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, trim_logits: bool = True):
         self.model = model
         parameters = inspect.signature(model.forward).parameters
         self.takes_position_ids = "position_ids" in parameters
-        self.takes_logits_to_keep = "logits_to_keep" in parameters
+        self.takes_logits_to_keep = trim_logits and "logits_to_keep" in parameters
         self.takes_use_cache = "use_cache" in parameters or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
         )

@@ -55,6 +55,9 @@ class FactTracker:
     this tokenizer: "error", "extend" (score the straddling token as part of the target; the default)
     or "nan". Either way ``tokenization`` reports which probes were affected.
 
+    ``trim_logits`` asks the model only for the last positions' logits, those that predict target
+    tokens (``logits_to_keep``), where its forward accepts that; the LM head then costs almost nothing.
+
     >>> import sys; sys.path.insert(0, "tests")
     >>> from tiny_models import tiny_model, tiny_tokenizer
     >>> from kacq_hooks.facts import FactRecord, FactSet
@@ -76,6 +79,7 @@ class FactTracker:
         padding_side: Literal["left", "right"] = "left",
         unclean_targets: UncleanPolicy = "extend",
         store: TrajectoryStore | str | os.PathLike | None = None,
+        trim_logits: bool = True,
     ):
         if not isinstance(facts, FactSet):
             facts = FactSet(list(facts))
@@ -101,7 +105,7 @@ class FactTracker:
         ]
         self.encoded: list[EncodedProbe] = self._encode_all()
         self.tokenization = self._report()
-        self._caller = ModelCaller(model)
+        self._caller = ModelCaller(model, trim_logits)
         self._batches: list[ProbeBatch] | None = None
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad_token_id = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)

@@ -65,10 +65,10 @@ class FactTrackingCallback(_LoggingCallback):
     the checkpoint are dropped first. Logged keys are ``{prefix}/{kind}`` and
     ``{prefix}/{scenario}/{kind}``: mean target log probs. ``every`` steps also force a log line.
 
-    >>> from transformers import Trainer  # doctest: +SKIP
-    >>> trainer = Trainer(model=model, args=args, train_dataset=data)
-    >>> FactTrackingCallback(FactTracker(model, tokenizer, facts, store="run/facts.jsonl")).attach(trainer)
-    >>> trainer.train()
+    >>> trainer = Trainer(model=model, args=args, train_dataset=data)  # doctest: +SKIP
+    >>> tracker = FactTracker(model, tokenizer, facts, store="run/facts.jsonl")  # doctest: +SKIP
+    >>> FactTrackingCallback(tracker).attach(trainer)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
     """
 
     def __init__(self, tracker: FactTracker, every: int = 1, *, prefix: str = "facts", reduction: str = "mean"):
