@@ -58,12 +58,15 @@ class FactTracker:
     ``trim_logits`` asks the model only for the last positions' logits, those that predict target
     tokens (``logits_to_keep``), where its forward accepts that; the LM head then costs almost nothing.
 
-    >>> import sys; sys.path.insert(0, "tests")
-    >>> from tiny_models import tiny_model, tiny_tokenizer
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
     >>> from kacq_hooks.facts import FactRecord, FactSet
+    >>> tokenizer = train_bpe_tokenizer(["The fox jumps over the lazy dog."] * 20, vocab_size=300)
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+    ...                                      num_hidden_layers=1, num_attention_heads=4))
     >>> probes = {f"{k}_{p}": ["The fox jumps over the"] if p == "input" else ["lazy dog"]
     ...           for k in ("mem", "gen", "hard_gen") for p in ("input", "target")}
-    >>> tracker = FactTracker(tiny_model("llama"), tiny_tokenizer(), FactSet([FactRecord("...", **probes)]))
+    >>> tracker = FactTracker(model, tokenizer, FactSet([FactRecord("The fox jumps.", **probes)]))
     >>> {kind: tuple(s.shape) for kind, s in tracker.score().items()}
     {'mem': (1, 1), 'gen': (1, 1), 'hard_gen': (1, 1)}
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -89,11 +89,11 @@ class FactTrackingCallback(_LoggingCallback):
         if model is not None and model is not self.tracker.model:
             logger.warning("FactTrackingCallback: the Trainer trains another model object than the tracker scores")
         store = self.tracker.store
-        if store is not None:
-            store.discard_after(state.global_step)
-            if store.last_step == state.global_step:
-                return
-        self._score(state.global_step)
+        if store is None:  # nothing to record the starting point into
+            return
+        store.discard_after(state.global_step)
+        if store.last_step != state.global_step:
+            self.tracker.record(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every:
