@@ -4,6 +4,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 _TESTS = str(Path(__file__).parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+# Tiny models gain nothing from intra-op threads, and spinning OpenMP workers slow everything down when
+# several test processes (gloo ranks, interpreter subprocesses) share the machine's two cores.
+torch.set_num_threads(1)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from kacq_hooks.facts.data import FactDataError, load_fictional_knowledge, parse_record
+from kacq_hooks.facts.generator import assign_scenarios, generate_facts, invented_names, max_paraphrases
 from kacq_hooks.facts.injection import (
     Injection,
     InjectionCollator,
@@ -33,6 +34,10 @@ from kacq_hooks.facts.tracker import FactTracker, ProbeScores
 from kacq_hooks.facts.trajectory import ProbeRef, TrajectoryError, TrajectoryStore
 
 __all__ = [
+    "generate_facts",
+    "assign_scenarios",
+    "invented_names",
+    "max_paraphrases",
     "PAPER_SPLIT",
     "PROBE_KINDS",
     "SCENARIOS",
