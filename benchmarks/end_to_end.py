@@ -1,0 +1,238 @@
+"""Knowledge entropy of one batch, five ways: time and peak memory of a forward pass with each.
+
+Variants (each runs one no-grad forward and ends with the knowledge entropy of that batch):
+
+- plain: the model alone (the baseline of every ratio; computes nothing);
+- kacq instrument: ``kacq_hooks.instrument(model)``, statistics streamed by hooks, no activation kept;
+- TransformerLens run_with_cache: a ``HookedTransformer`` built in memory from the same weights,
+  cache restricted to ``blocks.*.mlp.hook_post`` by ``names_filter``, reduced after the forward;
+- nnsight trace: ``NNsight(model)``, every ``down_proj`` input saved in the trace, reduced after;
+- naive hooks: forward pre-hooks that append C to a list, reduced at the end, as released
+  research code does.
+
+All variants share the reduction (mean |C| over unpadded tokens, in fp32), so the entropy column
+shows that they measure the same thing. Time: median of interleaved repeats in one process.
+Peak memory of one forward after a warm-up: on CUDA ``max_memory_allocated``; on the CPU the peak
+RSS (VmHWM, reset after the models are built) of a fresh subprocess per variant; "extra" is the
+rise over the memory held before the forward. A variant that cannot be built prints why in its row.
+
+    python benchmarks/end_to_end.py [--size cpu|gpu] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kacq_hooks as kh  # noqa: E402
+from _harness import describe, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
+from _models import build  # noqa: E402
+
+Run = Callable[[], "float | None"]  # one forward; returns the batch's knowledge entropy (None: not measured)
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def entropy_of(coefficients: list[torch.Tensor], mask: torch.Tensor) -> float:
+    """The shared reduction: knowledge entropy of saved C tensors [batch, seq, d_ff] over unpadded tokens."""
+    valid = mask.reshape(-1).bool()
+    total = 0.0
+    for c in coefficients:
+        mean_abs = c.reshape(-1, c.shape[-1])[valid].float().abs().mean(0)
+        total += kh.entropy(mean_abs)
+    return total
+
+
+def down_projections(model) -> list[torch.nn.Module]:
+    return [layer.mlp.down_proj for layer in model.model.layers]
+
+
+# -- variants: each builds what it needs and returns its run ------------------------------------
+def plain(s: Setup) -> Run:
+    def run():
+        with torch.no_grad():
+            s.model(s.ids, attention_mask=s.mask)
+    return run
+
+
+def kacq_instrument(s: Setup) -> Run:
+    inst = kh.instrument(s.model)
+    inst.remove()  # attached only while it runs, so the other variants see a bare model
+
+    def run():
+        inst.reset()
+        with inst, torch.no_grad():
+            s.model(s.ids, attention_mask=s.mask)
+        return inst.knowledge_entropy().total
+    return run
+
+
+def transformer_lens_cache(s: Setup) -> Run:
+    hooked = hooked_transformer(s.model)
+    wanted = lambda name: name.endswith("mlp.hook_post")  # noqa: E731
+
+    def run():
+        with torch.no_grad():
+            _, cache = hooked.run_with_cache(s.ids, attention_mask=s.mask, names_filter=wanted)
+        return entropy_of([cache[f"blocks.{i}.mlp.hook_post"] for i in range(hooked.cfg.n_layers)], s.mask)
+    return run
+
+
+def nnsight_trace(s: Setup) -> Run:
+    from nnsight import NNsight
+
+    traced = NNsight(copy.deepcopy(s.model))  # nnsight rewires the modules' forwards: keep the shared model bare
+    layers = range(len(s.model.model.layers))
+
+    def run():
+        saved: list = []
+        with torch.no_grad():
+            with traced.trace(s.ids, attention_mask=s.mask):  # nnsight runs this block's source itself
+                for i in layers:
+                    saved.append(traced.model.layers[i].mlp.down_proj.input.save())
+        return entropy_of(saved, s.mask)
+    return run
+
+
+def naive_hooks(s: Setup) -> Run:
+    kept: list[torch.Tensor] = []
+
+    def keep(module, args):
+        kept.append(args[0].detach())
+
+    def run():
+        handles = [m.register_forward_pre_hook(keep) for m in down_projections(s.model)]
+        try:
+            with torch.no_grad():
+                s.model(s.ids, attention_mask=s.mask)
+        finally:
+            for h in handles:
+                h.remove()
+        value = entropy_of(kept, s.mask)
+        kept.clear()
+        return value
+    return run
+
+
+VARIANTS: dict[str, Callable[[Setup], Run]] = {
+    "plain": plain,
+    "kacq instrument": kacq_instrument,
+    "TransformerLens run_with_cache": transformer_lens_cache,
+    "nnsight trace": nnsight_trace,
+    "naive hooks (keep C)": naive_hooks,
+    # kacq through each front end goes here, e.g.
+    # "kacq via TransformerLens": lambda s: kacq on hooked_transformer(s.model),
+    # "kacq via nnsight": lambda s: kacq on NNsight(copy.deepcopy(s.model)),
+}
+
+
+# -- TransformerLens from the HF weights, no hub --------------------------------------------------
+def hooked_transformer(hf_model):
+    """A ``HookedTransformer`` holding a copy of a Llama or OLMo model's weights, without processing."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_olmo_weights
+
+    hf = hf_model.config
+    if hf.model_type not in ("llama", "olmo"):
+        raise NotImplementedError(f"no HookedTransformer conversion here for model_type={hf.model_type!r}")
+    olmo = hf.model_type == "olmo"
+    parameter = next(hf_model.parameters())
+    d_head = hf.hidden_size // hf.num_attention_heads
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    cfg = HookedTransformerConfig(
+        d_model=hf.hidden_size, d_head=d_head, n_heads=hf.num_attention_heads, n_layers=hf.num_hidden_layers,
+        d_mlp=hf.intermediate_size, n_ctx=hf.max_position_embeddings, d_vocab=hf.vocab_size, act_fn=hf.hidden_act,
+        eps=1e-5 if olmo else hf.rms_norm_eps, normalization_type="LN" if olmo else "RMS", final_rms=not olmo,
+        positional_embedding_type="rotary", rotary_dim=d_head, rotary_adjacent_pairs=False,
+        rotary_base=rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)), gated_mlp=True,
+        original_architecture="OlmoForCausalLM" if olmo else "LlamaForCausalLM", init_weights=False,
+        dtype=parameter.dtype, device=str(parameter.device))
+    hooked = HookedTransformer(cfg)
+    with torch.no_grad():
+        state = (convert_olmo_weights if olmo else convert_llama_weights)(hf_model, cfg)
+        hooked.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                           fold_value_biases=False, refactor_factored_attn_matrices=False)
+    return hooked.eval()
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def peak_of(size: str, name: str) -> None:
+    """Subprocess entry: build one variant, print its peak memory as JSON."""
+    model, ids, mask = build(size)
+    run = VARIANTS[name](Setup(model.eval(), ids, mask))
+    print(json.dumps(peak_during(run, ids.device)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_of:
+        return peak_of(args.size, args.peak_of)
+    if args.size == "gpu" and not torch.cuda.is_available():
+        sys.exit("--size gpu needs a CUDA GPU; run --size cpu here")
+    model, ids, mask = build(args.size)
+    setup = Setup(model.eval(), ids, mask)
+    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(ids.device)}")
+
+    runs, failures = {}, {}
+    for name, make in VARIANTS.items():
+        try:
+            runs[name] = make(setup)
+        except Exception as err:  # a route that cannot be built is a row that says why
+            failures[name] = f"{type(err).__name__}: {err}".splitlines()[0][:90]
+    entropies = {}
+    for name in list(runs):
+        try:
+            entropies[name] = runs[name]()
+        except Exception as err:
+            failures[name] = f"{type(err).__name__}: {err}".splitlines()[0][:90]
+            del runs[name]
+    seconds = time_interleaved(runs, args.repeats, ids.device)
+
+    memory = {}
+    for name in runs:
+        try:
+            if ids.device.type == "cuda":
+                memory[name] = peak_during(runs[name], ids.device)
+            else:
+                memory[name] = peak_in_subprocess(Path(__file__), ["--size", args.size, "--peak-of", name])
+        except Exception as err:
+            memory[name] = {"error": f"{type(err).__name__}: {err}"[:60]}
+
+    base_time, base_extra = seconds["plain"], memory.get("plain", {}).get("extra_mib")
+    table = []
+    for name in VARIANTS:
+        if name in failures:
+            table.append([name, "-", "-", "-", "-", "-", f"not run: {failures[name]}"])
+            continue
+        mem = memory[name]
+        value = entropies[name]
+        peak = f"{mem['peak_mib']:.0f}" if "peak_mib" in mem else mem.get("error", "-")
+        extra = f"{mem['extra_mib']:.0f}" if "extra_mib" in mem else "-"
+        extra_ratio = (f"{mem['extra_mib'] / base_extra:.2f}x" if "extra_mib" in mem and base_extra
+                       and base_extra > 0 else "-")
+        table.append([name, f"{seconds[name] * 1e3:.1f}", f"{seconds[name] / base_time:.3f}x", peak, extra,
+                      extra_ratio, "-" if value is None else f"{value:.6f}"])
+    print(f"\nforward + knowledge entropy of one batch; median of {args.repeats} interleaved repeats; "
+          f"memory: {'max_memory_allocated' if ids.device.type == 'cuda' else 'peak RSS of a subprocess'}\n")
+    print_table(["variant", "ms", "time vs plain", "peak MiB", "extra MiB", "extra vs plain", "entropy (nats)"],
+                table)
+
+
+if __name__ == "__main__":
+    main()

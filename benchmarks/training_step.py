@@ -1,0 +1,95 @@
+"""Cost of instrumenting a training step: forward + backward + AdamW step, plain vs instrumented.
+
+Variants: plain; ``instrument(model)`` (forward statistics only); ``instrument(model, grads=True)``
+(forward statistics and, through a tensor hook on C, the dL/dC statistics of the backward pass).
+Time: median of interleaved repeats on one model in one process. Peak memory: on CUDA
+``max_memory_allocated`` around one step; on the CPU the peak RSS (VmHWM, reset after the model and
+optimizer are built) of a fresh subprocess per variant; both after a warm-up step, which creates
+AdamW's state. "extra" is the rise over the memory held before the step.
+
+    python benchmarks/training_step.py [--size cpu|gpu] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kacq_hooks as kh  # noqa: E402
+from _harness import describe, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
+from _models import build  # noqa: E402
+
+VARIANTS = {  # name -> instrument() options, or None for the bare model
+    "plain": None,
+    "kacq instrument": {},
+    "kacq instrument(grads=True)": {"grads": True},
+}
+
+
+def training_runs(model, ids, mask, names) -> dict[str, Callable[[], None]]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step():
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    runs = {}
+    for name in names:
+        options = VARIANTS[name]
+        if options is None:
+            runs[name] = step
+            continue
+        inst = kh.instrument(model, **options)
+        inst.remove()  # attached only during its own steps
+
+        def instrumented(inst=inst):
+            with inst:
+                step()
+        runs[name] = instrumented
+    return runs
+
+
+def peak_of(size: str, name: str) -> None:
+    """Subprocess entry: one variant's peak memory over a training step, as JSON."""
+    model, ids, mask = build(size)
+    run = training_runs(model, ids, mask, [name])[name]
+    print(json.dumps(peak_during(run, ids.device)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_of:
+        return peak_of(args.size, args.peak_of)
+    if args.size == "gpu" and not torch.cuda.is_available():
+        sys.exit("--size gpu needs a CUDA GPU; run --size cpu here")
+    model, ids, mask = build(args.size)
+    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(ids.device)}")
+    runs = training_runs(model, ids, mask, list(VARIANTS))
+    seconds = time_interleaved(runs, args.repeats, ids.device)
+    if ids.device.type == "cuda":
+        memory = {name: peak_during(run, ids.device) for name, run in runs.items()}
+    else:
+        memory = {name: peak_in_subprocess(Path(__file__), ["--size", args.size, "--peak-of", name]) for name in runs}
+    base_time, base_extra = seconds["plain"], memory["plain"]["extra_mib"]
+    table = [[name, f"{seconds[name] * 1e3:.1f}", f"{seconds[name] / base_time:.3f}x",
+              f"{memory[name]['peak_mib']:.0f}", f"{memory[name]['extra_mib']:.0f}",
+              f"{memory[name]['extra_mib'] / base_extra:.2f}x" if base_extra > 0 else "-"] for name in runs]
+    print(f"\ntraining step (forward + backward + AdamW); median of {args.repeats} interleaved repeats; memory: "
+          f"{'max_memory_allocated' if ids.device.type == 'cuda' else 'peak RSS of a subprocess'}\n")
+    print_table(["variant", "ms", "time vs plain", "peak MiB", "extra MiB", "extra vs plain"], table)
+
+
+if __name__ == "__main__":
+    main()

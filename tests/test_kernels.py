@@ -1,0 +1,132 @@
+"""Kernel dispatch, and the Triton kernels checked against the reference under Triton's CPU interpreter.
+
+The kernel comparisons live in ``kernels_interpreted.py``: ``TRITON_INTERPRET=1`` has to be set before
+triton is first imported, so they run in a subprocess and the rest of the suite is unaffected.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kacq_hooks import kernels
+from kacq_hooks.errors import KacqError, MissingExtraError
+from kacq_hooks.stats import LayerStats
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the triton extra is not installed")
+def test_triton_kernels_match_the_reference_under_the_interpreter(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env.pop("KACQ_KERNELS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(TESTS / "kernels_interpreted.py"), "-o", "addopts=", "-q", "-x",
+         "-p", "no:cacheprovider"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("torch", "cpu", "torch"), ("triton", "cpu", "triton"), ("auto", "cpu", "cpu"), ("auto", "meta", "torch"),
+])
+def test_backend_follows_kacq_kernels(monkeypatch, setting, device, expected):
+    monkeypatch.setenv("KACQ_KERNELS", setting)
+    assert kernels.backend_for(torch.device(device)) == expected
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv("KACQ_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="KACQ_KERNELS='cuda'"):
+        kernels.backend_for(torch.device("cpu"))
+
+
+def test_forcing_triton_without_triton_names_the_extra(monkeypatch):
+    monkeypatch.setenv("KACQ_KERNELS", "triton")
+    monkeypatch.setattr(kernels, "_triton_available", lambda: False)
+    with pytest.raises(MissingExtraError, match=r"kacq_hooks\[triton\]"):
+        kernels.accumulate_forward(torch.ones(2, 3), None, None, LayerStats(3))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the triton extra is not installed")
+def test_forcing_triton_on_cpu_tensors_says_how_to_run(monkeypatch):
+    monkeypatch.setenv("KACQ_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    stats = LayerStats(3)
+    with pytest.raises(KacqError, match="TRITON_INTERPRET=1"):
+        kernels.accumulate_forward(torch.ones(2, 3), None, None, stats)
+    assert int(stats.tokens) == 0
+
+
+def test_kernel_benchmark_explains_that_it_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def _ptx_for_hopper(kernel, signature: dict[str, str], constexprs: dict, divisible: list[str]) -> str:
+    """Compile ``kernel`` for an H100 (sm_90) without a GPU, specialised the way Triton's launcher does it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    index = kernel.arg_names.index
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(index(name),): value for name, value in constexprs.items()},
+                       attrs={(index(name),): [["tt.divisibility", 16]] for name in divisible})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the triton extra is not installed")
+@pytest.mark.parametrize("dtype, masked", [("bf16", True), ("fp16", False), ("fp32", True)])
+def test_kernels_compile_for_hopper_with_vector_loads(monkeypatch, dtype, masked):
+    """The GPU code path, compiled for real (the interpreter skips codegen): 16-byte loads of C, fp32/int64 atomics."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    from kacq_hooks.kernels import triton as fused
+
+    blocks = {"BLOCK_N": fused.BLOCK_N, "BLOCK_D": fused.BLOCK_D}
+    buffers = {"sum_abs_ptr": "*fp32", "sum_sq_ptr": "*fp32", "active_ptr": "*i64", "max_abs_ptr": "*fp32",
+               "nonfinite_ptr": "*i64", "tokens_ptr": "*i64", "doc_sum_abs_ptr": "*fp32"}
+    forward = _ptx_for_hopper(
+        fused._forward_kernel,
+        {"c_ptr": f"*{dtype}", "rows_ptr": "*u8", "weight_ptr": "*fp32", **buffers, "n_rows": "i32", "d": "i32",
+         "stride_cn": "i32", "stride_cd": "constexpr", "stride_rows": "i32", "stride_weight": "i32",
+         "rows_per_program": "i32", "HAS_ROWS": "constexpr", "HAS_WEIGHT": "constexpr", "BLOCK_N": "constexpr",
+         "BLOCK_D": "constexpr"},
+        {"stride_cd": 1, "HAS_ROWS": masked, "HAS_WEIGHT": masked, **blocks},
+        ["c_ptr", "rows_ptr", "weight_ptr", *buffers, "d", "stride_cn", "rows_per_program"])
+    assert "ld.global.v4.b32" in forward  # C is read in 16-byte vectors
+    for atomic in ("add.f32", "add.u64"):
+        assert atomic in forward
+    assert "max.s32" in forward or "max.f32" in forward  # max |C| of non-negative floats
+    backward = _ptx_for_hopper(
+        fused._backward_kernel,
+        {"c_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "rows_ptr": "*u8", "grad_sum_abs_ptr": "*fp32",
+         "grad_sum_cg_ptr": "*fp32", "grad_tokens_ptr": "*i64", "n_rows": "i32", "d": "i32", "stride_cn": "i32",
+         "stride_cd": "constexpr", "stride_gn": "i32", "stride_gd": "constexpr", "stride_rows": "i32",
+         "rows_per_program": "i32", "HAS_ROWS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+        {"stride_cd": 1, "stride_gd": 1, "HAS_ROWS": masked, **blocks},
+        ["c_ptr", "g_ptr", "rows_ptr", "grad_sum_abs_ptr", "grad_sum_cg_ptr", "grad_tokens_ptr", "d", "stride_cn",
+         "stride_gn", "rows_per_program"])
+    assert backward.count("ld.global.v4.b32") >= 2 and "add.u64" in backward
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the triton extra is not installed")
+def test_kernel_benchmark_runs_its_code_on_the_cpu_in_smoke_mode(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| forward") or line.startswith("| backward")]
+    assert len(rows) >= 8 and all(line.split("|")[-2].strip() == "ok" for line in rows), result.stdout
