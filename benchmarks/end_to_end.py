@@ -148,12 +148,16 @@ def hooked_transformer(hf_model):
     if hf.model_type not in ("llama", "olmo"):
         raise NotImplementedError(f"no HookedTransformer conversion here for model_type={hf.model_type!r}")
     olmo = hf.model_type == "olmo"
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    if olmo and kv_heads != hf.num_attention_heads:
+        raise NotImplementedError("TransformerLens converts OLMo weights without grouped-query attention only")
     parameter = next(hf_model.parameters())
     d_head = hf.hidden_size // hf.num_attention_heads
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     cfg = HookedTransformerConfig(
         d_model=hf.hidden_size, d_head=d_head, n_heads=hf.num_attention_heads, n_layers=hf.num_hidden_layers,
         d_mlp=hf.intermediate_size, n_ctx=hf.max_position_embeddings, d_vocab=hf.vocab_size, act_fn=hf.hidden_act,
+        n_key_value_heads=kv_heads if kv_heads != hf.num_attention_heads else None,
         eps=1e-5 if olmo else hf.rms_norm_eps, normalization_type="LN" if olmo else "RMS", final_rms=not olmo,
         positional_embedding_type="rotary", rotary_dim=d_head, rotary_adjacent_pairs=False,
         rotary_base=rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)), gated_mlp=True,
