@@ -9,7 +9,8 @@ of the first column block, so nothing waits on the host.
 
 Both reductions are ``torch.library.triton_op`` custom ops (``kacq::accumulate_forward`` and
 ``kacq::accumulate_backward``) declaring the buffers they mutate, so an instrumented model can be
-compiled with ``torch.compile``: Inductor sees the kernels themselves.
+compiled with ``torch.compile``: Inductor sees the kernels themselves. (Under the interpreter they
+are opaque ``custom_op``s instead, since interpreted kernels cannot run on fake tensors.)
 
 On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 first imported); that is how the tests compare them with the reference without a GPU.
