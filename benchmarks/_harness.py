@@ -1,7 +1,7 @@
 """Timing and memory helpers shared by the benchmarks: interleaved repeats, peak memory, tables.
 
-Timing: every variant runs once to warm up, then the variants take turns ``repeats`` times, so drift
-in the machine's load hits all of them alike; the median is reported. Peak memory: on CUDA
+Timing: every variant runs once to warm up, then the variants take turns ``repeats`` times (in
+alternating order), so drift in the machine's load hits all of them alike; the median is reported. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` around one call, in the benchmark's own process; on the CPU the
 peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` so that building the
 models does not count) of a fresh subprocess that runs only that variant. Both measure one call
@@ -33,17 +33,29 @@ def sync(device: torch.device) -> None:
 def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device
                      ) -> dict[str, float]:
     """Median seconds per call of each run, measured in turns after one warm-up call each."""
+    return {name: statistics.median(t) for name, t in time_samples(runs, repeats, device).items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over turns of ``name``'s time / ``base``'s time in the same turn: load drifts cancel."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[base]))
+
+
+def time_samples(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device
+                 ) -> dict[str, list[float]]:
+    """Seconds of every call of each run, measured in turns after one warm-up call each."""
     for run in runs.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
+    for turn in range(repeats):
+        order = list(runs) if turn % 2 == 0 else list(reversed(runs))  # no variant always runs second
+        for name in order:
             sync(device)
             start = time.perf_counter()
-            run()
+            runs[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def _status_mib(field: str) -> float:

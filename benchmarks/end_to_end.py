@@ -80,7 +80,9 @@ def kacq_instrument(s: Setup) -> Run:
 
 
 def transformer_lens_cache(s: Setup) -> Run:
-    hooked = hooked_transformer(s.model)
+    from kacq_hooks.frontends.transformer_lens import hooked_transformer_from_hf
+
+    hooked = hooked_transformer_from_hf(s.model)
     wanted = lambda name: name.endswith("mlp.hook_post")  # noqa: E731
 
     def run():
@@ -132,43 +134,8 @@ VARIANTS: dict[str, Callable[[Setup], Run]] = {
     "TransformerLens run_with_cache": transformer_lens_cache,
     "nnsight trace": nnsight_trace,
     "naive hooks (keep C)": naive_hooks,
-    # kacq through each front end goes here, e.g.
-    # "kacq via TransformerLens": lambda s: kacq on hooked_transformer(s.model),
-    # "kacq via nnsight": lambda s: kacq on NNsight(copy.deepcopy(s.model)),
 }
-
-
-# -- TransformerLens from the HF weights, no hub --------------------------------------------------
-def hooked_transformer(hf_model):
-    """A ``HookedTransformer`` holding a copy of a Llama or OLMo model's weights, without processing."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_olmo_weights
-
-    hf = hf_model.config
-    if hf.model_type not in ("llama", "olmo"):
-        raise NotImplementedError(f"no HookedTransformer conversion here for model_type={hf.model_type!r}")
-    olmo = hf.model_type == "olmo"
-    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    if olmo and kv_heads != hf.num_attention_heads:
-        raise NotImplementedError("TransformerLens converts OLMo weights without grouped-query attention only")
-    parameter = next(hf_model.parameters())
-    d_head = hf.hidden_size // hf.num_attention_heads
-    rope = dict(getattr(hf, "rope_parameters", None) or {})
-    cfg = HookedTransformerConfig(
-        d_model=hf.hidden_size, d_head=d_head, n_heads=hf.num_attention_heads, n_layers=hf.num_hidden_layers,
-        d_mlp=hf.intermediate_size, n_ctx=hf.max_position_embeddings, d_vocab=hf.vocab_size, act_fn=hf.hidden_act,
-        n_key_value_heads=kv_heads if kv_heads != hf.num_attention_heads else None,
-        eps=1e-5 if olmo else hf.rms_norm_eps, normalization_type="LN" if olmo else "RMS", final_rms=not olmo,
-        positional_embedding_type="rotary", rotary_dim=d_head, rotary_adjacent_pairs=False,
-        rotary_base=rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)), gated_mlp=True,
-        original_architecture="OlmoForCausalLM" if olmo else "LlamaForCausalLM", init_weights=False,
-        dtype=parameter.dtype, device=str(parameter.device))
-    hooked = HookedTransformer(cfg)
-    with torch.no_grad():
-        state = (convert_olmo_weights if olmo else convert_llama_weights)(hf_model, cfg)
-        hooked.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                           fold_value_biases=False, refactor_factored_attn_matrices=False)
-    return hooked.eval()
+# kacq through each front end, against the same front end without it: benchmarks/frontends.py.
 
 
 # -- driver ---------------------------------------------------------------------------------------

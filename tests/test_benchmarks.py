@@ -1,7 +1,7 @@
 """The benchmark scripts' own code on tiny models, so their GPU-size paths are exercised without a GPU.
 
-The GPU size is an OLMo model: its TransformerLens conversion and nnsight route are checked here on
-a tiny OLMo, and every variant must report the same knowledge entropy as ``instrument``.
+The GPU size is an OLMo-1B-shaped Llama: its TransformerLens conversion and nnsight route are checked
+here on tiny models, and every variant must report the same knowledge entropy as ``instrument``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ HAS_FRONT_ENDS = all(importlib.util.find_spec(name) for name in ("transformer_le
 
 
 @pytest.mark.skipif(not HAS_FRONT_ENDS, reason="needs the transformer-lens and nnsight extras")
-@pytest.mark.parametrize("model_type", ["olmo", "llama"])
+@pytest.mark.parametrize("model_type", ["llama"])
 def test_end_to_end_variants_measure_the_same_entropy(model_type):
     model = tiny_model(model_type)
     ids, mask = random_batch(batch=3, seq=12, padding="right")
@@ -68,4 +68,9 @@ def test_interleaved_timing_reports_a_median_per_run():
     seconds = _harness.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                         repeats=3, device=torch.device("cpu"))
     assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
-    assert calls == ["a", "b"] * 4  # one warm-up each, then turns
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # one warm-up each, then turns in alternating order
+
+
+def test_paired_ratio_is_the_median_of_per_turn_ratios():
+    samples = {"plain": [1.0, 2.0, 4.0], "kacq": [1.1, 2.0, 8.0]}
+    assert _harness.paired_ratio(samples, "kacq", "plain") == pytest.approx(1.1)

@@ -419,8 +419,10 @@ def test_gradient_checkpointing_is_not_counted_twice(reentrant):
         torch.testing.assert_close(a.grad_sum_abs, b.grad_sum_abs, rtol=1e-4, atol=1e-9)
 
 
-def test_cpu_fast_path_equals_reference():
-    """The CPU kernels and the torch specification agree, NaN and padding included."""
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+def test_cpu_fast_path_equals_reference(mode, monkeypatch):
+    """The CPU kernels (fused by Inductor, or eager) and the torch specification agree, NaN and padding included."""
+    monkeypatch.setenv("KACQ_KERNELS", mode)
     from kacq_hooks import kernels
     from kacq_hooks.stats import LayerStats
 

@@ -6,7 +6,8 @@ forward's (or backward's) statistics of a [N, d_ff] coefficient tensor into a
 
 - CUDA tensors with Triton installed: the fused kernels of :mod:`.triton`, custom ops that
   ``torch.compile`` keeps (and Inductor schedules), so compiled models use them too;
-- CPU tensors: :mod:`.cpu`, the reference made cache-friendly (host checks are free there);
+- CPU tensors: :mod:`.cpu`, the reference fused into one loop by Inductor (an eager fallback where
+  compilation is unavailable, or forced with ``KACQ_KERNELS=eager``);
 - anything else, or while ``torch.compile`` traces: :mod:`.reference`.
 
 ``KACQ_KERNELS=torch`` forces the reference everywhere, ``KACQ_KERNELS=triton`` the Triton kernels
@@ -21,7 +22,7 @@ import torch
 
 from . import cpu, reference
 
-_VALID = ("auto", "torch", "triton")
+_VALID = ("auto", "torch", "triton", "eager")
 
 
 def backend_for(device: torch.device) -> str:
