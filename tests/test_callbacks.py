@@ -8,23 +8,9 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 import kacq_hooks as kh
 from kacq_hooks import facts
 from kacq_hooks.training.callbacks import FactTrackingCallback, InjectionCallback, KnowledgeEntropyCallback
-from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+from tiny_models import VOCAB, tiny_model
 
 SEQ = 48  # longer than the injected passages
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores are shared by parallel test runs: several torch threads each would spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def _record(context, inputs, targets):

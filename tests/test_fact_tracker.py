@@ -9,26 +9,12 @@ import torch
 
 import kacq_hooks as kh
 from kacq_hooks import facts
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
 DATA = Path(__file__).parents[1].parent / "shared/data/fictional_knowledge"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="shared Fictional Knowledge data not present")
 
 LONG = {"llama": {"max_position_embeddings": 512}, "gpt2": {"n_positions": 512}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores are shared by parallel test runs: several torch threads each would spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

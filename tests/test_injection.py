@@ -8,24 +8,10 @@ import pytest
 import torch
 
 from kacq_hooks import facts
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
 DATA = Path(__file__).parents[1].parent / "shared/data/fictional_knowledge"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="shared Fictional Knowledge data not present")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores are shared by parallel test runs: several torch threads each would spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @needs_data

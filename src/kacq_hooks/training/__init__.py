@@ -1,5 +1,12 @@
 """Training-time parts: Trainer callbacks, sharpness-aware minimization, formatting augmentation."""
-from .augment import (FormatError, Format, all_formats, augment_record, format_text, formatting_variants,
+from .augment import (Format, FormatError, all_formats, augment_record, format_text, formatting_variants,
                       split_sentences, with_format_variants)
-from .sam import SAM, SAMError, SAMTrainer
 from .callbacks import FactTrackingCallback, InjectionCallback, KnowledgeEntropyCallback
+from .sam import SAM, SAMError, SAMTrainer
+
+__all__ = [
+    "SAM", "SAMTrainer", "SAMError",
+    "formatting_variants", "format_text", "augment_record", "with_format_variants", "split_sentences",
+    "all_formats", "Format", "FormatError",
+    "FactTrackingCallback", "KnowledgeEntropyCallback", "InjectionCallback",
+]
