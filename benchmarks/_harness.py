@@ -9,6 +9,7 @@ after a warm-up call.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -110,3 +111,19 @@ def describe(model, ids: torch.Tensor, mask: torch.Tensor) -> str:
         f"cpu, {torch.get_num_threads()} torch threads"
     return (f"model {params:.1f}M parameters ({type(model).__name__}, {dtype}), batch {tuple(ids.shape)} "
             f"with {int(mask.sum())} unpadded tokens, on {where}")
+
+
+def parse_args(doc: str, argv, repeats: int, peak_of: Callable[[str, str], None]) -> argparse.Namespace | None:
+    """The arguments every benchmark takes (--size, --repeats), or None when this process was started
+    only to measure one variant's peak memory (then ``peak_of(size, name)`` has printed it)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_of:
+        peak_of(args.size, args.peak_of)
+        return None
+    if args.size == "gpu" and not torch.cuda.is_available():
+        sys.exit("--size gpu needs a CUDA GPU; run --size cpu here")
+    return args

@@ -20,7 +20,6 @@ rise over the memory held before the forward. A variant that cannot be built pri
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kacq_hooks as kh  # noqa: E402
-from _harness import describe, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
+from _harness import describe, parse_args, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
 from _models import build  # noqa: E402
 
 Run = Callable[[], "float | None"]  # one forward; returns the batch's knowledge entropy (None: not measured)
@@ -147,15 +146,9 @@ def peak_of(size: str, name: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.peak_of:
-        return peak_of(args.size, args.peak_of)
-    if args.size == "gpu" and not torch.cuda.is_available():
-        sys.exit("--size gpu needs a CUDA GPU; run --size cpu here")
+    args = parse_args(__doc__, argv, repeats=7, peak_of=peak_of)
+    if args is None:
+        return
     model, ids, mask = build(args.size)
     setup = Setup(model.eval(), ids, mask)
     print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(ids.device)}")

@@ -12,19 +12,18 @@ fused CPU reductions, is in "peak" only). The variants are those of end_to_end.p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import end_to_end  # noqa: E402
 import kacq_hooks as kh  # noqa: E402
 import training_step  # noqa: E402
-from _harness import describe, paired_ratio, peak_during, peak_in_subprocess, print_table, time_samples  # noqa: E402
+from _harness import (describe, paired_ratio, parse_args, peak_during, peak_in_subprocess,  # noqa: E402
+                      print_table, time_samples)
 from _models import build  # noqa: E402
 
 FORWARD = ("plain", "kacq instrument")
@@ -45,15 +44,9 @@ def peak_of(size: str, name: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.peak_of:
-        return peak_of(args.size, args.peak_of)
-    if args.size == "gpu" and not torch.cuda.is_available():
-        sys.exit("--size gpu needs a CUDA GPU; run --size cpu here")
+    args = parse_args(__doc__, argv, repeats=15, peak_of=peak_of)
+    if args is None:
+        return
     model, ids, mask = build(args.size)
     device = ids.device
     print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(device)}\n")

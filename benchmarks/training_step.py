@@ -11,7 +11,6 @@ AdamW's state. "extra" is the rise over the memory held before the step.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kacq_hooks as kh  # noqa: E402
-from _harness import describe, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
+from _harness import describe, parse_args, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
 from _models import build  # noqa: E402
 
 VARIANTS = {  # name -> instrument() options, or None for the bare model
@@ -65,15 +64,9 @@ def peak_of(size: str, name: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.peak_of:
-        return peak_of(args.size, args.peak_of)
-    if args.size == "gpu" and not torch.cuda.is_available():
-        sys.exit("--size gpu needs a CUDA GPU; run --size cpu here")
+    args = parse_args(__doc__, argv, repeats=5, peak_of=peak_of)
+    if args is None:
+        return
     model, ids, mask = build(args.size)
     print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(ids.device)}")
     runs = training_runs(model, ids, mask, list(VARIANTS))
