@@ -46,25 +46,6 @@ def load_model_and_tokenizer(model_dir: str, device: str):
     return model, tokenizer
 
 
-def measure(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
-            progress: bool = False):
-    """Run ``texts`` through ``model`` (no grad, padding masked) and return the Instrumentation that measured them."""
-    from . import instrument
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
-    batches = [[texts[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="measuring", unit="batch", file=sys.stderr)
-    with instrument(model) as inst, torch.no_grad():
-        for batch in batches:
-            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-    return inst
-
-
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -99,6 +80,7 @@ def add_resuscitate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_resuscitate(args: argparse.Namespace) -> int:
     from .experiments.corpus import load_corpus
+    from .experiments.sweep import measure_texts
     from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
     from .interventions.resuscitation import check_plan_arguments
 
@@ -111,8 +93,7 @@ def run_resuscitate(args: argparse.Namespace) -> int:
         raise KacqError(str(err)) from err
     texts = load_corpus(args.data)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, args.device)
-    before = measure(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
-                     progress=sys.stderr.isatty())
+    before, _ = measure_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
     try:
         plan = resuscitation_plan(before, ratio=args.ratio, factor=args.factor, max_multiplier=cap,
                                   layers=args.layers)
@@ -120,8 +101,7 @@ def run_resuscitate(args: argparse.Namespace) -> int:
         raise KacqError(str(err)) from err
     predicted = plan.predicted_entropy()
     resuscitate(model, plan, mode="weights")
-    after = measure(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
-                    progress=sys.stderr.isatty())
+    after, _ = measure_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
     entropy_before, entropy_after = before.knowledge_entropy(), after.knowledge_entropy()
 
     out = Path(args.out)

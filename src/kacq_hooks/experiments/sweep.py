@@ -173,21 +173,32 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str, device: str):
 # Measuring
 
 
-def measure_checkpoint(model, tokenizer, texts: Iterable[str], settings: SweepSettings,
-                       progress: Progress | None = None) -> dict:
-    """Knowledge entropy of ``model`` on ``texts``, batched as given, padding masked; a JSON-ready dict."""
+def measure_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8, max_length: int = 512,
+                  weighting: str = "token", progress: Progress | None = None):
+    """Run ``texts`` through ``model`` in batches as given (no grad, padding masked, no special tokens added).
+
+    Returns the detached Instrumentation that measured them and the number of documents.
+    """
     from ..instrument import instrument
 
     device = next(model.parameters()).device
     documents = 0
-    with instrument(model, weighting=settings.weighting) as inst, torch.no_grad():
-        for batch in _batches(texts, settings.batch_size):
+    with instrument(model, weighting=weighting) as inst, torch.no_grad():
+        for batch in _batches(texts, batch_size):
             encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
-                                max_length=settings.seq_len, add_special_tokens=False)
+                                max_length=max_length, add_special_tokens=False)
             model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
             documents += len(batch)
             if progress:
                 progress("batch", {"documents": documents})
+    return inst, documents
+
+
+def measure_checkpoint(model, tokenizer, texts: Iterable[str], settings: SweepSettings,
+                       progress: Progress | None = None) -> dict:
+    """Knowledge entropy of ``model`` on ``texts``, batched as given, padding masked; a JSON-ready dict."""
+    inst, documents = measure_texts(model, tokenizer, texts, batch_size=settings.batch_size,
+                                    max_length=settings.seq_len, weighting=settings.weighting, progress=progress)
     if documents == 0:
         raise KacqError(f"data {settings.data!r} has no documents to measure on")
     entropy = inst.knowledge_entropy()
