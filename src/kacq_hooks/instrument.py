@@ -170,9 +170,11 @@ class Instrumentation:
         stats = self.stats[index]
         if stats.device != c.device:  # a parameterless site (a TransformerLens HookPoint) on a sharded model
             stats.to(c.device)
-        rows, doc_weight = self._rows_for(c)
+        rows, doc_weight, documents = self._rows_for(c)
         if not recomputing:
             kernels.accumulate_forward(c2d, rows, doc_weight, stats)
+            if documents is not None:
+                stats.documents.add_(documents.to(stats.documents.device))
         if self.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_gradient, index, c2d, rows))
 
@@ -181,7 +183,7 @@ class Instrumentation:
             kernels.accumulate_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows, self.stats[index])
 
     def _rows_for(self, c: torch.Tensor):
-        """(valid rows [N] bool or None, document weights [N] fp32 or None) for a coefficient tensor."""
+        """(valid rows [N] bool or None, document weights [N] fp32 or None, documents or None) for C."""
         key = tuple(c.shape[:-1])
         if key not in self._rows_cache:
             self._rows_cache[key] = self._rows_uncached(c)
@@ -208,15 +210,11 @@ class Instrumentation:
                                  "count every position")
             window = mask[:, mask.shape[1] - steps:].to(device=c.device)  # cached generation: the last positions
             rows = window.reshape(-1).bool()
-        doc_weight = None
-        if self.weighting == "document":
-            window = window.float()
-            lengths = window.sum(1, keepdim=True)
-            doc_weight = (window / lengths.clamp_min(1)).reshape(-1)
-            self._documents_pending = (lengths > 0).sum()
-            for stats in self.stats:  # documents are counted once per call, in every layer
-                stats.documents.add_(self._documents_pending.to(stats.documents.device))
-        return rows, doc_weight
+        if self.weighting != "document":
+            return rows, None, None
+        window = window.float()
+        lengths = window.sum(1, keepdim=True)  # a document is a batch row; its weight is 1 / its token count
+        return rows, (window / lengths.clamp_min(1)).reshape(-1), (lengths > 0).sum()
 
     # -- results ---------------------------------------------------------------------------------
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
