@@ -443,3 +443,19 @@ def test_cpu_fast_path_equals_reference(mode, monkeypatch):
             results.append(out)
         for (name, a), (_, b) in zip(results[0].buffers(), results[1].buffers()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_instrumented_compiled_model_matches_eager():
+    model = tiny_model("llama")
+    ids, mask = random_batch()
+    eager = kh.instrument(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    eager.remove()
+    compiled = torch.compile(model)
+    inst = kh.instrument(compiled)
+    with torch.no_grad():
+        compiled(ids, attention_mask=mask)
+    assert int(inst.stats[0].tokens) == int(mask.sum())
+    for a, b in zip(inst.knowledge_entropy().per_layer, eager.knowledge_entropy().per_layer):
+        assert a == pytest.approx(b, rel=1e-6)
