@@ -157,3 +157,40 @@ def test_report_states_verdicts_from_findings():
     text = render_markdown(results)
     assert "**knowledge entropy decays during pretraining** (Kim et al. 2025): reproduces" in text
     assert "**resuscitation improves retention at the late checkpoint** (Kim et al. 2025): does not reproduce" in text
+
+
+def test_late_forgets_more_needs_actual_forgetting():
+    results = _synthetic_results()
+    results["arms"]["early"]["kim"]["forgetting"] = -0.4
+    results["arms"]["late"]["kim"]["forgetting"] = -0.2  # larger, but both arms gained held-out accuracy
+    verdicts = {f["id"]: f["holds"] for f in assess(results)}
+    assert verdicts["late_forgets_more"] is None
+    results["arms"]["early"]["kim"]["forgetting"] = 0.05
+    assert {f["id"]: f["holds"] for f in assess(results)}["late_forgets_more"] is False  # only early forgot
+    results["arms"]["late"]["kim"]["forgetting"] = 0.1
+    assert {f["id"]: f["holds"] for f in assess(results)}["late_forgets_more"] is True
+
+
+def test_row_injection_needs_a_row_per_first_round_passage():
+    DemoConfig().validate()  # the default: 6 passages into 8 rows
+    with pytest.raises(DemoConfigError, match="continue_batch_size"):
+        DemoConfig(facts_per_scenario=3, continue_batch_size=8).validate()
+    DemoConfig(facts_per_scenario=3, continue_batch_size=9).validate()
+    with pytest.raises(DemoConfigError, match="'row'"):
+        DemoConfig(injection="rows").validate()
+
+
+def test_continued_training_warms_up_linearly():
+    from kacq_hooks.experiments.demo import _warmup
+
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
+    schedule = _warmup(optimizer, 4)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    no_warmup = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
+    _warmup(no_warmup, 0)
+    assert no_warmup.param_groups[0]["lr"] == 1e-2

@@ -61,7 +61,7 @@ class DemoConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 512
-    seq_len: int = 128
+    seq_len: int = 320                   # rows hold a whole generated passage (<= ~320 tokens) + EOS
     vocab_size: int = 2048
     # corpus and tokenizer
     corpus: str | None = None            # None: offline Wikipedia summaries; else a .txt / .jsonl path
@@ -70,7 +70,7 @@ class DemoConfig:
     calibration_sequences: int = 32
     # pretraining
     pretrain_steps: int = 250
-    batch_size: int = 24
+    batch_size: int = 10
     lr: float = 2e-3
     warmup_steps: int = 15
     weight_decay: float = 0.01
@@ -79,12 +79,17 @@ class DemoConfig:
     # facts and injection
     facts: str | None = None             # None: procedural facts; else a Fictional Knowledge JSON path
     facts_per_scenario: int = 2
-    injection_every: int = 15
-    injection_rounds: int = 5
-    lead_steps: int = 5                  # steps before the first injection (the t_pre baseline)
-    tail_steps: int = 40                 # steps after the last injection, for forgetting
-    continue_lr: float = 5e-4
-    window: int = 8                     # t_w: local acquisition maximum searched in (t_i, t_i + t_w]
+    injection: str = "row"               # "row": each passage + EOS starts one row, cut to seq_len (Chang et al.);
+                                         # "span": a longer passage continues over the next rows, kept whole
+    injection_every: int = 30
+    injection_rounds: int = 4
+    lead_steps: int = 20                 # steps before the first injection: warmup, settling, t_pre baseline
+    tail_steps: int = 60                 # steps after the last injection, for forgetting
+    continue_batch_size: int | None = 8  # rows per continued-training step (None: batch_size); fewer rows, more weight per fact
+    continue_lr: float = 4e-3            # high for a model this small: one update must visibly move a fact
+    continue_beta1: float = 0.5          # AdamW momentum: 0.9 smears each injection's update over ~10 steps
+    continue_warmup: int = 10            # linear warmup of the fresh optimizer (steps); 0: none
+    window: int = 5                      # t_w: local acquisition maximum searched in (t_i, t_i + t_w]
     iqr_factor: float = 1.5
     # resuscitation (Kim et al. Algorithm 1, weight mode)
     resuscitation_ratio: float = 0.5
@@ -101,8 +106,9 @@ class DemoConfig:
         """A smoke-sized study for tests and a first look (under 2 minutes on 2 CPU cores)."""
         small = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, seq_len=128, vocab_size=768, max_docs=800,
                      calibration_sequences=8, pretrain_steps=60, batch_size=24, lr=3e-3, warmup_steps=6,
-                     early_step=15, entropy_every=10, facts_per_scenario=2, injection_every=8, injection_rounds=3,
-                     lead_steps=3, tail_steps=16, window=5, augment_variants=2)
+                     early_step=15, entropy_every=10, facts_per_scenario=2, injection="span",
+                     continue_batch_size=None, continue_warmup=4, injection_every=8, injection_rounds=3,
+                     lead_steps=5, tail_steps=16, window=4, augment_variants=2)
         return cls(**{**small, **overrides})
 
     @property
@@ -122,6 +128,14 @@ class DemoConfig:
         if self.window >= self.injection_every and self.injection_rounds > 1:
             log.info("window %d >= injection interval %d: acquisition maxima may see the next injection",
                      self.window, self.injection_every)
+        if self.injection not in ("row", "span"):
+            raise DemoConfigError(f"injection={self.injection!r}: use 'row' (one row per passage, as Chang et al.) "
+                                  "or 'span' (long passages continue over rows)")
+        rows = self.continue_batch_size or self.batch_size
+        if self.injection == "row" and 3 * self.facts_per_scenario > rows:
+            raise DemoConfigError(f"{3 * self.facts_per_scenario} passages are injected at the first round but a "
+                                  f"continued-training batch has {rows} rows: raise continue_batch_size or lower "
+                                  "facts_per_scenario")
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise DemoConfigError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
@@ -184,13 +198,16 @@ def _augmented_passage(record, scenario: str, round_index: int, config: DemoConf
 
 def adamw_step(model: nn.Module, config: DemoConfig) -> TrainStep:
     """Plain AdamW at the continued-training rate, fresh optimizer state (as after resuscitation)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay,
+                                  betas=(config.continue_beta1, 0.999))
+    schedule = _warmup(optimizer, config.continue_warmup)
 
     def step(ids: torch.Tensor, mask: torch.Tensor) -> float:
         loss = _lm_loss(model, ids, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
@@ -205,7 +222,9 @@ def sam_step(model: nn.Module, config: DemoConfig) -> TrainStep:
         sam_module = None
     if sam_module is not None and hasattr(sam_module, "SAM"):
         optimizer = sam_module.SAM(model.parameters(), torch.optim.AdamW, rho=config.sam_rho, model=model,
-                                   lr=config.continue_lr, weight_decay=config.weight_decay)
+                                   lr=config.continue_lr, weight_decay=config.weight_decay,
+                                   betas=(config.continue_beta1, 0.999))
+        schedule = _warmup(optimizer, config.continue_warmup)
 
         def library_step(ids: torch.Tensor, mask: torch.Tensor) -> float:
             def closure() -> torch.Tensor:
@@ -214,11 +233,14 @@ def sam_step(model: nn.Module, config: DemoConfig) -> TrainStep:
                 loss.backward()
                 return loss
             loss = optimizer.step(closure)
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             return float(loss.detach())
 
         return library_step
-    base = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay)
+    base = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay,
+                                  betas=(config.continue_beta1, 0.999))
+    base_schedule = _warmup(base, config.continue_warmup)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(ids: torch.Tensor, mask: torch.Tensor) -> float:
@@ -240,10 +262,17 @@ def sam_step(model: nn.Module, config: DemoConfig) -> TrainStep:
                 p.sub_(offset)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         base.step()
+        base_schedule.step()
         base.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     return step
+
+
+def _warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``steps`` updates, then constant: a fresh AdamW at full rate jolts the model
+    (its first update moves every weight by about the learning rate), which would mask the injections."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
 
 
 def resuscitation_edit(model: nn.Module, calibration: "Calibration", config: DemoConfig) -> dict:
@@ -370,8 +399,9 @@ class Calibration:
 def inject_spanning(batch: torch.Tensor, passages: Sequence[list[int]], seq_len: int) -> tuple[torch.Tensor, list[int]]:
     """Put each passage (token ids, EOS included) at the start of batch rows, as Chang et al. do, whole.
 
-    Unlike :func:`kacq_hooks.facts.injection.inject`, which cuts a passage to one row, a passage longer
-    than a row continues on the next rows (the demo's rows are shorter than its passages); the last of its rows keeps the original
+    Used with ``injection="span"``. Unlike :func:`kacq_hooks.facts.injection.inject` (``"row"``, the
+    paper's way), which cuts a passage to one row, a passage longer than a row continues on the next rows
+    (for rows shorter than the passages, e.g. the quick run's); the last of its rows keeps the original
     tokens after it, so the batch shape never changes. Returns the new batch and each passage's first row.
 
     >>> inject_spanning(torch.zeros(3, 4, dtype=torch.long), [[7, 7, 7, 7, 7, 9]], 4)[0].tolist()
@@ -562,6 +592,7 @@ def _cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, report: Progress) -> dict:
+    from ..facts.injection import inject
     from ..facts.records import PROBE_KINDS
     from ..facts.tracker import FactTracker
 
@@ -582,20 +613,25 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
     injection_steps = config.injection_steps()
     injected: dict[int, list[int]] = {i: [] for i in range(len(data.facts))}
     scores, losses = [], []
+    rows_per_step = config.continue_batch_size or config.batch_size
     model.train()
     for step in range(config.continue_steps):
         scores.append(tracker.score_probes().mean)
-        rows = order[torch.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(order)]
+        rows = order[torch.arange(step * rows_per_step, (step + 1) * rows_per_step) % len(order)]
         ids = data.train[rows]
         if step in injection_steps:
             round_index = injection_steps.index(step)
-            passages, which = [], []
+            texts, which = [], []
             for index, (record, scenario) in enumerate(zip(data.facts, data.facts.scenarios)):
                 text = transform(record, scenario, round_index, config)
                 if text is not None:
-                    passages.append(data.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+                    texts.append(text)
                     which.append(index)
-            ids, _ = inject_spanning(ids, passages, config.seq_len)
+            if config.injection == "row":
+                ids = inject({"input_ids": ids}, texts, data.tokenizer)["input_ids"]
+            else:
+                passages = [data.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in texts]
+                ids, _ = inject_spanning(ids, passages, config.seq_len)
             for index in which:
                 injected[index].append(step)
         losses.append(step_fn(ids, torch.ones_like(ids)))

@@ -55,6 +55,19 @@ def _compare(results: dict, key: str, higher: str, lower: str) -> tuple[dict, bo
     return values, (a > b) if a is not None and b is not None else None
 
 
+def _forgets_more(late: float | None, early: float | None) -> bool | None:
+    """Whether the late arm forgot more: it must have forgotten something (F > 0) to forget more. When
+    both arms gained accuracy (F <= 0, an undertrained model still learning) there is no forgetting to
+    compare, and the larger of two negative numbers would say nothing about the claim.
+
+    >>> _forgets_more(0.1, 0.02), _forgets_more(-0.2, -0.4), _forgets_more(-0.1, 0.05)
+    (True, None, False)
+    """
+    if late is None or early is None or (late <= 0 and early <= 0):
+        return None
+    return late > 0 and late > early
+
+
 def assess(results: dict) -> list[dict]:
     """The findings list for a results dict (see :func:`kacq_hooks.experiments.demo.run_demo`)."""
     found = []
@@ -79,10 +92,11 @@ def assess(results: dict) -> list[dict]:
                           "a later checkpoint acquires new knowledge less well",
                           "acquisition A = (K_after - K_before)/|K_before| of the early arm > the late arm",
                           values, holds))
-    values, holds = _compare(results, "forgetting", "late", "early")
+    values, _ = _compare(results, "forgetting", "late", "early")
     found.append(_finding("late_forgets_more", "Kim et al. 2025", "a later checkpoint forgets more",
-                          "forgetting F (relative drop of held-out next-token accuracy) of the late arm > early arm",
-                          values, holds))
+                          "forgetting F (relative drop of held-out next-token accuracy) of the late arm > 0 and > "
+                          "the early arm's; not checked when neither arm lost accuracy (both F <= 0)",
+                          values, _forgets_more(values["forgetting[late]"], values["forgetting[early]"])))
     for key, claim in (("acquisition", "resuscitation improves acquisition at the late checkpoint"),
                        ("retention", "resuscitation improves retention at the late checkpoint")):
         values, holds = _compare(results, key, "late+resuscitation", "late")
