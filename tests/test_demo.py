@@ -157,6 +157,9 @@ def test_report_states_verdicts_from_findings():
     text = render_markdown(results)
     assert "**knowledge entropy decays during pretraining** (Kim et al. 2025): reproduces" in text
     assert "**resuscitation improves retention at the late checkpoint** (Kim et al. 2025): does not reproduce" in text
+    assert "(fresh AdamW, lr 0.004, beta1 0.5, 4 warmup steps, 24 sequences a step; each passage + EOS from the start" in text
+    del results["config"]["continue_beta1"]  # an older results file: the sentence is left out, not guessed
+    assert "fresh AdamW" not in render_markdown(results)
 
 
 def test_late_forgets_more_needs_actual_forgetting():

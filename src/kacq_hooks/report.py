@@ -1,7 +1,7 @@
 """Figures and a short written report from a demo's results dict (matplotlib, Agg backend).
 
 >>> from kacq_hooks.report import write_report   # doctest: +SKIP
->>> paths = write_report(results, "runs/demo")     # report.md and the PNG figures
+>>> paths = write_report(results, "runs/demo")     # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -155,8 +155,9 @@ def render_markdown(results: dict) -> str:
         f"(Kim et al. 2025, token-weighted, padding masked) was measured on {data['calibration_sequences']} held-out "
         f"sequences every {config['entropy_every']} steps. From the checkpoints at step {pre['checkpoints']['early']} "
         f"(early) and {pre['checkpoints']['late']} (late), training continued for {config['continue_steps']} steps "
-        f"with {data['records']} {data['facts']} fact records injected at steps {data['injection_steps']} "
-        "(paraphrase, duplication and once scenarios, Chang et al. 2024); every probe was scored before every update.",
+        f"{_continued_training(config)}with {data['records']} {data['facts']} fact records injected at steps "
+        f"{data['injection_steps']} (paraphrase, duplication and once scenarios, Chang et al. 2024); every probe was "
+        "scored before every update.",
         "",
         "## Knowledge entropy during pretraining",
         "",
@@ -221,6 +222,18 @@ def render_markdown(results: dict) -> str:
     lines += ["", "These are single-seed results of a very small model trained briefly; treat a verdict as "
               "what this run measured, not as evidence for or against the papers."]
     return "\n".join(lines) + "\n"
+
+
+def _continued_training(config: dict) -> str:
+    """How continued training ran, for configs that record it (older results files do not)."""
+    if "continue_lr" not in config or "continue_beta1" not in config:
+        return ""
+    rows = config.get("continue_batch_size") or config["batch_size"]
+    placement = {"row": "each passage + EOS at the start of one row, cut to the sequence length",
+                 "span": "each passage + EOS from the start of a row, continuing over rows"}.get(config.get("injection"))
+    return (f"(fresh AdamW, lr {_fmt(config['continue_lr'])}, beta1 {_fmt(config['continue_beta1'])}, "
+            f"{config.get('continue_warmup', 0)} warmup steps, {rows} sequences a step"
+            + (f"; {placement}" if placement else "") + ") ")
 
 
 def _mean(values: list) -> float | None:

@@ -15,8 +15,8 @@ turns into a progress bar. Same config and seed give the same numbers (the resul
 wall-clock times; :func:`run_demo` returns those separately in ``timings``).
 
 >>> config = DemoConfig.quick()   # doctest: +SKIP
->>> results = run_demo(config)
->>> results["pretraining"]["entropy"]["total"][-1]
+>>> results = run_demo(config)                                   # doctest: +SKIP
+>>> results["pretraining"]["entropy"]["total"][-1]              # doctest: +SKIP
 """
 from __future__ import annotations
 
