@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kacq_hooks as kh  # noqa: E402
-from _harness import describe, parse_args, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
+from _harness import (describe, paired_ratio, parse_args, peak_during, peak_in_subprocess,  # noqa: E402
+                      print_table, time_samples)
 from _models import build  # noqa: E402
 
 Run = Callable[[], "float | None"]  # one forward; returns the batch's knowledge entropy (None: not measured)
@@ -166,7 +168,8 @@ def main(argv=None) -> None:
         except Exception as err:
             failures[name] = f"{type(err).__name__}: {err}".splitlines()[0][:90]
             del runs[name]
-    seconds = time_interleaved(runs, args.repeats, ids.device)
+    samples = time_samples(runs, args.repeats, ids.device)
+    seconds = {name: statistics.median(times) for name, times in samples.items()}
 
     memory = {}
     for name in runs:
@@ -178,7 +181,7 @@ def main(argv=None) -> None:
         except Exception as err:
             memory[name] = {"error": f"{type(err).__name__}: {err}"[:60]}
 
-    base_time, base_extra = seconds["plain"], memory.get("plain", {}).get("extra_mib")
+    base_extra = memory.get("plain", {}).get("extra_mib")
     table = []
     for name in VARIANTS:
         if name in failures:
@@ -190,7 +193,7 @@ def main(argv=None) -> None:
         extra = f"{mem['extra_mib']:.0f}" if "extra_mib" in mem else "-"
         extra_ratio = (f"{mem['extra_mib'] / base_extra:.2f}x" if "extra_mib" in mem and base_extra
                        and base_extra > 0 else "-")
-        table.append([name, f"{seconds[name] * 1e3:.1f}", f"{seconds[name] / base_time:.3f}x", peak, extra,
+        table.append([name, f"{seconds[name] * 1e3:.1f}", f"{paired_ratio(samples, name, 'plain'):.3f}x", peak, extra,
                       extra_ratio, "-" if value is None else f"{value:.6f}"])
     print(f"\nforward + knowledge entropy of one batch; median of {args.repeats} interleaved repeats; "
           f"memory: {'max_memory_allocated' if ids.device.type == 'cuda' else 'peak RSS of a subprocess'}\n")

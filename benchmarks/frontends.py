@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).parent))
 import kacq_hooks as kh  # noqa: E402
 from _models import SIZES  # noqa: E402
-from _harness import time_interleaved  # noqa: E402
+from _harness import paired_ratio, time_samples  # noqa: E402
 
 
 def build_llama(size: str):
@@ -78,7 +79,7 @@ def main() -> None:
             with inst, torch.no_grad():
                 forward(ids, mask)
 
-        times = time_interleaved({"plain": plain, "kacq": instrumented}, args.repeats, device)
+        times = time_samples({"plain": plain, "kacq": instrumented}, args.repeats, device)
         inst.reset()
         instrumented()
         means = inst.mean_abs_coefficients()
@@ -86,8 +87,9 @@ def main() -> None:
         if reference is None:
             reference = (means, entropy)
         rel = max(float(((a - b).abs() / b.abs().clamp_min(1e-12)).max()) for a, b in zip(means, reference[0]))
-        p, k = times["plain"] * 1e3, times["kacq"] * 1e3
-        print(f"{name:<20} {p:>9.1f} {k:>9.1f} {k / p:>6.3f} {rel:>11.2e} {entropy - reference[1]:>9.1e}")
+        p, k = statistics.median(times["plain"]) * 1e3, statistics.median(times["kacq"]) * 1e3
+        ratio = paired_ratio(times, "kacq", "plain")
+        print(f"{name:<20} {p:>9.1f} {k:>9.1f} {ratio:>6.3f} {rel:>11.2e} {entropy - reference[1]:>9.1e}")
 
 
 if __name__ == "__main__":

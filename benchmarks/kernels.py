@@ -83,7 +83,7 @@ def copy_bandwidth(repeats: int, device: torch.device, nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     seconds = seconds_per_call({"copy": lambda: dst.copy_(src)}, repeats, 5, device)["copy"]
-    del src, dst
+    src = dst = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return 2 * nbytes / seconds
@@ -188,7 +188,7 @@ def main(argv=None) -> None:
         table.append([case.name, f"{seconds['kernel'] * 1e3:.3f}", f"{seconds['reference'] * 1e3:.3f}",
                       f"{seconds['reference'] / seconds['kernel']:.1f}x", compiled,
                       f"{achieved / 1e9:.0f}", f"{100 * achieved / bandwidth:.0f}%", verdict])
-        del c, grad, rows, weight, stats, runs
+        c = grad = rows = weight = stats = runs = None  # free this case's tensors before the next one
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print()

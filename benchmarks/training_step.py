@@ -12,6 +12,7 @@ AdamW's state. "extra" is the rise over the memory held before the step.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kacq_hooks as kh  # noqa: E402
-from _harness import describe, parse_args, peak_during, peak_in_subprocess, print_table, time_interleaved  # noqa: E402
+from _harness import (describe, paired_ratio, parse_args, peak_during, peak_in_subprocess,  # noqa: E402
+                      print_table, time_samples)
 from _models import build  # noqa: E402
 
 VARIANTS = {  # name -> instrument() options, or None for the bare model
@@ -70,13 +72,14 @@ def main(argv=None) -> None:
     model, ids, mask = build(args.size)
     print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(ids.device)}")
     runs = training_runs(model, ids, mask, list(VARIANTS))
-    seconds = time_interleaved(runs, args.repeats, ids.device)
+    samples = time_samples(runs, args.repeats, ids.device)
+    seconds = {name: statistics.median(times) for name, times in samples.items()}
     if ids.device.type == "cuda":
         memory = {name: peak_during(run, ids.device) for name, run in runs.items()}
     else:
         memory = {name: peak_in_subprocess(Path(__file__), ["--size", args.size, "--peak-of", name]) for name in runs}
-    base_time, base_extra = seconds["plain"], memory["plain"]["extra_mib"]
-    table = [[name, f"{seconds[name] * 1e3:.1f}", f"{seconds[name] / base_time:.3f}x",
+    base_extra = memory["plain"]["extra_mib"]
+    table = [[name, f"{seconds[name] * 1e3:.1f}", f"{paired_ratio(samples, name, 'plain'):.3f}x",
               f"{memory[name]['peak_mib']:.0f}", f"{memory[name]['extra_mib']:.0f}",
               f"{memory[name]['extra_mib'] / base_extra:.2f}x" if base_extra > 0 else "-"] for name in runs]
     print(f"\ntraining step (forward + backward + AdamW); median of {args.repeats} interleaved repeats; memory: "
