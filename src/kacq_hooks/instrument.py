@@ -200,10 +200,8 @@ class Instrumentation:
             steps = c.shape[0] // batch
         else:
             batch, steps = 1, c.reshape(-1, c.shape[-1]).shape[0]
-        if mask is None:
-            rows = None
-            window = torch.ones(batch, steps, device=c.device)
-        else:
+        rows = window = None
+        if mask is not None:
             if mask.shape[0] != batch or mask.shape[1] < steps:
                 raise ShapeError(f"attention_mask of shape {tuple(mask.shape)} does not fit coefficients covering "
                                  f"{batch} rows x {steps} positions; pass instrument(..., mask_padding=False) to "
@@ -212,7 +210,7 @@ class Instrumentation:
             rows = window.reshape(-1).bool()
         if self.weighting != "document":
             return rows, None, None
-        window = window.float()
+        window = torch.ones(batch, steps, device=c.device) if window is None else window.float()
         lengths = window.sum(1, keepdim=True)  # a document is a batch row; its weight is 1 / its token count
         return rows, (window / lengths.clamp_min(1)).reshape(-1), (lengths > 0).sum()
 
