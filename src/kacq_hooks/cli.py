@@ -136,7 +136,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
         description="The end-to-end study: pretrain a small Llama-style model from scratch on an offline corpus, "
                     "measuring knowledge entropy per layer; continue training with fact injection from an early "
                     "and a late checkpoint and from the late one after resuscitation; write results.json, "
-                    "report.md and figures to --out. Defaults take about 10 minutes on 2 CPU cores; --quick about 1.")
+                    "report.md and figures to --out. Defaults take about 8 minutes on 2 CPU cores; --quick under 1.")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (what the tests run)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0)
