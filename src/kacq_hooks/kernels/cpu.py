@@ -41,23 +41,15 @@ def _backward_partials(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor):
     return torch.where(valid, gf.abs(), 0.0).sum(0), torch.where(valid, cf * gf, 0.0).sum(0)
 
 
-def _compiled_fn(name: str, fn):
+def _run_compiled(name: str, fn, *args):
+    """fn(*args) through Inductor, or None when compilation is unavailable (then the eager path runs)."""
     global _compile_failed
     if _compile_failed or os.environ.get("KACQ_KERNELS", "").lower() == "eager":
         return None
     if name not in _compiled:
         _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[name]
-
-
-def _run_compiled(name: str, fn, *args):
-    """fn(*args) through Inductor, or None when compilation is unavailable (then the eager path runs)."""
-    global _compile_failed
-    compiled = _compiled_fn(name, fn)
-    if compiled is None:
-        return None
     try:
-        return compiled(*args)
+        return _compiled[name](*args)
     except Exception as err:  # no C++ toolchain, or an Inductor limitation on this platform
         _compile_failed = True
         log.warning("kacq_hooks: fused CPU reductions could not be compiled (%s: %s); using the eager path, "
