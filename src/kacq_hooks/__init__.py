@@ -8,13 +8,14 @@
 """
 from .entropy import KnowledgeEntropy, entropy, knowledge_entropy
 from .errors import KacqError, LocateError, MissingExtraError, ShapeError
-from .instrument import Instrumentation, instrument, instrumentations_of, paused
+from .instrumentation import Instrumentation, instrument, instrumentations_of, paused
+from .measuring import measure
 from .interventions import Resuscitation, ResuscitationPlan, resuscitate, resuscitation_plan
 from .locate import Site, find_sites
 from .stats import CoefficientStats, LayerStats
 
 __all__ = [
-    "instrument", "Instrumentation", "instrumentations_of", "paused",
+    "instrument", "measure", "Instrumentation", "instrumentations_of", "paused",
     "knowledge_entropy", "entropy", "KnowledgeEntropy",
     "find_sites", "Site", "CoefficientStats", "LayerStats",
     "KacqError", "LocateError", "ShapeError", "MissingExtraError",

@@ -61,9 +61,20 @@ class Site:
     d_ff: int
     d_model: int
     module: nn.Module
+    stack: str = "decoder"   # "decoder", "encoder", "vision", ...: sites of one stack share that stack's mask
+    kind: str = "dense"      # "dense" (one MLP) or "experts" (E routed experts x m slots, then shared slots)
+    experts: int = 0         # routed experts (0 for a dense MLP)
+    expert_d_ff: int = 0     # neurons per routed expert; d_ff = experts * expert_d_ff + shared slots
+
+    @property
+    def label(self) -> str:
+        """The name results use for this site: the model's own layer number, with its stack."""
+        return f"{self.stack}.layer_{self.layer}"
 
     def __repr__(self) -> str:
-        return f"Site(layer={self.layer}, path={self.path!r}, d_ff={self.d_ff}, d_model={self.d_model})"
+        extra = f", experts={self.experts}x{self.expert_d_ff}" if self.kind == "experts" else ""
+        return (f"Site({self.stack}, layer={self.layer}, path={self.path!r}, kind={self.kind}, d_ff={self.d_ff}, "
+                f"d_model={self.d_model}{extra})")
 
 
 def clean_name(name: str, root: nn.Module) -> str:

@@ -354,7 +354,7 @@ class Calibration:
             yield self.ids[start:start + self.batch_size]
 
     def instrumentation(self, model: nn.Module):
-        from ..instrument import instrument
+        from ..instrumentation import instrument
 
         inst = instrument(model)
         was_training = model.training

@@ -179,7 +179,7 @@ def measure_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8
 
     Returns the detached Instrumentation that measured them and the number of documents.
     """
-    from ..instrument import instrument
+    from ..instrumentation import instrument
 
     device = next(model.parameters()).device
     documents = 0

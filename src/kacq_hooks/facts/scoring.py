@@ -228,7 +228,7 @@ def scoring_mode(model: torch.nn.Module):
 
 def _instrumentations_of(model: torch.nn.Module) -> list:
     try:
-        from kacq_hooks.instrument import instrumentations_of
+        from kacq_hooks.instrumentation import instrumentations_of
     except ImportError:  # the core instrumentation is optional for fact tracking
         return []
     return list(instrumentations_of(model))

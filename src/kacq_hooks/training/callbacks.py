@@ -139,7 +139,7 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         self._paused = contextlib.ExitStack()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kacq_hooks.instrument import instrument
+        from kacq_hooks.instrumentation import instrument
 
         if self.calibration is not None:
             self.history.append((state.global_step, self._measure_calibration(model)))
@@ -178,7 +178,7 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         self._paused.enter_context(self._instrumentation.pause())
 
     def _measure_calibration(self, model):
-        from kacq_hooks.instrument import instrument
+        from kacq_hooks.instrumentation import instrument
 
         device = model_device(model)
         with scoring_mode(model), instrument(model, **self.instrument_kwargs) as inst:

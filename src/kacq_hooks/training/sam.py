@@ -212,7 +212,7 @@ def _check_rho(rho: float) -> None:
 
 
 def _paused(model: nn.Module):
-    from kacq_hooks.instrument import paused
+    from kacq_hooks.instrumentation import paused
 
     return paused(model)
 
