@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import KacqError
+from .errors import KacqError, ShapeError
+from .stats import CoefficientStats
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,13 @@ class KnowledgeEntropy:
     weighting: str = "token"
     tokens: int | None = None
     nonfinite_per_layer: list[int] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def by_label(self) -> dict[str, float]:
+        """Per-layer entropy keyed by the model's layer labels (e.g. ``decoder.layer_3``)."""
+        labels = self.labels or [f"layer_{i}" for i in range(len(self.per_layer))]
+        return dict(zip(labels, self.per_layer))
 
     @property
     def total(self) -> float:
@@ -49,7 +57,7 @@ class KnowledgeEntropy:
     def to_dict(self) -> dict:
         return {"total": self.total, "max_total": self.max_total, "per_layer": list(self.per_layer),
                 "max_per_layer": list(self.max_per_layer), "weighting": self.weighting, "tokens": self.tokens,
-                "nonfinite_per_layer": list(self.nonfinite_per_layer)}
+                "nonfinite_per_layer": list(self.nonfinite_per_layer), "labels": list(self.labels)}
 
 
 def entropy(mean_abs: torch.Tensor) -> float:
@@ -67,11 +75,10 @@ def entropy(mean_abs: torch.Tensor) -> float:
     return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum())
 
 
-def knowledge_entropy(source, weighting: str = "token") -> KnowledgeEntropy:
+def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | None = None) -> KnowledgeEntropy:
     """Knowledge entropy of an Instrumentation, a CoefficientStats, or a list of per-layer c̄ vectors."""
-    from .stats import CoefficientStats
-
     if hasattr(source, "stats") and isinstance(source.stats, CoefficientStats):
+        labels = labels if labels is not None else getattr(source, "labels", None)
         source = source.stats
     tokens, nonfinite = None, []
     if isinstance(source, CoefficientStats):
@@ -84,11 +91,17 @@ def knowledge_entropy(source, weighting: str = "token") -> KnowledgeEntropy:
         if bad:
             log.warning("non-finite coefficients were seen and left out of the entropy (layer: count): %s", bad)
         cbars = [s.mean_abs(weighting) for s in source]
+        for i, (s, c) in enumerate(zip(source, cbars)):
+            if nonfinite[i] and not bool((c > 0).any()):
+                name = labels[i] if labels else f"layer {i}"
+                raise KacqError(f"{name}: every recorded coefficient was non-finite ({nonfinite[i]} NaN/Inf values "
+                                "counted), so it has no knowledge entropy; check the model's weights and inputs "
+                                "(a diverged run, or fp16 overflow)")
         tokens = max(tokens)
     elif isinstance(source, Sequence) and all(isinstance(c, torch.Tensor) for c in source):
         cbars = list(source)
     else:
-        raise TypeError(f"knowledge_entropy takes an Instrumentation, CoefficientStats or a list of tensors, "
+        raise ShapeError(f"knowledge_entropy takes an Instrumentation, CoefficientStats or a list of tensors, "
                         f"not {type(source).__name__}")
     return KnowledgeEntropy(
         per_layer=[entropy(c) for c in cbars],
@@ -96,4 +109,5 @@ def knowledge_entropy(source, weighting: str = "token") -> KnowledgeEntropy:
         weighting=weighting,
         tokens=tokens,
         nonfinite_per_layer=nonfinite,
+        labels=list(labels) if labels is not None else [],
     )

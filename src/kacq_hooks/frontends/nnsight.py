@@ -20,10 +20,11 @@ torch hooks are added and removed.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ..errors import MissingExtraError
-from . import Binding
 
 
 def _require():
@@ -44,10 +45,10 @@ def underlying_module(model) -> nn.Module:
                     "instruments nnsight.NNsight / LanguageModel / TransformersModel wrappers of torch models")
 
 
-def bind(model, mlp_out: str | None = None) -> Binding:
+def bind(model, mlp_out: str | None = None):
     """Bind the module inside an nnsight envoy with the front end that module would get on its own."""
     _require()
     from . import bind as bind_any
 
     inner = bind_any(underlying_module(model), mlp_out)
-    return Binding(root=inner.root, sites=inner.sites, call_inputs=inner.call_inputs, name=f"nnsight+{inner.name}")
+    return dataclasses.replace(inner, name=f"nnsight+{inner.name}")
