@@ -623,7 +623,7 @@ def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, con
 def _kim_metrics(trajectory: torch.Tensor, accuracy_before: float, accuracy_after: float) -> dict:
     """K = mean target log prob over probes; A = (K_after - K_before) / |K_before|; F on held-out accuracy;
     retention = share of the peak gain in K still held at the end."""
-    k = trajectory.nanmean(1)
+    k = torch.tensor([kf.knowledge_score(scores) for scores in trajectory], dtype=torch.float64)
     k_before, k_after, k_peak = float(k[0]), float(k[-1]), float(k.max())
     gain = k_peak - k_before
     return {
