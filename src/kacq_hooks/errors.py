@@ -24,3 +24,7 @@ class MissingExtraError(KacqError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class CorpusError(KacqError, ValueError):
+    """A corpus, tokenizer setting or split cannot be used as asked (bad size, count or fraction)."""
