@@ -72,7 +72,7 @@ def entropy(mean_abs: torch.Tensor) -> float:
     if total <= 0:
         raise KacqError("every mean |C| is zero: no tokens were recorded for this layer, or the layer is dead")
     p = c / total
-    return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum())
+    return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum()) + 0.0  # never -0.0
 
 
 def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | None = None) -> KnowledgeEntropy:

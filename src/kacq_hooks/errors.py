@@ -28,3 +28,7 @@ class MissingExtraError(KacqError, ImportError):
 
 class CorpusError(KacqError, ValueError):
     """A corpus, tokenizer setting or split cannot be used as asked (bad size, count or fraction)."""
+
+
+class ConfigError(KacqError, ValueError):
+    """An option or environment setting has a value kacq_hooks does not accept."""

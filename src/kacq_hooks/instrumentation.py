@@ -21,7 +21,7 @@ from torch import nn
 
 from . import kernels
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import KacqError, ShapeError
+from .errors import ConfigError, KacqError, ShapeError
 from .frontends import Binding, StackBinding, StackInputs, bind
 from .locate import Site
 from .stats import CoefficientStats
@@ -48,7 +48,7 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
         weighting: the default for :meth:`Instrumentation.knowledge_entropy`: "token" (every token
             counts once; the released code) or "document" (mean over each batch row first; the paper's
             equation). Document sums are only kept when "document" is chosen here.
-        padding_compat: the released code's padding behaviour by its SCIENCE.md name; the same as
+        padding_compat: deprecated second spelling of
             ``mask_padding=False``.
 
     >>> import kacq_hooks as kh
@@ -59,8 +59,11 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
     >>> len(inst.knowledge_entropy().per_layer), inst.sites[0].path
     (2, 'transformer.h.0.mlp.c_proj')
     """
+    if padding_compat:
+        warnings.warn("instrument(padding_compat=True) is deprecated: it is a second spelling of "
+                      "mask_padding=False", DeprecationWarning, stacklevel=2)
     if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
+        raise ConfigError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
     inst = Instrumentation(bind(model, mlp_out), model=model, grads=grads,
                            mask_padding=mask_padding and not padding_compat,
                            weighting=weighting)

@@ -24,7 +24,7 @@ import dataclasses
 
 from torch import nn
 
-from ..errors import MissingExtraError
+from ..errors import LocateError, MissingExtraError
 
 
 def _require():
@@ -41,7 +41,7 @@ def underlying_module(model) -> nn.Module:
         module = vars(model).get(attribute) if hasattr(model, "__dict__") else None
         if isinstance(module, nn.Module):
             return module
-    raise TypeError(f"{type(model).__name__} does not wrap a torch module (no _module attribute); kacq_hooks "
+    raise LocateError(f"{type(model).__name__} does not wrap a torch module (no _module attribute); kacq_hooks "
                     "instruments nnsight.NNsight / LanguageModel / TransformersModel wrappers of torch models")
 
 

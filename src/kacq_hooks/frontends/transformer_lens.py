@@ -1,6 +1,6 @@
 """TransformerLens front end: ``HookedTransformer`` and ``TransformerBridge``.
 
-TransformerLens names the memory coefficients C with a hook point (SCIENCE.md §1):
+TransformerLens names the memory coefficients C with a hook point (docs/science.md, "Memory coefficients"):
 
 =====================  =============================  ================================
 model                  site (a ``HookPoint`` module)  C
