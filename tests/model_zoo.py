@@ -28,7 +28,7 @@ _WIDTH = ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "model_dim", "
           "embedding_size", "text_embed_dim", "projection_dim", "d_embed")
 _FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
         "moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size", "d_inner",
-        "ff_intermediate_size", "dim_ff", "attention_hidden_size", "lru_width", "mlp_dim", "hidden_ff_size", "feed_forward_size", "n_inner_ff", "dim_feedforward",
+        "ff_intermediate_size", "dim_ff", "lru_width", "mlp_dim", "hidden_ff_size", "feed_forward_size", "n_inner_ff", "dim_feedforward",
         "encoder_intermediate_size", "decoder_intermediate_size", "mlp_hidden_size", "block_d_ff")
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers", "num_decoder_layers",
            "n_layers", "num_encoder_layers", "depth", "encoder_num_layers", "decoder_num_layers")
@@ -44,6 +44,9 @@ OVERRIDES: dict[str, dict] = {
     "zamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
                   mamba_dt_rank=4, n_mamba_heads=2, attention_hidden_size=64, attention_head_dim=16),
     "xlnet": dict(d_head=8),
+    "deepseek_v3": dict(first_k_dense_replace=1),  # block 0 dense, block 1 MoE
+    "rwkv": dict(attention_hidden_size=HIDDEN),
+    "xlstm": dict(num_blocks=LAYERS),
     "nemotron_h": dict(num_hidden_layers=4),  # layer types: mamba, moe, attention, mlp
     "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
                    hybrid_layer_ids=[1, 3], num_mem_blocks=1),
