@@ -79,7 +79,8 @@ def _structure(model, sites) -> list[str]:
         parts = s.path.split(".")
         for k in range(1, len(parts)):
             chain.append((parts[k - 1], type(modules.get(".".join(parts[:k]))).__name__))
-        inner = [c for _, c in chain[-3:]]
+        lists = [k for k, (_, c) in enumerate(chain) if c == "ModuleList"]
+        inner = [c for _, c in chain[lists[-1] + 2:]] if lists else [c for _, c in chain[-2:]]  # below the block
         if any(_NOT_FFN_CLASS.search(c) and not _FFN_CLASS.search(c) for c in inner):
             problems.append(f"{s.path} sits inside {inner}")
     per_stack = {}
@@ -100,7 +101,7 @@ def _structure(model, sites) -> list[str]:
 
 def _forward_checks(model, sites, specs, inputs) -> tuple[list[str], dict]:
     """Call counts and layouts of every site in one plain forward, with C captured for the float64 reference."""
-    problems, captured = [], {i: [] for i in range(len(sites))}
+    problems, unexercised, captured = [], [], {i: [] for i in range(len(sites))}
     shapes: dict[str, tuple] = {}
 
     def on_stack(name):
@@ -121,6 +122,9 @@ def _forward_checks(model, sites, specs, inputs) -> tuple[list[str], dict]:
         if s.kind != "dense":
             continue
         calls = captured[i]
+        if not calls:
+            unexercised.append(s.path)
+            continue
         if len(calls) != 1:
             problems.append(f"{s.path} called {len(calls)} times in one forward")
             continue
@@ -131,7 +135,7 @@ def _forward_checks(model, sites, specs, inputs) -> tuple[list[str], dict]:
         if c.shape[-1] != s.d_ff or (want is not None and tuple(c.shape[:-1]) != tuple(want)):
             problems.append(f"{s.path}: C has shape {tuple(c.shape)}, the {s.stack} stack's {layout} layout "
                             f"says {want} x {s.d_ff}")
-    return problems, {"captured": captured, "logits": logits}
+    return problems, {"captured": captured, "logits": logits, "unexercised": unexercised}
 
 
 def _first_tensor(out):
@@ -210,6 +214,8 @@ def check(model_type: str, family: str | None = None) -> dict:
     except Exception as err:
         return {**row, "status": "forward-failed", "reason": f"plain forward: {type(err).__name__}: {str(err)[:160]}"}
     problems += more
+    if plain["unexercised"] and not problems:
+        return {**row, "status": "sites-only", "reason": f"a text-only forward does not run {plain['unexercised'][:2]}"}
     if problems:
         return {**row, "status": "WRONG", "reason": "; ".join(problems)[:300]}
     stats = _statistics(model, sites, specs, inputs, plain)

@@ -180,6 +180,14 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
     "cpmant": "CPM-Ant prepends prompt positions inside the model, so each FFN sees more positions than "
               "input_ids has and no padding mask lines up with them",
     "albert": "ALBERT applies one shared layer at every depth, so one module's input mixes all layers",
+    "hrm_text": "HRM runs its layers recurrently, several times per forward, so one module's input mixes "
+                "those steps",
+    "longformer": "Longformer pads the sequence to a multiple of its attention window inside the model, so each "
+                  "FFN sees more positions than input_ids has",
+    "led": "LED pads the sequence to a multiple of its attention window inside the model, so each FFN sees more "
+           "positions than input_ids has",
+    "funnel": "Funnel pools the sequence between blocks, so later FFNs see fewer positions than the mask covers",
+    "pegasus_x": "PEGASUS-X runs each encoder FFN twice per forward (local and global tokens)",
     "zamba": "Zamba applies one shared transformer block (with its FFN) at several depths, so one module's "
              "input mixes those layers",
     "zamba2": "Zamba2 applies shared transformer blocks (with their FFN) at several depths, so one module's "
@@ -189,11 +197,13 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
 REFUSED_STACKS: dict[tuple[str, str], str] = {
     ("prophetnet", "decoder"): "ProphetNet's decoder runs a main stream and n-gram prediction streams through "
                                "the same FFN in one call, so its positions are not the decoder's tokens",
+    ("fsmt", "decoder"): "FSMT's decoder takes a padding mask of its own making (decoder_padding_mask), not an "
+                         "attention_mask kacq_hooks can read",
     ("xlm-prophetnet", "decoder"): "XLM-ProphetNet's decoder runs a main stream and n-gram prediction streams "
                                    "through the same FFN in one call, so its positions are not the decoder's tokens",
 }
 # How C is laid out when it is not [batch, seq, d_ff].
-LAYOUT_BY_MODEL_TYPE = {"xlnet": "seq_first", "opt": "flat"}
+LAYOUT_BY_MODEL_TYPE = {"xlnet": "seq_first", "fsmt": "seq_first", "opt": "flat"}
 LAYOUTS = ("batch_first", "seq_first", "flat")
 
 
@@ -623,17 +633,12 @@ def _root_of(model: nn.Module, stack: Stack) -> tuple[str, nn.Module]:
     """The nearest module at or above the stack's block list whose forward takes its tokens (and mask)."""
     parts = stack.path.split(".")
     candidates = [".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)]
-    fallback = None
     for path in candidates:
         module = model.get_submodule(path) if path else model
-        params = _forward_params(module)
-        has_ids = any(n in params for n in ("input_ids", "inputs_embeds", "pixel_values"))
-        if has_ids and "attention_mask" in params:
+        # The nearest module that takes token ids (or embeddings, or pixels) is the stack's own entry point:
+        # above it (a seq2seq model) the arguments belong to another stack too.
+        if any(n in _forward_params(module) for n in ("input_ids", "inputs_embeds", "pixel_values")):
             return path, module
-        if has_ids and fallback is None:
-            fallback = (path, module)
-    if fallback is not None:
-        return fallback
     parent = ".".join(parts[:-1])
     return parent, (model.get_submodule(parent) if parent else model)
 
