@@ -33,7 +33,7 @@ _attached: "weakref.WeakSet[Instrumentation]" = weakref.WeakSet()
 
 
 def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = False, mask_padding: bool = True,
-               weighting: str = "token", padding_compat: bool = False) -> "Instrumentation":
+               weighting: str = "token", stacks=None, padding_compat: bool = False) -> "Instrumentation":
     """Attach coefficient capture to ``model`` and return the :class:`Instrumentation` that owns it.
 
     Args:
@@ -48,6 +48,8 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
         weighting: the default for :meth:`Instrumentation.knowledge_entropy`: "token" (every token
             counts once; the released code) or "document" (mean over each batch row first; the paper's
             equation). Document sums are only kept when "document" is chosen here.
+        stacks: which stacks to instrument: None for the language model's (its decoder, and the encoder of
+            an encoder or encoder-decoder), or names such as ``("vision",)`` or ``("decoder", "vision")``.
         padding_compat: deprecated second spelling of
             ``mask_padding=False``.
 
@@ -64,7 +66,7 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
                       "mask_padding=False", DeprecationWarning, stacklevel=2)
     if weighting not in _WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
-    inst = Instrumentation(bind(model, mlp_out), model=model, grads=grads,
+    inst = Instrumentation(bind(model, mlp_out, stacks), model=model, grads=grads,
                            mask_padding=mask_padding and not padding_compat,
                            weighting=weighting)
     inst.attach()

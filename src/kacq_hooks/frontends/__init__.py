@@ -21,9 +21,6 @@ from torch import nn
 
 from ..locate import Site
 
-LAYOUTS = ("batch_first", "seq_first")
-
-
 @dataclass
 class StackInputs:
     """What one call of a stack (or of the root) was given."""
@@ -39,7 +36,7 @@ class StackBinding:
     name: str
     module: nn.Module
     read: Callable[[tuple, dict], StackInputs]
-    layout: str = "batch_first"              # the order of C's leading dimensions for 3-D coefficients
+    layout: str = "batch_first"              # C is [batch, seq, d], [seq, batch, d] ("seq_first") or flat
 
 
 @dataclass
@@ -56,17 +53,17 @@ class Binding:
     notes: list[str] = field(default_factory=list)
 
 
-def bind(model, mlp_out: str | None = None) -> Binding:
+def bind(model, mlp_out: str | None = None, stacks=None) -> Binding:
     """Pick the front end for ``model`` without importing optional packages unless the model is theirs."""
     module = type(model).__module__ or ""
     if module.startswith("transformer_lens"):
         from . import transformer_lens  # optional extra
 
-        return transformer_lens.bind(model, mlp_out)
+        return transformer_lens.bind(model, mlp_out)  # one decoder stack
     if module.startswith("nnsight"):
         from . import nnsight  # optional extra
 
-        return nnsight.bind(model, mlp_out)
+        return nnsight.bind(model, mlp_out, stacks)
     from . import hf  # hf imports this module (Binding): a cycle
 
-    return hf.bind(model, mlp_out)
+    return hf.bind(model, mlp_out, stacks)

@@ -45,10 +45,10 @@ def underlying_module(model) -> nn.Module:
                     "instruments nnsight.NNsight / LanguageModel / TransformersModel wrappers of torch models")
 
 
-def bind(model, mlp_out: str | None = None):
+def bind(model, mlp_out: str | None = None, stacks=None):
     """Bind the module inside an nnsight envoy with the front end that module would get on its own."""
     _require()
     from . import bind as bind_any
 
-    inner = bind_any(underlying_module(model), mlp_out)
+    inner = bind_any(underlying_module(model), mlp_out, stacks)
     return dataclasses.replace(inner, name=f"nnsight+{inner.name}")
