@@ -111,3 +111,64 @@ def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | 
         nonfinite_per_layer=nonfinite,
         labels=list(labels) if labels is not None else [],
     )
+
+
+@dataclass(frozen=True)
+class ExpertsEntropy:
+    """Knowledge entropy of one mixture-of-experts layer, split by the chain rule.
+
+    ``total`` is the entropy over all E x m routed slots and the shared slots (the layer's value in
+    :class:`KnowledgeEntropy`); it equals ``which_expert + within_experts``: the entropy H(P) of the
+    share of coefficient mass each expert carries (the shared experts' slots count as one more group),
+    plus the share-weighted entropy inside each group. ``per_expert[e]`` is the entropy of expert e's
+    mean |C| over the tokens routed to it (unweighted by the routing weight) and ``load[e]`` their
+    number; an expert that saw no token has ``per_expert[e] = None`` and load 0.
+    """
+
+    label: str
+    total: float
+    which_expert: float
+    within_experts: float
+    share: list[float]
+    per_expert: list[float | None]
+    load: list[int]
+    max_total: float
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def experts_entropy(inst) -> list[ExpertsEntropy]:
+    """The split of every mixture-of-experts layer of ``inst`` (an Instrumentation); dense layers are skipped.
+
+    >>> import kacq_hooks as kh
+    >>> from transformers import MixtralConfig, MixtralForCausalLM
+    >>> model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=8,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_local_experts=4))
+    >>> with kh.instrument(model) as inst:
+    ...     _ = model(torch.randint(64, (2, 6)))
+    >>> [split] = experts_entropy(inst)
+    >>> abs(split.which_expert + split.within_experts - split.total) < 1e-9, sum(split.load)
+    (True, 24)
+    """
+    results = []
+    for site, stats in zip(inst.sites, inst.stats):
+        if site.kind != "experts":
+            continue
+        if int(stats.tokens) == 0:
+            raise KacqError(f"{site.label}: no tokens have been recorded; run forward passes first")
+        cbar = stats.mean_abs("token").double()
+        e, m = site.experts, site.expert_d_ff
+        groups = [cbar[i * m:(i + 1) * m] for i in range(e)]
+        if site.d_ff > e * m:
+            groups.append(cbar[e * m:])
+        mass = torch.stack([g.sum() for g in groups])
+        share = mass / mass.sum()
+        within = sum(float(p) * entropy(g) for p, g in zip(share, groups) if float(p) > 0)
+        load = [int(stats.routed_tokens[i * m]) for i in range(e)]
+        routed = [stats.routed_sum_abs[i * m:(i + 1) * m] for i in range(e)]
+        per_expert = [entropy(r / n) if n and float(r.sum()) > 0 else None for r, n in zip(routed, load)]
+        results.append(ExpertsEntropy(
+            label=site.label, total=entropy(cbar), which_expert=entropy(share), within_experts=within,
+            share=[float(p) for p in share], per_expert=per_expert, load=load, max_total=math.log(site.d_ff)))
+    return results

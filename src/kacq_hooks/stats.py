@@ -25,6 +25,9 @@ _FIELDS: dict[str, tuple[torch.dtype, bool, str]] = {
     "grad_sum_abs": (torch.float32, True, "sum"),   # sum |dL/dC|
     "grad_sum_cg": (torch.float32, True, "sum"),    # sum C * dL/dC (first-order effect of scaling neuron i)
     "grad_tokens": (torch.int64, False, "sum"),     # tokens whose gradient was seen
+    # mixture-of-experts layers only (zero elsewhere): per slot, over the tokens routed to its expert
+    "routed_sum_abs": (torch.float32, True, "sum"),  # sum |C_e,i| unweighted by the routing weight
+    "routed_tokens": (torch.int64, True, "sum"),     # tokens routed to the slot's expert (its load)
 }
 FIELDS = tuple(_FIELDS)
 
