@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kacq_hooks.errors import KacqError
-from kacq_hooks.experts import ExpertsError, ExpertsTap, expert_up_rows, find_experts, scale_up_rows
+from kacq_hooks.experts import ExpertsError, ExpertsTap, SharedTap, expert_up_rows, find_experts, scale_up_rows
 from tiny_models import VOCAB, random_batch, tiny_model
 
 # Shapes the shared tiny builders do not cover: DeepSeek-V3 (a dense first layer, a shared expert,
@@ -280,3 +280,76 @@ def test_up_rows_refused_where_c_is_not_linear_in_up(models):
     [layer, *_] = find_experts(models["gpt_oss"])
     with pytest.raises(ExpertsError, match="hook mode"):
         expert_up_rows(layer, 0, torch.tensor([0]))
+
+
+def llama4():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=1,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(config).eval()
+    with torch.no_grad():  # its experts start at zero; random weights make C worth checking
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_input_scaled_experts_llama4():
+    model = llama4()
+    layers = find_experts(model)
+    assert all(l.input_scaled and l.kind == "experts" and l.experts == 4 and l.d_ff == 16 for l in layers)
+    ids, mask = random_batch(2, 7, "left")
+    seen = {}
+    handles = []
+    for l in layers:
+        block = model.get_submodule(l.path.rpartition(".")[0])
+        handles.append(block.register_forward_pre_hook(
+            lambda mod, args, n=l.layer: seen.__setitem__((n, "x"), args[0].detach().reshape(-1, args[0].shape[-1]))))
+        handles.append(block.router.register_forward_hook(
+            lambda mod, args, out, n=l.layer: seen.__setitem__((n, "scores"), out[0].detach())))
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+    out, got, _ = capture(model, layers, ids, mask)
+    for h in handles:
+        h.remove()
+    assert torch.equal(out, plain)
+    for l in layers:
+        expert_ids, token_index, weight, c = got[l.layer]
+        x, scores = seen[(l.layer, "x")].double(), seen[(l.layer, "scores")].double()  # scores [T, E]
+        t = x.shape[0]
+        assert c.shape == (l.experts * t, l.d_ff)
+        for e in range(l.experts):
+            rows = (expert_ids == e).nonzero().squeeze(1)
+            assert torch.equal(token_index[rows], torch.arange(t))
+            xin = x * scores[:, e:e + 1]  # the routing weight scales the input: C is computed on it
+            gate, up = (xin @ l.module.gate_up_proj[e].double()).chunk(2, dim=-1)
+            torch.testing.assert_close(c[rows].double(), up * torch.nn.functional.silu(gate), atol=1e-5, rtol=1e-5)
+            assert torch.equal(weight[rows] != 0, scores[:, e] != 0)  # routed pairs, 1 each
+        assert int((weight != 0).sum()) == 2 * t and set(weight.tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
+def test_shared_expert_coefficients_and_gate(models, model_type):
+    model = models[model_type]
+    layer = [l for l in find_experts(model) if l.kind == "experts"][0]
+    [shared] = layer.shared
+    ids, mask = random_batch(3, 12, "right")
+    got, seen = [], {}
+    h = shared.module.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))
+    with SharedTap(shared, lambda c, g: got.append((c.detach().clone(), g))), torch.no_grad():
+        model(ids, attention_mask=mask)
+    h.remove()
+    [(c, gate)] = got
+    x = seen["x"].double()
+    mlp = shared.module
+    ref = mlp.act_fn(x @ mlp.gate_proj.weight.double().T) * (x @ mlp.up_proj.weight.double().T)
+    torch.testing.assert_close(c.double(), ref, atol=1e-5, rtol=1e-5)
+    if model_type == "qwen2_moe":
+        expected = torch.sigmoid(x @ shared.gate.weight.double().T).squeeze(-1)
+        torch.testing.assert_close(gate.double(), expected, atol=1e-6, rtol=1e-6)
+    else:
+        assert gate is None

@@ -82,6 +82,7 @@ class SharedExpert:
     down: nn.Module
     d_ff: int
     gate: nn.Module | None = None
+    block: nn.Module | None = None  # the MoE block that combines experts, shared expert and gate
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +105,7 @@ class ExpertsLayer:
     d_model: int
     shared: tuple[SharedExpert, ...] = ()
     input_scaled: bool = False
+    router: nn.Module | None = None  # input-scaled layouts only: returns (scores [T, E], logits)
 
     @property
     def slots(self) -> int:
@@ -163,7 +165,7 @@ def _shared_experts(moe_block: nn.Module, experts_name: str, prefix: str, d_mode
         down_name, down = found
         gate = gates.get(f"{name}_gate")
         shared.append(SharedExpert(path=f"{prefix}{name}.{down_name}", module=child, down=down,
-                                   d_ff=projection_shape(down)[0], gate=gate))
+                                   d_ff=projection_shape(down)[0], gate=gate, block=moe_block))
     if gates and not any(s.gate is not None for s in shared):
         raise ExpertsError(f"'{prefix}{next(iter(gates))}' gates a shared expert that was not found next to it")
     return tuple(shared)
@@ -231,9 +233,13 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
         parent = model.get_submodule(_raw_path(model, parent_name)) if parent_name else model
         shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
         key = (block.group(1), int(block.group(2)))
+        input_scaled = not _is_decorated(module) and _routing_free(module)
+        router = getattr(parent, "router", None) if input_scaled else None
+        if input_scaled and not isinstance(router, nn.Module):
+            raise ExpertsError(f"'{name}' takes only hidden states (its routing is in its input) but no 'router' "
+                               f"module sits next to it in '{parent_name}': the routed pairs cannot be known")
         layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=e, d_ff=m,
-                                   d_model=d, shared=shared, input_scaled=not _is_decorated(module)
-                                   and _routing_free(module))
+                                   d_model=d, shared=shared, input_scaled=input_scaled, router=router)
     for container in {c for c, _ in layers}:
         _add_dense_layers(model, named, container, layers, d_model)
     return [layers[k] for k in sorted(layers, key=lambda k: (k[0], k[1]))]
@@ -336,9 +342,10 @@ class ExpertsTap:
     - ``token_index`` ``[n]`` (long): the row of the hidden states the experts module received
       (``[B*T, d]``, batch-major), so padding is masked by ``mask.reshape(-1)[token_index]``;
     - ``weight`` ``[n]``: the routing weight that multiplies the row's output (effective coefficient
-      ``weight[:, None] * c``); for input-scaled layers (Llama 4) it is 1 for routed pairs and 0 for
-      the pairs the router did not pick (whose c is exactly 0): count an expert's load over
-      ``weight != 0``.
+      ``weight[:, None] * c``); for input-scaled layers (Llama 4), where the experts run on every
+      (expert, token) pair with the input already multiplied by the router's score, it is 1 for the
+      pairs the router picked and 0 for the others (their c is exactly 0), and ``token_index`` indexes
+      the ``[T]`` rows the MoE block received. Count an expert's load over ``weight != 0``.
 
     Rows follow the implementation's order (eager: by top-k position then token; grouped_mm: sorted by
     expert); experts that received no token get no row. A forward that used another implementation,
@@ -364,6 +371,7 @@ class ExpertsTap:
         self._handles: list = []
         self._call: _Call | None = None
         self._mode: _Mode | None = None
+        self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
 
     # -- lifecycle
 
@@ -380,6 +388,8 @@ class ExpertsTap:
         act = getattr(module, "act_fn", None)
         if _is_decorated(module) and not module.has_gate:
             self._handles.append(act.register_forward_hook(self._act_out))
+        if self.layer.input_scaled:
+            self._handles.append(self.layer.router.register_forward_hook(self._router_out))
         return self
 
     def remove(self) -> None:
@@ -409,7 +419,11 @@ class ExpertsTap:
                                "measure without expert parallelism")
         hidden = args[0] if args else next(iter(kwargs.values()))
         if self.layer.input_scaled:
-            index = weights = None
+            if self._scores is None or self._scores.numel() != hidden.shape[0]:
+                raise ExpertsError(f"'{self.layer.path}' ran without its router's scores for these "
+                                   f"{hidden.shape[0]} rows just before it: the routed pairs are unknown")
+            index, weights = None, self._scores
+            self._scores = None
             expected = hidden.shape[0]
         else:
             index, weights = self._routing(args, kwargs)
@@ -471,7 +485,7 @@ class ExpertsTap:
             device = c.device
             expert_ids = torch.arange(e, device=device).repeat_interleave(t)
             token_index = torch.arange(t, device=device).repeat(e)
-            weight = (flat != 0).any(dim=1).to(c.dtype)
+            weight = (call.weights.t().reshape(-1) != 0).to(c.dtype)  # the router's top-k, as 1 and 0
             self._emit(call, expert_ids, token_index, weight, flat)
             return flat.view(e, t, m)  # the matmul consumes the tensor handed out, so its hooks see dL/dC
         if call.where is None or call.where[1].shape[0] != c.shape[0]:
@@ -488,6 +502,9 @@ class ExpertsTap:
         c = type(module)._apply_gate(module, gate_up)
         self._batched_rows(self._call, c)
         return c
+
+    def _router_out(self, router, args, output):
+        self._scores = output[0] if isinstance(output, tuple) else output
 
     def _act_out(self, act, args, output):
         call = self._call
@@ -511,6 +528,72 @@ class ExpertsTap:
             raise ExpertsError(f"'{self.layer.path}': {c.shape[0]} rows of C for {expert_ids.shape[0]} routed pairs")
         call.rows += c.shape[0]
         self.on_coefficients(expert_ids, token_index, weight, c)
+
+
+class SharedTap:
+    """Streams a shared expert's coefficients and gate: ``on_coefficients(c, gate)`` once per forward.
+
+    ``c`` (``[..., m_s]``) is exactly the input of the shared expert's down projection, live in the
+    autograd graph; ``gate`` is ``sigmoid(shared_expert_gate(x))`` with ``c``'s leading shape (the
+    factor on the shared expert's output, computed from the gate's own output: no matmul), or None for
+    an ungated shared expert. Rows are the hidden-state rows the shared expert received.
+    """
+
+    def __init__(self, shared: SharedExpert, on_coefficients: Callable[[torch.Tensor, torch.Tensor | None], None]):
+        self.shared = shared
+        self.on_coefficients = on_coefficients
+        self._handles: list = []
+        self._c = self._gate = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> SharedTap:
+        if self._handles:
+            return self
+        self._handles.append(self.shared.down.register_forward_pre_hook(self._down_in))
+        if self.shared.gate is not None:
+            self._handles.append(self.shared.gate.register_forward_hook(self._gate_out))
+            if self.shared.block is not None:  # a forward that failed halfway leaves no half pair behind
+                self._handles.append(self.shared.block.register_forward_pre_hook(self._reset))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._c = self._gate = None
+
+    def __enter__(self) -> SharedTap:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _reset(self, *_):
+        self._c = self._gate = None
+
+    def _down_in(self, module, args):
+        if self.shared.gate is None:
+            self.on_coefficients(args[0], None)
+            return
+        self._c = args[0]
+        self._pair()
+
+    def _gate_out(self, module, args, output):
+        self._gate = torch.sigmoid(output).squeeze(-1)
+        self._pair()
+
+    def _pair(self) -> None:
+        if self._c is None or self._gate is None:
+            return
+        c, gate = self._c, self._gate
+        self._c = self._gate = None
+        if gate.shape != c.shape[:-1]:
+            raise ExpertsError(f"the gate of '{self.shared.path}' has shape {tuple(gate.shape)}, its coefficients "
+                               f"{tuple(c.shape)}: they do not pair row by row")
+        self.on_coefficients(c, gate)
 
 
 # ----------------------------------------------------------------------------------------------- editing
