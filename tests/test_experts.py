@@ -353,3 +353,19 @@ def test_shared_expert_coefficients_and_gate(models, model_type):
         torch.testing.assert_close(gate.double(), expected, atol=1e-6, rtol=1e-6)
     else:
         assert gate is None
+
+
+def test_scaling_up_rows_scales_c_exactly_llama4():
+    model = llama4()
+    layer = find_experts(model)[0]
+    ids, mask = random_batch(2, 7, None)
+    before = capture(model, [layer], ids, mask)[1][layer.layer]
+    rows, u = torch.tensor([2, 7]), torch.tensor([2.0, 0.25])
+    restore = scale_up_rows(layer, 3, rows, u)
+    after = capture(model, [layer], ids, mask)[1][layer.layer]
+    restore()
+    sel = before[0] == 3
+    expected = before[3][sel].clone()
+    expected[:, rows] *= u
+    torch.testing.assert_close(after[3][sel], expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(after[3][~sel], before[3][~sel])

@@ -38,6 +38,7 @@ Any other implementation (a fused kernel) keeps C inside the kernel and is refus
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import weakref
@@ -49,8 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import KacqError, LocateError, ShapeError
+from .errors import LocateError, ShapeError
 from .locate import MLP_OUT_PATTERNS, _match, clean_name, find_config, projection_shape
+
+try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
+    from transformers.integrations.moe import _default_apply_gate
+except ImportError:
+    _default_apply_gate = None
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +261,6 @@ def _raw_path(model: nn.Module, clean: str) -> str:
 
 def _routing_free(module: nn.Module) -> bool:
     """True for experts whose forward takes only the hidden states: the routing is in their input."""
-    import inspect
-
     try:
         params = [p for p in inspect.signature(module.forward).parameters.values() if p.name != "self"]
     except (TypeError, ValueError):
@@ -621,8 +625,6 @@ def expert_up_rows(layer: ExpertsLayer, expert: int, rows: torch.Tensor) -> list
         raise ShapeError(f"{layer!r} is dense: scale rows of its up projection directly")
     if not 0 <= expert < layer.experts:
         raise ShapeError(f"expert {expert} is outside 0..{layer.experts - 1} for {layer.path}")
-    from transformers.integrations.moe import _default_apply_gate  # optional: only fused HF experts get here
-
     rows = torch.as_tensor(rows, dtype=torch.long, device=module.down_proj.device)
     m = layer.d_ff
     if rows.numel() and (rows.min() < 0 or rows.max() >= m):
