@@ -163,12 +163,9 @@ def _capture_local(ref, index: int, module, args):
         return
     shard = _PREPARED[inst][index]
     c = args[0]
-    if _is_dtensor(c):
-        raise KacqError(f"{inst.sites[index].path}: C reached the output projection as a DTensor "
-                        f"({c.placements}); kacq_hooks captures the local slice a column-parallel projection "
-                        "returns. Keep ColwiseParallel(use_local_output=True) on the up/gate projections")
-    if c.shape[-1] != shard.width:
-        raise ShapeError(f"{inst.sites[index].path}: C has {c.shape[-1]} neurons on this rank but the weight's "
+    local = _local_slice(inst, index, shard, c) if _is_dtensor(c) else c
+    if local.shape[-1] != shard.width:
+        raise ShapeError(f"{inst.sites[index].path}: C has {local.shape[-1]} neurons on this rank but the weight's "
                          f"shard holds {shard.width} (offset {shard.offset} of {shard.d_ff})")
     layer = inst.stats[index]
     if layer.d_ff != shard.width:  # reduce() left the gathered statistics here
@@ -176,7 +173,34 @@ def _capture_local(ref, index: int, module, args):
             raise KacqError(f"{inst.sites[index].path}: the statistics were reduced across ranks; read them, "
                             "then inst.reset() before measuring again")
         inst.stats.layers[index] = LayerStats(shard.width, layer.device)
-    inst._on_coefficients(index, module, args)
+    if local is c:
+        inst._on_coefficients(index, module, args)
+        return
+    # C is a DTensor (ColwiseParallel(use_local_output=False)): capture its local slice, and take dL/dC
+    # from a hook on the DTensor itself, since the local view is not on the path to the loss.
+    inst._on_coefficients(index, module, (local.detach(),))
+    if inst.grads and c.requires_grad and torch.is_grad_enabled():
+        c2d = local.detach().reshape(-1, local.shape[-1])
+        rows = inst._rows_for(local)[0]
+        mesh, placements = c.device_mesh, c.placements
+        c.register_hook(lambda grad: inst._on_gradient(index, c2d, rows, _to_local(grad, mesh, placements)))
+
+
+def _to_local(tensor, mesh, placements) -> torch.Tensor:
+    return tensor.redistribute(mesh, placements).to_local() if _is_dtensor(tensor) else tensor
+
+
+def _local_slice(inst: Instrumentation, index: int, shard: NeuronShard, c) -> torch.Tensor:
+    """The local tensor of a DTensor C sharded along d_ff like the projection's weight (else refuse)."""
+    last = c.dim() - 1
+    fits = c.device_mesh == shard.mesh and all(
+        isinstance(p, Shard) and p.dim % c.dim() == last if d in shard.mesh_dims else p.is_replicate()
+        for d, p in enumerate(c.placements))
+    if not fits:
+        raise KacqError(f"{inst.sites[index].path}: C reached the output projection as a DTensor with placements "
+                        f"{c.placements} on {c.device_mesh}; kacq_hooks needs it sharded along d_ff (its last "
+                        f"dim) on the mesh of the projection's weight ({shard.mesh}), and replicated otherwise")
+    return c.to_local()
 
 
 def reduce(inst: Instrumentation, group=None) -> Instrumentation:
