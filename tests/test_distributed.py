@@ -207,6 +207,15 @@ def _tp_worker(rank, init_file, results, how, saved):
         khd.reduce(inst)
         results[rank, grads, local_output] = {**_summary(inst), "local": local,
                                               "shards": [(s.offset, s.width, s.d_ff) for s in shards]}
+        if not grads:  # measuring on after a reduce must refuse until reset(), then capture slices again
+            try:
+                _measure_steps(model, shard=0)
+                results[rank, "again"] = None
+            except kh.KacqError as error:
+                results[rank, "again"] = str(error)
+            inst.reset()
+            _measure_steps(model, shard=0)
+            results[rank, "after_reset"] = ([s.d_ff for s in inst.stats], [int(s.tokens) for s in inst.stats])
     try:  # what the plain API does today on the same model
         model = _tp_model(how, saved).train()
         inst = kh.instrument(model)
@@ -240,6 +249,16 @@ def test_tensor_parallel_gathers_neuron_slices(tensor_parallel):
             assert got["local"] == [half, half]
             assert got["max_total"] == pytest.approx(2 * math.log(d_ff))
             _assert_same(got, expected)
+    tokens = int(expected["stats"]["0.tokens"])
+    for rank in range(WORLD):
+        assert "reduced across ranks" in results[rank, "again"]
+        assert results[rank, "after_reset"] == ([half, half], [tokens, tokens])
+
+
+def test_reduce_needs_a_process_group():
+    inst = khd.instrument(tiny_model("llama"))
+    with pytest.raises(kh.KacqError, match="init_process_group"):
+        khd.reduce(inst)
 
 
 @pytest.mark.xfail(strict=True, reason="kh.instrument() does not call kacq_hooks.distributed.prepare() and "
