@@ -200,6 +200,12 @@ def _tp_worker(rank, init_file, results, how, saved):
         inst = khd.instrument(model, grads=grads)
         shards = khd.neuron_shards(inst)
         local = [s.d_ff for s in inst.stats]
+        if not grads:  # adding slices of different neurons across ranks is refused
+            try:
+                inst.all_reduce()
+                results[rank, "all_reduce"] = None
+            except kh.KacqError as error:
+                results[rank, "all_reduce"] = str(error)
         if grads:
             _train_steps(model, inst, shard=0)
         else:
@@ -251,6 +257,7 @@ def test_tensor_parallel_gathers_neuron_slices(tensor_parallel):
             _assert_same(got, expected)
     tokens = int(expected["stats"]["0.tokens"])
     for rank in range(WORLD):
+        assert "gathered, not added" in results[rank, "all_reduce"]
         assert "reduced across ranks" in results[rank, "again"]
         assert results[rank, "after_reset"] == ([half, half], [tokens, tokens])
 

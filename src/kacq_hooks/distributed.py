@@ -36,7 +36,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .errors import KacqError, ShapeError
 from .instrumentation import Instrumentation, instrument as _instrument
-from .stats import FIELDS, LayerStats
+from .stats import FIELDS, CoefficientStats, LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,21 @@ def prepare(inst: Instrumentation) -> Instrumentation:
         _move_capture_first(inst, index)
     _PREPARED[inst] = shards
     if shards:
+        inst.stats = _NeuronShardedStats(inst.stats)
         log.info("tensor-parallel sites (index: offset/width of d_ff): %s",
                  {i: f"{s.offset}/{s.width} of {s.d_ff}" for i, s in shards.items()})
     return inst
+
+
+class _NeuronShardedStats(CoefficientStats):
+    """Statistics with tensor-parallel layers: adding them across ranks would mix different neurons."""
+
+    def __init__(self, stats: CoefficientStats):
+        self.layers = stats.layers
+
+    def all_reduce(self, group=None) -> "CoefficientStats":
+        raise KacqError("these statistics hold tensor-parallel d_ff slices, which must be gathered, not added: "
+                        "use kacq_hooks.distributed.reduce(inst) instead of all_reduce")
 
 
 def _move_capture_first(inst: Instrumentation, index: int) -> None:
@@ -233,7 +245,7 @@ def reduce(inst: Instrumentation, group=None) -> Instrumentation:
             raise KacqError(f"{inst.sites[index].path}: these statistics were already reduced; reset() first")
     data_group = group if group is not None else _data_group(shards)
     if data_group is not _NO_GROUP:
-        inst.stats.all_reduce(data_group)
+        CoefficientStats.all_reduce(inst.stats, data_group)  # token shards add, whatever the layers hold
     for index, shard in enumerate(shards):
         if shard is not None:
             inst.stats.layers[index] = _gather_neurons(inst.stats[index], shard, inst.sites[index].path)
