@@ -210,6 +210,10 @@ def _tp_worker(rank, init_file, results, how, saved):
             _train_steps(model, inst, shard=0)
         else:
             _measure_steps(model, shard=0)
+            try:  # one rank's slice has no entropy of its own
+                results[rank, "slice_entropy"] = inst.knowledge_entropy().total
+            except kh.KacqError as error:
+                results[rank, "slice_entropy"] = str(error)
         khd.reduce(inst)
         results[rank, grads, local_output] = {**_summary(inst), "local": local,
                                               "shards": [(s.offset, s.width, s.d_ff) for s in shards]}
@@ -258,6 +262,7 @@ def test_tensor_parallel_gathers_neuron_slices(tensor_parallel):
     tokens = int(expected["stats"]["0.tokens"])
     for rank in range(WORLD):
         assert "gathered, not added" in results[rank, "all_reduce"]
+        assert "kacq_hooks.distributed.reduce" in results[rank, "slice_entropy"]
         assert "reduced across ranks" in results[rank, "again"]
         assert results[rank, "after_reset"] == ([half, half], [tokens, tokens])
 

@@ -27,6 +27,7 @@ import functools
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,10 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import KacqError, ShapeError
-from .instrumentation import Instrumentation, instrument as _instrument
 from .stats import FIELDS, CoefficientStats, LayerStats
+
+if TYPE_CHECKING:
+    from .instrumentation import Instrumentation
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ _PREPARED: "weakref.WeakKeyDictionary[Instrumentation, dict[int, NeuronShard]]" 
 
 def instrument(model: nn.Module, **options) -> Instrumentation:
     """:func:`kacq_hooks.instrument` followed by :func:`prepare`: use it on tensor-parallel models."""
-    return prepare(_instrument(model, **options))
+    from .instrumentation import instrument as plain  # local: instrumentation may import neuron_shard from here
+
+    return prepare(plain(model, **options))
 
 
 def _is_dtensor(tensor) -> bool:
@@ -134,7 +139,7 @@ def prepare(inst: Instrumentation) -> Instrumentation:
         if int(layer.tokens) or int(layer.grad_tokens):
             raise KacqError(f"{inst.sites[index].path}: statistics were recorded before prepare(); call "
                             "prepare() before the first forward (or inst.reset() first)")
-        inst.stats.layers[index] = LayerStats(shard.width, layer.device)
+        inst.stats.layers[index] = _LocalSlice(shard.width, layer.device)
         _move_capture_first(inst, index)
     _PREPARED[inst] = shards
     if shards:
@@ -142,6 +147,14 @@ def prepare(inst: Instrumentation) -> Instrumentation:
         log.info("tensor-parallel sites (index: offset/width of d_ff): %s",
                  {i: f"{s.offset}/{s.width} of {s.d_ff}" for i, s in shards.items()})
     return inst
+
+
+class _LocalSlice(LayerStats):
+    """One rank's d_ff slice of a layer: its entropy is not the layer's, so it refuses to give one."""
+
+    def mean_abs(self, weighting: str = "token") -> torch.Tensor:
+        raise KacqError(f"these statistics hold this rank's {self.d_ff}-neuron slice of a tensor-parallel layer; "
+                        "gather the slices with kacq_hooks.distributed.reduce(inst) before reading c̄ or entropy")
 
 
 class _NeuronShardedStats(CoefficientStats):
@@ -184,7 +197,7 @@ def _capture_local(ref, index: int, module, args):
         if any(bool(buf.any()) for _, buf in layer.buffers()):
             raise KacqError(f"{inst.sites[index].path}: the statistics were reduced across ranks; read them, "
                             "then inst.reset() before measuring again")
-        inst.stats.layers[index] = LayerStats(shard.width, layer.device)
+        inst.stats.layers[index] = _LocalSlice(shard.width, layer.device)
     if local is c:
         inst._on_coefficients(index, module, args)
         return
