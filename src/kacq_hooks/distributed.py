@@ -10,22 +10,22 @@ Two kinds of shard need two different reductions:
   tensor-parallel group holds a contiguous d_ff slice of C for the *same* tokens. Per-neuron sums are
   gathered along d_ff, never added, and token counts are taken once, never world-size times.
 
-:func:`prepare` makes an :class:`~kacq_hooks.Instrumentation` capture a neuron shard correctly (its
-statistics sized to the local slice, the hook placed where C is still the local tensor); :func:`reduce`
-combines the ranks so that every rank ends with the statistics of one process over all the data.
+An :class:`~kacq_hooks.Instrumentation` captures a neuron shard as it is: its statistics are sized to
+the local slice (:func:`neuron_shard`, read from the projection's DTensor weight) and its hook runs
+first on the projection, where C is still the local tensor. :func:`reduce` (what
+``Instrumentation.all_reduce`` calls) combines the ranks so that every rank ends with the statistics of
+one process over all the data.
 
 >>> import kacq_hooks as kh
 >>> from transformers import GPT2Config, GPT2LMHeadModel
 >>> model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64))
->>> inst = prepare(kh.instrument(model))   # no DTensor weights: nothing to change
+>>> inst = kh.instrument(model)   # no DTensor weights: every rank holds whole layers
 >>> neuron_shards(inst)
 [None, None]
 """
 from __future__ import annotations
 
-import functools
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,18 +60,7 @@ class NeuronShard:
     mesh: object
 
 
-# Instrumentation -> {site index: NeuronShard}, for instrumentations that prepare() adjusted.
-_PREPARED: "weakref.WeakKeyDictionary[Instrumentation, dict[int, NeuronShard]]" = weakref.WeakKeyDictionary()
-
-
-def instrument(model: nn.Module, **options) -> Instrumentation:
-    """:func:`kacq_hooks.instrument` followed by :func:`prepare`: use it on tensor-parallel models."""
-    from .instrumentation import instrument as plain  # local: instrumentation may import neuron_shard from here
-
-    return prepare(plain(model, **options))
-
-
-def _is_dtensor(tensor) -> bool:
+def is_dtensor(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
@@ -92,7 +81,7 @@ def neuron_shard(site, module: nn.Module | None = None) -> NeuronShard | None:
     """
     module = site.module if module is None else module
     weight = getattr(module, "weight", None)
-    if weight is None or not _is_dtensor(weight):
+    if weight is None or not is_dtensor(weight):
         return None
     in_dim = _in_features_dim(module)
     if in_dim is None:
@@ -115,114 +104,22 @@ def neuron_shard(site, module: nn.Module | None = None) -> NeuronShard | None:
 
 def neuron_shards(inst: Instrumentation) -> list[NeuronShard | None]:
     """Per site, the d_ff slice this rank captures (None where it captures all neurons)."""
-    prepared = _PREPARED.get(inst)
-    if prepared is not None:
-        return [prepared.get(i) for i in range(len(inst.sites))]
-    return [neuron_shard(site) for site in inst.sites]
+    return list(inst.shards)
 
 
-def prepare(inst: Instrumentation) -> Instrumentation:
-    """Make ``inst`` capture neuron-sharded (tensor-parallel) sites correctly; a no-op for other models.
-
-    For each site whose output projection is row-parallel, the layer's statistics are sized to the
-    local d_ff slice, and the capture hook runs first on the module, where C is still the local
-    tensor the column-parallel projections produced (``RowwiseParallel`` turns it into a DTensor in a
-    hook of its own). Call it once, right after :func:`kacq_hooks.instrument` and before any forward.
-    """
-    if inst in _PREPARED:
-        return inst
-    shards = {i: s for i, s in enumerate(neuron_shard(site) for site in inst.sites) if s is not None}
-    if shards and not inst.attached:
-        raise KacqError("prepare() needs an attached instrumentation: call it right after kacq_hooks.instrument")
-    for index, shard in shards.items():
-        layer = inst.stats[index]
-        if int(layer.tokens) or int(layer.grad_tokens):
-            raise KacqError(f"{inst.sites[index].path}: statistics were recorded before prepare(); call "
-                            "prepare() before the first forward (or inst.reset() first)")
-        inst.stats.layers[index] = _LocalSlice(shard.width, layer.device)
-        _move_capture_first(inst, index)
-    _PREPARED[inst] = shards
-    if shards:
-        inst.stats = _NeuronShardedStats(inst.stats)
-        log.info("tensor-parallel sites (index: offset/width of d_ff): %s",
-                 {i: f"{s.offset}/{s.width} of {s.d_ff}" for i, s in shards.items()})
-    return inst
+def to_local(tensor, mesh, placements) -> torch.Tensor:
+    """The local part of a DTensor laid out as (mesh, placements); a plain tensor is returned as it is."""
+    return tensor.redistribute(mesh, placements).to_local() if is_dtensor(tensor) else tensor
 
 
-class _LocalSlice(LayerStats):
-    """One rank's d_ff slice of a layer: its entropy is not the layer's, so it refuses to give one."""
-
-    def mean_abs(self, weighting: str = "token") -> torch.Tensor:
-        raise KacqError(f"these statistics hold this rank's {self.d_ff}-neuron slice of a tensor-parallel layer; "
-                        "gather the slices with kacq_hooks.distributed.reduce(inst) before reading c̄ or entropy")
-
-
-class _NeuronShardedStats(CoefficientStats):
-    """Statistics with tensor-parallel layers: adding them across ranks would mix different neurons."""
-
-    def __init__(self, stats: CoefficientStats):
-        self.layers = stats.layers
-
-    def all_reduce(self, group=None) -> "CoefficientStats":
-        raise KacqError("these statistics hold tensor-parallel d_ff slices, which must be gathered, not added: "
-                        "use kacq_hooks.distributed.reduce(inst) instead of all_reduce")
-
-
-def _move_capture_first(inst: Instrumentation, index: int) -> None:
-    """Replace the site's capture hook by one registered first, which checks C before capturing it."""
-    module = inst.sites[index].module
-    position = next((k for k, h in enumerate(inst._handles)
-                     if h.hooks_dict_ref() is module._forward_pre_hooks and
-                     getattr(module._forward_pre_hooks.get(h.id), "args", (None,))[0] == index), None)
-    if position is None:
-        raise KacqError(f"{inst.sites[index].path}: the capture hook of this site was not found on its module")
-    inst._handles[position].remove()
-    ref = weakref.ref(inst)
-    inst._handles[position] = module.register_forward_pre_hook(
-        functools.partial(_capture_local, ref, index), prepend=True)
-
-
-def _capture_local(ref, index: int, module, args):
-    inst = ref()
-    if inst is None or inst.paused:
-        return
-    shard = _PREPARED[inst][index]
-    c = args[0]
-    local = _local_slice(inst, index, shard, c) if _is_dtensor(c) else c
-    if local.shape[-1] != shard.width:
-        raise ShapeError(f"{inst.sites[index].path}: C has {local.shape[-1]} neurons on this rank but the weight's "
-                         f"shard holds {shard.width} (offset {shard.offset} of {shard.d_ff})")
-    layer = inst.stats[index]
-    if layer.d_ff != shard.width:  # reduce() left the gathered statistics here
-        if any(bool(buf.any()) for _, buf in layer.buffers()):
-            raise KacqError(f"{inst.sites[index].path}: the statistics were reduced across ranks; read them, "
-                            "then inst.reset() before measuring again")
-        inst.stats.layers[index] = _LocalSlice(shard.width, layer.device)
-    if local is c:
-        inst._on_coefficients(index, module, args)
-        return
-    # C is a DTensor (ColwiseParallel(use_local_output=False)): capture its local slice, and take dL/dC
-    # from a hook on the DTensor itself, since the local view is not on the path to the loss.
-    inst._on_coefficients(index, module, (local.detach(),))
-    if inst.grads and c.requires_grad and torch.is_grad_enabled():
-        c2d = local.detach().reshape(-1, local.shape[-1])
-        rows = inst._rows_for(local)[0]
-        mesh, placements = c.device_mesh, c.placements
-        c.register_hook(lambda grad: inst._on_gradient(index, c2d, rows, _to_local(grad, mesh, placements)))
-
-
-def _to_local(tensor, mesh, placements) -> torch.Tensor:
-    return tensor.redistribute(mesh, placements).to_local() if _is_dtensor(tensor) else tensor
-
-
-def _local_slice(inst: Instrumentation, index: int, shard: NeuronShard, c) -> torch.Tensor:
+def local_slice(path: str, shard: NeuronShard, c) -> torch.Tensor:
     """The local tensor of a DTensor C sharded along d_ff like the projection's weight (else refuse)."""
     last = c.dim() - 1
     fits = c.device_mesh == shard.mesh and all(
         isinstance(p, Shard) and p.dim % c.dim() == last if d in shard.mesh_dims else p.is_replicate()
         for d, p in enumerate(c.placements))
     if not fits:
-        raise KacqError(f"{inst.sites[index].path}: C reached the output projection as a DTensor with placements "
+        raise KacqError(f"{path}: C reached the output projection as a DTensor with placements "
                         f"{c.placements} on {c.device_mesh}; kacq_hooks needs it sharded along d_ff (its last "
                         f"dim) on the mesh of the projection's weight ({shard.mesh}), and replicated otherwise")
     return c.to_local()
@@ -232,8 +129,7 @@ def reduce(inst: Instrumentation, group=None) -> Instrumentation:
     """Combine the statistics of every rank in place, so that each rank holds the one-process answer.
 
     Args:
-        inst: an instrumentation on this rank's model (for tensor-parallel models, one :func:`prepare`
-            adjusted).
+        inst: an instrumentation on this rank's model.
         group: the data-parallel process group, whose ranks saw disjoint tokens. By default every
             rank for a model without neuron shards; for a tensor-parallel model, the ranks that hold
             the same slice: none when the tensor-parallel group is the whole world, the weight mesh's
@@ -248,20 +144,12 @@ def reduce(inst: Instrumentation, group=None) -> Instrumentation:
         raise KacqError("reduce() needs an initialised torch.distributed process group "
                         "(torch.distributed.init_process_group); one process has nothing to reduce")
     shards = neuron_shards(inst)
-    prepared = _PREPARED.get(inst)
-    for index, shard in enumerate(shards):
-        if shard is not None and (prepared is None or inst.stats[index].d_ff == shard.d_ff != shard.width):
-            if prepared is None:
-                raise KacqError(f"{inst.sites[index].path} is tensor-parallel (this rank holds neurons "
-                                f"{shard.offset}..{shard.offset + shard.width} of {shard.d_ff}): create the "
-                                "instrumentation with kacq_hooks.distributed.instrument(model) or prepare(inst)")
-            raise KacqError(f"{inst.sites[index].path}: these statistics were already reduced; reset() first")
     data_group = group if group is not None else _data_group(shards)
     if data_group is not _NO_GROUP:
         CoefficientStats.all_reduce(inst.stats, data_group)  # token shards add, whatever the layers hold
-    for index, shard in enumerate(shards):
-        if shard is not None:
-            inst.stats.layers[index] = _gather_neurons(inst.stats[index], shard, inst.sites[index].path)
+    if any(shard is not None for shard in shards):
+        inst.stats.assign([_gather_neurons(layer, shard, site.path) if shard is not None else layer
+                           for layer, shard, site in zip(inst.stats, shards, inst.sites)])
     return inst
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from . import kernels
 from .experts import ExpertsTap, SharedTap
 from .kernels import reference
+from .distributed import is_dtensor, local_slice, neuron_shard, reduce as reduce_across_ranks, to_local
 from .entropy import KnowledgeEntropy, knowledge_entropy
 from ._hooks import OwnerHook
 from .errors import ConfigError, KacqError, ShapeError
@@ -138,8 +139,12 @@ class Instrumentation:
         self.weighting = weighting
         root_device = _device_of(binding.root)
         devices = [_device_of(s.module, root_device) for s in binding.sites]
-        self.stats = CoefficientStats([s.d_ff for s in binding.sites], devices)
-        self._pending = CoefficientStats([s.d_ff for s in binding.sites], devices)
+        # tensor parallelism: a rank's row-parallel projection sees only its d_ff slice of C
+        self.shards = [neuron_shard(s) if s.kind == "dense" else None for s in binding.sites]
+        self._widths = [shard.width if shard else s.d_ff for s, shard in zip(binding.sites, self.shards)]
+        self.stats = CoefficientStats(self._widths, devices)
+        self._pending = CoefficientStats(self._widths, devices)
+        self.reduced = False
         self._handles: list = []
         self._pause_depth = 0
         self._call: _Call | None = None
@@ -177,7 +182,9 @@ class Instrumentation:
                 add(stack.module.register_forward_hook(OwnerHook(self, "_on_exit"), with_kwargs=True, always_call=True))
         add(closer.register_forward_hook(OwnerHook(self, "_on_exit"), with_kwargs=True, always_call=True))
         for index, site in enumerate(self.sites):
-            add(site.module.register_forward_pre_hook(OwnerHook(self, "_on_coefficients", index)))
+            # first on a row-parallel projection: RowwiseParallel's own pre-hook turns C into a DTensor
+            add(site.module.register_forward_pre_hook(OwnerHook(self, "_on_coefficients", index),
+                                                      prepend=self.shards[index] is not None))
             if site.kind == "experts":
                 layer = site.experts_layer
                 add(ExpertsTap(layer, OwnerHook(self, "_on_routed", index)).attach())
@@ -227,6 +234,9 @@ class Instrumentation:
     def _on_enter(self, module, args, kwargs):
         if self._pause_depth:
             return
+        if self.reduced:
+            raise KacqError("these statistics were combined across ranks (all_reduce); read them, then call "
+                            "inst.reset() before measuring again, or every rank's earlier tokens would count twice")
         call = self._call
         if call is not None and (module is call.opener or id(call.opener) in self._inside.get(id(module), ())):
             self._discard(call)  # the module that opened it is being called afresh: that call never ended
@@ -316,7 +326,14 @@ class Instrumentation:
                             "ALBERT, or a module called twice): kacq_hooks does not pool the statistics of "
                             "different depths into one layer. Instrument a model whose layers are distinct, or "
                             "pass mlp_out= naming modules that run once per forward")
+        shard, whole = self.shards[index], None
+        if shard is not None and is_dtensor(c):  # ColwiseParallel(use_local_output=False) hands a DTensor
+            whole, c = c, local_slice(site.path, shard, c)
         stats = self._pending[index]
+        if site.kind == "dense" and c.shape[-1] != stats.d_ff:
+            raise ShapeError(f"{site.path}: C has {c.shape[-1]} neurons but the site has {stats.d_ff}"
+                             + (f" (this rank's slice {shard.offset}..{shard.offset + shard.width} of {shard.d_ff})"
+                                if shard else "") + "; was the model resharded after instrument()?")
         if stats.device != c.device:  # a parameterless site (a TransformerLens HookPoint) on a sharded model
             self._pending.move_layer(index, c.device)
             self.stats.move_layer(index, c.device)
@@ -330,8 +347,15 @@ class Instrumentation:
             call.routing[index] = (rows, doc_weight)
             return
         kernels.accumulate_forward(c2d, rows, doc_weight, stats)
-        if self.grads and c.requires_grad and torch.is_grad_enabled():
+        if whole is not None and self.grads and whole.requires_grad and torch.is_grad_enabled():
+            # the local view is not on the path to the loss: take dL/dC from the DTensor itself
+            whole.register_hook(functools.partial(self._on_dtensor_gradient, index, call, c2d, rows,
+                                                  whole.device_mesh, whole.placements))
+        elif self.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_gradient, index, call, c2d, rows))
+
+    def _on_dtensor_gradient(self, index: int, call: _Call, c2d, rows, mesh, placements, grad):
+        self._on_gradient(index, call, c2d, rows, to_local(grad, mesh, placements))
 
     def _routed_call(self, index: int):
         """The open call in which site ``index`` has fired, or None while paused or recomputing."""
@@ -455,6 +479,7 @@ class Instrumentation:
     # -- results ---------------------------------------------------------------------------------
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
         """Per-layer and total knowledge entropy of everything recorded so far, labelled by layer."""
+        self._require_whole_layers()
         return knowledge_entropy(self.stats, self._weighting(weighting), labels=self.labels)
 
     def mean_abs_coefficients(self, weighting: str | None = None) -> list[torch.Tensor]:
@@ -474,31 +499,64 @@ class Instrumentation:
                             "instrument(model, weighting='document')")
         return weighting
 
+    def _require_whole_layers(self) -> None:
+        sliced = [site.label for site, layer, shard in zip(self.sites, self.stats, self.shards)
+                  if shard is not None and layer.d_ff != site.d_ff]
+        if sliced:
+            raise KacqError(f"{sliced[:3]} hold this rank's slice of tensor-parallel layers, whose entropy is not the "
+                            "layer's: gather the slices with inst.all_reduce() (every rank) first")
+
     def _require_tokens(self) -> None:
+        self._require_whole_layers()
         if not any(int(s.tokens) for s in self.stats):
             raise KacqError("no tokens have been recorded: run forward passes on the instrumented model "
                             "(outside inst.pause()) first")
 
     def reset(self) -> None:
+        """Forget everything recorded (after a gather, layers go back to this rank's slices)."""
+        if [layer.d_ff for layer in self.stats] != self._widths:
+            self.stats = CoefficientStats(self._widths, [layer.device for layer in self.stats])
         self.stats.reset()
+        self.reduced = False
+
+    def _slices(self) -> list:
+        return [None if shard is None else [shard.offset, shard.width, shard.d_ff] for shard in self.shards]
 
     def state_dict(self) -> dict:
         return {"sites": [s.path for s in self.sites], "weighting": self.weighting, "stats": self.stats.state_dict(),
-                "discarded_calls": self.discarded_calls}
+                "discarded_calls": self.discarded_calls, "slices": self._slices(), "reduced": self.reduced}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sites") != [s.path for s in self.sites]:
             raise ShapeError(f"saved statistics are for sites {state.get('sites')}, this instrumentation has "
                              f"{[s.path for s in self.sites]}")
+        slices = state.get("slices", [None] * len(self.sites))
+        if state.get("reduced") or any(slices):
+            if slices != self._slices() and not state.get("reduced"):
+                raise ShapeError(f"saved statistics hold tensor-parallel slices {slices}, this rank holds "
+                                 f"{self._slices()}: load each rank's own file")
+            if state.get("reduced"):  # whole layers, gathered on the rank that saved them
+                self.stats = CoefficientStats([s.d_ff for s in self.sites], [layer.device for layer in self.stats])
         self.stats.load_state_dict(state["stats"])
         self.discarded_calls = int(state.get("discarded_calls", 0))
+        self.reduced = bool(state.get("reduced", False))
 
     def merge(self, other: "Instrumentation") -> "Instrumentation":
         self.stats.merge(other.stats)
         return self
 
     def all_reduce(self, group=None) -> "Instrumentation":
-        self.stats.all_reduce(group)
+        """Combine every rank's statistics in place, so each rank holds the one-process answer.
+
+        Token shards (data parallel, FSDP) add; tensor-parallel d_ff slices are gathered, their token
+        counts taken once. ``group`` is the data-parallel group (default: see
+        :func:`kacq_hooks.distributed.reduce`). Once reduced, the statistics refuse further forwards
+        until :meth:`reset`, so no rank's tokens are ever counted twice.
+        """
+        if self.reduced:
+            raise KacqError("these statistics were already combined across ranks; inst.reset() before the next window")
+        reduce_across_ranks(self, group)
+        self.reduced = True
         return self
 
     def __repr__(self) -> str:

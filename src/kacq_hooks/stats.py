@@ -173,6 +173,10 @@ class CoefficientStats:
         self._build(self.d_ffs, [torch.device(device)] * len(self.layers), list(self.layers))
         return self
 
+    def assign(self, layers: list[LayerStats]) -> None:
+        """Take ``layers``' widths and values (a gather along d_ff replaces slices by whole layers)."""
+        self._build([s.d_ff for s in layers], [s.device for s in layers], list(layers))
+
     def move_layer(self, index: int, device) -> None:
         """Put one layer's statistics on ``device`` (a site whose coefficients arrive elsewhere than expected)."""
         devices = [s.device for s in self.layers]
