@@ -1,0 +1,132 @@
+"""Hostile tests of the call transaction, gradients and saved statistics: each asserts the right number or a KacqError.
+
+Every expected value comes from independent hooks (float64) or from a run that does not take the path under test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kacq_hooks as kh
+from tiny_models import random_batch, tiny_model
+
+
+def tokens(inst) -> list[int]:
+    return [int(s.tokens) for s in inst.stats]
+
+
+def test_remove_inside_a_forward_then_attach_does_not_commit_the_stale_half_call():
+    """remove() from a hook mid-forward drops the open call, but its staged layer-0 sums must not leak into the next."""
+    model = tiny_model("llama")
+    ids, mask = random_batch(batch=3, seq=10, padding="right")
+    inst = kh.instrument(model)
+    handle = model.model.layers[0].register_forward_hook(lambda module, args, output: inst.remove())
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    handle.remove()
+    inst.attach()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert tokens(inst) == [int(mask.sum())] * 2
+
+
+def _gradient_stats(checkpointing: bool, reentrant: bool):
+    model = tiny_model("llama").train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    inst = kh.instrument(model, grads=True)
+    loss = 0
+    for padding, seed in (("right", 1), ("left", 2)):  # two micro-batches, one backward (gradient accumulation)
+        ids, mask = random_batch(batch=3, seq=10, padding=padding, seed=seed)
+        loss = loss + model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    inst.remove()
+    return inst
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_gradient_accumulation_gives_the_gradient_statistics_of_the_plain_model(reentrant):
+    """Reentrant recomputation of micro-batch 1 must use micro-batch 1's mask, not the last call's."""
+    plain = _gradient_stats(checkpointing=False, reentrant=False)
+    checkpointed = _gradient_stats(checkpointing=True, reentrant=reentrant)
+    for want, got in zip(plain.stats, checkpointed.stats):
+        assert int(got.grad_tokens) == int(want.grad_tokens)
+        torch.testing.assert_close(got.grad_sum_abs, want.grad_sum_abs, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(got.grad_sum_cg, want.grad_sum_cg, rtol=1e-4, atol=1e-9)
+
+
+def _batches():
+    return [random_batch(batch=3, seq=10, padding=padding, seed=seed) for padding, seed in (("right", 1), ("left", 2))]
+
+
+def _document_entropy_of_both(model):
+    (ids1, mask1), (ids2, mask2) = _batches()
+    return kh.measure(model, [{"input_ids": ids1, "attention_mask": mask1},
+                              {"input_ids": ids2, "attention_mask": mask2}], weighting="document").knowledge_entropy()
+
+
+def test_loading_token_weighted_statistics_into_a_document_weighted_instrumentation_is_refused_or_right():
+    model = tiny_model("llama")
+    (ids1, mask1), (ids2, mask2) = _batches()
+    saved = kh.measure(model, [{"input_ids": ids1, "attention_mask": mask1}]).state_dict()  # weighting="token"
+    inst = kh.instrument(model, weighting="document")
+    try:
+        inst.load_state_dict(saved)
+    except kh.KacqError:
+        return  # refusing is right: the saved statistics have no document sums
+    with torch.no_grad():
+        model(ids2, attention_mask=mask2)
+    inst.remove()
+    got = inst.knowledge_entropy("document")  # must cover both batches, as the token counts do
+    want = _document_entropy_of_both(model)
+    assert got.per_layer == pytest.approx(want.per_layer, rel=1e-5)
+
+
+def test_merging_token_weighted_into_document_weighted_statistics_is_refused_or_right():
+    model = tiny_model("llama")
+    (ids1, mask1), (ids2, mask2) = _batches()
+    tok = kh.measure(model, [{"input_ids": ids1, "attention_mask": mask1}])
+    doc = kh.measure(model, [{"input_ids": ids2, "attention_mask": mask2}], weighting="document")
+    try:
+        doc.merge(tok)
+    except kh.KacqError:
+        return
+    got = doc.knowledge_entropy("document")
+    want = _document_entropy_of_both(model)
+    assert got.per_layer == pytest.approx(want.per_layer, rel=1e-5)
+
+
+def test_merging_statistics_measured_with_and_without_padding_is_refused():
+    """A sum of masked and unmasked counts is neither measurement."""
+    model = tiny_model("llama")
+    (ids1, mask1), (ids2, mask2) = _batches()
+    masked = kh.measure(model, [{"input_ids": ids1, "attention_mask": mask1}])
+    unmasked = kh.measure(model, [{"input_ids": ids2, "attention_mask": mask2}], mask_padding=False)
+    with pytest.raises(kh.KacqError):
+        masked.merge(unmasked)
+
+
+class ReturnsNothing(nn.Module):
+    """A wrapper whose forward stores the logits and returns None (a training step that keeps its own outputs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.logits = None
+
+    def forward(self, input_ids, attention_mask=None):
+        self.logits = self.model(input_ids, attention_mask=attention_mask).logits
+        return None
+
+
+def test_a_forward_that_returns_none_normally_is_counted_or_refused_not_silently_dropped():
+    model = ReturnsNothing(tiny_model("llama"))
+    ids, mask = random_batch(batch=3, seq=10, padding="right")
+    inst = kh.instrument(model)
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    except kh.KacqError:
+        return
+    assert tokens(inst) == [int(mask.sum())] * 2
