@@ -130,3 +130,47 @@ def test_a_forward_that_returns_none_normally_is_counted_or_refused_not_silently
     except kh.KacqError:
         return
     assert tokens(inst) == [int(mask.sum())] * 2
+
+
+@pytest.mark.parametrize("order", ["hook_first", "kacq_first"])
+def test_a_call_whose_forward_hook_raises_adds_nothing_so_the_retry_counts_once(order):
+    """A forward hook on the model that raises (an OOM while computing a loss in it) fails the call like any error."""
+    model = tiny_model("llama")
+    ids, mask = random_batch(batch=3, seq=10, padding="right")
+    failing = [True]
+
+    def fail_once(module, args, output):
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("out of memory, say")
+
+    if order == "hook_first":
+        handle = model.register_forward_hook(fail_once)
+        inst = kh.instrument(model)
+    else:
+        inst = kh.instrument(model)
+        handle = model.register_forward_hook(fail_once)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            model(ids, attention_mask=mask)
+        model(ids, attention_mask=mask)  # the retry
+    handle.remove()
+    assert tokens(inst) == [int(mask.sum())] * 2
+
+
+def test_a_base_model_call_after_a_keyboard_interrupt_is_counted():
+    """An interrupted forward leaves its call open (always-called hooks do not run on KeyboardInterrupt)."""
+    model = tiny_model("llama")
+    ids, mask = random_batch(batch=3, seq=10, padding="right")
+    inst = kh.instrument(model)
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_hook(interrupt)
+    with torch.no_grad():
+        with pytest.raises(KeyboardInterrupt):
+            model(ids, attention_mask=mask)
+        handle.remove()
+        model.model(ids, attention_mask=mask)  # the base model on its own, as test_call_context counts it
+    assert tokens(inst) == [int(mask.sum())] * 2
