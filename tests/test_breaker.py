@@ -174,3 +174,32 @@ def test_a_base_model_call_after_a_keyboard_interrupt_is_counted():
         handle.remove()
         model.model(ids, attention_mask=mask)  # the base model on its own, as test_call_context counts it
     assert tokens(inst) == [int(mask.sum())] * 2
+
+
+@pytest.mark.parametrize("instrument_first", [False, True])
+def test_a_compiled_model_counts_each_batch_with_its_own_mask(instrument_first):
+    """Three calls, two masks and a shape change: guards and replays must not reuse a traced call's mask."""
+    model = tiny_model("llama")
+    batches = [random_batch(batch=3, seq=10, padding="right", seed=1), random_batch(batch=3, seq=10, padding="left",
+                                                                                    seed=2),
+               random_batch(batch=2, seq=6, padding="left", seed=3)]
+    want = kh.measure(model, [{"input_ids": ids, "attention_mask": mask} for ids, mask in batches])
+    torch._dynamo.reset()
+    if instrument_first:
+        inst = kh.instrument(model)
+        compiled = torch.compile(model, backend="eager")
+    else:
+        compiled = torch.compile(model, backend="eager")
+        inst = kh.instrument(compiled)
+    try:
+        with torch.no_grad():
+            for ids, mask in batches:
+                compiled(ids, attention_mask=mask)
+    except kh.KacqError:
+        return  # a refusal that says why is acceptable; a Dynamo internal error is not
+    finally:
+        inst.remove()
+        torch._dynamo.reset()
+    assert tokens(inst) == tokens(want)
+    for got, ref in zip(inst.stats, want.stats):
+        torch.testing.assert_close(got.sum_abs, ref.sum_abs, rtol=1e-5, atol=1e-7)
