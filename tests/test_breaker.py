@@ -203,3 +203,22 @@ def test_a_compiled_model_counts_each_batch_with_its_own_mask(instrument_first):
     assert tokens(inst) == tokens(want)
     for got, ref in zip(inst.stats, want.stats):
         torch.testing.assert_close(got.sum_abs, ref.sum_abs, rtol=1e-5, atol=1e-7)
+
+
+def test_hooked_transformer_start_at_layer_after_a_stop_at_layer_run_is_not_glued_onto_it():
+    """stop_at_layer leaves the call open at the first block; a later start_at_layer run on another batch must not
+    close it with the old batch's mask (start_at_layer is documented as unsupported: refuse, or count nothing)."""
+    pytest.importorskip("transformer_lens")
+    from kacq_hooks.frontends.transformer_lens import hooked_transformer_from_hf
+
+    ht = hooked_transformer_from_hf(tiny_model("llama"))
+    ids, mask = random_batch(batch=3, seq=10, padding="left", seed=1)
+    other_residual = torch.randn(3, 10, ht.cfg.d_model)  # another, unpadded batch's residual stream
+    inst = kh.instrument(ht)
+    with torch.no_grad():
+        ht(ids, attention_mask=mask, stop_at_layer=1)
+        try:
+            ht(other_residual, start_at_layer=1)
+        except kh.KacqError:
+            return
+    assert tokens(inst) == [0, 0]  # layer 1 never saw the masked batch that layer 0 saw
