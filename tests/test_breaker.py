@@ -222,3 +222,37 @@ def test_hooked_transformer_start_at_layer_after_a_stop_at_layer_run_is_not_glue
         except kh.KacqError:
             return
     assert tokens(inst) == [0, 0]  # layer 1 never saw the masked batch that layer 0 saw
+
+
+class RetryOnOOM(nn.Module):
+    """A wrapper that retries row by row when the whole batch fails (an out-of-memory on the logits, say)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        try:
+            return self.model(input_ids, attention_mask=attention_mask).logits
+        except RuntimeError:
+            return torch.cat([self.model(input_ids[i:i + 1], attention_mask=attention_mask[i:i + 1]).logits
+                              for i in range(input_ids.shape[0])])
+
+
+def test_an_inner_attempt_that_raised_after_every_layer_ran_is_not_counted_with_the_retry():
+    model = tiny_model("llama")
+    wrapper = RetryOnOOM(model)
+    ids, mask = random_batch(batch=3, seq=10, padding="right")
+    failing = [True]
+
+    def fail_in_the_head(module, args, output):
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("out of memory on the logits")
+
+    handle = model.lm_head.register_forward_hook(fail_in_the_head)
+    inst = kh.instrument(wrapper)
+    with torch.no_grad():
+        wrapper(ids, attention_mask=mask)
+    handle.remove()
+    assert tokens(inst) == [int(mask.sum())] * 2  # the row-by-row retry only; the failed attempt added nothing
