@@ -256,3 +256,18 @@ def test_an_inner_attempt_that_raised_after_every_layer_ran_is_not_counted_with_
         wrapper(ids, attention_mask=mask)
     handle.remove()
     assert tokens(inst) == [int(mask.sum())] * 2  # the row-by-row retry only; the failed attempt added nothing
+
+
+def test_gradients_of_a_paused_forward_are_not_counted_under_reentrant_checkpointing():
+    """Reentrant checkpointing recomputes in backward; a forward run inside pause() must stay uncounted there too."""
+    model = tiny_model("llama").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inst = kh.instrument(model, grads=True)
+    ids, mask = random_batch(batch=3, seq=10, padding="right", seed=1)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    counted = [int(s.grad_tokens) for s in inst.stats]
+    with inst.pause():
+        probe_loss = model(ids, attention_mask=mask, labels=ids).loss
+    probe_loss.backward()
+    inst.remove()
+    assert [int(s.grad_tokens) for s in inst.stats] == counted == [int(mask.sum())] * 2
