@@ -271,3 +271,14 @@ def test_gradients_of_a_paused_forward_are_not_counted_under_reentrant_checkpoin
     probe_loss.backward()
     inst.remove()
     assert [int(s.grad_tokens) for s in inst.stats] == counted == [int(mask.sum())] * 2
+
+
+def test_merging_statistics_of_other_sites_is_refused_as_loading_them_is():
+    """load_state_dict refuses statistics of other site paths; merge must not pool another model's layers."""
+    ids = torch.randint(2, 300, (2, 6))
+    llama = kh.measure(tiny_model("llama"), [ids])
+    gpt2 = kh.measure(tiny_model("gpt2"), [ids])  # also 2 layers of d_ff 64
+    with pytest.raises(kh.KacqError):
+        llama.load_state_dict(gpt2.state_dict())
+    with pytest.raises(kh.KacqError):
+        llama.merge(gpt2)
