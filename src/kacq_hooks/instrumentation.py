@@ -10,6 +10,7 @@ end of a ``with`` block, also on error.
 from __future__ import annotations
 
 import contextlib
+import sys
 import functools
 import logging
 import warnings
@@ -101,11 +102,17 @@ class _Call:
     """
 
     __slots__ = ("opener", "stacks", "fired", "rows", "committed", "discarded", "root", "incomplete", "routing",
-                 "grad_counted")
+                 "grad_counted", "frame", "handling", "training", "marks", "staged", "recomputable")
 
-    def __init__(self, opener: nn.Module, root: StackInputs):
+    def __init__(self, opener: nn.Module, root: StackInputs, frame, handling):
         self.opener = opener
         self.root = root
+        self.frame = frame            # the frame of the forward this call belongs to: alive while it runs
+        self.handling = handling      # the exception being handled when the call began (a retry inside except)
+        self.training = torch.is_grad_enabled()
+        self.recomputable = False     # sites ran without grad inside a training call: reentrant checkpointing
+        self.marks: list = []         # modules between the root and a stack that are running, and what was staged
+        self.staged = False
         self.stacks: dict[int, StackInputs] = {}
         self.fired: dict[int, int] = {}
         self.rows: dict = {}
@@ -149,7 +156,9 @@ class Instrumentation:
         self._pause_depth = 0
         self._call: _Call | None = None
         self._last_call: _Call | None = None
-        self._inside: dict[int, set[int]] = {}
+        self._exit_handle = None
+        self._training_calls = 0     # counted training forwards since the last backward began
+        self._backward_task, self._backward_calls = None, 0
         self.discarded_calls = 0
         self._stack_of_module = {id(stack.module): k for k, stack in enumerate(binding.stacks)}
         self._sites_of_stack = [[i for i, k in enumerate(binding.site_stack) if k == stack]
@@ -180,7 +189,13 @@ class Instrumentation:
             if stack.module is not root:
                 add(stack.module.register_forward_pre_hook(OwnerHook(self, "_on_enter"), with_kwargs=True))
                 add(stack.module.register_forward_hook(OwnerHook(self, "_on_exit"), with_kwargs=True, always_call=True))
-        add(closer.register_forward_hook(OwnerHook(self, "_on_exit"), with_kwargs=True, always_call=True))
+        self._exit_handle = closer.register_forward_hook(OwnerHook(self, "_on_exit"), with_kwargs=True,
+                                                         always_call=True)
+        add(self._exit_handle)
+        for module in _between(root, [stack.module for stack in self.binding.stacks]):
+            # an attempt that fails inside the root's forward, and is retried there, must leave nothing behind
+            add(module.register_forward_pre_hook(OwnerHook(self, "_on_attempt")))
+            add(module.register_forward_hook(OwnerHook(self, "_on_attempt_end"), always_call=True))
         for index, site in enumerate(self.sites):
             # first on a row-parallel projection: RowwiseParallel's own pre-hook turns C into a DTensor
             add(site.module.register_forward_pre_hook(OwnerHook(self, "_on_coefficients", index),
@@ -192,16 +207,16 @@ class Instrumentation:
                 for shared in layer.shared:
                     add(SharedTap(shared, OwnerHook(self, "_on_shared", index, start)).attach())
                     start += shared.d_ff
-        hooked = [root] + [stack.module for stack in self.binding.stacks]
-        self._inside = {id(m): {id(h) for h in hooked if h is not m and _contains(m, h)} for m in hooked}
         _attached.add(self)
         return self
 
     def remove(self) -> None:
-        """Remove every hook; the statistics stay readable."""
+        """Remove every hook; the statistics stay readable (a forward still running adds nothing)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._call is not None:
+            self._discard(self._call)
         self._call = None
         _attached.discard(self)
 
@@ -238,12 +253,16 @@ class Instrumentation:
             raise KacqError("these statistics were combined across ranks (all_reduce); read them, then call "
                             "inst.reset() before measuring again, or every rank's earlier tokens would count twice")
         call = self._call
-        if call is not None and (module is call.opener or id(call.opener) in self._inside.get(id(module), ())):
-            self._discard(call)  # the module that opened it is being called afresh: that call never ended
+        if call is not None and not _alive(call.frame):
+            self._discard(call, "it never finished (an interrupt, or a run stopped before the last layer)")
             call = None
         if call is None:
-            root_inputs = self.binding.read_root(args, kwargs) if module is self.binding.root else StackInputs()
-            call = self._call = _Call(module, root_inputs)
+            owner = (self.binding.frame_owner or module) if module is self.binding.root else module
+            call = self._call = _Call(module, self.binding.read_root(args, kwargs) if module is self.binding.root
+                                      else StackInputs(), _frame_of(owner), sys.exc_info()[1])
+            if module is self.binding.root:  # commit after every other forward hook on the closer has run
+                closer = self.binding.closer or self.binding.root
+                closer._forward_hooks.move_to_end(self._exit_handle.id)
         stack = self._stack_of_module.get(id(module))
         if stack is not None:
             inputs = self.binding.stacks[stack].read(args, kwargs)
@@ -255,6 +274,27 @@ class Instrumentation:
                     call.fired.pop(i, None)
                 call.rows = {}
             call.stacks[stack] = inputs
+
+    def _on_attempt(self, module, args):
+        call = self._call
+        if call is not None and not self._pause_depth:
+            call.marks.append((module, call.staged, sys.exc_info()[1]))
+
+    def _on_attempt_end(self, module, args, output):
+        call = self._call
+        if call is None or not call.marks or call.marks[-1][0] is not module:
+            return
+        _, staged_before, handling = call.marks.pop()
+        if not _failing(handling):
+            return
+        if staged_before:  # what this attempt staged cannot be told apart from what came before it
+            call.incomplete = True
+            return
+        self._pending.reset()  # the failed attempt was all there was: forget it, keep the call for a retry
+        call.fired.clear()
+        call.stacks.clear()
+        call.routing.clear()
+        call.rows = {}
 
     def _check_inputs(self, stack: int, inputs: StackInputs) -> None:
         if inputs.continuation and self.weighting == "document":
@@ -275,19 +315,22 @@ class Instrumentation:
                                           else (self.binding.closer or self.binding.root)):
             return
         self._call = None
-        if output is None:  # torch passes None to always-called hooks when the forward raised
+        if _failing(call.handling):  # torch runs always-called hooks while the forward's exception propagates
             self._discard(call)
             return
         missing = [self.sites[i].label for k in call.stacks for i in self._sites_of_stack[k]
                    if call.fired.get(i, 0) != 1]
         if missing or call.incomplete or not call.fired:
-            self._discard(call, f"sites {missing[:4]} did not run once each in it" if missing or call.incomplete
+            self._discard(call, f"sites {missing[:4]} did not run once each in it" if missing else
+                          "an attempt inside it failed after an earlier one had run" if call.incomplete
                           else "no site ran in it")
             return
         self.stats.merge(self._pending)
         self._pending.reset()
         call.committed = True
         self._last_call = call
+        if call.recomputable:
+            self._training_calls += 1
 
     def _discard(self, call: _Call, why: str | None = None) -> None:
         call.discarded = True
@@ -305,8 +348,9 @@ class Instrumentation:
             return
         c = args[0]
         site = self.sites[index]
-        if torch._C._current_graph_task_id() != -1:  # activation checkpointing re-runs forwards in backward
-            call = self._last_call
+        task = torch._C._current_graph_task_id()
+        if task != -1:  # activation checkpointing re-runs forwards in backward
+            call = self._recomputed_call(task)
             if call is not None and self.grads and c.requires_grad and torch.is_grad_enabled():
                 rows, _, _ = self._rows_for(call, index, c)
                 c.register_hook(functools.partial(self._on_gradient, index, call, c.detach().reshape(-1, c.shape[-1]),
@@ -314,6 +358,9 @@ class Instrumentation:
             return
         call = self._call
         stack = self.binding.site_stack[index]
+        if call is not None and not _alive(call.frame):
+            self._discard(call, "it never finished (an interrupt, or a run stopped before the last layer)")
+            call = self._call = None
         if call is None or stack not in call.stacks:
             raise KacqError(f"{site.path} ran outside a call of the {self.binding.stacks[stack].name} stack it "
                             f"belongs to (a layer called on its own?), so kacq_hooks does not know which positions "
@@ -340,6 +387,9 @@ class Instrumentation:
             stats = self._pending[index]
         c2d = c.detach().reshape(-1, c.shape[-1])
         rows, doc_weight, documents = self._rows_for(call, index, c)
+        call.staged = True
+        if call.training and not torch.is_grad_enabled():
+            call.recomputable = True
         if documents is not None:
             stats.documents.add_(documents.to(stats.documents.device))
         if site.kind == "experts":  # C arrives from the taps; here the layer counts its tokens, once
@@ -353,6 +403,26 @@ class Instrumentation:
                                                   whole.device_mesh, whole.placements))
         elif self.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_gradient, index, call, c2d, rows))
+
+    def _recomputed_call(self, task: int) -> _Call | None:
+        """The call whose forward reentrant checkpointing re-runs in backward ``task``, or None.
+
+        None also for non-reentrant checkpointing, whose recomputed coefficients are not on the backward
+        path (the original forward's tensor hooks see dL/dC).
+
+        One backward can only be matched to one counted training forward: with several (gradient
+        accumulation summed into one backward) the recomputed coefficients could belong to any of them.
+        """
+        if task != self._backward_task:
+            self._backward_task, self._backward_calls, self._training_calls = task, self._training_calls, 0
+        if self._backward_calls == 0:
+            return None  # the forward was paused (or not counted): neither are its gradients
+        if self._backward_calls > 1:
+            raise KacqError(f"one backward pass recomputes {self._backward_calls} counted forwards "
+                            "(reentrant activation checkpointing with gradient accumulation): kacq_hooks cannot tell "
+                            "whose padding mask a recomputed layer had. Use gradient_checkpointing_kwargs="
+                            "{'use_reentrant': False} (the default), or call backward after each forward")
+        return self._last_call
 
     def _on_dtensor_gradient(self, index: int, call: _Call, c2d, rows, mesh, placements, grad):
         self._on_gradient(index, call, c2d, rows, to_local(grad, mesh, placements))
@@ -523,13 +593,14 @@ class Instrumentation:
         return [None if shard is None else [shard.offset, shard.width, shard.d_ff] for shard in self.shards]
 
     def state_dict(self) -> dict:
-        return {"sites": [s.path for s in self.sites], "weighting": self.weighting, "stats": self.stats.state_dict(),
-                "discarded_calls": self.discarded_calls, "slices": self._slices(), "reduced": self.reduced}
+        return {**self._settings(), "stats": self.stats.state_dict(), "discarded_calls": self.discarded_calls,
+                "slices": self._slices(), "reduced": self.reduced}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sites") != [s.path for s in self.sites]:
             raise ShapeError(f"saved statistics are for sites {state.get('sites')}, this instrumentation has "
                              f"{[s.path for s in self.sites]}")
+        self._check_same_measurement(state, "the saved statistics were measured with")
         slices = state.get("slices", [None] * len(self.sites))
         if state.get("reduced") or any(slices):
             if slices != self._slices() and not state.get("reduced"):
@@ -541,7 +612,19 @@ class Instrumentation:
         self.discarded_calls = int(state.get("discarded_calls", 0))
         self.reduced = bool(state.get("reduced", False))
 
+    def _settings(self) -> dict:
+        return {"sites": [s.path for s in self.sites], "weighting": self.weighting, "mask_padding": self.mask_padding}
+
+    def _check_same_measurement(self, other: dict, what: str) -> None:
+        mine = self._settings()
+        for key in ("sites", "weighting", "mask_padding"):
+            if key in other and other[key] != mine[key]:
+                raise ShapeError(f"{what} {key}={other[key]!r}, this instrumentation {key}={mine[key]!r}: their sums "
+                                 "are not one measurement. Measure both the same way")
+
     def merge(self, other: "Instrumentation") -> "Instrumentation":
+        """Add another instrumentation's statistics (another shard of the data) into these."""
+        self._check_same_measurement(other._settings(), "the other statistics were measured with")
         self.stats.merge(other.stats)
         return self
 
@@ -564,8 +647,55 @@ class Instrumentation:
         return f"Instrumentation({len(self.sites)} sites via {self.binding.name}, {state}, grads={self.grads})"
 
 
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
+def _between(root: nn.Module, inner: list[nn.Module]) -> list[nn.Module]:
+    """Modules strictly between ``root`` and each of ``inner`` on their paths down the module tree."""
+    paths = {id(m): name for name, m in root.named_modules()}
+    found = {}
+    for module in inner:
+        path = paths.get(id(module))
+        if not path:
+            continue
+        parts = path.split(".")
+        for k in range(1, len(parts)):
+            found.setdefault(".".join(parts[:k]), None)
+    between = [root.get_submodule(p) for p in found]
+    return [m for m in between if not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and m not in inner]
+
+
+def _failing(handling: BaseException | None) -> bool:
+    """Whether an always-called hook runs because its forward raised, not while handling an exception the
+    forward began in (a retry inside an ``except`` block)."""
+    current = sys.exc_info()[1]
+    return current is not None and current is not handling
+
+
+def _frame_of(owner: nn.Module):
+    """The innermost running frame of a method of ``owner`` (its forward, or the hook machinery calling it)."""
+    frame = sys._getframe(2)
+    for _ in range(_FRAME_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_locals.get("self") is owner:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _alive(frame) -> bool:
+    """Whether ``frame`` is still running, i.e. on the current thread's stack."""
+    if frame is None:
+        return True  # nothing to check against (a call opened where no frame of its owner was found)
+    current = sys._getframe(1)
+    for _ in range(_FRAME_DEPTH * 4):
+        if current is None:
+            return False
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
+
+
+_FRAME_DEPTH = 64
 
 
 def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:

@@ -4,7 +4,8 @@ A front end turns a model into a :class:`Binding`; :class:`kacq_hooks.Instrument
 the same way for all of them, so the statistics agree across front ends by construction.
 
 A model call is read in two places. The **root**'s forward pre-hook opens a call and a post-hook on the
-**closer** (the root itself unless a front end says otherwise) ends it. Each **stack** (the decoder of
+**closer** (the root itself unless a front end says otherwise) ends it; a call is alive while the
+forward of the **frame owner** (the root, or the model whose methods a front end calls) is running. Each **stack** (the decoder of
 a causal LM; the encoder and decoder of a seq2seq model; a vision tower) is a module whose forward
 receives that stack's own tokens and padding mask: a pre-hook there binds the mask that the stack's
 sites use for the rest of the call. Reading the mask at the stack, not at the root, is what makes it
@@ -50,6 +51,7 @@ class Binding:
     read_root: Callable[[tuple, dict], StackInputs]
     name: str = "hf"
     closer: nn.Module | None = None
+    frame_owner: nn.Module | None = None    # the module whose running forward bounds a call (default: root)
     notes: list[str] = field(default_factory=list)
 
 

@@ -95,7 +95,7 @@ def bind(model: nn.Module, mlp_out: str | None = None) -> Binding:
     # block and ends after the last one
     first = model.blocks[0]
     stacks = [StackBinding(name="decoder", module=first, read=_read_block_call)]
-    return Binding(root=first, closer=model.blocks[-1], sites=sites, stacks=stacks, site_stack=[0] * len(sites),
+    return Binding(root=first, closer=model.blocks[-1], frame_owner=model, sites=sites, stacks=stacks, site_stack=[0] * len(sites),
                    read_root=_read_block_call, name="transformer_lens")
 
 
