@@ -24,3 +24,11 @@ class MissingExtraError(KacqError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class ConfigError(KacqError, ValueError):
+    """An argument or option has a value that cannot work (out of range, unknown name, wrong combination)."""
+
+
+class CheckpointError(KacqError):
+    """Saved state cannot be restored: it is missing, from another run or model, or unreadable."""
