@@ -120,3 +120,23 @@ def test_summary_from_a_store_and_its_schedule():
     for key in rows:
         assert rows[key]["decay"] == pytest.approx(decay, abs=1e-5)
         assert rows[key]["x_intercept_steps"] == pytest.approx(10 ** (1 / decay), rel=1e-4)
+
+
+def test_power_law_fit_with_a_tiny_positive_decay_does_not_overflow():
+    t = torch.arange(1, 200).double()
+    r = 0.9 - 1e-4 * torch.log10(t)  # R reaches 0 at 10 ** 9000 steps: far beyond a float
+    fit = facts.fit_power_law(t, r, tokens_per_step=1024)
+    assert fit.forgets
+    assert fit.x_intercept_log10_steps == pytest.approx(9000.0, rel=1e-6)  # exact in log space
+    assert fit.x_intercept_steps == math.inf and fit.x_intercept_tokens == math.inf  # beyond range: inf, said so
+    assert fit.x_intercept_beyond_range
+
+
+def test_power_law_fit_with_a_negative_decay_has_no_x_intercept():
+    t = torch.arange(1, 100).double()
+    fit = facts.fit_power_law(t, 0.2 + 0.1 * torch.log10(t), tokens_per_step=1024)  # retention grows
+    assert fit.decay == pytest.approx(-0.1) and not fit.forgets
+    assert math.isnan(fit.x_intercept_steps) and fit.x_intercept_tokens is None
+    assert math.isnan(fit.x_intercept_log10_steps) and not fit.x_intercept_beyond_range
+    flat = facts.fit_power_law(t, torch.full_like(t, 0.5))  # no decay at all: never reaches 0 either
+    assert flat.decay == 0 and not flat.forgets and math.isnan(flat.x_intercept_steps)

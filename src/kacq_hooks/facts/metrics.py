@@ -8,17 +8,26 @@ injection steps, so those must be recorded.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 ArrayLike = torch.Tensor | Sequence
+_MAX_LOG10 = math.log10(sys.float_info.max)  # 10 ** this is the largest float
 
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """``R(t) ~ intercept - decay * log10(t)``; the x-intercept is where the fitted R reaches 0."""
+    """``R(t) ~ intercept - decay * log10(t)``; the x-intercept is where the fitted R reaches 0.
+
+    Only a curve that decays (``decay > 0``, see :attr:`forgets`) reaches 0. Otherwise the x-intercept
+    fields are NaN (``x_intercept_tokens`` None): a number there would mean nothing. The crossing is
+    computed in log space (``x_intercept_log10_steps = intercept / decay``), so a tiny decay cannot
+    overflow; when ``10 ** x_intercept_log10_steps`` is beyond the float range ``x_intercept_steps``
+    is ``inf`` and :attr:`x_intercept_beyond_range` is True.
+    """
 
     decay: float
     intercept: float
@@ -26,6 +35,17 @@ class PowerLawFit:
     x_intercept_steps: float
     x_intercept_tokens: float | None = None
     n_points: int = 0
+    x_intercept_log10_steps: float = math.nan
+
+    @property
+    def forgets(self) -> bool:
+        """True when the fitted retention decreases with t, so that it has an x-intercept."""
+        return self.decay > 0
+
+    @property
+    def x_intercept_beyond_range(self) -> bool:
+        """True when the x-intercept exists but is too large for a float (``x_intercept_steps`` is inf)."""
+        return self.forgets and math.isinf(self.x_intercept_steps)
 
 
 def _as_float64(values: ArrayLike) -> torch.Tensor:
@@ -160,6 +180,7 @@ def fit_power_law(t: ArrayLike, r: ArrayLike, tokens_per_step: float | None = No
 
     ``x_intercept_steps = 10 ** (intercept / decay)``: the step count at which the fitted retention
     reaches 0; times ``tokens_per_step`` (batch size x sequence length) for ``x_intercept_tokens``.
+    See :class:`PowerLawFit` for curves that do not decay or cross 0 beyond the float range.
 
     >>> fit = fit_power_law([1, 10, 100], [0.9, 0.7, 0.5])
     >>> round(fit.decay, 6), round(fit.intercept, 6), round(fit.x_intercept_steps, 3)
@@ -179,9 +200,16 @@ def fit_power_law(t: ArrayLike, r: ArrayLike, tokens_per_step: float | None = No
     total = float(((y - y_mean) ** 2).sum())
     r_squared = 1.0 - residual / total if total > 0 else 1.0
     decay = -slope
-    x_intercept = 10 ** (intercept / decay) if decay != 0 else math.inf
-    tokens = x_intercept * tokens_per_step if tokens_per_step is not None else None
-    return PowerLawFit(decay, intercept, r_squared, x_intercept, tokens, int(x.numel()))
+    if decay > 0:
+        log10_steps = intercept / decay
+        x_intercept = 10.0 ** log10_steps if log10_steps < _MAX_LOG10 else math.inf
+        tokens = x_intercept * tokens_per_step if tokens_per_step is not None else None
+        if tokens is not None and math.isfinite(x_intercept) and math.isinf(tokens):
+            tokens = math.inf
+    else:  # retention that does not fall has no crossing of 0
+        log10_steps = x_intercept = math.nan
+        tokens = None
+    return PowerLawFit(decay, intercept, r_squared, x_intercept, tokens, int(x.numel()), log10_steps)
 
 
 # Kim et al. 2025's summary metrics
