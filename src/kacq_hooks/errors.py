@@ -32,3 +32,11 @@ class ConfigError(KacqError, ValueError):
 
 class CheckpointError(KacqError):
     """Saved state cannot be restored: it is missing, from another run or model, or unreadable."""
+
+
+class ArgumentTypeError(KacqError, TypeError):
+    """An argument has a type the function cannot take."""
+
+
+class ResuscitationError(KacqError):
+    """A resuscitation cannot be applied as asked (e.g. the modules already carry one)."""

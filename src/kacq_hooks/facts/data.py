@@ -141,13 +141,19 @@ def _read_raw_records(source: str | os.PathLike, split: str) -> list[Any]:
 
 
 def _read_json_file(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FactDataError(f"{path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}; a "
+                            "binary or compressed file?); give a JSON or JSON-lines file of fact records") from error
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise FactDataError(f"{path} is not valid JSON: {error}") from error
+        if isinstance(data, list) and not data:
+            raise FactDataError(f"{path} holds no records (an empty JSON list); give at least one fact record")
         return data
     records = []
     for line_number, line in enumerate(text.splitlines(), start=1):
