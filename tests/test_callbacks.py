@@ -8,6 +8,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 import kacq_hooks as kh
 from kacq_hooks import facts
 from kacq_hooks.errors import CheckpointError, ConfigError
+from kacq_hooks.facts.injection import InjectionCollator
 from kacq_hooks.training.callbacks import (FactTrackingCallback, InjectionCallback, InstrumentationCheckpointCallback,
                                            KnowledgeEntropyCallback)
 from tiny_models import VOCAB, tiny_model
@@ -160,7 +161,7 @@ def test_injection_collator_with_the_trainer(tmp_path, tokenizer, fact_set):
     model = tiny_model("llama")
     schedule = facts.InjectionSchedule(fact_set, interval=3, rounds=2)
     with pytest.warns(DeprecationWarning, match="use kacq_hooks.training.InjectionCallback"):
-        collator = facts.InjectionCollator(schedule, tokenizer, gradient_accumulation_steps=2)
+        collator = InjectionCollator(schedule, tokenizer, gradient_accumulation_steps=2)
     seen = []
     handle = model.register_forward_hook(
         lambda module, args, kwargs, output: seen.append(kwargs["input_ids"].clone()) if module.training else None,

@@ -174,7 +174,7 @@ def iter_documents(data: str, max_docs: int | None = None) -> Iterator[str]:
         raise KacqError(f"data {data!r} is not a local file, and the hub is offline (HF_HUB_OFFLINE): give a .txt "
                         "or .jsonl file")
     try:
-        import datasets
+        import datasets  # an optional extra ('data')
     except ImportError as error:
         raise KacqError(f"data {data!r} is not a local file; reading it as a hub dataset needs the 'datasets' "
                         "package (pip install datasets), or give a .txt / .jsonl file") from error

@@ -8,22 +8,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kacq_hooks.errors import KacqError, MissingExtraError
+from kacq_hooks.errors import FactDataError, KacqError, MissingExtraError
 from kacq_hooks.facts.records import PROBE_KINDS, SCENARIOS, FactRecord, FactSet
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("train_context",) + tuple(f"{kind}_{part}" for kind in PROBE_KINDS for part in ("input", "target"))
 OPTIONAL_FIELDS = ("paraphrases",)
-
-
-class FactDataError(KacqError, ValueError):
-    """A fact record does not follow the schema; ``index`` and ``field`` say where (``None`` when not one record)."""
-
-    def __init__(self, message: str, index: int | None = None, field: str | None = None):
-        super().__init__(message)
-        self.index = index
-        self.field = field
 
 
 def load_fictional_knowledge(
@@ -174,7 +165,7 @@ def _read_json_file(path: Path) -> list[Any]:
 
 def _read_hub_dataset(name: str, split: str) -> list[Any]:
     try:
-        import datasets
+        import datasets  # an optional extra ('data')
     except ImportError as error:
         raise MissingExtraError("datasets", "data", f"loading fact records by dataset name ({name!r})") from error
     try:

@@ -15,16 +15,12 @@ import torch
 from torch.utils.data import get_worker_info
 from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
-from kacq_hooks.errors import KacqError, ShapeError
+from kacq_hooks.errors import InjectionError, KacqError, ShapeError
 from kacq_hooks.facts.records import FactSet
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels the Hugging Face losses skip
-
-
-class InjectionError(KacqError, ValueError):
-    """A schedule or batch cannot take the requested injections."""
 
 
 @dataclass(frozen=True)

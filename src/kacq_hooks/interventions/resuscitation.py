@@ -33,6 +33,7 @@ from torch import nn
 from ..entropy import KnowledgeEntropy, knowledge_entropy
 from ..errors import ArgumentTypeError, ConfigError, KacqError, LocateError, ResuscitationError, ShapeError
 from ..locate import Site, find_sites
+from ..stats import CoefficientStats
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +206,13 @@ def check_plan_arguments(ratio: float, factor: float, max_multiplier: float = DE
         raise ConfigError(f"ratio must be a fraction strictly between 0 and 1 (the paper uses 0.5), not {ratio!r}")
     if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
         raise ConfigError(f"factor must be a finite number > 0 (the paper uses 2; below 1 weakens the neurons), "
-                         f"not {factor!r}")
+                          f"not {factor!r}")
     if not (isinstance(max_multiplier, (int, float)) and math.isfinite(max_multiplier) and max_multiplier > 0):
         raise ConfigError(f"max_multiplier must be a finite number > 0 (default {DEFAULT_MAX_MULTIPLIER:g}); "
-                         f"got {max_multiplier!r}. For an effectively uncapped plan pass a large value such as 1e30")
+                          f"got {max_multiplier!r}. For an effectively uncapped plan pass a large value such as 1e30")
 
 
 def _read_source(source, weighting: str | None):
-    from ..stats import CoefficientStats
-
     paths = None
     layer_ids = None
     tokens = None
@@ -235,7 +234,7 @@ def _read_source(source, weighting: str | None):
         cbars = list(source)
     else:
         raise ArgumentTypeError(f"resuscitation_plan takes an Instrumentation, CoefficientStats or a non-empty list of "
-                        f"per-layer c̄ tensors, not {type(source).__name__}")
+                                f"per-layer c̄ tensors, not {type(source).__name__}")
     cbars = [c.detach().to("cpu", torch.float32).flatten().clone() for c in cbars]
     for i, c in enumerate(cbars):
         if c.numel() < 2:
