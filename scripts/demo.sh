@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install kacq_hooks with the demo extra (torch pinned to the CPU wheel) and run the main job, `kacq demo`.
+# Install kacq_hooks and the study package kacq_study (one pyproject) with the demo extra (torch pinned to the
+# CPU wheel) and run the main job, `kacq demo` (kacq_study's command, found by the `kacq.commands` entry point).
 # Arguments go to `kacq demo` (e.g. --quick, --out DIR, --seed N).
 set -euo pipefail
 cd "$(dirname "$0")/.."

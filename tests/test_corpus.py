@@ -1,4 +1,4 @@
-"""Corpora for the demo: offline Wikipedia, user files, the cached tokenizer, packing and splitting."""
+"""kacq_hooks.corpus: offline Wikipedia, user files, the cached tokenizer, packing and splitting."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kacq_hooks.errors import KacqError, MissingExtraError
-from kacq_hooks.experiments.corpus import (
+from kacq_hooks.corpus import (
     SPECIAL_TOKENS,
     _wiki_summaries_path,
     cached_tokenizer,
@@ -117,7 +117,7 @@ def test_cached_tokenizer_round_trip_gives_identical_ids(tmp_path, small_corpus,
     first = cached_tokenizer(small_corpus, 400, tmp_path)
     folders = [p.name for p in tmp_path.iterdir()]
     assert len(folders) == 1 and folders[0].startswith("bpe-400-")  # no staging folder left behind
-    with caplog.at_level(logging.INFO, logger="kacq_hooks.experiments.corpus"):
+    with caplog.at_level(logging.INFO, logger="kacq_hooks.corpus"):
         again = cached_tokenizer(iter(small_corpus), 400, tmp_path)
     assert "loading cached tokenizer" in caplog.text and "training" not in caplog.text
     assert again(probe)["input_ids"] == first(probe)["input_ids"]
@@ -193,3 +193,24 @@ def test_split_errors(small_corpus):
         split_corpus(small_corpus, calibration=41)
     with pytest.raises(ValueError, match=r"fraction must lie in \[0, 1\)"):
         split_corpus(small_corpus, held_out=1.5)
+
+
+def test_old_module_path_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    import kacq_hooks.corpus as corpus
+
+    sys.modules.pop("kacq_hooks.experiments.corpus", None)
+    with pytest.warns(DeprecationWarning, match="kacq_hooks.corpus"):
+        old = importlib.import_module("kacq_hooks.experiments.corpus")
+    assert old.train_bpe_tokenizer is corpus.train_bpe_tokenizer and old.load_corpus is corpus.load_corpus
+
+
+def test_default_cache_dir_follows_kacq_cache(monkeypatch, tmp_path):
+    from kacq_hooks.corpus import default_cache_dir
+
+    monkeypatch.setenv("KACQ_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("KACQ_CACHE")
+    assert default_cache_dir().parts[-2:] == (".cache", "kacq_hooks")

@@ -1,23 +1,31 @@
-"""`kacq demo`: the quick study end to end (every output, same seed -> same bytes) and its parts."""
+"""`kacq demo` (the kacq_study package): the quick study end to end (every output, same seed -> same
+bytes), its parts, and how it hangs off the library (the library never imports it)."""
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.metadata
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kacq_hooks.cli import main
-from kacq_hooks.experiments.demo import (
+from kacq_hooks.facts import FactRecord, FactSet
+from kacq_study.demo import (
     ARMS,
+    RUN_TIME,
     DemoConfig,
     DemoConfigError,
     inject_spanning,
-    paper_passage,
 )
-from kacq_hooks.experiments.findings import assess
-from kacq_hooks.facts.records import FactRecord
-from kacq_hooks.report import FIGURES, render_markdown
+from kacq_study.findings import assess
+from kacq_study.report import FIGURES, render_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OUTPUTS = ("results.json", "report.md", "timings.json", *FIGURES)
 
@@ -52,7 +60,7 @@ def test_quick_demo_writes_every_output(quick_runs):
         assert len(arm["kim"]["K"]) == config.continue_steps + 1  # every probe scored before every update
         assert len(arm["groups"]) == 9  # 3 scenarios x 3 probe kinds
         fits = [g["retainability"]["fit"] for g in arm["groups"].values()]
-        assert any(f["a"] is not None and f["r2"] is not None for f in fits)
+        assert any(f["decay"] is not None and f["r_squared"] is not None for f in fits)
         for group in arm["groups"].values():
             assert len(group["effectivity_per_round"]) == len(group["injection_steps"])
     assert results["arms"]["late"]["groups"]["once/mem"]["injection_steps"] == [config.lead_steps]
@@ -87,9 +95,13 @@ def test_paper_passage_schedule():
     probes = {f"{k}_{p}": ["x"] for k in ("mem", "gen", "hard_gen") for p in ("input", "target")}
     record = FactRecord("original", paraphrases=["first", "second"], **probes)
     config = DemoConfig.quick()
-    assert [paper_passage(record, "paraphrase", r, config) for r in range(3)] == ["original", "first", "second"]
-    assert [paper_passage(record, "duplication", r, config) for r in range(3)] == ["original"] * 3
-    assert [paper_passage(record, "once", r, config) for r in range(3)] == ["original", None, None]
+    schedule = config.schedule(FactSet([record] * 3, ["paraphrase", "duplication", "once"]))
+    steps = config.injection_steps()
+    texts = {scenario: [next((i.text for i in schedule.at(s) if i.scenario == scenario), None) for s in steps]
+             for scenario in ("paraphrase", "duplication", "once")}
+    assert texts["paraphrase"] == ["original", "first", "second"]
+    assert texts["duplication"] == ["original"] * 3
+    assert texts["once"] == ["original", None, None]
 
 
 def test_config_validation_names_the_problem():
@@ -109,8 +121,8 @@ def test_bad_arms_option_exits_2(capsys, tmp_path):
 def _synthetic_results() -> dict:
     """A minimal results dict with hand-set numbers, so verdicts can be checked against them."""
     group = {"effectivity": 0.5, "effectivity_positive_fraction": 0.9, "injection_steps": [0],
-             "retainability": {"t": [1, 2], "R": [0.9, 0.8], "fit": {"a": 0.3, "b": 0.9, "r2": 0.8,
-                                                                      "x_intercept": 1000.0}}}
+             "retainability": {"t": [1, 2], "R": [0.9, 0.8], "fit": {"decay": 0.3, "intercept": 0.9,
+                                                                      "r_squared": 0.8, "x_intercept_steps": 1000.0}}}
     groups = {f"{s}/{k}": copy.deepcopy(group) for s in ("paraphrase", "duplication", "once")
               for k in ("mem", "gen", "hard_gen")}
     for kind, value in (("mem", 0.9), ("gen", 0.5), ("hard_gen", 0.1)):
@@ -184,7 +196,7 @@ def test_row_injection_needs_a_row_per_first_round_passage():
 
 
 def test_continued_training_warms_up_linearly():
-    from kacq_hooks.experiments.demo import _warmup
+    from kacq_study.demo import _warmup
 
     optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
     schedule = _warmup(optimizer, 4)
@@ -197,3 +209,41 @@ def test_continued_training_warms_up_linearly():
     no_warmup = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
     _warmup(no_warmup, 0)
     assert no_warmup.param_groups[0]["lr"] == 1e-2
+
+
+def test_run_time_is_stated_in_one_place(capsys):
+    """RUN_TIME is the one statement of the demo's run time: --help prints it, the README quotes it."""
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for stated in RUN_TIME.values():
+        assert stated in help_text and stated in readme
+
+
+def test_the_library_never_imports_the_study():
+    for path in sorted((ROOT / "src" / "kacq_hooks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "kacq_study" for n in names), path
+    code = "import sys, kacq_hooks, kacq_hooks.cli, kacq_hooks.corpus; print('kacq_study' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_cli_finds_commands_by_entry_point(tmp_path, monkeypatch, capsys, caplog):
+    """kacq_hooks.cli builds its commands from the kacq.commands group of any installed distribution
+    (as `kacq demo` comes from kacq_study's); one that fails to import costs only its own command."""
+    (tmp_path / "kacq_probe_command.py").write_text(
+        "def register(subparsers):\n"
+        "    parser = subparsers.add_parser('probe')\n"
+        "    parser.set_defaults(func=lambda args: print('probe ran') or 0)\n")
+    dist = tmp_path / "kacq_probe_command-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kacq_probe_command\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[kacq.commands]\nprobe = kacq_probe_command:register\n"
+                                           "broken = kacq_no_such_package:register\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["probe"]) == 0
+    assert capsys.readouterr().out == "probe ran\n"
+    assert "kacq broken is unavailable" in caplog.text and "kacq_no_such_package" in caplog.text

@@ -205,11 +205,12 @@ def test_ddp_wrapped_model(tmp_path):
 
 def test_hooks_are_removed_on_exit_and_on_error():
     model = tiny_model("gpt2")
-    counts = lambda: sum(len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    counts = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())  # noqa: E731
     before = counts()
     with pytest.raises(RuntimeError, match="boom"):
         with kh.instrument(model) as inst:
-            assert counts() == before + 3  # root + two layers
+            # root (enter, exit) + the decoder stack transformer (enter, exit) + two layers
+            assert counts() == before + 6
             assert kh.instrumentations_of(model) == [inst]
             raise RuntimeError("boom")
     assert counts() == before and not inst.attached

@@ -107,6 +107,6 @@ _TOKENIZER_TEXT = (
 
 def tiny_tokenizer(vocab_size: int = VOCAB):
     """A byte-level BPE trained in-process whose vocabulary fits the tiny models (no download)."""
-    from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    from kacq_hooks.corpus import train_bpe_tokenizer
 
     return train_bpe_tokenizer([_TOKENIZER_TEXT] * 8, vocab_size=vocab_size, min_frequency=1)

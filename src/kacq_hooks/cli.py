@@ -9,6 +9,7 @@ code: 0 on success, 2 when a :class:`~kacq_hooks.errors.KacqError` (bad input) s
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -18,8 +19,8 @@ from typing import Callable, Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .corpus import load_corpus
 from .errors import KacqError
-from .experiments.corpus import load_corpus
 from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
 from .interventions.resuscitation import check_plan_arguments, check_weight_edit
 from .sweep import check_device, check_seq_len, entropy_sweep, measure_texts
@@ -135,85 +136,23 @@ def run_resuscitate(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- kacq demo ----------------------------------------------------------------------------------------------------
+# -- commands of other packages (kacq demo) ----------------------------------------------------------------------
 
-def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "demo", help="pretrain a small Llama, track knowledge entropy, inject facts, and write a short report",
-        description="The end-to-end study: pretrain a small Llama-style model from scratch on an offline corpus, "
-                    "measuring knowledge entropy per layer; continue training with fact injection from an early "
-                    "and a late checkpoint and from the late one after resuscitation; write results.json, "
-                    "report.md and figures to --out. Defaults take about 8 minutes on 2 CPU cores; --quick under 1.")
-    parser.add_argument("--quick", action="store_true", help="a smoke-sized run (what the tests run)")
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--corpus", default=None, help="your own .txt or .jsonl corpus instead of the offline "
-                        "Wikipedia summaries")
-    parser.add_argument("--facts", default=None, help="a Fictional Knowledge JSON file instead of generated facts")
-    parser.add_argument("--arms", default=None, help="comma-separated arms (default early,late,late+resuscitation); "
-                        "'zhu' for late,late+augment,late+sam,late+augment+sam; 'all' for every arm")
-    parser.add_argument("--pretrain-steps", type=int, default=None)
-    parser.add_argument("--cache-dir", default=None, help="tokenizer cache (default $KACQ_CACHE or "
-                        "~/.cache/kacq_hooks)")
-    parser.set_defaults(func=run_demo_command)
-    return parser
+COMMAND_GROUP = "kacq.commands"
 
 
-def _parse_arms(text: str | None) -> tuple[str, ...] | None:
-    from .experiments.demo import ARMS, ZHU_ARMS
-
-    if text is None:
-        return None
-    if text == "zhu":
-        return ZHU_ARMS
-    if text == "all":
-        return tuple(ARMS)
-    arms = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        raise KacqError(f"unknown arm(s) {unknown or [text]} in --arms; choose from {', '.join(ARMS)} (or 'zhu', "
-                        "'all')")
-    return arms
-
-
-def run_demo_command(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .experiments.demo import DemoConfig, run_demo, write_results
-    from .report import write_report
-
-    overrides = {"seed": args.seed, "corpus": args.corpus, "facts": args.facts, "cache_dir": args.cache_dir}
-    arms = _parse_arms(args.arms)
-    if arms is not None:
-        overrides["arms"] = arms
-    if args.pretrain_steps is not None:
-        overrides["pretrain_steps"] = args.pretrain_steps
-    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    bars: dict[str, tqdm] = {}
-
-    def progress(phase: str, info: dict) -> None:
-        if "total" not in info:
-            return
-        bar = bars.get(phase)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[phase] = tqdm(total=info["total"], desc=phase, unit="step", file=sys.stderr,
-                                     dynamic_ncols=True, leave=True)
-        bar.update(info["step"] - bar.n)
-        bar.set_postfix(loss=f"{info['loss']:.3f}", entropy=f"{info['entropy']:.4f}", refresh=False)
-
-    try:
-        results = run_demo(config, progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    path = write_results(results, args.out)
-    written = write_report(results, args.out)
-    holds = sum(f["holds"] is True for f in results["findings"])
-    print(f"wrote {path}, {', '.join(p.name for p in written)} to {args.out}; {holds} of "
-          f"{len(results['findings'])} findings reproduce at this scale (see report.md)")
-    return 0
+def installed_commands() -> list[Callable]:
+    """The ``register(subparsers)`` functions installed packages declare in the ``kacq.commands`` entry-point
+    group, by name: ``kacq demo`` comes from the study package (``kacq_study``), which the library never imports
+    by name. A command whose package fails to import is left out with a warning."""
+    found = []
+    for entry in sorted(importlib.metadata.entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            found.append(entry.load())
+        except Exception as err:  # any failure of another package's import must not take down the library's commands
+            log.warning("kacq %s is unavailable: %s could not be loaded (%s: %s); reinstall the package that "
+                        "provides it", entry.name, entry.value, type(err).__name__, err)
+    return found
 
 
 # -- kacq entropy -------------------------------------------------------------------------------------------------
@@ -268,7 +207,7 @@ def run_entropy_command(args: argparse.Namespace) -> int:
 
 # -- entry point ------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [add_resuscitate_parser, add_demo_parser, add_entropy_parser]
+SUBCOMMANDS: list[Callable] = [add_resuscitate_parser, add_entropy_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "in language models with PyTorch hooks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
+    for add in [*SUBCOMMANDS, *installed_commands()]:
         add(subparsers)
     return parser
 

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import KacqError
+from .errors import KacqError, ShapeError
+from .stats import CoefficientStats
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,13 @@ class KnowledgeEntropy:
     weighting: str = "token"
     tokens: int | None = None
     nonfinite_per_layer: list[int] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def by_label(self) -> dict[str, float]:
+        """Per-layer entropy keyed by the model's layer labels (e.g. ``decoder.layer_3``)."""
+        labels = self.labels or [f"layer_{i}" for i in range(len(self.per_layer))]
+        return dict(zip(labels, self.per_layer))
 
     @property
     def total(self) -> float:
@@ -49,7 +57,7 @@ class KnowledgeEntropy:
     def to_dict(self) -> dict:
         return {"total": self.total, "max_total": self.max_total, "per_layer": list(self.per_layer),
                 "max_per_layer": list(self.max_per_layer), "weighting": self.weighting, "tokens": self.tokens,
-                "nonfinite_per_layer": list(self.nonfinite_per_layer)}
+                "nonfinite_per_layer": list(self.nonfinite_per_layer), "labels": list(self.labels)}
 
 
 def entropy(mean_abs: torch.Tensor) -> float:
@@ -64,14 +72,13 @@ def entropy(mean_abs: torch.Tensor) -> float:
     if total <= 0:
         raise KacqError("every mean |C| is zero: no tokens were recorded for this layer, or the layer is dead")
     p = c / total
-    return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum())
+    return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum()) + 0.0  # never -0.0
 
 
-def knowledge_entropy(source, weighting: str = "token") -> KnowledgeEntropy:
+def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | None = None) -> KnowledgeEntropy:
     """Knowledge entropy of an Instrumentation, a CoefficientStats, or a list of per-layer c̄ vectors."""
-    from .stats import CoefficientStats
-
     if hasattr(source, "stats") and isinstance(source.stats, CoefficientStats):
+        labels = labels if labels is not None else getattr(source, "labels", None)
         source = source.stats
     tokens, nonfinite = None, []
     if isinstance(source, CoefficientStats):
@@ -84,11 +91,17 @@ def knowledge_entropy(source, weighting: str = "token") -> KnowledgeEntropy:
         if bad:
             log.warning("non-finite coefficients were seen and left out of the entropy (layer: count): %s", bad)
         cbars = [s.mean_abs(weighting) for s in source]
+        for i, (s, c) in enumerate(zip(source, cbars)):
+            if nonfinite[i] and not bool((c > 0).any()):
+                name = labels[i] if labels else f"layer {i}"
+                raise KacqError(f"{name}: every recorded coefficient was non-finite ({nonfinite[i]} NaN/Inf values "
+                                "counted), so it has no knowledge entropy; check the model's weights and inputs "
+                                "(a diverged run, or fp16 overflow)")
         tokens = max(tokens)
     elif isinstance(source, Sequence) and all(isinstance(c, torch.Tensor) for c in source):
         cbars = list(source)
     else:
-        raise TypeError(f"knowledge_entropy takes an Instrumentation, CoefficientStats or a list of tensors, "
+        raise ShapeError(f"knowledge_entropy takes an Instrumentation, CoefficientStats or a list of tensors, "
                         f"not {type(source).__name__}")
     return KnowledgeEntropy(
         per_layer=[entropy(c) for c in cbars],
@@ -96,4 +109,66 @@ def knowledge_entropy(source, weighting: str = "token") -> KnowledgeEntropy:
         weighting=weighting,
         tokens=tokens,
         nonfinite_per_layer=nonfinite,
+        labels=list(labels) if labels is not None else [],
     )
+
+
+@dataclass(frozen=True)
+class ExpertsEntropy:
+    """Knowledge entropy of one mixture-of-experts layer, split by the chain rule.
+
+    ``total`` is the entropy over all E x m routed slots and the shared slots (the layer's value in
+    :class:`KnowledgeEntropy`); it equals ``which_expert + within_experts``: the entropy H(P) of the
+    share of coefficient mass each expert carries (the shared experts' slots count as one more group),
+    plus the share-weighted entropy inside each group. ``per_expert[e]`` is the entropy of expert e's
+    mean |C| over the tokens routed to it (unweighted by the routing weight) and ``load[e]`` their
+    number; an expert that saw no token has ``per_expert[e] = None`` and load 0.
+    """
+
+    label: str
+    total: float
+    which_expert: float
+    within_experts: float
+    share: list[float]
+    per_expert: list[float | None]
+    load: list[int]
+    max_total: float
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def experts_entropy(inst) -> list[ExpertsEntropy]:
+    """The split of every mixture-of-experts layer of ``inst`` (an Instrumentation); dense layers are skipped.
+
+    >>> import kacq_hooks as kh
+    >>> from transformers import MixtralConfig, MixtralForCausalLM
+    >>> model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=8,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_local_experts=4))
+    >>> with kh.instrument(model) as inst:
+    ...     _ = model(torch.randint(64, (2, 6)))
+    >>> [split] = experts_entropy(inst)
+    >>> abs(split.which_expert + split.within_experts - split.total) < 1e-9, sum(split.load)
+    (True, 24)
+    """
+    results = []
+    for site, stats in zip(inst.sites, inst.stats):
+        if site.kind != "experts":
+            continue
+        if int(stats.tokens) == 0:
+            raise KacqError(f"{site.label}: no tokens have been recorded; run forward passes first")
+        cbar = stats.mean_abs("token").double()
+        e, m = site.experts, site.expert_d_ff
+        groups = [cbar[i * m:(i + 1) * m] for i in range(e)]
+        if site.d_ff > e * m:
+            groups.append(cbar[e * m:])
+        mass = torch.stack([g.sum() for g in groups])
+        share = mass / mass.sum()
+        within = sum(float(p) * entropy(g) for p, g in zip(share, groups) if float(p) > 0)
+        load = [int(stats.routed_tokens[i * m]) for i in range(e)]
+        routed = [stats.routed_sum_abs[i * m:(i + 1) * m] for i in range(e)]
+        per_expert = [entropy(r / n) if n and float(r.sum()) > 0 else None for r, n in zip(routed, load)]
+        results.append(ExpertsEntropy(
+            label=site.label, total=entropy(cbar), which_expert=entropy(share), within_experts=within,
+            share=[float(p) for p in share], per_expert=per_expert, load=load, max_total=math.log(site.d_ff)))
+    return results

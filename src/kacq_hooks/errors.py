@@ -26,8 +26,12 @@ class MissingExtraError(KacqError, ImportError):
         self.extra = extra
 
 
+class CorpusError(KacqError, ValueError):
+    """A corpus, tokenizer setting or split cannot be used as asked (bad size, count or fraction)."""
+
+
 class ConfigError(KacqError, ValueError):
-    """An argument or option has a value that cannot work (out of range, unknown name, wrong combination)."""
+    """An option or environment setting has a value kacq_hooks does not accept."""
 
 
 class CheckpointError(KacqError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import warnings
 import weakref
 from typing import Iterator
 
@@ -20,8 +21,8 @@ from torch import nn
 
 from . import kernels
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import KacqError, ShapeError
-from .frontends import Binding, bind
+from .errors import ConfigError, KacqError, ShapeError
+from .frontends import Binding, StackBinding, StackInputs, bind
 from .locate import Site
 from .stats import CoefficientStats
 
@@ -32,7 +33,7 @@ _attached: "weakref.WeakSet[Instrumentation]" = weakref.WeakSet()
 
 
 def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = False, mask_padding: bool = True,
-               weighting: str = "token", padding_compat: bool = False) -> "Instrumentation":
+               weighting: str = "token", stacks=None, padding_compat: bool = False) -> "Instrumentation":
     """Attach coefficient capture to ``model`` and return the :class:`Instrumentation` that owns it.
 
     Args:
@@ -47,7 +48,9 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
         weighting: the default for :meth:`Instrumentation.knowledge_entropy`: "token" (every token
             counts once; the released code) or "document" (mean over each batch row first; the paper's
             equation). Document sums are only kept when "document" is chosen here.
-        padding_compat: the released code's padding behaviour by its SCIENCE.md name; the same as
+        stacks: which stacks to instrument: None for the language model's (its decoder, and the encoder of
+            an encoder or encoder-decoder), or names such as ``("vision",)`` or ``("decoder", "vision")``.
+        padding_compat: deprecated second spelling of
             ``mask_padding=False``.
 
     >>> import kacq_hooks as kh
@@ -58,9 +61,12 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
     >>> len(inst.knowledge_entropy().per_layer), inst.sites[0].path
     (2, 'transformer.h.0.mlp.c_proj')
     """
+    if padding_compat:
+        warnings.warn("instrument(padding_compat=True) is deprecated: it is a second spelling of "
+                      "mask_padding=False", DeprecationWarning, stacklevel=2)
     if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
-    inst = Instrumentation(bind(model, mlp_out), model=model, grads=grads,
+        raise ConfigError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
+    inst = Instrumentation(bind(model, mlp_out, stacks), model=model, grads=grads,
                            mask_padding=mask_padding and not padding_compat,
                            weighting=weighting)
     inst.attach()
@@ -83,8 +89,79 @@ def paused(model: nn.Module) -> Iterator[None]:
         yield
 
 
+class _Call:
+    """One forward of the model: the inputs each stack was called with, and which sites have fired.
+
+    Statistics of the call are staged in the instrumentation's pending buffers and committed when
+    the call ends normally with every site of every stack that ran fired exactly once.
+    """
+
+    __slots__ = ("opener", "stacks", "fired", "rows", "committed", "discarded", "root", "incomplete")
+
+    def __init__(self, opener: nn.Module, root: StackInputs):
+        self.opener = opener
+        self.root = root
+        self.stacks: dict[int, StackInputs] = {}
+        self.fired: dict[int, int] = {}
+        self.rows: dict = {}
+        self.committed = False
+        self.discarded = False
+        self.incomplete = False
+
+
+class _Hook:
+    """A hook that reaches its instrumentation through a weak reference.
+
+    Copying or pickling a model copies its hooks: a copy of this hook is inert and removes itself
+    from the copied module at its first call, so a deep copy (or ``torch.save``) of an instrumented
+    model is an uninstrumented model, never one whose forwards feed a hidden instrumentation.
+    """
+
+    def __init__(self, inst: "Instrumentation", method: str, *bound):
+        self._inst = weakref.ref(inst)
+        self._method = method
+        self._bound = bound
+
+    def __call__(self, module, *args):
+        inst = self._inst()
+        if inst is None:
+            return None
+        return getattr(inst, self._method)(*self._bound, module, *args)
+
+    def __deepcopy__(self, memo):
+        return _InertHook()
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a copied kacq hook becomes: it does nothing and removes itself when first called."""
+
+    def __call__(self, module, *args):
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                if hook is self:
+                    del hooks[key]
+                    for extra in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                                  module._forward_hooks_always_called):
+                        extra.pop(key, None)
+        return None
+
+
 class Instrumentation:
-    """Owns the hooks on one model and the :class:`CoefficientStats` they feed."""
+    """Owns the hooks on one model and the :class:`CoefficientStats` they feed.
+
+    Each model call is a transaction: statistics of a call are staged and added to :attr:`stats` only
+    when the call ends normally with every site of every stack that ran seen exactly once, so a call
+    that raises (an out-of-memory retry, a keyboard interrupt) adds nothing and every layer always holds
+    the same token count. ``discarded_calls`` counts the calls left out that way.
+
+    Order of hooks: kacq reads each stack's mask in a forward pre-hook on that stack's module (for a
+    causal LM the base model inside it), so input-rewriting pre-hooks on the outer model run first
+    whatever their registration order. On the stack's module itself, register such hooks before
+    ``instrument()`` or with ``prepend=True``.
+    """
 
     def __init__(self, binding: Binding, *, model=None, grads: bool = False, mask_padding: bool = True,
                  weighting: str = "token"):
@@ -94,17 +171,28 @@ class Instrumentation:
         self.mask_padding = mask_padding
         self.weighting = weighting
         root_device = _device_of(binding.root)
-        self.stats = CoefficientStats([s.d_ff for s in binding.sites],
-                                      [_device_of(s.module, root_device) for s in binding.sites])
+        devices = [_device_of(s.module, root_device) for s in binding.sites]
+        self.stats = CoefficientStats([s.d_ff for s in binding.sites], devices)
+        self._pending = CoefficientStats([s.d_ff for s in binding.sites], devices)
         self._handles: list = []
         self._pause_depth = 0
-        self._call: tuple[torch.Tensor | None, tuple[int, int] | None] = (None, None)
-        self._rows_cache: dict = {}
+        self._call: _Call | None = None
+        self._last_call: _Call | None = None
+        self._inside: dict[int, set[int]] = {}
+        self.discarded_calls = 0
+        self._stack_of_module = {id(stack.module): k for k, stack in enumerate(binding.stacks)}
+        self._sites_of_stack = [[i for i, k in enumerate(binding.site_stack) if k == stack]
+                                for stack in range(len(binding.stacks))]
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
     def sites(self) -> list[Site]:
         return self.binding.sites
+
+    @property
+    def labels(self) -> list[str]:
+        """Per site, the label results use: the stack and the model's own layer number."""
+        return [site.label for site in self.sites]
 
     @property
     def attached(self) -> bool:
@@ -114,9 +202,18 @@ class Instrumentation:
         """Register the hooks (``instrument`` does this already; use it to re-attach after ``remove``)."""
         if self._handles:
             return self
-        self._handles.append(self.binding.root.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        root, closer = self.binding.root, self.binding.closer or self.binding.root
+        add = self._handles.append
+        add(root.register_forward_pre_hook(_Hook(self, "_on_enter"), with_kwargs=True))
+        for k, stack in enumerate(self.binding.stacks):
+            if stack.module is not root:
+                add(stack.module.register_forward_pre_hook(_Hook(self, "_on_enter"), with_kwargs=True))
+                add(stack.module.register_forward_hook(_Hook(self, "_on_exit"), with_kwargs=True, always_call=True))
+        add(closer.register_forward_hook(_Hook(self, "_on_exit"), with_kwargs=True, always_call=True))
         for index, site in enumerate(self.sites):
-            self._handles.append(site.module.register_forward_pre_hook(functools.partial(self._on_coefficients, index)))
+            add(site.module.register_forward_pre_hook(_Hook(self, "_on_coefficients", index)))
+        hooked = [root] + [stack.module for stack in self.binding.stacks]
+        self._inside = {id(m): {id(h) for h in hooked if h is not m and _contains(m, h)} for m in hooked}
         _attached.add(self)
         return self
 
@@ -125,7 +222,7 @@ class Instrumentation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._call, self._rows_cache = (None, None), {}
+        self._call = None
         _attached.discard(self)
 
     def __enter__(self) -> "Instrumentation":
@@ -144,80 +241,198 @@ class Instrumentation:
             self._pause_depth -= 1
 
     @property
-    def paused(self) -> bool:
+    def is_paused(self) -> bool:
         return self._pause_depth > 0
 
-    # -- hooks -----------------------------------------------------------------------------------
-    def _on_call(self, module, args, kwargs):
-        mask, shape = self.binding.call_inputs(args, kwargs)
-        if mask is not None and self.mask_padding:
-            if mask.dim() != 2:
-                raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}; kacq_hooks needs the 2-D padding "
-                                 "mask [batch, seq]. Pass a 2-D mask, or instrument(model, mask_padding=False) to "
-                                 "count every position")
-            if shape is not None and (mask.shape[0] != shape[0] or mask.shape[1] < shape[1]):
-                raise ShapeError(f"attention_mask of shape {tuple(mask.shape)} does not fit inputs of shape "
-                                 f"{shape} (expected [{shape[0]}, >= {shape[1]}])")
-        self._call = (mask if self.mask_padding else None, shape)
-        self._rows_cache = {}
+    @property
+    def paused(self) -> bool:
+        warnings.warn("Instrumentation.paused is deprecated (it reads like the function kacq_hooks.paused); "
+                      "use Instrumentation.is_paused", DeprecationWarning, stacklevel=2)
+        return self.is_paused
 
+    # -- calls -----------------------------------------------------------------------------------
+    def _on_enter(self, module, args, kwargs):
+        if self._pause_depth:
+            return
+        call = self._call
+        if call is not None and (module is call.opener or id(call.opener) in self._inside.get(id(module), ())):
+            self._discard(call)  # the module that opened it is being called afresh: that call never ended
+            call = None
+        if call is None:
+            root_inputs = self.binding.read_root(args, kwargs) if module is self.binding.root else StackInputs()
+            call = self._call = _Call(module, root_inputs)
+        stack = self._stack_of_module.get(id(module))
+        if stack is not None:
+            inputs = self.binding.stacks[stack].read(args, kwargs)
+            self._check_inputs(stack, inputs)
+            if stack in call.stacks:  # the stack runs again inside one call (a model that calls its body twice)
+                if any(call.fired.get(i, 0) != 1 for i in self._sites_of_stack[stack]):
+                    call.incomplete = True
+                for i in self._sites_of_stack[stack]:
+                    call.fired.pop(i, None)
+                call.rows = {}
+            call.stacks[stack] = inputs
+
+    def _check_inputs(self, stack: int, inputs: StackInputs) -> None:
+        if inputs.continuation and self.weighting == "document":
+            raise KacqError("document weighting needs each document whole in one forward, but this call continues "
+                            "sequences from a KV cache (cached generation). Measure with use_cache=False, or use "
+                            "instrument(model, weighting='token')")
+        mask = inputs.mask
+        if mask is None or not self.mask_padding:
+            return
+        if inputs.shape is not None and (mask.shape[0] != inputs.shape[0] or mask.shape[1] < inputs.shape[1]):
+            raise ShapeError(f"attention_mask of shape {tuple(mask.shape)} does not fit inputs of shape "
+                             f"{inputs.shape} (expected [{inputs.shape[0]}, >= {inputs.shape[1]}]) in the "
+                             f"{self.binding.stacks[stack].name} stack")
+
+    def _on_exit(self, module, args, kwargs, output):
+        call = self._call
+        if call is None or module is not (call.opener if call.opener is not self.binding.root
+                                          else (self.binding.closer or self.binding.root)):
+            return
+        self._call = None
+        if output is None:  # torch passes None to always-called hooks when the forward raised
+            self._discard(call)
+            return
+        missing = [self.sites[i].label for k in call.stacks for i in self._sites_of_stack[k]
+                   if call.fired.get(i, 0) != 1]
+        if missing or call.incomplete or not call.fired:
+            self._discard(call, f"sites {missing[:4]} did not run once each in it" if missing or call.incomplete
+                          else "no site ran in it")
+            return
+        self.stats.merge(self._pending)
+        self._pending.reset()
+        call.committed = True
+        self._last_call = call
+
+    def _discard(self, call: _Call, why: str | None = None) -> None:
+        call.discarded = True
+        self._pending.reset()
+        if call.fired:
+            self.discarded_calls += 1
+            if why:
+                log.warning("kacq_hooks: a forward of %s was left out of the statistics because %s (a partial "
+                            "forward, e.g. an early exit or a stop_at_layer run): every layer must see every "
+                            "token of a counted call", type(self.model).__name__, why)
+
+    # -- hooks -----------------------------------------------------------------------------------
     def _on_coefficients(self, index: int, module, args):
         if self._pause_depth:
             return
         c = args[0]
-        recomputing = torch._C._current_graph_task_id() != -1  # activation checkpointing re-runs forwards in backward
-        c2d = c.detach().reshape(-1, c.shape[-1])
-        stats = self.stats[index]
+        site = self.sites[index]
+        if torch._C._current_graph_task_id() != -1:  # activation checkpointing re-runs forwards in backward
+            call = self._last_call
+            if call is not None and self.grads and c.requires_grad and torch.is_grad_enabled():
+                rows, _, _ = self._rows_for(call, index, c)
+                c.register_hook(functools.partial(self._on_gradient, index, call, c.detach().reshape(-1, c.shape[-1]),
+                                                  rows))
+            return
+        call = self._call
+        stack = self.binding.site_stack[index]
+        if call is None or stack not in call.stacks:
+            raise KacqError(f"{site.path} ran outside a call of the {self.binding.stacks[stack].name} stack it "
+                            f"belongs to (a layer called on its own?), so kacq_hooks does not know which positions "
+                            f"are padding. Call the model (or its {type(self.binding.stacks[stack].module).__name__}), "
+                            "or run this inside inst.pause()")
+        count = call.fired.get(index, 0) + 1
+        call.fired[index] = count
+        if count > 1:
+            raise KacqError(f"{site.path} ran {count} times in one forward (a layer shared across depth, as in "
+                            "ALBERT, or a module called twice): kacq_hooks does not pool the statistics of "
+                            "different depths into one layer. Instrument a model whose layers are distinct, or "
+                            "pass mlp_out= naming modules that run once per forward")
+        stats = self._pending[index]
         if stats.device != c.device:  # a parameterless site (a TransformerLens HookPoint) on a sharded model
-            stats.to(c.device)
-        rows, doc_weight, documents = self._rows_for(c)
-        if not recomputing:
-            kernels.accumulate_forward(c2d, rows, doc_weight, stats)
-            if documents is not None:
-                stats.documents.add_(documents.to(stats.documents.device))
+            self._pending.move_layer(index, c.device)
+            self.stats.move_layer(index, c.device)
+            stats = self._pending[index]
+        c2d = c.detach().reshape(-1, c.shape[-1])
+        rows, doc_weight, documents = self._rows_for(call, index, c)
+        kernels.accumulate_forward(c2d, rows, doc_weight, stats)
+        if documents is not None:
+            stats.documents.add_(documents.to(stats.documents.device))
         if self.grads and c.requires_grad and torch.is_grad_enabled():
-            c.register_hook(functools.partial(self._on_gradient, index, c2d, rows))
+            c.register_hook(functools.partial(self._on_gradient, index, call, c2d, rows))
 
-    def _on_gradient(self, index: int, c2d: torch.Tensor, rows, grad: torch.Tensor):
-        if not self._pause_depth:
+    def _on_gradient(self, index: int, call: _Call, c2d: torch.Tensor, rows, grad: torch.Tensor):
+        if not self._pause_depth and not call.discarded:
             kernels.accumulate_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows, self.stats[index])
 
-    def _rows_for(self, c: torch.Tensor):
+    def _rows_for(self, call: _Call, index: int, c: torch.Tensor):
         """(valid rows [N] bool or None, document weights [N] fp32 or None, documents or None) for C."""
-        key = tuple(c.shape[:-1])
-        if key not in self._rows_cache:
-            self._rows_cache[key] = self._rows_uncached(c)
-        return self._rows_cache[key]
+        stack = self.binding.site_stack[index]
+        key = (stack, tuple(c.shape[:-1]), c.device)
+        if key not in call.rows:
+            call.rows[key] = self._rows_uncached(call, stack, c)
+        return call.rows[key]
 
-    def _rows_uncached(self, c: torch.Tensor):
-        mask, shape = self._call
-        if c.dim() == 3:
-            batch, steps = c.shape[0], c.shape[1]
-        elif c.dim() == 2 and (mask is not None or shape is not None):  # OPT flattens to (batch * seq, d_ff)
-            batch = mask.shape[0] if mask is not None else shape[0]
-            if c.shape[0] % batch:
-                raise ShapeError(f"coefficients of shape {tuple(c.shape)} cannot be split into {batch} batch rows")
-            steps = c.shape[0] // batch
-        else:
-            batch, steps = 1, c.reshape(-1, c.shape[-1]).shape[0]
+    def _stack_mask(self, call: _Call, stack: int) -> torch.Tensor | None:
+        inputs = call.stacks[stack]
+        if not self.mask_padding:
+            return None
+        if inputs.mask_unusable:  # a 4-D or per-layer mask: the call's own 2-D padding mask, if it fits
+            outer = call.root.mask
+            if isinstance(outer, torch.Tensor) and outer.dim() == 2 and (inputs.shape is None
+                                                                          or outer.shape[0] == inputs.shape[0]):
+                return outer
+            raise ShapeError(f"the {self.binding.stacks[stack].name} stack was given an attention mask that is not a "
+                             "2-D padding mask, and the call has no 2-D mask to use instead; pass attention_mask "
+                             "[batch, seq] to the model, or instrument(model, mask_padding=False)")
+        return inputs.mask
+
+    def _rows_uncached(self, call: _Call, stack: int, c: torch.Tensor):
+        binding = self.binding.stacks[stack]
+        inputs = call.stacks[stack]
+        mask = self._stack_mask(call, stack)
+        need_layout = mask is not None or self.weighting == "document"
         rows = window = None
-        if mask is not None:
-            if mask.shape[0] != batch or mask.shape[1] < steps:
-                raise ShapeError(f"attention_mask of shape {tuple(mask.shape)} does not fit coefficients covering "
-                                 f"{batch} rows x {steps} positions; pass instrument(..., mask_padding=False) to "
-                                 "count every position")
-            window = mask[:, mask.shape[1] - steps:].to(device=c.device)  # cached generation: the last positions
-            rows = window.reshape(-1).bool()
+        if need_layout:
+            batch, steps = self._layout_of(binding, inputs, mask, c)
+            if mask is not None:
+                window = mask[:, mask.shape[1] - steps:].to(device=c.device)  # cached generation: the last positions
+                if c.dim() == 3 and binding.layout == "seq_first":
+                    rows = window.t().reshape(-1).bool()
+                else:
+                    rows = window.reshape(-1).bool()
         if self.weighting != "document":
             return rows, None, None
         window = torch.ones(batch, steps, device=c.device) if window is None else window.float()
         lengths = window.sum(1, keepdim=True)  # a document is a batch row; its weight is 1 / its token count
-        return rows, (window / lengths.clamp_min(1)).reshape(-1), (lengths > 0).sum()
+        weight = window / lengths.clamp_min(1)
+        if c.dim() == 3 and binding.layout == "seq_first":
+            weight = weight.t()
+        return rows, weight.reshape(-1), (lengths > 0).sum()
+
+    def _layout_of(self, binding: StackBinding, inputs: StackInputs, mask, c: torch.Tensor) -> tuple[int, int]:
+        """(batch, positions) of C, checked against the stack's inputs so that no layout passes transposed."""
+        shape = inputs.shape
+        if shape is None and mask is not None:
+            shape = (int(mask.shape[0]), int(mask.shape[1]))
+        where = f"{binding.name} stack"
+        if shape is None:
+            raise ShapeError(f"kacq_hooks cannot tell the batch layout of coefficients {tuple(c.shape)} in the {where}: "
+                             "the call passed neither token ids nor a mask it could read")
+        batch, seq = shape
+        if c.dim() == 3:
+            lead = (int(c.shape[1]), int(c.shape[0])) if binding.layout == "seq_first" else (int(c.shape[0]),
+                                                                                               int(c.shape[1]))
+            if lead != (batch, seq):
+                raise ShapeError(f"coefficients of shape {tuple(c.shape)} ({binding.layout}) do not cover the "
+                                 f"{batch} x {seq} tokens of this call of the {where}: the model adds or drops "
+                                 "positions inside (prompt or n-gram streams), so kacq_hooks cannot match them to the "
+                                 "padding mask. Use instrument(model, mask_padding=False) on unpadded batches")
+            return batch, seq
+        if c.dim() == 2 and c.shape[0] == batch * seq:  # OPT flattens to (batch * seq, d_ff)
+            return batch, seq
+        raise ShapeError(f"coefficients of shape {tuple(c.shape)} cannot be split into the {batch} x {seq} tokens of "
+                         f"this call of the {where}; pass instrument(..., mask_padding=False) to count every position")
 
     # -- results ---------------------------------------------------------------------------------
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
-        """Per-layer and total knowledge entropy of everything recorded so far (SCIENCE.md §2)."""
-        return knowledge_entropy(self.stats, self._weighting(weighting))
+        """Per-layer and total knowledge entropy of everything recorded so far, labelled by layer."""
+        return knowledge_entropy(self.stats, self._weighting(weighting), labels=self.labels)
 
     def mean_abs_coefficients(self, weighting: str | None = None) -> list[torch.Tensor]:
         """c̄ per layer: fp32 [d_ff] tensors of the mean |C| over recorded tokens (or documents)."""
@@ -245,13 +460,15 @@ class Instrumentation:
         self.stats.reset()
 
     def state_dict(self) -> dict:
-        return {"sites": [s.path for s in self.sites], "weighting": self.weighting, "stats": self.stats.state_dict()}
+        return {"sites": [s.path for s in self.sites], "weighting": self.weighting, "stats": self.stats.state_dict(),
+                "discarded_calls": self.discarded_calls}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sites") != [s.path for s in self.sites]:
             raise ShapeError(f"saved statistics are for sites {state.get('sites')}, this instrumentation has "
                              f"{[s.path for s in self.sites]}")
         self.stats.load_state_dict(state["stats"])
+        self.discarded_calls = int(state.get("discarded_calls", 0))
 
     def merge(self, other: "Instrumentation") -> "Instrumentation":
         self.stats.merge(other.stats)
@@ -264,6 +481,10 @@ class Instrumentation:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"Instrumentation({len(self.sites)} sites via {self.binding.name}, {state}, grads={self.grads})"
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
 
 
 def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:

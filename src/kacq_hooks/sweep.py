@@ -25,9 +25,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ConfigError, KacqError
-from .experiments.corpus import load_corpus
+from .corpus import load_corpus
 from .measuring import measure
-from .report import _pyplot
+from .report import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def _labels(row: dict) -> list[str]:
 
 def _plot(rows: list[dict], path: Path) -> Path:
 
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in rows]
     use_steps = all(s is not None for s in steps) and len(set(steps)) == len(steps)
     x = steps if use_steps else list(range(len(rows)))
@@ -391,6 +391,4 @@ def _plot(rows: list[dict], path: Path) -> Path:
         for ax in (left, right):
             ax.set_xticks(x, [Path(r["name"]).name for r in rows], rotation=30, fontsize=7)
     right.legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -164,7 +164,7 @@ def inject(
     on its side. New labels are the passage tokens, then the row's own labels (so a row's masked
     positions stay masked), and ``-100`` on padding.
 
-    >>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    >>> from kacq_hooks.corpus import train_bpe_tokenizer
     >>> tok = train_bpe_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
     >>> ids = torch.tensor([tok("the mat the mat")["input_ids"]] * 2)
     >>> out = inject({"input_ids": ids, "labels": ids.clone()}, ["cat"], tok)

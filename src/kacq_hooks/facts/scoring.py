@@ -63,7 +63,7 @@ def encode_probe(tokenizer, input_text: str, target_text: str) -> EncodedProbe:
     Needs a fast tokenizer (offsets). Leading special tokens (BOS) stay in the context, trailing ones
     (an appended EOS) are dropped.
 
-    >>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    >>> from kacq_hooks.corpus import train_bpe_tokenizer
     >>> tok = train_bpe_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
     >>> probe = encode_probe(tok, "the cat sat on the", "mat")
     >>> tok.decode(probe.ids[probe.target_start:]), probe.clean

@@ -60,7 +60,7 @@ class FactTracker:
     tokens (``logits_to_keep``), where its forward accepts that; the LM head then costs almost nothing.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    >>> from kacq_hooks.corpus import train_bpe_tokenizer
     >>> from kacq_hooks.facts import FactRecord, FactSet
     >>> tokenizer = train_bpe_tokenizer(["The fox jumps over the lazy dog."] * 20, vocab_size=300)
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,

@@ -1,11 +1,19 @@
-"""Front ends: how each kind of model object exposes its coefficient sites and its attention mask.
+"""Front ends: how each kind of model object exposes its coefficient sites, its stacks and their masks.
 
 A front end turns a model into a :class:`Binding`; :class:`kacq_hooks.Instrumentation` does the rest
 the same way for all of them, so the statistics agree across front ends by construction.
+
+A model call is read in two places. The **root**'s forward pre-hook opens a call and a post-hook on the
+**closer** (the root itself unless a front end says otherwise) ends it. Each **stack** (the decoder of
+a causal LM; the encoder and decoder of a seq2seq model; a vision tower) is a module whose forward
+receives that stack's own tokens and padding mask: a pre-hook there binds the mask that the stack's
+sites use for the rest of the call. Reading the mask at the stack, not at the root, is what makes it
+the mask that produced C: hooks that rewrite the batch at the root (fact injection) have run by then,
+and a seq2seq decoder gets ``decoder_attention_mask``, never the encoder's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -13,33 +21,49 @@ from torch import nn
 
 from ..locate import Site
 
+@dataclass
+class StackInputs:
+    """What one call of a stack (or of the root) was given."""
+
+    mask: torch.Tensor | None = None          # a 2-D [batch, positions] padding mask, or None (all valid)
+    shape: tuple[int, int] | None = None      # (batch, new positions) of the tokens of this call
+    continuation: bool = False                # positions before this call's tokens sit in a KV cache
+    mask_unusable: bool = False               # a mask was given but it is not 2-D (a 4-D or per-layer dict mask)
+
+
+@dataclass
+class StackBinding:
+    name: str
+    module: nn.Module
+    read: Callable[[tuple, dict], StackInputs]
+    layout: str = "batch_first"              # C is [batch, seq, d], [seq, batch, d] ("seq_first") or flat
+
 
 @dataclass
 class Binding:
-    """What an Instrumentation needs from a model.
-
-    ``root`` gets a forward pre-hook (with kwargs) at every call; ``call_inputs(args, kwargs)`` returns
-    that call's (attention_mask or None, (batch, seq) or None). Each site's ``module`` gets a forward
-    pre-hook whose first positional input is the coefficient tensor C.
-    """
+    """What an Instrumentation needs from a model (see the module notes)."""
 
     root: nn.Module
     sites: list[Site]
-    call_inputs: Callable[[tuple, dict], tuple[torch.Tensor | None, tuple[int, int] | None]]
+    stacks: list[StackBinding]
+    site_stack: list[int]                       # per site, its index into ``stacks``
+    read_root: Callable[[tuple, dict], StackInputs]
     name: str = "hf"
+    closer: nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
 
 
-def bind(model, mlp_out: str | None = None) -> Binding:
+def bind(model, mlp_out: str | None = None, stacks=None) -> Binding:
     """Pick the front end for ``model`` without importing optional packages unless the model is theirs."""
     module = type(model).__module__ or ""
     if module.startswith("transformer_lens"):
-        from . import transformer_lens
+        from . import transformer_lens  # optional extra
 
-        return transformer_lens.bind(model, mlp_out)
+        return transformer_lens.bind(model, mlp_out)  # one decoder stack
     if module.startswith("nnsight"):
-        from . import nnsight
+        from . import nnsight  # optional extra
 
-        return nnsight.bind(model, mlp_out)
-    from . import hf
+        return nnsight.bind(model, mlp_out, stacks)
+    from . import hf  # hf imports this module (Binding): a cycle
 
-    return hf.bind(model, mlp_out)
+    return hf.bind(model, mlp_out, stacks)

@@ -20,10 +20,11 @@ torch hooks are added and removed.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
-from ..errors import MissingExtraError
-from . import Binding
+from ..errors import LocateError, MissingExtraError
 
 
 def _require():
@@ -40,14 +41,14 @@ def underlying_module(model) -> nn.Module:
         module = vars(model).get(attribute) if hasattr(model, "__dict__") else None
         if isinstance(module, nn.Module):
             return module
-    raise TypeError(f"{type(model).__name__} does not wrap a torch module (no _module attribute); kacq_hooks "
+    raise LocateError(f"{type(model).__name__} does not wrap a torch module (no _module attribute); kacq_hooks "
                     "instruments nnsight.NNsight / LanguageModel / TransformersModel wrappers of torch models")
 
 
-def bind(model, mlp_out: str | None = None) -> Binding:
+def bind(model, mlp_out: str | None = None, stacks=None):
     """Bind the module inside an nnsight envoy with the front end that module would get on its own."""
     _require()
     from . import bind as bind_any
 
-    inner = bind_any(underlying_module(model), mlp_out)
-    return Binding(root=inner.root, sites=inner.sites, call_inputs=inner.call_inputs, name=f"nnsight+{inner.name}")
+    inner = bind_any(underlying_module(model), mlp_out, stacks)
+    return dataclasses.replace(inner, name=f"nnsight+{inner.name}")

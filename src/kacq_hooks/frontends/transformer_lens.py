@@ -1,6 +1,6 @@
 """TransformerLens front end: ``HookedTransformer`` and ``TransformerBridge``.
 
-TransformerLens names the memory coefficients C with a hook point (SCIENCE.md §1):
+TransformerLens names the memory coefficients C with a hook point (docs/science.md, "Memory coefficients"):
 
 =====================  =============================  ================================
 model                  site (a ``HookPoint`` module)  C
@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import KacqError, LocateError, MissingExtraError
 from ..locate import Site
-from . import Binding, hf
+from . import Binding, StackBinding, StackInputs, hf
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,17 @@ def bind(model: nn.Module, mlp_out: str | None = None) -> Binding:
     sites = _sites(model, mlp_out or (BRIDGE_SITE if bridge else HOOKED_TRANSFORMER_SITE))
     log.debug("bound %s: %d sites at %s", type(model).__name__, len(sites), sites[0].path)
     if bridge:  # every path into the wrapped HF model (forward, generate, hf_generate) passes its mask there
-        return Binding(root=model.original_model, sites=sites, call_inputs=hf.call_inputs,
-                       name="transformer_lens.bridge")
+        hf_model = model.original_model
+        stacks = [StackBinding(name="decoder", module=hf_model, read=hf.read_call(hf_model))]
+        return Binding(root=hf_model, sites=sites, stacks=stacks, site_stack=[0] * len(sites),
+                       read_root=hf.read_call(hf_model), name="transformer_lens.bridge")
     # HookedTransformer: the first block gets the mask TransformerLens settled on, however forward was reached
-    # (run_with_hooks calls forward directly, skipping hooks on the model itself)
-    return Binding(root=model.blocks[0], sites=sites, call_inputs=_block_call_inputs, name="transformer_lens")
+    # (run_with_hooks calls forward directly, skipping hooks on the model itself), so a call opens at the first
+    # block and ends after the last one
+    first = model.blocks[0]
+    stacks = [StackBinding(name="decoder", module=first, read=_read_block_call)]
+    return Binding(root=first, closer=model.blocks[-1], sites=sites, stacks=stacks, site_stack=[0] * len(sites),
+                   read_root=_read_block_call, name="transformer_lens")
 
 
 def _sites(model, template: str) -> list[Site]:
@@ -118,11 +124,17 @@ def _sites(model, template: str) -> list[Site]:
             for layer, (name, hook_point) in sorted(by_layer.items())]
 
 
-def _block_call_inputs(args: tuple, kwargs: dict):
-    """(mask, (batch, seq)) of a ``TransformerBlock(resid_pre, ..., attention_mask=...)`` call."""
+def _read_block_call(args: tuple, kwargs: dict) -> StackInputs:
+    """The mask and (batch, seq) of a ``TransformerBlock(resid_pre, ..., attention_mask=...)`` call."""
     resid = args[0] if args else kwargs.get("resid_pre")
     shape = tuple(resid.shape[:2]) if isinstance(resid, torch.Tensor) and resid.dim() == 3 else None
-    return kwargs.get("attention_mask"), shape
+    mask = kwargs.get("attention_mask")
+    cache = kwargs.get("past_kv_cache_entry")
+    continuation = bool(cache is not None and getattr(cache, "past_keys", None) is not None
+                        and cache.past_keys.shape[1] > 0)
+    if isinstance(mask, torch.Tensor) and shape is not None and mask.dim() == 2 and mask.shape[1] > shape[1]:
+        continuation = True
+    return StackInputs(mask=mask, shape=shape, continuation=continuation)
 
 
 # -- builders ------------------------------------------------------------------------------------

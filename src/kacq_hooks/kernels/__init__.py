@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from ..errors import ConfigError, MissingExtraError
 from . import cpu, reference
 
 _VALID = ("auto", "torch", "triton", "eager")
@@ -29,7 +30,7 @@ def backend_for(device: torch.device) -> str:
     """The backend used for tensors on ``device``: "triton", "cpu" or "torch"."""
     choice = os.environ.get("KACQ_KERNELS", "auto").lower()
     if choice not in _VALID:
-        raise ValueError(f"KACQ_KERNELS={choice!r} is not one of {_VALID}")
+        raise ConfigError(f"KACQ_KERNELS={choice!r} is not one of {_VALID}; unset it or pick one of those")
     if choice == "torch":
         return "torch"
     if choice == "triton":
@@ -51,8 +52,6 @@ def _triton_available() -> bool:
 def _module(backend: str):
     if backend == "triton":
         if not _triton_available():
-            from ..errors import MissingExtraError
-
             raise MissingExtraError("triton", "triton", "KACQ_KERNELS=triton")
         from . import triton as triton_kernels
 

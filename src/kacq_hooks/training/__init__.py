@@ -6,6 +6,7 @@ import warnings
 
 from kacq_hooks.errors import FormatError, SAMError  # noqa: F401  (also in kacq_hooks.errors)
 
+from .attribution import AttributionCallback, AttributionStore, AttributionTracker
 from .augment import Format, augment_record, formatting_variants, with_format_variants
 from .callbacks import (FactTrackingCallback, InjectionCallback, InstrumentationCheckpointCallback,
                         KnowledgeEntropyCallback)
@@ -15,6 +16,7 @@ __all__ = [
     "SAM", "SAMTrainer",
     "formatting_variants", "augment_record", "with_format_variants", "Format",
     "FactTrackingCallback", "KnowledgeEntropyCallback", "InjectionCallback", "InstrumentationCheckpointCallback",
+    "AttributionCallback", "AttributionStore", "AttributionTracker",
 ]
 
 # Names this package exported before, now internals of their modules: importable here for one more release.

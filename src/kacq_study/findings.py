@@ -1,4 +1,4 @@
-"""Which of the papers' findings a demo run reproduces: explicit criteria applied to its numbers.
+"""Which of the papers' findings a study run reproduces: explicit criteria applied to its numbers.
 
 Nothing here is hard-coded: each finding states its criterion, the values it looked at and whether it
 holds (``None`` when the run lacks what the criterion needs, e.g. an arm that was not run).
@@ -69,7 +69,7 @@ def _forgets_more(late: float | None, early: float | None) -> bool | None:
 
 
 def assess(results: dict) -> list[dict]:
-    """The findings list for a results dict (see :func:`kacq_hooks.experiments.demo.run_demo`)."""
+    """The findings list for a results dict (see :func:`kacq_study.demo.run_demo`)."""
     found = []
     entropy = results["pretraining"]["entropy"]
     steps, totals, per_layer = entropy["steps"], entropy["total"], entropy["per_layer"]
@@ -124,13 +124,15 @@ def assess(results: dict) -> list[dict]:
         "mem_gen_hard_gen_order", "Chang et al. 2024", "effectivity: memorization > semantic > compositional",
         f"in arm '{reference}', mean effectivity over scenarios: mem > gen > hard_gen", {"effectivity": kinds},
         (ordered[0] > ordered[1] > ordered[2]) if None not in ordered else None))
-    fits = {k: g["retainability"]["fit"] for k, g in groups.items() if g["retainability"]["fit"]["r2"] is not None}
-    r2 = [f["r2"] for f in fits.values()]
+    fits = {k: g["retainability"]["fit"] for k, g in groups.items()
+            if g["retainability"]["fit"]["r_squared"] is not None}
+    r2 = [f["r_squared"] for f in fits.values()]
     found.append(_finding(
         "power_law_forgetting", "Chang et al. 2024", "forgetting follows a power law in steps",
-        f"in arm '{reference}', the fit R ~ b - a log10(t) has median R^2 >= 0.5 and a > 0 in most groups",
-        {"r2": {k: f["r2"] for k, f in fits.items()}, "a": {k: f["a"] for k, f in fits.items()}},
-        (median(r2) >= 0.5 and sum(f["a"] > 0 for f in fits.values()) > len(fits) / 2) if fits else None))
+        f"in arm '{reference}', the fit R ~ intercept - decay log10(t) has median R^2 >= 0.5 and decay > 0 in "
+        "most groups",
+        {"r_squared": {k: f["r_squared"] for k, f in fits.items()}, "decay": {k: f["decay"] for k, f in fits.items()}},
+        (median(r2) >= 0.5 and sum(f["decay"] > 0 for f in fits.values()) > len(fits) / 2) if fits else None))
 
     def scenario_mean(scenario: str, pick) -> float | None:
         vals = _finite(pick(groups[f"{scenario}/{kind}"]) for kind in KINDS if f"{scenario}/{kind}" in groups)
@@ -142,11 +144,11 @@ def assess(results: dict) -> list[dict]:
         "duplication_more_effective", "Chang et al. 2024", "duplication gives higher effectivity than paraphrase",
         f"in arm '{reference}', mean effectivity over kinds: duplication > paraphrase",
         {"duplication": dup_e, "paraphrase": par_e}, (dup_e > par_e) if None not in (dup_e, par_e) else None))
-    dup_a = scenario_mean("duplication", lambda g: g["retainability"]["fit"]["a"])
-    par_a = scenario_mean("paraphrase", lambda g: g["retainability"]["fit"]["a"])
+    dup_a = scenario_mean("duplication", lambda g: g["retainability"]["fit"]["decay"])
+    par_a = scenario_mean("paraphrase", lambda g: g["retainability"]["fit"]["decay"])
     found.append(_finding(
         "duplication_forgets_faster", "Chang et al. 2024", "duplication is forgotten faster than paraphrase",
-        f"in arm '{reference}', mean decay constant a over kinds: duplication > paraphrase",
+        f"in arm '{reference}', mean decay constant over kinds: duplication > paraphrase",
         {"duplication": dup_a, "paraphrase": par_a}, (dup_a > par_a) if None not in (dup_a, par_a) else None))
 
     for arm, claim in (("late+augment", "formatting augmentation"), ("late+sam", "SAM"),

@@ -10,9 +10,15 @@ One run, one seed, one results dict:
 3. **Metrics** per arm: effectivity, retainability with power-law fits (Chang), acquisition and
    forgetting (Kim), and the entropy at the arm's start.
 
+The study is a consumer of the library's public API (``kacq_hooks``): entropy via ``kh.measure``,
+injection via ``facts.InjectionSchedule`` / ``facts.inject``, probe scores via ``facts.FactTracker``
+with a ``TrajectoryStore``, Chang et al.'s metrics via ``facts.summarize_acquisition``, SAM via
+``training.SAM``, corpus and tokenizer via ``kacq_hooks.corpus``.
+
 The function :func:`run_demo` prints nothing; progress goes to an optional callback, which the CLI
 turns into a progress bar. Same config and seed give the same numbers (the results dict carries no
-wall-clock times; :func:`run_demo` returns those separately in ``timings``).
+wall-clock times; :func:`run_demo` returns those separately in ``timings``). :data:`RUN_TIME` is the
+one statement of how long a run takes.
 
 >>> config = DemoConfig.quick()   # doctest: +SKIP
 >>> results = run_demo(config)                                   # doctest: +SKIP
@@ -33,10 +39,25 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..errors import KacqError
+import kacq_hooks as kh
+from kacq_hooks import facts as kf
+from kacq_hooks.corpus import cached_tokenizer, load_corpus, pack_documents, wikipedia_summaries
+from kacq_hooks.errors import KacqError
+from kacq_hooks.training import SAM, augment_record
+
+from .findings import assess
 
 log = logging.getLogger(__name__)
+
+# How long the study takes: the one place that says it (the CLI's --help and the README quote it; a test
+# checks the README). Measured with `bash scripts/demo.sh` on the project's 2-core development machine.
+RUN_TIME = {
+    "default": "about 8 minutes on 2 CPU cores (7 min 43 s to 8 min 24 s measured)",
+    "quick": "about 1 minute",
+    "zhu": "about 10 minutes (10 min 21 s measured)",
+}
 
 Progress = Callable[[str, dict], None]
 TrainStep = Callable[[torch.Tensor, torch.Tensor], float]
@@ -52,8 +73,8 @@ class DemoConfigError(KacqError, ValueError):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Every setting of the study. ``DemoConfig()`` is the default run (<= 10 min on 2 CPU cores);
-    :meth:`quick` is a smoke-sized run (well under 2 min)."""
+    """Every setting of the study. ``DemoConfig()`` is the default run and :meth:`quick` a smoke-sized
+    one (their run times: :data:`RUN_TIME`)."""
 
     seed: int = 0
     # model: a Llama-style decoder trained from scratch
@@ -103,7 +124,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        """A smoke-sized study for tests and a first look (under 2 minutes on 2 CPU cores)."""
+        """A smoke-sized study for tests and a first look (``RUN_TIME["quick"]``)."""
         small = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, seq_len=128, vocab_size=768, max_docs=800,
                      calibration_sequences=8, pretrain_steps=60, batch_size=24, lr=3e-3, warmup_steps=6,
                      early_step=15, entropy_every=10, facts_per_scenario=2, injection="span",
@@ -117,6 +138,12 @@ class DemoConfig:
 
     def injection_steps(self) -> list[int]:
         return [self.lead_steps + r * self.injection_every for r in range(self.injection_rounds)]
+
+    def schedule(self, facts: kf.FactSet) -> kf.InjectionSchedule:
+        """Chang et al.'s schedule from :meth:`injection_steps`: every round's passages in one step;
+        paraphrase records cycle through their versions when they have fewer than ``injection_rounds``."""
+        return kf.InjectionSchedule(facts, interval=self.injection_every, rounds=self.injection_rounds,
+                                    start=self.lead_steps, cycle_paraphrases=True)
 
     def validate(self) -> None:
         if self.d_model % self.n_heads:
@@ -157,43 +184,25 @@ class Arm:
         checkpoint: "early" or "late" pretraining checkpoint to start from.
         edit: ``edit(model, calibration, config) -> dict`` changes the weights once before training and
             returns what it did (for the report); None for no edit.
-        transform: ``transform(record, scenario, round, config) -> str | None`` the passage injected for a
-            fact at an injection round (None: not injected this round); None uses :func:`paper_passage`.
+        transform: ``transform(injection, facts, config) -> str`` the text injected for one scheduled
+            :class:`kacq_hooks.facts.Injection`; None injects the schedule's passage as it is.
         optimizer: ``optimizer(model, config) -> step`` where ``step(ids, mask) -> loss`` does one update.
     """
 
     name: str
     checkpoint: str
     edit: Callable[[nn.Module, "Calibration", DemoConfig], dict] | None = None
-    transform: Callable[[Any, str, int, DemoConfig], str | None] | None = None
+    transform: Callable[[kf.Injection, kf.FactSet, DemoConfig], str] | None = None
     optimizer: Callable[[nn.Module, DemoConfig], TrainStep] | None = None
 
 
-def paper_passage(record, scenario: str, round_index: int, config: DemoConfig) -> str | None:
-    """Chang et al.'s schedule: paraphrase records inject their i-th version at round i (round 0 the
-    passage itself), duplication records the same passage every round, once records only at round 0."""
-    if scenario == "duplication":
-        return record.train_context
-    if scenario == "once":
-        return record.train_context if round_index == 0 else None
-    if scenario == "paraphrase":
-        versions = [record.train_context, *record.paraphrases]
-        return versions[round_index % len(versions)]
-    return None
-
-
-def _augmented_passage(record, scenario: str, round_index: int, config: DemoConfig) -> str | None:
-    """Formatting augmentation (Zhu et al.): the paper's schedule, each injected copy in a new layout."""
-    from ..training.augment import augment_record
-
-    passage = paper_passage(record, scenario, round_index, config)
-    if passage is None:
-        return None
-    if round_index == 0:
-        return passage
-    variants = augment_record(dataclasses.replace(record, train_context=passage), config.augment_variants,
-                              seed=config.seed + round_index)
-    return variants[round_index % len(variants)]
+def _augmented_passage(injection: kf.Injection, facts: kf.FactSet, config: DemoConfig) -> str:
+    """Formatting augmentation (Zhu et al.): the paper's schedule, each re-injected copy in a new layout."""
+    if injection.round == 0:
+        return injection.text
+    record = dataclasses.replace(facts[injection.record], train_context=injection.text)
+    variants = augment_record(record, config.augment_variants, seed=config.seed + injection.round)
+    return variants[injection.round % len(variants)]
 
 
 def adamw_step(model: nn.Module, config: DemoConfig) -> TrainStep:
@@ -216,54 +225,19 @@ def adamw_step(model: nn.Module, config: DemoConfig) -> TrainStep:
 
 def sam_step(model: nn.Module, config: DemoConfig) -> TrainStep:
     """Sharpness-aware minimization around AdamW (Foret et al. 2021): two forward/backward passes a step."""
-    try:
-        from ..training import sam as sam_module  # the library's SAM, when present
-    except ImportError:
-        sam_module = None
-    if sam_module is not None and hasattr(sam_module, "SAM"):
-        optimizer = sam_module.SAM(model.parameters(), torch.optim.AdamW, rho=config.sam_rho, model=model,
-                                   lr=config.continue_lr, weight_decay=config.weight_decay,
-                                   betas=(config.continue_beta1, 0.999))
-        schedule = _warmup(optimizer, config.continue_warmup)
-
-        def library_step(ids: torch.Tensor, mask: torch.Tensor) -> float:
-            def closure() -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss = _lm_loss(model, ids, mask)
-                loss.backward()
-                return loss
-            loss = optimizer.step(closure)
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(loss.detach())
-
-        return library_step
-    base = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay,
-                                  betas=(config.continue_beta1, 0.999))
-    base_schedule = _warmup(base, config.continue_warmup)
-    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = SAM(model.parameters(), torch.optim.AdamW, rho=config.sam_rho, model=model, lr=config.continue_lr,
+                    weight_decay=config.weight_decay, betas=(config.continue_beta1, 0.999))
+    schedule = _warmup(optimizer, config.continue_warmup)
 
     def step(ids: torch.Tensor, mask: torch.Tensor) -> float:
-        loss = _lm_loss(model, ids, mask)
-        loss.backward()
-        grads = [p.grad for p in params]
-        norm = torch.norm(torch.stack([g.norm() for g in grads if g is not None]))
-        scale = config.sam_rho / (norm + 1e-12)
-        offsets = []
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                offset = g * scale if g is not None else torch.zeros_like(p)
-                p.add_(offset)
-                offsets.append(offset)
-        base.zero_grad(set_to_none=True)
-        _lm_loss(model, ids, mask).backward()
-        with torch.no_grad():
-            for p, offset in zip(params, offsets):
-                p.sub_(offset)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        base.step()
-        base_schedule.step()
-        base.zero_grad(set_to_none=True)
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = _lm_loss(model, ids, mask)
+            loss.backward()
+            return loss
+        loss = optimizer.step(closure)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     return step
@@ -277,12 +251,10 @@ def _warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sche
 
 def resuscitation_edit(model: nn.Module, calibration: "Calibration", config: DemoConfig) -> dict:
     """Kim et al. Algorithm 1 as a one-off weight edit of every layer (multipliers capped), measured on calibration."""
-    from ..interventions import resuscitate, resuscitation_plan
-
-    plan = resuscitation_plan(calibration.instrumentation(model), ratio=config.resuscitation_ratio,
+    plan = kh.resuscitation_plan(calibration.instrumentation(model), ratio=config.resuscitation_ratio,
                               factor=config.resuscitation_factor, max_multiplier=config.resuscitation_cap)
     predicted = plan.predicted_entropy()
-    resuscitate(model, plan, mode="weights")
+    kh.resuscitate(model, plan, mode="weights")
     layers = [{"layer": e.layer, "selected": int(e.selected), "capped": int(e.capped),
                "max_multiplier": float(e.multipliers.max()) if e.selected else 1.0,
                "mean_multiplier": float(e.multipliers.double().mean()) if e.selected else 1.0} for e in plan.edits]
@@ -307,21 +279,13 @@ ZHU_ARMS = ("late", "late+augment", "late+sam", "late+augment+sam")
 
 
 def corpus_texts(path: str | None = None, max_docs: int | None = None) -> list[str]:
-    """Documents of the pretraining corpus: a .txt or .jsonl file (see :func:`~.corpus.load_corpus`) or,
-    with no path, the offline English Wikipedia summaries; the first ``max_docs`` of them."""
-    from .corpus import load_corpus, wikipedia_summaries
-
+    """Documents of the pretraining corpus: a .txt or .jsonl file (see :func:`kacq_hooks.corpus.load_corpus`)
+    or, with no path, the offline English Wikipedia summaries; the first ``max_docs`` of them."""
     texts = wikipedia_summaries() if path is None else load_corpus(path)
     return texts[:max_docs] if max_docs is not None else texts
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KACQ_CACHE") or Path.home() / ".cache" / "kacq_hooks")
-
-
 def build_model(config: DemoConfig, vocab_size: int, pad_token_id: int, eos_token_id: int) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     model_config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
@@ -353,20 +317,8 @@ class Calibration:
         for start in range(0, len(self.ids), self.batch_size):
             yield self.ids[start:start + self.batch_size]
 
-    def instrumentation(self, model: nn.Module):
-        from ..instrumentation import instrument
-
-        inst = instrument(model)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for ids in self._batches():
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        finally:
-            inst.remove()
-            model.train(was_training)
-        return inst
+    def instrumentation(self, model: nn.Module) -> kh.Instrumentation:
+        return kh.measure(model, ({"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in self._batches()))
 
     def entropy(self, model: nn.Module) -> dict:
         return self.instrumentation(model).knowledge_entropy().to_dict()
@@ -399,7 +351,7 @@ class Calibration:
 def inject_spanning(batch: torch.Tensor, passages: Sequence[list[int]], seq_len: int) -> tuple[torch.Tensor, list[int]]:
     """Put each passage (token ids, EOS included) at the start of batch rows, as Chang et al. do, whole.
 
-    Used with ``injection="span"``. Unlike :func:`kacq_hooks.facts.injection.inject` (``"row"``, the
+    Used with ``injection="span"``. Unlike :func:`kacq_hooks.facts.inject` (``"row"``, the
     paper's way), which cuts a passage to one row, a passage longer than a row continues on the next rows
     (for rows shorter than the passages, e.g. the quick run's); the last of its rows keeps the original
     tokens after it, so the batch shape never changes. Returns the new batch and each passage's first row.
@@ -471,8 +423,6 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
         "pretraining": pretraining,
         "arms": arms,
     }
-    from .findings import assess
-
     results["findings"] = assess(results)
     results = _json_ready(results)
     results["timings"] = timings  # removed by write_results: wall-clock times are not reproducible
@@ -484,17 +434,14 @@ class _Data:
     tokenizer: Any
     train: torch.Tensor
     calibration: Calibration
-    facts: Any
+    facts: kf.FactSet
     summary: dict = field(default_factory=dict)
 
 
 def _prepare(config: DemoConfig, report: Progress) -> _Data:
-    from ..facts.generator import assign_scenarios, generate_facts
-    from .corpus import cached_tokenizer, pack_documents
-
     report("prepare", {"stage": "corpus"})
     texts = corpus_texts(config.corpus, config.max_docs)
-    tokenizer = cached_tokenizer(texts, config.vocab_size, config.cache_dir or default_cache_dir())
+    tokenizer = cached_tokenizer(texts, config.vocab_size, config.cache_dir)
     report("prepare", {"stage": "tokenize"})
     packed = pack_documents(texts, tokenizer, config.seq_len)
     n_cal = config.calibration_sequences
@@ -504,15 +451,12 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
     calibration, train = packed[:n_cal], packed[n_cal:]
     per = config.facts_per_scenario
     if config.facts is None:
-        facts = generate_facts(3 * per, seed=config.seed, n_paraphrases=max(1, config.injection_rounds - 1),
-                               avoid=texts)
-        facts = assign_scenarios(facts, {"paraphrase": 1 / 3, "duplication": 1 / 3, "once": 1 / 3})
+        facts = kf.generate_facts(3 * per, seed=config.seed, n_paraphrases=max(1, config.injection_rounds - 1),
+                                  avoid=texts)
+        facts = kf.assign_scenarios(facts, {"paraphrase": 1 / 3, "duplication": 1 / 3, "once": 1 / 3})
         facts_source = "generated"
     else:
-        from ..facts.data import load_fictional_knowledge
-        from ..facts.records import FactSet
-
-        loaded = load_fictional_knowledge(config.facts)
+        loaded = kf.load_fictional_knowledge(config.facts)
         picked = []
         for scenario in ("paraphrase", "duplication", "once"):
             indices = loaded.indices(scenario)[:per]
@@ -520,7 +464,7 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
                 raise DemoConfigError(f"{config.facts} has {len(indices)} '{scenario}' records, fewer than "
                                       f"facts_per_scenario={per}")
             picked += [(loaded[i], scenario) for i in indices]
-        facts = FactSet([r for r, _ in picked], [s for _, s in picked])
+        facts = kf.FactSet([r for r, _ in picked], [s for _, s in picked])
         facts_source = str(config.facts)
     summary = {
         "corpus": config.corpus or "wikipedia_summaries", "documents": len(texts),
@@ -592,10 +536,6 @@ def _cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, report: Progress) -> dict:
-    from ..facts.injection import inject
-    from ..facts.records import PROBE_KINDS
-    from ..facts.tracker import FactTracker
-
     model = checkpoints["model"]
     model.load_state_dict(checkpoints[arm.checkpoint]["state"])
     torch.manual_seed(config.seed + 1)  # every arm sees the same background batches
@@ -606,84 +546,76 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
         entropy_start = data.calibration.entropy(model)
     accuracy_before = data.calibration.accuracy(model)
     step_fn = (arm.optimizer or adamw_step)(model, config)
-    tracker = FactTracker(model, data.tokenizer, data.facts, batch_size=64)
-    transform = arm.transform or paper_passage
+    tracker = kf.FactTracker(model, data.tokenizer, data.facts, batch_size=64)
+    store = kf.TrajectoryStore(None, tracker.probes, data.facts.scenarios)  # in memory
+    schedule = config.schedule(data.facts)
     eos = data.tokenizer.eos_token_id
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed + 17))
-    injection_steps = config.injection_steps()
-    injected: dict[int, list[int]] = {i: [] for i in range(len(data.facts))}
-    scores, losses = [], []
+    losses = []
     rows_per_step = config.continue_batch_size or config.batch_size
     model.train()
     for step in range(config.continue_steps):
-        scores.append(tracker.score_probes().mean)
+        store.append(step, tracker.score_probes())  # every probe, before every update
         rows = order[torch.arange(step * rows_per_step, (step + 1) * rows_per_step) % len(order)]
         ids = data.train[rows]
-        if step in injection_steps:
-            round_index = injection_steps.index(step)
-            texts, which = [], []
-            for index, (record, scenario) in enumerate(zip(data.facts, data.facts.scenarios)):
-                text = transform(record, scenario, round_index, config)
-                if text is not None:
-                    texts.append(text)
-                    which.append(index)
+        due = schedule.at(step)
+        if due:
+            texts = [arm.transform(i, data.facts, config) if arm.transform else i.text for i in due]
             if config.injection == "row":
-                ids = inject({"input_ids": ids}, texts, data.tokenizer)["input_ids"]
+                ids = kf.inject({"input_ids": ids}, texts, data.tokenizer)["input_ids"]
             else:
                 passages = [data.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in texts]
                 ids, _ = inject_spanning(ids, passages, config.seq_len)
-            for index in which:
-                injected[index].append(step)
         losses.append(step_fn(ids, torch.ones_like(ids)))
         report(f"arm:{arm.name}", {"step": step + 1, "total": config.continue_steps, "loss": losses[-1],
                                    "entropy": entropy_start["total"]})
-    scores.append(tracker.score_probes().mean)
-    trajectory = torch.stack(scores).double()  # [steps + 1, probes]
+    store.append(config.continue_steps, tracker.score_probes())
     accuracy_after = data.calibration.accuracy(model)
     entropy_end = data.calibration.entropy(model)
     return {
         "checkpoint": arm.checkpoint, "checkpoint_step": checkpoints[arm.checkpoint]["step"],
         "edit": edit, "entropy_start": entropy_start, "entropy_end": entropy_end,
         "loss": losses,
-        **_fact_metrics(trajectory, tracker, data.facts, injected, config, PROBE_KINDS),
-        "kim": _kim_metrics(trajectory, accuracy_before, accuracy_after),
+        **_fact_metrics(store, schedule, config),
+        "kim": _kim_metrics(store.values("mean").double(), accuracy_before, accuracy_after),
     }
 
 
-def _fact_metrics(trajectory, tracker, facts, injected, config, kinds) -> dict:
-    """Chang et al.'s metrics per (scenario, kind), from ``trajectory`` [steps + 1, probes] (l before each step)."""
-    from ..facts.metrics import effectivity, fit_power_law, mean_without_outliers, retainability
-
-    steps = list(range(len(trajectory)))
+def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, config: DemoConfig) -> dict:
+    """Chang et al.'s metrics per (scenario, kind): ``facts.summarize_acquisition``'s effectivity and
+    power-law fit, with the per-injection gains and the retainability curve it was fitted to (for the
+    figures and findings), from the store's trajectory (the probes' scores before each step)."""
+    summary = {(row["scenario"], row["kind"]): row for row in
+               kf.summarize_acquisition(store, schedule, window=config.window, iqr_factor=config.iqr_factor)}
+    steps = store.steps
+    values = store.values("mean").double()                                      # [steps + 1, probes]
     groups: dict[str, dict] = {}
     trajectories: dict[str, list] = {}
-    for scenario in ("paraphrase", "duplication", "once"):
-        for kind in kinds:
-            columns = [c for c, p in enumerate(tracker.probes)
-                       if p.kind == kind and facts.scenarios[p.record] == scenario]
-            if not columns:
+    for scenario in kf.SCENARIOS:
+        for kind in kf.PROBE_KINDS:
+            row = summary.get((scenario, kind))
+            if row is None:
                 continue
             key = f"{scenario}/{kind}"
-            when = injected[tracker.probes[columns[0]].record]
-            values = trajectory[:, columns].T                                     # [probes, steps + 1]
-            trajectories[key] = values.nanmean(0).tolist()
-            eff = effectivity(steps, values, when, config.window)                # [probes, rounds]
-            t, r = retainability(steps, values, when, config.window)             # R [probes, n_t], t from 0
-            t, r = t[1:], r[:, 1:]
-            curve = mean_without_outliers(r, config.iqr_factor, dim=0)         # over probes, per t
-            try:
-                fit = fit_power_law(t, curve)
-                fit_dict = {"a": fit.decay, "b": fit.intercept, "r2": fit.r_squared,
-                            "x_intercept": fit.x_intercept_steps if fit.decay > 0 else None, "points": fit.n_points}
-            except ValueError as error:  # too few finite points: record why instead of a number
-                fit_dict = {"a": None, "b": None, "r2": None, "x_intercept": None, "points": 0, "error": str(error)}
+            columns = store.columns(kind=kind, scenario=scenario)
+            when = schedule.steps_of(store.probes[columns[0]].record)  # a scenario's records share their steps
+            group = values[:, columns].T                                           # [probes, steps + 1]
+            trajectories[key] = group.nanmean(0).tolist()
+            # what summarize_acquisition computes but does not return: the gains per injection and the curve
+            eff = kf.effectivity(steps, group, when, config.window)              # [probes, rounds]
+            t, r = kf.retainability(steps, group, when, config.window)           # R [probes, n_t], t from 0
+            t, curve = t[1:], kf.mean_without_outliers(r[:, 1:], config.iqr_factor, dim=0)
+            fitted = math.isfinite(row["r_squared"])
             groups[key] = {
                 "injection_steps": list(when),
-                "effectivity": float(mean_without_outliers(eff.flatten(), config.iqr_factor)),
-                "effectivity_per_round": mean_without_outliers(eff, config.iqr_factor, dim=0).tolist(),
+                "effectivity": row["effectivity"],
+                "effectivity_per_round": kf.mean_without_outliers(eff, config.iqr_factor, dim=0).tolist(),
                 "effectivity_positive_fraction": float((eff > 0).double().mean()),
-                "retainability": {"t": t.tolist(), "R": curve.tolist(), "probes": len(columns), "fit": fit_dict},
-                "log_prob_start": float(values[:, 0].nanmean()), "log_prob_end": float(values[:, -1].nanmean()),
+                "retainability": {"t": t.tolist(), "R": curve.tolist(), "probes": row["n_probes"], "fit": {
+                    "decay": row["decay"], "intercept": row["intercept"], "r_squared": row["r_squared"],
+                    "x_intercept_steps": row["x_intercept_steps"] if fitted and row["decay"] > 0 else None,
+                    "points": int(torch.isfinite(curve).sum()) if fitted else 0}},
+                "log_prob_start": float(group[:, 0].nanmean()), "log_prob_end": float(group[:, -1].nanmean()),
             }
     return {"trajectories": trajectories, "groups": groups}
 
@@ -691,17 +623,15 @@ def _fact_metrics(trajectory, tracker, facts, injected, config, kinds) -> dict:
 def _kim_metrics(trajectory: torch.Tensor, accuracy_before: float, accuracy_after: float) -> dict:
     """K = mean target log prob over probes; A = (K_after - K_before) / |K_before|; F on held-out accuracy;
     retention = share of the peak gain in K still held at the end."""
-    from ..facts.metrics import acquisition, forgetting
-
-    k = trajectory.nanmean(1)
+    k = torch.tensor([kf.knowledge_score(scores) for scores in trajectory], dtype=torch.float64)
     k_before, k_after, k_peak = float(k[0]), float(k[-1]), float(k.max())
     gain = k_peak - k_before
     return {
         "K_before": k_before, "K_after": k_after, "K_peak": k_peak,
-        "acquisition": acquisition(k_before, k_after),
+        "acquisition": kf.acquisition(k_before, k_after),
         "retention": (k_after - k_before) / gain if gain > 0 else None,
         "P_before": accuracy_before, "P_after": accuracy_after,
-        "forgetting": forgetting(accuracy_before, accuracy_after) if accuracy_before > 0 else None,
+        "forgetting": kf.forgetting(accuracy_before, accuracy_after) if accuracy_before > 0 else None,
         "K": k.tolist(),
     }
 

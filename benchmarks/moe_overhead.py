@@ -1,0 +1,119 @@
+"""What tapping the experts' coefficients costs: a Mixtral-shaped model, plain against tapped forward.
+
+A ~20M-parameter Mixtral (8 experts, top-2), batch 8 x 256 with right padding, on the CPU. The tapped
+forward has an ``ExpertsTap`` on every layer feeding the smallest useful consumer: fp32 sums of
+``|w * c|`` per slot and routed-token counts per expert, over unpadded tokens, by ``index_add_`` into
+``[E, m]``. Plain and tapped forwards take turns in one process, for each experts implementation;
+the ratio is the median over turns of tapped / plain time. Peak memory is measured as in
+benchmarks/_harness.py (a fresh subprocess per variant): "peak" is the high-water mark of one forward
+after a warm-up, "rise" its increase over the memory held before that forward.
+
+    python benchmarks/moe_overhead.py [--repeats N] [--impl grouped_mm]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import describe, paired_ratio, peak_during, peak_in_subprocess, print_table, time_samples  # noqa: E402
+
+from kacq_hooks.experts import ExpertsTap, find_experts  # noqa: E402
+
+IMPLS = ("eager", "batched_mm", "grouped_mm")
+TARGETS = {"forward": 1.05, "peak memory": 1.02, "memory rise": 1.02}
+
+
+def build(impl: str, batch: int = 8, seq: int = 256, seed: int = 0):
+    config = MixtralConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=5,
+                           num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+                           num_experts_per_tok=2, max_position_embeddings=seq, experts_implementation=impl)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, config.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        mask[row, seq - 16 * row:] = 0  # rows of different lengths, right padding
+    return model, ids, mask
+
+
+class SlotSums:
+    """fp32 sum of |w * c| per (expert, neuron) and routed-token count per expert, unpadded tokens only."""
+
+    def __init__(self, layer, valid: torch.Tensor):
+        self.sum_abs = torch.zeros(layer.experts, layer.d_ff)
+        self.load = torch.zeros(layer.experts)
+        self.valid = valid  # [B*T] float 0/1, the rows the experts module receives
+
+    def __call__(self, expert_ids, token_index, weight, c):
+        keep = self.valid[token_index] * (weight != 0)
+        scaled = c.abs().float()
+        scaled.mul_((weight.abs().float() * keep)[:, None])  # |w c| = |c| |w|, in place: one [n, m] buffer
+        self.sum_abs.index_add_(0, expert_ids, scaled)
+        self.load.index_add_(0, expert_ids, keep)
+
+
+def runs(model, ids, mask):
+    layers = [layer for layer in find_experts(model) if layer.kind == "experts"]
+    valid = mask.reshape(-1).float()
+
+    def plain():
+        with torch.no_grad():
+            return model(ids, attention_mask=mask).logits
+
+    def tapped():
+        taps = [ExpertsTap(layer, SlotSums(layer, valid)).attach() for layer in layers]
+        try:
+            return plain()
+        finally:
+            for tap in taps:
+                tap.remove()
+
+    return {"plain": plain, "tapped": tapped}
+
+
+def peak_of(impl: str, name: str) -> None:
+    """Subprocess entry: one variant's peak memory, as JSON."""
+    model, ids, mask = build(impl)
+    print(json.dumps(peak_during(runs(model, ids, mask)[name], ids.device)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--impl", choices=IMPLS, action="append")
+    parser.add_argument("--peak-of", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_of:
+        peak_of(*args.peak_of)
+        return
+    rows = []
+    for impl in args.impl or IMPLS:
+        model, ids, mask = build(impl)
+        if not rows:
+            print(describe(model, ids, mask) + "\n")
+        fns = runs(model, ids, mask)
+        first = {name: fn() for name, fn in fns.items()}
+        assert torch.equal(first["plain"], first["tapped"]), "the tap changed the logits"
+        samples = time_samples(fns, args.repeats, ids.device)
+        memory = {name: peak_in_subprocess(Path(__file__), ["--peak-of", impl, name]) for name in fns}
+        ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+        measured = {"forward": (ms["plain"], ms["tapped"], "ms", paired_ratio(samples, "tapped", "plain"))}
+        for what, key in (("peak memory", "peak_mib"), ("memory rise", "extra_mib")):
+            plain, tapped = memory["plain"][key], memory["tapped"][key]
+            measured[what] = (plain, tapped, "MiB", tapped / plain)
+        for what, (plain, tapped, unit, ratio) in measured.items():
+            rows.append([impl, what, f"{plain:.1f} {unit}", f"{tapped:.1f} {unit}", f"{ratio:.3f}x",
+                         f"<= {TARGETS[what]:.2f}x", "met" if ratio <= TARGETS[what] else "MISSED"])
+    print_table(["experts impl", "measure", "plain", "tapped", "ratio", "target", ""], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,664 @@
+"""Mixture-of-experts layers: find them, and tap the coefficients every expert already computes.
+
+In a mixture-of-experts layer the memory slots are (expert e, neuron i) for every routed expert, then
+the shared experts' neurons. Expert e's coefficient vector on a token is ``C_e = act(G_e x) * (U_e x)``
+(or ``act(U_e x)`` without a gate): the tensor the experts forward multiplies by expert e's down
+projection. The layer's output adds ``w_e(x) * V_e^T C_e(x)`` over the routed experts, so the effective
+coefficient of slot (e, i) is ``w_e * C_{e,i}``, zero for experts the router did not pick.
+
+transformers 5 stores all experts of a layer in one module with 3-D parameters (``gate_up_proj`` or
+``up_proj`` ``[E, ., .]``, ``down_proj``) and dispatches its forward by
+``config._experts_implementation``: the class's own loop ("eager"), "batched_mm" or "grouped_mm".
+:class:`ExpertsTap` hands the callback the very tensor each implementation feeds to the down
+projection, with the routing of its rows, without computing anything the forward does not:
+
+- eager: the down projection call (``F.linear``, ``@`` or ``bmm`` with a view of ``down_proj``) is
+  seen through a torch-function mode, and its rows are the tokens of the loop's own ``torch.where``;
+- batched_mm: the output of the class's ``_apply_gate`` (``act_fn`` without a gate), rows in the
+  order of ``top_k_index.reshape(-1)``;
+- grouped_mm: the same output, rows in the order of the implementation's own ``torch.sort``.
+
+Any other implementation (a fused kernel) keeps C inside the kernel and is refused.
+
+>>> import torch
+>>> from transformers import MixtralConfig, MixtralForCausalLM
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+...                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
+>>> model = MixtralForCausalLM(config).eval()
+>>> [layer] = find_experts(model)
+>>> layer.experts, layer.d_ff, layer.path
+(4, 8, 'model.layers.0.mlp.experts')
+>>> seen = []
+>>> with ExpertsTap(layer, lambda e, t, w, c: seen.append(c.shape[0])):
+...     _ = model(torch.tensor([[1, 2, 3]]))
+>>> sum(seen)  # 3 tokens x top-2
+6
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import LocateError, ShapeError
+from .locate import MLP_OUT_PATTERNS, _match, clean_name, find_config, projection_shape
+
+try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
+    from transformers.integrations.moe import _default_apply_gate
+except ImportError:
+    _default_apply_gate = None
+
+log = logging.getLogger(__name__)
+
+#: Experts implementations whose C this module can tap; anything else is refused.
+TAPPABLE = ("eager", "batched_mm", "grouped_mm")
+
+_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_DOWN_NAMES = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "wo")
+_ROUTING_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
+_BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
+
+OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class ExpertsError(LocateError):
+    """A mixture-of-experts layer whose layout or experts implementation kacq_hooks cannot tap."""
+
+
+@dataclass(frozen=True, eq=False)
+class SharedExpert:
+    """A dense expert every token goes through; its C is the input of ``down``.
+
+    ``gate`` is the ``Linear(d_model, 1)`` whose sigmoid multiplies the shared expert's output
+    (Qwen-MoE's ``shared_expert_gate``), or None: the effective coefficient is ``sigmoid(gate(x)) * C_s``.
+    """
+
+    path: str
+    module: nn.Module
+    down: nn.Module
+    d_ff: int
+    gate: nn.Module | None = None
+    block: nn.Module | None = None  # the MoE block that combines experts, shared expert and gate
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertsLayer:
+    """One FFN layer of a mixture-of-experts model, as :func:`find_experts` reports it.
+
+    ``kind`` is "experts" (``module`` is the fused experts module, ``experts`` x ``d_ff`` routed
+    slots, then ``shared``) or "dense" (a dense MLP in an MoE model, e.g. DeepSeek's first layers:
+    ``module`` is its output projection, whose input is C, and ``experts`` is 0).
+    ``input_scaled`` marks layouts that multiply the experts' input by the routing weight (Llama 4):
+    there C is computed on the scaled input and the weight passed beside it is 1 or 0.
+    """
+
+    layer: int
+    path: str
+    kind: str
+    module: nn.Module
+    experts: int
+    d_ff: int
+    d_model: int
+    shared: tuple[SharedExpert, ...] = ()
+    input_scaled: bool = False
+    router: nn.Module | None = None  # input-scaled layouts only: returns (scores [T, E], logits)
+
+    @property
+    def slots(self) -> int:
+        """Memory slots of the layer: E x m routed, then the shared experts' neurons."""
+        return self.experts * self.d_ff + sum(s.d_ff for s in self.shared) if self.kind == "experts" else self.d_ff
+
+    def __repr__(self) -> str:
+        shared = f", shared={[s.d_ff for s in self.shared]}" if self.shared else ""
+        return (f"ExpertsLayer(layer={self.layer}, kind={self.kind}, path={self.path!r}, "
+                f"experts={self.experts}, d_ff={self.d_ff}{shared})")
+
+
+# ----------------------------------------------------------------------------------------------- finding
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    down = getattr(module, "down_proj", None)
+    up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
+    return (isinstance(down, torch.Tensor) and down.dim() == 3
+            and isinstance(up, torch.Tensor) and up.dim() == 3)
+
+
+def _is_decorated(module: nn.Module) -> bool:
+    """True for classes wired to ``ExpertsInterface`` by transformers' ``use_experts_implementation``."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+
+
+def _fused_shape(module: nn.Module, d_model: int | None) -> tuple[int, int, int]:
+    """(E, m, d_model) of a fused experts module, whatever the orientation of ``down_proj``."""
+    e, a, b = module.down_proj.shape
+    if getattr(module, "is_transposed", None) is True or (d_model is not None and b == d_model and a != d_model):
+        return e, a, b       # [E, m, d]
+    return e, b, a           # [E, d, m]
+
+
+def _down_of(module: nn.Module, d_model: int | None) -> tuple[str, nn.Module] | None:
+    for name in _DOWN_NAMES:
+        down = getattr(module, name, None)
+        shape = projection_shape(down) if isinstance(down, nn.Module) else None
+        if shape and (d_model is None or shape[1] == d_model):
+            return name, down
+    return None
+
+
+def _shared_experts(moe_block: nn.Module, experts_name: str, prefix: str, d_model: int) -> tuple[SharedExpert, ...]:
+    children = dict(moe_block.named_children())
+    gates = {n: m for n, m in children.items()
+             if isinstance(m, nn.Linear) and m.out_features == 1 and "shared" in n}
+    shared = []
+    for name, child in children.items():
+        if name == experts_name or isinstance(child, nn.Linear) or "shared" not in name:
+            continue
+        found = _down_of(child, d_model)
+        if found is None:
+            raise ExpertsError(f"'{prefix}{name}' ({type(child).__name__}) looks like a shared expert but has no "
+                               f"output projection named one of {_DOWN_NAMES} mapping to d_model={d_model}")
+        down_name, down = found
+        gate = gates.get(f"{name}_gate")
+        shared.append(SharedExpert(path=f"{prefix}{name}.{down_name}", module=child, down=down,
+                                   d_ff=projection_shape(down)[0], gate=gate, block=moe_block))
+    if gates and not any(s.gate is not None for s in shared):
+        raise ExpertsError(f"'{prefix}{next(iter(gates))}' gates a shared expert that was not found next to it")
+    return tuple(shared)
+
+
+def _d_model(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if isinstance(getattr(text, key, None), int):
+            return getattr(text, key)
+    return None
+
+
+def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLayer]:
+    """Every FFN layer of a mixture-of-experts model, ordered by layer: experts layers and dense ones.
+
+    ``experts`` is a path template of the fused experts modules (``"model.layers.{i}.mlp.experts"``),
+    for layouts the search does not recognise. Layers of the same stack that have no experts but a
+    dense MLP (DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers``) are reported as
+    ``kind="dense"``; blocks with no FFN at all (a hybrid's mixer layers) are not reported.
+
+    Raises :class:`ExpertsError` for a model that is not a mixture of experts, or whose experts
+    module kacq_hooks cannot read (per-expert module lists, unknown layouts).
+    """
+    named = [(clean_name(n, model), m) for n, m in model.named_modules()]
+    config = find_config(model)
+    d_model = _d_model(config) if config is not None else None
+    if experts is not None:
+        found = [(name, module) for _, name, module in _match(named, experts)]
+        if not found:
+            raise ExpertsError(f"no module path matches experts={experts!r}")
+    else:
+        found = [(name, module) for name, module in named if _is_fused_experts(module)]
+    bad = [(name, module) for name, module in found if not _is_fused_experts(module)]
+    if experts is None:
+        bad += [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and re.search(r"experts?$", n)
+                and not any(n.startswith(f + ".") or n == f for f, _ in found)]
+    if bad:
+        name, module = bad[0]
+        raise ExpertsError(
+            f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs one "
+            "module per layer with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as "
+            "transformers 5 builds them. Per-expert module lists are not supported yet. Measure the layer as "
+            "dense with instrument(model, mlp_out='path.{i}.to.the.projection'), or convert the experts to the "
+            "fused layout.")
+    if not found:
+        n_experts = next((getattr(config, k) for k in _MOE_CONFIG_KEYS if getattr(config, k, None)), None)
+        what = f" although its config has {n_experts} experts" if n_experts else ""
+        raise ExpertsError(
+            f"no fused experts module found in {type(model).__name__}{what}. Pass the path of each layer's "
+            "experts module: find_experts(model, experts='model.layers.{i}.mlp.experts')")
+
+    layers: dict[tuple[str, int], ExpertsLayer] = {}
+    for name, module in found:
+        block = _BLOCK.match(name)
+        if block is None:
+            raise ExpertsError(f"'{name}' is not inside a numbered block; pass experts= with a '{{i}}' template")
+        if getattr(module, "has_post_expert_norm", False):
+            raise ExpertsError(
+                f"'{name}' ({type(module).__name__}) normalises each expert's output after its down projection, so "
+                "the output is not a weighted sum of value vectors and its coefficients are not memory "
+                "coefficients; this layer cannot be measured")
+        e, m, d = _fused_shape(module, d_model)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(_raw_path(model, parent_name)) if parent_name else model
+        shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
+        key = (block.group(1), int(block.group(2)))
+        input_scaled = not _is_decorated(module) and _routing_free(module)
+        router = getattr(parent, "router", None) if input_scaled else None
+        if input_scaled and not isinstance(router, nn.Module):
+            raise ExpertsError(f"'{name}' takes only hidden states (its routing is in its input) but no 'router' "
+                               f"module sits next to it in '{parent_name}': the routed pairs cannot be known")
+        layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=e, d_ff=m,
+                                   d_model=d, shared=shared, input_scaled=input_scaled, router=router)
+    for container in {c for c, _ in layers}:
+        _add_dense_layers(model, named, container, layers, d_model)
+    return [layers[k] for k in sorted(layers, key=lambda k: (k[0], k[1]))]
+
+
+def _raw_path(model: nn.Module, clean: str) -> str:
+    """The real module path behind a cleaned one (wrappers put parts in between)."""
+    for name, _ in model.named_modules():
+        if clean_name(name, model) == clean:
+            return name
+    raise ExpertsError(f"no module at '{clean}'")
+
+
+def _routing_free(module: nn.Module) -> bool:
+    """True for experts whose forward takes only the hidden states: the routing is in their input."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.name != "self"]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1
+
+
+def _add_dense_layers(model, named, container, layers, d_model) -> None:
+    numbered = {int(m.group(1)) for n, _ in named if (m := re.match(rf"^{re.escape(container)}\.(\d+)$", n))}
+    for index in sorted(numbered - {i for c, i in layers if c == container}):
+        prefix = f"{container}.{index}."
+        inside = [(n, m) for n, m in named if n.startswith(prefix)]
+        for pattern in MLP_OUT_PATTERNS:
+            hits = [(n, m) for i, n, m in _match(inside, pattern) if i == index]
+            if hits:
+                name, module = hits[0]
+                d_ff, out = projection_shape(module) or (0, 0)
+                if d_ff and (d_model is None or out == d_model):
+                    layers[(container, index)] = ExpertsLayer(layer=index, path=name, kind="dense", module=module,
+                                                              experts=0, d_ff=d_ff, d_model=out)
+                break
+
+
+# ----------------------------------------------------------------------------------------------- tapping
+
+
+def experts_implementation(module: nn.Module) -> str:
+    """The implementation the fused experts ``module`` runs now ("eager" for classes with one forward)."""
+    if not _is_decorated(module):
+        return "eager"
+    return getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
+
+
+class _Call:
+    """What one forward of the experts module needs to label its rows."""
+
+    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "rows", "expected")
+
+    def __init__(self, impl, tokens, index, weights, expected):
+        self.impl, self.tokens, self.index, self.weights = impl, tokens, index, weights
+        self.where = self.sorted = None
+        self.rows, self.expected = 0, expected
+
+
+_MATMULS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+_SORTS = {torch.sort, torch.Tensor.sort}
+_WHERES = {torch.where}
+
+
+class _Mode(TorchFunctionMode):
+    """Sees the experts forward's own index computations and, in eager, its down projections."""
+
+    def __init__(self, tap: ExpertsTap, call: _Call):
+        super().__init__()
+        self.tap, self.call = tap, call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MATMULS and self.call.impl == "eager":
+            weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+            expert = self.tap._down_expert(weight)
+            if expert is not None:
+                args = (self.tap._eager_rows(self.call, args[0], expert), *args[1:])
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in _WHERES and len(args) + len(kwargs) == 1:
+            self.call.where = out
+        elif func in _SORTS and self.call.sorted is None:
+            self.call.sorted = out
+        return out
+
+
+class ExpertsTap:
+    """Streams the coefficients of every expert of one layer to ``on_coefficients``, as they are computed.
+
+    During each forward of ``layer.module`` the callback is called (once per forward for batched_mm and
+    grouped_mm, once per expert that received tokens for eager) as
+    ``on_coefficients(expert_ids, token_index, weight, c)``:
+
+    - ``c`` ``[n, m]``: exactly the tensor the implementation multiplies by its experts' down
+      projections, in the model's dtype, live in the autograd graph (a tensor hook on it sees dL/dC);
+    - ``expert_ids`` ``[n]`` (long): the expert of each row;
+    - ``token_index`` ``[n]`` (long): the row of the hidden states the experts module received
+      (``[B*T, d]``, batch-major), so padding is masked by ``mask.reshape(-1)[token_index]``;
+    - ``weight`` ``[n]``: the routing weight that multiplies the row's output (effective coefficient
+      ``weight[:, None] * c``); for input-scaled layers (Llama 4), where the experts run on every
+      (expert, token) pair with the input already multiplied by the router's score, it is 1 for the
+      pairs the router picked and 0 for the others (their c is exactly 0), and ``token_index`` indexes
+      the ``[T]`` rows the MoE block received. Count an expert's load over ``weight != 0``.
+
+    Rows follow the implementation's order (eager: by top-k position then token; grouped_mm: sorted by
+    expert); experts that received no token get no row. A forward that used another implementation,
+    or whose rows do not add up to every routed pair, raises :class:`ExpertsError`.
+    The tap does not touch shared experts (they are dense MLPs: tap their ``down`` input).
+
+    The handle is idempotent and a context manager, like torch's ``RemovableHandle``.
+    """
+
+    def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients):
+        if layer.kind != "experts":
+            raise ShapeError(f"{layer!r} is a dense layer: tap the input of its output projection instead")
+        module = layer.module
+        if _is_decorated(module) and module.has_gate and not callable(getattr(type(module), "_apply_gate", None)):
+            raise ExpertsError(f"{type(module).__name__} has no _apply_gate: its batched implementations cannot be "
+                               "tapped; use model.set_experts_implementation('eager')")
+        if _is_decorated(module) and not module.has_gate and not isinstance(getattr(module, "act_fn", None), nn.Module):
+            raise ExpertsError(f"{type(module).__name__}.act_fn is not a module, so C cannot be seen in its batched "
+                               "implementations; use model.set_experts_implementation('eager')")
+        self.layer = layer
+        self.on_coefficients = on_coefficients
+        self._module_ref = weakref.ref(module)
+        self._handles: list = []
+        self._call: _Call | None = None
+        self._mode: _Mode | None = None
+        self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
+
+    # -- lifecycle
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> ExpertsTap:
+        if self._handles:
+            return self
+        module = self._module_ref()
+        self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        act = getattr(module, "act_fn", None)
+        if _is_decorated(module) and not module.has_gate:
+            self._handles.append(act.register_forward_hook(self._act_out))
+        if self.layer.input_scaled:
+            self._handles.append(self.layer.router.register_forward_hook(self._router_out))
+        return self
+
+    def remove(self) -> None:
+        self._close()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> ExpertsTap:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- hooks
+
+    def _pre(self, module, args, kwargs):
+        impl = experts_implementation(module)
+        if impl not in TAPPABLE:
+            raise ExpertsError(
+                f"'{self.layer.path}' runs the experts implementation {impl!r}, which computes C inside a fused "
+                f"kernel where no hook can see it. Switch to one kacq_hooks can tap: "
+                f"model.set_experts_implementation('grouped_mm') (or 'batched_mm', 'eager'), or load with "
+                f"from_pretrained(..., experts_implementation='grouped_mm')")
+        if getattr(module, "_is_expert_parallel", False):
+            raise ExpertsError(f"'{self.layer.path}' is expert-parallel: its local rows hold sentinel experts; "
+                               "measure without expert parallelism")
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        if self.layer.input_scaled:
+            if self._scores is None or self._scores.numel() != hidden.shape[0]:
+                raise ExpertsError(f"'{self.layer.path}' ran without its router's scores for these "
+                                   f"{hidden.shape[0]} rows just before it: the routed pairs are unknown")
+            index, weights = None, self._scores
+            self._scores = None
+            expected = hidden.shape[0]
+        else:
+            index, weights = self._routing(args, kwargs)
+            expected = index.numel()
+        self._close()
+        self._call = _Call(impl, hidden.shape[0], index, weights, expected)
+        if impl != "eager" and module.has_gate:
+            module.__dict__["_apply_gate"] = self._apply_gate
+        self._mode = _Mode(self, self._call)
+        self._mode.__enter__()
+
+    def _post(self, module, args, kwargs, output):
+        call = self._call
+        self._close()
+        if output is not None and call is not None and call.rows != call.expected:
+            raise ExpertsError(
+                f"the {call.impl} forward of '{self.layer.path}' ({type(module).__name__}) exposed C for {call.rows} "
+                f"of its {call.expected} routed (token, expert) pairs: its code does not compute C where kacq_hooks "
+                "looks for it. Try model.set_experts_implementation('grouped_mm') or 'eager'")
+
+    def _close(self) -> None:
+        module = self._module_ref()
+        if module is not None:
+            module.__dict__.pop("_apply_gate", None)
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        self._call = None
+
+    def _routing(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(args) >= 3:
+            return args[1], args[2]
+        for index_name, weight_name in _ROUTING_NAMES:
+            if index_name in kwargs or weight_name in kwargs:
+                rest = list(args[1:])
+                index = kwargs.get(index_name, rest.pop(0) if rest else None)
+                weights = kwargs.get(weight_name, rest.pop(0) if rest else None)
+                return index, weights
+        raise ExpertsError(f"cannot find the routing (top-k indices and weights) among the arguments of "
+                           f"'{self.layer.path}'.forward")
+
+    # -- where C is
+
+    def _down_expert(self, weight) -> int | None:
+        """The expert whose down projection ``weight`` is (a view of ``down_proj``), -1 for all of them."""
+        down = self._module_ref().down_proj
+        if weight is down:
+            return -1
+        if isinstance(weight, torch.Tensor) and weight._base is down and weight.dim() == 2:
+            expert, rest = divmod(weight.storage_offset() - down.storage_offset(), down.stride(0))
+            if rest == 0 and tuple(weight.shape) == tuple(down.shape[1:]):
+                return expert
+        return None
+
+    def _eager_rows(self, call: _Call, c: torch.Tensor, expert: int) -> torch.Tensor:
+        if expert == -1:  # input-scaled: every expert over every token, [E, T, m]
+            e, t, m = c.shape
+            flat = c.reshape(e * t, m)
+            device = c.device
+            expert_ids = torch.arange(e, device=device).repeat_interleave(t)
+            token_index = torch.arange(t, device=device).repeat(e)
+            weight = (call.weights.t().reshape(-1) != 0).to(c.dtype)  # the router's top-k, as 1 and 0
+            self._emit(call, expert_ids, token_index, weight, flat)
+            return flat.view(e, t, m)  # the matmul consumes the tensor handed out, so its hooks see dL/dC
+        if call.where is None or call.where[1].shape[0] != c.shape[0]:
+            raise ExpertsError(f"the eager forward of '{self.layer.path}' multiplied {c.shape[0]} rows by expert "
+                               f"{expert}'s down projection without a torch.where that routes them; use "
+                               "model.set_experts_implementation('grouped_mm')")
+        top_k_pos, token_index = call.where
+        expert_ids = torch.full_like(token_index, expert)
+        self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
+        return c
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        module = self._module_ref()
+        c = type(module)._apply_gate(module, gate_up)
+        self._batched_rows(self._call, c)
+        return c
+
+    def _router_out(self, router, args, output):
+        self._scores = output[0] if isinstance(output, tuple) else output
+
+    def _act_out(self, act, args, output):
+        call = self._call
+        if call is not None and call.impl != "eager":
+            self._batched_rows(call, output)
+
+    def _batched_rows(self, call: _Call, c: torch.Tensor) -> None:
+        k = call.index.shape[-1]
+        if call.impl == "batched_mm":
+            expert_ids = call.index.reshape(-1)
+            token_index = torch.arange(call.tokens, device=c.device).repeat_interleave(k)
+            weight = call.weights.reshape(-1)
+        else:
+            expert_ids, perm = call.sorted
+            token_index = perm // k
+            weight = call.weights.reshape(-1)[perm]
+        self._emit(call, expert_ids, token_index, weight, c)
+
+    def _emit(self, call, expert_ids, token_index, weight, c) -> None:
+        if c.shape[0] != expert_ids.shape[0]:
+            raise ExpertsError(f"'{self.layer.path}': {c.shape[0]} rows of C for {expert_ids.shape[0]} routed pairs")
+        call.rows += c.shape[0]
+        self.on_coefficients(expert_ids, token_index, weight, c)
+
+
+class SharedTap:
+    """Streams a shared expert's coefficients and gate: ``on_coefficients(c, gate)`` once per forward.
+
+    ``c`` (``[..., m_s]``) is exactly the input of the shared expert's down projection, live in the
+    autograd graph; ``gate`` is ``sigmoid(shared_expert_gate(x))`` with ``c``'s leading shape (the
+    factor on the shared expert's output, computed from the gate's own output: no matmul), or None for
+    an ungated shared expert. Rows are the hidden-state rows the shared expert received.
+    """
+
+    def __init__(self, shared: SharedExpert, on_coefficients: Callable[[torch.Tensor, torch.Tensor | None], None]):
+        self.shared = shared
+        self.on_coefficients = on_coefficients
+        self._handles: list = []
+        self._c = self._gate = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> SharedTap:
+        if self._handles:
+            return self
+        self._handles.append(self.shared.down.register_forward_pre_hook(self._down_in))
+        if self.shared.gate is not None:
+            self._handles.append(self.shared.gate.register_forward_hook(self._gate_out))
+            if self.shared.block is not None:  # a forward that failed halfway leaves no half pair behind
+                self._handles.append(self.shared.block.register_forward_pre_hook(self._reset))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._c = self._gate = None
+
+    def __enter__(self) -> SharedTap:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _reset(self, *_):
+        self._c = self._gate = None
+
+    def _down_in(self, module, args):
+        if self.shared.gate is None:
+            self.on_coefficients(args[0], None)
+            return
+        self._c = args[0]
+        self._pair()
+
+    def _gate_out(self, module, args, output):
+        self._gate = torch.sigmoid(output).squeeze(-1)
+        self._pair()
+
+    def _pair(self) -> None:
+        if self._c is None or self._gate is None:
+            return
+        c, gate = self._c, self._gate
+        self._c = self._gate = None
+        if gate.shape != c.shape[:-1]:
+            raise ExpertsError(f"the gate of '{self.shared.path}' has shape {tuple(gate.shape)}, its coefficients "
+                               f"{tuple(c.shape)}: they do not pair row by row")
+        self.on_coefficients(c, gate)
+
+
+# ----------------------------------------------------------------------------------------------- editing
+
+
+@dataclass(frozen=True)
+class UpRows:
+    """Where rows ``i`` of one expert's up projection live: ``parameter[index]``, rows along ``axis``."""
+
+    parameter: nn.Parameter
+    index: tuple
+    axis: int
+
+
+def expert_up_rows(layer: ExpertsLayer, expert: int, rows: torch.Tensor) -> list[UpRows]:
+    """The slices of the 3-D up (or fused gate_up) parameter, and bias, that scale ``C[expert, rows]``.
+
+    Multiplying every returned slice by ``u`` (per row) multiplies ``C_{expert, i}`` by exactly ``u_i``:
+    for gated experts ``C = act(gate) * up`` is linear in the up half; the router is not touched.
+    Refused (:class:`ExpertsError`) where no slice does that: experts without a gate (``act(up x)``)
+    and custom gates that clamp or shift the up half (GPT-OSS).
+    """
+    module = layer.module
+    if layer.kind != "experts":
+        raise ShapeError(f"{layer!r} is dense: scale rows of its up projection directly")
+    if not 0 <= expert < layer.experts:
+        raise ShapeError(f"expert {expert} is outside 0..{layer.experts - 1} for {layer.path}")
+    rows = torch.as_tensor(rows, dtype=torch.long, device=module.down_proj.device)
+    m = layer.d_ff
+    if rows.numel() and (rows.min() < 0 or rows.max() >= m):
+        raise ShapeError(f"rows must lie in 0..{m - 1} for {layer.path}")
+    decorated = _is_decorated(module)
+    if decorated and not module.has_gate:
+        raise ExpertsError(f"{layer.path} has no gate: C = act(up x), so no row scaling multiplies C by exactly u")
+    if decorated and (type(module)._apply_gate is not _default_apply_gate or not module.is_concatenated):
+        raise ExpertsError(f"{layer.path} ({type(module).__name__}) computes C with its own gate function "
+                           "(clamped or shifted up half): scaling up rows does not scale C exactly; use hook mode")
+    weight = module.gate_up_proj
+    transposed = getattr(module, "is_transposed", False) or (not decorated and weight.shape[1] == layer.d_model)
+    up = rows + m  # concatenated [gate; up] (Llama 4's chunk too): the up half is the second
+    out = [UpRows(weight, (expert, slice(None), up) if transposed else (expert, up), axis=1 if transposed else 0)]
+    if decorated and module.has_bias:
+        out.append(UpRows(module.gate_up_proj_bias, (expert, up), axis=0))
+    return out
+
+
+def scale_up_rows(layer: ExpertsLayer, expert: int, rows: torch.Tensor, u: torch.Tensor) -> Callable[[], None]:
+    """Multiply ``C[expert, rows]`` by ``u`` through the weights; returns a function that restores them exactly."""
+    slices = expert_up_rows(layer, expert, rows)
+    saved = []
+    with torch.no_grad():
+        for s in slices:
+            old = s.parameter[s.index].clone()
+            shape = [1] * old.dim()
+            shape[s.axis] = -1
+            s.parameter[s.index] = old * torch.as_tensor(u, dtype=old.dtype, device=old.device).view(shape)
+            saved.append((s, old))
+
+    def restore() -> None:
+        with torch.no_grad():
+            for s, old in saved:
+                s.parameter[s.index] = old
+
+    return restore

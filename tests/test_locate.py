@@ -1,0 +1,116 @@
+"""locate: stacks, hybrids, models without an FFN, MoE detection, odd layouts and stack specs, on real tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kacq_hooks as kh
+from kacq_hooks import locate
+from model_zoo import build
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba", "mamba2"])
+def test_models_without_an_ffn_are_refused_not_measured(model_type):
+    with pytest.raises(kh.LocateError, match="has no FFN"):
+        locate.find_sites(build(model_type))
+
+
+def test_state_space_out_proj_is_never_a_site_in_hybrids():
+    for model_type in ("bamba", "falcon_h1", "granitemoehybrid", "olmo_hybrid", "lfm2"):
+        model = build(model_type)
+        try:
+            sites = locate.find_sites(model)
+        except kh.LocateError as err:  # MoE hybrids are refused until expert capture is installed
+            assert "mixture-of-experts" in str(err)
+            continue
+        assert sites and all("mamba" not in s.path and "mixer.out_proj" not in s.path
+                             and "linear_attn" not in s.path for s in sites), (model_type, sites)
+
+
+def test_hybrid_sites_keep_the_models_own_layer_numbers():
+    sites = locate.find_sites(build("nemotron_h"), mlp_out="layers.{i}.mixer.down_proj")
+    assert [s.layer for s in sites] == [3]  # mamba, moe, attention, mlp: the MLP is block 3
+    with pytest.raises(kh.LocateError, match=r"mixture-of-experts.*MoE layers \[1\].*Dense FFN layers.*layer_3"):
+        locate.find_sites(build("nemotron_h"))
+
+
+def test_recurrent_gemma_rwkv_and_xlstm_ffns():
+    assert [s.path for s in locate.find_sites(build("recurrent_gemma"))] == [
+        "model.layers.0.mlp_block.down_proj", "model.layers.1.mlp_block.down_proj"]
+    rwkv = locate.find_sites(build("rwkv"))
+    assert [s.path for s in rwkv] == ["rwkv.blocks.0.feed_forward.value", "rwkv.blocks.1.feed_forward.value"]
+    assert [s.path for s in locate.find_sites(build("xlstm"))] == [
+        "backbone.blocks.0.ffn.proj_down", "backbone.blocks.1.ffn.proj_down"]
+
+
+def test_encoder_decoder_stacks_and_their_roots():
+    model = build("t5")
+    sites = locate.find_sites(model)
+    assert [(s.stack, s.layer) for s in sites] == [("encoder", 0), ("encoder", 1), ("decoder", 0), ("decoder", 1)]
+    assert sites[2].path == "decoder.block.0.layer.2.DenseReluDense.wo"
+    specs = locate.stack_specs(model, sites)
+    assert specs["encoder"].root is model.encoder and specs["decoder"].root is model.decoder
+    assert locate.find_stack_roots(model, sites) == {"encoder": model.encoder, "decoder": model.decoder}
+    seen = {}
+    handles = [spec.root.register_forward_pre_hook(
+        lambda m, a, k, n=n: seen.update({n: specs[n].read_inputs(a, k)}), with_kwargs=True)
+        for n, spec in specs.items()]
+    ids, dec = torch.randint(3, 100, (2, 7)), torch.randint(3, 100, (2, 5))
+    mask, dec_mask = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    mask[1, -2:], dec_mask[0, -1:] = 0, 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    for h in handles:
+        h.remove()
+    assert torch.equal(seen["encoder"][0], mask) and seen["encoder"][1] == (2, 7)
+    assert torch.equal(seen["decoder"][0], dec_mask) and seen["decoder"][1] == (2, 5)
+
+
+def test_bart_bert_and_decoder_only_roots():
+    bart = build("bart")
+    assert set(locate.find_stack_roots(bart, locate.find_sites(bart)).values()) == {bart.model.encoder,
+                                                                                    bart.model.decoder}
+    bert = build("bert", "masked_lm")
+    sites = locate.find_sites(bert)
+    assert {s.stack for s in sites} == {"encoder"} and sites[0].path == "bert.encoder.layer.0.output.dense"
+    assert locate.find_stack_roots(bert, sites) == {"encoder": bert.bert}
+    llama = build("llama")
+    spec = locate.stack_specs(llama, locate.find_sites(llama))["decoder"]
+    assert spec.root is llama.model and spec.layout == "batch_first"
+
+
+def test_vision_tower_only_when_asked():
+    model = build("llava")
+    assert {s.stack for s in locate.find_sites(model)} == {"decoder"}
+    vision = locate.find_sites(model, stacks=("vision",))
+    assert vision and all(s.stack == "vision" and "vision_tower" in s.path for s in vision)
+    both = locate.find_sites(model, stacks=("language", "vision"))
+    assert len(both) == len(vision) + len(locate.find_sites(model))
+    assert locate.find_stack_roots(model, vision)["vision"] is not model.language_model
+
+
+def test_odd_layouts_are_declared_or_refused_before_any_forward():
+    xlnet = build("xlnet")
+    spec = locate.stack_specs(xlnet, locate.find_sites(xlnet))["decoder"]
+    assert spec.layout == "seq_first"
+    with pytest.raises(kh.LocateError, match="target_mapping"):
+        spec.read_inputs((), {"input_ids": torch.zeros(1, 3, dtype=torch.long), "target_mapping": torch.zeros(1)})
+    assert torch.equal(spec.read_inputs((), {"input_mask": torch.tensor([[0, 1]])})[0], torch.tensor([[1, 0]]))
+    opt = build("opt")
+    assert locate.stack_specs(opt, locate.find_sites(opt))["decoder"].layout == "flat"
+    with pytest.raises(kh.LocateError, match="prompt positions"):
+        locate.find_sites(build("cpmant"))
+    prophet = build("prophetnet")
+    with pytest.raises(kh.LocateError, match="n-gram.*stacks=\\('encoder',\\)"):
+        locate.find_sites(prophet)
+    assert {s.stack for s in locate.find_sites(prophet, stacks=("encoder",))} == {"encoder"}
+
+
+def test_moe_layers_are_found_in_one_place_with_dense_layers_and_shared_experts_named():
+    moe = locate.find_moe_layers(build("qwen2_moe"))
+    assert [(m.layer, m.layout, m.experts) for m in moe] == [(0, "fused", 4), (1, "fused", 4)]
+    assert moe[0].shared_paths == ("model.layers.0.mlp.shared_expert", "model.layers.0.mlp.shared_expert_gate")
+    with pytest.raises(kh.LocateError, match="Shared experts.*shared_expert"):
+        locate.find_sites(build("qwen2_moe"))
+    with pytest.raises(kh.LocateError, match=r"Dense FFN layers it also has: \['decoder.layer_0'\]"):
+        locate.find_sites(build("deepseek_v3"))
