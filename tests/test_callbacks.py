@@ -235,3 +235,16 @@ def test_instrumentation_checkpoint_callback_restores_a_users_statistics(tmp_pat
                        callbacks=[InstrumentationCheckpointCallback(kh.instrument(other), name="absent")])
     with pytest.raises(CheckpointError, match="has no kacq_absent.pt"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_resuming_with_other_entropy_settings_is_refused(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    trainer = _trainer(model, tokenizer, tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    KnowledgeEntropyCallback(every=2).attach(trainer)
+    trainer.train()
+    assert (tmp_path / "out" / "checkpoint-2" / "kacq_knowledge_entropy.pt").is_file()
+    other = tiny_model("llama")
+    trainer = _trainer(other, tokenizer, tmp_path, max_steps=3, save_strategy="steps", save_steps=2)
+    KnowledgeEntropyCallback(every=3).attach(trainer)  # a window of 3 cannot continue a window of 2
+    with pytest.raises(CheckpointError, match="resume with the same settings"):
+        trainer.train(resume_from_checkpoint=True)

@@ -121,7 +121,7 @@ def test_predicted_entropy_is_the_entropy_of_scaled_cbar():
     assert predicted.per_layer[0] == pytest.approx(kh.knowledge_entropy(cbars).per_layer[0], rel=1e-12)
     lifted = cbars[1].double().clone()
     lifted[plan.edits[0].indices] = cbars[1].double().mean()
-    assert predicted.per_layer[1] == pytest.approx(kh.entropy(lifted), rel=1e-9)
+    assert predicted.per_layer[1] == pytest.approx(kh.entropy.entropy(lifted), rel=1e-9)
     # lifting a skewed layer's weak neurons to the mean makes its use more even
     assert predicted.per_layer[1] > kh.knowledge_entropy(cbars).per_layer[1]
     with pytest.raises(ShapeError):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm  # a dependency of transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .corpus import load_corpus
@@ -176,8 +177,6 @@ def add_entropy_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_entropy_command(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm  # the progress bar is part of the 'demo' extra
-
     state: dict = {}
 
     def progress(event: str, info: dict) -> None:

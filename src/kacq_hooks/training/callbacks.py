@@ -288,6 +288,12 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         folder = resumed_checkpoint(args, state)
         saved = load_state(folder, self.name, args) if folder is not None else None
         if saved is not None:
+            settings = {"every": self.every, "calibration": self.calibration is not None, **self.instrument_kwargs}
+            if saved.get("settings") != settings:
+                raise CheckpointError(
+                    f"{folder} holds the state of a KnowledgeEntropyCallback with settings {saved.get('settings')}, "
+                    f"this one has {settings}: its window and history would not fit; resume with the same settings"
+                )
             self.history = [(step, _entropy_from_state(fields)) for step, fields in saved["history"]]
             self._pending = dict(saved["pending"])
         if self.calibration is not None:
@@ -320,7 +326,9 @@ class KnowledgeEntropyCallback(_LoggingCallback):
 
     def on_save(self, args, state, control, **kwargs):
         payload = {"history": [(step, _entropy_to_state(e)) for step, e in self.history],
-                   "pending": dict(self._pending)}
+                   "pending": dict(self._pending),
+                   "settings": {"every": self.every, "calibration": self.calibration is not None,
+                                **self.instrument_kwargs}}
         if self._instrumentation is not None:
             payload["instrumentation"] = self._instrumentation.state_dict()
         save_state(checkpoint_folder(args, state), self.name, args, payload)
