@@ -36,3 +36,5 @@ def save_figure(fig, path: Path) -> Path:
     pyplot().close(fig)
     return path
 
+
+_pyplot = pyplot  # the name experiments/sweep.py imports; remove once it calls pyplot()
