@@ -167,9 +167,17 @@ def test_mlp_out_override_and_bad_override():
 
 
 @pytest.mark.parametrize("arch", MOE)
-def test_fused_moe_models_get_a_clear_error(arch):
-    with pytest.raises(kh.LocateError, match="mixture-of-experts.*not supported yet"):
-        kh.instrument(tiny_model(arch))
+def test_fused_moe_models_get_one_experts_site_per_layer(arch):
+    inst = kh.instrument(tiny_model(arch))
+    assert [(s.kind, s.layer) for s in inst.sites] == [("experts", 0), ("experts", 1)]
+    assert all(s.d_ff >= s.experts * s.expert_d_ff > 0 for s in inst.sites)
+
+
+def test_an_experts_implementation_that_hides_c_is_refused_by_name():
+    model = tiny_model("mixtral")
+    model.config._experts_implementation = "some_fused_kernel"
+    with pytest.raises(kh.LocateError, match="'some_fused_kernel'.*set_experts_implementation"):
+        kh.instrument(model)
 
 
 def test_wrapper_prefixes_are_seen_through():

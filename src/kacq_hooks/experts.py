@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._hooks import OwnerHook
 from .errors import LocateError, ShapeError
-from .locate import MLP_OUT_PATTERNS, _match, clean_name, find_config, projection_shape
+from .locate import FFN_OUT_PATTERNS, _match, clean_name, find_config, projection_shape, submodule_at
 
 try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
     from transformers.integrations.moe import _default_apply_gate
@@ -236,7 +237,7 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
                 "coefficients; this layer cannot be measured")
         e, m, d = _fused_shape(module, d_model)
         parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(_raw_path(model, parent_name)) if parent_name else model
+        parent = submodule_at(model, parent_name)
         shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
         key = (block.group(1), int(block.group(2)))
         input_scaled = not _is_decorated(module) and _routing_free(module)
@@ -249,14 +250,6 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
     for container in {c for c, _ in layers}:
         _add_dense_layers(model, named, container, layers, d_model)
     return [layers[k] for k in sorted(layers, key=lambda k: (k[0], k[1]))]
-
-
-def _raw_path(model: nn.Module, clean: str) -> str:
-    """The real module path behind a cleaned one (wrappers put parts in between)."""
-    for name, _ in model.named_modules():
-        if clean_name(name, model) == clean:
-            return name
-    raise ExpertsError(f"no module at '{clean}'")
 
 
 def _routing_free(module: nn.Module) -> bool:
@@ -273,8 +266,8 @@ def _add_dense_layers(model, named, container, layers, d_model) -> None:
     for index in sorted(numbered - {i for c, i in layers if c == container}):
         prefix = f"{container}.{index}."
         inside = [(n, m) for n, m in named if n.startswith(prefix)]
-        for pattern in MLP_OUT_PATTERNS:
-            hits = [(n, m) for i, n, m in _match(inside, pattern) if i == index]
+        for pattern in FFN_OUT_PATTERNS:  # block-relative regexes, as the locator tries them
+            hits = [(n, m) for n, m in inside if re.fullmatch(pattern, n[len(prefix):])]
             if hits:
                 name, module = hits[0]
                 d_ff, out = projection_shape(module) or (0, 0)
@@ -319,6 +312,8 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.tap._emitting:  # the callback's own operations are not the experts forward's
+            return func(*args, **kwargs)
         if func in _MATMULS and self.call.impl == "eager":
             weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
             expert = self.tap._down_expert(weight)
@@ -376,6 +371,7 @@ class ExpertsTap:
         self._call: _Call | None = None
         self._mode: _Mode | None = None
         self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
+        self._emitting = False
 
     # -- lifecycle
 
@@ -387,13 +383,13 @@ class ExpertsTap:
         if self._handles:
             return self
         module = self._module_ref()
-        self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-        self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        self._handles.append(module.register_forward_pre_hook(OwnerHook(self, "_pre"), with_kwargs=True))
+        self._handles.append(module.register_forward_hook(OwnerHook(self, "_post"), with_kwargs=True, always_call=True))
         act = getattr(module, "act_fn", None)
         if _is_decorated(module) and not module.has_gate:
-            self._handles.append(act.register_forward_hook(self._act_out))
+            self._handles.append(act.register_forward_hook(OwnerHook(self, "_act_out")))
         if self.layer.input_scaled:
-            self._handles.append(self.layer.router.register_forward_hook(self._router_out))
+            self._handles.append(self.layer.router.register_forward_hook(OwnerHook(self, "_router_out")))
         return self
 
     def remove(self) -> None:
@@ -531,7 +527,11 @@ class ExpertsTap:
         if c.shape[0] != expert_ids.shape[0]:
             raise ExpertsError(f"'{self.layer.path}': {c.shape[0]} rows of C for {expert_ids.shape[0]} routed pairs")
         call.rows += c.shape[0]
-        self.on_coefficients(expert_ids, token_index, weight, c)
+        self._emitting = True
+        try:
+            self.on_coefficients(expert_ids, token_index, weight, c)
+        finally:
+            self._emitting = False
 
 
 class SharedTap:
@@ -556,11 +556,11 @@ class SharedTap:
     def attach(self) -> SharedTap:
         if self._handles:
             return self
-        self._handles.append(self.shared.down.register_forward_pre_hook(self._down_in))
+        self._handles.append(self.shared.down.register_forward_pre_hook(OwnerHook(self, "_down_in")))
         if self.shared.gate is not None:
-            self._handles.append(self.shared.gate.register_forward_hook(self._gate_out))
+            self._handles.append(self.shared.gate.register_forward_hook(OwnerHook(self, "_gate_out")))
             if self.shared.block is not None:  # a forward that failed halfway leaves no half pair behind
-                self._handles.append(self.shared.block.register_forward_pre_hook(self._reset))
+                self._handles.append(self.shared.block.register_forward_pre_hook(OwnerHook(self, "_reset")))
         return self
 
     def remove(self) -> None:

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 from . import kernels
+from .experts import ExpertsTap, SharedTap
+from .kernels import reference
 from .entropy import KnowledgeEntropy, knowledge_entropy
+from ._hooks import OwnerHook
 from .errors import ConfigError, KacqError, ShapeError
 from .frontends import Binding, StackBinding, StackInputs, bind
 from .locate import Site
@@ -96,7 +99,8 @@ class _Call:
     the call ends normally with every site of every stack that ran fired exactly once.
     """
 
-    __slots__ = ("opener", "stacks", "fired", "rows", "committed", "discarded", "root", "incomplete")
+    __slots__ = ("opener", "stacks", "fired", "rows", "committed", "discarded", "root", "incomplete", "routing",
+                 "grad_counted")
 
     def __init__(self, opener: nn.Module, root: StackInputs):
         self.opener = opener
@@ -107,46 +111,8 @@ class _Call:
         self.committed = False
         self.discarded = False
         self.incomplete = False
-
-
-class _Hook:
-    """A hook that reaches its instrumentation through a weak reference.
-
-    Copying or pickling a model copies its hooks: a copy of this hook is inert and removes itself
-    from the copied module at its first call, so a deep copy (or ``torch.save``) of an instrumented
-    model is an uninstrumented model, never one whose forwards feed a hidden instrumentation.
-    """
-
-    def __init__(self, inst: "Instrumentation", method: str, *bound):
-        self._inst = weakref.ref(inst)
-        self._method = method
-        self._bound = bound
-
-    def __call__(self, module, *args):
-        inst = self._inst()
-        if inst is None:
-            return None
-        return getattr(inst, self._method)(*self._bound, module, *args)
-
-    def __deepcopy__(self, memo):
-        return _InertHook()
-
-    def __reduce__(self):
-        return (_InertHook, ())
-
-
-class _InertHook:
-    """What a copied kacq hook becomes: it does nothing and removes itself when first called."""
-
-    def __call__(self, module, *args):
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key, hook in list(hooks.items()):
-                if hook is self:
-                    del hooks[key]
-                    for extra in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
-                                  module._forward_hooks_always_called):
-                        extra.pop(key, None)
-        return None
+        self.routing: dict = {}       # experts sites: (valid rows, document weights) of the layer's tokens
+        self.grad_counted: set = set()
 
 
 class Instrumentation:
@@ -204,14 +170,21 @@ class Instrumentation:
             return self
         root, closer = self.binding.root, self.binding.closer or self.binding.root
         add = self._handles.append
-        add(root.register_forward_pre_hook(_Hook(self, "_on_enter"), with_kwargs=True))
+        add(root.register_forward_pre_hook(OwnerHook(self, "_on_enter"), with_kwargs=True))
         for k, stack in enumerate(self.binding.stacks):
             if stack.module is not root:
-                add(stack.module.register_forward_pre_hook(_Hook(self, "_on_enter"), with_kwargs=True))
-                add(stack.module.register_forward_hook(_Hook(self, "_on_exit"), with_kwargs=True, always_call=True))
-        add(closer.register_forward_hook(_Hook(self, "_on_exit"), with_kwargs=True, always_call=True))
+                add(stack.module.register_forward_pre_hook(OwnerHook(self, "_on_enter"), with_kwargs=True))
+                add(stack.module.register_forward_hook(OwnerHook(self, "_on_exit"), with_kwargs=True, always_call=True))
+        add(closer.register_forward_hook(OwnerHook(self, "_on_exit"), with_kwargs=True, always_call=True))
         for index, site in enumerate(self.sites):
-            add(site.module.register_forward_pre_hook(_Hook(self, "_on_coefficients", index)))
+            add(site.module.register_forward_pre_hook(OwnerHook(self, "_on_coefficients", index)))
+            if site.kind == "experts":
+                layer = site.experts_layer
+                add(ExpertsTap(layer, OwnerHook(self, "_on_routed", index)).attach())
+                start = layer.experts * layer.d_ff
+                for shared in layer.shared:
+                    add(SharedTap(shared, OwnerHook(self, "_on_shared", index, start)).attach())
+                    start += shared.d_ff
         hooked = [root] + [stack.module for stack in self.binding.stacks]
         self._inside = {id(m): {id(h) for h in hooked if h is not m and _contains(m, h)} for m in hooked}
         _attached.add(self)
@@ -350,11 +323,61 @@ class Instrumentation:
             stats = self._pending[index]
         c2d = c.detach().reshape(-1, c.shape[-1])
         rows, doc_weight, documents = self._rows_for(call, index, c)
-        kernels.accumulate_forward(c2d, rows, doc_weight, stats)
         if documents is not None:
             stats.documents.add_(documents.to(stats.documents.device))
+        if site.kind == "experts":  # C arrives from the taps; here the layer counts its tokens, once
+            stats.tokens.add_(c2d.shape[0] if rows is None else rows.sum())
+            call.routing[index] = (rows, doc_weight)
+            return
+        kernels.accumulate_forward(c2d, rows, doc_weight, stats)
         if self.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_gradient, index, call, c2d, rows))
+
+    def _routed_call(self, index: int):
+        """The open call in which site ``index`` has fired, or None while paused or recomputing."""
+        if self._pause_depth or torch._C._current_graph_task_id() != -1:
+            return None
+        call = self._call
+        if call is None or index not in call.routing:
+            raise KacqError(f"the experts of {self.sites[index].path} ran outside a forward of their layer "
+                            f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
+        return call
+
+    def _on_routed(self, index: int, expert_ids, token_index, weight, c):
+        call = self._routed_call(index)
+        if call is None:
+            return
+        rows, doc_weight = call.routing[index]
+        keep = torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None else rows[token_index]
+        docs = None if doc_weight is None else doc_weight[token_index]
+        experts = self.sites[index].experts
+        reference.accumulate_experts(c.detach(), expert_ids, weight, keep, docs, self._pending[index], experts)
+        if self.grads and c.requires_grad and torch.is_grad_enabled():
+            c.register_hook(functools.partial(self._on_routed_gradient, index, call, c.detach(), expert_ids, keep))
+
+    def _on_routed_gradient(self, index: int, call: _Call, c, expert_ids, keep, grad):
+        if self._pause_depth or call.discarded:
+            return
+        stats = self.stats[index]
+        reference.accumulate_experts_backward(c, grad, expert_ids, keep, stats, self.sites[index].experts)
+        if index not in call.grad_counted:  # a layer's gradient tokens are counted once per call
+            call.grad_counted.add(index)
+            rows, _ = call.routing[index]
+            stats.grad_tokens.add_(keep.shape[0] if rows is None else rows.sum())
+
+    def _on_shared(self, index: int, start: int, c, gate):
+        call = self._routed_call(index)
+        if call is None:
+            return
+        rows, doc_weight = call.routing[index]
+        c2d = c.detach().reshape(-1, c.shape[-1])
+        reference.accumulate_slice(c2d, rows, gate, doc_weight, self._pending[index], start)
+        if self.grads and c.requires_grad and torch.is_grad_enabled():
+            c.register_hook(functools.partial(self._on_shared_gradient, index, call, start, c2d, rows))
+
+    def _on_shared_gradient(self, index: int, call: _Call, start: int, c2d, rows, grad):
+        if not self._pause_depth and not call.discarded:
+            reference.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows, self.stats[index], start)
 
     def _on_gradient(self, index: int, call: _Call, c2d: torch.Tensor, rows, grad: torch.Tensor):
         if not self._pause_depth and not call.discarded:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -84,6 +84,7 @@ class Site:
     kind: str = "dense"      # "dense" (one MLP) or "experts" (E routed experts x m slots, then shared slots)
     experts: int = 0         # routed experts (0 for a dense MLP)
     expert_d_ff: int = 0     # neurons per routed expert; d_ff = experts * expert_d_ff + shared slots
+    experts_layer: object = field(default=None, repr=False)  # kind "experts": the kacq_hooks.experts.ExpertsLayer
 
     @property
     def label(self) -> str:
@@ -102,6 +103,16 @@ def clean_name(name: str, root: nn.Module) -> str:
     if parts and parts[0] == "module" and _is_data_parallel(root):
         parts = parts[1:]
     return ".".join(parts)
+
+
+def submodule_at(model: nn.Module, clean: str) -> nn.Module:
+    """The module at a cleaned path (see :func:`clean_name`): wrappers put parts in between."""
+    if not clean:
+        return model
+    for name, module in model.named_modules():
+        if clean_name(name, model) == clean:
+            return module
+    raise LocateError(f"no module at '{clean}' in {type(model).__name__}")
 
 
 def _is_data_parallel(module: nn.Module) -> bool:
@@ -371,26 +382,27 @@ def find_moe_layers(model: nn.Module, stacks=None) -> list[MoeLayer]:
 
 
 def _experts_sites(model: nn.Module, moe: list[MoeLayer], dense: list[Site]) -> list[Site]:
-    """Sites of the MoE layers from kacq_hooks.experts when it is there; otherwise a refusal that says what is where."""
-    try:
-        from .experts import find_experts  # optional module: MoE capture lives there when it is installed
-    except ImportError:
-        find_experts = None
-    if find_experts is not None:
-        return list(find_experts(model, moe))
-    first = moe[0]
-    shared = sorted({p for m in moe for p in m.shared_paths})
-    dense_layers = sorted({(s.stack, s.layer) for s in dense})
-    raise LocateError(
-        f"this is a mixture-of-experts model: {len(moe)} layer(s) route tokens to experts "
-        f"({first.layout} experts at '{first.experts_path}', {first.experts} experts; MoE layers "
-        f"{[m.layer for m in moe]}). Per-expert knowledge entropy (over routed tokens only) is not supported yet by "
-        "this installation. "
-        + (f"Dense FFN layers it also has: {[f'{s}.layer_{l}' for s, l in dense_layers]}. " if dense_layers else "")
-        + (f"Shared experts (dense, run on every token): {shared}. " if shared else "")
-        + "To measure only dense parts, pass mlp_out='path.{i}.to.a.dense.projection' "
-        "(e.g. a shared expert's down projection)."
-    )
+    """One site per mixture-of-experts layer: E x m routed slots, then the shared experts' slots."""
+    from .experts import TAPPABLE, ExpertsError, experts_implementation, find_experts  # experts imports locate
+
+    sites = []
+    by_path = {m.experts_path: m for m in moe}
+    for layer in find_experts(model):
+        if layer.kind != "experts":
+            continue  # dense layers of an MoE model are found like any dense FFN
+        implementation = experts_implementation(layer.module)
+        if implementation not in TAPPABLE:
+            raise ExpertsError(f"'{layer.path}' runs the experts implementation {implementation!r}, which keeps C inside "
+                               "a fused kernel where no hook can see it. Switch to one kacq_hooks can tap, e.g. "
+                               "model.set_experts_implementation('grouped_mm') (or 'eager', 'batched_mm')")
+        found = by_path.get(layer.path)
+        stack = found.stack if found is not None else "decoder"
+        parent = layer.path.rpartition(".")[0]
+        block = found.module if found is not None else submodule_at(model, parent)
+        sites.append(Site(layer=layer.layer, path=layer.path, d_ff=layer.slots, d_model=layer.d_model, module=block,
+                          stack=stack, kind="experts", experts=layer.experts, expert_d_ff=layer.d_ff,
+                          experts_layer=layer))
+    return sites
 
 
 def _match_in_blocks(stack: Stack, regex: re.Pattern) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -634,13 +646,13 @@ def _root_of(model: nn.Module, stack: Stack) -> tuple[str, nn.Module]:
     parts = stack.path.split(".")
     candidates = [".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)]
     for path in candidates:
-        module = model.get_submodule(path) if path else model
+        module = submodule_at(model, path)
         # The nearest module that takes token ids (or embeddings, or pixels) is the stack's own entry point:
         # above it (a seq2seq model) the arguments belong to another stack too.
         if any(n in _forward_params(module) for n in ("input_ids", "inputs_embeds", "pixel_values")):
             return path, module
     parent = ".".join(parts[:-1])
-    return parent, (model.get_submodule(parent) if parent else model)
+    return parent, submodule_at(model, parent)
 
 
 def stack_specs(model: nn.Module, sites: list[Site]) -> dict[str, StackSpec]:

@@ -60,7 +60,7 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
     view(out.sum_abs).index_add_(0, ids, eff)
     view(out.sum_sq).index_add_(0, ids, eff * eff)
     view(out.active).index_add_(0, ids, (eff > 0).long())
-    view(out.max_abs).index_reduce_(0, ids, eff, "amax", include_self=True)
+    view(out.max_abs).scatter_reduce_(0, ids[:, None].expand(-1, m), eff, "amax", include_self=True)
     view(out.nonfinite).index_add_(0, ids, (~finite & keep[:, None]).long())
     routed = keep & (weight != 0)  # input-scaled layouts pass every pair, with weight 0 where not routed
     view(out.routed_sum_abs).index_add_(0, ids, torch.where(routed[:, None], raw, 0.0))
