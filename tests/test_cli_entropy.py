@@ -110,17 +110,14 @@ def test_resume_skips_measured_checkpoints(tmp_path, tokenizer, data_file, capsy
     assert "other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("problem", ["missing_model", "empty_data", "bad_jsonl", "missing_data", "moe_model",
-                                     "no_config"])
+@pytest.mark.parametrize("problem", ["missing_model", "empty_data", "bad_jsonl", "missing_data", "no_config"])
 def test_errors_exit_2_with_message(tmp_path, tokenizer, data_file, capsys, monkeypatch, problem):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = tmp_path / "model"
     data = data_file
     expected = {"missing_model": "not found", "empty_data": "no text", "bad_jsonl": "line 2",
-                "missing_data": "does not exist", "moe_model": "mixture-of-experts", "no_config": "config.json"}
-    if problem == "moe_model":
-        save_checkpoint(model, tokenizer, seed=0, model_type="mixtral")
-    elif problem == "no_config":
+                "missing_data": "does not exist", "no_config": "config.json"}
+    if problem == "no_config":
         model.mkdir()
         (model / "weights.bin").write_bytes(b"")
     elif problem != "missing_model":
