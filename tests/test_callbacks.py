@@ -7,7 +7,10 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 import kacq_hooks as kh
 from kacq_hooks import facts
-from kacq_hooks.training.callbacks import FactTrackingCallback, InjectionCallback, KnowledgeEntropyCallback
+from kacq_hooks.errors import CheckpointError, ConfigError
+from kacq_hooks.facts.injection import InjectionCollator
+from kacq_hooks.training.callbacks import (FactTrackingCallback, InjectionCallback, InstrumentationCheckpointCallback,
+                                           KnowledgeEntropyCallback)
 from tiny_models import VOCAB, tiny_model
 
 SEQ = 48  # longer than the injected passages
@@ -108,7 +111,7 @@ def test_knowledge_entropy_callback_on_training_batches(tmp_path, tokenizer, fac
         assert value.tokens == 2 * 4 * SEQ
         assert 0 < value.total <= value.max_total and len(value.per_layer) == 2
     logged = [entry for entry in recorder.logs if "knowledge_entropy/total" in entry]
-    assert [entry["knowledge_entropy/layer_1"] for entry in logged] == [v.per_layer[1] for _, v in entropy.history]
+    assert [entry["knowledge_entropy/decoder.layer_1"] for entry in logged] == [v.per_layer[1] for _, v in entropy.history]
     assert kh.instrumentations_of(model) == []  # removed at the end of training
 
 
@@ -128,7 +131,7 @@ def test_knowledge_entropy_callback_on_a_calibration_set(tmp_path, tokenizer):
     assert callback.history[0][1].tokens == 6 * SEQ
     assert callback.history[-1][1].total != pytest.approx(before.total, abs=1e-7)  # training moved it
     assert kh.instrumentations_of(model) == []
-    with pytest.raises(ValueError, match="calibration data must be token ids"):
+    with pytest.raises(ConfigError, match="calibration data must be token ids"):
         KnowledgeEntropyCallback(calibration=[torch.zeros(3)])
 
 
@@ -157,7 +160,8 @@ def test_injection_callback_puts_passages_into_the_trained_batches(tmp_path, tok
 def test_injection_collator_with_the_trainer(tmp_path, tokenizer, fact_set):
     model = tiny_model("llama")
     schedule = facts.InjectionSchedule(fact_set, interval=3, rounds=2)
-    collator = facts.InjectionCollator(schedule, tokenizer, gradient_accumulation_steps=2)
+    with pytest.warns(DeprecationWarning, match="use kacq_hooks.training.InjectionCallback"):
+        collator = InjectionCollator(schedule, tokenizer, gradient_accumulation_steps=2)
     seen = []
     handle = model.register_forward_hook(
         lambda module, args, kwargs, output: seen.append(kwargs["input_ids"].clone()) if module.training else None,
@@ -172,3 +176,75 @@ def test_injection_collator_with_the_trainer(tmp_path, tokenizer, fact_set):
     fox = tokenizer(fact_set[0].train_context, add_special_tokens=False)["input_ids"]
     starts_with_fox = [batch[0, :len(fox)].tolist() == fox for batch in seen]
     assert starts_with_fox == [True, False, False, False, False, False, True, False]  # micro-batches 0 and 6
+
+
+def _padded_dataset(n=32, seed=0):
+    """Rows of 12 to 40 tokens, so batches are padded and injected passages replace padding."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(12, 41, (n,), generator=generator).tolist()
+    return [{"input_ids": torch.randint(2, VOCAB, (length,), generator=generator).tolist()} for length in lengths]
+
+
+def test_entropy_counts_exactly_the_real_tokens_the_model_saw_after_injection(tmp_path, tokenizer, fact_set):
+    """The mask kacq applies is the one injection wrote (its pre-hook runs first), whatever the callback order."""
+    model = tiny_model("llama")
+    schedule = facts.InjectionSchedule(fact_set, interval=2, rounds=2)  # steps 0 and 2
+    seen = []  # real tokens per training forward, as the model's forward received them
+    handle = model.model.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append(int(kwargs["attention_mask"].sum()))
+        if module.training else None, with_kwargs=True)
+    trainer = _trainer(model, tokenizer, tmp_path, max_steps=3)
+    trainer.train_dataset = _padded_dataset()
+    entropy = KnowledgeEntropyCallback(every=1)
+    injection = InjectionCallback(schedule, tokenizer)
+    trainer.add_callback(injection)
+    entropy.attach(trainer)  # instruments the model at on_train_begin before injection registers its hook
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert injection.injected == {0: [0, 1], 2: [0]}
+    assert len(seen) == 3
+    assert [e.tokens for _, e in entropy.history] == seen
+
+
+def test_instrumentation_checkpoint_callback_restores_a_users_statistics(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    inst = kh.instrument(model, grads=True)
+    trainer = _trainer(model, tokenizer, tmp_path, max_steps=2, save_strategy="steps", save_steps=2,
+                       callbacks=[InstrumentationCheckpointCallback(inst, name="mine")])
+    trainer.train()
+    saved = inst.state_dict()["stats"]
+    assert (tmp_path / "out" / "checkpoint-2" / "kacq_mine.pt").is_file()
+    assert int(saved["0.tokens"]) == 2 * 4 * SEQ and int(saved["0.grad_tokens"]) == 2 * 4 * SEQ
+
+    resumed_model = tiny_model("llama")  # a new process would start here: empty statistics
+    fresh = kh.instrument(resumed_model, grads=True)
+    restored = {}
+    on_begin = type("OnBegin", (TrainerCallback,), {"on_train_begin": lambda self, *a, **k: restored.update(
+        fresh.state_dict()["stats"])})
+    trainer = _trainer(resumed_model, tokenizer, tmp_path, max_steps=3, save_strategy="steps", save_steps=2,
+                       callbacks=[InstrumentationCheckpointCallback(fresh, name="mine"), on_begin()])
+    trainer.train(resume_from_checkpoint=True)
+    for key, value in saved.items():
+        assert torch.equal(restored[key], value), key
+    assert int(fresh.stats[0].tokens) == 3 * 4 * SEQ  # and step 3 is counted on top
+
+    other = tiny_model("llama")
+    trainer = _trainer(other, tokenizer, tmp_path, max_steps=2, save_strategy="steps", save_steps=2,
+                       callbacks=[InstrumentationCheckpointCallback(kh.instrument(other), name="absent")])
+    with pytest.raises(CheckpointError, match="has no kacq_absent.pt"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_resuming_with_other_entropy_settings_is_refused(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    trainer = _trainer(model, tokenizer, tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    KnowledgeEntropyCallback(every=2).attach(trainer)
+    trainer.train()
+    assert (tmp_path / "out" / "checkpoint-2" / "kacq_knowledge_entropy.pt").is_file()
+    other = tiny_model("llama")
+    trainer = _trainer(other, tokenizer, tmp_path, max_steps=3, save_strategy="steps", save_steps=2)
+    KnowledgeEntropyCallback(every=3).attach(trainer)  # a window of 3 cannot continue a window of 2
+    with pytest.raises(CheckpointError, match="resume with the same settings"):
+        trainer.train(resume_from_checkpoint=True)

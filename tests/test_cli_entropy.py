@@ -73,7 +73,7 @@ def test_sweep_writes_files_and_matches_library(tmp_path, tokenizer, data_file, 
     assert saved["checkpoints"][0]["total"] != saved["checkpoints"][1]["total"]  # two different models
     rows = list(csv.DictReader((out / "entropy.csv").open()))
     assert [float(r["total"]) for r in rows] == [c["total"] for c in saved["checkpoints"]]
-    assert float(rows[1]["layer_1"]) == saved["checkpoints"][1]["per_layer"][1]
+    assert float(rows[1]["decoder.layer_1"]) == saved["checkpoints"][1]["per_layer"][1]
     assert "checkpoint-100" in capsys.readouterr().out
 
 
@@ -110,17 +110,14 @@ def test_resume_skips_measured_checkpoints(tmp_path, tokenizer, data_file, capsy
     assert "other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("problem", ["missing_model", "empty_data", "bad_jsonl", "missing_data", "moe_model",
-                                     "no_config"])
+@pytest.mark.parametrize("problem", ["missing_model", "empty_data", "bad_jsonl", "missing_data", "no_config"])
 def test_errors_exit_2_with_message(tmp_path, tokenizer, data_file, capsys, monkeypatch, problem):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = tmp_path / "model"
     data = data_file
     expected = {"missing_model": "not found", "empty_data": "no text", "bad_jsonl": "line 2",
-                "missing_data": "does not exist", "moe_model": "mixture-of-experts", "no_config": "config.json"}
-    if problem == "moe_model":
-        save_checkpoint(model, tokenizer, seed=0, model_type="mixtral")
-    elif problem == "no_config":
+                "missing_data": "does not exist", "no_config": "config.json"}
+    if problem == "no_config":
         model.mkdir()
         (model / "weights.bin").write_bytes(b"")
     elif problem != "missing_model":
@@ -140,3 +137,76 @@ def test_errors_exit_2_with_message(tmp_path, tokenizer, data_file, capsys, monk
     assert code == 2
     assert expected[problem] in err and "Traceback" not in err
     assert "kacq entropy: error:" in err
+
+
+def test_seq_len_beyond_the_models_positions_is_refused_before_measuring(tmp_path, tokenizer, data_file, capsys):
+    first = save_checkpoint(tmp_path / "a", tokenizer, seed=1)  # tiny models take 128 positions
+    code = main(["entropy", str(first), "--data", str(data_file), "--out", str(tmp_path / "out"),
+                 "--seq-len", "4096", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--seq-len 4096" in err and "128" in err
+    assert not (tmp_path / "out" / "entropy.json").exists()  # refused before any measurement
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu9", "not a device"),
+    ("cuda", "not available"),
+    ("cuda:7", "not available"),
+])
+def test_bad_or_unavailable_device_is_refused(tmp_path, tokenizer, data_file, capsys, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    first = save_checkpoint(tmp_path / "a", tokenizer, seed=1)
+    for command in (["entropy", str(first)], ["resuscitate", str(first)]):
+        code = main([*command, "--data", str(data_file), "--out", str(tmp_path / "out"), "--device", device])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert f"--device {device}" in err and message in err
+
+
+def test_an_all_nan_model_is_reported_as_non_finite(tmp_path, tokenizer, data_file, capsys):
+    model = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    tokenizer.save_pretrained(tmp_path / "nan")
+    code = main(["entropy", str(tmp_path / "nan"), "--data", str(data_file), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "non-finite" in err and "dead layer" not in err  # the core's message, shown as it is
+
+
+def test_cli_spells_shared_options_the_same(tmp_path):
+    from kacq_hooks.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    shared = ("--data", "--batch-size", "--seq-len", "--device", "--out")
+    for name in ("entropy", "resuscitate"):
+        options = {s for action in subcommands[name]._actions for s in action.option_strings}
+        assert set(shared) <= options, (name, set(shared) - options)
+
+
+def test_resume_by_resolved_path_and_content_hash(tmp_path, tokenizer, data_file, capsys, monkeypatch):
+    first = save_checkpoint(tmp_path / "a", tokenizer, seed=5)
+    second = save_checkpoint(tmp_path / "b", tokenizer, seed=6)
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--batch-size", "2", "--seq-len", "16"]
+    monkeypatch.chdir(data_file.parent)
+    assert main(["entropy", str(first), "--data", f"./{data_file.name}", *common]) == 0  # relative
+    saved = json.loads((out / "entropy.json").read_text())
+    assert saved["settings"]["data"] == str(data_file.resolve()) and len(saved["settings"]["data_sha256"]) == 64
+    (first / "config.json").write_text("not json")  # a resumed sweep must not load it again
+    capsys.readouterr()
+    assert main(["entropy", str(first), str(second), "--data", str(data_file.resolve()), *common]) == 0  # absolute
+    assert "skipping" in capsys.readouterr().err
+    assert len(json.loads((out / "entropy.json").read_text())["checkpoints"]) == 2
+    assert main(["entropy", str(second), "--data", data_file.name, *common]) == 0  # and bare relative again
+    # the same path with other contents is other data: refused, not mixed into the file
+    data_file.write_text(data_file.read_text() + json.dumps({"text": "One more document."}) + "\n")
+    assert main(["entropy", str(second), "--data", str(data_file), *common]) == 2
+    assert "other settings" in capsys.readouterr().err

@@ -116,3 +116,15 @@ def _minimal() -> dict:
         record[f"{kind}_input"] = ["Zorgon rules"]
         record[f"{kind}_target"] = ["Mars"]
     return record
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00", "not UTF-8 text"),
+    (b"[]", "holds no records"),
+    (b"  [ ]\n", "holds no records"),
+])
+def test_binary_and_empty_fact_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "facts.json"
+    path.write_bytes(content)
+    with pytest.raises(facts.FactDataError, match=message):
+        facts.load_fictional_knowledge(path)

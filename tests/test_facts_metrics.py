@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from kacq_hooks import facts
+from kacq_hooks.errors import MetricError
+from kacq_hooks.facts.metrics import iqr_mask, mean_without_outliers
 
 
 def test_exact_power_law_gives_back_decay_and_x_intercept():
@@ -74,11 +76,11 @@ def test_metric_errors_say_what_is_missing():
 def test_iqr_filter_with_both_factors():
     values = torch.tensor([1.0, 2.0, 3.0, 4.0, 9.0, float("nan")])
     # Q1 = 2, Q3 = 4, IQR = 2: factor 1.5 keeps [-1, 7], factor 2.0 keeps [-2, 8]; 9 is out either way
-    assert facts.iqr_mask(values).tolist() == [True, True, True, True, False, False]
-    assert facts.iqr_mask(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.5])).tolist() == [True] * 4 + [False]
-    assert facts.iqr_mask(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.5]), factor=2.0).tolist() == [True] * 5
-    assert float(facts.mean_without_outliers(values)) == pytest.approx(2.5)
-    assert float(facts.mean_without_outliers(values, factor=None)) == pytest.approx(19.0 / 5)
+    assert iqr_mask(values).tolist() == [True, True, True, True, False, False]
+    assert iqr_mask(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.5])).tolist() == [True] * 4 + [False]
+    assert iqr_mask(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.5]), factor=2.0).tolist() == [True] * 5
+    assert float(mean_without_outliers(values)) == pytest.approx(2.5)
+    assert float(mean_without_outliers(values, factor=None)) == pytest.approx(19.0 / 5)
 
 
 def test_kim_et_al_summary_metrics():
@@ -120,3 +122,58 @@ def test_summary_from_a_store_and_its_schedule():
     for key in rows:
         assert rows[key]["decay"] == pytest.approx(decay, abs=1e-5)
         assert rows[key]["x_intercept_steps"] == pytest.approx(10 ** (1 / decay), rel=1e-4)
+
+
+def test_power_law_fit_with_a_tiny_positive_decay_does_not_overflow():
+    t = torch.arange(1, 200).double()
+    r = 0.9 - 1e-4 * torch.log10(t)  # R reaches 0 at 10 ** 9000 steps: far beyond a float
+    fit = facts.fit_power_law(t, r, tokens_per_step=1024)
+    assert fit.forgets
+    assert fit.x_intercept_log10_steps == pytest.approx(9000.0, rel=1e-6)  # exact in log space
+    assert fit.x_intercept_steps == math.inf and fit.x_intercept_tokens == math.inf  # beyond range: inf, said so
+    assert fit.x_intercept_beyond_range
+
+
+def test_power_law_fit_with_a_negative_decay_has_no_x_intercept():
+    t = torch.arange(1, 100).double()
+    fit = facts.fit_power_law(t, 0.2 + 0.1 * torch.log10(t), tokens_per_step=1024)  # retention grows
+    assert fit.decay == pytest.approx(-0.1) and not fit.forgets
+    assert math.isnan(fit.x_intercept_steps) and fit.x_intercept_tokens is None
+    assert math.isnan(fit.x_intercept_log10_steps) and not fit.x_intercept_beyond_range
+    flat = facts.fit_power_law(t, torch.full_like(t, 0.5))  # no decay at all: never reaches 0 either
+    assert flat.decay == 0 and not flat.forgets and math.isnan(flat.x_intercept_steps)
+
+
+def test_moved_names_still_import_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="kacq_hooks.facts.metrics"):
+        assert facts.iqr_mask is iqr_mask
+    assert "iqr_mask" not in facts.__all__ and "parse_record" not in facts.__all__
+    with pytest.raises(AttributeError):
+        facts.no_such_name  # noqa: B018
+
+
+def test_summary_fits_over_the_range_every_probe_was_recorded():
+    # max_per_step=1 injects record 0 at step 0 and record 1 at step 1: record 0's tail is one step longer
+    fs = facts.FactSet([_record(), _record()], ["once", "once"])
+    schedule = facts.InjectionSchedule(fs, interval=10, rounds=1, max_per_step=1)
+    assert schedule.steps_of(0) == [0] and schedule.steps_of(1) == [1]
+    n_steps, decay = 60, 0.2
+
+    def curve(start):
+        values = [-5.0] * (start + 1) + [-3.0]
+        return values + [-5.0 + 2.0 * (1.0 - decay * math.log10(t)) for t in range(1, n_steps - start - 1)]
+
+    first, second = curve(0), curve(1)
+    first[-1] = 40.0  # a point only record 0 has: a shrinking tail would fit it alone
+    probes = [facts.ProbeRef(r, "mem", i) for r in range(2) for i in range(2)]
+    store = facts.TrajectoryStore(None, probes, fs.scenarios)
+    for step in range(n_steps):
+        row = torch.tensor([first[step]] * 2 + [second[step]] * 2)
+        store.append(step, {"mean": row, "first": row, "sum": row})
+    (row,) = facts.summarize_acquisition(store, schedule, window=1)
+    assert row["horizon"] == n_steps - 3  # record 1: last step 59, its maximum at step 2
+    assert row["decay"] == pytest.approx(decay, abs=1e-6) and row["r_squared"] == pytest.approx(1.0)
+    (short,) = facts.summarize_acquisition(store, schedule, window=1, horizon=20)
+    assert short["horizon"] == 20 and short["decay"] == pytest.approx(decay, abs=1e-6)
+    with pytest.raises(MetricError, match="horizon 58 is beyond"):
+        facts.summarize_acquisition(store, schedule, window=1, horizon=58)

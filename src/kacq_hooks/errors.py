@@ -32,3 +32,52 @@ class CorpusError(KacqError, ValueError):
 
 class ConfigError(KacqError, ValueError):
     """An option or environment setting has a value kacq_hooks does not accept."""
+
+
+class CheckpointError(KacqError):
+    """Saved state cannot be restored: it is missing, from another run or model, or unreadable."""
+
+
+class ArgumentTypeError(KacqError, TypeError):
+    """An argument has a type the function cannot take."""
+
+
+class ResuscitationError(KacqError):
+    """A resuscitation cannot be applied as asked (e.g. the modules already carry one)."""
+
+
+class FactDataError(KacqError, ValueError):
+    """A fact record does not follow the schema; ``index`` and ``field`` say where (``None`` when not one record)."""
+
+    def __init__(self, message: str, index: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.index = index
+        self.field = field
+
+
+class InjectionError(KacqError, ValueError):
+    """A schedule or batch cannot take the requested injections."""
+
+
+class TrajectoryError(KacqError, ValueError):
+    """A trajectory file or step does not fit the store (other probes, a step already recorded, a broken file)."""
+
+
+class ProbeTokenizationError(KacqError, ValueError):
+    """A probe cannot be tokenized so that its target is a clean suffix (or at all)."""
+
+
+class SAMError(KacqError, RuntimeError):
+    """SAM's two passes were called out of order (e.g. a plain ``step()`` with no perturbation undone)."""
+
+
+class FormatError(KacqError, ValueError):
+    """A text or format cannot give what was asked (no text, unknown format name, too many variants)."""
+
+
+class MetricError(KacqError, ValueError):
+    """A trajectory or score cannot give the asked metric (missing steps, too few points, a zero baseline)."""
+
+
+class UnknownKeyError(KacqError, KeyError):
+    """A name (a reduction, a kind) is not one of those offered."""

@@ -8,22 +8,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kacq_hooks.errors import KacqError, MissingExtraError
+from kacq_hooks.errors import FactDataError, KacqError, MissingExtraError
 from kacq_hooks.facts.records import PROBE_KINDS, SCENARIOS, FactRecord, FactSet
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("train_context",) + tuple(f"{kind}_{part}" for kind in PROBE_KINDS for part in ("input", "target"))
 OPTIONAL_FIELDS = ("paraphrases",)
-
-
-class FactDataError(KacqError, ValueError):
-    """A fact record does not follow the schema; ``index`` and ``field`` say where (``None`` when not one record)."""
-
-    def __init__(self, message: str, index: int | None = None, field: str | None = None):
-        super().__init__(message)
-        self.index = index
-        self.field = field
 
 
 def load_fictional_knowledge(
@@ -141,13 +132,19 @@ def _read_raw_records(source: str | os.PathLike, split: str) -> list[Any]:
 
 
 def _read_json_file(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FactDataError(f"{path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}; a "
+                            "binary or compressed file?); give a JSON or JSON-lines file of fact records") from error
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise FactDataError(f"{path} is not valid JSON: {error}") from error
+        if isinstance(data, list) and not data:
+            raise FactDataError(f"{path} holds no records (an empty JSON list); give at least one fact record")
         return data
     records = []
     for line_number, line in enumerate(text.splitlines(), start=1):
@@ -168,7 +165,7 @@ def _read_json_file(path: Path) -> list[Any]:
 
 def _read_hub_dataset(name: str, split: str) -> list[Any]:
     try:
-        import datasets
+        import datasets  # an optional extra ('data')
     except ImportError as error:
         raise MissingExtraError("datasets", "data", f"loading fact records by dataset name ({name!r})") from error
     try:

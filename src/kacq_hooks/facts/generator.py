@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+from kacq_hooks.errors import ConfigError
 from kacq_hooks.facts.records import SCENARIOS, FactRecord, FactSet
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class _Namer:
                 continue
             self.used.add(key)
             return word.capitalize()
-        raise RuntimeError("could not draw a new invented name in 10,000 tries; the avoid corpus is too broad")
+        raise ConfigError("could not draw a new invented name in 10,000 tries; the avoid corpus is too broad")
 
     def person(self) -> str:
         return f"{self.name()} {self.name(syllables=3)}"
@@ -502,7 +503,7 @@ def _make_record(kind: _Kind, rng: random.Random, names: _Namer, n_paraphrases: 
 
 def _words_of(texts: Iterable[str]) -> frozenset[str]:
     if isinstance(texts, str):
-        raise ValueError("avoid= takes a collection of texts, not one string; wrap it in a list: avoid=[text]")
+        raise ConfigError("avoid= takes a collection of texts, not one string; wrap it in a list: avoid=[text]")
     words: set[str] = set()
     for text in texts:
         words.update(_WORD.findall(text.lower()))
@@ -537,12 +538,12 @@ def generate_facts(n: int, seed: int = 0, n_paraphrases: int = 9, avoid: Iterabl
     True
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int (number of records), got {n!r}")
+        raise ConfigError(f"n must be a non-negative int (number of records), got {n!r}")
     if isinstance(n_paraphrases, bool) or not isinstance(n_paraphrases, int) or n_paraphrases < 0:
-        raise ValueError(f"n_paraphrases must be a non-negative int, got {n_paraphrases!r}")
+        raise ConfigError(f"n_paraphrases must be a non-negative int, got {n_paraphrases!r}")
     if n_paraphrases > max_paraphrases():
-        raise ValueError(f"n_paraphrases={n_paraphrases} is more than the {max_paraphrases()} distinct rewordings "
-                         "the templates allow; ask for fewer")
+        raise ConfigError(f"n_paraphrases={n_paraphrases} is more than the {max_paraphrases()} distinct rewordings "
+                          "the templates allow; ask for fewer")
     forbidden = _words_of(avoid) if avoid is not None else frozenset()
     rng = random.Random(seed)
     names = _Namer(rng, forbidden)
@@ -567,11 +568,11 @@ def assign_scenarios(facts: Sequence[FactRecord], fractions: Mapping[str, float]
     fractions = dict(PAPER_FRACTIONS if fractions is None else fractions)
     unknown = sorted(set(fractions) - set(SCENARIOS))
     if unknown:
-        raise ValueError(f"unknown scenario(s) {unknown} in fractions; expected any of {SCENARIOS}")
+        raise ConfigError(f"unknown scenario(s) {unknown} in fractions; expected any of {SCENARIOS}")
     if any(not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions.values()):
-        raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
+        raise ConfigError(f"fractions must lie in [0, 1], got {fractions}")
     if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must sum to 1, got {sum(fractions.values()):.6g} from {fractions}")
+        raise ConfigError(f"fractions must sum to 1, got {sum(fractions.values()):.6g} from {fractions}")
     records = list(facts)
     n = len(records)
     exact = [fractions.get(s, 0.0) * n for s in SCENARIOS]
@@ -582,6 +583,6 @@ def assign_scenarios(facts: Sequence[FactRecord], fractions: Mapping[str, float]
     scenarios = [s for s, c in zip(SCENARIOS, counts) for _ in range(c)]
     missing = [i for i, (r, s) in enumerate(zip(records, scenarios)) if s == "paraphrase" and not r.paraphrases]
     if missing:
-        raise ValueError(f"records {missing[:5]}{'...' if len(missing) > 5 else ''} are assigned to 'paraphrase' "
-                         "but have no paraphrases; generate them with n_paraphrases > 0 or lower that fraction")
+        raise ConfigError(f"records {missing[:5]}{'...' if len(missing) > 5 else ''} are assigned to 'paraphrase' "
+                          "but have no paraphrases; generate them with n_paraphrases > 0 or lower that fraction")
     return FactSet(records, scenarios)

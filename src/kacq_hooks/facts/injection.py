@@ -1,4 +1,5 @@
-"""Injecting fact passages into training batches on a schedule (Chang et al. 2024, SCIENCE.md section 4).
+"""Injecting fact passages into training batches on a schedule (Chang et al. 2024, "How do large language
+models acquire factual knowledge during pretraining?").
 
 Each injected passage (+ EOS) is prepended to one batch row and the row is cut back to the batch's
 sequence length, so the batch shape never changes; labels and attention mask follow the new tokens.
@@ -6,21 +7,20 @@ sequence length, so the batch shape never changes; labels and attention mask fol
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import get_worker_info
+from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
-from kacq_hooks.errors import KacqError, ShapeError
+from kacq_hooks.errors import InjectionError, KacqError, ShapeError
 from kacq_hooks.facts.records import FactSet
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels the Hugging Face losses skip
-
-
-class InjectionError(KacqError, ValueError):
-    """A schedule or batch cannot take the requested injections."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def inject(
     on its side. New labels are the passage tokens, then the row's own labels (so a row's masked
     positions stay masked), and ``-100`` on padding.
 
-    >>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    >>> from kacq_hooks.corpus import train_bpe_tokenizer
     >>> tok = train_bpe_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
     >>> ids = torch.tensor([tok("the mat the mat")["input_ids"]] * 2)
     >>> out = inject({"input_ids": ids, "labels": ids.clone()}, ["cat"], tok)
@@ -260,17 +260,14 @@ def _pad_id(input_ids: torch.Tensor, mask: torch.Tensor | None, tokenizer, eos: 
 
 
 class InjectionCollator:
-    """A data collator that injects the schedule's passages, counting its calls to know the step.
+    """Deprecated: use :class:`kacq_hooks.training.InjectionCallback`, which reads the Trainer's own step.
 
-    Call ``k`` builds the ``k``-th micro-batch, which belongs to update ``k // gradient_accumulation_steps``;
-    passages go into the first micro-batch of their step. Counting calls is exact when every batch it
-    builds is trained on, in order, in the calling process: a plain loop, or a ``Trainer`` with
-    ``dataloader_num_workers=0`` whose epochs hold a whole number of updates. With a ``Trainer``, add
-    :meth:`callback` too: it re-aligns the count when training resumes from a checkpoint, and warns if
-    the count ever disagrees with the Trainer's step. ``InjectionCallback`` (in
-    ``kacq_hooks.training.callbacks``) injects at the model's input instead and needs none of this.
-
-    ``base`` turns a list of features into a batch; default: ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``.
+    A data collator that injects the schedule's passages, counting its calls to know the step: call
+    ``k`` builds the ``k``-th micro-batch, which belongs to update ``k // gradient_accumulation_steps``.
+    That count is wrong whenever a built batch is not trained on, in order, in this process (dataloader
+    workers, prefetching, epochs that do not hold a whole number of updates, resumed runs), which is why
+    it goes away in the next release. ``base`` turns a list of features into a batch; default:
+    ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``.
     """
 
     def __init__(
@@ -281,15 +278,14 @@ class InjectionCollator:
         *,
         gradient_accumulation_steps: int = 1,
     ):
+        warnings.warn("InjectionCollator counts collator calls, which miss the Trainer's step in common setups; "
+                      "use kacq_hooks.training.InjectionCallback(schedule, tokenizer) instead (InjectionCollator "
+                      "goes away in the next release)", DeprecationWarning, stacklevel=2)
         if gradient_accumulation_steps < 1:
             raise InjectionError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-        if base is None:
-            from transformers import DataCollatorForLanguageModeling
-
-            base = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         self.schedule = schedule
         self.tokenizer = tokenizer
-        self.base = base
+        self.base = base if base is not None else DataCollatorForLanguageModeling(tokenizer, mlm=False)
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.calls = 0
         self.injected: dict[int, list[int]] = {}  # step -> records injected (for checks and analysis)
@@ -304,8 +300,6 @@ class InjectionCollator:
         self.calls = int(step) * self.gradient_accumulation_steps
 
     def __call__(self, features: list) -> dict[str, torch.Tensor]:
-        from torch.utils.data import get_worker_info
-
         if get_worker_info() is not None:
             raise InjectionError(
                 "InjectionCollator runs in a DataLoader worker process, where its step count is wrong; use "
@@ -321,8 +315,33 @@ class InjectionCollator:
                 self.injected[step] = [i.record for i in due]
         return batch
 
-    def callback(self):
-        """A ``TrainerCallback`` that keeps this collator's step aligned with the Trainer's."""
-        from kacq_hooks.training.callbacks import InjectionCollatorSync
-
+    def callback(self) -> "InjectionCollatorSync":
+        """Deprecated with the collator: a ``TrainerCallback`` that keeps its step aligned with the Trainer's."""
         return InjectionCollatorSync(self)
+
+
+class InjectionCollatorSync(TrainerCallback):
+    """Deprecated with :class:`InjectionCollator`: keeps its step count aligned with the Trainer."""
+
+    def __init__(self, collator: InjectionCollator):
+        self.collator = collator
+        self._warned = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.gradient_accumulation_steps != self.collator.gradient_accumulation_steps:
+            raise InjectionError(
+                f"the collator counts {self.collator.gradient_accumulation_steps} micro-batches per step but the "
+                f"Trainer accumulates {args.gradient_accumulation_steps}; give the collator the same number"
+            )
+        self.collator.seek(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The collator may be one batch ahead: the data loader fetches the next batch before yielding this one.
+        ahead = self.collator.calls - state.global_step * self.collator.gradient_accumulation_steps
+        if not 0 <= ahead <= 1 and not self._warned:
+            logger.warning(
+                "InjectionCollator built %d batches by step %d, expected %d: injections may be on the wrong steps "
+                "(dataloader workers? epochs that do not hold a whole number of updates?); use InjectionCallback",
+                self.collator.calls, state.global_step, state.global_step * self.collator.gradient_accumulation_steps,
+            )
+            self._warned = True

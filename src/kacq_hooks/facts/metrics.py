@@ -1,4 +1,4 @@
-"""Acquisition and forgetting metrics on probe trajectories (Chang et al. 2024; Kim et al. 2025; SCIENCE.md section 4).
+"""Acquisition and forgetting metrics on probe trajectories (Chang et al. 2024; Kim et al. 2025; Chang et al.'s retainability; Kim et al.'s K, A and F).
 
 A trajectory is ``values[..., j] = l(q, θ_{steps[j]})``: the probe's target log prob under the model
 before update ``steps[j]`` (after ``steps[j]`` updates). Leading dimensions are independent probes that
@@ -8,17 +8,28 @@ injection steps, so those must be recorded.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from kacq_hooks.errors import MetricError
+
 ArrayLike = torch.Tensor | Sequence
+_MAX_LOG10 = math.log10(sys.float_info.max)  # 10 ** this is the largest float
 
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """``R(t) ~ intercept - decay * log10(t)``; the x-intercept is where the fitted R reaches 0."""
+    """``R(t) ~ intercept - decay * log10(t)``; the x-intercept is where the fitted R reaches 0.
+
+    Only a curve that decays (``decay > 0``, see :attr:`forgets`) reaches 0. Otherwise the x-intercept
+    fields are NaN (``x_intercept_tokens`` None): a number there would mean nothing. The crossing is
+    computed in log space (``x_intercept_log10_steps = intercept / decay``), so a tiny decay cannot
+    overflow; when ``10 ** x_intercept_log10_steps`` is beyond the float range ``x_intercept_steps``
+    is ``inf`` and :attr:`x_intercept_beyond_range` is True.
+    """
 
     decay: float
     intercept: float
@@ -26,6 +37,17 @@ class PowerLawFit:
     x_intercept_steps: float
     x_intercept_tokens: float | None = None
     n_points: int = 0
+    x_intercept_log10_steps: float = math.nan
+
+    @property
+    def forgets(self) -> bool:
+        """True when the fitted retention decreases with t, so that it has an x-intercept."""
+        return self.decay > 0
+
+    @property
+    def x_intercept_beyond_range(self) -> bool:
+        """True when the x-intercept exists but is too large for a float (``x_intercept_steps`` is inf)."""
+        return self.forgets and math.isinf(self.x_intercept_steps)
 
 
 def _as_float64(values: ArrayLike) -> torch.Tensor:
@@ -34,9 +56,9 @@ def _as_float64(values: ArrayLike) -> torch.Tensor:
 
 def _step_index(steps: torch.Tensor) -> dict[int, int]:
     if steps.dim() != 1:
-        raise ValueError(f"steps must be 1-D, got shape {tuple(steps.shape)}")
+        raise MetricError(f"steps must be 1-D, got shape {tuple(steps.shape)}")
     if steps.numel() > 1 and not bool((steps[1:] > steps[:-1]).all()):
-        raise ValueError("steps must be strictly increasing")
+        raise MetricError("steps must be strictly increasing")
     return {int(s): j for j, s in enumerate(steps.tolist())}
 
 
@@ -45,15 +67,15 @@ def _prepare(steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int]
     index = _step_index(steps_t)
     values_t = _as_float64(values)
     if values_t.shape[-1] != steps_t.numel():
-        raise ValueError(f"values have {values_t.shape[-1]} steps in their last dimension, steps has {steps_t.numel()}")
+        raise MetricError(f"values have {values_t.shape[-1]} steps in their last dimension, steps has {steps_t.numel()}")
     injections = [int(t) for t in injection_steps]
     if not injections:
-        raise ValueError("no injection steps given")
+        raise MetricError("no injection steps given")
     if any(b <= a for a, b in zip(injections, injections[1:])):
-        raise ValueError(f"injection steps {injections} must be strictly increasing")
+        raise MetricError(f"injection steps {injections} must be strictly increasing")
     missing = [t for t in injections if t not in index]
     if missing:
-        raise ValueError(
+        raise MetricError(
             f"the trajectory has no value at injection step(s) {missing}; record the model before every injection"
         )
     return steps_t, index, values_t, injections
@@ -65,12 +87,12 @@ def local_acquisition_maximum(
     """t_LAM per injection: the step in ``(t_i, t_i + window]`` with the highest value. Long [..., n_injections]."""
     steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
     if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+        raise MetricError(f"window must be >= 1, got {window}")
     result = []
     for t in injections:
         in_window = ((steps_t > t) & (steps_t <= t + window)).nonzero().squeeze(1)
         if in_window.numel() == 0:
-            raise ValueError(f"no recorded step in the window ({t}, {t + window}] after injection step {t}")
+            raise MetricError(f"no recorded step in the window ({t}, {t + window}] after injection step {t}")
         best = values_t[..., in_window].argmax(dim=-1)
         result.append(steps_t[in_window][best])
     return torch.stack(result, dim=-1)
@@ -113,7 +135,7 @@ def retainability(
     """
     steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
     if int(steps_t[0]) < 0:
-        raise ValueError(f"steps must be >= 0, got {int(steps_t[0])}")
+        raise MetricError(f"steps must be >= 0, got {int(steps_t[0])}")
     lam_last = local_acquisition_maximum(steps_t, values_t, injections[-1:], window)[..., 0]
     if horizon is None:
         horizon = int(steps_t[-1] - lam_last.min())
@@ -160,6 +182,7 @@ def fit_power_law(t: ArrayLike, r: ArrayLike, tokens_per_step: float | None = No
 
     ``x_intercept_steps = 10 ** (intercept / decay)``: the step count at which the fitted retention
     reaches 0; times ``tokens_per_step`` (batch size x sequence length) for ``x_intercept_tokens``.
+    See :class:`PowerLawFit` for curves that do not decay or cross 0 beyond the float range.
 
     >>> fit = fit_power_law([1, 10, 100], [0.9, 0.7, 0.5])
     >>> round(fit.decay, 6), round(fit.intercept, 6), round(fit.x_intercept_steps, 3)
@@ -167,11 +190,11 @@ def fit_power_law(t: ArrayLike, r: ArrayLike, tokens_per_step: float | None = No
     """
     t_all, r_all = _as_float64(t).reshape(-1), _as_float64(r).reshape(-1)
     if t_all.shape != r_all.shape:
-        raise ValueError(f"t has {t_all.numel()} points and r {r_all.numel()}; give one r per t")
+        raise MetricError(f"t has {t_all.numel()} points and r {r_all.numel()}; give one r per t")
     usable = (t_all >= 1) & torch.isfinite(r_all)
     x, y = torch.log10(t_all[usable]), r_all[usable]
     if x.numel() < 2 or float(x.max() - x.min()) == 0:
-        raise ValueError(f"a power-law fit needs at least two distinct t >= 1 with finite r; got {x.numel()} points")
+        raise MetricError(f"a power-law fit needs at least two distinct t >= 1 with finite r; got {x.numel()} points")
     x_mean, y_mean = x.mean(), y.mean()
     slope = float(((x - x_mean) * (y - y_mean)).sum() / ((x - x_mean) ** 2).sum())
     intercept = float(y_mean - slope * x_mean)
@@ -179,9 +202,16 @@ def fit_power_law(t: ArrayLike, r: ArrayLike, tokens_per_step: float | None = No
     total = float(((y - y_mean) ** 2).sum())
     r_squared = 1.0 - residual / total if total > 0 else 1.0
     decay = -slope
-    x_intercept = 10 ** (intercept / decay) if decay != 0 else math.inf
-    tokens = x_intercept * tokens_per_step if tokens_per_step is not None else None
-    return PowerLawFit(decay, intercept, r_squared, x_intercept, tokens, int(x.numel()))
+    if decay > 0:
+        log10_steps = intercept / decay
+        x_intercept = 10.0 ** log10_steps if log10_steps < _MAX_LOG10 else math.inf
+        tokens = x_intercept * tokens_per_step if tokens_per_step is not None else None
+        if tokens is not None and math.isfinite(x_intercept) and math.isinf(tokens):
+            tokens = math.inf
+    else:  # retention that does not fall has no crossing of 0
+        log10_steps = x_intercept = math.nan
+        tokens = None
+    return PowerLawFit(decay, intercept, r_squared, x_intercept, tokens, int(x.numel()), log10_steps)
 
 
 # Kim et al. 2025's summary metrics
@@ -192,7 +222,7 @@ def knowledge_score(scores: torch.Tensor | dict[str, torch.Tensor]) -> float:
     flat = torch.cat([v.reshape(-1) for v in scores.values()]) if isinstance(scores, dict) else _as_float64(scores).reshape(-1)
     flat = flat[~torch.isnan(flat)]
     if flat.numel() == 0:
-        raise ValueError("no finite probe scores to average")
+        raise MetricError("no finite probe scores to average")
     return float(flat.double().mean())
 
 
@@ -203,7 +233,7 @@ def acquisition(k_before: float, k_after: float) -> float:
     0.25
     """
     if k_before == 0:
-        raise ValueError("K_before is 0, so the relative acquisition is undefined")
+        raise MetricError("K_before is 0, so the relative acquisition is undefined")
     return (k_after - k_before) / abs(k_before)
 
 
@@ -214,7 +244,7 @@ def forgetting(p_before: float, p_after: float) -> float:
     0.5
     """
     if p_before == 0:
-        raise ValueError("P_before is 0, so the relative forgetting is undefined")
+        raise MetricError("P_before is 0, so the relative forgetting is undefined")
     return (p_before - p_after) / p_before
 
 
@@ -226,15 +256,23 @@ def summarize_acquisition(
     window: int = 50,
     iqr_factor: float | None = 1.5,
     tokens_per_step: float | None = None,
+    horizon: int | None = None,
 ) -> list[dict]:
     """The paper's summary per (scenario, kind) from a trajectory store and its injection schedule.
 
     For each group: mean effectivity over probes and injections (IQR-filtered), the retainability
-    curve averaged over probes per t (IQR-filtered per t), and its power-law fit. Records whose
-    injection steps differ (``max_per_step``) are aligned on their own steps before averaging.
-    Returns one dict per group with keys scenario, kind, n_probes, effectivity, decay, intercept,
-    r_squared, x_intercept_steps, x_intercept_tokens (fit values NaN where too few points).
+    curve averaged over probes per t (IQR-filtered per t) for t = 0 .. ``horizon``, and its power-law
+    fit. ``horizon`` defaults to the longest t every probe of the group was recorded at, so each
+    point of the fitted curve averages the same probes (a tail that fewer and fewer probes reach
+    would weigh the last ones alone); a larger one raises :class:`~kacq_hooks.errors.MetricError`.
+    Records whose injection steps differ (``max_per_step``) are aligned on their own steps.
+
+    Returns one dict per group with keys scenario, kind, n_probes, effectivity, horizon, decay,
+    intercept, r_squared, x_intercept_steps, x_intercept_tokens (fit values NaN where too few points;
+    x-intercepts NaN where the curve does not decay, see :class:`PowerLawFit`).
     """
+    if horizon is not None and horizon < 0:
+        raise MetricError(f"horizon must be >= 0 steps after the last acquisition maximum, got {horizon}")
     steps = torch.tensor(store.steps, dtype=torch.long)
     values = store.values(reduction).double()
     scenarios = store.scenarios or schedule.facts.scenarios
@@ -246,8 +284,6 @@ def summarize_acquisition(
         for kind in kinds:
             gains, curves = [], []
             records = sorted({p.record for p in store.probes if p.kind == kind and scenarios[p.record] == scenario})
-            if not records:
-                continue
             for record in records:
                 injections = schedule.steps_of(record)
                 if not injections:
@@ -258,20 +294,25 @@ def summarize_acquisition(
                 curves.append(retainability(steps, trajectories, injections, window)[1])
             if not gains:
                 continue
-            width = max(c.shape[-1] for c in curves)
-            padded = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[-1]), value=torch.nan) for c in curves])
-            mean_curve = mean_without_outliers(padded, iqr_factor, dim=0)
+            common = min(c.shape[-1] for c in curves) - 1  # the last t every probe of the group reaches
+            if horizon is not None and horizon > common:
+                raise MetricError(f"{scenario}/{kind}: horizon {horizon} is beyond the {common} steps after the last "
+                                  "acquisition maximum that every probe was recorded for; record longer or lower it")
+            width = (common if horizon is None else horizon) + 1
+            stacked = torch.cat([c[..., :width] for c in curves])
+            mean_curve = mean_without_outliers(stacked, iqr_factor, dim=0)
             row = {
                 "scenario": scenario,
                 "kind": kind,
-                "n_probes": int(padded.shape[0]),
+                "n_probes": int(stacked.shape[0]),
                 "effectivity": float(mean_without_outliers(torch.cat(gains), iqr_factor, dim=0)),
+                "horizon": width - 1,
             }
             try:
                 fit = fit_power_law(torch.arange(width), mean_curve, tokens_per_step)
                 row.update(decay=fit.decay, intercept=fit.intercept, r_squared=fit.r_squared,
                            x_intercept_steps=fit.x_intercept_steps, x_intercept_tokens=fit.x_intercept_tokens)
-            except ValueError:  # too short a trajectory after the last injection to fit
+            except MetricError:  # too short a trajectory after the last injection to fit
                 row.update(decay=math.nan, intercept=math.nan, r_squared=math.nan,
                            x_intercept_steps=math.nan, x_intercept_tokens=None)
             rows.append(row)

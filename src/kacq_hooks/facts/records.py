@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+from kacq_hooks.errors import ConfigError
+
 PROBE_KINDS = ("mem", "gen", "hard_gen")
 SCENARIOS = ("paraphrase", "duplication", "once", "unused")
 # The paper's split of its 130 records by index: [0, 40) paraphrase, [40, 80) duplication, [80, 120) once.
@@ -26,7 +28,7 @@ class FactRecord:
     def probes(self, kind: str) -> list[tuple[str, str]]:
         """The (input, target) pairs of one probe kind: "mem", "gen" or "hard_gen"."""
         if kind not in PROBE_KINDS:
-            raise ValueError(f"unknown probe kind {kind!r}; expected one of {PROBE_KINDS}")
+            raise ConfigError(f"unknown probe kind {kind!r}; expected one of {PROBE_KINDS}")
         return list(zip(getattr(self, f"{kind}_input"), getattr(self, f"{kind}_target")))
 
     def to_dict(self) -> dict:
@@ -50,10 +52,10 @@ class FactSet(Sequence[FactRecord]):
             scenarios = default_scenarios(len(self.records))
         scenarios = list(scenarios)
         if len(scenarios) != len(self.records):
-            raise ValueError(f"{len(scenarios)} scenarios given for {len(self.records)} records; give one per record")
+            raise ConfigError(f"{len(scenarios)} scenarios given for {len(self.records)} records; give one per record")
         bad = sorted({s for s in scenarios if s not in SCENARIOS})
         if bad:
-            raise ValueError(f"unknown scenario(s) {bad}; expected any of {SCENARIOS}")
+            raise ConfigError(f"unknown scenario(s) {bad}; expected any of {SCENARIOS}")
         self.scenarios = scenarios
 
     def __len__(self) -> int:
@@ -68,7 +70,7 @@ class FactSet(Sequence[FactRecord]):
     def indices(self, scenario: str) -> list[int]:
         """Indices of the records in one scenario."""
         if scenario not in SCENARIOS:
-            raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
+            raise ConfigError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
         return [i for i, s in enumerate(self.scenarios) if s == scenario]
 
     def with_scenarios(self, scenarios: Sequence[str]) -> "FactSet":

@@ -16,16 +16,13 @@ from typing import Literal
 
 import torch
 
-from kacq_hooks.errors import KacqError
+from kacq_hooks.errors import ConfigError, KacqError, ProbeTokenizationError
+from kacq_hooks.instrumentation import instrumentations_of
 
 logger = logging.getLogger(__name__)
 
 UncleanPolicy = Literal["error", "extend", "nan"]
 REDUCTIONS = ("mean", "first", "sum")
-
-
-class ProbeTokenizationError(KacqError, ValueError):
-    """A probe cannot be tokenized so that its target is a clean suffix (or at all)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ def encode_probe(tokenizer, input_text: str, target_text: str) -> EncodedProbe:
     Needs a fast tokenizer (offsets). Leading special tokens (BOS) stay in the context, trailing ones
     (an appended EOS) are dropped.
 
-    >>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    >>> from kacq_hooks.corpus import train_bpe_tokenizer
     >>> tok = train_bpe_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
     >>> probe = encode_probe(tok, "the cat sat on the", "mat")
     >>> tok.decode(probe.ids[probe.target_start:]), probe.clean
@@ -135,9 +132,9 @@ def plan_batches(
 ) -> Iterator[ProbeBatch]:
     """Group probes by length (longest first, so memory peaks at once) into padded batches of ``batch_size``."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     order = sorted(range(len(probes)), key=lambda i: (-len(probes[i].ids), i))
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
@@ -227,10 +224,6 @@ def scoring_mode(model: torch.nn.Module):
 
 
 def _instrumentations_of(model: torch.nn.Module) -> list:
-    try:
-        from kacq_hooks.instrumentation import instrumentations_of
-    except ImportError:  # the core instrumentation is optional for fact tracking
-        return []
     return list(instrumentations_of(model))
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from kacq_hooks.errors import ConfigError, UnknownKeyError
 from kacq_hooks.facts.records import PROBE_KINDS, FactSet
 from kacq_hooks.facts.scoring import (
     REDUCTIONS,
@@ -39,7 +40,7 @@ class ProbeScores:
 
     def __getitem__(self, reduction: str) -> torch.Tensor:
         if reduction not in REDUCTIONS:
-            raise KeyError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+            raise UnknownKeyError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
         return getattr(self, reduction)
 
 
@@ -59,7 +60,7 @@ class FactTracker:
     tokens (``logits_to_keep``), where its forward accepts that; the LM head then costs almost nothing.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    >>> from kacq_hooks.corpus import train_bpe_tokenizer
     >>> from kacq_hooks.facts import FactRecord, FactSet
     >>> tokenizer = train_bpe_tokenizer(["The fox jumps over the lazy dog."] * 20, vocab_size=300)
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
@@ -88,11 +89,11 @@ class FactTracker:
             facts = FactSet(list(facts))
         unknown = [k for k in kinds if k not in PROBE_KINDS]
         if unknown or not kinds:
-            raise ValueError(f"kinds {list(kinds)} must be a non-empty subset of {PROBE_KINDS}")
+            raise ConfigError(f"kinds {list(kinds)} must be a non-empty subset of {PROBE_KINDS}")
         if unclean_targets not in ("error", "extend", "nan"):
-            raise ValueError(f"unclean_targets must be 'error', 'extend' or 'nan', got {unclean_targets!r}")
+            raise ConfigError(f"unclean_targets must be 'error', 'extend' or 'nan', got {unclean_targets!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.facts = facts
@@ -117,7 +118,7 @@ class FactTracker:
         else:
             self.store = TrajectoryStore(store, self.probes, facts.scenarios)
         if self.store is not None and self.store.probes != self.probes:
-            raise ValueError("the trajectory store records other probes than this tracker scores")
+            raise ConfigError("the trajectory store records other probes than this tracker scores")
 
     # scoring
 
@@ -148,7 +149,7 @@ class FactTracker:
     def record(self, step: int) -> ProbeScores:
         """Score every probe and append the scores to the trajectory store as ``step``."""
         if self.store is None:
-            raise ValueError("this tracker has no trajectory store; create it with store=PATH (or a TrajectoryStore)")
+            raise ConfigError("this tracker has no trajectory store; create it with store=PATH (or a TrajectoryStore)")
         scores = self.score_probes()
         self.store.append(step, scores)
         return scores

@@ -21,17 +21,13 @@ from typing import Any
 
 import torch
 
-from kacq_hooks.errors import KacqError, MissingExtraError
+from kacq_hooks.errors import ConfigError, KacqError, MissingExtraError, TrajectoryError
 from kacq_hooks.facts.scoring import REDUCTIONS
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "kacq_hooks.trajectory"
 FORMAT_VERSION = 1
-
-
-class TrajectoryError(KacqError, ValueError):
-    """A trajectory file or step does not fit the store (other probes, a step already recorded, a broken file)."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +156,7 @@ class TrajectoryStore:
     def values(self, reduction: str = "mean") -> torch.Tensor:
         """All recorded scores as an fp32 tensor [n_steps, n_probes]."""
         if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+            raise ConfigError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
         if not self._steps:
             return torch.empty(0, len(self.probes))
         return torch.stack(self._rows[reduction])
@@ -180,7 +176,7 @@ class TrajectoryStore:
     def to_dataframe(self):
         """A long table: one row per (step, probe) with columns step, record, scenario, kind, probe and the scores."""
         try:
-            import pandas as pd
+            import pandas as pd  # an optional extra ('data')
         except ImportError as error:
             raise MissingExtraError("pandas", "data", "TrajectoryStore.to_dataframe") from error
         n_steps, n_probes = len(self._steps), len(self.probes)
@@ -255,5 +251,5 @@ _SPECIAL_FLOATS = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 def _parse_floats(values: list, expected: int) -> torch.Tensor:
     if len(values) != expected:
-        raise ValueError(f"{len(values)} values for {expected} probes")
+        raise TrajectoryError(f"{len(values)} values for {expected} probes")
     return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)

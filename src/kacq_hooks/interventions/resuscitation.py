@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from ..entropy import KnowledgeEntropy, knowledge_entropy
-from ..errors import KacqError, LocateError, ShapeError
+from ..errors import ArgumentTypeError, ConfigError, KacqError, LocateError, ResuscitationError, ShapeError
 from ..locate import Site, find_sites
+from ..stats import CoefficientStats
 
 log = logging.getLogger(__name__)
 
@@ -200,20 +201,18 @@ def resuscitation_plan(source, ratio: float = 0.5, factor: float = 2.0, *,
 
 
 def check_plan_arguments(ratio: float, factor: float, max_multiplier: float = DEFAULT_MAX_MULTIPLIER) -> None:
-    """Raise ValueError, saying what is allowed, unless 0 < ratio < 1, factor > 0 and 0 < max_multiplier < inf."""
+    """Raise ConfigError (a ValueError), saying what is allowed, unless 0 < ratio < 1, factor > 0 and 0 < max_multiplier < inf."""
     if not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
-        raise ValueError(f"ratio must be a fraction strictly between 0 and 1 (the paper uses 0.5), not {ratio!r}")
+        raise ConfigError(f"ratio must be a fraction strictly between 0 and 1 (the paper uses 0.5), not {ratio!r}")
     if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
-        raise ValueError(f"factor must be a finite number > 0 (the paper uses 2; below 1 weakens the neurons), "
-                         f"not {factor!r}")
+        raise ConfigError(f"factor must be a finite number > 0 (the paper uses 2; below 1 weakens the neurons), "
+                          f"not {factor!r}")
     if not (isinstance(max_multiplier, (int, float)) and math.isfinite(max_multiplier) and max_multiplier > 0):
-        raise ValueError(f"max_multiplier must be a finite number > 0 (default {DEFAULT_MAX_MULTIPLIER:g}); "
-                         f"got {max_multiplier!r}. For an effectively uncapped plan pass a large value such as 1e30")
+        raise ConfigError(f"max_multiplier must be a finite number > 0 (default {DEFAULT_MAX_MULTIPLIER:g}); "
+                          f"got {max_multiplier!r}. For an effectively uncapped plan pass a large value such as 1e30")
 
 
 def _read_source(source, weighting: str | None):
-    from ..stats import CoefficientStats
-
     paths = None
     layer_ids = None
     tokens = None
@@ -234,8 +233,8 @@ def _read_source(source, weighting: str | None):
         used = weighting or "token"
         cbars = list(source)
     else:
-        raise TypeError(f"resuscitation_plan takes an Instrumentation, CoefficientStats or a non-empty list of "
-                        f"per-layer c̄ tensors, not {type(source).__name__}")
+        raise ArgumentTypeError(f"resuscitation_plan takes an Instrumentation, CoefficientStats or a non-empty list of "
+                                f"per-layer c̄ tensors, not {type(source).__name__}")
     cbars = [c.detach().to("cpu", torch.float32).flatten().clone() for c in cbars]
     for i, c in enumerate(cbars):
         if c.numel() < 2:
@@ -252,13 +251,13 @@ def _choose_layers(layers: Sequence[int] | None, layer_ids: list[int]) -> set[in
     chosen = set()
     for layer in layers:
         if not isinstance(layer, int):
-            raise TypeError(f"layers must be integers, not {type(layer).__name__}")
+            raise ArgumentTypeError(f"layers must be integers, not {type(layer).__name__}")
         resolved = layer_ids[layer] if -len(layer_ids) <= layer < 0 else layer
         if resolved not in layer_ids:
-            raise ValueError(f"layer {layer} is not among the measured layers {layer_ids}")
+            raise ConfigError(f"layer {layer} is not among the measured layers {layer_ids}")
         chosen.add(resolved)
     if not chosen:
-        raise ValueError("layers= is empty: name at least one layer to edit, or pass None for all")
+        raise ConfigError("layers= is empty: name at least one layer to edit, or pass None for all")
     return chosen
 
 
@@ -315,7 +314,28 @@ class Resuscitation:
             handle.remove()
         self._saved.clear()
         self._handles.clear()
+        self._mark(-1)
         self.active = False
+
+    def _mark(self, change: int) -> None:
+        """Count this edit on its output-projection modules, and for a weight edit in the model's config."""
+        edited = {edit.layer for edit in self.plan.edits}
+        for site in self.sites:
+            if site.layer in edited:
+                count = getattr(site.module, _MARK, 0) + change
+                setattr(site.module, _MARK, count)
+        config = getattr(self.model, "config", None)
+        if self.mode == "weights" and config is not None:
+            record = {"layers": sorted(edited), "ratio": self.plan.ratio, "factor": self.plan.factor}
+            history = list(getattr(config, _CONFIG_MARK, None) or [])
+            if change > 0:
+                history.append(record)
+            elif record in history:
+                history.remove(record)
+            if history:
+                setattr(config, _CONFIG_MARK, history)
+            elif hasattr(config, _CONFIG_MARK):
+                delattr(config, _CONFIG_MARK)
 
     def __enter__(self) -> "Resuscitation":
         return self
@@ -329,7 +349,7 @@ class Resuscitation:
 
 
 def resuscitate(model: nn.Module, plan: ResuscitationPlan, mode: str = "weights", *,
-                mlp_out: str | None = None) -> Resuscitation:
+                mlp_out: str | None = None, stack: bool = False) -> Resuscitation:
     """Apply ``plan`` to ``model`` and return a handle whose ``revert()`` undoes it exactly.
 
     Args:
@@ -339,15 +359,26 @@ def resuscitate(model: nn.Module, plan: ResuscitationPlan, mode: str = "weights"
             (registered first, so instrumentations see the scaled C); it works for every architecture
             the locator supports, is not saved with the model, and trains differently (see module doc).
         mlp_out: the output-projection path template, if the plan was made with one.
+        stack: apply on top of a resuscitation already on these layers (the multipliers compound).
+            Without it a second plan on the same layers, in either mode, raises
+            :class:`~kacq_hooks.errors.ResuscitationError`: a plan made from the edited model's
+            statistics would otherwise lift neurons that were already lifted, silently.
+
+    The edit is marked on the output-projection modules, and a weight edit also in
+    ``model.config.kacq_resuscitation`` (so a model saved with ``save_pretrained`` and loaded again still
+    refuses a second plan). ``copy.deepcopy`` of a resuscitated model copies the edited weights or the
+    hooks, and the marks with them, so the copy is resuscitated too and refuses a second plan; it has no
+    handle: revert the original before copying if the copy should be unedited.
 
     >>> handle = resuscitate(model, plan)          # doctest: +SKIP
     >>> handle.revert()                            # doctest: +SKIP
     """
     if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
+        raise ConfigError(f"mode must be one of {_MODES}, not {mode!r}")
     if not isinstance(plan, ResuscitationPlan):
-        raise TypeError(f"plan must be a ResuscitationPlan (from kh.resuscitation_plan), not {type(plan).__name__}")
+        raise ArgumentTypeError(f"plan must be a ResuscitationPlan (from kh.resuscitation_plan), not {type(plan).__name__}")
     sites = _matching_sites(model, plan, mlp_out)
+    _refuse_stacking(model, plan, sites, stack)
     handle = Resuscitation(model, plan, mode, sites)
     by_layer = dict(zip(plan.layer_ids, sites))
     if mode == "weights":
@@ -363,9 +394,30 @@ def resuscitate(model: nn.Module, plan: ResuscitationPlan, mode: str = "weights"
             scale[edit.indices] = edit.multipliers
             handle._handles.append(site.module.register_forward_pre_hook(_ScaleInput(scale), prepend=True))
     handle.active = True
+    handle._mark(+1)
     log.info("resuscitated %d neurons in layers %s by %s (%d capped)", plan.selected, plan.edited_layers, mode,
              plan.capped)
     return handle
+
+
+_MARK = "_kacq_resuscitations"
+_CONFIG_MARK = "kacq_resuscitation"
+
+
+def _refuse_stacking(model: nn.Module, plan: ResuscitationPlan, sites: list[Site], stack: bool) -> None:
+    if stack:
+        return
+    edited = {edit.layer for edit in plan.edits}
+    marked = [site.layer for site in sites if site.layer in edited and getattr(site.module, _MARK, 0) > 0]
+    saved = getattr(getattr(model, "config", None), _CONFIG_MARK, None) or []
+    saved_layers = sorted({layer for record in saved for layer in record.get("layers", ())} & edited)
+    if marked or saved_layers:
+        where = (f"layers {marked} carry an active resuscitation" if marked
+                 else f"the model's config records a saved weight edit of layers {saved_layers}")
+        raise ResuscitationError(
+            f"this model is already resuscitated: {where}. Applying a plan again compounds the multipliers; "
+            "revert() the first edit (or start from the unedited model), or pass resuscitate(..., stack=True) "
+            "to apply it on top on purpose")
 
 
 class _ScaleInput:
@@ -399,6 +451,12 @@ def _matching_sites(model: nn.Module, plan: ResuscitationPlan, mlp_out: str | No
         raise ShapeError(f"the plan covers layers {plan.layer_ids}, this model's sites are layers "
                          f"{[s.layer for s in sites]}")
     return sites
+
+
+def check_weight_edit(model: nn.Module, mlp_out: str | None = None) -> None:
+    """Refuse, with a :class:`~kacq_hooks.errors.LocateError`, a model whose MLPs cannot take a weight edit."""
+    for site in find_sites(model, mlp_out):
+        _up_rows(model, site)
 
 
 def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:

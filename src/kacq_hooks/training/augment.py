@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from kacq_hooks.errors import KacqError
+from kacq_hooks.errors import FormatError, KacqError
 from kacq_hooks.facts.records import PROBE_KINDS, FactRecord
 
 logger = logging.getLogger(__name__)
@@ -60,10 +60,6 @@ __all__ = [
     "augment_record",
     "with_format_variants",
 ]
-
-
-class FormatError(KacqError, ValueError):
-    """A text or format cannot give what was asked (no text, unknown format name, too many variants)."""
 
 
 # ----------------------------------------------------------------------------------------------

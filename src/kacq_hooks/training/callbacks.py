@@ -4,21 +4,152 @@ Metrics reach the Trainer's logs (and so TensorBoard, W&B and ``trainer.state.lo
 ``on_log``. Callbacks passed as ``Trainer(callbacks=[...])`` run after the reporting integrations, which
 would then never see the added keys: call ``callback.attach(trainer)`` instead, which puts the callback
 first.
+
+Every callback here joins the Trainer's checkpoints: ``on_save`` writes its state (statistics of the
+instrumentation it owns, its history, what it injected) as ``kacq_<name>.pt`` into the checkpoint folder,
+and a run resumed from that checkpoint reads it back, so an interrupted and resumed run logs, injects and
+ends exactly like an uninterrupted one. A user's own instrumentation joins with one line,
+``InstrumentationCheckpointCallback(inst)``.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
+import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from kacq_hooks.facts.injection import InjectionCollator, InjectionSchedule, inject
-from kacq_hooks.facts.scoring import model_device, scoring_mode
+from kacq_hooks.entropy import KnowledgeEntropy
+from kacq_hooks.errors import CheckpointError, ConfigError
+from kacq_hooks.facts.injection import InjectionCollatorSync, InjectionSchedule, inject
 from kacq_hooks.facts.tracker import FactTracker
+from kacq_hooks.instrumentation import Instrumentation, instrument
+from kacq_hooks.measuring import as_model_inputs, measure
 
 logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+# -- checkpoint state ------------------------------------------------------------------------------------------
+
+def checkpoint_folder(args, state) -> Path:
+    """The folder the Trainer has just written for ``state.global_step`` (``output_dir/checkpoint-N``)."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
+def resumed_checkpoint(args, state) -> Path | None:
+    """The checkpoint a run resumed from, found at ``on_train_begin``; ``None`` for a fresh run.
+
+    A resumed Trainer starts with ``state.global_step`` > 0. Its folder is
+    ``args.resume_from_checkpoint`` when that names a checkpoint of this step, else
+    ``output_dir/checkpoint-{global_step}`` (where ``train(resume_from_checkpoint=True)`` looks).
+    """
+    if state.global_step == 0:
+        return None
+    candidates = []
+    if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+        candidates.append(Path(args.resume_from_checkpoint))
+    candidates.append(checkpoint_folder(args, state))
+    for folder in candidates:
+        trainer_state = folder / "trainer_state.json"
+        if not trainer_state.is_file():
+            continue
+        try:
+            step = json.loads(trainer_state.read_text(encoding="utf-8")).get("global_step")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if step == state.global_step:
+            return folder
+    raise CheckpointError(
+        f"the Trainer resumed at step {state.global_step}, but no checkpoint of that step was found at "
+        f"{', '.join(str(c) for c in candidates)}; resume from a checkpoint inside output_dir, or name it in "
+        "TrainingArguments(resume_from_checkpoint=PATH) too"
+    )
+
+
+def _state_path(folder: Path, name: str, args) -> Path:
+    rank = f".rank{args.process_index}" if getattr(args, "world_size", 1) > 1 else ""
+    return folder / f"kacq_{name}{rank}.pt"
+
+
+def save_state(folder: Path, name: str, args, payload: dict) -> Path:
+    """Write ``payload`` as ``folder/kacq_<name>.pt``, atomically (a temporary file, then ``os.replace``)."""
+    path = _state_path(folder, name, args)
+    staging = path.with_name(path.name + ".tmp")
+    torch.save({"version": STATE_VERSION, "name": name, **payload}, staging)
+    os.replace(staging, path)
+    return path
+
+
+def load_state(folder: Path, name: str, args) -> dict:
+    """Read what :func:`save_state` wrote; a :class:`CheckpointError` when it is missing or unreadable."""
+    path = _state_path(folder, name, args)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {path.name}: that checkpoint was written without this callback, or the run stopped "
+            f"before the callback saved. Resume from a checkpoint written with it, or start a fresh run "
+            "(a resumed run without it would report statistics of part of a window)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise CheckpointError(f"{path} could not be read ({type(error).__name__}: {error}); resume from another "
+                              "checkpoint") from error
+    if payload.get("version") != STATE_VERSION or payload.get("name") != name:
+        raise CheckpointError(f"{path} holds state version {payload.get('version')} of {payload.get('name')!r}; "
+                              f"this kacq_hooks reads version {STATE_VERSION} of {name!r}")
+    return payload
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "state"
+
+
+def _entropy_to_state(entropy: KnowledgeEntropy) -> dict:
+    return {f.name: getattr(entropy, f.name) for f in dataclasses.fields(entropy)}
+
+
+def _entropy_from_state(fields: dict) -> KnowledgeEntropy:
+    known = {f.name for f in dataclasses.fields(KnowledgeEntropy)}
+    return KnowledgeEntropy(**{k: v for k, v in fields.items() if k in known})
+
+
+def _layer_labels(inst: Instrumentation) -> list[str]:
+    return [site.label for site in inst.sites]
+
+
+class InstrumentationCheckpointCallback(TrainerCallback):
+    """Save ``inst``'s statistics into every Trainer checkpoint, and restore them when the run resumes.
+
+    One line makes a user's own instrumentation survive an interrupted run exactly (gradient statistics
+    included):
+
+    >>> inst = kh.instrument(model, grads=True)  # doctest: +SKIP
+    >>> trainer = Trainer(model, args, callbacks=[InstrumentationCheckpointCallback(inst)])  # doctest: +SKIP
+    >>> trainer.train(resume_from_checkpoint=True)  # doctest: +SKIP
+
+    The statistics go to ``checkpoint-N/kacq_<name>.pt`` (one file per process when distributed). A
+    resumed run whose checkpoint lacks that file raises :class:`~kacq_hooks.errors.CheckpointError`.
+    """
+
+    def __init__(self, inst: Instrumentation, name: str = "instrumentation"):
+        self.inst = inst
+        self.name = _slug(name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        folder = resumed_checkpoint(args, state)
+        if folder is not None:
+            self.inst.load_state_dict(load_state(folder, self.name, args)["instrumentation"])
+
+    def on_save(self, args, state, control, **kwargs):
+        save_state(checkpoint_folder(args, state), self.name, args, {"instrumentation": self.inst.state_dict()})
 
 
 class _LoggingCallback(TrainerCallback):
@@ -64,6 +195,8 @@ class FactTrackingCallback(_LoggingCallback):
     value before the first injection); after resuming from a checkpoint, recorded steps later than
     the checkpoint are dropped first. Logged keys are ``{prefix}/{kind}`` and
     ``{prefix}/{scenario}/{kind}``: mean target log probs. ``every`` steps also force a log line.
+    The scores live in the tracker's store; the checkpoint file ``kacq_{prefix}.pt`` holds the
+    metrics not yet logged.
 
     >>> trainer = Trainer(model=model, args=args, train_dataset=data)  # doctest: +SKIP
     >>> tracker = FactTracker(model, tokenizer, facts, store="run/facts.jsonl")  # doctest: +SKIP
@@ -74,11 +207,12 @@ class FactTrackingCallback(_LoggingCallback):
     def __init__(self, tracker: FactTracker, every: int = 1, *, prefix: str = "facts", reduction: str = "mean"):
         super().__init__()
         if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+            raise ConfigError(f"every must be >= 1, got {every}")
         self.tracker = tracker
         self.every = every
         self.prefix = prefix
         self.reduction = reduction
+        self.name = _slug(prefix)
 
     def _score(self, step: int):
         if self.tracker.store is not None:
@@ -88,6 +222,9 @@ class FactTrackingCallback(_LoggingCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and model is not self.tracker.model:
             logger.warning("FactTrackingCallback: the Trainer trains another model object than the tracker scores")
+        folder = resumed_checkpoint(args, state)
+        if folder is not None and _state_path(folder, self.name, args).is_file():
+            self._pending = dict(load_state(folder, self.name, args)["pending"])
         store = self.tracker.store
         if store is None:  # nothing to record the starting point into
             return
@@ -102,6 +239,9 @@ class FactTrackingCallback(_LoggingCallback):
         summary = self.tracker.summary(scores, self.reduction)
         self._queue({f"{self.prefix}/{key}": value for key, value in summary.items()}, control)
 
+    def on_save(self, args, state, control, **kwargs):
+        save_state(checkpoint_folder(args, state), self.name, args, {"pending": dict(self._pending)})
+
 
 class KnowledgeEntropyCallback(_LoggingCallback):
     """Log knowledge entropy (total and per layer) every ``every`` steps.
@@ -109,9 +249,14 @@ class KnowledgeEntropyCallback(_LoggingCallback):
     Without ``calibration`` it is measured on the training batches of the last ``every`` steps: the
     model is instrumented for the whole run, counting only between ``on_step_begin`` and
     ``on_step_end`` (so evaluation and probe scoring stay out), and the statistics restart after each
-    report. With ``calibration`` (token ids [N, T], a batch dict, or an iterable of either) a fresh
-    instrumentation measures the model on that fixed set at each report and at the start, with no
-    grad, in eval mode, RNG untouched. ``history`` keeps ``(step, KnowledgeEntropy)`` pairs.
+    report. With ``calibration`` (token ids [N, T], a batch dict, or an iterable of either) the model is
+    measured on that fixed set with :func:`kacq_hooks.measure` at each report and at the start (no
+    grad, eval mode, RNG untouched). ``history`` keeps ``(step, KnowledgeEntropy)`` pairs.
+
+    Logged keys are ``{prefix}/total`` and, per layer, ``{prefix}/{site.label}`` (the model's own layer
+    numbers, e.g. ``knowledge_entropy/decoder.layer_3``). Checkpoints hold ``kacq_{prefix}.pt``: the
+    statistics of the window in progress and the history, so a resumed run reports what an
+    uninterrupted one would.
     """
 
     def __init__(
@@ -128,23 +273,36 @@ class KnowledgeEntropyCallback(_LoggingCallback):
     ):
         super().__init__()
         if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+            raise ConfigError(f"every must be >= 1, got {every}")
         self.every = every
         self.calibration = _calibration_batches(calibration, batch_size) if calibration is not None else None
         self.instrument_kwargs = dict(weighting=weighting, mask_padding=mask_padding, mlp_out=mlp_out)
         self.prefix = prefix
+        self.name = _slug(prefix)
         self.per_layer = per_layer
-        self.history: list[tuple[int, object]] = []
-        self._instrumentation = None
+        self.history: list[tuple[int, KnowledgeEntropy]] = []
+        self._instrumentation: Instrumentation | None = None
         self._paused = contextlib.ExitStack()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kacq_hooks.instrumentation import instrument
-
+        folder = resumed_checkpoint(args, state)
+        saved = load_state(folder, self.name, args) if folder is not None else None
+        if saved is not None:
+            settings = {"every": self.every, "calibration": self.calibration is not None, **self.instrument_kwargs}
+            if saved.get("settings") != settings:
+                raise CheckpointError(
+                    f"{folder} holds the state of a KnowledgeEntropyCallback with settings {saved.get('settings')}, "
+                    f"this one has {settings}: its window and history would not fit; resume with the same settings"
+                )
+            self.history = [(step, _entropy_from_state(fields)) for step, fields in saved["history"]]
+            self._pending = dict(saved["pending"])
         if self.calibration is not None:
-            self.history.append((state.global_step, self._measure_calibration(model)))
+            if saved is None:
+                self.history.append((state.global_step, self._measure_calibration(model)))
             return
         self._instrumentation = instrument(model, **self.instrument_kwargs)
+        if saved is not None:
+            self._instrumentation.load_state_dict(saved["instrumentation"])
         self._pause()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -156,16 +314,24 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         if state.global_step % self.every:
             return
         if self.calibration is not None:
-            entropy = self._measure_calibration(model)
+            entropy, labels = self._measure_calibration(model), self._labels
         else:
-            entropy = self._instrumentation.knowledge_entropy()
+            entropy, labels = self._instrumentation.knowledge_entropy(), _layer_labels(self._instrumentation)
             self._instrumentation.reset()
         self.history.append((state.global_step, entropy))
         metrics = {f"{self.prefix}/total": entropy.total}
         if self.per_layer:
-            width = len(str(len(entropy.per_layer) - 1))
-            metrics.update({f"{self.prefix}/layer_{i:0{width}d}": h for i, h in enumerate(entropy.per_layer)})
+            metrics.update({f"{self.prefix}/{label}": h for label, h in zip(labels, entropy.per_layer)})
         self._queue(metrics, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        payload = {"history": [(step, _entropy_to_state(e)) for step, e in self.history],
+                   "pending": dict(self._pending),
+                   "settings": {"every": self.every, "calibration": self.calibration is not None,
+                                **self.instrument_kwargs}}
+        if self._instrumentation is not None:
+            payload["instrumentation"] = self._instrumentation.state_dict()
+        save_state(checkpoint_folder(args, state), self.name, args, payload)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._paused.close()
@@ -177,13 +343,9 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         self._paused.close()
         self._paused.enter_context(self._instrumentation.pause())
 
-    def _measure_calibration(self, model):
-        from kacq_hooks.instrumentation import instrument
-
-        device = model_device(model)
-        with scoring_mode(model), instrument(model, **self.instrument_kwargs) as inst:
-            for batch in self.calibration:
-                model(**{key: value.to(device) for key, value in batch.items()})
+    def _measure_calibration(self, model) -> KnowledgeEntropy:
+        inst = measure(model, self.calibration, **self.instrument_kwargs)
+        self._labels = _layer_labels(inst)
         return inst.knowledge_entropy()
 
 
@@ -191,17 +353,16 @@ def _calibration_batches(calibration, batch_size: int) -> list[dict[str, torch.T
     items: Iterable = [calibration] if isinstance(calibration, (torch.Tensor, Mapping)) else calibration
     batches = []
     for item in items:
-        batch = {"input_ids": item} if isinstance(item, torch.Tensor) else dict(item)
+        batch = as_model_inputs(item)
         if "input_ids" not in batch or batch["input_ids"].dim() != 2:
-            raise ValueError(
+            raise ConfigError(
                 "calibration data must be token ids [N, T], a dict with 'input_ids' [N, T] (and 'attention_mask'), "
                 "or an iterable of those"
             )
-        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         for first in range(0, batch["input_ids"].shape[0], batch_size):
             batches.append({k: v[first:first + batch_size] for k, v in batch.items()})
     if not batches:
-        raise ValueError("the calibration set is empty")
+        raise ConfigError("the calibration set is empty")
     return batches
 
 
@@ -210,26 +371,36 @@ class InjectionCallback(TrainerCallback):
 
     A forward pre-hook on the model rewrites ``input_ids``, ``attention_mask`` and ``labels`` of the
     first training forward of each step that has injections (see :func:`kacq_hooks.facts.inject`).
-    The step is the Trainer's own ``global_step``, so this stays right with dataloader workers,
-    prefetching, several epochs and resumed runs. ``injected`` maps steps to the records injected.
-    (The Trainer counts label tokens for loss scaling before the hook runs; with fixed-length rows
-    injection leaves that count unchanged.)
+    The hook is registered with ``prepend=True``, so it runs before kacq_hooks' own hooks on the model:
+    an instrumentation reads the mask injection wrote. The step is the Trainer's own ``global_step``,
+    so this stays right with dataloader workers, prefetching, several epochs and resumed runs.
+    ``injected`` maps steps to the records injected; checkpoints hold it (``kacq_injection.pt``), so a
+    resumed run knows what was injected before it. (The Trainer counts label tokens for loss scaling
+    before the hook runs; with fixed-length rows injection leaves that count unchanged.)
     """
 
-    def __init__(self, schedule: InjectionSchedule, tokenizer):
+    def __init__(self, schedule: InjectionSchedule, tokenizer, *, name: str = "injection"):
         self.schedule = schedule
         self.tokenizer = tokenizer
+        self.name = _slug(name)
         self.injected: dict[int, list[int]] = {}
         self._handle = None
         self._due: tuple[int, list] | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        folder = resumed_checkpoint(args, state)
+        if folder is not None:
+            saved = load_state(folder, self.name, args)["injected"]
+            self.injected = {int(step): list(records) for step, records in saved.items()}
         if self._handle is None:
-            self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         due = self.schedule.at(state.global_step)
         self._due = (state.global_step, due) if due else None
+
+    def on_save(self, args, state, control, **kwargs):
+        save_state(checkpoint_folder(args, state), self.name, args, {"injected": dict(self.injected)})
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._handle is not None:
@@ -251,36 +422,10 @@ class InjectionCallback(TrainerCallback):
         return args, batch
 
 
-class InjectionCollatorSync(TrainerCallback):
-    """Keeps an :class:`InjectionCollator`'s step count aligned with the Trainer (made by ``collator.callback()``)."""
-
-    def __init__(self, collator: InjectionCollator):
-        self.collator = collator
-        self._warned = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.gradient_accumulation_steps != self.collator.gradient_accumulation_steps:
-            raise ValueError(
-                f"the collator counts {self.collator.gradient_accumulation_steps} micro-batches per step but the "
-                f"Trainer accumulates {args.gradient_accumulation_steps}; give the collator the same number"
-            )
-        self.collator.seek(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # The collator may be one batch ahead: the data loader fetches the next batch before yielding this one.
-        ahead = self.collator.calls - state.global_step * self.collator.gradient_accumulation_steps
-        if not 0 <= ahead <= 1 and not self._warned:
-            logger.warning(
-                "InjectionCollator built %d batches by step %d, expected %d: injections may be on the wrong steps "
-                "(dataloader workers? epochs that do not hold a whole number of updates?); use InjectionCallback",
-                self.collator.calls, state.global_step, state.global_step * self.collator.gradient_accumulation_steps,
-            )
-            self._warned = True
-
-
 __all__ = [
     "FactTrackingCallback",
     "InjectionCallback",
     "InjectionCollatorSync",
+    "InstrumentationCheckpointCallback",
     "KnowledgeEntropyCallback",
 ]

@@ -26,16 +26,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from transformers import Trainer
 
-from kacq_hooks.errors import KacqError
+from kacq_hooks.errors import ArgumentTypeError, ConfigError, KacqError, SAMError
+from kacq_hooks.instrumentation import paused
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SAM", "SAMError", "SAMTrainer"]
-
-
-class SAMError(KacqError, RuntimeError):
-    """SAM's two passes were called out of order (e.g. a plain ``step()`` with no perturbation undone)."""
 
 
 class SAM(torch.optim.Optimizer):
@@ -72,11 +70,11 @@ class SAM(torch.optim.Optimizer):
     def __init__(self, params: Iterable, base_optimizer_cls: type[torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, eps: float = 1e-12, model: nn.Module | None = None, **base_kwargs: Any):
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
-            raise TypeError(f"base_optimizer_cls must be a torch.optim.Optimizer subclass such as torch.optim.AdamW, "
-                            f"got {base_optimizer_cls!r} (pass the class, not an instance)")
+            raise ArgumentTypeError(f"base_optimizer_cls must be a torch.optim.Optimizer subclass such as torch.optim.AdamW, "
+                                    f"got {base_optimizer_cls!r} (pass the class, not an instance)")
         if isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, SAM):
-            raise TypeError("base_optimizer_cls is SAM itself; pass the optimizer SAM should wrap, "
-                            "e.g. torch.optim.SGD")
+            raise ArgumentTypeError("base_optimizer_cls is SAM itself; pass the optimizer SAM should wrap, "
+                                    "e.g. torch.optim.SGD")
         _check_rho(rho)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
         for group in self.param_groups:
@@ -150,7 +148,7 @@ class SAM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             self.first_step(zero_grad=True)
-            pause = _paused(self.model) if self.model is not None else contextlib.nullcontext()
+            pause = paused(self.model) if self.model is not None else contextlib.nullcontext()
             with torch.enable_grad(), pause:
                 closure()
             self.second_step()
@@ -207,26 +205,14 @@ class SAM(torch.optim.Optimizer):
 
 def _check_rho(rho: float) -> None:
     if not rho >= 0:
-        raise ValueError(f"rho (the radius of the SAM perturbation) must be >= 0, got {rho!r}; "
-                         "typical values are 0.05 for SAM and 0.5 to 2 for adaptive SAM")
-
-
-def _paused(model: nn.Module):
-    from kacq_hooks.instrumentation import paused
-
-    return paused(model)
+        raise ConfigError(f"rho (the radius of the SAM perturbation) must be >= 0, got {rho!r}; "
+                          "typical values are 0.05 for SAM and 0.5 to 2 for adaptive SAM")
 
 
 # ------------------------------------------------------------------------------------------------
 # transformers.Trainer integration.
 
-try:
-    from transformers import Trainer as _Trainer
-except ImportError:  # pragma: no cover - transformers is a core dependency
-    _Trainer = object  # type: ignore[misc,assignment]
-
-
-class SAMTrainer(_Trainer):  # type: ignore[misc,valid-type]
+class SAMTrainer(Trainer):
     """A ``transformers.Trainer`` whose updates are SAM updates over the whole effective batch.
 
     Its own optimizer is ``SAM`` around the optimizer ``args.optim`` names, with the Trainer's usual
@@ -289,7 +275,7 @@ class SAMTrainer(_Trainer):  # type: ignore[misc,valid-type]
         replay, self._sam_replay = self._sam_replay, []
         sam.first_step(zero_grad=True)
         try:
-            with _paused(model):
+            with paused(model):
                 for replay_inputs, replay_items in replay:
                     super().training_step(model, replay_inputs, replay_items)
         finally:

@@ -12,6 +12,7 @@ stopped: checkpoints already in the JSON are skipped. :func:`write_outputs` adds
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -21,36 +22,101 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import KacqError
+from .errors import ConfigError, KacqError
+from .corpus import load_corpus
+from .measuring import measure
+from .report import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "kacq_hooks.entropy_sweep"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 Progress = Callable[[str, dict], None]
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """What a measurement depends on; a resumed sweep must use the same (checked against the JSON)."""
+    """What a measurement depends on; a resumed sweep must use the same (checked against the JSON).
+
+    ``data`` is the data file's resolved absolute path (a hub dataset's name as given) and
+    ``data_sha256`` the hash of its contents, so ``./data.txt`` and ``/abs/data.txt`` resume each
+    other, and a file edited in place does not.
+    """
 
     data: str
+    data_sha256: str | None = None
     max_docs: int | None = None
     batch_size: int = 8
-    seq_len: int = 512
+    seq_len: int | None = None  # None: the model's positions, at most DEFAULT_SEQ_LEN
     weighting: str = "token"
     dtype: str = "float32"
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.seq_len < 1:
-            raise KacqError(f"--batch-size ({self.batch_size}) and --seq-len ({self.seq_len}) must be at least 1")
+        if self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 1):
+            raise ConfigError(f"--batch-size ({self.batch_size}) and --seq-len ({self.seq_len}) must be at least 1")
         if self.max_docs is not None and self.max_docs < 1:
-            raise KacqError(f"--max-docs must be at least 1, got {self.max_docs}")
+            raise ConfigError(f"--max-docs must be at least 1, got {self.max_docs}")
         if self.weighting not in ("token", "document"):
-            raise KacqError(f"--weighting must be 'token' or 'document', not {self.weighting!r}")
+            raise ConfigError(f"--weighting must be 'token' or 'document', not {self.weighting!r}")
         if self.dtype not in DTYPES:
-            raise KacqError(f"--dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+            raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+
+
+def data_identity(data: str | os.PathLike) -> tuple[str, str | None]:
+    """(resolved absolute path, sha256 of the contents) of a local data file; (name, None) for a hub dataset."""
+    path = Path(data)
+    if not path.is_file():
+        return str(data), None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return str(path.resolve()), digest.hexdigest()
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine; a :class:`ConfigError` saying why not."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ConfigError(f"--device {device} is not a device name ({error}); use cpu, cuda, cuda:N or mps") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device} is not available: this machine has no CUDA device (or this torch "
+                              f"is built without CUDA, torch {torch.__version__}); use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"--device {device} is not available: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device} is not available on this machine; use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps") and not hasattr(torch, resolved.type):
+        raise ConfigError(f"--device {device} is not available on this machine; use --device cpu")
+    return resolved
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model config takes (``max_position_embeddings`` or its older spellings)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(seq_len: int | None, config, name: str) -> int:
+    """The tokens per document for this model: ``seq_len``, refused when longer than the model's positions;
+    ``None`` gives the model's positions, at most :data:`DEFAULT_SEQ_LEN`."""
+    limit = max_positions(config)
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, limit) if limit is not None else DEFAULT_SEQ_LEN
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len} is longer than {name} takes ({limit} positions, from its config); "
+                          f"use --seq-len {limit} or less")
+    return seq_len
 
 
 @dataclass(frozen=True)
@@ -101,8 +167,6 @@ def iter_documents(data: str, max_docs: int | None = None) -> Iterator[str]:
     """Documents of a .txt / .jsonl file, or of a ``datasets`` name's "text" column (streamed; online only)."""
     path = Path(data)
     if path.suffix.lower() in (".txt", ".jsonl") or path.exists():
-        from .corpus import load_corpus
-
         texts = load_corpus(path)
         yield from texts[:max_docs] if max_docs is not None else texts
         return
@@ -110,7 +174,7 @@ def iter_documents(data: str, max_docs: int | None = None) -> Iterator[str]:
         raise KacqError(f"data {data!r} is not a local file, and the hub is offline (HF_HUB_OFFLINE): give a .txt "
                         "or .jsonl file")
     try:
-        import datasets
+        import datasets  # an optional extra ('data')
     except ImportError as error:
         raise KacqError(f"data {data!r} is not a local file; reading it as a hub dataset needs the 'datasets' "
                         "package (pip install datasets), or give a .txt / .jsonl file") from error
@@ -142,10 +206,15 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _read_config(checkpoint: Checkpoint):
+    try:
+        return AutoConfig.from_pretrained(checkpoint.source)
+    except (OSError, ValueError) as error:
+        raise KacqError(f"could not read the config of {checkpoint.name!r}: {error}") from error
+
+
 def load_checkpoint(checkpoint: Checkpoint, dtype: str, device: str):
     """(model, tokenizer) for a checkpoint, with a KacqError that says what is missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(checkpoint.source)
     local = path.exists()
     if local and not (path / "config.json").is_file():
@@ -173,44 +242,56 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str, device: str):
 # Measuring
 
 
+def encode_batches(tokenizer, texts: Iterable[str], batch_size: int, max_length: int) -> Iterator[dict]:
+    """``texts`` tokenized in batches as given: padded, cut at ``max_length``, no special tokens added."""
+    for batch in _batches(texts, batch_size):
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                            add_special_tokens=False)
+        yield {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
 def measure_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8, max_length: int = 512,
                   weighting: str = "token", progress: Progress | None = None):
-    """Run ``texts`` through ``model`` in batches as given (no grad, padding masked, no special tokens added).
+    """Tokenize ``texts`` in batches and measure them with :func:`kacq_hooks.measure` (padding masked).
 
     Returns the detached Instrumentation that measured them and the number of documents.
     """
-    from ..instrumentation import instrument
+    texts = list(texts)
+    sizes = [len(batch) for batch in _batches(texts, batch_size)]
 
-    device = next(model.parameters()).device
-    documents = 0
-    with instrument(model, weighting=weighting) as inst, torch.no_grad():
-        for batch in _batches(texts, batch_size):
-            encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
-                                max_length=max_length, add_special_tokens=False)
-            model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
-            documents += len(batch)
-            if progress:
-                progress("batch", {"documents": documents})
-    return inst, documents
+    def report(done: int) -> None:
+        if progress:
+            progress("batch", {"documents": sum(sizes[:done])})
+
+    if not texts:
+        return None, 0
+    inst = measure(model, encode_batches(tokenizer, texts, batch_size, max_length), weighting=weighting,
+                   progress=report)
+    return inst, len(texts)
 
 
 def measure_checkpoint(model, tokenizer, texts: Iterable[str], settings: SweepSettings,
-                       progress: Progress | None = None) -> dict:
-    """Knowledge entropy of ``model`` on ``texts``, batched as given, padding masked; a JSON-ready dict."""
+                       progress: Progress | None = None, *, seq_len: int | None = None) -> dict:
+    """Knowledge entropy of ``model`` on ``texts``, batched as given, padding masked; a JSON-ready dict.
+
+    Documents are cut at ``seq_len`` (default: ``settings.seq_len`` checked against the model's positions).
+    """
+    seq_len = seq_len if seq_len is not None else check_seq_len(settings.seq_len, model.config, "the model")
     inst, documents = measure_texts(model, tokenizer, texts, batch_size=settings.batch_size,
-                                    max_length=settings.seq_len, weighting=settings.weighting, progress=progress)
+                                    max_length=seq_len, weighting=settings.weighting, progress=progress)
     if documents == 0:
         raise KacqError(f"data {settings.data!r} has no documents to measure on")
     entropy = inst.knowledge_entropy()
-    return {**entropy.to_dict(), "documents": documents, "layers": len(inst.sites),
-            "sites": [site.path for site in inst.sites]}
+    return {**entropy.to_dict(), "documents": documents, "seq_len": seq_len, "layers": len(inst.sites),
+            "sites": [site.path for site in inst.sites], "labels": [site.label for site in inst.sites]}
 
 
 def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, revisions: Sequence[str] | None = None,
-                  max_docs: int | None = None, batch_size: int = 8, seq_len: int = 512, weighting: str = "token",
+                  max_docs: int | None = None, batch_size: int = 8, seq_len: int | None = None, weighting: str = "token",
                   dtype: str = "float32", device: str = "cpu", progress: Progress | None = None) -> dict:
     """Measure every checkpoint not yet in ``out/entropy.json``; write the JSON after each, then CSV and PNG."""
-    settings = SweepSettings(str(data), max_docs, batch_size, seq_len, weighting, dtype)
+    check_device(device)
+    settings = SweepSettings(*data_identity(data), max_docs, batch_size, seq_len, weighting, dtype)
     settings.validate()
     checkpoints = expand_checkpoints(models, revisions)
     if not checkpoints:
@@ -218,6 +299,9 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
     out = Path(out)
     results = _load_previous(out / "entropy.json", settings)
     done = {c["name"] for c in results["checkpoints"]}
+    for checkpoint in checkpoints:  # configs are small: refuse a bad --seq-len before any weights load
+        if checkpoint.name not in done and (Path(checkpoint.source) / "config.json").is_file():
+            check_seq_len(seq_len, _read_config(checkpoint), checkpoint.name)
     texts = list(iter_documents(str(data), max_docs))  # read once, checked before any model loads
     if not texts:
         raise KacqError(f"data {data!r} has no documents")
@@ -228,10 +312,11 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                 progress("skip", {"name": checkpoint.name, "index": index, "count": len(checkpoints)})
             continue
         model, tokenizer = load_checkpoint(checkpoint, dtype, device)
+        model_seq_len = check_seq_len(seq_len, model.config, checkpoint.name)  # hub models: known only now
         if progress:
             progress("checkpoint", {"name": checkpoint.name, "index": index, "count": len(checkpoints),
                                     "documents": len(texts)})
-        measured = measure_checkpoint(model, tokenizer, texts, settings, progress)
+        measured = measure_checkpoint(model, tokenizer, texts, settings, progress, seq_len=model_seq_len)
         del model
         results["checkpoints"].append({"name": checkpoint.name, "model": checkpoint.source,
                                        "revision": checkpoint.revision, "step": _step_of(checkpoint.name),
@@ -269,39 +354,41 @@ def write_outputs(results: dict, out: str | os.PathLike) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = results["checkpoints"]
-    layers = max((len(r["per_layer"]) for r in rows), default=0)
+    labels = list(dict.fromkeys(label for r in rows for label in _labels(r)))
     csv_path = out / "entropy.csv"
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["checkpoint", "step", "total", "max_total", "tokens", "documents",
-                         *[f"layer_{i}" for i in range(layers)]])
+        writer.writerow(["checkpoint", "step", "total", "max_total", "tokens", "documents", *labels])
         for r in rows:
+            by_label = dict(zip(_labels(r), r["per_layer"]))
             writer.writerow([r["name"], r["step"], repr(r["total"]), repr(r["max_total"]), r["tokens"], r["documents"],
-                             *[repr(v) for v in r["per_layer"]]])
+                             *[repr(by_label[label]) if label in by_label else "" for label in labels]])
     paths = [out / "entropy.json", csv_path]
     if rows:
         paths.append(_plot(rows, out / "entropy.png"))
     return paths
 
 
-def _plot(rows: list[dict], path: Path) -> Path:
-    from ..report import _pyplot
+def _labels(row: dict) -> list[str]:
+    """The layer labels of a result row (``decoder.layer_3``); rows written before labels existed: by index."""
+    return row.get("labels") or [f"layer_{i}" for i in range(len(row["per_layer"]))]
 
-    plt = _pyplot()
+
+def _plot(rows: list[dict], path: Path) -> Path:
+
+    plt = pyplot()
     steps = [r["step"] for r in rows]
     use_steps = all(s is not None for s in steps) and len(set(steps)) == len(steps)
     x = steps if use_steps else list(range(len(rows)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(x, [r["total"] for r in rows], marker="o")
     left.set(xlabel="step" if use_steps else "checkpoint", ylabel="knowledge entropy (nats)", title="total")
-    for layer in range(max(len(r["per_layer"]) for r in rows)):
-        right.plot(x, [r["per_layer"][layer] if layer < len(r["per_layer"]) else float("nan") for r in rows],
-                   marker=".", label=f"layer {layer}")
+    for label in dict.fromkeys(label for r in rows for label in _labels(r)):
+        values = [dict(zip(_labels(r), r["per_layer"])).get(label, float("nan")) for r in rows]
+        right.plot(x, values, marker=".", label=label)
     right.set(xlabel=left.get_xlabel(), ylabel="entropy (nats)", title="per layer")
     if not use_steps:
         for ax in (left, right):
             ax.set_xticks(x, [Path(r["name"]).name for r in rows], rotation=30, fontsize=7)
     right.legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
