@@ -31,7 +31,7 @@ import _harness  # noqa: E402
 
 from kacq_hooks import facts  # noqa: E402
 from kacq_hooks.attribution import attribute  # noqa: E402
-from kacq_hooks.experiments.corpus import train_bpe_tokenizer  # noqa: E402
+from kacq_hooks.corpus import train_bpe_tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/fictional_knowledge/fictional_knowledge.json"
 

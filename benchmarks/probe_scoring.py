@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kacq_hooks import facts
-from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+from kacq_hooks.corpus import train_bpe_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/fictional_knowledge/fictional_knowledge.json"
 

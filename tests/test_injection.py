@@ -163,7 +163,7 @@ def test_injected_facts_rise_at_their_injection_steps():
     320-token tiny tokenizer the same run gains about half as much. No momentum (beta1 = 0), so each
     injection's gain shows at its own step (t_w = 1).
     """
-    from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+    from kacq_hooks.corpus import train_bpe_tokenizer
 
     records, background = _tracked_and_background()
     tokenizer = train_bpe_tokenizer([r.train_context for r in records] + background, vocab_size=1024)

@@ -23,7 +23,7 @@ batching. The model is run in eval mode with its parameters frozen (their ``requ
 and every kacq_hooks instrumentation of the model paused.
 
 >>> from transformers import LlamaConfig, LlamaForCausalLM
->>> from kacq_hooks.experiments.corpus import train_bpe_tokenizer
+>>> from kacq_hooks.corpus import train_bpe_tokenizer
 >>> tokenizer = train_bpe_tokenizer(["The fox jumps over the lazy dog."] * 20, vocab_size=300)
 >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
 ...                                      num_hidden_layers=2, num_attention_heads=4))

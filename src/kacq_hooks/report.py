@@ -37,4 +37,3 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-_pyplot = pyplot  # the name experiments/sweep.py imports; remove once it calls pyplot()
