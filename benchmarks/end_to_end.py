@@ -52,7 +52,7 @@ def entropy_of(coefficients: list[torch.Tensor], mask: torch.Tensor) -> float:
     total = 0.0
     for c in coefficients:
         mean_abs = c.reshape(-1, c.shape[-1])[valid].float().abs().mean(0)
-        total += kh.entropy(mean_abs)
+        total += kh.entropy.entropy(mean_abs)
     return total
 
 

@@ -95,7 +95,7 @@ def _ddp_worker(rank, init_file, results):
     inst = kh.instrument(ddp, grads=True)
     _train_steps(ddp, inst, shard=rank)
     local_tokens = int(inst.stats[0].tokens)
-    khd.reduce(inst)
+    inst.all_reduce()
     results[rank] = {**_summary(inst), "local_tokens": local_tokens}
     dist.destroy_process_group()
 
@@ -135,7 +135,7 @@ def _fsdp_worker(rank, init_file, results):
         else:
             _measure_steps(model, shard=rank)
         fired = [int(s.tokens) for s in inst.stats]
-        khd.reduce(inst)
+        inst.all_reduce()
         results[rank, grads, order] = {**_summary(inst), "paths": [s.path for s in inst.sites], "fired": fired,
                                 "classes": (classes_before, [type(layer).__name__ for layer in model.model.layers],
                                             type(model).__name__)}
@@ -197,15 +197,9 @@ def _tp_worker(rank, init_file, results, how, saved):
     # Every rank of a tensor-parallel group runs the same data: data shard 0 on both.
     for grads, local_output in _tp_variants(how):
         model = _tp_model(how, saved, local_output).train()
-        inst = khd.instrument(model, grads=grads)
+        inst = kh.instrument(model, grads=grads)
         shards = khd.neuron_shards(inst)
         local = [s.d_ff for s in inst.stats]
-        if not grads:  # adding slices of different neurons across ranks is refused
-            try:
-                inst.all_reduce()
-                results[rank, "all_reduce"] = None
-            except kh.KacqError as error:
-                results[rank, "all_reduce"] = str(error)
         if grads:
             _train_steps(model, inst, shard=0)
         else:
@@ -214,9 +208,14 @@ def _tp_worker(rank, init_file, results, how, saved):
                 results[rank, "slice_entropy"] = inst.knowledge_entropy().total
             except kh.KacqError as error:
                 results[rank, "slice_entropy"] = str(error)
-        khd.reduce(inst)
+        inst.all_reduce()  # slices gathered along d_ff, token counts taken once
         results[rank, grads, local_output] = {**_summary(inst), "local": local,
                                               "shards": [(s.offset, s.width, s.d_ff) for s in shards]}
+        try:  # a second reduce would count every rank's tokens twice
+            inst.all_reduce()
+            results[rank, "twice"] = None
+        except kh.KacqError as error:
+            results[rank, "twice"] = str(error)
         if not grads:  # measuring on after a reduce must refuse until reset(), then capture slices again
             try:
                 _measure_steps(model, shard=0)
@@ -226,14 +225,6 @@ def _tp_worker(rank, init_file, results, how, saved):
             inst.reset()
             _measure_steps(model, shard=0)
             results[rank, "after_reset"] = ([s.d_ff for s in inst.stats], [int(s.tokens) for s in inst.stats])
-    try:  # what the plain API does today on the same model
-        model = _tp_model(how, saved).train()
-        inst = kh.instrument(model)
-        _measure_steps(model, shard=0)
-        inst.all_reduce()
-        results[rank, "plain"] = _summary(inst)
-    except Exception as error:  # noqa: BLE001 - recorded for the test to report
-        results[rank, "plain"] = {"error": f"{type(error).__name__}: {error}"}
     dist.destroy_process_group()
 
 
@@ -261,24 +252,13 @@ def test_tensor_parallel_gathers_neuron_slices(tensor_parallel):
             _assert_same(got, expected)
     tokens = int(expected["stats"]["0.tokens"])
     for rank in range(WORLD):
-        assert "gathered, not added" in results[rank, "all_reduce"]
-        assert "kacq_hooks.distributed.reduce" in results[rank, "slice_entropy"]
-        assert "reduced across ranks" in results[rank, "again"]
+        assert "gather the slices with inst.all_reduce()" in results[rank, "slice_entropy"]
+        assert "already combined across ranks" in results[rank, "twice"]
+        assert "combined across ranks" in results[rank, "again"]
         assert results[rank, "after_reset"] == ([half, half], [tokens, tokens])
 
 
 def test_reduce_needs_a_process_group():
-    inst = khd.instrument(tiny_model("llama"))
+    inst = kh.instrument(tiny_model("llama"))
     with pytest.raises(kh.KacqError, match="init_process_group"):
-        khd.reduce(inst)
-
-
-@pytest.mark.xfail(strict=True, reason="kh.instrument() does not call kacq_hooks.distributed.prepare() and "
-                   "Instrumentation.all_reduce() does not delegate to kacq_hooks.distributed.reduce() yet")
-def test_plain_instrument_and_all_reduce_on_tensor_parallel(tensor_parallel):
-    how, results = tensor_parallel
-    expected = _measure_one_process([0])
-    for rank in range(WORLD):
-        got = results[rank, "plain"]
-        assert "error" not in got, got.get("error")
-        _assert_same(got, expected)
+        inst.all_reduce()
