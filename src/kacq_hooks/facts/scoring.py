@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from kacq_hooks.errors import ConfigError, KacqError, ProbeTokenizationError
-from kacq_hooks.instrumentation import instrumentations_of
+from kacq_hooks.measuring import evaluation_mode
 
 logger = logging.getLogger(__name__)
 
@@ -205,26 +205,7 @@ def target_log_probs(logits: torch.Tensor, offset: int, batch: ProbeBatch) -> di
     return {"mean": summed / lengths, "first": first, "sum": summed}
 
 
-@contextlib.contextmanager
-def scoring_mode(model: torch.nn.Module):
-    """Eval mode, no grad, RNG state and every module's training flag restored, instrumentations paused."""
-    training_flags = [(module, module.training) for module in model.modules()]
-    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
-        for instrumentation in _instrumentations_of(model):
-            stack.enter_context(instrumentation.pause())
-        stack.enter_context(torch.no_grad())
-        model.eval()
-        try:
-            yield
-        finally:
-            for module, flag in training_flags:
-                module.training = flag
-
-
-def _instrumentations_of(model: torch.nn.Module) -> list:
-    return list(instrumentations_of(model))
+scoring_mode = evaluation_mode  # eval mode, no grad, RNG and training flags restored, instrumentations paused
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
