@@ -20,6 +20,10 @@ projection, with the routing of its rows, without computing anything the forward
 
 Any other implementation (a fused kernel) keeps C inside the kernel and is refused.
 
+Older and custom models keep one MLP per expert in a ``ModuleList``: there C is the input of each
+expert's output projection, its tokens are the block's own ``torch.where`` (checked against the
+block's ``torch.topk``), and its weight is the factor the block multiplies the expert's output by.
+
 >>> import torch
 >>> from transformers import MixtralConfig, MixtralForCausalLM
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -207,8 +211,11 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
     dense MLP (DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers``) are reported as
     ``kind="dense"``; blocks with no FFN at all (a hybrid's mixer layers) are not reported.
 
+    A ``ModuleList`` named ``experts`` whose items each have an output projection (``down_proj``,
+    ``w2``, ...) is the per-expert layout (``layout="list"``).
+
     Raises :class:`ExpertsError` for a model that is not a mixture of experts, or whose experts
-    module kacq_hooks cannot read (per-expert module lists, unknown layouts).
+    module kacq_hooks cannot read (unknown layouts, experts normalised after their down projection).
     """
     named = [(clean_name(n, model), m) for n, m in model.named_modules()]
     config = find_config(model)
@@ -381,7 +388,10 @@ class ExpertsTap:
       the ``[T]`` rows the MoE block received. Count an expert's load over ``weight != 0``.
 
     Rows follow the implementation's order (eager: by top-k position then token; grouped_mm: sorted by
-    expert); experts that received no token get no row. A forward that used another implementation,
+    expert); experts that received no token get no row. Per-expert module lists (``layout="list"``)
+    call back once per expert, after the block has multiplied that expert's output by its weights
+    (the weights passed are those factors); reading their routing syncs the device once per expert,
+    as their loop already does. A forward that used another implementation,
     or whose rows do not add up to every routed pair, raises :class:`ExpertsError`.
     The tap does not touch shared experts (they are dense MLPs: tap their ``down`` input).
 
