@@ -475,3 +475,38 @@ def test_per_expert_module_list(token_major):
         if int(e0[0]) == 2:
             expected[:, [1, 4]] *= torch.tensor([3.0, 0.5])
         torch.testing.assert_close(c1, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_ungated_experts_in_a_hybrid_nemotron_h():
+    """Nemotron-H: experts without a gate (C = relu(U x)^2), layers that are a mixer, MoE or a dense MLP."""
+    config = AutoConfig.for_model("nemotron_h")
+    for key, value in dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+                           moe_shared_expert_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                           n_group=1, topk_group=1, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+                           n_groups=1, pad_token_id=0, bos_token_id=1, eos_token_id=1).items():
+        setattr(config, key, value)
+    config.layers_block_type = ["linear_attention", "moe", "full_attention", "mlp"]
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layers = find_experts(model)
+    assert [(l.layer, l.kind, l.path) for l in layers] == [(1, "experts", "model.layers.1.mixer.experts"),
+                                                           (3, "dense", "model.layers.3.mixer.down_proj")]
+    ids, mask = random_batch(2, 6, "right")
+    for impl in IMPLS:
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            plain = model(ids, attention_mask=mask).logits
+        out, got, seen = capture(model, layers[:1], ids, mask)
+        assert torch.equal(out, plain)
+        expert_ids, token_index, weight, c = got[1]
+        hidden = seen[1][0].double()
+        assert len(c) == 2 * hidden.shape[0]
+        for e in range(4):
+            rows = (expert_ids == e).nonzero().squeeze(1)
+            up = layers[0].module.up_proj[e].double()
+            ref = torch.relu(hidden[token_index[rows]] @ up.T) ** 2
+            torch.testing.assert_close(c[rows].double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ExpertsError, match="no gate"):
+        expert_up_rows(layers[0], 0, torch.tensor([0]))

@@ -70,6 +70,7 @@ TAPPABLE = ("eager", "batched_mm", "grouped_mm")
 _MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _DOWN_NAMES = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "wo")
 _ROUTING_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
+_MORE_MLP_OUT = ("{i}.mixer.down_proj",)  # Nemotron-H puts its dense MLP where other layers have a mixer
 _BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -300,7 +301,7 @@ def _add_dense_layers(model, named, container, layers, d_model) -> None:
     for index in sorted(numbered - {i for c, i in layers if c == container}):
         prefix = f"{container}.{index}."
         inside = [(n, m) for n, m in named if n.startswith(prefix)]
-        for pattern in MLP_OUT_PATTERNS:
+        for pattern in (*MLP_OUT_PATTERNS, *_MORE_MLP_OUT):
             hits = [(n, m) for i, n, m in _match(inside, pattern) if i == index]
             if hits:
                 name, module = hits[0]
