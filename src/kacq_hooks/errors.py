@@ -24,3 +24,7 @@ class MissingExtraError(KacqError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class ExpertsError(LocateError):
+    """A mixture-of-experts layer whose layout or experts implementation kacq_hooks cannot tap."""

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import LocateError, ShapeError
+from .errors import ExpertsError, ShapeError
 from .locate import MLP_OUT_PATTERNS, _match, clean_name, find_config, projection_shape
 
 try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
@@ -74,10 +74,6 @@ _MORE_MLP_OUT = ("{i}.mixer.down_proj",)  # Nemotron-H puts its dense MLP where 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-class ExpertsError(LocateError):
-    """A mixture-of-experts layer whose layout or experts implementation kacq_hooks cannot tap."""
 
 
 @dataclass(frozen=True, eq=False)
