@@ -234,7 +234,7 @@ def test_unknown_layouts_are_refused():
     class Expert(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.w1, self.w2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+            self.inp, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)  # no known output name
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -369,3 +369,144 @@ def test_scaling_up_rows_scales_c_exactly_llama4():
     expected[:, rows] *= u
     torch.testing.assert_close(after[3][sel], expected, rtol=1e-6, atol=1e-7)
     assert torch.equal(after[3][~sel], before[3][~sel])
+
+
+class _Expert(torch.nn.Module):
+    """A gated expert MLP in the per-expert layout of older and custom models (Mixtral's w1/w3/w2)."""
+
+    def __init__(self, d, m):
+        super().__init__()
+        self.w1, self.w3 = torch.nn.Linear(d, m, bias=False), torch.nn.Linear(d, m, bias=False)
+        self.w2 = torch.nn.Linear(m, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class _ListMoe(torch.nn.Module):
+    """Softmax, top-k and a torch.where loop over a ModuleList; ``token_major`` builds the mask the
+    other way round ([T, k]) and weights the top-k logits by their own softmax, as some custom code does."""
+
+    def __init__(self, d, m, n_experts=4, k=2, token_major=False):
+        super().__init__()
+        self.gate = torch.nn.Linear(d, n_experts, bias=False)
+        self.experts = torch.nn.ModuleList(_Expert(d, m) for _ in range(n_experts))
+        self.k, self.token_major = k, token_major
+
+    def forward(self, h):
+        x = h.reshape(-1, h.shape[-1])
+        logits = self.gate(x)
+        if self.token_major:
+            top, index = torch.topk(logits, self.k, dim=-1)
+            weights = torch.softmax(top, dim=-1)
+        else:
+            weights, index = torch.topk(torch.softmax(logits, dim=-1), self.k, dim=-1)
+            weights /= weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            if self.token_major:
+                token, slot = torch.where(index == e)
+            else:
+                slot, token = torch.where(index.t() == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return (h + out.reshape(h.shape)), (index, weights)
+
+
+class _ListModel(torch.nn.Module):
+    def __init__(self, token_major):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.layers = torch.nn.ModuleList(_ListMoe(16, 24, token_major=token_major) for _ in range(2))
+
+    def forward(self, ids, routing=None):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h, r = layer(h)
+            if routing is not None:
+                routing.append((h, r))
+        return h
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+def test_per_expert_module_list(token_major):
+    model = _ListModel(token_major).eval()
+    layers = find_experts(model)
+    assert [(l.layer, l.layout, l.experts, l.d_ff, l.d_model) for l in layers] == [(0, "list", 4, 24, 16),
+                                                                                   (1, "list", 4, 24, 16)]
+    ids = random_batch(2, 9, None)[0]
+    inputs = {}
+    pre = [l.block.register_forward_pre_hook(lambda mod, a, n=l.layer: inputs.__setitem__(n, a[0].detach()))
+           for l in layers]
+    with torch.no_grad():
+        routing = []
+        plain = model(ids, routing)
+    got = {l.layer: [] for l in layers}
+    taps = [ExpertsTap(l, lambda e, t, w, c, n=l.layer: got[n].append((e, t, w, c))).attach() for l in layers]
+    with torch.no_grad():
+        tapped = model(ids)
+    for handle in [*taps, *pre]:
+        handle.remove()
+    assert torch.equal(plain, tapped)
+    for l, (_, (index, weights)) in zip(layers, routing):
+        expert_ids, token_index, weight, c = (torch.cat(p) for p in zip(*got[l.layer]))
+        x = inputs[l.layer].reshape(-1, 16).double()
+        assert len(c) == index.numel()
+        pairs = by_pair(expert_ids, token_index, range(len(c)))
+        for t in range(index.shape[0]):
+            for j in range(index.shape[1]):
+                e = int(index[t, j])
+                row = pairs[(e, t)]
+                assert weight[row] == weights[t, j]
+                mlp = l.module[e]
+                ref = torch.nn.functional.silu(x[t] @ mlp.w1.weight.double().T) * (x[t] @ mlp.w3.weight.double().T)
+                torch.testing.assert_close(c[row].double(), ref, atol=1e-5, rtol=1e-5)
+
+    restore = scale_up_rows(layers[0], 2, torch.tensor([1, 4]), torch.tensor([3.0, 0.5]))
+    again = []
+    with ExpertsTap(layers[0], lambda e, t, w, c: again.append((e, c))), torch.no_grad():
+        model(ids)
+    restore()
+    before = [(e, c) for e, _, _, c in got[0]]
+    assert any(int(e[0]) == 2 for e, _ in before) and len(before) == len(again)
+    for (e0, c0), (e1, c1) in zip(before, again):
+        assert torch.equal(e0, e1)
+        expected = c0.clone()
+        if int(e0[0]) == 2:
+            expected[:, [1, 4]] *= torch.tensor([3.0, 0.5])
+        torch.testing.assert_close(c1, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_ungated_experts_in_a_hybrid_nemotron_h():
+    """Nemotron-H: experts without a gate (C = relu(U x)^2), layers that are a mixer, MoE or a dense MLP."""
+    config = AutoConfig.for_model("nemotron_h")
+    for key, value in dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+                           moe_shared_expert_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                           n_group=1, topk_group=1, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+                           n_groups=1, pad_token_id=0, bos_token_id=1, eos_token_id=1).items():
+        setattr(config, key, value)
+    config.layers_block_type = ["linear_attention", "moe", "full_attention", "mlp"]
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layers = find_experts(model)
+    assert [(l.layer, l.kind, l.path) for l in layers] == [(1, "experts", "model.layers.1.mixer.experts"),
+                                                           (3, "dense", "model.layers.3.mixer.down_proj")]
+    ids, mask = random_batch(2, 6, "right")
+    for impl in IMPLS:
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            plain = model(ids, attention_mask=mask).logits
+        out, got, seen = capture(model, layers[:1], ids, mask)
+        assert torch.equal(out, plain)
+        expert_ids, token_index, weight, c = got[1]
+        hidden = seen[1][0].double()
+        assert len(c) == 2 * hidden.shape[0]
+        for e in range(4):
+            rows = (expert_ids == e).nonzero().squeeze(1)
+            up = layers[0].module.up_proj[e].double()
+            ref = torch.relu(hidden[token_index[rows]] @ up.T) ** 2
+            torch.testing.assert_close(c[rows].double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ExpertsError, match="no gate"):
+        expert_up_rows(layers[0], 0, torch.tensor([0]))

@@ -81,3 +81,7 @@ class MetricError(KacqError, ValueError):
 
 class UnknownKeyError(KacqError, KeyError):
     """A name (a reduction, a kind) is not one of those offered."""
+
+
+class ExpertsError(LocateError):
+    """A mixture-of-experts layer whose layout or experts implementation kacq_hooks cannot tap."""

@@ -20,6 +20,10 @@ projection, with the routing of its rows, without computing anything the forward
 
 Any other implementation (a fused kernel) keeps C inside the kernel and is refused.
 
+Older and custom models keep one MLP per expert in a ``ModuleList``: there C is the input of each
+expert's output projection, its tokens are the block's own ``torch.where`` (checked against the
+block's ``torch.topk``), and its weight is the factor the block multiplies the expert's output by.
+
 >>> import torch
 >>> from transformers import MixtralConfig, MixtralForCausalLM
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -51,7 +55,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._hooks import OwnerHook
-from .errors import LocateError, ShapeError
+from .errors import ExpertsError, ShapeError
 from .locate import FFN_OUT_PATTERNS, _match, clean_name, find_config, projection_shape, submodule_at
 
 try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
@@ -70,10 +74,6 @@ _ROUTING_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_
 _BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-class ExpertsError(LocateError):
-    """A mixture-of-experts layer whose layout or experts implementation kacq_hooks cannot tap."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +113,9 @@ class ExpertsLayer:
     shared: tuple[SharedExpert, ...] = ()
     input_scaled: bool = False
     router: nn.Module | None = None  # input-scaled layouts only: returns (scores [T, E], logits)
+    layout: str = "fused"            # "fused" (3-D parameters) or "list" (a ModuleList of expert MLPs)
+    block: nn.Module | None = None   # the module whose forward routes tokens and calls the experts
+    downs: tuple[nn.Module, ...] = ()  # "list" layout: each expert's output projection (its input is C_e)
 
     @property
     def slots(self) -> int:
@@ -133,6 +136,17 @@ def _is_fused_experts(module: nn.Module) -> bool:
     up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
     return (isinstance(down, torch.Tensor) and down.dim() == 3
             and isinstance(up, torch.Tensor) and up.dim() == 3)
+
+
+def _expert_list(module: nn.Module, d_model: int | None) -> tuple[nn.Module, ...] | None:
+    """The output projections of a ModuleList of expert MLPs, all of one width, or None."""
+    if not isinstance(module, nn.ModuleList) or len(module) < 2:
+        return None
+    downs = [_down_of(expert, d_model) for expert in module]
+    if any(d is None for d in downs):
+        return None
+    shapes = {projection_shape(down) for _, down in downs}
+    return tuple(down for _, down in downs) if len(shapes) == 1 else None
 
 
 def _is_decorated(module: nn.Module) -> bool:
@@ -194,8 +208,11 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
     dense MLP (DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers``) are reported as
     ``kind="dense"``; blocks with no FFN at all (a hybrid's mixer layers) are not reported.
 
+    A ``ModuleList`` named ``experts`` whose items each have an output projection (``down_proj``,
+    ``w2``, ...) is the per-expert layout (``layout="list"``).
+
     Raises :class:`ExpertsError` for a model that is not a mixture of experts, or whose experts
-    module kacq_hooks cannot read (per-expert module lists, unknown layouts).
+    module kacq_hooks cannot read (unknown layouts, experts normalised after their down projection).
     """
     named = [(clean_name(n, model), m) for n, m in model.named_modules()]
     config = find_config(model)
@@ -205,19 +222,18 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
         if not found:
             raise ExpertsError(f"no module path matches experts={experts!r}")
     else:
-        found = [(name, module) for name, module in named if _is_fused_experts(module)]
-    bad = [(name, module) for name, module in found if not _is_fused_experts(module)]
-    if experts is None:
-        bad += [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and re.search(r"experts?$", n)
-                and not any(n.startswith(f + ".") or n == f for f, _ in found)]
+        found = [(name, module) for name, module in named if _is_fused_experts(module)
+                 or (re.search(r"experts?$", name) and isinstance(module, nn.ModuleList))]
+    bad = [(name, module) for name, module in found
+           if not _is_fused_experts(module) and _expert_list(module, d_model) is None]
     if bad:
         name, module = bad[0]
         raise ExpertsError(
-            f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs one "
-            "module per layer with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as "
-            "transformers 5 builds them. Per-expert module lists are not supported yet. Measure the layer as "
-            "dense with instrument(model, mlp_out='path.{i}.to.the.projection'), or convert the experts to the "
-            "fused layout.")
+            f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs either "
+            "one module with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as transformers "
+            f"5 builds them, or a ModuleList of expert MLPs that each have an output projection named one of "
+            f"{_DOWN_NAMES}. Pass the experts module's path with find_experts(model, experts='path.{{i}}.experts'), "
+            "or measure the layer as dense with instrument(model, mlp_out='path.{i}.to.the.projection').")
     if not found:
         n_experts = next((getattr(config, k) for k in _MOE_CONFIG_KEYS if getattr(config, k, None)), None)
         what = f" although its config has {n_experts} experts" if n_experts else ""
@@ -235,18 +251,25 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
                 f"'{name}' ({type(module).__name__}) normalises each expert's output after its down projection, so "
                 "the output is not a weighted sum of value vectors and its coefficients are not memory "
                 "coefficients; this layer cannot be measured")
-        e, m, d = _fused_shape(module, d_model)
         parent_name, _, child_name = name.rpartition(".")
         parent = submodule_at(model, parent_name)
-        shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
         key = (block.group(1), int(block.group(2)))
+        downs = _expert_list(module, d_model) if not _is_fused_experts(module) else None
+        if downs is not None:
+            m, d = projection_shape(downs[0])
+            layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=len(downs),
+                                       d_ff=m, d_model=d, layout="list", block=parent, downs=downs,
+                                       shared=_shared_experts(parent, child_name, f"{parent_name}.", d))
+            continue
+        e, m, d = _fused_shape(module, d_model)
+        shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
         input_scaled = not _is_decorated(module) and _routing_free(module)
         router = getattr(parent, "router", None) if input_scaled else None
         if input_scaled and not isinstance(router, nn.Module):
             raise ExpertsError(f"'{name}' takes only hidden states (its routing is in its input) but no 'router' "
                                f"module sits next to it in '{parent_name}': the routed pairs cannot be known")
         layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=e, d_ff=m,
-                                   d_model=d, shared=shared, input_scaled=input_scaled, router=router)
+                                   d_model=d, shared=shared, input_scaled=input_scaled, router=router, block=parent)
     for container in {c for c, _ in layers}:
         _add_dense_layers(model, named, container, layers, d_model)
     return [layers[k] for k in sorted(layers, key=lambda k: (k[0], k[1]))]
@@ -290,17 +313,20 @@ def experts_implementation(module: nn.Module) -> str:
 class _Call:
     """What one forward of the experts module needs to label its rows."""
 
-    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "rows", "expected")
+    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "topk", "pending", "out", "rows",
+                 "expected")
 
     def __init__(self, impl, tokens, index, weights, expected):
         self.impl, self.tokens, self.index, self.weights = impl, tokens, index, weights
-        self.where = self.sorted = None
+        self.where = self.sorted = self.topk = self.pending = self.out = None
         self.rows, self.expected = 0, expected
 
 
 _MATMULS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
 _SORTS = {torch.sort, torch.Tensor.sort}
 _WHERES = {torch.where}
+_TOPKS = {torch.topk, torch.Tensor.topk}
+_MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 
 
 class _Mode(TorchFunctionMode):
@@ -321,10 +347,16 @@ class _Mode(TorchFunctionMode):
                 args = (self.tap._eager_rows(self.call, args[0], expert), *args[1:])
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        call = self.call
         if func in _WHERES and len(args) + len(kwargs) == 1:
-            self.call.where = out
-        elif func in _SORTS and self.call.sorted is None:
-            self.call.sorted = out
+            call.where = out
+        elif func in _SORTS and call.sorted is None:
+            call.sorted = out
+        elif call.impl == "list":
+            if func in _TOPKS and call.topk is None:
+                call.topk = out
+            elif func in _MULS and call.out is not None and len(args) == 2 and any(a is call.out for a in args):
+                self.tap._list_weight(call, args[1] if args[0] is call.out else args[0])
         return out
 
 
@@ -347,7 +379,10 @@ class ExpertsTap:
       the ``[T]`` rows the MoE block received. Count an expert's load over ``weight != 0``.
 
     Rows follow the implementation's order (eager: by top-k position then token; grouped_mm: sorted by
-    expert); experts that received no token get no row. A forward that used another implementation,
+    expert); experts that received no token get no row. Per-expert module lists (``layout="list"``)
+    call back once per expert, after the block has multiplied that expert's output by its weights
+    (the weights passed are those factors); reading their routing syncs the device once per expert,
+    as their loop already does. A forward that used another implementation,
     or whose rows do not add up to every routed pair, raises :class:`ExpertsError`.
     The tap does not touch shared experts (they are dense MLPs: tap their ``down`` input).
 
@@ -382,6 +417,8 @@ class ExpertsTap:
     def attach(self) -> ExpertsTap:
         if self._handles:
             return self
+        if self.layer.layout == "list":
+            return self._attach_list()
         module = self._module_ref()
         self._handles.append(module.register_forward_pre_hook(OwnerHook(self, "_pre"), with_kwargs=True))
         self._handles.append(module.register_forward_hook(OwnerHook(self, "_post"), with_kwargs=True, always_call=True))
@@ -446,7 +483,7 @@ class ExpertsTap:
 
     def _close(self) -> None:
         module = self._module_ref()
-        if module is not None:
+        if module is not None and self.layer.layout == "fused":
             module.__dict__.pop("_apply_gate", None)
         if self._mode is not None:
             mode, self._mode = self._mode, None
@@ -532,6 +569,85 @@ class ExpertsTap:
             self.on_coefficients(expert_ids, token_index, weight, c)
         finally:
             self._emitting = False
+
+
+    # -- per-expert module lists: C at each expert's down projection, routing from the block's own ops
+
+    def _attach_list(self) -> ExpertsTap:
+        layer = self.layer
+        self._handles.append(layer.block.register_forward_pre_hook(OwnerHook(self, "_list_pre"), with_kwargs=True))
+        self._handles.append(layer.block.register_forward_hook(OwnerHook(self, "_list_post"), with_kwargs=True,
+                                                               always_call=True))
+        for e, (expert, down) in enumerate(zip(layer.module, layer.downs)):
+            self._handles.append(down.register_forward_pre_hook(OwnerHook(self, "_list_down_in", e)))
+            self._handles.append(expert.register_forward_hook(OwnerHook(self, "_list_expert_out", e)))
+        return self
+
+    def _list_down_in(self, e: int, module, args):
+        self._list_c(e, args[0])
+
+    def _list_expert_out(self, e: int, module, args, out):
+        self._list_out(e, out)
+
+    def _list_pre(self, block, args, kwargs):
+        self._close()
+        self._call = _Call("list", None, None, None, None)
+        self._mode = _Mode(self, self._call)
+        self._mode.__enter__()
+
+    def _list_post(self, block, args, kwargs, output):
+        call = self._call
+        self._close()
+        if output is None or call is None:
+            return
+        if call.pending is not None:
+            raise ExpertsError(f"'{self.layer.path}': expert {call.pending[0]}'s output was never multiplied by a "
+                               "routing weight in the block's forward, so its weight is unknown")
+        expected = call.topk[1].numel() if call.topk is not None else None
+        if call.rows != expected:
+            raise ExpertsError(f"the experts of '{self.layer.path}' exposed C for {call.rows} (token, expert) pairs, "
+                               f"but the block's top-k routes {expected}: its routing is not the top-k / torch.where "
+                               "loop kacq_hooks reads")
+
+    def _list_c(self, expert: int, c: torch.Tensor) -> None:
+        call = self._call
+        if call is None:
+            raise ExpertsError(f"expert {expert} of '{self.layer.path}' ran outside its block's forward")
+        if call.pending is not None:
+            raise ExpertsError(f"'{self.layer.path}': expert {call.pending[0]}'s output was never multiplied by a "
+                               "routing weight before the next expert ran")
+        call.pending = (expert, self._list_tokens(call, expert, c.shape[0]), c)
+
+    def _list_tokens(self, call: _Call, expert: int, n: int) -> torch.Tensor:
+        """The token of each row expert ``expert`` received, from the block's last ``torch.where``, checked
+        against its top-k indices in both orders the loop may use ((top-k slot, token) or (token, slot))."""
+        if call.topk is None or call.where is None or len(call.where) != 2 or call.where[0].shape[0] != n:
+            raise ExpertsError(f"'{self.layer.path}' fed {n} rows to expert {expert} without a torch.topk and a "
+                               "torch.where that select them: its routing cannot be read")
+        index = call.topk[1].reshape(-1, call.topk[1].shape[-1])
+        a, b = call.where
+        if n == 0:
+            return b
+        fits = [tok for tok, slot in ((b, a), (a, b))
+                if int(tok.max()) < index.shape[0] and int(slot.max()) < index.shape[1]
+                and bool((index[tok, slot] == expert).all())]
+        if not fits or (len(fits) == 2 and not torch.equal(*fits)):
+            raise ExpertsError(f"'{self.layer.path}': the rows of expert {expert} do not match its top-k routing")
+        return fits[0]
+
+    def _list_out(self, expert: int, output) -> None:
+        call = self._call
+        if call is not None and call.pending is not None and call.pending[0] == expert:
+            call.out = output
+
+    def _list_weight(self, call: _Call, weight: torch.Tensor) -> None:
+        expert, token_index, c = call.pending
+        call.pending = call.out = None
+        if not isinstance(weight, torch.Tensor) or weight.numel() != c.shape[0]:
+            raise ExpertsError(f"'{self.layer.path}': expert {expert}'s output is multiplied by something other than "
+                               "one routing weight per row")
+        if c.shape[0]:
+            self._emit(call, torch.full_like(token_index, expert), token_index, weight.reshape(-1), c)
 
 
 class SharedTap:
@@ -625,10 +741,20 @@ def expert_up_rows(layer: ExpertsLayer, expert: int, rows: torch.Tensor) -> list
         raise ShapeError(f"{layer!r} is dense: scale rows of its up projection directly")
     if not 0 <= expert < layer.experts:
         raise ShapeError(f"expert {expert} is outside 0..{layer.experts - 1} for {layer.path}")
-    rows = torch.as_tensor(rows, dtype=torch.long, device=module.down_proj.device)
     m = layer.d_ff
+    rows = torch.as_tensor(rows, dtype=torch.long, device=layer.downs[0].weight.device if layer.downs
+                           else module.down_proj.device)
     if rows.numel() and (rows.min() < 0 or rows.max() >= m):
         raise ShapeError(f"rows must lie in 0..{m - 1} for {layer.path}")
+    if layer.layout == "list":  # an expert MLP act(gate x) * (up x): Llama's names or Mixtral's w1/w3
+        mlp = module[expert]
+        up = getattr(mlp, "up_proj", None) or getattr(mlp, "w3", None)
+        if not isinstance(up, nn.Linear) or not isinstance(getattr(mlp, "gate_proj", getattr(mlp, "w1", None)),
+                                                           nn.Linear):
+            raise ExpertsError(f"expert {expert} of {layer.path} ({type(mlp).__name__}) has no gate_proj/up_proj "
+                               "(or w1/w3) pair: no row scaling is known to multiply its C exactly; use hook mode")
+        out = [UpRows(up.weight, (rows,), axis=0)]
+        return out + [UpRows(up.bias, (rows,), axis=0)] if up.bias is not None else out
     decorated = _is_decorated(module)
     if decorated and not module.has_gate:
         raise ExpertsError(f"{layer.path} has no gate: C = act(up x), so no row scaling multiplies C by exactly u")
