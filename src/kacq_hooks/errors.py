@@ -24,3 +24,7 @@ class MissingExtraError(KacqError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class SavedStatsError(KacqError, ValueError):
+    """A saved statistics file is missing, not kacq_hooks statistics, or belongs to another model."""
