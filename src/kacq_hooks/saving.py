@@ -7,9 +7,9 @@ kacq_hooks version, the weighting and the token counts. Because the file holds s
 statistics saved by two processes over two shards of a dataset merge into those of one pass over both:
 
 >>> import torch, kacq_hooks as kh                                  # doctest: +SKIP
->>> save_stats(inst_a, "shard0.safetensors"); save_stats(inst_b, "shard1.safetensors")
->>> total = load_stats("shard0.safetensors", kh.instrument(model))
->>> total.merge(load_stats("shard1.safetensors")).knowledge_entropy().total
+>>> save_stats(inst_a, "shard0.safetensors"); save_stats(inst_b, "shard1.safetensors")  # doctest: +SKIP
+>>> total = load_stats("shard0.safetensors", kh.instrument(model))  # doctest: +SKIP
+>>> total.merge(load_stats("shard1.safetensors")).knowledge_entropy().total  # doctest: +SKIP
 """
 from __future__ import annotations
 

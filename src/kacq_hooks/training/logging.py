@@ -6,9 +6,9 @@
 with and without the Trainer line up in TensorBoard:
 
 >>> from torch.utils.tensorboard import SummaryWriter                 # doctest: +SKIP
->>> writer = SummaryWriter("runs/plain")
->>> log_knowledge_entropy(writer, inst.knowledge_entropy(), step)
->>> log_facts(writer, tracker, step)
+>>> writer = SummaryWriter("runs/plain")  # doctest: +SKIP
+>>> log_knowledge_entropy(writer, inst.knowledge_entropy(), step)  # doctest: +SKIP
+>>> log_facts(writer, tracker, step)  # doctest: +SKIP
 """
 from __future__ import annotations
 
