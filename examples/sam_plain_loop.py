@@ -6,8 +6,11 @@ micro-batches at the perturbed weights (with the knowledge-entropy instrumentati
 counts every token once), clips, and steps from the original weights.
 
     python examples/sam_plain_loop.py          # a few seconds on a laptop CPU
+    python examples/sam_plain_loop.py --tiny   # four steps (what the tests run)
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,7 +34,10 @@ def byte_batches(texts: list[str], generator: torch.Generator) -> list[torch.Ten
     return list(torch.stack(rows).chunk(ACCUMULATION))
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="four steps instead of twenty")
+    steps = 4 if parser.parse_args(argv).tiny else STEPS
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
@@ -41,7 +47,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
 
     with kh.instrument(model) as inst:
-        for step in range(STEPS):
+        for step in range(steps):
             micro_batches = byte_batches(texts, generator)
             loss_at_w = 0.0
             for ids in micro_batches:  # pass 1 at w: counted by the instrumentation
@@ -54,11 +60,11 @@ def main() -> None:
                     (model(ids, labels=ids).loss / ACCUMULATION).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             sam.second_step(zero_grad=True)
-            if step % 5 == 0 or step == STEPS - 1:
+            if step % 5 == 0 or step == steps - 1:
                 print(f"step {step:2d}  loss {loss_at_w:.3f}")
         tokens = int(inst.stats[0].tokens)
         rows = MICRO_BATCH * ACCUMULATION
-        print(f"tokens counted {tokens} = {STEPS} steps x {rows} rows x {SEQ} (one pass per step)")
+        print(f"tokens counted {tokens} = {steps} steps x {rows} rows x {SEQ} (one pass per step)")
         print(f"knowledge entropy {inst.knowledge_entropy().total:.4f} of max {inst.knowledge_entropy().max_total:.4f}")
 
 

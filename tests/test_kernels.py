@@ -130,3 +130,94 @@ def test_kernel_benchmark_runs_its_code_on_the_cpu_in_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| forward") or line.startswith("| backward")]
     assert len(rows) >= 8 and all(line.split("|")[-2].strip() == "ok" for line in rows), result.stdout
+
+
+# -- the CPU reductions (kernels/cpu.py) against the specification --------------------------------------------
+
+def _reference_stats(c, rows, doc_weight, repeats=1):
+    out = LayerStats(c.shape[1])
+    for _ in range(repeats):
+        kernels.reference.accumulate_forward(c, rows, doc_weight, out)
+    return out
+
+
+def _assert_stats_equal(got, want, rtol=1e-5):
+    for name, buf in want.buffers():
+        torch.testing.assert_close(getattr(got, name), buf, rtol=rtol, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+def test_cpu_reductions_of_two_models_in_two_threads_do_not_share_scratch(monkeypatch, mode):
+    """Two models of different dtypes measured at the same time in two threads each get their own statistics:
+    nothing in the CPU path is process-wide mutable state."""
+    import threading
+
+    monkeypatch.setenv("KACQ_KERNELS", mode)
+    gen = torch.Generator().manual_seed(0)
+    # one eager block each (4M elements), so both threads are inside a block at the same time
+    inputs = {torch.float32: torch.randn(4096, 1024, generator=gen),
+              torch.bfloat16: (torch.randn(4096, 1024, generator=gen) * 3).to(torch.bfloat16)}
+    rows = torch.rand(4096, generator=gen) > 0.2
+    want = {dtype: _reference_stats(c, rows, None, repeats=12) for dtype, c in inputs.items()}
+    got = {dtype: LayerStats(1024) for dtype in inputs}
+    start = threading.Barrier(len(inputs))
+    errors = []
+
+    def worker(dtype):
+        try:
+            start.wait()
+            for _ in range(12):
+                kernels.cpu.accumulate_forward(inputs[dtype], rows, None, got[dtype])
+        except Exception as err:  # reported below: a failure in a thread must fail the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(dtype,)) for dtype in inputs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for dtype in inputs:
+        _assert_stats_equal(got[dtype], want[dtype])
+
+
+def test_cpu_module_holds_no_process_wide_scratch():
+    mutable = [name for name, value in vars(kernels.cpu).items() if isinstance(value, torch.Tensor)]
+    assert mutable == []
+
+
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+def test_cpu_reductions_count_tiny_values_as_active(monkeypatch, mode):
+    """|C| of 1e-25 is active even though its square underflows to zero in fp32."""
+    monkeypatch.setenv("KACQ_KERNELS", mode)
+    c = torch.full((6, 3), 1e-25)
+    c[:, 1] = 0.0
+    out = LayerStats(3)
+    kernels.cpu.accumulate_forward(c, None, None, out)
+    assert out.active.tolist() == [6, 0, 6]
+
+
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_reductions_match_the_reference_with_padding_nonfinite_and_documents(monkeypatch, mode, dtype):
+    monkeypatch.setenv("KACQ_KERNELS", mode)
+    gen = torch.Generator().manual_seed(1)
+    c = (torch.randn(64, 40, generator=gen) * 4).to(dtype)
+    rows = torch.ones(64, dtype=torch.bool)
+    rows[10:14] = False
+    rows[60:] = False
+    c[11, 3] = float("nan")  # padded: neither counted nor summed
+    c[62, 5] = float("inf")
+    c[20, 7] = float("inf")  # valid: counted as non-finite, kept out of the sums
+    c[30, 8] = float("nan")
+    weight = rows.float() / 7.0
+    for r, w in ((rows, None), (rows, weight), (None, None)):
+        want = _reference_stats(c, r, w)
+        got = LayerStats(40)
+        kernels.cpu.accumulate_forward(c, r, w, got)
+        _assert_stats_equal(got, want)
+    g = (torch.randn(64, 40, generator=gen)).to(dtype)
+    want, got = LayerStats(40), LayerStats(40)
+    kernels.reference.accumulate_backward(c, g, rows, want)
+    kernels.cpu.accumulate_backward(c, g, rows, got)
+    _assert_stats_equal(got, want)

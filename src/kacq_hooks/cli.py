@@ -204,9 +204,50 @@ def run_entropy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    from .bench import PRESETS
+
+    parser = subparsers.add_parser(
+        "bench", help="what instrumentation costs on a model: forward and training step, time and memory",
+        description="Time plain against instrumented forward passes and training steps (grads=True) in "
+                    "interleaved turns, with peak memory, on the CPU or a GPU. MODEL is a save_pretrained folder "
+                    "or, when online, a hub id; --config builds a random model offline instead.")
+    parser.add_argument("model", nargs="?", metavar="MODEL")
+    parser.add_argument("--config", choices=sorted(PRESETS), help="a random model of this shape (no download)")
+    parser.add_argument("--device", default=_default_device())
+    parser.add_argument("--batch-size", type=int, default=8, help="with MODEL: rows of random tokens")
+    parser.add_argument("--seq-len", type=int, default=256, help="with MODEL: tokens per row")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved turns per variant")
+    parser.add_argument("--no-training", action="store_true", help="time forward passes only")
+    parser.add_argument("--frontends", action="store_true", help="also TransformerLens run_with_cache and an "
+                        "nnsight trace that saves C, where installed")
+    parser.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+    parser.set_defaults(func=run_bench_command)
+    return parser
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from .bench import bench_table, build_preset, load_model, run_bench
+
+    if (args.model is None) == (args.config is None):
+        raise KacqError("give either MODEL (a save_pretrained folder or hub id) or --config PRESET")
+    if args.config:
+        model, ids, mask = build_preset(args.config, args.device)
+    else:
+        model, ids, mask = load_model(args.model, args.device, args.batch_size, args.seq_len)
+    result = run_bench(model, ids, mask, repeats=args.repeats, training=not args.no_training,
+                       frontends=args.frontends)
+    result["model"] = args.config or args.model
+    print(bench_table(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
 # -- entry point ------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable] = [add_resuscitate_parser, add_entropy_parser]
+SUBCOMMANDS: list[Callable] = [add_resuscitate_parser, add_entropy_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

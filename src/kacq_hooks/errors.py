@@ -85,3 +85,7 @@ class UnknownKeyError(KacqError, KeyError):
 
 class ExpertsError(LocateError):
     """A mixture-of-experts layer whose layout or experts implementation kacq_hooks cannot tap."""
+
+
+class SavedStatsError(KacqError, ValueError):
+    """A saved statistics file is missing, not kacq_hooks statistics, or belongs to another model."""

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, saving
 from .experts import ExpertsTap, SharedTap
 from .kernels import reference
 from .distributed import is_dtensor, local_slice, neuron_shard, reduce as reduce_across_ranks, to_local
@@ -617,10 +617,27 @@ class Instrumentation:
 
     def _check_same_measurement(self, other: dict, what: str) -> None:
         mine = self._settings()
-        for key in ("sites", "weighting", "mask_padding"):
+        for key in ("sites", "mask_padding"):
             if key in other and other[key] != mine[key]:
                 raise ShapeError(f"{what} {key}={other[key]!r}, this instrumentation {key}={mine[key]!r}: their sums "
                                  "are not one measurement. Measure both the same way")
+        if other.get("weighting", "token") != "document" and self.weighting == "document":
+            # token-weighted statistics hold no document sums: the document entropy would miss their documents
+            raise ShapeError(f"{what} weighting='token', so they hold no document sums; this instrumentation keeps "
+                             "them (weighting='document'). Measure both with weighting='document'")
+
+    def save(self, path) -> None:
+        """Write these statistics to ``path``: safetensors with a JSON header (see :mod:`kacq_hooks.saving`)."""
+        saving.save_stats(self, path)
+
+    @classmethod
+    def load(cls, path, model: nn.Module, **instrument_options) -> "Instrumentation":
+        """An instrumentation of ``model`` (hooks attached) holding the statistics saved at ``path``."""
+        return saving.load_stats(path, instrument(model, **instrument_options))
+
+    def to_pandas(self):
+        """One row per (layer label, neuron) with every statistic (needs pandas)."""
+        return saving.to_dataframe(self)
 
     def merge(self, other: "Instrumentation") -> "Instrumentation":
         """Add another instrumentation's statistics (another shard of the data) into these."""

@@ -3,9 +3,10 @@
 ``torch.compile`` turns the reference's dozen elementwise ops into one generated C++ loop over C
 (compiled once per process and dtype, shapes dynamic), which is what keeps capture within a few
 percent of a forward pass. Where compilation is not possible (no C++ compiler, an unsupported
-platform) or ``KACQ_KERNELS=eager`` asks for it, an eager path runs instead: padded rows dropped
-up front (host checks are free on the CPU), one fp32 workspace for |C|, and a block holding a
-non-finite value handed to the reference so NaN and Inf are still counted and kept out of the sums.
+platform) or ``KACQ_KERNELS=eager`` asks for it, an eager path runs instead: |C| of one block in
+fp32, allocated per call (no state shared between models or threads), padded rows set to zero
+(host checks are free on the CPU), and a block holding a non-finite value handed to the reference
+so NaN and Inf are still counted and kept out of the sums.
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from . import reference
 
 log = logging.getLogger(__name__)
 
-_BLOCK_ELEMENTS = 1 << 22  # eager path: bounds the workspace (16 MiB of fp32)
-_workspace: torch.Tensor | None = None
+_BLOCK_ELEMENTS = 1 << 22  # eager path: bounds |C| of one block (16 MiB of fp32), allocated per block
 _compiled: dict[str, object] = {}
 _compile_failed = False
 
@@ -92,40 +92,30 @@ def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | N
 
 # -- eager fallback ----------------------------------------------------------------------------------------------
 
-def _scratch(numel: int) -> torch.Tensor:
-    global _workspace
-    if _workspace is None or _workspace.numel() < numel:
-        _workspace = torch.empty(numel, dtype=torch.float32)
-    return _workspace[:numel]
-
-
 def _eager_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> None:
-    if rows is not None and not bool(rows.all()):
-        keep = rows.nonzero().squeeze(1)
-        c = c.index_select(0, keep)
-        doc_weight = None if doc_weight is None else doc_weight.index_select(0, keep)
     n, d = c.shape
-    out.tokens.add_(n)
     block = max(1, _BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, n, block):
         chunk = c[start:start + block]
+        valid = None if rows is None else rows[start:start + block]
         w = None if doc_weight is None else doc_weight[start:start + block]
-        a = _scratch(chunk.numel()).view(chunk.shape)
-        if chunk.dtype == torch.float32:
-            torch.abs(chunk, out=a)
-        else:
-            a.copy_(chunk).abs_()
+        # |C| in fp32, allocated per call: a buffer kept between calls would be shared by every model and thread
+        a = chunk.abs() if chunk.dtype == torch.float32 else chunk.float().abs_()
+        if valid is not None and not bool(valid.all()):
+            # zero the few padded rows (NaN included) instead of copying the many valid ones: a zero adds
+            # nothing to any statistic, max included, since every other entry is >= 0
+            a.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
         col_sum = a.sum(0)
         if not bool(torch.isfinite(col_sum).all()):
-            out.tokens.sub_(chunk.shape[0])  # the reference counts these rows itself
-            reference.accumulate_forward(chunk, None, w, out)
+            reference.accumulate_forward(chunk, valid, w, out)  # counts the NaN/Inf, and the tokens itself
             continue
         out.sum_abs.add_(col_sum)
+        out.tokens.add_(chunk.shape[0] if valid is None else valid.sum())
         if w is not None:
             out.doc_sum_abs.add_(w @ a)
         torch.maximum(out.max_abs, a.amax(0), out=out.max_abs)
+        out.active.add_((a > 0).sum(0))  # before squaring: a tiny |C| squares to 0 but is active
         out.sum_sq.add_(a.square_().sum(0))
-        out.active.add_(a.sign_().sum(0).to(torch.int64))
 
 
 def _eager_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> None:

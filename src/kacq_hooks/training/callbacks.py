@@ -29,6 +29,7 @@ from kacq_hooks.entropy import KnowledgeEntropy
 from kacq_hooks.errors import CheckpointError, ConfigError
 from kacq_hooks.facts.injection import InjectionCollatorSync, InjectionSchedule, inject
 from kacq_hooks.facts.tracker import FactTracker
+from kacq_hooks.training.logging import entropy_scalars, fact_scalars
 from kacq_hooks.instrumentation import Instrumentation, instrument
 from kacq_hooks.measuring import as_model_inputs, measure
 
@@ -119,10 +120,6 @@ def _entropy_to_state(entropy: KnowledgeEntropy) -> dict:
 def _entropy_from_state(fields: dict) -> KnowledgeEntropy:
     known = {f.name for f in dataclasses.fields(KnowledgeEntropy)}
     return KnowledgeEntropy(**{k: v for k, v in fields.items() if k in known})
-
-
-def _layer_labels(inst: Instrumentation) -> list[str]:
-    return [site.label for site in inst.sites]
 
 
 class InstrumentationCheckpointCallback(TrainerCallback):
@@ -237,7 +234,7 @@ class FactTrackingCallback(_LoggingCallback):
             return
         scores = self._score(state.global_step)
         summary = self.tracker.summary(scores, self.reduction)
-        self._queue({f"{self.prefix}/{key}": value for key, value in summary.items()}, control)
+        self._queue(fact_scalars(summary, self.prefix), control)
 
     def on_save(self, args, state, control, **kwargs):
         save_state(checkpoint_folder(args, state), self.name, args, {"pending": dict(self._pending)})
@@ -314,15 +311,12 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         if state.global_step % self.every:
             return
         if self.calibration is not None:
-            entropy, labels = self._measure_calibration(model), self._labels
+            entropy = self._measure_calibration(model)
         else:
-            entropy, labels = self._instrumentation.knowledge_entropy(), _layer_labels(self._instrumentation)
+            entropy = self._instrumentation.knowledge_entropy()
             self._instrumentation.reset()
         self.history.append((state.global_step, entropy))
-        metrics = {f"{self.prefix}/total": entropy.total}
-        if self.per_layer:
-            metrics.update({f"{self.prefix}/{label}": h for label, h in zip(labels, entropy.per_layer)})
-        self._queue(metrics, control)
+        self._queue(entropy_scalars(entropy, self.prefix, self.per_layer), control)
 
     def on_save(self, args, state, control, **kwargs):
         payload = {"history": [(step, _entropy_to_state(e)) for step, e in self.history],
@@ -344,9 +338,7 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         self._paused.enter_context(self._instrumentation.pause())
 
     def _measure_calibration(self, model) -> KnowledgeEntropy:
-        inst = measure(model, self.calibration, **self.instrument_kwargs)
-        self._labels = _layer_labels(inst)
-        return inst.knowledge_entropy()
+        return measure(model, self.calibration, **self.instrument_kwargs).knowledge_entropy()
 
 
 def _calibration_batches(calibration, batch_size: int) -> list[dict[str, torch.Tensor]]:
