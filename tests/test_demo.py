@@ -69,7 +69,7 @@ def test_quick_demo_writes_every_output(quick_runs):
     assert results["arms"]["late+resuscitation"]["entropy_start"]["total"] != results["arms"]["late"]["entropy_start"]["total"]
     ids = {f["id"] for f in results["findings"]}
     assert {"entropy_decays", "power_law_forgetting", "resuscitation_improves_acquisition"} <= ids
-    # where the facts land: the late arms only, against the checkpoint's low-activity slots (the ones resuscitation scaled)
+    # where the facts land: the late arms only, against the checkpoint's low-activity slots (those resuscitation scaled)
     assert "attribution" not in results["arms"]["early"]
     for name in ("late", "late+resuscitation"):
         landing = results["arms"][name]["attribution"]

@@ -44,10 +44,12 @@ def test_landing_share_is_the_top_k_slots_low_activity_at_the_checkpoint(tokeniz
     tracker = kf.FactTracker(model, tokenizer, facts, batch_size=64)
     schedule = kf.InjectionSchedule(facts, interval=2, rounds=2, start=1, cycle_paraphrases=True)
     where = _Landing(model, tokenizer, tracker, cbar)
-    with torch.no_grad():  # an edit after the checkpoint (half the slots x10): the low-activity set stays the checkpoint's
+    # an edit after the checkpoint (half the slots x10): the low-activity set stays the checkpoint's
+    with torch.no_grad():
         for up in [m for n, m in model.named_modules() if n.endswith("mlp.up_proj")]:
             up.weight[:48].mul_(10.0)
-    assert low_activity_mask(calibration.mean_abs_coefficients(model), 0.5)[0].tolist() != low_activity_mask(cbar, 0.5)[0].tolist()
+    edited = low_activity_mask(calibration.mean_abs_coefficients(model), 0.5)
+    assert edited[0].tolist() != low_activity_mask(cbar, 0.5)[0].tolist()
     where.record(0)
     _train_on(model, tokenizer, facts[0].train_context)
     where.record(2)

@@ -9,8 +9,9 @@ One run, one seed, one results dict:
    augmentation) and a training step factory (AdamW, or SAM). Every probe is scored before every update.
 3. **Metrics** per arm: effectivity, retainability with power-law fits (Chang), acquisition and
    forgetting (Kim), and the entropy at the arm's start.
-4. **Where the facts land** (the arms of ``findings.LANDING_ARMS``: late, late+resuscitation): each probe's top-:data:`ATTRIBUTION_K` memory slots by
-   ``grad_x_act`` attribution at the arm's start, right after the first injection and at the end, and
+4. **Where the facts land** (the arms of ``findings.LANDING_ARMS``: late, late+resuscitation): each
+   probe's top-:data:`ATTRIBUTION_K` memory slots by ``grad_x_act`` attribution at the arm's start,
+   right after the first injection and at the end, and
    the share of them that were low-activity at the starting checkpoint (c̄ on the calibration set at or
    below the resuscitation quantile: the slots resuscitation amplifies), against the share of all slots.
 
@@ -570,7 +571,8 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
     store = kf.TrajectoryStore(None, tracker.probes, data.facts.scenarios)  # in memory
     schedule = config.schedule(data.facts)
     # where the facts land, in the arms the finding compares (three attribution passes each)
-    landing = _Landing(model, data.tokenizer, tracker, start.mean_abs_coefficients()) if arm.name in LANDING_ARMS else None
+    landing = (_Landing(model, data.tokenizer, tracker, start.mean_abs_coefficients())
+               if arm.name in LANDING_ARMS else None)
     attribute_at = {0, schedule.steps[0] + 1}  # the arm's start, and right after the first injection's update
     eos = data.tokenizer.eos_token_id
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed + 17))
@@ -632,7 +634,8 @@ class _Landing:
 
     def record(self, step: int) -> None:
         started = time.perf_counter()
-        best = attribute(self.model, self.tokenizer, self.tracker, ATTRIBUTION_METHOD).top_k(ATTRIBUTION_K, ATTRIBUTION_BY)
+        result = attribute(self.model, self.tokenizer, self.tracker, ATTRIBUTION_METHOD)
+        best = result.top_k(ATTRIBUTION_K, ATTRIBUTION_BY)
         self.store.append(step, [[(s.layer, s.neuron) for s in row] for row in best],
                           [[s.score for s in row] for row in best])
         self.seconds += time.perf_counter() - started

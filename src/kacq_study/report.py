@@ -161,8 +161,9 @@ def _landing_section(results: dict) -> list[str]:
              f"of the target's mean log probability with respect to C, summed over the positions that predict the "
              f"target) at the arm's start, right after the first injection (step {first['first_injection'] + 1}) and "
              f"at the end; its top {first['k']} slots of {first['slots']} were compared with the slots that were "
-             f"low-activity at the starting checkpoint: c̄ (mean |C| on the {results['data']['calibration_sequences']} "
-             f"held-out calibration sequences, measured before any edit and before the first injection) at or below "
+             "low-activity at the starting checkpoint: c̄ (mean |C| on the "
+             f"{results['data']['calibration_sequences']} held-out calibration sequences, measured before any edit "
+             "and before the first injection) at or below "
              f"the {_fmt(first['quantile'])} quantile of its layer, the slots resuscitation amplifies "
              f"({first['low_activity_slots']} of {first['slots']}, chance {_fmt(first['chance'], 3)}).", ""]
     for name, arm in arms.items():
