@@ -69,6 +69,19 @@ def test_quick_demo_writes_every_output(quick_runs):
     assert results["arms"]["late+resuscitation"]["entropy_start"]["total"] != results["arms"]["late"]["entropy_start"]["total"]
     ids = {f["id"] for f in results["findings"]}
     assert {"entropy_decays", "power_law_forgetting", "resuscitation_improves_acquisition"} <= ids
+    # where the facts land: the late arms only, against the checkpoint's low-activity slots (those resuscitation scaled)
+    assert "attribution" not in results["arms"]["early"]
+    for name in ("late", "late+resuscitation"):
+        landing = results["arms"][name]["attribution"]
+        assert landing["steps"] == [0, config.lead_steps + 1, config.continue_steps]
+        assert landing["slots"] == config.n_layers * config.d_ff and landing["k"] == 50
+        assert landing["low_activity_slots"] == edit["selected"]
+        assert landing["chance"] == pytest.approx(landing["low_activity_slots"] / landing["slots"])
+        for key in ("mean", "min", "max"):
+            assert all(0 <= v <= 1 for v in landing["share"][key])
+        assert f"facts_land_in_low_activity_slots[{name}]" in ids
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["arm:late_attribution_s"] > 0 and "arm:early_attribution_s" not in timings
     report = (out / "report.md").read_text()
     assert "## Which findings reproduce at this scale" in report
     for figure in FIGURES:

@@ -9,11 +9,17 @@ One run, one seed, one results dict:
    augmentation) and a training step factory (AdamW, or SAM). Every probe is scored before every update.
 3. **Metrics** per arm: effectivity, retainability with power-law fits (Chang), acquisition and
    forgetting (Kim), and the entropy at the arm's start.
+4. **Where the facts land** (the arms of ``findings.LANDING_ARMS``: late, late+resuscitation): each
+   probe's top-:data:`ATTRIBUTION_K` memory slots by ``grad_x_act`` attribution at the arm's start,
+   right after the first injection and at the end, and
+   the share of them that were low-activity at the starting checkpoint (c̄ on the calibration set at or
+   below the resuscitation quantile: the slots resuscitation amplifies), against the share of all slots.
 
 The study is a consumer of the library's public API (``kacq_hooks``): entropy via ``kh.measure``,
 injection via ``facts.InjectionSchedule`` / ``facts.inject``, probe scores via ``facts.FactTracker``
 with a ``TrajectoryStore``, Chang et al.'s metrics via ``facts.summarize_acquisition``, SAM via
-``training.SAM``, corpus and tokenizer via ``kacq_hooks.corpus``.
+``training.SAM``, corpus and tokenizer via ``kacq_hooks.corpus``, slot attribution via
+``kacq_hooks.attribution.attribute`` with ``training.attribution``'s store and ``low_activity_share``.
 
 The function :func:`run_demo` prints nothing; progress goes to an optional callback, which the CLI
 turns into a progress bar. Same config and seed give the same numbers (the results dict carries no
@@ -43,11 +49,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kacq_hooks as kh
 from kacq_hooks import facts as kf
+from kacq_hooks.attribution import attribute
 from kacq_hooks.corpus import cached_tokenizer, load_corpus, pack_documents, wikipedia_summaries
 from kacq_hooks.errors import KacqError
 from kacq_hooks.training import SAM, augment_record
+from kacq_hooks.training.attribution import AttributionStore, low_activity_share, stability
 
-from .findings import assess
+from .findings import LANDING_ARMS, assess
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,15 @@ RUN_TIME = {
     "quick": "about 1 minute",
     "zhu": "about 10 minutes (10 min 21 s measured)",
 }
+
+# Where the facts land: fixed before any run, not tuned to a verdict. k = 50 of the 512 (quick) or 2,048
+# (default) slots; "score" ranks the slots that raise the target's log probability (not those that lower it).
+ATTRIBUTION_METHOD = "grad_x_act"
+ATTRIBUTION_K = 50
+ATTRIBUTION_BY = "score"
+# Record steps in an arm's attribution store: the checkpoint as loaded (c̄ only, before any edit) is step -1;
+# step 0 is the arm's start (after the edit, before the first update), as in the probe trajectory.
+CHECKPOINT_STEP = -1
 
 Progress = Callable[[str, dict], None]
 TrainStep = Callable[[torch.Tensor, torch.Tensor], float]
@@ -415,6 +432,9 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
             started = time.perf_counter()
             arms[name] = _run_arm(ARMS[name], config, data, checkpoints, report)
             timings[f"arm:{name}_s"] = time.perf_counter() - started
+            attribution_s = arms[name].pop("_attribution_s", None)
+            if attribution_s is not None:
+                timings[f"arm:{name}_attribution_s"] = attribution_s
             timings[f"arm:{name}_step_s"] = timings[f"arm:{name}_s"] / config.continue_steps
     results = {
         "format": "kacq_hooks.demo", "version": 1,
@@ -539,7 +559,8 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
     model = checkpoints["model"]
     model.load_state_dict(checkpoints[arm.checkpoint]["state"])
     torch.manual_seed(config.seed + 1)  # every arm sees the same background batches
-    entropy_start = data.calibration.entropy(model)
+    start = data.calibration.instrumentation(model)
+    entropy_start = start.knowledge_entropy().to_dict()
     edit = arm.edit(model, data.calibration, config) if arm.edit else None
     if edit is not None:
         edit["entropy_before"] = entropy_start
@@ -549,6 +570,10 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
     tracker = kf.FactTracker(model, data.tokenizer, data.facts, batch_size=64)
     store = kf.TrajectoryStore(None, tracker.probes, data.facts.scenarios)  # in memory
     schedule = config.schedule(data.facts)
+    # where the facts land, in the arms the finding compares (three attribution passes each)
+    landing = (_Landing(model, data.tokenizer, tracker, start.mean_abs_coefficients())
+               if arm.name in LANDING_ARMS else None)
+    attribute_at = {0, schedule.steps[0] + 1}  # the arm's start, and right after the first injection's update
     eos = data.tokenizer.eos_token_id
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed + 17))
     losses = []
@@ -556,6 +581,8 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
     model.train()
     for step in range(config.continue_steps):
         store.append(step, tracker.score_probes())  # every probe, before every update
+        if landing is not None and step in attribute_at:
+            landing.record(step)
         rows = order[torch.arange(step * rows_per_step, (step + 1) * rows_per_step) % len(order)]
         ids = data.train[rows]
         due = schedule.at(step)
@@ -570,15 +597,92 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
         report(f"arm:{arm.name}", {"step": step + 1, "total": config.continue_steps, "loss": losses[-1],
                                    "entropy": entropy_start["total"]})
     store.append(config.continue_steps, tracker.score_probes())
+    if landing is not None:
+        landing.record(config.continue_steps)
     accuracy_after = data.calibration.accuracy(model)
     entropy_end = data.calibration.entropy(model)
-    return {
+    results = {
         "checkpoint": arm.checkpoint, "checkpoint_step": checkpoints[arm.checkpoint]["step"],
         "edit": edit, "entropy_start": entropy_start, "entropy_end": entropy_end,
         "loss": losses,
         **_fact_metrics(store, schedule, config),
         "kim": _kim_metrics(store.values("mean").double(), accuracy_before, accuracy_after),
     }
+    if landing is not None:
+        results["attribution"] = landing.summary(schedule, data.facts, config.resuscitation_ratio)
+        results["_attribution_s"] = landing.seconds  # run_demo moves it to the timings
+    return results
+
+
+class _Landing:
+    """Where an arm's injected facts land: every probe's top-k slots at a few steps, in an attribution store
+    whose first record (:data:`CHECKPOINT_STEP`) holds c̄ of the starting checkpoint as loaded, before any edit.
+
+    c̄ is taken before the edit because the question is whether facts land in the slots resuscitation
+    amplifies, and those are the low-activity slots of the checkpoint it edited (after the edit they are
+    no longer low). The late arms share the checkpoint, so they are measured against the same slots.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, tracker: kf.FactTracker, cbar: list[torch.Tensor]):
+        self.model, self.tokenizer, self.tracker = model, tokenizer, tracker
+        sites = kh.find_sites(model)
+        self.store = AttributionStore(None, tracker.probes, labels=[s.label for s in sites],
+                                      d_ff=[s.d_ff for s in sites], k=ATTRIBUTION_K, method=ATTRIBUTION_METHOD)
+        # c̄ without slots: the checkpoint is not attributed, only its activity is needed
+        self.store.append(CHECKPOINT_STEP, [[] for _ in tracker.probes], [[] for _ in tracker.probes], cbar)
+        self.seconds = 0.0
+
+    def record(self, step: int) -> None:
+        started = time.perf_counter()
+        result = attribute(self.model, self.tokenizer, self.tracker, ATTRIBUTION_METHOD)
+        best = result.top_k(ATTRIBUTION_K, ATTRIBUTION_BY)
+        self.store.append(step, [[(s.layer, s.neuron) for s in row] for row in best],
+                          [[s.score for s in row] for row in best])
+        self.seconds += time.perf_counter() - started
+
+    def summary(self, schedule: kf.InjectionSchedule, facts: kf.FactSet, quantile: float) -> dict:
+        """The low-activity share of the probes' top-k slots per recorded step (mean, min, max over probes, and
+        per probe kind and scenario), against chance, with the top-k sets' stability between records."""
+        first = [schedule.steps_of(r) for r in range(len(facts))]
+        # every record after the checkpoint is measured against its c̄ (the step-0 record too: the share the
+        # edit alone gives, since resuscitation raises exactly these slots' activations); the records after
+        # the first injection are then what low_activity_share reports with the schedule's injection steps
+        measured = low_activity_share(self.store, {r: CHECKPOINT_STEP for r, when in enumerate(first) if when},
+                                      quantile)
+        steps, share = self.store.steps[1:], measured.share[1:]                  # [records, probes]
+        injected = torch.tensor([bool(first[p.record]) for p in self.store.probes])
+
+        def stats(columns: torch.Tensor) -> dict:
+            rows = share[:, columns]
+            return {"mean": _nanmean(rows), "min": _nanreduce(rows, torch.amin), "max": _nanreduce(rows, torch.amax)}
+
+        kinds = {kind: torch.tensor([p.kind == kind for p in self.store.probes]) for kind in kf.PROBE_KINDS}
+        scenarios = {scenario: torch.tensor([facts.scenarios[p.record] == scenario for p in self.store.probes])
+                     for scenario in kf.SCENARIOS}
+        by_kind = {kind: stats(columns) for kind, columns in kinds.items() if columns.any()}
+        by_scenario = {scenario: stats(columns) for scenario, columns in scenarios.items() if columns.any()}
+        total = sum(self.store.d_ff)
+        chance = float(measured.chance[injected].double().mean())
+        return {
+            "method": ATTRIBUTION_METHOD, "k": ATTRIBUTION_K, "by": ATTRIBUTION_BY, "quantile": quantile,
+            "slots": total, "low_activity_slots": round(chance * total), "chance": chance,
+            "steps": steps, "first_injection": min(when[0] for when in first if when),
+            "share": stats(injected), "share_by_kind": by_kind, "share_by_scenario": by_scenario,
+            # Jaccard of each probe's top-k set with its previous record's (the c̄-only record has none)
+            "stability": _nanmean(stability(self.store)[1:]),
+        }
+
+
+def _nanmean(rows: torch.Tensor) -> list[float]:
+    """Per row of ``[rows, probes]`` the mean over its finite entries (NaN where there is none)."""
+    return rows.double().nanmean(1).tolist()
+
+
+def _nanreduce(rows: torch.Tensor, reduce) -> list[float]:
+    finite = torch.isfinite(rows)
+    fill = math.inf if reduce is torch.amin else -math.inf
+    out = reduce(torch.where(finite, rows.double(), fill), dim=1)
+    return torch.where(finite.any(1), out, math.nan).tolist()
 
 
 def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, config: DemoConfig) -> dict:

@@ -15,6 +15,10 @@ from typing import Any
 
 KINDS = ("mem", "gen", "hard_gen")
 SCENARIOS = ("paraphrase", "duplication", "once")
+# "Facts land preferentially in low-activity slots": the share of the probes' top-k slots that were
+# low-activity must exceed the share of all slots that were by this much (fixed before any run).
+LANDING_MARGIN = 0.05
+LANDING_ARMS = ("late", "late+resuscitation")
 
 
 def _finding(key: str, paper: str, claim: str, criterion: str, values: dict, holds: bool | None) -> dict:
@@ -66,6 +70,36 @@ def _forgets_more(late: float | None, early: float | None) -> bool | None:
     if late is None or early is None or (late <= 0 and early <= 0):
         return None
     return late > 0 and late > early
+
+
+def landing(results: dict, arm: str) -> dict:
+    """The finding "the injected facts land preferentially in low-activity slots" for one arm: the mean share of
+    the probes' top-k attributed slots, at the end of the arm, that were low-activity at its starting checkpoint,
+    against chance (the share of all slots that were) plus :data:`LANDING_MARGIN`.
+
+    >>> arm = {"attribution": {"k": 50, "quantile": 0.5, "chance": 0.5, "steps": [0, 6, 38],
+    ...                        "share": {"mean": [0.4, 0.5, 0.6]}}}
+    >>> landing({"arms": {"late": arm}}, "late")["holds"]
+    True
+    """
+    attribution = results.get("arms", {}).get(arm, {}).get("attribution")
+    values: dict[str, Any] = {"share_end": None, "chance": None}
+    holds = None
+    if attribution:
+        means = attribution["share"]["mean"]
+        values = {"share_end": means[-1], "chance": attribution["chance"], "share_start": means[0],
+                  "share_after_first_injection": means[1] if len(means) > 2 else None}
+        if isinstance(means[-1], (int, float)) and isinstance(attribution["chance"], (int, float)):
+            holds = means[-1] > attribution["chance"] + LANDING_MARGIN
+    k = attribution["k"] if attribution else "k"
+    with_or_without = "after resuscitation" if "resuscitation" in arm else "without resuscitation"
+    return _finding(
+        f"facts_land_in_low_activity_slots[{arm}]", "Kim et al. 2025",
+        f"injected facts land preferentially in low-activity memory slots ({with_or_without})",
+        f"in arm '{arm}', the mean share of each probe's top-{k} grad x act slots at the end of the arm that were "
+        "low-activity at the starting checkpoint (c̄ on the calibration text at or below the resuscitation "
+        f"quantile, before any edit) > chance (the share of all slots that were) + {LANDING_MARGIN}",
+        values, holds)
 
 
 def assess(results: dict) -> list[dict]:
@@ -158,6 +192,7 @@ def assess(results: dict) -> list[dict]:
             found.append(_finding(f"{arm.replace('late+', '').replace('+', '_')}_improves_acquisition",
                                   "Zhu et al. 2025", f"{claim} improves knowledge acquisition",
                                   f"acquisition of {arm} > late", values, holds))
+    found += [landing(results, arm) for arm in LANDING_ARMS]
     return found
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from kacq_hooks.report import pyplot, save_figure
 
-from .findings import KINDS, SCENARIOS, summarize
+from .findings import KINDS, LANDING_MARGIN, SCENARIOS, landing, summarize
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("entropy.png", "trajectories.png", "retainability.png", "arms.png")
+FIGURES = ("entropy.png", "trajectories.png", "retainability.png", "arms.png", "attribution.png")
+LANDING_FIGURE = "attribution.png"  # written when an arm recorded where its facts land
 KIND_NAMES = {"mem": "memorization", "gen": "semantic", "hard_gen": "compositional"}
 
 
@@ -115,6 +116,75 @@ def plot_arms(results: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _attributed(results: dict) -> dict[str, dict]:
+    return {name: arm["attribution"] for name, arm in results["arms"].items() if arm.get("attribution")}
+
+
+def plot_landing(results: dict, path: Path) -> Path:
+    """Per attributed arm, the share of the probes' top-k slots that were low-activity (arm start, after the
+    first injection, end; bars at the mean over probes, whiskers min to max) beside the share expected by chance."""
+    plt = pyplot()
+    arms = _attributed(results)
+    bars = [("chance (all slots)", None), ("arm start", 0), ("after the 1st injection", 1), ("end of the arm", -1)]
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for b, (label, record) in enumerate(bars):
+        x = [i + (b - (len(bars) - 1) / 2) * width for i in range(len(arms))]
+        if record is None:
+            ax.bar(x, [a["chance"] for a in arms.values()], width, label=label, color="lightgrey", edgecolor="grey")
+            continue
+        mean = [_or_nan(a["share"]["mean"][record]) for a in arms.values()]
+        low = [m - _or_nan(a["share"]["min"][record]) for m, a in zip(mean, arms.values())]
+        high = [_or_nan(a["share"]["max"][record]) - m for m, a in zip(mean, arms.values())]
+        ax.bar(x, mean, width, yerr=[low, high], capsize=3, label=label)
+    k = next(iter(arms.values()))["k"] if arms else "k"
+    ax.set_xticks(range(len(arms)), list(arms))
+    ax.set(xlabel="arm", ylabel=f"share of top-{k} slots that were low-activity", ylim=(0, 1),
+           title="where the injected facts land (whiskers: min-max over probes)")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.legend(fontsize=8, loc="upper left")
+    return save_figure(fig, path)
+
+
+def _or_nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _landing_section(results: dict) -> list[str]:
+    """The paragraph on where the injected facts landed, with the finding's criterion (empty if no arm recorded it)."""
+    arms = _attributed(results)
+    if not arms:
+        return []
+    first = next(iter(arms.values()))
+    lines = ["## Where the injected facts land", "",
+             f"Every probe was attributed by {first['method'].replace('_', ' ')} (the coefficient C times the gradient "
+             f"of the target's mean log probability with respect to C, summed over the positions that predict the "
+             f"target) at the arm's start, right after the first injection (step {first['first_injection'] + 1}) and "
+             f"at the end; its top {first['k']} slots of {first['slots']} were compared with the slots that were "
+             "low-activity at the starting checkpoint: c̄ (mean |C| on the "
+             f"{results['data']['calibration_sequences']} held-out calibration sequences, measured before any edit "
+             "and before the first injection) at or below "
+             f"the {_fmt(first['quantile'])} quantile of its layer, the slots resuscitation amplifies "
+             f"({first['low_activity_slots']} of {first['slots']}, chance {_fmt(first['chance'], 3)}).", ""]
+    for name, arm in arms.items():
+        share = arm["share"]
+        finding = landing(results, name)
+        verdict = {True: "holds", False: "does not hold", None: "could not be checked"}[finding["holds"]]
+        lines.append(f"In arm {name}, a probe's top-{arm['k']} slots were low-activity with share "
+                     f"{_fmt(share['mean'][-1], 3)} at the end (min {_fmt(share['min'][-1], 3)}, max "
+                     f"{_fmt(share['max'][-1], 3)} over probes), {_fmt(share['mean'][1], 3)} right after the first "
+                     f"injection and {_fmt(share['mean'][0], 3)} at the arm's start, against chance "
+                     f"{_fmt(arm['chance'], 3)}; per probe kind at the end: "
+                     + ", ".join(f"{KIND_NAMES[k]} {_fmt(v['mean'][-1], 3)}" for k, v in arm["share_by_kind"].items())
+                     + f". \"Facts land preferentially in low-activity slots\" {verdict} (criterion fixed in code: "
+                     f"end share > chance + {LANDING_MARGIN}).")
+        lines.append("")
+    lines += ["The arm-start share is the reference for the end share: grad x act grows with |C|, so active slots "
+              "are favoured from the outset, and resuscitation alone raises the activations of exactly the "
+              "low-activity slots.", "", f"![where the facts land]({LANDING_FIGURE})", ""]
+    return lines
+
+
 def _reference_arm(results: dict) -> str:
     return "late" if "late" in results["arms"] else next(iter(results["arms"]))
 
@@ -193,7 +263,7 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {key} | {_fmt(group['effectivity'])} | {_fmt(fit['decay'])} | {_fmt(fit['intercept'])} | "
                      f"{_fmt(fit['r_squared'])} | {_fmt(fit['x_intercept_steps'])} |")
     lines += ["", "![trajectories](trajectories.png)", "", "![retainability](retainability.png)", "",
-              "![arms](arms.png)", "", "## Which findings reproduce at this scale", "",
+              "![arms](arms.png)", "", *_landing_section(results), "## Which findings reproduce at this scale", "",
               f"{counts['reproduced']} of {len(findings)} findings hold, {counts['not_reproduced']} do not, "
               f"{counts['not_checked']} could not be checked in this run.", ""]
     for finding in findings:
@@ -232,11 +302,14 @@ def _fmt_value(value) -> str:
 
 
 def write_report(results: dict, out: str | os.PathLike) -> list[Path]:
-    """Write report.md and the four figures into ``out``; returns their paths."""
+    """Write report.md and the figures into ``out`` (attribution.png when an arm recorded where its facts
+    land); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_entropy(results, out / "entropy.png"), plot_trajectories(results, out / "trajectories.png"),
              plot_retainability(results, out / "retainability.png"), plot_arms(results, out / "arms.png")]
+    if _attributed(results):
+        paths.append(plot_landing(results, out / LANDING_FIGURE))
     report = out / "report.md"
     report.write_text(render_markdown(results), encoding="utf-8")
     log.info("wrote %s and %d figures", report, len(paths))
