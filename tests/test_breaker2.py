@@ -78,3 +78,19 @@ def test_granitemoeshared_shared_mlp_is_a_slot_group_of_its_moe_layer():
     labels = inst.labels
     assert len(labels) == len(set(labels)), [(s.label, s.path, s.kind) for s in inst.sites]
     assert [s.d_ff for s in inst.sites] == [4 * 64 + 48] * model.config.num_hidden_layers
+
+
+def test_switch_transformers_is_not_refused_as_a_model_without_ffn():
+    """Switch Transformers has a dense FFN (layer.1.mlp.wo) in every other block and per-expert FFNs (a ModuleDict
+    of expert_i.wo) in the others. Refusing it is allowed, but the KacqError must say why truly (an experts layout
+    kacq_hooks cannot read, naming the module and how to pass a template), not that the model has no FFN."""
+    model = model_zoo.build("switch_transformers")
+    try:
+        inst = kh.instrument(model)
+    except kh.KacqError as err:
+        message = str(err)
+        assert "has no FFN" not in message, message
+        assert "experts" in message and "{i}" in message, message
+    else:
+        inst.remove()
+        assert any(s.kind == "dense" for s in inst.sites) and any(s.kind == "experts" for s in inst.sites)
