@@ -68,6 +68,8 @@ FFN_OUT_PATTERNS = (
 MLP_OUT_PATTERNS = FFN_OUT_PATTERNS  # the name older code used
 
 _WRAPPER_PARTS = {"_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module", "_forward_module"}
+_FFN_CLASS = re.compile(r"MLP|Mlp|FeedForward|FFN|Ffn|DenseReluDense|DenseGatedActDense|ChannelMix|SparseMoe|"
+                        r"Experts|MoeBlock|SparseMLP|DenseActDense", re.I)  # class names that mean "an FFN"
 _ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
 
 
@@ -539,13 +541,23 @@ def _raise_not_found(model, model_type, d_model, named, all_stacks, wanted, stac
     if not wanted and all_stacks:
         raise LocateError(f"{type(model).__name__} has no stack of {stacks or LANGUAGE_STACKS}; its stacks are "
                           f"{[s.name for s in all_stacks]}: pass stacks=(...) with the ones to measure")
-    if wanted and all(_has_mixers(s) for s in wanted):
+    ffn_like = [f"{s.path}.{i}.{rel}" for s in wanted for i, block in enumerate(s.blocks)
+                for rel, m in block.named_modules() if rel and _FFN_CLASS.search(type(m).__name__)]
+    experts = [name for name in ffn_like if re.search(r"experts?$", name)]
+    if experts:
+        raise LocateError(
+            f"{type(model).__name__} (model_type={model_type!r}) has mixture-of-experts layers at {experts[:2]} in a "
+            "layout kacq_hooks cannot read (its experts are neither one fused module with 3-D weights nor a list "
+            "of expert MLPs it recognises). Pass the path of the dense FFN output projections yourself, e.g. "
+            "instrument(model, mlp_out='encoder.block.{i}.layer.1.mlp.wo'), to measure the dense layers only.")
+    if wanted and not ffn_like and all(_has_mixers(s) for s in wanted):
         raise LocateError(
             f"{type(model).__name__} (model_type={model_type!r}) has no FFN: its blocks are attention or "
             "state-space/recurrent mixers only, and a mixer's projections are not key-value memories. Knowledge "
             "entropy is defined over FFN memory coefficients, so this model has none to report.")
+    found_ffn = f"It has FFN-like modules {ffn_like[:3]}, whose output projection was not recognised. " if ffn_like else ""
     raise LocateError(
-        f"no MLP output projection found in {type(model).__name__} (model_type={model_type!r}). Searched: "
+        f"no MLP output projection found in {type(model).__name__} (model_type={model_type!r}). {found_ffn}Searched: "
         f"the model_type table ({len(MLP_OUT_BY_MODEL_TYPE)} types), the name patterns "
         f"{', '.join(FFN_OUT_PATTERNS[:8])}, ..., and a shape check for one d_ff -> d_model={d_model} projection "
         "per block outside attention. Pass the path yourself, e.g. "
