@@ -16,7 +16,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from kacq_hooks import cli
-from kacq_hooks.experiments.corpus import pack_documents, train_bpe_tokenizer
+from kacq_hooks.corpus import pack_documents, train_bpe_tokenizer
 from kacq_hooks.facts import generate_facts
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import kacq_hooks as kh
-from kacq_hooks.experiments.corpus import load_corpus, train_bpe_tokenizer
+from kacq_hooks.corpus import load_corpus, train_bpe_tokenizer
 from kacq_hooks.facts import generate_facts
 
 

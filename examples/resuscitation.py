@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kacq_hooks as kh
-from kacq_hooks.experiments.corpus import pack_documents, train_bpe_tokenizer
+from kacq_hooks.corpus import pack_documents, train_bpe_tokenizer
 from kacq_hooks.facts import generate_facts
 
 

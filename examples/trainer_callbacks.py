@@ -17,7 +17,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from kacq_hooks import facts
-from kacq_hooks.experiments.corpus import pack_documents, train_bpe_tokenizer
+from kacq_hooks.corpus import pack_documents, train_bpe_tokenizer
 from kacq_hooks.training import FactTrackingCallback, InjectionCallback, KnowledgeEntropyCallback
 
 

@@ -20,6 +20,7 @@ EXPECT = {  # what each example's output must show
     "frontends.py": "nnsight trace",
     "checkpoint_sweep.py": "entropy.png",
     "sam_plain_loop.py": "tokens counted",
+    "moe_entropy.py": "which expert",
 }
 
 
