@@ -105,3 +105,26 @@ def test_a_store_with_repeated_steps_is_refused(tmp_path):
         handle.write(json.dumps({"step": 0, "slots": [[[0, 3], [0, 2]]], "scores": [[1.0, 0.5]], "cbar": None}) + "\n")
     with pytest.raises(facts.TrajectoryError):
         AttributionStore.open(path)
+
+
+# -- refusals that are not KacqErrors ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["grad_x_act", "integrated_gradients"])
+def test_gradient_methods_inside_inference_mode_refuse_with_a_kacq_error(tokenizer, method):
+    """Called inside ``torch.inference_mode()`` (common in evaluation code), ``enable_grad`` cannot turn autograd
+    back on and the backward dies in torch ("element 0 of tensors does not require grad"). The gradient
+    methods should refuse with a KacqError that says to call them outside inference mode."""
+    import torch
+
+    model = tiny_model("llama")
+    with torch.inference_mode(), pytest.raises(KacqError):
+        attribute(model, tokenizer, FACTS, method, steps=2)
+
+
+def test_callback_every_below_one_is_a_kacq_error(tokenizer, tmp_path):
+    """``AttributionCallback(every=0)`` raises a bare ValueError (training/attribution.py), outside the hierarchy."""
+    from kacq_hooks.training.attribution import AttributionCallback, AttributionTracker
+
+    tracker = AttributionTracker(tiny_model("llama"), tokenizer, FACTS, store=tmp_path / "a.jsonl")
+    with pytest.raises(KacqError, match="every"):
+        AttributionCallback(tracker, every=0)
