@@ -128,3 +128,15 @@ def test_callback_every_below_one_is_a_kacq_error(tokenizer, tmp_path):
     tracker = AttributionTracker(tiny_model("llama"), tokenizer, FACTS, store=tmp_path / "a.jsonl")
     with pytest.raises(KacqError, match="every"):
         AttributionCallback(tracker, every=0)
+
+
+def test_open_reads_a_store_of_any_method(tmp_path):
+    """``AttributionStore.open(path)`` passes no settings, but the constructor's ``method`` defaults to "grad_x_act"
+    and is compared with the header like a given setting: a store recorded with integrated gradients (or
+    ablation) cannot be opened for reading ("written with another method"). ``open`` should take the
+    method from the header."""
+    path = tmp_path / "attribution.jsonl"
+    store = AttributionStore(path, PROBES, **SETTINGS, method="integrated_gradients")
+    store.append(0, [[(0, 1), (0, 2)]], [[1.0, 0.5]])
+    reopened = AttributionStore.open(path)
+    assert reopened.method == "integrated_gradients" and reopened.steps == [0]
