@@ -85,3 +85,7 @@ class UnknownKeyError(KacqError, KeyError):
 
 class ExpertsError(LocateError):
     """A mixture-of-experts layer whose layout or experts implementation kacq_hooks cannot tap."""
+
+
+class AttributionError(KacqError, ValueError):
+    """Attribution was asked for something it cannot compute (unknown method, bad slots or baseline, experts sites)."""
