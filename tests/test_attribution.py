@@ -237,3 +237,92 @@ def test_attribution_callback_in_a_real_trainer_run(tmp_path, tokenizer):
     assert AttributionStore.open(path).steps == [0, 2, 3, 4, 6]  # the checkpoint step is recorded on resuming
     lines = path.read_text().splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["format"] == "kacq_hooks.attribution"
+
+
+# -- the JSONL step file under both stores --------------------------------------------------------------------------
+
+def _trajectory(path):
+    store = facts.TrajectoryStore(path, [facts.ProbeRef(0, "mem", 0)])
+    store.append(0, {"mean": [-1.0], "first": [-2.0], "sum": [-3.0]})
+    return store
+
+
+def test_trajectory_open_reads_without_cutting_and_refuses_repeated_steps(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    _trajectory(path)
+    line = '{"step": 1, "mean": [-0.5], "first": [-1.0], "sum": [-1.5]}\n'
+    with open(path, "a") as handle:
+        handle.write(line[:20])  # a live writer's step in progress
+    size = path.stat().st_size
+    reader = facts.TrajectoryStore.open(path)
+    assert reader.steps == [0] and path.stat().st_size == size
+    with pytest.raises(facts.TrajectoryError, match="opened to read"):
+        reader.append(1, {"mean": [0.0], "first": [0.0], "sum": [0.0]})
+    with open(path, "a") as handle:
+        handle.write(line[20:] + line)  # two writers: step 1 twice
+    with pytest.raises(facts.TrajectoryError, match="line 4: step 1 is not after step 1"):
+        facts.TrajectoryStore.open(path)
+
+
+def test_a_writer_keeps_a_whole_record_missing_only_its_newline(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    _trajectory(path)
+    with open(path, "a") as handle:
+        handle.write('{"step": 4, "mean": [-0.5], "first": [-1.0], "sum": [-1.5]}')  # the crash came before "\n"
+    assert facts.TrajectoryStore.open(path).steps == [0]  # a reader waits for the newline
+    resumed = facts.TrajectoryStore(path, [facts.ProbeRef(0, "mem", 0)])
+    assert resumed.steps == [0, 4]
+    resumed.append(5, {"mean": [0.0], "first": [0.0], "sum": [0.0]})
+    assert facts.TrajectoryStore.open(path).steps == [0, 4, 5]
+
+
+def test_a_torn_header_of_another_format_is_not_overwritten(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"format": "somebody.else", "ver')
+    with pytest.raises(facts.TrajectoryError, match="does not start with"):
+        AttributionStore(path, [facts.ProbeRef(0, "mem", 0)], labels=["decoder.layer_0"], d_ff=[4], k=2)
+    assert path.read_text() == '{"format": "somebody.else", "ver'
+
+
+def test_the_store_keeps_the_trackers_settings_and_refuses_others(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    path = tmp_path / "attribution.jsonl"
+    AttributionTracker(model, tokenizer, FACTS[:2], store=path, k=3, by="abs", reduction="sum")
+    header = json.loads(path.read_text().splitlines()[0])
+    assert {key: header[key] for key in ("method", "by", "baseline", "reduction", "positions")} == dict(
+        method="grad_x_act", by="abs", baseline="zero", reduction="sum", positions="predicting")
+    with pytest.raises(facts.TrajectoryError, match="another by"):
+        AttributionTracker(model, tokenizer, FACTS[:2], store=path, k=3, reduction="sum")
+    with pytest.raises(facts.TrajectoryError, match="another baseline"):
+        AttributionTracker(model, tokenizer, FACTS[:2], store=path, k=3, by="abs", reduction="sum",
+                           baseline=[torch.zeros(s.d_ff) for s in kh.find_sites(model)])
+    resumed = AttributionTracker(model, tokenizer, FACTS[:2], store=path, k=3, by="abs", reduction="sum")
+    resumed.record(0)
+    store = AttributionStore.open(path)
+    assert store.steps == [0] and store.by == "abs" and store.reduction == "sum"
+    other = [torch.ones(s.d_ff) for s in kh.find_sites(model)]
+    path2 = tmp_path / "mean.jsonl"
+    AttributionTracker(model, tokenizer, FACTS[:2], store=path2, k=3, baseline=other)
+    assert AttributionStore.open(path2).baseline.startswith("tensors:")
+    with pytest.raises(facts.TrajectoryError, match="another baseline"):
+        AttributionTracker(model, tokenizer, FACTS[:2], store=path2, k=3, baseline=[2 * b for b in other])
+
+
+def test_callbacks_write_only_from_the_main_process(tmp_path, tokenizer):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from kacq_hooks.training import FactTrackingCallback
+
+    model = tiny_model("llama")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    fact_set = facts.FactSet([_record("Zorgon was founded in 1842.", ["Zorgon was founded in"], ["1842"])])
+    attribution = AttributionCallback(AttributionTracker(model, tokenizer, FACTS[:1], store=tmp_path / "a.jsonl",
+                                                         k=3), every=1)
+    tracking = FactTrackingCallback(facts.FactTracker(model, tokenizer, fact_set, store=tmp_path / "f.jsonl"))
+    for callback in (attribution, tracking):
+        for step in (0, 1):
+            state, control = TrainerState(global_step=step, is_world_process_zero=False), TrainerControl()
+            (callback.on_train_begin if step == 0 else callback.on_step_end)(args, state, control)
+            assert control.should_log == (step == 1)  # a log line at the main process's steps, on every process
+    assert AttributionStore.open(tmp_path / "a.jsonl").steps == []
+    assert facts.TrajectoryStore.open(tmp_path / "f.jsonl").steps == []

@@ -46,7 +46,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from .errors import KacqError, ShapeError
+from .errors import AttributionError, KacqError, ShapeError
 from .facts.records import PROBE_KINDS, FactRecord, FactSet
 from .facts.scoring import ModelCaller, ProbeBatch, model_device, scoring_mode, target_log_probs
 from .facts.tracker import FactTracker
@@ -57,10 +57,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("grad_x_act", "integrated_gradients", "ablation")
 RULES = ("midpoint", "riemann", "trapezoid")
-
-
-class AttributionError(KacqError, ValueError):
-    """Attribution was asked for something it cannot compute (unknown method, bad slots or baseline)."""
 
 
 class Slot(NamedTuple):
@@ -206,6 +202,9 @@ def attribute(
     """
     if method not in METHODS:
         raise AttributionError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method != "ablation" and torch.is_inference_mode_enabled():  # enable_grad cannot undo inference mode
+        raise AttributionError(f"{method} needs autograd, which torch.inference_mode() turns off: call attribute() "
+                               "outside inference mode (torch.no_grad() around it is fine), or use method='ablation'")
     tracker = _as_tracker(model, tokenizer, probes, kinds, batch_size, padding_side, unclean_targets)
     run = _Runner(model, tracker, baseline, positions, reduction, mlp_out)
     n = len(tracker.encoded)
@@ -274,7 +273,7 @@ def mean_baseline(model: nn.Module, batches: Iterable, *, mlp_out: str | None = 
     ``batches`` are token ids ``[N, T]`` or mappings with ``input_ids`` (and ``attention_mask``), as
     :func:`kacq_hooks.measure` takes them; the model runs in evaluation mode, instrumentations paused.
     """
-    sites = find_sites(model, mlp_out)
+    sites = attributable_sites(model, mlp_out)
     device = model_device(model)
     sums = [torch.zeros(site.d_ff, dtype=torch.float64) for site in sites]
     tokens = 0
@@ -304,6 +303,22 @@ def mean_baseline(model: nn.Module, batches: Iterable, *, mlp_out: str | None = 
 
 
 # -- the machinery ------------------------------------------------------------------------------------------------
+
+def attributable_sites(model: nn.Module, mlp_out: str | None = None) -> list[Site]:
+    """The model's sites (:func:`kacq_hooks.find_sites`), refused when one is a mixture-of-experts layer.
+
+    The hooks here scale and ablate a site's module input as C ``[..., d_ff]``; an experts site's
+    module input is the hidden state, and its memory slots are the experts' coefficients, which
+    attribution does not reach yet.
+    """
+    sites = find_sites(model, mlp_out)
+    experts = [site.label for site in sites if site.kind == "experts"]
+    if experts:
+        raise AttributionError(f"attribution of mixture-of-experts slots is not supported yet; the sites {experts} "
+                               "are experts layers. Attribute a dense model, or pass mlp_out= naming dense MLP "
+                               "output projections only")
+    return sites
+
 
 def _is_pairs(probes) -> bool:
     return isinstance(probes, (list, tuple)) and bool(probes) and all(
@@ -381,7 +396,7 @@ class _Runner:
         if reduction not in ("mean", "sum", "first"):
             raise AttributionError(f"reduction must be 'mean', 'sum' or 'first', not {reduction!r}")
         self.model = model
-        self.sites = find_sites(model, mlp_out)
+        self.sites = attributable_sites(model, mlp_out)
         self.caller = ModelCaller(model, trim_logits=True)
         self.device = model_device(model)
         self.positions = positions
@@ -539,5 +554,5 @@ def _is_slot(value) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(x, int) for x in value)
 
 
-__all__ = ["Ablation", "Attribution", "AttributionError", "METHODS", "Slot", "SlotScore", "ablate", "attribute",
-           "mean_baseline"]
+__all__ = ["Ablation", "Attribution", "AttributionError", "METHODS", "Slot", "SlotScore", "ablate", "attributable_sites",
+           "attribute", "mean_baseline"]

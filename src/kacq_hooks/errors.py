@@ -89,3 +89,7 @@ class ExpertsError(LocateError):
 
 class SavedStatsError(KacqError, ValueError):
     """A saved statistics file is missing, not kacq_hooks statistics, or belongs to another model."""
+
+
+class AttributionError(KacqError, ValueError):
+    """Attribution was asked for something it cannot compute (unknown method, bad slots or baseline, experts sites)."""

@@ -5,8 +5,10 @@ File format (JSON lines, one file): a header line, then one line per recorded st
     {"format": "kacq_hooks.trajectory", "version": 1, "probes": [[record, kind, index], ...], "scenarios": [...]}
     {"step": 0, "mean": [...], "first": [...], "sum": [...]}
 
-Each step line is written whole and flushed, so a crash loses at most the step being written; a torn
-last line is dropped (and cut from the file) when the store is reopened.
+Each step line is written whole and flushed, so a crash loses at most the step being written. Reopening
+the file to continue it cuts a torn last line; opening it to read (:meth:`TrajectoryStore.open`) never
+changes the file and ignores an unterminated last line (a live writer's step in progress). The file
+layer is :class:`StepFile`, shared with the attribution store.
 """
 from __future__ import annotations
 
@@ -39,10 +41,144 @@ class ProbeRef:
     index: int
 
 
+class StepFile:
+    """A JSON-lines file: one header line, then one line per step, the steps strictly increasing.
+
+    Each line is written whole, by one ``write`` with its newline, and flushed. A crash can leave a last
+    line without its newline. :meth:`load` with ``writing=True`` (a writer resuming the file) keeps such
+    a line if it is a complete record (adding the newline) and cuts it otherwise; a header torn before it
+    was complete means the file is started again. With ``writing=False`` (a reader) the file is never
+    modified and an unterminated last line is ignored: it may be a live writer's record in progress.
+
+    >>> import tempfile
+    >>> log = StepFile(Path(tempfile.mkdtemp()) / "log.jsonl", "example", 1)
+    >>> log.start({"format": "example", "version": 1})
+    >>> log.append('{"step": 0}'); log.append('{"step": 2}')
+    >>> header, records = log.load(lambda header, entry: None, writing=False)
+    >>> header["format"], [step for step, _ in records]
+    ('example', [0, 2])
+    """
+
+    def __init__(self, path: str | os.PathLike, format_name: str, version: int, *, fsync: bool = False):
+        self.path = Path(path)
+        self.format_name = format_name
+        self.version = version
+        self.fsync = fsync
+
+    def exists(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+    def start(self, header: dict) -> None:
+        """Create (or overwrite) the file with its header line; ``header`` starts with ``format`` and ``version``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write(json.dumps(header), "w")
+
+    def append(self, line: str) -> None:
+        """Append one record line (JSON text without its newline)."""
+        self._write(line, "a")
+
+    def keep(self, n: int) -> None:
+        """Cut the file after the header and its first ``n`` records (a writer's file: every line terminated)."""
+        with open(self.path, "rb+") as handle:
+            raw = handle.read()
+            end = -1
+            for _ in range(n + 1):
+                end = raw.index(b"\n", end + 1)
+            handle.truncate(end + 1)
+
+    def load(self, parse, *, writing: bool) -> tuple[dict | None, list[tuple[int, Any]]]:
+        """``(header, [(step, record), ...])``: ``parse(header, entry)`` turns a line's JSON object into a record.
+
+        Returns ``(None, [])`` for a writer when the file holds only a torn header (nothing was
+        recorded: start it again). Raises :class:`TrajectoryError` naming the line for a broken record
+        or a step not after the one before it (two writers sharing one file).
+        """
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        terminated, tail = lines[:-1], lines[-1]
+        if not terminated:  # one line, unterminated: a header torn by a crash, or complete but for its newline
+            header = self._torn_header(tail)
+            if header is None:
+                if not writing:
+                    raise TrajectoryError(f"{self.path} holds only a torn header (a crash while it was written, or a "
+                                          "writer that is just starting): there are no records to read")
+                logger.warning("%s: starting again over a header torn while it was written (no record was lost)",
+                               self.path)
+                return None, []
+            if writing:
+                self._write("", "a")  # its newline: records go on the next line
+            return header, []
+        header = self._header(terminated[0])
+        records, last = [], None
+        for number, line in enumerate(terminated[1:], start=2):
+            try:
+                step, record = self._record(line, parse, header)
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as error:
+                raise TrajectoryError(f"{self.path}, line {number}: broken record ({error})") from error
+            if last is not None and step <= last:
+                raise TrajectoryError(
+                    f"{self.path}, line {number}: step {step} is not after step {last} of the line before; two writers "
+                    "(ranks of a distributed run, or two runs) share this file: keep the lines of one run, or use one "
+                    "path per run")
+            records.append((step, record))
+            last = step
+        if tail and writing:
+            try:
+                step, record = self._record(tail, parse, header)
+                complete = last is None or step > last
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+                complete = False
+            if complete:  # written whole but for its newline
+                self._write("", "a")
+                records.append((step, record))
+            else:
+                logger.warning("%s: cut %d bytes of a last record torn while it was written", self.path, len(tail))
+                with open(self.path, "rb+") as handle:
+                    handle.truncate(len(raw) - len(tail))
+        return header, records
+
+    def _header(self, line: bytes) -> dict:
+        try:
+            header = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TrajectoryError(f"{self.path} does not start with a {self.format_name} header: {error}") from error
+        if not isinstance(header, dict) or header.get("format") != self.format_name \
+                or header.get("version") != self.version:
+            raise TrajectoryError(f"{self.path} is not a version-{self.version} {self.format_name} file "
+                                  f"(header: {str(header)[:80]})")
+        return header
+
+    def _torn_header(self, line: bytes) -> dict | None:
+        """The header of a file that holds one unterminated line, or None when that line is a torn header of ours."""
+        try:
+            return self._header(line)
+        except TrajectoryError:
+            ours = json.dumps({"format": self.format_name})[:-1].encode()  # how every header of this format begins
+            if line and (ours.startswith(line) or line.startswith(ours)):
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+            raise
+
+    @staticmethod
+    def _record(line: bytes, parse, header: dict):
+        entry = json.loads(line)
+        return int(entry["step"]), parse(header, entry)
+
+    def _write(self, line: str, mode: str) -> None:
+        with open(self.path, mode, encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            if self.fsync:
+                os.fsync(handle.fileno())
+
+
 class TrajectoryStore:
     """Per-step scores of a fixed list of probes, in memory and (with ``path``) appended to a file.
 
-    Opening an existing file resumes it: its probes must match, and later ``append`` calls continue it.
+    Creating it on an existing file resumes it: its probes must match, and later ``append`` calls
+    continue it. :meth:`open` reads a file without changing it (it may be the file of a run in progress).
 
     >>> store = TrajectoryStore(None, [ProbeRef(0, "mem", 0), ProbeRef(0, "mem", 1)])
     >>> store.append(0, {"mean": [-3.0, -2.5], "first": [-4.0, -2.0], "sum": [-6.0, -5.0]})
@@ -58,47 +194,56 @@ class TrajectoryStore:
         scenarios: Sequence[str] | None = None,
         *,
         fsync: bool = False,
+        read_only: bool = False,
     ):
         self.path = Path(path) if path is not None else None
-        self.fsync = fsync
+        self.read_only = read_only
+        self._file = StepFile(self.path, FORMAT_NAME, FORMAT_VERSION, fsync=fsync) if self.path is not None else None
         self._steps: list[int] = []
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in REDUCTIONS}
-        if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
-            file_probes, file_scenarios = self._load()
+        header = self._load() if self._file is not None and self._file.exists() else None
+        if header is not None:
+            file_probes = [ProbeRef(int(r), str(k), int(i)) for r, k, i in header["probes"]]
             if probes is not None and list(probes) != file_probes:
                 raise TrajectoryError(
                     f"{self.path} records {len(file_probes)} other probes than the {len(probes)} given; "
                     "use a new path, or the same facts, kinds and tokenizer as the run that wrote it"
                 )
             self.probes = file_probes
-            self.scenarios = file_scenarios
-            logger.info("resumed trajectory %s at %d steps (last step %s)", self.path, len(self._steps), self.last_step)
+            self.scenarios = header.get("scenarios")
+            if not read_only:
+                logger.info("resumed trajectory %s at %d steps (last step %s)", self.path, len(self._steps),
+                            self.last_step)
         else:
-            if probes is None:
+            if probes is None or read_only:
                 raise TrajectoryError(f"no trajectory file at {self.path}; give the probes to start a new one")
             self.probes = list(probes)
             self.scenarios = list(scenarios) if scenarios is not None else None
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                header = {
+            if self._file is not None:
+                self._file.start({
                     "format": FORMAT_NAME,
                     "version": FORMAT_VERSION,
                     "probes": [[p.record, p.kind, p.index] for p in self.probes],
                     "scenarios": self.scenarios,
-                }
-                self._write_line(json.dumps(header), mode="w")
+                })
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "TrajectoryStore":
-        """Open an existing trajectory file (to analyse or to continue it)."""
+        """Read an existing trajectory file, leaving it untouched (create the store with the path to continue it)."""
         if not Path(path).exists():
             raise TrajectoryError(f"no trajectory file at {path}")
-        return cls(path)
+        return cls(path, read_only=True)
 
     # writing
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise TrajectoryError(f"{self.path} was opened to read; create TrajectoryStore({str(self.path)!r}) "
+                                  "to continue it")
+
     def append(self, step: int, scores: Any) -> None:
         """Record the scores of every probe at ``step`` (a mapping or object with ``mean``/``first``/``sum``)."""
+        self._writable()
         step = int(step)
         if self._steps and step <= self._steps[-1]:
             raise TrajectoryError(
@@ -114,15 +259,16 @@ class TrajectoryStore:
                     f"{name!r} scores have {values.numel()} values for {len(self.probes)} probes at step {step}"
                 )
             row[name] = values
-        if self.path is not None:
+        if self._file is not None:
             body = ", ".join(f'"{name}": [{_format_floats(row[name])}]' for name in REDUCTIONS)
-            self._write_line(f'{{"step": {step}, {body}}}', mode="a")
+            self._file.append(f'{{"step": {step}, {body}}}')
         self._steps.append(step)
         for name in REDUCTIONS:
             self._rows[name].append(row[name])
 
     def discard_after(self, step: int) -> int:
         """Forget (and cut from the file) every step after ``step``; returns how many were dropped."""
+        self._writable()
         keep = sum(1 for s in self._steps if s <= step)
         dropped = len(self._steps) - keep
         if not dropped:
@@ -130,13 +276,8 @@ class TrajectoryStore:
         self._steps = self._steps[:keep]
         for name in REDUCTIONS:
             self._rows[name] = self._rows[name][:keep]
-        if self.path is not None:
-            with open(self.path, "rb+") as handle:
-                lines = handle.read().split(b"\n")
-                kept = b"\n".join(lines[: keep + 1]) + b"\n"
-                handle.seek(0)
-                handle.write(kept)
-                handle.truncate()
+        if self._file is not None:
+            self._file.keep(keep)
         logger.info("dropped %d recorded steps after step %d from the trajectory", dropped, step)
         return dropped
 
@@ -198,47 +339,16 @@ class TrajectoryStore:
 
     # file handling
 
-    def _write_line(self, line: str, mode: str) -> None:
-        with open(self.path, mode, encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            if self.fsync:
-                os.fsync(handle.fileno())
-
-    def _load(self) -> tuple[list[ProbeRef], list[str] | None]:
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        try:
-            header = json.loads(lines[0])
-        except json.JSONDecodeError as error:
-            raise TrajectoryError(f"{self.path} does not start with a trajectory header: {error}") from error
-        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
-            raise TrajectoryError(
-                f"{self.path} is not a version-{FORMAT_VERSION} {FORMAT_NAME} file (header: {str(header)[:80]})"
-            )
-        probes = [ProbeRef(int(r), str(k), int(i)) for r, k, i in header["probes"]]
-        good_bytes = len(lines[0]) + 1
-        complete = lines[1:-1]  # what follows the last newline is a torn write or nothing
-        for number, line in enumerate(complete, start=2):
-            try:
-                entry = json.loads(line)
-                row = {name: _parse_floats(entry[name], len(probes)) for name in REDUCTIONS}
-                step = int(entry["step"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                if number - 1 == len(complete):  # only the last line may be broken (a crash while writing)
-                    break
-                raise TrajectoryError(f"{self.path}, line {number}: broken step record ({error})") from error
+    def _load(self) -> dict | None:
+        """Read the file into memory; None when it holds only a torn header (then it is started again)."""
+        header, records = self._file.load(
+            lambda head, entry: {name: _parse_floats(entry[name], len(head["probes"])) for name in REDUCTIONS},
+            writing=not self.read_only)
+        for step, row in records:
             self._steps.append(step)
             for name in REDUCTIONS:
                 self._rows[name].append(row[name])
-            good_bytes += len(line) + 1
-        if good_bytes < len(raw):
-            logger.warning(
-                "%s: dropped %d bytes of an incomplete last step (a crash while writing?)", self.path, len(raw) - good_bytes
-            )
-            with open(self.path, "rb+") as handle:
-                handle.truncate(good_bytes)
-        return probes, header.get("scenarios")
+        return header
 
 
 def _format_floats(values: torch.Tensor) -> str:

@@ -11,15 +11,22 @@ step. The metrics read the store:
   the per-layer ``quantile``, the neurons resuscitation selects) at the last record at or before the
   fact's first injection, against the share of all slots that were (what random slots would give).
 
-Store format (JSON lines, one file), appended and flushed a record at a time; a torn last line is cut
-when the file is reopened, and reopening resumes it::
+Store format (JSON lines, one file), appended and flushed a record at a time. Creating the store on
+the file resumes it (a torn last line is cut, a resume with other settings refused); opening it to read
+leaves the file as it is, so a run in progress can be read::
 
     {"format": "kacq_hooks.attribution", "version": 1, "probes": [[record, kind, index], ...],
-     "labels": [...], "d_ff": [...], "k": 10, "method": "grad_x_act"}
+     "labels": [...], "d_ff": [...], "k": 10, "method": "grad_x_act", "by": "score", "baseline": "zero",
+     "reduction": "mean", "positions": "predicting"}
     {"step": 0, "slots": [[[layer, neuron], ...], ...], "scores": [[...], ...], "cbar": [[...], ...] or null}
+
+``baseline`` is "zero" or, for per-slot baseline tensors, ``"tensors:"`` and a digest of their values;
+the settings are null in a store written without a tracker that knew them.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 import math
@@ -30,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from kacq_hooks.attribution import AttributionError, _as_tracker, attribute
-from kacq_hooks.facts.trajectory import ProbeRef, TrajectoryError
+from kacq_hooks.attribution import _as_tracker, attributable_sites, attribute
+from kacq_hooks.errors import AttributionError, ConfigError
+from kacq_hooks.facts.trajectory import ProbeRef, StepFile, TrajectoryError
 from kacq_hooks.facts.records import PROBE_KINDS
 from kacq_hooks.facts.tracker import FactTracker
 from kacq_hooks.interventions.resuscitation import resuscitation_plan
-from kacq_hooks.locate import find_sites
 from kacq_hooks.measuring import measure
 from kacq_hooks.training.callbacks import _LoggingCallback
 
@@ -43,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "kacq_hooks.attribution"
 FORMAT_VERSION = 1
+
+_ATTRIBUTE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(attribute).parameters.items()}
 
 
 @dataclass
@@ -58,6 +67,10 @@ class AttributionRecord:
 class AttributionStore:
     """Per-step top-k slots of a fixed list of probes, in memory and (with ``path``) appended to a JSONL file.
 
+    Creating it on an existing file resumes it: every setting given must match the header's, and later
+    ``append`` calls continue it. :meth:`open` reads a store of any settings without changing the file
+    (it may be the store of a run in progress).
+
     >>> store = AttributionStore(None, [ProbeRef(0, "mem", 0)], labels=["decoder.layer_0"], d_ff=[4], k=2)
     >>> store.append(0, [[(0, 1), (0, 3)]], [[0.5, 0.25]])
     >>> store.append(5, [[(0, 1), (0, 2)]], [[0.5, 0.125]])
@@ -67,34 +80,46 @@ class AttributionStore:
 
     def __init__(self, path: str | os.PathLike | None, probes: Sequence[ProbeRef] | None = None, *,
                  labels: Sequence[str] | None = None, d_ff: Sequence[int] | None = None, k: int | None = None,
-                 method: str = "grad_x_act", fsync: bool = False):
+                 method: str | None = None, by: str | None = None, baseline: str | None = None,
+                 reduction: str | None = None, positions: str | None = None, fsync: bool = False,
+                 read_only: bool = False):
         self.path = Path(path) if path is not None else None
-        self.fsync = fsync
+        self.read_only = read_only
+        self._file = StepFile(self.path, FORMAT_NAME, FORMAT_VERSION, fsync=fsync) if self.path is not None else None
         self.records: list[AttributionRecord] = []
         given = dict(probes=[[p.record, p.kind, p.index] for p in probes] if probes is not None else None,
                      labels=list(labels) if labels is not None else None,
-                     d_ff=[int(w) for w in d_ff] if d_ff is not None else None, k=k, method=method)
-        if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
-            header = self._load()
+                     d_ff=[int(w) for w in d_ff] if d_ff is not None else None, k=k, method=method, by=by,
+                     baseline=baseline, reduction=reduction, positions=positions)
+        header = None
+        if self._file is not None and self._file.exists():
+            header, records = self._file.load(_parse_record, writing=not read_only)
+            self.records = [record for _, record in records]
+        if header is not None:
             for key, value in given.items():
                 if value is not None and header.get(key) != value:
                     raise TrajectoryError(f"{self.path} was written with another {key} ({str(header.get(key))[:60]}) "
                                           f"than given ({str(value)[:60]}); use a new path or the same settings")
-            given = header
-            logger.info("resumed attribution store %s at %d records", self.path, len(self.records))
-        elif given["probes"] is None or given["labels"] is None or given["d_ff"] is None or not k:
+            given = {key: header.get(key) for key in given}
+            if not read_only:
+                logger.info("resumed attribution store %s at %d records", self.path, len(self.records))
+        elif read_only or given["probes"] is None or given["labels"] is None or given["d_ff"] is None or not k:
             raise TrajectoryError(f"no attribution store at {self.path}; give probes, labels, d_ff and k to start one")
-        elif self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, **given}), "w")
+        else:
+            given["method"] = given["method"] or "grad_x_act"
+            if self._file is not None:
+                self._file.start({"format": FORMAT_NAME, "version": FORMAT_VERSION, **given})
         self.probes = [ProbeRef(int(r), str(kind), int(i)) for r, kind, i in given["probes"]]
         self.labels, self.d_ff, self.k, self.method = given["labels"], given["d_ff"], given["k"], given["method"]
+        self.by, self.baseline = given["by"], given["baseline"]
+        self.reduction, self.positions = given["reduction"], given["positions"]
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "AttributionStore":
+        """Read an existing store, whatever its settings, leaving the file untouched."""
         if not Path(path).exists():
             raise TrajectoryError(f"no attribution store at {path}")
-        return cls(path)
+        return cls(path, read_only=True)
 
     @property
     def steps(self) -> list[int]:
@@ -107,8 +132,14 @@ class AttributionStore:
     def __len__(self) -> int:
         return len(self.records)
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise TrajectoryError(f"{self.path} was opened to read; create AttributionStore({str(self.path)!r}) "
+                                  "to continue it")
+
     def append(self, step: int, slots, scores, cbar: Sequence[torch.Tensor] | None = None) -> None:
         """Record ``step``: per probe its slots (e.g. ``Attribution.top_slots(k)``) and their scores."""
+        self._writable()
         step = int(step)
         if self.records and step <= self.records[-1].step:
             raise TrajectoryError(f"step {step} is not after the last recorded step {self.records[-1].step}; after "
@@ -123,63 +154,41 @@ class AttributionStore:
             if [c.numel() for c in cbar] != self.d_ff:
                 raise TrajectoryError(f"c̄ widths {[c.numel() for c in cbar]} do not match the store's {self.d_ff}")
         record = AttributionRecord(step, slots, [row[:len(s)] for row, s in zip(scores, slots)], cbar)
-        if self.path is not None:
+        if self._file is not None:
             entry = {"step": step, "slots": [[list(s) for s in row] for row in record.slots],
                      "scores": [[_finite(v) for v in row] for row in record.scores],
                      "cbar": [[float(f"{v:.7g}") for v in c.tolist()] for c in cbar] if cbar is not None else None}
-            self._write(json.dumps(entry), "a")
+            self._file.append(json.dumps(entry))
         self.records.append(record)
 
     def discard_after(self, step: int) -> int:
         """Forget (and cut from the file) every record after ``step``; returns how many were dropped."""
+        self._writable()
         keep = sum(1 for r in self.records if r.step <= step)
         dropped = len(self.records) - keep
         if dropped:
             self.records = self.records[:keep]
-            if self.path is not None:
-                with open(self.path, "rb+") as handle:
-                    lines = handle.read().split(b"\n")
-                    handle.seek(0)
-                    handle.write(b"\n".join(lines[:keep + 1]) + b"\n")
-                    handle.truncate()
+            if self._file is not None:
+                self._file.keep(keep)
         return dropped
 
-    def _write(self, line: str, mode: str) -> None:
-        with open(self.path, mode, encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            if self.fsync:
-                os.fsync(handle.fileno())
 
-    def _load(self) -> dict:
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        try:
-            header = json.loads(lines[0])
-        except json.JSONDecodeError as error:
-            raise TrajectoryError(f"{self.path} does not start with an attribution header: {error}") from error
-        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
-            raise TrajectoryError(f"{self.path} is not a version-{FORMAT_VERSION} {FORMAT_NAME} file")
-        good = len(lines[0]) + 1
-        complete = lines[1:-1]  # after the last newline: a torn write or nothing
-        for number, line in enumerate(complete, start=2):
-            try:
-                entry = json.loads(line)
-                record = AttributionRecord(
-                    int(entry["step"]), [[(int(a), int(b)) for a, b in row] for row in entry["slots"]],
-                    [[math.nan if v is None else float(v) for v in row] for row in entry["scores"]],
-                    [torch.tensor(c, dtype=torch.float32) for c in entry["cbar"]] if entry.get("cbar") else None)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                if number - 1 == len(complete):  # only the last line may be torn
-                    break
-                raise TrajectoryError(f"{self.path}, line {number}: broken record ({error})") from error
-            self.records.append(record)
-            good += len(line) + 1
-        if good < len(raw):
-            logger.warning("%s: dropped %d bytes of an incomplete last record", self.path, len(raw) - good)
-            with open(self.path, "rb+") as handle:
-                handle.truncate(good)
-        return header
+def _parse_record(header: dict, entry: dict) -> AttributionRecord:
+    return AttributionRecord(
+        int(entry["step"]), [[(int(a), int(b)) for a, b in row] for row in entry["slots"]],
+        [[math.nan if v is None else float(v) for v in row] for row in entry["scores"]],
+        [torch.tensor(c, dtype=torch.float32) for c in entry["cbar"]] if entry.get("cbar") else None)
+
+
+def _baseline_key(baseline) -> str:
+    """How a store header names an attribution baseline: "zero", or a digest of the per-site tensors' values."""
+    if isinstance(baseline, str):
+        return baseline
+    digest = hashlib.sha256()
+    for tensor in baseline:
+        digest.update(torch.as_tensor(tensor, dtype=torch.float32).detach().cpu().contiguous().numpy().tobytes())
+        digest.update(b"|")  # the site boundaries are part of the value
+    return f"tensors:{digest.hexdigest()[:16]}"
 
 
 def _finite(value: float):
@@ -306,12 +315,24 @@ class AttributionTracker:
                                       attribute_kwargs.pop("unclean_targets", "extend"))
         self.tokenizer = tokenizer
         self.last = None
-        if store is None or isinstance(store, AttributionStore):
+        sites = attributable_sites(model, attribute_kwargs.get("mlp_out"))
+        settings = dict(method=method, by=by, baseline=_baseline_key(self._setting("baseline")),
+                        reduction=self._setting("reduction"), positions=self._setting("positions"))
+        if isinstance(store, AttributionStore):
+            for key, value in settings.items():
+                if getattr(store, key) not in (None, value):
+                    raise TrajectoryError(f"the store was written with another {key} ({getattr(store, key)}) than "
+                                          f"this tracker's ({value}); use a new store or the same settings")
             self.store = store
-        else:
-            sites = find_sites(model, attribute_kwargs.get("mlp_out"))
+        elif store is not None:
             self.store = AttributionStore(store, self.probes.probes, labels=[s.label for s in sites],
-                                          d_ff=[s.d_ff for s in sites], k=k, method=method)
+                                          d_ff=[s.d_ff for s in sites], k=k, **settings)
+        else:
+            self.store = None
+
+    def _setting(self, name: str):
+        """An attribute() keyword as this tracker passes it: given, or attribute()'s default."""
+        return self.attribute_kwargs.get(name, _ATTRIBUTE_DEFAULTS[name])
 
     def attribute(self):
         return attribute(self.model, self.tokenizer, self.probes, self.method, **self.attribute_kwargs)
@@ -322,7 +343,10 @@ class AttributionTracker:
         best = result.top_k(self.k, self.by)
         slots = [[(s.layer, s.neuron) for s in row] for row in best]
         scores = [[s.score for s in row] for row in best]
-        cbar = measure(self.model, self.calibration).mean_abs_coefficients() if self.calibration else None
+        cbar = None
+        if self.calibration:
+            cbar = measure(self.model, self.calibration,
+                           mlp_out=self.attribute_kwargs.get("mlp_out")).mean_abs_coefficients()
         if self.store is not None:
             self.store.append(step, slots, scores, cbar)
         self.last = result
@@ -341,8 +365,8 @@ class AttributionCallback(_LoggingCallback):
 
     def __init__(self, tracker: AttributionTracker, every: int = 100, *, prefix: str = "attribution"):
         super().__init__()
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        if not isinstance(every, int) or every < 1:
+            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
         if tracker.store is None:
             raise AttributionError("the AttributionTracker has no store; create it with store=PATH")
         self.tracker = tracker
@@ -350,6 +374,8 @@ class AttributionCallback(_LoggingCallback):
         self.prefix = prefix
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:  # one writer per store: the main process
+            return
         if model is not None and model is not self.tracker.model:
             logger.warning("AttributionCallback: the Trainer trains another model object than the tracker attributes")
         store = self.tracker.store
@@ -359,6 +385,10 @@ class AttributionCallback(_LoggingCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every:
+            return
+        # every process asks for the log line at the same steps (the Trainer gathers the loss across them)
+        control.should_log = True
+        if not state.is_world_process_zero:
             return
         self.tracker.record(state.global_step)
         stable = stability(self.tracker.store)

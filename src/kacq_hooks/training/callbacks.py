@@ -211,9 +211,9 @@ class FactTrackingCallback(_LoggingCallback):
         self.reduction = reduction
         self.name = _slug(prefix)
 
-    def _score(self, step: int):
-        if self.tracker.store is not None:
-            return self.tracker.record(step)
+    def _score(self, state):
+        if self.tracker.store is not None and state.is_world_process_zero:  # one writer per store
+            return self.tracker.record(state.global_step)
         return self.tracker.score_probes()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -223,7 +223,7 @@ class FactTrackingCallback(_LoggingCallback):
         if folder is not None and _state_path(folder, self.name, args).is_file():
             self._pending = dict(load_state(folder, self.name, args)["pending"])
         store = self.tracker.store
-        if store is None:  # nothing to record the starting point into
+        if store is None or not state.is_world_process_zero:  # nothing to record into, or another process writes
             return
         store.discard_after(state.global_step)
         if store.last_step != state.global_step:
@@ -232,7 +232,7 @@ class FactTrackingCallback(_LoggingCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every:
             return
-        scores = self._score(state.global_step)
+        scores = self._score(state)
         summary = self.tracker.summary(scores, self.reduction)
         self._queue(fact_scalars(summary, self.prefix), control)
 
