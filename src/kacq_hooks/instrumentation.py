@@ -441,6 +441,8 @@ class Instrumentation:
         call = self._routed_call(index)
         if call is None:
             return
+        if self.sites[index].routed_scale != 1.0:  # applied to the routed output after the experts (Laguna)
+            weight = weight * self.sites[index].routed_scale
         rows, doc_weight = call.routing[index]
         keep = torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None else rows[token_index]
         docs = None if doc_weight is None else doc_weight[token_index]

@@ -18,6 +18,7 @@ FSDP, ``torch.compile`` and activation checkpointing are seen through.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import re
@@ -87,6 +88,7 @@ class Site:
     experts: int = 0         # routed experts (0 for a dense MLP)
     expert_d_ff: int = 0     # neurons per routed expert; d_ff = experts * expert_d_ff + shared slots
     experts_layer: object = field(default=None, repr=False)  # kind "experts": the kacq_hooks.experts.ExpertsLayer
+    routed_scale: float = 1.0  # kind "experts": a factor the layer applies to the routed experts' summed output
 
     @property
     def label(self) -> str:
@@ -384,8 +386,12 @@ def find_moe_layers(model: nn.Module, stacks=None) -> list[MoeLayer]:
 
 
 def _experts_sites(model: nn.Module, moe: list[MoeLayer], dense: list[Site]) -> list[Site]:
-    """One site per mixture-of-experts layer: E x m routed slots, then the shared experts' slots."""
-    from .experts import TAPPABLE, ExpertsError, experts_implementation, find_experts  # experts imports locate
+    """One site per mixture-of-experts layer: E x m routed slots, then the shared experts' slots.
+
+    A dense FFN beside the experts in the same block (GraniteMoeShared's ``shared_mlp``) is a shared
+    expert of that layer: its slots join the layer's, and its dense site is dropped from ``dense``.
+    """
+    from .experts import TAPPABLE, ExpertsError, SharedExpert, experts_implementation, find_experts  # a cycle
 
     sites = []
     by_path = {m.experts_path: m for m in moe}
@@ -393,7 +399,7 @@ def _experts_sites(model: nn.Module, moe: list[MoeLayer], dense: list[Site]) -> 
         if layer.kind != "experts":
             continue  # dense layers of an MoE model are found like any dense FFN
         implementation = experts_implementation(layer.module)
-        if implementation not in TAPPABLE:
+        if layer.layout == "fused" and implementation not in TAPPABLE:
             raise ExpertsError(f"'{layer.path}' runs the experts implementation {implementation!r}, which keeps C inside "
                                "a fused kernel where no hook can see it. Switch to one kacq_hooks can tap, e.g. "
                                "model.set_experts_implementation('grouped_mm') (or 'eager', 'batched_mm')")
@@ -401,10 +407,40 @@ def _experts_sites(model: nn.Module, moe: list[MoeLayer], dense: list[Site]) -> 
         stack = found.stack if found is not None else "decoder"
         parent = layer.path.rpartition(".")[0]
         block = found.module if found is not None else submodule_at(model, parent)
+        beside = [s for s in dense if s.stack == stack and s.layer == layer.layer]
+        for site in beside:  # a dense FFN in the same block is one more group of this layer's slots
+            dense.remove(site)
+            layer = dataclasses.replace(layer, shared=(*layer.shared, SharedExpert(
+                path=site.path, module=site.module, down=site.module, d_ff=site.d_ff)))
         sites.append(Site(layer=layer.layer, path=layer.path, d_ff=layer.slots, d_model=layer.d_model, module=block,
                           stack=stack, kind="experts", experts=layer.experts, expert_d_ff=layer.d_ff,
-                          experts_layer=layer))
+                          experts_layer=layer, routed_scale=_routed_output_scale(block, layer)))
     return sites
+
+
+def _routed_output_scale(block: nn.Module, layer) -> float:
+    """The factor a MoE block multiplies its routed experts' output by after the experts ran (Laguna's
+    ``routed_scaling_factor``), read from the block's forward; 1 when it applies none (most models scale
+    the routing weights themselves, which the taps already see)."""
+    try:
+        source = inspect.getsource(type(block).forward)
+    except (OSError, TypeError):
+        return 1.0
+    name = layer.path.rpartition(".")[2]
+    out = re.search(rf"(\w+)\s*=\s*self\.{re.escape(name)}\(", source)
+    if out is None:
+        return 1.0
+    var = re.escape(out.group(1))
+    scaled = re.search(rf"{var}\s*(?:\*=|=\s*{var}\s*\*)\s*self\.(?:config\.)?(\w*scal\w*)\b", source[out.end():])
+    if scaled is None:
+        return 1.0
+    value = getattr(block, scaled.group(1), None)
+    if value is None:
+        value = getattr(getattr(block, "config", None), scaled.group(1), None)
+    if not isinstance(value, (int, float)):
+        raise LocateError(f"'{layer.path}': its block multiplies the experts' output by self.{scaled.group(1)}, "
+                          "whose value kacq_hooks cannot read; the routed slots' coefficients would be off by it")
+    return float(value)
 
 
 def _match_in_blocks(stack: Stack, regex: re.Pattern) -> dict[int, list[tuple[str, nn.Module]]]:
