@@ -250,3 +250,24 @@ def test_a_layer_called_on_its_own_is_refused_unless_paused():
         with inst.pause():
             model.model.layers[0].mlp(x)
     assert tokens(inst) == [0, 0]
+
+
+def test_a_model_that_ignores_the_mask_still_has_the_callers_padding_left_out():
+    """RWKV's causal LM never hands attention_mask to its body: the padding the caller marked is still padding."""
+    from model_zoo import build
+
+    model = build("rwkv", "causal_lm")
+    ids, mask = random_batch(batch=2, seq=8, padding="right")
+    inst = kh.instrument(model)
+    seen = captured_inputs([s.module for s in inst.sites], lambda: model(ids, attention_mask=mask, use_cache=False))
+    inst.remove()
+    assert tokens(inst) == [int(mask.sum())] * 2
+    for (c,), got in zip(seen, inst.mean_abs_coefficients()):
+        torch.testing.assert_close(got.double(), c.abs()[mask.bool()].mean(0), rtol=1e-5, atol=0)
+
+
+def test_encoder_decoder_model_names_its_bert_decoder_the_decoder_stack():
+    from model_zoo import build
+
+    model = build("encoder-decoder", "seq2seq_lm")
+    assert {s.stack for s in kh.find_sites(model)} == {"encoder", "decoder"}

@@ -119,7 +119,11 @@ def test_summary_from_a_store_and_its_schedule():
     assert rows["once", "mem"]["effectivity"] == pytest.approx(2.0)
     second_gain = -2.0 - dup[10]
     assert rows["duplication", "mem"]["effectivity"] == pytest.approx((2.0 + second_gain) / 2)
+    assert rows["duplication", "mem"]["effectivity_per_injection"] == pytest.approx([2.0, second_gain])
+    assert rows["once", "mem"]["effectivity_positive_fraction"] == 1.0
     for key in rows:
+        curve = rows[key]["retainability"]
+        assert len(curve) == rows[key]["horizon"] + 1 and curve[0] == pytest.approx(1.0)  # R(0) = 1 by definition
         assert rows[key]["decay"] == pytest.approx(decay, abs=1e-5)
         assert rows[key]["x_intercept_steps"] == pytest.approx(10 ** (1 / decay), rel=1e-4)
 

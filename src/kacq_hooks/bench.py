@@ -28,7 +28,12 @@ from typing import Callable
 
 import torch
 
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from .errors import KacqError
+from .frontends.nnsight import underlying_module
+from .instrumentation import instrument
+from .locate import find_sites
 
 # -- timing and memory ------------------------------------------------------------------------------------------
 
@@ -158,7 +163,6 @@ def random_batch(vocab: int, batch: int, seq: int, device, seed: int = 0):
 
 def build_preset(name: str, device: str | None = None, seed: int = 0):
     """(model, input_ids, attention_mask) for a preset of :data:`PRESETS`, random weights, no download."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     if name not in PRESETS:
         raise KacqError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -175,7 +179,6 @@ def build_preset(name: str, device: str | None = None, seed: int = 0):
 
 def load_model(source: str, device: str, batch: int, seq: int, seed: int = 0):
     """(model, ids, mask) for a local ``save_pretrained`` folder or, when online, a hub id; random tokens."""
-    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").to(device)
@@ -189,7 +192,6 @@ def load_model(source: str, device: str, batch: int, seq: int, seed: int = 0):
 
 def forward_runs(model, ids, mask, frontends: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
     """({name: one no-grad forward}, {name: why it could not be built}) for the forward comparison."""
-    from .instrumentation import instrument
 
     model.eval()
 
@@ -231,8 +233,6 @@ def _transformer_lens_run(model, ids, mask):
 def _nnsight_run(model, ids, mask):
     from nnsight import NNsight  # the nnsight extra
 
-    from .frontends.nnsight import underlying_module
-    from .locate import find_sites
 
     traced = NNsight(copy.deepcopy(model))  # nnsight rewires its model's forwards: keep the shared one bare
     envoys = []
@@ -250,7 +250,6 @@ def _nnsight_run(model, ids, mask):
 
 def training_runs(model, ids, mask) -> dict[str, Callable]:
     """Forward + backward + AdamW step, plain and with ``instrument(model, grads=True)``."""
-    from .instrumentation import instrument
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm  # a dependency of transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .bench import PRESETS, bench_table, build_preset, load_model, run_bench
 from .corpus import load_corpus
 from .errors import KacqError
 from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
@@ -205,7 +206,6 @@ def run_entropy_command(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    from .bench import PRESETS
 
     parser = subparsers.add_parser(
         "bench", help="what instrumentation costs on a model: forward and training step, time and memory",
@@ -227,7 +227,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import bench_table, build_preset, load_model, run_bench
 
     if (args.model is None) == (args.config is None):
         raise KacqError("give either MODEL (a save_pretrained folder or hub id) or --config PRESET")

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from kacq_hooks.errors import CorpusError, KacqError, MissingExtraError
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
     >>> tok.decode(tok("the cat")["input_ids"])
     'the cat'
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # the demo extra
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -229,7 +229,6 @@ def cached_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | os.
     >>> first("a corpus")["input_ids"] == again("a corpus")["input_ids"]
     True
     """
-    from transformers import AutoTokenizer
 
     if isinstance(texts, str):
         raise KacqError("cached_tokenizer takes a collection of texts, not one string; wrap it in a list: [text]")

@@ -491,6 +491,12 @@ class Instrumentation:
         inputs = call.stacks[stack]
         if not self.mask_padding:
             return None
+        outer = call.root.mask
+        if (inputs.mask is None and not inputs.mask_unusable and isinstance(outer, torch.Tensor)
+                and inputs.tokens is not None and inputs.tokens is call.root.tokens):
+            # the stack runs on the call's own tokens but was not handed its mask (a model that ignores the
+            # mask, as RWKV and FNet do): those positions are still padding the caller marked
+            return outer
         if inputs.mask_unusable:  # a 4-D or per-layer mask: the call's own 2-D padding mask, if it fits
             outer = call.root.mask
             if isinstance(outer, torch.Tensor) and outer.dim() == 2 and (inputs.shape is None

@@ -238,7 +238,7 @@ def _base_stack_name(path: str, encoder_only: bool) -> str:
         return "vision"
     if any(_AUDIO.search(p) for p in parts):
         return "audio"
-    for part in reversed(parts):
+    for part in parts:  # the outermost name decides: EncoderDecoderModel's decoder is a BERT *encoder* inside
         if "encoder" in part.lower():
             return "encoder"
         if "decoder" in part.lower():

@@ -26,7 +26,7 @@ def pyplot():
     except ImportError as error:
         raise MissingExtraError("matplotlib", "demo", "writing figures") from error
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the demo extra
     return plt
 
 

@@ -103,7 +103,7 @@ def save_stats(inst, path: str | Path) -> Path:
 
 def read_header(path: str | Path) -> dict:
     """The JSON header of a saved statistics file, or a SavedStatsError if it is not one."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # a dependency of transformers, imported only when reading
 
     path = Path(path)
     if not path.is_file():
@@ -130,7 +130,7 @@ def load_stats(path: str | Path, inst=None):
 
     Statistics of a different model (other model type, site paths or widths) raise a SavedStatsError.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # imported only when reading
 
     header = read_header(path)
     tensors = load_file(str(path))

@@ -691,7 +691,6 @@ def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, con
     figures and findings), from the store's trajectory (the probes' scores before each step)."""
     summary = {(row["scenario"], row["kind"]): row for row in
                kf.summarize_acquisition(store, schedule, window=config.window, iqr_factor=config.iqr_factor)}
-    steps = store.steps
     values = store.values("mean").double()                                      # [steps + 1, probes]
     groups: dict[str, dict] = {}
     trajectories: dict[str, list] = {}
@@ -705,17 +704,15 @@ def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, con
             when = schedule.steps_of(store.probes[columns[0]].record)  # a scenario's records share their steps
             group = values[:, columns].T                                           # [probes, steps + 1]
             trajectories[key] = group.nanmean(0).tolist()
-            # what summarize_acquisition computes but does not return: the gains per injection and the curve
-            eff = kf.effectivity(steps, group, when, config.window)              # [probes, rounds]
-            t, r = kf.retainability(steps, group, when, config.window)           # R [probes, n_t], t from 0
-            t, curve = t[1:], kf.mean_without_outliers(r[:, 1:], config.iqr_factor, dim=0)
+            curve = torch.tensor(row["retainability"][1:], dtype=torch.float64)  # R from t = 1, as it is fitted
             fitted = math.isfinite(row["r_squared"])
             groups[key] = {
                 "injection_steps": list(when),
                 "effectivity": row["effectivity"],
-                "effectivity_per_round": kf.mean_without_outliers(eff, config.iqr_factor, dim=0).tolist(),
-                "effectivity_positive_fraction": float((eff > 0).double().mean()),
-                "retainability": {"t": t.tolist(), "R": curve.tolist(), "probes": row["n_probes"], "fit": {
+                "effectivity_per_round": row["effectivity_per_injection"],
+                "effectivity_positive_fraction": row["effectivity_positive_fraction"],
+                "retainability": {"t": list(range(1, row["horizon"] + 1)), "R": curve.tolist(),
+                                  "probes": row["n_probes"], "fit": {
                     "decay": row["decay"], "intercept": row["intercept"], "r_squared": row["r_squared"],
                     "x_intercept_steps": row["x_intercept_steps"] if fitted and row["decay"] > 0 else None,
                     "points": int(torch.isfinite(curve).sum()) if fitted else 0}},

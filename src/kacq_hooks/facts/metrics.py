@@ -290,7 +290,7 @@ def summarize_acquisition(
                     continue
                 columns = store.columns(record=record, kind=kind)
                 trajectories = values[:, columns].T  # [n_probes, n_steps]
-                gains.append(effectivity(steps, trajectories, injections, window).reshape(-1))
+                gains.append(effectivity(steps, trajectories, injections, window))  # [n_probes, rounds]
                 curves.append(retainability(steps, trajectories, injections, window)[1])
             if not gains:
                 continue
@@ -301,12 +301,19 @@ def summarize_acquisition(
             width = (common if horizon is None else horizon) + 1
             stacked = torch.cat([c[..., :width] for c in curves])
             mean_curve = mean_without_outliers(stacked, iqr_factor, dim=0)
+            flat = torch.cat([g.reshape(-1) for g in gains])
+            same_rounds = len({g.shape[-1] for g in gains}) == 1
             row = {
                 "scenario": scenario,
                 "kind": kind,
                 "n_probes": int(stacked.shape[0]),
-                "effectivity": float(mean_without_outliers(torch.cat(gains), iqr_factor, dim=0)),
+                "effectivity": float(mean_without_outliers(flat, iqr_factor, dim=0)),
+                # per injection round (outliers removed per round), when every record had the same rounds
+                "effectivity_per_injection": (mean_without_outliers(torch.cat(gains), iqr_factor, dim=0).tolist()
+                                              if same_rounds else None),
+                "effectivity_positive_fraction": float((flat > 0).double().mean()),
                 "horizon": width - 1,
+                "retainability": mean_curve.tolist(),  # R at t = 0 .. horizon steps after the last maximum
             }
             try:
                 fit = fit_power_law(torch.arange(width), mean_curve, tokens_per_step)

@@ -30,6 +30,7 @@ class StackInputs:
     shape: tuple[int, int] | None = None      # (batch, new positions) of the tokens of this call
     continuation: bool = False                # positions before this call's tokens sit in a KV cache
     mask_unusable: bool = False               # a mask was given but it is not 2-D (a 4-D or per-layer dict mask)
+    tokens: object = None                     # the token ids (or embeddings) tensor of the call, to match stacks
 
 
 @dataclass

@@ -48,10 +48,14 @@ def _cached_positions(bound: dict) -> int:
         return 1
 
 
+def _tokens(bound: dict):
+    return next((bound[k] for k in _TOKENS if isinstance(bound.get(k), torch.Tensor)), None)
+
+
 def _inputs(mask, shape, bound: dict) -> StackInputs:
     unusable = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
     wider = (not unusable and isinstance(mask, torch.Tensor) and shape is not None and mask.shape[1] > shape[1])
-    return StackInputs(mask=None if unusable else mask, shape=shape, mask_unusable=unusable,
+    return StackInputs(mask=None if unusable else mask, shape=shape, mask_unusable=unusable, tokens=_tokens(bound),
                        continuation=_cached_positions(bound) > 0 or wider)
 
 
@@ -59,7 +63,7 @@ def read_call(module: nn.Module):
     """A reader of ``module``'s calls by its forward's signature: its ``attention_mask`` and token grid."""
     def read(args: tuple, kwargs: dict) -> StackInputs:
         bound = _arguments(module, args, kwargs)
-        tokens = next((bound[k] for k in _TOKENS if isinstance(bound.get(k), torch.Tensor)), None)
+        tokens = _tokens(bound)
         shape = (int(tokens.shape[0]), int(tokens.shape[1])) if tokens is not None and tokens.dim() >= 2 else None
         return _inputs(bound.get("attention_mask"), shape, bound)
     return read

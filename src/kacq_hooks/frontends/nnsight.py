@@ -29,7 +29,7 @@ from ..errors import LocateError, MissingExtraError
 
 def _require():
     try:
-        import nnsight
+        import nnsight  # the nnsight extra
     except ImportError as err:
         raise MissingExtraError("nnsight", "nnsight", "Instrumenting an nnsight model") from err
     return nnsight
@@ -48,7 +48,7 @@ def underlying_module(model) -> nn.Module:
 def bind(model, mlp_out: str | None = None, stacks=None):
     """Bind the module inside an nnsight envoy with the front end that module would get on its own."""
     _require()
-    from . import bind as bind_any
+    from . import bind as bind_any  # frontends/__init__ imports this module: a cycle
 
     inner = bind_any(underlying_module(model), mlp_out, stacks)
     return dataclasses.replace(inner, name=f"nnsight+{inner.name}")

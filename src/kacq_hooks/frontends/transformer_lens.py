@@ -60,7 +60,7 @@ BRIDGE_SITE = "blocks.{i}.mlp.out.hook_in"
 def _require():
     """The ``transformer_lens`` package, or a :class:`MissingExtraError` that says how to get it."""
     try:
-        import transformer_lens
+        import transformer_lens  # the transformer-lens extra
     except ImportError as err:
         raise MissingExtraError("transformer-lens", "transformer-lens", "Instrumenting a TransformerLens model") from err
     return transformer_lens
@@ -205,7 +205,7 @@ def hooked_transformer_from_hf(hf_model: nn.Module, tokenizer=None):
     64
     """
     tl = _require()
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights  # extra
 
     parameter = next(hf_model.parameters())
     cfg = hooked_transformer_config_from_hf(hf_model.config, dtype=parameter.dtype, device=parameter.device)
@@ -227,7 +227,7 @@ def bridge_from_hf(hf_model: nn.Module, tokenizer=None):
     Face forward itself, so its activations match the HF model's (same attention implementation).
     """
     _require()
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
+    from transformer_lens.model_bridge.sources import build_bridge_from_module  # the transformer-lens extra
 
     architecture = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
     try:

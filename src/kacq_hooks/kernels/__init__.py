@@ -53,7 +53,7 @@ def _module(backend: str):
     if backend == "triton":
         if not _triton_available():
             raise MissingExtraError("triton", "triton", "KACQ_KERNELS=triton")
-        from . import triton as triton_kernels
+        from . import triton as triton_kernels  # the triton extra (imports triton)
 
         return triton_kernels
     return cpu if backend == "cpu" else reference
