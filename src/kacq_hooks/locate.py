@@ -408,8 +408,13 @@ def _experts_sites(model: nn.Module, moe: list[MoeLayer], dense: list[Site]) -> 
         parent = layer.path.rpartition(".")[0]
         block = found.module if found is not None else submodule_at(model, parent)
         beside = [s for s in dense if s.stack == stack and s.layer == layer.layer]
-        for site in beside:  # a dense FFN in the same block is one more group of this layer's slots
+        for site in beside:
             dense.remove(site)
+            owner = submodule_at(model, site.path.rpartition(".")[0])
+            if not _FFN_CLASS.search(type(owner).__name__):  # another projection of the block (a hyper-connection)
+                log.debug("dropped %s beside the experts of %s: not an FFN", site.path, layer.path)
+                continue
+            # a dense FFN in the same block is one more group of this layer's slots (GraniteMoeShared)
             layer = dataclasses.replace(layer, shared=(*layer.shared, SharedExpert(
                 path=site.path, module=site.module, down=site.module, d_ff=site.d_ff)))
         sites.append(Site(layer=layer.layer, path=layer.path, d_ff=layer.slots, d_model=layer.d_model, module=block,
