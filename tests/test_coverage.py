@@ -40,8 +40,8 @@ def test_encoder_decoder_and_seq_first_sites_are_right(model_type):
 def test_every_registered_type_is_never_silently_wrong(tmp_path):
     rows = [coverage._timed(t, f) for t, f in sorted(coverage.model_zoo.mapping_types().items())]
     coverage.write_table(rows, tmp_path / "coverage.md")
-    wrong = [r for r in rows if r["status"] in ("WRONG", "locate-crash")]
-    assert not wrong, wrong
+    wrong = [r for r in rows if r["status"] in ("WRONG", "locate-crash", "stats-mismatch")]
+    assert not wrong, wrong  # a site in the wrong place, or statistics that differ from float64
     causal = [r for r in rows if r["family"] == "causal_lm" and r["status"] not in ("build-failed", "forward-failed")]
-    working = [r for r in causal if r["status"] in ("ok", "stats-mismatch", "no-ffn", "moe")]
+    working = [r for r in causal if r["status"] in ("ok", "no-ffn")]  # measured exactly, or refused: no FFN
     assert len(working) >= 0.95 * len(causal)
