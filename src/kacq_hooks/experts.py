@@ -306,19 +306,19 @@ _WHERES = {torch.where}
 class _Mode(TorchFunctionMode):
     """Sees the experts forward's own index computations and, in eager, its down projections."""
 
-    def __init__(self, tap: ExpertsTap, call: _Call):
+    def __init__(self, hub: _Hub, call: _Call):
         super().__init__()
-        self.tap, self.call = tap, call
+        self.hub, self.call = hub, call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.tap._emitting:  # the callback's own operations are not the experts forward's
+        if self.hub._emitting:  # the callbacks' own operations are not the experts forward's
             return func(*args, **kwargs)
         if func in _MATMULS and self.call.impl == "eager":
             weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-            expert = self.tap._down_expert(weight)
+            expert = self.hub._down_expert(weight)
             if expert is not None:
-                args = (self.tap._eager_rows(self.call, args[0], expert), *args[1:])
+                args = (self.hub._eager_rows(self.call, args[0], expert), *args[1:])
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if func in _WHERES and len(args) + len(kwargs) == 1:
@@ -351,10 +351,15 @@ class ExpertsTap:
     or whose rows do not add up to every routed pair, raises :class:`ExpertsError`.
     The tap does not touch shared experts (they are dense MLPs: tap their ``down`` input).
 
+    With ``replaces=True`` the callback returns the tensor the down projection multiplies instead of
+    ``c`` (same shape and dtype, e.g. ``c`` with some slots scaled): the forward continues with it,
+    and every tap without ``replaces`` on the same module sees the replaced tensor, whatever the order
+    in which the taps were attached. Several taps on one module share one set of hooks.
+
     The handle is idempotent and a context manager, like torch's ``RemovableHandle``.
     """
 
-    def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients):
+    def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients, *, replaces: bool = False):
         if layer.kind != "experts":
             raise ShapeError(f"{layer!r} is a dense layer: tap the input of its output projection instead")
         module = layer.module
@@ -366,7 +371,52 @@ class ExpertsTap:
                                "implementations; use model.set_experts_implementation('eager')")
         self.layer = layer
         self.on_coefficients = on_coefficients
+        self.replaces = replaces
         self._module_ref = weakref.ref(module)
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> ExpertsTap:
+        if not self._attached:
+            module = self._module_ref()
+            hub = _HUBS.get(module)
+            if hub is None:
+                hub = _HUBS[module] = _Hub(self.layer)
+            hub.add(self)
+            self._attached = True
+        return self
+
+    def remove(self) -> None:
+        if not self._attached:
+            return
+        self._attached = False
+        module = self._module_ref()
+        hub = _HUBS.get(module) if module is not None else None
+        if hub is not None and hub.discard(self):
+            del _HUBS[module]
+
+    def __enter__(self) -> ExpertsTap:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class _Hub:
+    """The hooks of one experts module, shared by every :class:`ExpertsTap` attached to it.
+
+    One hub per module keeps one set of hooks, one torch-function mode and one ``_apply_gate``
+    override however many taps there are, so that taps compose: replacing taps run first, in attach
+    order, then the observers on the final tensor.
+    """
+
+    def __init__(self, layer: ExpertsLayer):
+        self.layer = layer
+        self._module_ref = weakref.ref(layer.module)
+        self._taps: list[ExpertsTap] = []
         self._handles: list = []
         self._call: _Call | None = None
         self._mode: _Mode | None = None
@@ -375,13 +425,24 @@ class ExpertsTap:
 
     # -- lifecycle
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+    def add(self, tap: ExpertsTap) -> None:
+        if not self._handles:
+            self._attach()
+        self._taps.append(tap)
 
-    def attach(self) -> ExpertsTap:
-        if self._handles:
-            return self
+    def discard(self, tap: ExpertsTap) -> bool:
+        """Forget ``tap``; True when it was the last one and the hooks are gone."""
+        self._taps = [t for t in self._taps if t is not tap]
+        if self._taps:
+            return False
+        self._close()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._scores = None
+        return True
+
+    def _attach(self) -> None:
         module = self._module_ref()
         self._handles.append(module.register_forward_pre_hook(OwnerHook(self, "_pre"), with_kwargs=True))
         self._handles.append(module.register_forward_hook(OwnerHook(self, "_post"), with_kwargs=True, always_call=True))
@@ -390,19 +451,6 @@ class ExpertsTap:
             self._handles.append(act.register_forward_hook(OwnerHook(self, "_act_out")))
         if self.layer.input_scaled:
             self._handles.append(self.layer.router.register_forward_hook(OwnerHook(self, "_router_out")))
-        return self
-
-    def remove(self) -> None:
-        self._close()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> ExpertsTap:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     # -- hooks
 
@@ -486,22 +534,19 @@ class ExpertsTap:
             expert_ids = torch.arange(e, device=device).repeat_interleave(t)
             token_index = torch.arange(t, device=device).repeat(e)
             weight = (call.weights.t().reshape(-1) != 0).to(c.dtype)  # the router's top-k, as 1 and 0
-            self._emit(call, expert_ids, token_index, weight, flat)
-            return flat.view(e, t, m)  # the matmul consumes the tensor handed out, so its hooks see dL/dC
+            # the matmul consumes the tensor handed out, so its hooks see dL/dC
+            return self._emit(call, expert_ids, token_index, weight, flat).view(e, t, m)
         if call.where is None or call.where[1].shape[0] != c.shape[0]:
             raise ExpertsError(f"the eager forward of '{self.layer.path}' multiplied {c.shape[0]} rows by expert "
                                f"{expert}'s down projection without a torch.where that routes them; use "
                                "model.set_experts_implementation('grouped_mm')")
         top_k_pos, token_index = call.where
         expert_ids = torch.full_like(token_index, expert)
-        self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
-        return c
+        return self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         module = self._module_ref()
-        c = type(module)._apply_gate(module, gate_up)
-        self._batched_rows(self._call, c)
-        return c
+        return self._batched_rows(self._call, type(module)._apply_gate(module, gate_up))
 
     def _router_out(self, router, args, output):
         self._scores = output[0] if isinstance(output, tuple) else output
@@ -509,9 +554,10 @@ class ExpertsTap:
     def _act_out(self, act, args, output):
         call = self._call
         if call is not None and call.impl != "eager":
-            self._batched_rows(call, output)
+            return self._batched_rows(call, output)
+        return None
 
-    def _batched_rows(self, call: _Call, c: torch.Tensor) -> None:
+    def _batched_rows(self, call: _Call, c: torch.Tensor) -> torch.Tensor:
         k = call.index.shape[-1]
         if call.impl == "batched_mm":
             expert_ids = call.index.reshape(-1)
@@ -521,17 +567,28 @@ class ExpertsTap:
             expert_ids, perm = call.sorted
             token_index = perm // k
             weight = call.weights.reshape(-1)[perm]
-        self._emit(call, expert_ids, token_index, weight, c)
+        return self._emit(call, expert_ids, token_index, weight, c)
 
-    def _emit(self, call, expert_ids, token_index, weight, c) -> None:
+    def _emit(self, call, expert_ids, token_index, weight, c) -> torch.Tensor:
+        """Hand ``c`` to every tap (replacing ones first); the tensor the forward continues with."""
         if c.shape[0] != expert_ids.shape[0]:
             raise ExpertsError(f"'{self.layer.path}': {c.shape[0]} rows of C for {expert_ids.shape[0]} routed pairs")
         call.rows += c.shape[0]
         self._emitting = True
         try:
-            self.on_coefficients(expert_ids, token_index, weight, c)
+            for tap in [t for t in self._taps if t.replaces] + [t for t in self._taps if not t.replaces]:
+                out = tap.on_coefficients(expert_ids, token_index, weight, c)
+                if tap.replaces:
+                    if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
+                        raise ExpertsError(f"a replacing tap on '{self.layer.path}' must return a tensor of C's "
+                                           f"shape {tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")
+                    c = out
         finally:
             self._emitting = False
+        return c
+
+
+_HUBS: weakref.WeakKeyDictionary[nn.Module, _Hub] = weakref.WeakKeyDictionary()
 
 
 class SharedTap:
