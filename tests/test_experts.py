@@ -243,7 +243,13 @@ def test_unknown_layouts_are_refused():
 
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList(Block() for _ in range(2))
-    with pytest.raises(KacqError, match=r"layers\.0\.experts.*mlp_out="):
+    # a list of expert MLPs ending in a known output projection (w2) is a per-expert layout kacq_hooks reads
+    assert [(l.layout, l.experts, l.d_ff) for l in find_experts(model)] == [("module_list", 3, 16)] * 2
+    for block in model.layers:
+        for expert in block.experts:
+            expert.w_out = expert.w2  # an output projection under a name kacq_hooks does not know
+            del expert.w2
+    with pytest.raises(KacqError, match=r"layers\.0\.experts.*experts=.*mlp_out="):
         find_experts(model)
 
 

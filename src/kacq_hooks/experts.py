@@ -96,8 +96,9 @@ class SharedExpert:
 class ExpertsLayer:
     """One FFN layer of a mixture-of-experts model, as :func:`find_experts` reports it.
 
-    ``kind`` is "experts" (``module`` is the fused experts module, ``experts`` x ``d_ff`` routed
-    slots, then ``shared``) or "dense" (a dense MLP in an MoE model, e.g. DeepSeek's first layers:
+    ``kind`` is "experts" (``module`` is the fused experts module, or the ``nn.ModuleList`` of
+    per-expert MLPs with their output projections in ``downs``; ``experts`` x ``d_ff`` routed slots,
+    then ``shared``) or "dense" (a dense MLP in an MoE model, e.g. DeepSeek's first layers:
     ``module`` is its output projection, whose input is C, and ``experts`` is 0).
     ``input_scaled`` marks layouts that multiply the experts' input by the routing weight (Llama 4):
     there C is computed on the scaled input and the weight passed beside it is 1 or 0.
@@ -113,6 +114,13 @@ class ExpertsLayer:
     shared: tuple[SharedExpert, ...] = ()
     input_scaled: bool = False
     router: nn.Module | None = None  # input-scaled layouts only: returns (scores [T, E], logits)
+    downs: tuple[nn.Module, ...] = ()  # per-expert module lists: each expert's output projection (input: C_e)
+    block: nn.Module | None = None     # per-expert module lists: the MoE block that routes to them
+
+    @property
+    def layout(self) -> str:
+        """"fused" (3-D parameters), "module_list" (one module per expert) or "dense"."""
+        return "dense" if self.kind == "dense" else "module_list" if self.downs else "fused"
 
     @property
     def slots(self) -> int:
@@ -206,18 +214,21 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
             raise ExpertsError(f"no module path matches experts={experts!r}")
     else:
         found = [(name, module) for name, module in named if _is_fused_experts(module)]
-    bad = [(name, module) for name, module in found if not _is_fused_experts(module)]
-    if experts is None:
-        bad += [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and re.search(r"experts?$", n)
-                and not any(n.startswith(f + ".") or n == f for f, _ in found)]
-    if bad:
-        name, module = bad[0]
-        raise ExpertsError(
-            f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs one "
-            "module per layer with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as "
-            "transformers 5 builds them. Per-expert module lists are not supported yet. Measure the layer as "
-            "dense with instrument(model, mlp_out='path.{i}.to.the.projection'), or convert the experts to the "
-            "fused layout.")
+    lists: dict[str, tuple[nn.Module, ...]] = {}
+    candidates = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and re.search(r"experts?$", n)
+                  and not any(n.startswith(f + ".") or n == f for f, _ in found)] if experts is None else []
+    for name, module in [*[(n, m) for n, m in found if not _is_fused_experts(m)], *candidates]:
+        downs = _list_downs(module, d_model)
+        if downs is None:
+            raise ExpertsError(
+                f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs either "
+                "one module per layer with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as "
+                f"transformers 5 builds them, or an nn.ModuleList of expert MLPs that each end in an output projection "
+                f"named one of {_DOWN_NAMES}. Pass the experts' path template, find_experts(model, "
+                "experts='model.layers.{i}.mlp.experts'), or measure the layer as dense with "
+                "instrument(model, mlp_out='path.{i}.to.the.projection')")
+        lists[name] = downs
+    found = [(n, m) for n, m in found if _is_fused_experts(m)] + [(n, m) for n, m in named if n in lists]
     if not found:
         n_experts = next((getattr(config, k) for k in _MOE_CONFIG_KEYS if getattr(config, k, None)), None)
         what = f" although its config has {n_experts} experts" if n_experts else ""
@@ -230,6 +241,16 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
         block = _BLOCK.match(name)
         if block is None:
             raise ExpertsError(f"'{name}' is not inside a numbered block; pass experts= with a '{{i}}' template")
+        if name in lists:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = submodule_at(model, parent_name)
+            downs = lists[name]
+            m, d = projection_shape(downs[0])
+            shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
+            key = (block.group(1), int(block.group(2)))
+            layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=len(downs),
+                                       d_ff=m, d_model=d, shared=shared, downs=downs, block=parent)
+            continue
         if getattr(module, "has_post_expert_norm", False):
             raise ExpertsError(
                 f"'{name}' ({type(module).__name__}) normalises each expert's output after its down projection, so "
@@ -250,6 +271,16 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
     for container in {c for c, _ in layers}:
         _add_dense_layers(model, named, container, layers, d_model)
     return [layers[k] for k in sorted(layers, key=lambda k: (k[0], k[1]))]
+
+
+def _list_downs(module: nn.Module, d_model: int | None) -> tuple[nn.Module, ...] | None:
+    """The output projection of every expert of a per-expert module list (all the same shape), or None."""
+    if not isinstance(module, nn.ModuleList) or not len(module):
+        return None
+    downs = [_down_of(expert, d_model) for expert in module]
+    if any(d is None for d in downs) or len({projection_shape(d[1]) for d in downs}) != 1:
+        return None
+    return tuple(d[1] for d in downs)
 
 
 def _routing_free(module: nn.Module) -> bool:
@@ -384,7 +415,7 @@ class ExpertsTap:
             module = self._module_ref()
             hub = _HUBS.get(module)
             if hub is None:
-                hub = _HUBS[module] = _Hub(self.layer)
+                hub = _HUBS[module] = (_ListHub if self.layer.downs else _Hub)(self.layer)
             hub.add(self)
             self._attached = True
         return self
@@ -579,6 +610,173 @@ class _Hub:
             for tap in [t for t in self._taps if t.replaces] + [t for t in self._taps if not t.replaces]:
                 out = tap.on_coefficients(expert_ids, token_index, weight, c)
                 if tap.replaces:
+                    if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
+                        raise ExpertsError(f"a replacing tap on '{self.layer.path}' must return a tensor of C's "
+                                           f"shape {tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")
+                    c = out
+        finally:
+            self._emitting = False
+        return c
+
+
+_VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
+          torch.Tensor.contiguous, torch.Tensor.squeeze, torch.Tensor.unsqueeze}
+_GATHERS = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select}
+_MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+
+
+class _ListMode(TorchFunctionMode):
+    """Follows, inside one forward of a MoE block, which rows of its input each expert receives and
+    which tensor multiplies each expert's output (its routing weight)."""
+
+    def __init__(self, hub: _ListHub):
+        super().__init__()
+        self.hub = hub
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        hub = self.hub
+        if hub._emitting or not args or not isinstance(out, torch.Tensor):
+            return out
+        rows = hub._rows.get(id(args[0]))
+        if rows is not None and isinstance(args[0], torch.Tensor):
+            if func in _VIEWS and out.dim() >= 1 and out.numel() // max(out.shape[-1], 1) == rows[1].numel():
+                hub._track(out, rows[1])
+            elif func in _GATHERS and rows[1] is hub._identity:
+                index = _row_index(args, kwargs, func)
+                if index is not None and out.numel() // max(out.shape[-1], 1) == index.numel():
+                    hub._track(out, index.reshape(-1))
+        if func in _MULS and len(args) == 2:
+            for mine, other in ((args[0], args[1]), (args[1], args[0])):
+                if isinstance(mine, torch.Tensor) and id(mine) in hub._outputs:
+                    hub._weight(mine, other)
+        return out
+
+
+def _row_index(args, kwargs, func) -> torch.Tensor | None:
+    """The long index of rows a gather selects (``x[idx]``, ``x[None, idx]``, ``index_select(x, 0, idx)``)."""
+    if func is not torch.Tensor.__getitem__:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        index = args[2] if len(args) > 2 else kwargs.get("index")
+        return index if dim == 0 and isinstance(index, torch.Tensor) else None
+    key = args[1] if len(args) > 1 else None
+    parts = [k for k in (key if isinstance(key, tuple) else (key,)) if k is not None]
+    if len(parts) == 1 and isinstance(parts[0], torch.Tensor) and parts[0].dtype in (torch.long, torch.int):
+        return parts[0]
+    return None
+
+
+class _ListHub:
+    """The hooks of one per-expert module list (see :class:`ExpertsTap`).
+
+    C of expert e is the input of its output projection (a pre-hook there). The block's own forward
+    says the rest, read through a torch-function mode while it runs: the rows of the block's input
+    that expert e received (the index its code gathers them with) and the routing weight (the tensor
+    its output is multiplied by). An expert whose rows or weight cannot be read this way is refused
+    at the end of the block's forward, never guessed.
+    """
+
+    def __init__(self, layer: ExpertsLayer):
+        self.layer = layer
+        self._taps: list[ExpertsTap] = []
+        self._handles: list = []
+        self._mode: _ListMode | None = None
+        self._emitting = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(tensor) -> (tensor, token index)
+        self._identity: torch.Tensor | None = None
+        self._expert_rows: dict[int, torch.Tensor] = {}
+        self._c: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, tuple[int, torch.Tensor]] = {}          # id(expert output) -> (expert, output)
+
+    add = _Hub.add
+    discard = _Hub.discard
+
+    def _attach(self) -> None:
+        block = self.layer.block
+        self._handles.append(block.register_forward_pre_hook(OwnerHook(self, "_enter")))
+        self._handles.append(block.register_forward_hook(OwnerHook(self, "_exit"), always_call=True))
+        for e, (expert, down) in enumerate(zip(self.layer.module, self.layer.downs)):
+            self._handles.append(expert.register_forward_pre_hook(OwnerHook(self, "_expert_in", e)))
+            self._handles.append(down.register_forward_pre_hook(OwnerHook(self, "_down_in", e)))
+            self._handles.append(expert.register_forward_hook(OwnerHook(self, "_expert_out", e)))
+
+    def _close(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        self._reset()
+
+    def _track(self, tensor: torch.Tensor, index: torch.Tensor) -> None:
+        self._rows[id(tensor)] = (tensor, index)
+
+    def _enter(self, block, args):
+        self._close()
+        hidden = args[0]
+        self._identity = torch.arange(hidden.numel() // hidden.shape[-1], device=hidden.device)
+        self._track(hidden, self._identity)
+        self._mode = _ListMode(self)
+        self._mode.__enter__()
+
+    def _expert_in(self, e, expert, args):
+        found = self._rows.get(id(args[0])) if args else None
+        if found is None:
+            raise ExpertsError(
+                f"expert {e} of '{self.layer.path}' received rows that kacq_hooks could not trace back to the rows of "
+                f"its block '{type(self.layer.block).__name__}' (it follows indexing and reshapes of the block's input). "
+                "Measure this layer another way: instrument(model, mlp_out='path.{i}.to.a.projection')")
+        self._expert_rows[e] = found[1]
+
+    def _down_in(self, e, down, args):
+        c = args[0]
+        if e not in self._expert_rows:
+            return None
+        rows = self._expert_rows[e]
+        if c.numel() // c.shape[-1] != rows.numel():
+            raise ExpertsError(f"expert {e} of '{self.layer.path}': C has {c.numel() // c.shape[-1]} rows for the "
+                               f"{rows.numel()} rows the expert received")
+        c2d = c.reshape(-1, c.shape[-1])
+        # replacing taps act now, on the tensor the down projection takes; observers wait for the weight
+        ids = torch.full_like(rows, e)
+        replaced = self._run(ids, rows, None, c2d, replacing=True)
+        self._c[e] = replaced
+        return (replaced.view(c.shape), *args[1:]) if replaced is not c2d else None
+
+    def _expert_out(self, e, expert, args, output):
+        if e in self._c and isinstance(output, torch.Tensor):
+            self._outputs[id(output)] = (e, output)
+
+    def _weight(self, output: torch.Tensor, other) -> None:
+        e, _ = self._outputs.pop(id(output))
+        rows = self._expert_rows[e]
+        n = rows.numel()
+        if not (isinstance(other, torch.Tensor) and other.numel() == n):
+            raise ExpertsError(f"the output of expert {e} of '{self.layer.path}' is multiplied by "
+                               f"{other!r:.60} rather than one routing weight per row; kacq_hooks cannot read its "
+                               "effective coefficients")
+        c = self._c.pop(e)
+        self._run(torch.full_like(rows, e), rows, other.reshape(-1), c, replacing=False)
+
+    def _exit(self, block, args, output):
+        pending = sorted(self._c)
+        self._close()
+        if pending and output is not None:
+            raise ExpertsError(
+                f"the output of expert(s) {pending} of '{self.layer.path}' was not multiplied by a routing weight "
+                f"inside '{type(block).__name__}'.forward, so kacq_hooks cannot tell their effective coefficients. "
+                "Measure this layer another way: instrument(model, mlp_out='path.{i}.to.a.projection')")
+
+    def _run(self, expert_ids, token_index, weight, c, *, replacing: bool) -> torch.Tensor:
+        self._emitting = True
+        try:
+            for tap in self._taps:
+                if tap.replaces != replacing:
+                    continue
+                out = tap.on_coefficients(expert_ids, token_index, weight, c)
+                if replacing:
                     if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
                         raise ExpertsError(f"a replacing tap on '{self.layer.path}' must return a tensor of C's "
                                            f"shape {tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")

@@ -546,7 +546,12 @@ def _row_targets(model: nn.Module, site: Site, edit: LayerEdit | None) -> list[t
     out = []
     for expert in range(layer.experts):
         chosen = (indices >= expert * m) & (indices < (expert + 1) * m)
-        if chosen.any() or (edit is None and expert == 0):
+        if not (chosen.any() or edit is None):
+            continue
+        if layer.layout == "module_list":  # one MLP per expert: its own up rows
+            params, offset = _up_rows_of(layer.module[expert], f"{layer.path}.{expert}", m)
+            out += [(p, (indices[chosen] - expert * m + offset,), 0, u[chosen]) for p in params]
+        elif expert == 0 or edit is not None:
             for rows in expert_up_rows(layer, expert, indices[chosen] - expert * m):
                 out.append((rows.parameter, rows.index, rows.axis, u[chosen]))
     start = layer.experts * m
