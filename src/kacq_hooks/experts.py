@@ -20,6 +20,10 @@ projection, with the routing of its rows, without computing anything the forward
 
 Any other implementation (a fused kernel) keeps C inside the kernel and is refused.
 
+Per-expert module lists (older or custom models: an ``nn.ModuleList`` of expert MLPs and a router)
+are tapped at the input of each expert's output projection; the rows each expert received and the
+routing weight its output is multiplied by are read from the MoE block's own forward.
+
 >>> import torch
 >>> from transformers import MixtralConfig, MixtralForCausalLM
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -202,8 +206,12 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
     dense MLP (DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers``) are reported as
     ``kind="dense"``; blocks with no FFN at all (a hybrid's mixer layers) are not reported.
 
+    Per-expert module lists (an ``nn.ModuleList`` named ``experts`` whose every expert MLP ends in an
+    output projection named one of ``down_proj``, ``w2``, ``fc2``, ...) are reported too, with
+    ``layout == "module_list"`` and the projections in ``downs``.
+
     Raises :class:`ExpertsError` for a model that is not a mixture of experts, or whose experts
-    module kacq_hooks cannot read (per-expert module lists, unknown layouts).
+    module kacq_hooks cannot read (an unknown layout: the message names the module).
     """
     named = [(clean_name(n, model), m) for n, m in model.named_modules()]
     config = find_config(model)
@@ -753,7 +761,7 @@ class _ListHub:
         e, _ = self._outputs.pop(id(output))
         rows = self._expert_rows[e]
         n = rows.numel()
-        if not (isinstance(other, torch.Tensor) and other.numel() == n):
+        if not (isinstance(other, torch.Tensor) and other.dim() >= 1 and other.numel() == n):
             raise ExpertsError(f"the output of expert {e} of '{self.layer.path}' is multiplied by "
                                f"{other!r:.60} rather than one routing weight per row; kacq_hooks cannot read its "
                                "effective coefficients")
