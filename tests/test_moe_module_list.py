@@ -163,3 +163,31 @@ def test_unknown_expert_list_layout_names_the_module_and_the_template():
             del ex.down_proj
     with pytest.raises(ExpertsError, match=r"layers\.0\.mlp\.experts.*experts='model\.layers\.\{i\}\.mlp\.experts'"):
         find_experts(net)
+
+
+def test_module_list_gradients_reach_the_routed_slots():
+    net = model()
+    ids, mask = random_batch(2, 8, None)
+    ids = ids % VOCAB
+    grads = {}
+
+    def capture(e, layer):
+        def pre(mod, args):
+            args[0].register_hook(lambda g: grads.setdefault((layer, e), []).append(g.detach().abs().sum(0)))
+        return pre
+
+    handles = [ex.down_proj.register_forward_pre_hook(capture(e, i))
+               for i, block in enumerate(net.layers) for e, ex in enumerate(block.mlp.experts)]
+    net(ids, mask).pow(2).mean().backward()  # the independent capture
+    for h in handles:
+        h.remove()
+    net.zero_grad()
+    with kh.instrument(net, grads=True) as inst:
+        net(ids, mask).pow(2).mean().backward()
+    for i, stats in enumerate(inst.stats):
+        want = torch.zeros(E * M)
+        for e in range(E):
+            if (i, e) in grads:
+                want[e * M:(e + 1) * M] = sum(grads[(i, e)])
+        assert bool((want > 0).any())
+        torch.testing.assert_close(stats.grad_sum_abs, want, rtol=1e-5, atol=1e-8)

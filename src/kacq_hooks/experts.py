@@ -751,7 +751,8 @@ class _ListHub:
         ids = torch.full_like(rows, e)
         replaced = self._run(ids, rows, None, c2d, replacing=True)
         self._c[e] = replaced
-        return (replaced.view(c.shape), *args[1:]) if replaced is not c2d else None
+        # the projection takes the very tensor handed out, so a tensor hook on it sees dL/dC
+        return (replaced.view(c.shape), *args[1:])
 
     def _expert_out(self, e, expert, args, output):
         if e in self._c and isinstance(output, torch.Tensor):
