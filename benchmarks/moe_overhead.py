@@ -127,6 +127,8 @@ def main(argv=None) -> None:
             for what, (plain, other, unit, ratio) in measured.items():
                 rows.append([impl, name, what, f"{plain:.1f} {unit}", f"{other:.1f} {unit}", f"{ratio:.3f}x",
                              f"<= {TARGETS[what]:.2f}x", "met" if ratio <= TARGETS[what] else "MISSED"])
+        log = sys.stderr  # a partial table after each implementation, in case a later one fails
+        print(f"{impl}: " + "; ".join(f"{r[1]} {r[2]} {r[5]}" for r in rows if r[0] == impl), file=log, flush=True)
     print_table(["experts impl", "variant", "measure", "plain", "variant", "ratio", "target", ""], rows)
 
 
