@@ -234,7 +234,7 @@ def test_unknown_layouts_are_refused():
     class Expert(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inp, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)  # no known output name
+            self.w1, self.w2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -243,7 +243,13 @@ def test_unknown_layouts_are_refused():
 
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList(Block() for _ in range(2))
-    with pytest.raises(KacqError, match=r"layers\.0\.experts.*mlp_out="):
+    # a list of expert MLPs ending in a known output projection (w2) is a per-expert layout kacq_hooks reads
+    assert [(l.layout, l.experts, l.d_ff) for l in find_experts(model)] == [("module_list", 3, 16)] * 2
+    for block in model.layers:
+        for expert in block.experts:
+            expert.w_out = expert.w2  # an output projection under a name kacq_hooks does not know
+            del expert.w2
+    with pytest.raises(KacqError, match=r"layers\.0\.experts.*experts=.*mlp_out="):
         find_experts(model)
 
 
@@ -432,8 +438,8 @@ class _ListModel(torch.nn.Module):
 def test_per_expert_module_list(token_major):
     model = _ListModel(token_major).eval()
     layers = find_experts(model)
-    assert [(l.layer, l.layout, l.experts, l.d_ff, l.d_model) for l in layers] == [(0, "list", 4, 24, 16),
-                                                                                   (1, "list", 4, 24, 16)]
+    assert [(l.layer, l.layout, l.experts, l.d_ff, l.d_model) for l in layers] == [(0, "module_list", 4, 24, 16),
+                                                                                   (1, "module_list", 4, 24, 16)]
     ids = random_batch(2, 9, None)[0]
     inputs = {}
     pre = [l.block.register_forward_pre_hook(lambda mod, a, n=l.layer: inputs.__setitem__(n, a[0].detach()))

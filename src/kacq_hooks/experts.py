@@ -20,9 +20,9 @@ projection, with the routing of its rows, without computing anything the forward
 
 Any other implementation (a fused kernel) keeps C inside the kernel and is refused.
 
-Older and custom models keep one MLP per expert in a ``ModuleList``: there C is the input of each
-expert's output projection, its tokens are the block's own ``torch.where`` (checked against the
-block's ``torch.topk``), and its weight is the factor the block multiplies the expert's output by.
+Per-expert module lists (older or custom models: an ``nn.ModuleList`` of expert MLPs and a router)
+are tapped at the input of each expert's output projection; the rows each expert received and the
+routing weight its output is multiplied by are read from the MoE block's own forward.
 
 >>> import torch
 >>> from transformers import MixtralConfig, MixtralForCausalLM
@@ -55,7 +55,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._hooks import OwnerHook
-from .errors import ExpertsError, ShapeError
+from .errors import ExpertsError, LocateError, ShapeError
 from .locate import FFN_OUT_PATTERNS, _match, clean_name, find_config, projection_shape, submodule_at
 
 try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
@@ -96,8 +96,9 @@ class SharedExpert:
 class ExpertsLayer:
     """One FFN layer of a mixture-of-experts model, as :func:`find_experts` reports it.
 
-    ``kind`` is "experts" (``module`` is the fused experts module, ``experts`` x ``d_ff`` routed
-    slots, then ``shared``) or "dense" (a dense MLP in an MoE model, e.g. DeepSeek's first layers:
+    ``kind`` is "experts" (``module`` is the fused experts module, or the ``nn.ModuleList`` of
+    per-expert MLPs with their output projections in ``downs``; ``experts`` x ``d_ff`` routed slots,
+    then ``shared``) or "dense" (a dense MLP in an MoE model, e.g. DeepSeek's first layers:
     ``module`` is its output projection, whose input is C, and ``experts`` is 0).
     ``input_scaled`` marks layouts that multiply the experts' input by the routing weight (Llama 4):
     there C is computed on the scaled input and the weight passed beside it is 1 or 0.
@@ -113,9 +114,13 @@ class ExpertsLayer:
     shared: tuple[SharedExpert, ...] = ()
     input_scaled: bool = False
     router: nn.Module | None = None  # input-scaled layouts only: returns (scores [T, E], logits)
-    layout: str = "fused"            # "fused" (3-D parameters) or "list" (a ModuleList of expert MLPs)
-    block: nn.Module | None = None   # the module whose forward routes tokens and calls the experts
-    downs: tuple[nn.Module, ...] = ()  # "list" layout: each expert's output projection (its input is C_e)
+    downs: tuple[nn.Module, ...] = ()  # per-expert module lists: each expert's output projection (input: C_e)
+    block: nn.Module | None = None     # per-expert module lists: the MoE block that routes to them
+
+    @property
+    def layout(self) -> str:
+        """"fused" (3-D parameters), "module_list" (one module per expert) or "dense"."""
+        return "dense" if self.kind == "dense" else "module_list" if self.downs else "fused"
 
     @property
     def slots(self) -> int:
@@ -136,17 +141,6 @@ def _is_fused_experts(module: nn.Module) -> bool:
     up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
     return (isinstance(down, torch.Tensor) and down.dim() == 3
             and isinstance(up, torch.Tensor) and up.dim() == 3)
-
-
-def _expert_list(module: nn.Module, d_model: int | None) -> tuple[nn.Module, ...] | None:
-    """The output projections of a ModuleList of expert MLPs, all of one width, or None."""
-    if not isinstance(module, nn.ModuleList) or len(module) < 2:
-        return None
-    downs = [_down_of(expert, d_model) for expert in module]
-    if any(d is None for d in downs):
-        return None
-    shapes = {projection_shape(down) for _, down in downs}
-    return tuple(down for _, down in downs) if len(shapes) == 1 else None
 
 
 def _is_decorated(module: nn.Module) -> bool:
@@ -208,11 +202,12 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
     dense MLP (DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers``) are reported as
     ``kind="dense"``; blocks with no FFN at all (a hybrid's mixer layers) are not reported.
 
-    A ``ModuleList`` named ``experts`` whose items each have an output projection (``down_proj``,
-    ``w2``, ...) is the per-expert layout (``layout="list"``).
+    Per-expert module lists (an ``nn.ModuleList`` named ``experts`` whose every expert MLP ends in an
+    output projection named one of ``down_proj``, ``w2``, ``fc2``, ...) are reported too, with
+    ``layout == "module_list"`` and the projections in ``downs``.
 
     Raises :class:`ExpertsError` for a model that is not a mixture of experts, or whose experts
-    module kacq_hooks cannot read (unknown layouts, experts normalised after their down projection).
+    module kacq_hooks cannot read (an unknown layout: the message names the module).
     """
     named = [(clean_name(n, model), m) for n, m in model.named_modules()]
     config = find_config(model)
@@ -222,18 +217,22 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
         if not found:
             raise ExpertsError(f"no module path matches experts={experts!r}")
     else:
-        found = [(name, module) for name, module in named if _is_fused_experts(module)
-                 or (re.search(r"experts?$", name) and isinstance(module, nn.ModuleList))]
-    bad = [(name, module) for name, module in found
-           if not _is_fused_experts(module) and _expert_list(module, d_model) is None]
-    if bad:
-        name, module = bad[0]
-        raise ExpertsError(
-            f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs either "
-            "one module with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as transformers "
-            f"5 builds them, or a ModuleList of expert MLPs that each have an output projection named one of "
-            f"{_DOWN_NAMES}. Pass the experts module's path with find_experts(model, experts='path.{{i}}.experts'), "
-            "or measure the layer as dense with instrument(model, mlp_out='path.{i}.to.the.projection').")
+        found = [(name, module) for name, module in named if _is_fused_experts(module)]
+    lists: dict[str, tuple[nn.Module, ...]] = {}
+    candidates = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and re.search(r"experts?$", n)
+                  and not any(n.startswith(f + ".") or n == f for f, _ in found)] if experts is None else []
+    for name, module in [*[(n, m) for n, m in found if not _is_fused_experts(m)], *candidates]:
+        downs = _list_downs(module, d_model)
+        if downs is None:
+            raise ExpertsError(
+                f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs either "
+                "one module per layer with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as "
+                f"transformers 5 builds them, or an nn.ModuleList of expert MLPs that each end in an output projection "
+                f"named one of {_DOWN_NAMES}. Pass the experts' path template, find_experts(model, "
+                "experts='model.layers.{i}.mlp.experts'), or measure the layer as dense with "
+                "instrument(model, mlp_out='path.{i}.to.the.projection')")
+        lists[name] = downs
+    found = [(n, m) for n, m in found if _is_fused_experts(m)] + [(n, m) for n, m in named if n in lists]
     if not found:
         n_experts = next((getattr(config, k) for k in _MOE_CONFIG_KEYS if getattr(config, k, None)), None)
         what = f" although its config has {n_experts} experts" if n_experts else ""
@@ -246,33 +245,46 @@ def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLa
         block = _BLOCK.match(name)
         if block is None:
             raise ExpertsError(f"'{name}' is not inside a numbered block; pass experts= with a '{{i}}' template")
+        if name in lists:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = submodule_at(model, parent_name)
+            downs = lists[name]
+            m, d = projection_shape(downs[0])
+            shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
+            key = (block.group(1), int(block.group(2)))
+            layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=len(downs),
+                                       d_ff=m, d_model=d, shared=shared, downs=downs, block=parent)
+            continue
         if getattr(module, "has_post_expert_norm", False):
             raise ExpertsError(
                 f"'{name}' ({type(module).__name__}) normalises each expert's output after its down projection, so "
                 "the output is not a weighted sum of value vectors and its coefficients are not memory "
                 "coefficients; this layer cannot be measured")
+        e, m, d = _fused_shape(module, d_model)
         parent_name, _, child_name = name.rpartition(".")
         parent = submodule_at(model, parent_name)
-        key = (block.group(1), int(block.group(2)))
-        downs = _expert_list(module, d_model) if not _is_fused_experts(module) else None
-        if downs is not None:
-            m, d = projection_shape(downs[0])
-            layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=len(downs),
-                                       d_ff=m, d_model=d, layout="list", block=parent, downs=downs,
-                                       shared=_shared_experts(parent, child_name, f"{parent_name}.", d))
-            continue
-        e, m, d = _fused_shape(module, d_model)
         shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
+        key = (block.group(1), int(block.group(2)))
         input_scaled = not _is_decorated(module) and _routing_free(module)
         router = getattr(parent, "router", None) if input_scaled else None
         if input_scaled and not isinstance(router, nn.Module):
             raise ExpertsError(f"'{name}' takes only hidden states (its routing is in its input) but no 'router' "
                                f"module sits next to it in '{parent_name}': the routed pairs cannot be known")
         layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=e, d_ff=m,
-                                   d_model=d, shared=shared, input_scaled=input_scaled, router=router, block=parent)
+                                   d_model=d, shared=shared, input_scaled=input_scaled, router=router)
     for container in {c for c, _ in layers}:
         _add_dense_layers(model, named, container, layers, d_model)
     return [layers[k] for k in sorted(layers, key=lambda k: (k[0], k[1]))]
+
+
+def _list_downs(module: nn.Module, d_model: int | None) -> tuple[nn.Module, ...] | None:
+    """The output projection of every expert of a per-expert module list (all the same shape), or None."""
+    if not isinstance(module, nn.ModuleList) or not len(module):
+        return None
+    downs = [_down_of(expert, d_model) for expert in module]
+    if any(d is None for d in downs) or len({projection_shape(d[1]) for d in downs}) != 1:
+        return None
+    return tuple(d[1] for d in downs)
 
 
 def _routing_free(module: nn.Module) -> bool:
@@ -313,50 +325,41 @@ def experts_implementation(module: nn.Module) -> str:
 class _Call:
     """What one forward of the experts module needs to label its rows."""
 
-    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "topk", "pending", "out", "rows",
-                 "expected")
+    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "rows", "expected")
 
     def __init__(self, impl, tokens, index, weights, expected):
         self.impl, self.tokens, self.index, self.weights = impl, tokens, index, weights
-        self.where = self.sorted = self.topk = self.pending = self.out = None
+        self.where = self.sorted = None
         self.rows, self.expected = 0, expected
 
 
 _MATMULS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
 _SORTS = {torch.sort, torch.Tensor.sort}
 _WHERES = {torch.where}
-_TOPKS = {torch.topk, torch.Tensor.topk}
-_MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 
 
 class _Mode(TorchFunctionMode):
     """Sees the experts forward's own index computations and, in eager, its down projections."""
 
-    def __init__(self, tap: ExpertsTap, call: _Call):
+    def __init__(self, hub: _Hub, call: _Call):
         super().__init__()
-        self.tap, self.call = tap, call
+        self.hub, self.call = hub, call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.tap._emitting:  # the callback's own operations are not the experts forward's
+        if self.hub._emitting:  # the callbacks' own operations are not the experts forward's
             return func(*args, **kwargs)
         if func in _MATMULS and self.call.impl == "eager":
             weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-            expert = self.tap._down_expert(weight)
+            expert = self.hub._down_expert(weight)
             if expert is not None:
-                args = (self.tap._eager_rows(self.call, args[0], expert), *args[1:])
+                args = (self.hub._eager_rows(self.call, args[0], expert), *args[1:])
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        call = self.call
         if func in _WHERES and len(args) + len(kwargs) == 1:
-            call.where = out
-        elif func in _SORTS and call.sorted is None:
-            call.sorted = out
-        elif call.impl == "list":
-            if func in _TOPKS and call.topk is None:
-                call.topk = out
-            elif func in _MULS and call.out is not None and len(args) == 2 and any(a is call.out for a in args):
-                self.tap._list_weight(call, args[1] if args[0] is call.out else args[0])
+            self.call.where = out
+        elif func in _SORTS and self.call.sorted is None:
+            self.call.sorted = out
         return out
 
 
@@ -379,17 +382,19 @@ class ExpertsTap:
       the ``[T]`` rows the MoE block received. Count an expert's load over ``weight != 0``.
 
     Rows follow the implementation's order (eager: by top-k position then token; grouped_mm: sorted by
-    expert); experts that received no token get no row. Per-expert module lists (``layout="list"``)
-    call back once per expert, after the block has multiplied that expert's output by its weights
-    (the weights passed are those factors); reading their routing syncs the device once per expert,
-    as their loop already does. A forward that used another implementation,
+    expert); experts that received no token get no row. A forward that used another implementation,
     or whose rows do not add up to every routed pair, raises :class:`ExpertsError`.
     The tap does not touch shared experts (they are dense MLPs: tap their ``down`` input).
+
+    With ``replaces=True`` the callback returns the tensor the down projection multiplies instead of
+    ``c`` (same shape and dtype, e.g. ``c`` with some slots scaled): the forward continues with it,
+    and every tap without ``replaces`` on the same module sees the replaced tensor, whatever the order
+    in which the taps were attached. Several taps on one module share one set of hooks.
 
     The handle is idempotent and a context manager, like torch's ``RemovableHandle``.
     """
 
-    def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients):
+    def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients, *, replaces: bool = False):
         if layer.kind != "experts":
             raise ShapeError(f"{layer!r} is a dense layer: tap the input of its output projection instead")
         module = layer.module
@@ -401,7 +406,52 @@ class ExpertsTap:
                                "implementations; use model.set_experts_implementation('eager')")
         self.layer = layer
         self.on_coefficients = on_coefficients
+        self.replaces = replaces
         self._module_ref = weakref.ref(module)
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> ExpertsTap:
+        if not self._attached:
+            module = self._module_ref()
+            hub = _HUBS.get(module)
+            if hub is None:
+                hub = _HUBS[module] = (_ListHub if self.layer.downs else _Hub)(self.layer)
+            hub.add(self)
+            self._attached = True
+        return self
+
+    def remove(self) -> None:
+        if not self._attached:
+            return
+        self._attached = False
+        module = self._module_ref()
+        hub = _HUBS.get(module) if module is not None else None
+        if hub is not None and hub.discard(self):
+            del _HUBS[module]
+
+    def __enter__(self) -> ExpertsTap:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class _Hub:
+    """The hooks of one experts module, shared by every :class:`ExpertsTap` attached to it.
+
+    One hub per module keeps one set of hooks, one torch-function mode and one ``_apply_gate``
+    override however many taps there are, so that taps compose: replacing taps run first, in attach
+    order, then the observers on the final tensor.
+    """
+
+    def __init__(self, layer: ExpertsLayer):
+        self.layer = layer
+        self._module_ref = weakref.ref(layer.module)
+        self._taps: list[ExpertsTap] = []
         self._handles: list = []
         self._call: _Call | None = None
         self._mode: _Mode | None = None
@@ -410,15 +460,24 @@ class ExpertsTap:
 
     # -- lifecycle
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+    def add(self, tap: ExpertsTap) -> None:
+        if not self._handles:
+            self._attach()
+        self._taps.append(tap)
 
-    def attach(self) -> ExpertsTap:
-        if self._handles:
-            return self
-        if self.layer.layout == "list":
-            return self._attach_list()
+    def discard(self, tap: ExpertsTap) -> bool:
+        """Forget ``tap``; True when it was the last one and the hooks are gone."""
+        self._taps = [t for t in self._taps if t is not tap]
+        if self._taps:
+            return False
+        self._close()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._scores = None
+        return True
+
+    def _attach(self) -> None:
         module = self._module_ref()
         self._handles.append(module.register_forward_pre_hook(OwnerHook(self, "_pre"), with_kwargs=True))
         self._handles.append(module.register_forward_hook(OwnerHook(self, "_post"), with_kwargs=True, always_call=True))
@@ -427,19 +486,6 @@ class ExpertsTap:
             self._handles.append(act.register_forward_hook(OwnerHook(self, "_act_out")))
         if self.layer.input_scaled:
             self._handles.append(self.layer.router.register_forward_hook(OwnerHook(self, "_router_out")))
-        return self
-
-    def remove(self) -> None:
-        self._close()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> ExpertsTap:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     # -- hooks
 
@@ -483,7 +529,7 @@ class ExpertsTap:
 
     def _close(self) -> None:
         module = self._module_ref()
-        if module is not None and self.layer.layout == "fused":
+        if module is not None:
             module.__dict__.pop("_apply_gate", None)
         if self._mode is not None:
             mode, self._mode = self._mode, None
@@ -523,22 +569,19 @@ class ExpertsTap:
             expert_ids = torch.arange(e, device=device).repeat_interleave(t)
             token_index = torch.arange(t, device=device).repeat(e)
             weight = (call.weights.t().reshape(-1) != 0).to(c.dtype)  # the router's top-k, as 1 and 0
-            self._emit(call, expert_ids, token_index, weight, flat)
-            return flat.view(e, t, m)  # the matmul consumes the tensor handed out, so its hooks see dL/dC
+            # the matmul consumes the tensor handed out, so its hooks see dL/dC
+            return self._emit(call, expert_ids, token_index, weight, flat).view(e, t, m)
         if call.where is None or call.where[1].shape[0] != c.shape[0]:
             raise ExpertsError(f"the eager forward of '{self.layer.path}' multiplied {c.shape[0]} rows by expert "
                                f"{expert}'s down projection without a torch.where that routes them; use "
                                "model.set_experts_implementation('grouped_mm')")
         top_k_pos, token_index = call.where
         expert_ids = torch.full_like(token_index, expert)
-        self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
-        return c
+        return self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         module = self._module_ref()
-        c = type(module)._apply_gate(module, gate_up)
-        self._batched_rows(self._call, c)
-        return c
+        return self._batched_rows(self._call, type(module)._apply_gate(module, gate_up))
 
     def _router_out(self, router, args, output):
         self._scores = output[0] if isinstance(output, tuple) else output
@@ -546,9 +589,10 @@ class ExpertsTap:
     def _act_out(self, act, args, output):
         call = self._call
         if call is not None and call.impl != "eager":
-            self._batched_rows(call, output)
+            return self._batched_rows(call, output)
+        return None
 
-    def _batched_rows(self, call: _Call, c: torch.Tensor) -> None:
+    def _batched_rows(self, call: _Call, c: torch.Tensor) -> torch.Tensor:
         k = call.index.shape[-1]
         if call.impl == "batched_mm":
             expert_ids = call.index.reshape(-1)
@@ -558,96 +602,196 @@ class ExpertsTap:
             expert_ids, perm = call.sorted
             token_index = perm // k
             weight = call.weights.reshape(-1)[perm]
-        self._emit(call, expert_ids, token_index, weight, c)
+        return self._emit(call, expert_ids, token_index, weight, c)
 
-    def _emit(self, call, expert_ids, token_index, weight, c) -> None:
+    def _emit(self, call, expert_ids, token_index, weight, c) -> torch.Tensor:
+        """Hand ``c`` to every tap (replacing ones first); the tensor the forward continues with."""
         if c.shape[0] != expert_ids.shape[0]:
             raise ExpertsError(f"'{self.layer.path}': {c.shape[0]} rows of C for {expert_ids.shape[0]} routed pairs")
         call.rows += c.shape[0]
         self._emitting = True
         try:
-            self.on_coefficients(expert_ids, token_index, weight, c)
+            for tap in [t for t in self._taps if t.replaces] + [t for t in self._taps if not t.replaces]:
+                out = tap.on_coefficients(expert_ids, token_index, weight, c)
+                if tap.replaces:
+                    if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
+                        raise ExpertsError(f"a replacing tap on '{self.layer.path}' must return a tensor of C's "
+                                           f"shape {tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")
+                    c = out
         finally:
             self._emitting = False
+        return c
 
 
-    # -- per-expert module lists: C at each expert's down projection, routing from the block's own ops
+_VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
+          torch.Tensor.contiguous, torch.Tensor.squeeze, torch.Tensor.unsqueeze}
+_GATHERS = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select}
+_MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 
-    def _attach_list(self) -> ExpertsTap:
-        layer = self.layer
-        self._handles.append(layer.block.register_forward_pre_hook(OwnerHook(self, "_list_pre"), with_kwargs=True))
-        self._handles.append(layer.block.register_forward_hook(OwnerHook(self, "_list_post"), with_kwargs=True,
-                                                               always_call=True))
-        for e, (expert, down) in enumerate(zip(layer.module, layer.downs)):
-            self._handles.append(down.register_forward_pre_hook(OwnerHook(self, "_list_down_in", e)))
-            self._handles.append(expert.register_forward_hook(OwnerHook(self, "_list_expert_out", e)))
-        return self
 
-    def _list_down_in(self, e: int, module, args):
-        self._list_c(e, args[0])
+class _ListMode(TorchFunctionMode):
+    """Follows, inside one forward of a MoE block, which rows of its input each expert receives and
+    which tensor multiplies each expert's output (its routing weight)."""
 
-    def _list_expert_out(self, e: int, module, args, out):
-        self._list_out(e, out)
+    def __init__(self, hub: _ListHub):
+        super().__init__()
+        self.hub = hub
 
-    def _list_pre(self, block, args, kwargs):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        hub = self.hub
+        if hub._emitting or not args or not isinstance(out, torch.Tensor):
+            return out
+        rows = hub._rows.get(id(args[0]))
+        if rows is not None and isinstance(args[0], torch.Tensor):
+            if func in _VIEWS and out.dim() >= 1 and out.numel() // max(out.shape[-1], 1) == rows[1].numel():
+                hub._track(out, rows[1])
+            elif func in _GATHERS and rows[1] is hub._identity:
+                index = _row_index(args, kwargs, func)
+                if index is not None and out.numel() // max(out.shape[-1], 1) == index.numel():
+                    hub._track(out, index.reshape(-1))
+        if func in _MULS and len(args) == 2:
+            for mine, other in ((args[0], args[1]), (args[1], args[0])):
+                if isinstance(mine, torch.Tensor) and id(mine) in hub._outputs:
+                    hub._weight(mine, other)
+        return out
+
+
+def _row_index(args, kwargs, func) -> torch.Tensor | None:
+    """The long index of rows a gather selects (``x[idx]``, ``x[None, idx]``, ``index_select(x, 0, idx)``)."""
+    if func is not torch.Tensor.__getitem__:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        index = args[2] if len(args) > 2 else kwargs.get("index")
+        return index if dim == 0 and isinstance(index, torch.Tensor) else None
+    key = args[1] if len(args) > 1 else None
+    parts = [k for k in (key if isinstance(key, tuple) else (key,)) if k is not None]
+    if len(parts) == 1 and isinstance(parts[0], torch.Tensor) and parts[0].dtype in (torch.long, torch.int):
+        return parts[0]
+    return None
+
+
+class _ListHub:
+    """The hooks of one per-expert module list (see :class:`ExpertsTap`).
+
+    C of expert e is the input of its output projection (a pre-hook there). The block's own forward
+    says the rest, read through a torch-function mode while it runs: the rows of the block's input
+    that expert e received (the index its code gathers them with) and the routing weight (the tensor
+    its output is multiplied by). An expert whose rows or weight cannot be read this way is refused
+    at the end of the block's forward, never guessed.
+    """
+
+    def __init__(self, layer: ExpertsLayer):
+        self.layer = layer
+        self._taps: list[ExpertsTap] = []
+        self._handles: list = []
+        self._mode: _ListMode | None = None
+        self._emitting = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(tensor) -> (tensor, token index)
+        self._identity: torch.Tensor | None = None
+        self._expert_rows: dict[int, torch.Tensor] = {}
+        self._c: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, tuple[int, torch.Tensor]] = {}          # id(expert output) -> (expert, output)
+
+    add = _Hub.add
+    discard = _Hub.discard
+
+    def _attach(self) -> None:
+        block = self.layer.block
+        self._handles.append(block.register_forward_pre_hook(OwnerHook(self, "_enter")))
+        self._handles.append(block.register_forward_hook(OwnerHook(self, "_exit"), always_call=True))
+        for e, (expert, down) in enumerate(zip(self.layer.module, self.layer.downs)):
+            self._handles.append(expert.register_forward_pre_hook(OwnerHook(self, "_expert_in", e)))
+            self._handles.append(down.register_forward_pre_hook(OwnerHook(self, "_down_in", e)))
+            self._handles.append(expert.register_forward_hook(OwnerHook(self, "_expert_out", e)))
+
+    def _close(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        self._reset()
+
+    def _track(self, tensor: torch.Tensor, index: torch.Tensor) -> None:
+        self._rows[id(tensor)] = (tensor, index)
+
+    def _enter(self, block, args):
         self._close()
-        self._call = _Call("list", None, None, None, None)
-        self._mode = _Mode(self, self._call)
+        hidden = args[0]
+        self._identity = torch.arange(hidden.numel() // hidden.shape[-1], device=hidden.device)
+        self._track(hidden, self._identity)
+        self._mode = _ListMode(self)
         self._mode.__enter__()
 
-    def _list_post(self, block, args, kwargs, output):
-        call = self._call
+    def _expert_in(self, e, expert, args):
+        found = self._rows.get(id(args[0])) if args else None
+        if found is None:
+            raise ExpertsError(
+                f"expert {e} of '{self.layer.path}' received rows that kacq_hooks could not trace back to the rows of "
+                f"its block '{type(self.layer.block).__name__}' (it follows indexing and reshapes of the block's input). "
+                "Measure this layer another way: instrument(model, mlp_out='path.{i}.to.a.projection')")
+        self._expert_rows[e] = found[1]
+
+    def _down_in(self, e, down, args):
+        c = args[0]
+        if e not in self._expert_rows:
+            return None
+        rows = self._expert_rows[e]
+        if c.numel() // c.shape[-1] != rows.numel():
+            raise ExpertsError(f"expert {e} of '{self.layer.path}': C has {c.numel() // c.shape[-1]} rows for the "
+                               f"{rows.numel()} rows the expert received")
+        c2d = c.reshape(-1, c.shape[-1])
+        # replacing taps act now, on the tensor the down projection takes; observers wait for the weight
+        ids = torch.full_like(rows, e)
+        replaced = self._run(ids, rows, None, c2d, replacing=True)
+        self._c[e] = replaced
+        # the projection takes the very tensor handed out, so a tensor hook on it sees dL/dC
+        return (replaced.view(c.shape), *args[1:])
+
+    def _expert_out(self, e, expert, args, output):
+        if e in self._c and isinstance(output, torch.Tensor):
+            self._outputs[id(output)] = (e, output)
+
+    def _weight(self, output: torch.Tensor, other) -> None:
+        e, _ = self._outputs.pop(id(output))
+        rows = self._expert_rows[e]
+        n = rows.numel()
+        if not (isinstance(other, torch.Tensor) and other.dim() >= 1 and other.numel() == n):
+            raise ExpertsError(f"the output of expert {e} of '{self.layer.path}' is multiplied by "
+                               f"{other!r:.60} rather than one routing weight per row; kacq_hooks cannot read its "
+                               "effective coefficients")
+        c = self._c.pop(e)
+        self._run(torch.full_like(rows, e), rows, other.reshape(-1), c, replacing=False)
+
+    def _exit(self, block, args, output):
+        pending = sorted(self._c)
         self._close()
-        if output is None or call is None:
-            return
-        if call.pending is not None:
-            raise ExpertsError(f"'{self.layer.path}': expert {call.pending[0]}'s output was never multiplied by a "
-                               "routing weight in the block's forward, so its weight is unknown")
-        expected = call.topk[1].numel() if call.topk is not None else None
-        if call.rows != expected:
-            raise ExpertsError(f"the experts of '{self.layer.path}' exposed C for {call.rows} (token, expert) pairs, "
-                               f"but the block's top-k routes {expected}: its routing is not the top-k / torch.where "
-                               "loop kacq_hooks reads")
+        if pending and output is not None:
+            raise ExpertsError(
+                f"the output of expert(s) {pending} of '{self.layer.path}' was not multiplied by a routing weight "
+                f"inside '{type(block).__name__}'.forward, so kacq_hooks cannot tell their effective coefficients. "
+                "Measure this layer another way: instrument(model, mlp_out='path.{i}.to.a.projection')")
 
-    def _list_c(self, expert: int, c: torch.Tensor) -> None:
-        call = self._call
-        if call is None:
-            raise ExpertsError(f"expert {expert} of '{self.layer.path}' ran outside its block's forward")
-        if call.pending is not None:
-            raise ExpertsError(f"'{self.layer.path}': expert {call.pending[0]}'s output was never multiplied by a "
-                               "routing weight before the next expert ran")
-        call.pending = (expert, self._list_tokens(call, expert, c.shape[0]), c)
+    def _run(self, expert_ids, token_index, weight, c, *, replacing: bool) -> torch.Tensor:
+        self._emitting = True
+        try:
+            for tap in self._taps:
+                if tap.replaces != replacing:
+                    continue
+                out = tap.on_coefficients(expert_ids, token_index, weight, c)
+                if replacing:
+                    if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
+                        raise ExpertsError(f"a replacing tap on '{self.layer.path}' must return a tensor of C's "
+                                           f"shape {tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")
+                    c = out
+        finally:
+            self._emitting = False
+        return c
 
-    def _list_tokens(self, call: _Call, expert: int, n: int) -> torch.Tensor:
-        """The token of each row expert ``expert`` received, from the block's last ``torch.where``, checked
-        against its top-k indices in both orders the loop may use ((top-k slot, token) or (token, slot))."""
-        if call.topk is None or call.where is None or len(call.where) != 2 or call.where[0].shape[0] != n:
-            raise ExpertsError(f"'{self.layer.path}' fed {n} rows to expert {expert} without a torch.topk and a "
-                               "torch.where that select them: its routing cannot be read")
-        index = call.topk[1].reshape(-1, call.topk[1].shape[-1])
-        a, b = call.where
-        if n == 0:
-            return b
-        fits = [tok for tok, slot in ((b, a), (a, b))
-                if int(tok.max()) < index.shape[0] and int(slot.max()) < index.shape[1]
-                and bool((index[tok, slot] == expert).all())]
-        if not fits or (len(fits) == 2 and not torch.equal(*fits)):
-            raise ExpertsError(f"'{self.layer.path}': the rows of expert {expert} do not match its top-k routing")
-        return fits[0]
 
-    def _list_out(self, expert: int, output) -> None:
-        call = self._call
-        if call is not None and call.pending is not None and call.pending[0] == expert:
-            call.out = output
-
-    def _list_weight(self, call: _Call, weight: torch.Tensor) -> None:
-        expert, token_index, c = call.pending
-        call.pending = call.out = None
-        if not isinstance(weight, torch.Tensor) or weight.numel() != c.shape[0]:
-            raise ExpertsError(f"'{self.layer.path}': expert {expert}'s output is multiplied by something other than "
-                               "one routing weight per row")
-        if c.shape[0]:
-            self._emit(call, torch.full_like(token_index, expert), token_index, weight.reshape(-1), c)
+_HUBS: weakref.WeakKeyDictionary[nn.Module, _Hub] = weakref.WeakKeyDictionary()
 
 
 class SharedTap:
@@ -741,20 +885,21 @@ def expert_up_rows(layer: ExpertsLayer, expert: int, rows: torch.Tensor) -> list
         raise ShapeError(f"{layer!r} is dense: scale rows of its up projection directly")
     if not 0 <= expert < layer.experts:
         raise ShapeError(f"expert {expert} is outside 0..{layer.experts - 1} for {layer.path}")
+    if layer.layout == "module_list":  # one gated MLP per expert: the rows of its own up projection
+        mlp = module[expert]
+        up = next((getattr(mlp, n) for n in ("up_proj", "w3") if isinstance(getattr(mlp, n, None), nn.Linear)), None)
+        if up is None or not any(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "w1")):
+            raise ExpertsError(f"{layer.path}.{expert} has no gated up projection (up_proj/w3 beside gate_proj/w1): "
+                               "scaling rows would not multiply C exactly; use hook mode")
+        rows = torch.as_tensor(rows, dtype=torch.long, device=up.weight.device)
+        out = [UpRows(up.weight, (rows,), axis=0)]
+        if up.bias is not None:
+            out.append(UpRows(up.bias, (rows,), axis=0))
+        return out
+    rows = torch.as_tensor(rows, dtype=torch.long, device=module.down_proj.device)
     m = layer.d_ff
-    rows = torch.as_tensor(rows, dtype=torch.long, device=layer.downs[0].weight.device if layer.downs
-                           else module.down_proj.device)
     if rows.numel() and (rows.min() < 0 or rows.max() >= m):
         raise ShapeError(f"rows must lie in 0..{m - 1} for {layer.path}")
-    if layer.layout == "list":  # an expert MLP act(gate x) * (up x): Llama's names or Mixtral's w1/w3
-        mlp = module[expert]
-        up = getattr(mlp, "up_proj", None) or getattr(mlp, "w3", None)
-        if not isinstance(up, nn.Linear) or not isinstance(getattr(mlp, "gate_proj", getattr(mlp, "w1", None)),
-                                                           nn.Linear):
-            raise ExpertsError(f"expert {expert} of {layer.path} ({type(mlp).__name__}) has no gate_proj/up_proj "
-                               "(or w1/w3) pair: no row scaling is known to multiply its C exactly; use hook mode")
-        out = [UpRows(up.weight, (rows,), axis=0)]
-        return out + [UpRows(up.bias, (rows,), axis=0)] if up.bias is not None else out
     decorated = _is_decorated(module)
     if decorated and not module.has_gate:
         raise ExpertsError(f"{layer.path} has no gate: C = act(up x), so no row scaling multiplies C by exactly u")

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import kernels, saving
 from .experts import ExpertsTap, SharedTap
-from .kernels import reference
+from .kernels import experts_cpu, reference
 from .distributed import is_dtensor, local_slice, neuron_shard, reduce as reduce_across_ranks, to_local
 from .entropy import KnowledgeEntropy, knowledge_entropy
 from ._hooks import OwnerHook
@@ -447,7 +447,8 @@ class Instrumentation:
         keep = torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None else rows[token_index]
         docs = None if doc_weight is None else doc_weight[token_index]
         experts = self.sites[index].experts
-        reference.accumulate_experts(c.detach(), expert_ids, weight, keep, docs, self._pending[index], experts)
+        fused = experts_cpu if kernels.backend_for(c.device) == "cpu" else reference
+        fused.accumulate_experts(c.detach(), expert_ids, weight, keep, docs, self._pending[index], experts)
         if self.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_routed_gradient, index, call, c.detach(), expert_ids, keep))
 

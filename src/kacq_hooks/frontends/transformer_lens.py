@@ -110,6 +110,8 @@ def _sites(model, template: str) -> list[Site]:
         if match:
             by_layer.setdefault(int(match.group(1)), (hook_name, hook_point))
     cfg = model.cfg
+    if not by_layer and template == HOOKED_TRANSFORMER_SITE and getattr(cfg, "num_experts", None):
+        return _experts_sites(model)
     if not by_layer:
         sample = [n for n in model.hook_dict if n.startswith("blocks.0.")][:8]
         raise LocateError(
@@ -122,6 +124,31 @@ def _sites(model, template: str) -> list[Site]:
                           "its statistics")
     return [Site(layer=layer, path=name, d_ff=d_ff, d_model=d_model, module=hook_point)
             for layer, (name, hook_point) in sorted(by_layer.items())]
+
+
+HOOKED_TRANSFORMER_EXPERTS_SITE = "blocks.{i}.mlp.experts.{e}.hook_post"
+
+
+def _experts_sites(model) -> list[Site]:
+    """One experts site per MoE block of a HookedTransformer: C of expert e is the input of
+    ``blocks.{i}.mlp.experts.{e}.hook_post``; the routing is read from the MoE block's forward."""
+    from ..experts import ExpertsLayer  # experts imports locate, which imports the front ends
+
+    cfg = model.cfg
+    sites = []
+    for i, block in enumerate(model.blocks):
+        moe = block.mlp
+        experts = getattr(moe, "experts", None)
+        posts = [getattr(expert, "hook_post", None) for expert in experts] if isinstance(experts, nn.ModuleList) else []
+        if not posts or any(p is None for p in posts):
+            raise LocateError(f"blocks.{i}.mlp ({type(moe).__name__}) of a mixture-of-experts HookedTransformer has no "
+                              f"per-expert {HOOKED_TRANSFORMER_EXPERTS_SITE!r} hook points; pass mlp_out= with the hook "
+                              "point whose input is C")
+        layer = ExpertsLayer(layer=i, path=f"blocks.{i}.mlp.experts", kind="experts", module=experts,
+                             experts=len(posts), d_ff=cfg.d_mlp, d_model=cfg.d_model, downs=tuple(posts), block=moe)
+        sites.append(Site(layer=i, path=layer.path, d_ff=layer.slots, d_model=cfg.d_model, module=moe, kind="experts",
+                          experts=layer.experts, expert_d_ff=layer.d_ff, experts_layer=layer))
+    return sites
 
 
 def _read_block_call(args: tuple, kwargs: dict) -> StackInputs:

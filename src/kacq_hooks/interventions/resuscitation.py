@@ -17,6 +17,14 @@ Because C_i -> u_i C_i exactly for a layer whose input is unchanged, the post-ed
 edited layer is known without a forward pass (:meth:`ResuscitationPlan.predicted_entropy`); later
 layers see changed inputs, so there the prediction is a first-order estimate: measure them.
 
+Mixture-of-experts layers are planned over all their memory slots at once (E x m routed slots, then
+the shared experts' neurons): one quantile, one layer mean. A weight edit scales row i of expert e
+inside the 3-D up (or fused gate_up) parameter, and a shared expert's rows in its own up projection;
+hook mode multiplies the routed slots' C inside the experts forward, where the down projection takes
+it (no extra matmul; unedited slots are multiplied by exactly 1), and a shared expert's C in a
+pre-hook on its down projection. The router is unchanged, so the prediction for the first edited
+layer stays exact.
+
 Near-dead neurons (c̄_i -> 0) would get unbounded multipliers: ``max_multiplier`` (default 1000) caps
 them, and the plan reports how many were capped. A neuron with c̄_i = 0 gets the cap (never inf).
 """
@@ -32,6 +40,7 @@ from torch import nn
 
 from ..entropy import KnowledgeEntropy, knowledge_entropy
 from ..errors import ArgumentTypeError, ConfigError, KacqError, LocateError, ResuscitationError, ShapeError
+from ..experts import ExpertsTap, expert_up_rows
 from ..locate import Site, find_sites
 from ..stats import CoefficientStats
 
@@ -292,7 +301,7 @@ class Resuscitation:
         self.plan = plan
         self.mode = mode
         self.sites = sites
-        self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, float]] = []  # param, rows, original, sum
+        self._saved: list[_SavedRows] = []
         self._handles: list = []
         self.active = False
 
@@ -304,12 +313,11 @@ class Resuscitation:
         if not self.active:
             return
         with torch.no_grad():
-            for param, rows, original, edited_sum in reversed(self._saved):
-                current = float(param.index_select(0, rows).double().sum())
-                if current != edited_sum:
+            for saved in reversed(self._saved):
+                if saved.changed():
                     log.warning("the edited rows of a %s parameter changed since the edit (training?); revert "
-                                "restores their pre-edit values and discards those changes", tuple(param.shape))
-                param.index_copy_(0, rows, original.to(param.device))
+                                "restores their pre-edit values and discards those changes", tuple(saved.param.shape))
+                saved.restore()
         for handle in self._handles:
             handle.remove()
         self._saved.clear()
@@ -382,17 +390,21 @@ def resuscitate(model: nn.Module, plan: ResuscitationPlan, mode: str = "weights"
     handle = Resuscitation(model, plan, mode, sites)
     by_layer = dict(zip(plan.layer_ids, sites))
     if mode == "weights":
-        targets = [(edit, _up_rows(model, by_layer[edit.layer])) for edit in plan.edits]  # check all before editing
+        # every target is checked before any weight changes
+        targets = [(edit, _row_targets(model, by_layer[edit.layer], edit)) for edit in plan.edits]
         with torch.no_grad():
-            for edit, (params, offset) in targets:
-                for param in params:
-                    handle._saved.append(_scale_rows(param, edit.indices + offset, edit.multipliers))
+            for edit, rows in targets:
+                for param, index, axis, u in rows:
+                    handle._saved.append(_SavedRows.scale(param, index, axis, u))
     else:
         for edit in plan.edits:
             site = by_layer[edit.layer]
             scale = torch.ones(site.d_ff, dtype=torch.float64)
             scale[edit.indices] = edit.multipliers
-            handle._handles.append(site.module.register_forward_pre_hook(_ScaleInput(scale), prepend=True))
+            if site.kind == "experts":
+                handle._handles += _scale_experts_hooks(site, scale)
+            else:
+                handle._handles.append(site.module.register_forward_pre_hook(_ScaleInput(scale), prepend=True))
     handle.active = True
     handle._mark(+1)
     log.info("resuscitated %d neurons in layers %s by %s (%d capped)", plan.selected, plan.edited_layers, mode,
@@ -456,7 +468,7 @@ def _matching_sites(model: nn.Module, plan: ResuscitationPlan, mlp_out: str | No
 def check_weight_edit(model: nn.Module, mlp_out: str | None = None) -> None:
     """Refuse, with a :class:`~kacq_hooks.errors.LocateError`, a model whose MLPs cannot take a weight edit."""
     for site in find_sites(model, mlp_out):
-        _up_rows(model, site)
+        _row_targets(model, site, None)
 
 
 def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
@@ -468,15 +480,19 @@ def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
 
 def _up_rows(model: nn.Module, site: Site) -> tuple[list[nn.Parameter], int]:
     """The parameters whose rows produce the up half of C (weight, and bias if any), and the row offset."""
-    parent = _parent_of(model, site.module)
+    return _up_rows_of(_parent_of(model, site.module), site.path, site.d_ff)
+
+
+def _up_rows_of(parent: nn.Module, path: str, d_ff: int) -> tuple[list[nn.Parameter], int]:
+    """As :func:`_up_rows`, for the MLP ``parent`` whose output projection (at ``path``) takes C of width ``d_ff``."""
     children = dict(parent.named_children())
     if "gate_up_proj" in children:
-        linear, offset, rows_needed, name = children["gate_up_proj"], site.d_ff, 2 * site.d_ff, "gate_up_proj"
+        linear, offset, rows_needed, name = children["gate_up_proj"], d_ff, 2 * d_ff, "gate_up_proj"
     elif "up_proj" in children and "gate_proj" in children:
-        linear, offset, rows_needed, name = children["up_proj"], 0, site.d_ff, "up_proj"
+        linear, offset, rows_needed, name = children["up_proj"], 0, d_ff, "up_proj"
     else:
         raise LocateError(
-            f"'{site.path}' belongs to a non-gated MLP ({type(parent).__name__} with {sorted(children)}): there "
+            f"'{path}' belongs to a non-gated MLP ({type(parent).__name__} with {sorted(children)}): there "
             "C = act(fc x), which is not linear in a row of fc, so no weight edit scales C_i by exactly u_i. "
             "Use resuscitate(model, plan, mode='hook'), which multiplies C in a hook on the output projection")
     weight = getattr(linear, "weight", None)
@@ -492,10 +508,88 @@ def _up_rows(model: nn.Module, site: Site) -> tuple[list[nn.Parameter], int]:
     return params, offset
 
 
-def _scale_rows(param: torch.Tensor, rows: torch.Tensor, multipliers: torch.Tensor):
-    rows = rows.to(param.device)
-    original = param.index_select(0, rows)
-    u = multipliers.to(param.device).reshape(-1, *([1] * (param.dim() - 1)))
-    edited = (original.double() * u).to(param.dtype)
-    param.index_copy_(0, rows, edited)
-    return param, rows, original.cpu(), float(edited.double().sum())
+class _SavedRows:
+    """The pre-edit values of ``param[index]`` (rows along ``axis``), to write back bit-exactly."""
+
+    def __init__(self, param: torch.Tensor, index: tuple, original: torch.Tensor, edited_sum: float):
+        self.param, self.index, self.original, self.edited_sum = param, index, original, edited_sum
+
+    @classmethod
+    def scale(cls, param: torch.Tensor, index: tuple, axis: int, u: torch.Tensor) -> "_SavedRows":
+        """Multiply ``param[index]`` by ``u`` along ``axis`` (computed in float64, then cast back)."""
+        original = param[index]
+        shape = [1] * original.dim()
+        shape[axis] = -1
+        edited = (original.double() * u.to(original.device, torch.float64).view(shape)).to(param.dtype)
+        param[index] = edited
+        return cls(param, index, original.cpu(), float(edited.double().sum()))
+
+    def changed(self) -> bool:
+        return float(self.param[self.index].double().sum()) != self.edited_sum
+
+    def restore(self) -> None:
+        self.param[self.index] = self.original.to(self.param.device)
+
+
+def _row_targets(model: nn.Module, site: Site, edit: LayerEdit | None) -> list[tuple]:
+    """(parameter, index, axis, u) for every slice that scales the edit's slots; all checks, no writes.
+
+    ``edit`` None only checks that the site can take a weight edit.
+    """
+    indices = edit.indices if edit is not None else torch.zeros(0, dtype=torch.long)
+    u = edit.multipliers if edit is not None else torch.zeros(0, dtype=torch.float64)
+    if site.kind != "experts":
+        params, offset = _up_rows(model, site)
+        return [(p, (indices + offset,), 0, u) for p in params]
+    layer = site.experts_layer
+    m = layer.d_ff
+    out = []
+    for expert in range(layer.experts):
+        chosen = (indices >= expert * m) & (indices < (expert + 1) * m)
+        if not (chosen.any() or edit is None):
+            continue
+        if layer.layout == "module_list":  # one MLP per expert: its own up rows
+            params, offset = _up_rows_of(layer.module[expert], f"{layer.path}.{expert}", m)
+            out += [(p, (indices[chosen] - expert * m + offset,), 0, u[chosen]) for p in params]
+        elif expert == 0 or edit is not None:
+            for rows in expert_up_rows(layer, expert, indices[chosen] - expert * m):
+                out.append((rows.parameter, rows.index, rows.axis, u[chosen]))
+    start = layer.experts * m
+    for shared in layer.shared:
+        chosen = (indices >= start) & (indices < start + shared.d_ff)
+        if chosen.any() or edit is None:
+            params, offset = _up_rows_of(shared.module, shared.path, shared.d_ff)
+            out += [(p, (indices[chosen] - start + offset,), 0, u[chosen]) for p in params]
+        start += shared.d_ff
+    return out
+
+
+class _ScaleSlots:
+    """A replacing :class:`ExpertsTap` callback: each routed row's C times its expert's slot multipliers."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale  # float64 [E, m]
+        self._cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def __call__(self, expert_ids, token_index, weight, c):
+        key = (c.dtype, c.device)
+        if key not in self._cast:
+            self._cast[key] = self.scale.to(device=c.device, dtype=c.dtype)
+        return c * self._cast[key][expert_ids]
+
+
+def _scale_experts_hooks(site: Site, scale: torch.Tensor) -> list:
+    """Handles that multiply an experts site's slots by ``scale`` (float64 [d_ff]) where C is computed."""
+    layer = site.experts_layer
+    routed = layer.experts * layer.d_ff
+    handles = []
+    if bool((scale[:routed] != 1).any()):
+        handles.append(ExpertsTap(layer, _ScaleSlots(scale[:routed].view(layer.experts, layer.d_ff)),
+                                  replaces=True).attach())
+    start = routed
+    for shared in layer.shared:
+        part = scale[start:start + shared.d_ff]
+        if bool((part != 1).any()):  # registered first, so a SharedTap sees the scaled C
+            handles.append(shared.down.register_forward_pre_hook(_ScaleInput(part), prepend=True))
+        start += shared.d_ff
+    return handles
