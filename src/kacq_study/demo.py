@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 # How long the study takes: the one place that says it (the CLI's --help and the README quote it; a test
 # checks the README). Measured with `bash scripts/demo.sh` on the project's 2-core development machine.
 RUN_TIME = {
-    "default": "about 8 minutes on 2 CPU cores (7 min 43 s to 8 min 24 s measured)",
+    "default": "about 8 minutes on 2 CPU cores (7 min 11 s to 8 min 24 s measured)",
     "quick": "about 1 minute",
     "zhu": "about 10 minutes (10 min 21 s measured)",
 }
