@@ -271,3 +271,20 @@ def test_encoder_decoder_model_names_its_bert_decoder_the_decoder_stack():
 
     model = build("encoder-decoder", "seq2seq_lm")
     assert {s.stack for s in kh.find_sites(model)} == {"encoder", "decoder"}
+
+
+def test_a_finished_call_keeps_no_reference_to_the_forwards_outputs():
+    """The call's frame (held to tell a live forward from a dead one) must not outlive it: its locals hold the
+    logits, which would stay alive through the next forward (and its peak memory)."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    inst = kh.instrument(model)
+    with torch.no_grad():
+        out = model(torch.randint(2, VOCAB, (2, 6))).logits
+    ref = weakref.ref(out)
+    del out
+    gc.collect()
+    assert ref() is None
+    assert tokens(inst) == [12, 12]

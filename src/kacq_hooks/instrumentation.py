@@ -315,6 +315,7 @@ class Instrumentation:
                                           else (self.binding.closer or self.binding.root)):
             return
         self._call = None
+        call.frame = None  # a finished frame holds the forward's locals (its outputs): never keep it
         if _failing(call.handling):  # torch runs always-called hooks while the forward's exception propagates
             self._discard(call)
             return
@@ -334,6 +335,7 @@ class Instrumentation:
 
     def _discard(self, call: _Call, why: str | None = None) -> None:
         call.discarded = True
+        call.frame = None
         self._pending.reset()
         if call.fired:
             self.discarded_calls += 1
