@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kacq_hooks as kh  # noqa: E402
+from kacq_hooks import bench  # noqa: E402
 from _harness import (describe, paired_ratio, parse_args, peak_during, peak_in_subprocess,  # noqa: E402
                       print_table, time_samples)
 from _models import build  # noqa: E402
@@ -33,29 +33,7 @@ VARIANTS = {  # name -> instrument() options, or None for the bare model
 
 
 def training_runs(model, ids, mask, names) -> dict[str, Callable[[], None]]:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    labels = ids.masked_fill(mask == 0, -100)
-
-    def step():
-        model(ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    runs = {}
-    for name in names:
-        options = VARIANTS[name]
-        if options is None:
-            runs[name] = step
-            continue
-        inst = kh.instrument(model, **options)
-        inst.remove()  # attached only during its own steps
-
-        def instrumented(inst=inst):
-            with inst:
-                step()
-        runs[name] = instrumented
-    return runs
+    return bench.training_runs(model, ids, mask, {name: VARIANTS[name] for name in names})
 
 
 def peak_of(size: str, name: str) -> None:

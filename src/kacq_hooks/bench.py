@@ -248,9 +248,14 @@ def _nnsight_run(model, ids, mask):
     return run
 
 
-def training_runs(model, ids, mask) -> dict[str, Callable]:
-    """Forward + backward + AdamW step, plain and with ``instrument(model, grads=True)``."""
+TRAINING_VARIANTS = {"plain": None, "kacq instrument(grads=True)": {"grads": True}}
 
+
+def training_runs(model, ids, mask, variants: dict | None = None) -> dict[str, Callable]:
+    """Forward + backward + AdamW step per variant: name -> ``instrument()`` options, or None for the bare model.
+
+    Each instrumentation is attached only during its own steps, so interleaved variants do not overlap.
+    """
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     labels = ids.masked_fill(mask == 0, -100)
@@ -260,13 +265,19 @@ def training_runs(model, ids, mask) -> dict[str, Callable]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    inst = instrument(model, grads=True)
-    inst.remove()
+    runs = {}
+    for name, options in (TRAINING_VARIANTS if variants is None else variants).items():
+        if options is None:
+            runs[name] = step
+            continue
+        inst = instrument(model, **options)
+        inst.remove()
 
-    def instrumented():
-        with inst:
-            step()
-    return {"plain": step, "kacq instrument(grads=True)": instrumented}
+        def instrumented(inst=inst):
+            with inst:
+                step()
+        runs[name] = instrumented
+    return runs
 
 
 def run_bench(model, ids, mask, *, repeats: int = 9, training: bool = True, frontends: bool = False,

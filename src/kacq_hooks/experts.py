@@ -611,16 +611,11 @@ class _Hub:
         call.rows += c.shape[0]
         self._emitting = True
         try:
-            for tap in [t for t in self._taps if t.replaces] + [t for t in self._taps if not t.replaces]:
-                out = tap.on_coefficients(expert_ids, token_index, weight, c)
-                if tap.replaces:
-                    if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
-                        raise ExpertsError(f"a replacing tap on '{self.layer.path}' must return a tensor of C's "
-                                           f"shape {tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")
-                    c = out
+            c = _hand_to_taps([t for t in self._taps if t.replaces], self.layer.path, expert_ids, token_index, weight, c)
+            return _hand_to_taps([t for t in self._taps if not t.replaces], self.layer.path, expert_ids, token_index,
+                                 weight, c)
         finally:
             self._emitting = False
-        return c
 
 
 _VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
@@ -777,18 +772,22 @@ class _ListHub:
     def _run(self, expert_ids, token_index, weight, c, *, replacing: bool) -> torch.Tensor:
         self._emitting = True
         try:
-            for tap in self._taps:
-                if tap.replaces != replacing:
-                    continue
-                out = tap.on_coefficients(expert_ids, token_index, weight, c)
-                if replacing:
-                    if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
-                        raise ExpertsError(f"a replacing tap on '{self.layer.path}' must return a tensor of C's "
-                                           f"shape {tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")
-                    c = out
+            return _hand_to_taps([t for t in self._taps if t.replaces == replacing], self.layer.path, expert_ids,
+                                 token_index, weight, c)
         finally:
             self._emitting = False
-        return c
+
+
+def _hand_to_taps(taps, path: str, expert_ids, token_index, weight, c) -> torch.Tensor:
+    """Call each tap on the routed rows; a replacing tap's result is the C the next tap and the forward see."""
+    for tap in taps:
+        out = tap.on_coefficients(expert_ids, token_index, weight, c)
+        if tap.replaces:
+            if not (isinstance(out, torch.Tensor) and out.shape == c.shape and out.dtype == c.dtype):
+                raise ExpertsError(f"a replacing tap on '{path}' must return a tensor of C's shape "
+                                   f"{tuple(c.shape)} and dtype {c.dtype}, not {out!r:.80}")
+            c = out
+    return c
 
 
 _HUBS: weakref.WeakKeyDictionary[nn.Module, _Hub] = weakref.WeakKeyDictionary()
