@@ -194,3 +194,38 @@ def test_trajectory_store_appends_resumes_and_exports(tmp_path, tokenizer):
         facts.FactTracker(model, tokenizer, other, store=path)
     header = json.loads(path.read_text().splitlines()[0])
     assert header["format"] == "kacq_hooks.trajectory" and len(header["probes"]) == 6
+
+
+def _bos_tokenizer(tokenizer):
+    """A copy of the test tokenizer whose post-processor prepends a BOS token, as Llama's and OLMo's do."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos = copy.deepcopy(tokenizer)
+    bos.add_special_tokens({"bos_token": "<bos>"})
+    bos_id = bos.convert_tokens_to_ids("<bos>")
+    bos.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos_id)])
+    assert bos("the fox")["input_ids"][0] == bos_id  # the fixture really adds a BOS
+    return bos, bos_id
+
+
+def test_probes_are_scored_without_special_tokens_unless_asked(tokenizer):
+    """The released code scores probes as the packed training rows hold text: no BOS. A tokenizer that adds
+    one must not change the default scores; add_special_tokens=True puts it in front of every probe."""
+    bos, bos_id = _bos_tokenizer(tokenizer)
+    model = tiny_model("llama", vocab_size=len(bos))
+    fs = facts.FactSet([_record(["The quick brown fox jumps over the", "Zorgon was founded in"], ["lazy dog", "1842"])])
+    plain = facts.FactTracker(model, bos, fs, kinds=["mem"])
+    assert all(bos_id not in e.ids for e in plain.encoded)
+    with_bos = facts.FactTracker(model, bos, fs, kinds=["mem"], add_special_tokens=True)
+    assert all(e.ids[0] == bos_id and e.ids[1:] == p.ids for e, p in zip(with_bos.encoded, plain.encoded))
+    assert [e.target_start - 1 for e in with_bos.encoded] == [e.target_start for e in plain.encoded]
+    assert not torch.allclose(plain.score_probes().mean, with_bos.score_probes().mean)
+    # the scores are the log probabilities of a forward on exactly those ids
+    for column, encoded in enumerate(with_bos.encoded):
+        with torch.no_grad():
+            log_probs = model(torch.tensor([encoded.ids])).logits[0].double().log_softmax(-1)
+        positions = range(encoded.target_start, len(encoded.ids))
+        expected = sum(float(log_probs[p - 1, encoded.ids[p]]) for p in positions) / len(positions)
+        assert with_bos.score_probes().mean[column].item() == pytest.approx(expected, abs=1e-5)

@@ -57,11 +57,13 @@ class TokenizationReport:
         return not self.unclean
 
 
-def encode_probe(tokenizer, input_text: str, target_text: str) -> EncodedProbe:
+def encode_probe(tokenizer, input_text: str, target_text: str, add_special_tokens: bool = False) -> EncodedProbe:
     """Tokenize one probe and locate its target span from character offsets.
 
-    Needs a fast tokenizer (offsets). Leading special tokens (BOS) stay in the context, trailing ones
-    (an appended EOS) are dropped.
+    Needs a fast tokenizer (offsets). By default no special tokens are added: the probe's text is scored
+    the way the packed training rows hold text (as the released analysis code does). With
+    ``add_special_tokens=True`` the tokenizer's own template applies: leading special tokens (a BOS)
+    stay in the context, trailing ones (an appended EOS) are dropped.
 
     >>> from kacq_hooks.corpus import train_bpe_tokenizer
     >>> tok = train_bpe_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
@@ -74,7 +76,7 @@ def encode_probe(tokenizer, input_text: str, target_text: str) -> EncodedProbe:
     text = f"{input_text} {target_text}"
     try:
         encoding = tokenizer(
-            text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=True
+            text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=add_special_tokens
         )
     except NotImplementedError as error:
         raise ProbeTokenizationError(

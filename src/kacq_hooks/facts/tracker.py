@@ -56,6 +56,11 @@ class FactTracker:
     this tokenizer: "error", "extend" (score the straddling token as part of the target; the default)
     or "nan". Either way ``tokenization`` reports which probes were affected.
 
+    ``add_special_tokens`` (default False) says whether probes are tokenized with the tokenizer's special
+    tokens (a BOS in front, for Llama-style tokenizers). The default scores them as the training rows hold
+    text, with no BOS, as the released analysis code does; a model trained with a BOS at every document
+    start may be scored with ``True``.
+
     ``trim_logits`` asks the model only for the last positions' logits, those that predict target
     tokens (``logits_to_keep``), where its forward accepts that; the LM head then costs almost nothing.
 
@@ -84,6 +89,7 @@ class FactTracker:
         unclean_targets: UncleanPolicy = "extend",
         store: TrajectoryStore | str | os.PathLike | None = None,
         trim_logits: bool = True,
+        add_special_tokens: bool = False,
     ):
         if not isinstance(facts, FactSet):
             facts = FactSet(list(facts))
@@ -101,6 +107,7 @@ class FactTracker:
         self.batch_size = batch_size
         self.padding_side = padding_side
         self.unclean_targets = unclean_targets
+        self.add_special_tokens = bool(add_special_tokens)
         self.probes: list[ProbeRef] = [
             ProbeRef(record, kind, index)
             for kind in self.kinds
@@ -195,7 +202,7 @@ class FactTracker:
         for probe in self.probes:
             input_text, target_text = self.facts[probe.record].probes(probe.kind)[probe.index]
             try:
-                item = encode_probe(self.tokenizer, input_text, target_text)
+                item = encode_probe(self.tokenizer, input_text, target_text, self.add_special_tokens)
             except ProbeTokenizationError as error:
                 raise ProbeTokenizationError(
                     f"record {probe.record}, {probe.kind} probe {probe.index}: {error}"
