@@ -114,9 +114,11 @@ class DemoConfig:
     weight_decay: float = 0.01
     early_step: int = 50                # the "early" checkpoint; the "late" one is the last step
     entropy_every: int = 10
+    arm_entropy_every: int = 20          # calibration entropy during continued training (also the progress bar's)
     # facts and injection
     facts: str | None = None             # None: procedural facts; else a Fictional Knowledge JSON path
     facts_per_scenario: int = 2
+    control_facts: int = 2               # records never injected ("unused"): what continued training alone does to a fact
     injection: str = "row"               # "row": each passage + EOS starts one row, cut to seq_len (Chang et al.);
                                          # "span": a longer passage continues over the next rows, kept whole
     injection_every: int = 30
@@ -471,9 +473,10 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
     calibration, train = packed[:n_cal], packed[n_cal:]
     per = config.facts_per_scenario
     if config.facts is None:
-        facts = kf.generate_facts(3 * per, seed=config.seed, n_paraphrases=max(1, config.injection_rounds - 1),
-                                  avoid=texts)
-        facts = kf.assign_scenarios(facts, {"paraphrase": 1 / 3, "duplication": 1 / 3, "once": 1 / 3})
+        generated = kf.generate_facts(3 * per + config.control_facts, seed=config.seed,
+                                      n_paraphrases=max(1, config.injection_rounds - 1), avoid=texts)
+        scenarios = [s for s in ("paraphrase", "duplication", "once") for _ in range(per)]
+        facts = kf.FactSet(list(generated), scenarios + ["unused"] * config.control_facts)
         facts_source = "generated"
     else:
         loaded = kf.load_fictional_knowledge(config.facts)
@@ -484,6 +487,11 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
                 raise DemoConfigError(f"{config.facts} has {len(indices)} '{scenario}' records, fewer than "
                                       f"facts_per_scenario={per}")
             picked += [(loaded[i], scenario) for i in indices]
+        unused = loaded.indices("unused")[:config.control_facts]
+        if len(unused) < config.control_facts:
+            raise DemoConfigError(f"{config.facts} has {len(unused)} 'unused' records, fewer than "
+                                  f"control_facts={config.control_facts}")
+        picked += [(loaded[i], "unused") for i in unused]
         facts = kf.FactSet([r for r, _ in picked], [s for _, s in picked])
         facts_source = str(config.facts)
     summary = {
@@ -577,6 +585,7 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
     eos = data.tokenizer.eos_token_id
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed + 17))
     losses = []
+    entropy = {"steps": [0], "total": [entropy_start["total"]]}
     rows_per_step = config.continue_batch_size or config.batch_size
     model.train()
     for step in range(config.continue_steps):
@@ -594,19 +603,24 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
                 passages = [data.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in texts]
                 ids, _ = inject_spanning(ids, passages, config.seq_len)
         losses.append(step_fn(ids, torch.ones_like(ids)))
+        if (step + 1) % config.arm_entropy_every == 0 and step + 1 < config.continue_steps:
+            entropy["steps"].append(step + 1)
+            entropy["total"].append(data.calibration.entropy(model)["total"])
         report(f"arm:{arm.name}", {"step": step + 1, "total": config.continue_steps, "loss": losses[-1],
-                                   "entropy": entropy_start["total"]})
+                                   "entropy": entropy["total"][-1]})
     store.append(config.continue_steps, tracker.score_probes())
     if landing is not None:
         landing.record(config.continue_steps)
     accuracy_after = data.calibration.accuracy(model)
     entropy_end = data.calibration.entropy(model)
+    entropy["steps"].append(config.continue_steps)
+    entropy["total"].append(entropy_end["total"])
     results = {
         "checkpoint": arm.checkpoint, "checkpoint_step": checkpoints[arm.checkpoint]["step"],
-        "edit": edit, "entropy_start": entropy_start, "entropy_end": entropy_end,
+        "edit": edit, "entropy_start": entropy_start, "entropy_end": entropy_end, "entropy": entropy,
         "loss": losses,
         **_fact_metrics(store, schedule, config),
-        "kim": _kim_metrics(store.values("mean").double(), accuracy_before, accuracy_after),
+        "kim": _kim_metrics(_injected_values(store, schedule), accuracy_before, accuracy_after),
     }
     if landing is not None:
         results["attribution"] = landing.summary(schedule, data.facts, config.resuscitation_ratio)
@@ -698,6 +712,9 @@ def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, con
         for kind in kf.PROBE_KINDS:
             row = summary.get((scenario, kind))
             if row is None:
+                columns = store.columns(kind=kind, scenario=scenario) if scenario == "unused" else []
+                if columns:  # never injected: a trajectory for the figures, no metrics
+                    trajectories[f"{scenario}/{kind}"] = values[:, columns].T.nanmean(0).tolist()
                 continue
             key = f"{scenario}/{kind}"
             columns = store.columns(kind=kind, scenario=scenario)
@@ -718,7 +735,33 @@ def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, con
                     "points": int(torch.isfinite(curve).sum()) if fitted else 0}},
                 "log_prob_start": float(group[:, 0].nanmean()), "log_prob_end": float(group[:, -1].nanmean()),
             }
-    return {"trajectories": trajectories, "groups": groups}
+    return {"trajectories": trajectories, "groups": groups, "learning": _learning(store, schedule)}
+
+
+def _learning(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule) -> dict:
+    """Whether the arm learned its facts at all: the mean target log prob (nats per token, all probe kinds) of
+    injected facts and of facts never injected ("unused"), at the arm's start, its end and the change, overall
+    and per kind. Facts that rise no more than the controls were not learned from their injections."""
+    values = store.values("mean").double()                                      # [steps + 1, probes]
+    out: dict[str, dict] = {}
+    for group, injected in (("injected", True), ("control", False)):
+        columns = [c for c, p in enumerate(store.probes) if bool(schedule.steps_of(p.record)) == injected]
+        if not columns:
+            continue
+        picked = values[:, columns]
+        kinds = {kind: [i for i, c in enumerate(columns) if store.probes[c].kind == kind] for kind in kf.PROBE_KINDS}
+        out[group] = {"probes": len(columns), "start": float(picked[0].nanmean()), "end": float(picked[-1].nanmean()),
+                      "peak": float(picked.nanmean(1).max()),
+                      "rise": float(picked[-1].nanmean() - picked[0].nanmean()),
+                      "rise_by_kind": {kind: float(picked[-1, idx].nanmean() - picked[0, idx].nanmean())
+                                       for kind, idx in kinds.items() if idx}}
+    return out
+
+
+def _injected_values(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule) -> torch.Tensor:
+    """``[steps + 1, probes]`` mean target log probs of the injected facts' probes (the controls left out)."""
+    columns = [c for c, p in enumerate(store.probes) if schedule.steps_of(p.record)]
+    return store.values("mean").double()[:, columns]
 
 
 def _kim_metrics(trajectory: torch.Tensor, accuracy_before: float, accuracy_after: float) -> dict:
