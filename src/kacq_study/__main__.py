@@ -3,4 +3,5 @@ import sys
 
 from kacq_study.cli import main
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # the study's spawned workers import this module again: they must not rerun it
+    sys.exit(main(sys.argv[1:]))

@@ -140,6 +140,7 @@ class DemoConfig:
     sam_rho: float = 0.05
     arms: tuple[str, ...] = ("early", "late", "late+resuscitation")
     threads: int = 1                     # fixed thread count: CPU reductions are then run-to-run identical
+    device: str = "cpu"                  # where the model, batches and calibration live ("cpu", "cuda", "cuda:1")
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -150,6 +151,27 @@ class DemoConfig:
                      continue_batch_size=None, continue_warmup=4, injection_every=8, injection_rounds=3,
                      lead_steps=5, tail_steps=16, window=4, augment_variants=2)
         return cls(**{**small, **overrides})
+
+    def scaled(self, k: float) -> "DemoConfig":
+        """A larger (k > 1) or smaller study: d_model and d_ff times ``k`` (d_model kept a multiple of n_heads),
+        and the pretraining steps, the corpus documents and the step settings tied to them (early checkpoint,
+        warmup, entropy interval) times ``k``, so the checkpoints stay at the same share of training. Meant for
+        a GPU (``--scale``); ``k = 1`` is this config."""
+        if not k > 0:
+            raise DemoConfigError(f"scale must be > 0, got {k}")
+        if k == 1:
+            return self
+
+        def times(value: int, minimum: int = 1) -> int:
+            return max(minimum, round(value * k))
+
+        d_model = max(self.n_heads, round(self.d_model * k / self.n_heads) * self.n_heads)
+        steps = times(self.pretrain_steps, 2)
+        return dataclasses.replace(
+            self, d_model=d_model, d_ff=times(self.d_ff), pretrain_steps=steps,
+            early_step=min(steps - 1, times(self.early_step)), warmup_steps=times(self.warmup_steps, 0),
+            entropy_every=times(self.entropy_every),
+            max_docs=None if self.max_docs is None else times(self.max_docs))
 
     @property
     def continue_steps(self) -> int:
@@ -313,7 +335,7 @@ def build_model(config: DemoConfig, vocab_size: int, pad_token_id: int, eos_toke
         tie_word_embeddings=True,
     )
     torch.manual_seed(config.seed)
-    return LlamaForCausalLM(model_config)
+    return LlamaForCausalLM(model_config).to(config.device)  # initialized on the CPU: the same weights anywhere
 
 
 def _lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -334,7 +356,11 @@ class Calibration:
 
     def _batches(self) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.ids), self.batch_size):
-            yield self.ids[start:start + self.batch_size]
+            yield self.ids[start:start + self.batch_size].to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
 
     def instrumentation(self, model: nn.Module) -> kh.Instrumentation:
         return kh.measure(model, ({"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in self._batches()))
@@ -501,7 +527,7 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
         "facts": facts_source, "records": len(facts), "scenarios": list(facts.scenarios),
         "injection_steps": config.injection_steps(),
     }
-    return _Data(tokenizer, train, Calibration(calibration), facts, summary)
+    return _Data(tokenizer, train, Calibration(calibration.to(config.device)), facts, summary)
 
 
 def _pretrain(config: DemoConfig, data: _Data, report: Progress) -> tuple[dict, dict]:
@@ -526,7 +552,7 @@ def _pretrain(config: DemoConfig, data: _Data, report: Progress) -> tuple[dict, 
     latest = measure(0)
     for step in range(1, config.pretrain_steps + 1):
         rows = order[torch.arange((step - 1) * config.batch_size, step * config.batch_size) % len(order)]
-        ids = data.train[rows]
+        ids = data.train[rows].to(config.device)
         loss = _lm_loss(model, ids, torch.ones_like(ids))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -551,7 +577,7 @@ def _pretrain(config: DemoConfig, data: _Data, report: Progress) -> tuple[dict, 
 
 
 def _snapshot(model: nn.Module, step: int) -> dict:
-    return {"step": step, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {"step": step, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
 
 
 def _cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -593,7 +619,7 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
         if landing is not None and step in attribute_at:
             landing.record(step)
         rows = order[torch.arange(step * rows_per_step, (step + 1) * rows_per_step) % len(order)]
-        ids = data.train[rows]
+        ids = data.train[rows].to(config.device)
         due = schedule.at(step)
         if due:
             texts = [arm.transform(i, data.facts, config) if arm.transform else i.text for i in due]

@@ -19,6 +19,17 @@ SCENARIOS = ("paraphrase", "duplication", "once")
 # low-activity must exceed the share of all slots that were by this much (fixed before any run).
 LANDING_MARGIN = 0.05
 LANDING_ARMS = ("late", "late+resuscitation")
+# A retainability fit with R^2 below this is "no power law": its decay constant is never compared or printed.
+POWER_LAW_MIN_R2 = 0.5
+# Regime checks (is the study in the papers' regime at all?), reported apart from the papers' findings.
+# Facts are learned: injected facts' mean target log prob rises by at least this many nats over the arm ...
+LEARNED_MIN_RISE = 1.0
+# ... and by at least this many nats more than the never-injected control facts' does.
+LEARNED_MARGIN = 0.5
+# Pretraining has flattened: the mean loss over the last LOSS_FLAT_WINDOW of the steps is within
+# LOSS_FLAT_TOLERANCE (relative) of the mean over the window before it.
+LOSS_FLAT_WINDOW = 0.1
+LOSS_FLAT_TOLERANCE = 0.02
 
 
 def _finding(key: str, paper: str, claim: str, criterion: str, values: dict, holds: bool | None) -> dict:
@@ -46,6 +57,15 @@ def _spearman(x: list[float], y: list[float]) -> float | None:
 
 def _finite(values) -> list[float]:
     return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def fit_ok(fit: dict | None) -> bool:
+    """Whether a retainability fit is a power law by its own quality criterion (R^2 >= POWER_LAW_MIN_R2)."""
+    if not fit:
+        return False
+    r2, decay = fit.get("r_squared"), fit.get("decay")
+    return (isinstance(r2, (int, float)) and math.isfinite(r2) and r2 >= POWER_LAW_MIN_R2
+            and isinstance(decay, (int, float)) and math.isfinite(decay))
 
 
 def _kim(results: dict, arm: str, key: str) -> float | None:
@@ -163,10 +183,12 @@ def assess(results: dict) -> list[dict]:
     r2 = [f["r_squared"] for f in fits.values()]
     found.append(_finding(
         "power_law_forgetting", "Chang et al. 2024", "forgetting follows a power law in steps",
-        f"in arm '{reference}', the fit R ~ intercept - decay log10(t) has median R^2 >= 0.5 and decay > 0 in "
-        "most groups",
+        f"in arm '{reference}', the fit R ~ intercept - decay log10(t) has median R^2 >= {POWER_LAW_MIN_R2} and "
+        f"decay > 0 in most groups (a group whose fit has R^2 < {POWER_LAW_MIN_R2} has no power law and counts as "
+        "not decaying)",
         {"r_squared": {k: f["r_squared"] for k, f in fits.items()}, "decay": {k: f["decay"] for k, f in fits.items()}},
-        (median(r2) >= 0.5 and sum(f["decay"] > 0 for f in fits.values()) > len(fits) / 2) if fits else None))
+        (median(r2) >= POWER_LAW_MIN_R2 and sum(fit_ok(f) and f["decay"] > 0 for f in fits.values()) > len(fits) / 2)
+        if fits else None))
 
     def scenario_mean(scenario: str, pick) -> float | None:
         vals = _finite(pick(groups[f"{scenario}/{kind}"]) for kind in KINDS if f"{scenario}/{kind}" in groups)
@@ -178,12 +200,21 @@ def assess(results: dict) -> list[dict]:
         "duplication_more_effective", "Chang et al. 2024", "duplication gives higher effectivity than paraphrase",
         f"in arm '{reference}', mean effectivity over kinds: duplication > paraphrase",
         {"duplication": dup_e, "paraphrase": par_e}, (dup_e > par_e) if None not in (dup_e, par_e) else None))
-    dup_a = scenario_mean("duplication", lambda g: g["retainability"]["fit"]["decay"])
-    par_a = scenario_mean("paraphrase", lambda g: g["retainability"]["fit"]["decay"])
+    def scenario_decay(scenario: str) -> float | None:
+        """The mean decay constant over kinds, only when every kind's fit is a power law (else None: a
+        decay from a failed fit is not compared, and a mean over fewer kinds would not be like for like)."""
+        fitted = [groups.get(f"{scenario}/{kind}", {}).get("retainability", {}).get("fit") for kind in KINDS]
+        return mean(f["decay"] for f in fitted) if all(fit_ok(f) for f in fitted) else None
+
+    dup_a, par_a = scenario_decay("duplication"), scenario_decay("paraphrase")
     found.append(_finding(
         "duplication_forgets_faster", "Chang et al. 2024", "duplication is forgotten faster than paraphrase",
-        f"in arm '{reference}', mean decay constant over kinds: duplication > paraphrase",
-        {"duplication": dup_a, "paraphrase": par_a}, (dup_a > par_a) if None not in (dup_a, par_a) else None))
+        f"in arm '{reference}', mean decay constant over kinds: duplication > paraphrase; not checked when a "
+        f"scenario has a kind whose fit has R^2 < {POWER_LAW_MIN_R2} (no power law)",
+        {"duplication": dup_a, "paraphrase": par_a,
+         "r_squared": {f"{s}/{k}": groups.get(f"{s}/{k}", {}).get("retainability", {}).get("fit", {}).get("r_squared")
+                       for s in ("duplication", "paraphrase") for k in KINDS}},
+        (dup_a > par_a) if None not in (dup_a, par_a) else None))
 
     for arm, claim in (("late+augment", "formatting augmentation"), ("late+sam", "SAM"),
                        ("late+augment+sam", "augmentation and SAM together")):
@@ -196,8 +227,123 @@ def assess(results: dict) -> list[dict]:
     return found
 
 
+def facts_are_learned(results: dict, arm: str) -> dict:
+    """The regime check "facts are learned" for one arm: the injected facts' mean target log prob rises by at
+    least :data:`LEARNED_MIN_RISE` nats over the arm, and by at least :data:`LEARNED_MARGIN` more than the
+    never-injected control facts' (None when the arm has no learning record or no controls).
+
+    >>> facts_are_learned({"arms": {"late": {"learning": {"injected": {"rise": 1.6}, "control": {"rise": 0.2}}}}},
+    ...                   "late")["holds"]
+    True
+    """
+    learning = results.get("arms", {}).get(arm, {}).get("learning") or {}
+    injected = learning.get("injected", {}).get("rise")
+    control = learning.get("control", {}).get("rise")
+    holds = None
+    if isinstance(injected, (int, float)) and isinstance(control, (int, float)):
+        holds = injected >= LEARNED_MIN_RISE and injected >= control + LEARNED_MARGIN
+    return _finding(
+        f"facts_are_learned[{arm}]", "regime", f"the injected facts are learned in arm '{arm}'",
+        f"the injected facts' mean target log prob rises >= {LEARNED_MIN_RISE} nats from the arm's start to its end, "
+        f"and >= the never-injected control facts' rise + {LEARNED_MARGIN} nats",
+        {"injected_rise": injected, "control_rise": control}, holds)
+
+
+def loss_flattened(results: dict) -> dict:
+    """The regime check "pretraining's loss has flattened": the mean loss over the last
+    :data:`LOSS_FLAT_WINDOW` of the steps is within :data:`LOSS_FLAT_TOLERANCE` (relative) of the mean
+    over the same number of steps before them.
+
+    >>> loss_flattened({"pretraining": {"loss": [9.0] * 80 + [3.02] * 10 + [3.0] * 10}})["holds"]
+    True
+    """
+    losses = _finite(results.get("pretraining", {}).get("loss") or [])
+    window = max(1, round(LOSS_FLAT_WINDOW * len(losses)))
+    values: dict[str, Any] = {"last": None, "before": None, "relative_change": None}
+    holds = None
+    if len(losses) >= 2 * window:
+        last, before = mean(losses[-window:]), mean(losses[-2 * window:-window])
+        change = (last - before) / abs(before) if before else None
+        values = {"last": last, "before": before, "relative_change": change}
+        holds = abs(change) <= LOSS_FLAT_TOLERANCE if change is not None else None
+    return _finding(
+        "loss_flattened", "regime", "pretraining ran until its loss curve flattened",
+        f"the mean training loss over the last {LOSS_FLAT_WINDOW:.0%} of pretraining steps is within "
+        f"{LOSS_FLAT_TOLERANCE:.0%} of the mean over the {LOSS_FLAT_WINDOW:.0%} before them",
+        values, holds)
+
+
+def regime(results: dict) -> list[dict]:
+    """The regime checks (not the papers' findings): pretraining flattened, and each arm learned its facts."""
+    return [loss_flattened(results), *(facts_are_learned(results, arm) for arm in results.get("arms", {}))]
+
+
+def spread(values) -> dict:
+    """Mean, min and max over the finite numbers of ``values`` (one per seed; None where a seed has none),
+    with the values themselves.
+
+    >>> spread([1.0, None, 3.0])
+    {'mean': 2.0, 'min': 1.0, 'max': 3.0, 'values': [1.0, None, 3.0]}
+    """
+    values = [v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+              for v in values]
+    finite = [v for v in values if v is not None]
+    return {"mean": mean(finite) if finite else None, "min": min(finite) if finite else None,
+            "max": max(finite) if finite else None, "values": values}
+
+
+def combine(trees: list) -> Any:
+    """Numbers at the same place in every tree (dicts by key, lists by index) become their :func:`spread`;
+    strings and booleans are kept when equal across trees (None otherwise). A key or index missing from a
+    tree counts as None there.
+
+    >>> combine([{"a": [1, 2], "b": "x"}, {"a": [3, 4], "b": "x"}])["a"][1]["mean"]
+    3
+    """
+    present = [t for t in trees if t is not None]
+    if not present:
+        return None
+    if all(isinstance(t, dict) for t in present):
+        keys = list(dict.fromkeys(k for t in present for k in t))
+        return {k: combine([t.get(k) if isinstance(t, dict) else None for t in trees]) for k in keys}
+    if all(isinstance(t, (list, tuple)) for t in present):
+        size = max(len(t) for t in present)
+        return [combine([t[i] if isinstance(t, (list, tuple)) and i < len(t) else None for t in trees])
+                for i in range(size)]
+    if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in present):
+        return spread(trees)
+    return present[0] if all(t == present[0] for t in present) and len(present) == len(trees) else None
+
+
+def combine_findings(per_seed: list[list[dict]]) -> list[dict]:
+    """One finding per id over seeds: held for k of n seeds, checked for m; it reproduces only if it held for
+    every seed (a seed where it could not be checked counts as not held). ``values`` combines the seeds'
+    values with :func:`combine`; the criterion is the first seed's (the same code for every seed)."""
+    n = len(per_seed)
+    by_id: dict[str, list] = {}
+    for s, found in enumerate(per_seed):
+        for f in found:
+            by_id.setdefault(f["id"], [None] * n)[s] = f
+    out = []
+    for key, seeds in by_id.items():
+        first = next(f for f in seeds if f is not None)
+        verdicts = [f["holds"] if f is not None else None for f in seeds]
+        held = sum(v is True for v in verdicts)
+        out.append({"id": key, "paper": first["paper"], "claim": first["claim"], "criterion": first["criterion"],
+                    "held": held, "checked": sum(v is not None for v in verdicts), "seeds": n,
+                    "per_seed": verdicts, "values": combine([f["values"] if f else None for f in seeds]),
+                    "reproduces": n > 0 and held == n})
+    return out
+
+
 def summarize(findings: list[dict]) -> dict[str, Any]:
-    """Counts of findings that hold, do not hold, and could not be checked."""
+    """Counts of findings that hold, do not hold, and could not be checked (for combined findings: reproduced
+    = held for every seed, not checked = checked for no seed, not reproduced = the rest)."""
+    if findings and "reproduces" in findings[0]:
+        reproduced = sum(f["reproduces"] for f in findings)
+        unchecked = sum(f["checked"] == 0 for f in findings)
+        return {"reproduced": reproduced, "not_reproduced": len(findings) - reproduced - unchecked,
+                "not_checked": unchecked}
     return {"reproduced": sum(f["holds"] is True for f in findings),
             "not_reproduced": sum(f["holds"] is False for f in findings),
             "not_checked": sum(f["holds"] is None for f in findings)}

@@ -1,0 +1,317 @@
+"""The study over several seeds: :func:`kacq_study.demo.run_demo`'s pipeline per seed, split into tasks that
+run in parallel processes, and the seeds' numbers and findings combined.
+
+Tasks: one pretraining task per seed (it writes the seed's early and late checkpoints to a temporary folder),
+then one task per (seed, arm) that loads its seed's checkpoint from there. Each task rebuilds the seed's
+prepared data from the config (the tokenizer comes from the disk cache, the rest takes well under a second)
+and runs at ``config.threads`` torch threads under :func:`kacq_study.demo.deterministic`, so a task's numbers do
+not depend on which process ran it or when: ``results.json`` is the same bytes for any ``workers``.
+
+>>> results = run_study(DemoConfig.quick(), seeds=(0, 1), workers=2)   # doctest: +SKIP
+>>> results["findings"][0]["held"], results["findings"][0]["seeds"]      # doctest: +SKIP
+(2, 2)
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import os
+import pickle
+import queue as queue_module
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kacq_hooks.errors import KacqError
+
+from .demo import ARMS, DemoConfig, Progress, _json_ready, _prepare, _pretrain, _run_arm, build_model, deterministic
+from .findings import KINDS, assess, combine, combine_findings, regime
+
+FORMAT, VERSION = "kacq_hooks.demo", 2
+DEFAULT_SEEDS = (0, 1, 2)
+
+# the progress queue of a worker process (set by _init_worker); None in-process
+_QUEUE = None
+
+
+def _phase(seed: int, phase: str) -> str:
+    return f"seed {seed} {phase}"
+
+
+def _reporter(seed: int, local: Progress | None) -> Progress:
+    """The progress callback a task uses: to the parent's queue in a worker, to ``local`` in-process."""
+    def report(phase: str, info: dict) -> None:
+        event = (_phase(seed, phase), dict(info))
+        if _QUEUE is not None:
+            _QUEUE.put(event)
+        elif local is not None:
+            local(*event)
+    return report
+
+
+def _checkpoint_path(workdir: str, seed: int) -> Path:
+    return Path(workdir) / f"seed{seed}.pt"
+
+
+def pretrain_task(config: DemoConfig, workdir: str, progress: Progress | None = None) -> dict:
+    """One seed's pretraining; writes its early and late checkpoints (CPU state dicts) into ``workdir``."""
+    report = _reporter(config.seed, progress)
+    task_started = time.perf_counter()
+    with deterministic(config.threads):
+        started = time.perf_counter()
+        data = _prepare(config, report)
+        prepare_s = time.perf_counter() - started
+        started = time.perf_counter()
+        pretraining, checkpoints = _pretrain(config, data, report)
+        pretrain_s = time.perf_counter() - started
+    path = _checkpoint_path(workdir, config.seed)
+    torch.save({name: checkpoints[name] for name in ("early", "late")}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)  # an arm task never sees half a file
+    return {"seed": config.seed, "data": data.summary, "pretraining": pretraining,
+            "task_s": time.perf_counter() - task_started,
+            "timings": {"prepare_s": prepare_s, "pretrain_s": pretrain_s,
+                        "pretrain_step_s": pretrain_s / config.pretrain_steps}}
+
+
+def arm_task(config: DemoConfig, arm: str, workdir: str, progress: Progress | None = None) -> dict:
+    """One (seed, arm): continued training from the seed's checkpoint in ``workdir``."""
+    report = _reporter(config.seed, progress)
+    task_started = time.perf_counter()
+    with deterministic(config.threads):
+        data = _prepare(config, lambda phase, info: None)
+        saved = torch.load(_checkpoint_path(workdir, config.seed), map_location="cpu", weights_only=True)
+        tokenizer = data.tokenizer
+        model = build_model(config, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        started = time.perf_counter()
+        result = _run_arm(ARMS[arm], config, data, {"model": model, **saved}, report)
+        arm_s = time.perf_counter() - started
+    timings = {f"arm:{arm}_s": arm_s, f"arm:{arm}_step_s": arm_s / config.continue_steps}
+    attribution_s = result.pop("_attribution_s", None)
+    if attribution_s is not None:
+        timings[f"arm:{arm}_attribution_s"] = attribution_s
+    return {"seed": config.seed, "arm": arm, "result": result, "timings": timings,
+            "task_s": time.perf_counter() - task_started}
+
+
+def _init_worker(events) -> None:
+    global _QUEUE
+    _QUEUE = events
+    # Ctrl-C reaches the whole process group: the parent alone decides, and ends the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _call(fn, *args):
+    """Run a task in a worker; an exception that would not survive pickling (custom __init__ arguments) is
+    replaced by one that does, with the same message, a KacqError staying a KacqError."""
+    try:
+        return fn(*args)
+    except Exception as error:
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            kind = KacqError if isinstance(error, KacqError) else RuntimeError
+            raise kind(f"{type(error).__name__}: {error}") from None
+        raise
+
+
+class _Runner:
+    """Runs tasks in-process (``workers=1``) or in a spawn-context process pool, forwarding progress events."""
+
+    def __init__(self, workers: int, progress: Progress | None):
+        self.progress = progress
+        self.pool = None
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # torch is not fork-safe once its thread pools started
+            self.events = ctx.Queue()
+            self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                               initargs=(self.events,))
+            self.drain = threading.Thread(target=self._forward, daemon=True)
+            self.drain.start()
+
+    def _forward(self) -> None:
+        while True:
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue_module.Empty:
+                continue
+            except (EOFError, OSError):
+                return
+            if event is None:
+                return
+            if self.progress is not None:
+                try:
+                    self.progress(*event)
+                except Exception:  # a broken progress display must not stop the study
+                    pass
+
+    def submit(self, fn, *args) -> cf.Future:
+        if self.pool is not None:
+            return self.pool.submit(_call, fn, *args)
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(fn(*args, self.progress))
+        except Exception as error:
+            future.set_exception(error)
+        return future
+
+    def close(self, kill: bool = False) -> None:
+        if self.pool is None:
+            return
+        if kill:
+            # shutdown() alone would wait for the running tasks; end the processes so none outlives us
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.terminate()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            self.pool.shutdown(wait=True)
+        self.events.put(None)
+        self.drain.join(timeout=5)
+        self.events.close()
+
+
+def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_SEEDS, workers: int | None = None,
+              progress: Progress | None = None) -> dict:
+    """The study for every seed in ``seeds`` (``config.seed`` replaced by each), combined.
+
+    ``workers`` processes run the tasks (default: the CPU count or the number of tasks, whichever is
+    smaller); ``workers=1`` runs them in this process. ``progress(phase, info)`` receives every task's
+    events, with phases like "seed 0 pretrain" and "seed 1 arm:late" and ``info`` holding step, total, loss
+    and entropy. Returns the v2 results dict (see :func:`assemble`) with wall-clock ``timings``, which
+    :func:`kacq_study.demo.write_results` writes apart from ``results.json``.
+    """
+    config = config or DemoConfig()
+    seeds = tuple(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise KacqError("run_study needs at least one seed")
+    configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
+    for c in configs.values():
+        c.validate()
+    tasks = len(seeds) * (1 + len(config.arms))
+    workers = max(1, min(os.cpu_count() or 1, tasks) if workers is None else min(int(workers), tasks))
+    started = time.perf_counter()
+    pretrained: dict[int, dict] = {}
+    arms: dict[int, dict[str, dict]] = {s: {} for s in seeds}
+    task_s: dict[str, float] = {}
+    submitted: dict[cf.Future, str] = {}
+    with tempfile.TemporaryDirectory(prefix="kacq-study-") as workdir:
+        runner = _Runner(workers, progress)
+        kill = True
+        try:
+            pending = set()
+
+            def submit(name: str, fn, *args) -> None:
+                future = runner.submit(fn, *args)
+                submitted[future] = name
+                pending.add(future)
+
+            for s in seeds:
+                submit(_phase(s, "pretrain"), pretrain_task, configs[s], workdir)
+            while pending:
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for future in sorted(done, key=submitted.get):  # a fixed order for the arms' submission
+                    value = future.result()  # re-raises a task's error here
+                    task_s[submitted[future]] = value["task_s"]  # measured in the task: no queueing in it
+                    if "arm" in value:
+                        arms[value["seed"]][value["arm"]] = value
+                    else:
+                        pretrained[value["seed"]] = value
+                        for arm in config.arms:
+                            submit(_phase(value["seed"], f"arm:{arm}"), arm_task, configs[value["seed"]], arm, workdir)
+            kill = False
+        finally:
+            runner.close(kill=kill)
+    per_seed = [_seed_results(configs[s], pretrained[s], arms[s]) for s in seeds]
+    results = assemble(config, seeds, [r for r, _ in per_seed])
+    results["timings"] = {"wall_s": time.perf_counter() - started, "workers": workers, "tasks_s": task_s,
+                          "per_seed": {str(s): t for s, (_, t) in zip(seeds, per_seed)}}
+    return results
+
+
+def _seed_results(config: DemoConfig, pretrained: dict, arms: dict[str, dict]) -> tuple[dict, dict]:
+    """One seed's results as :func:`kacq_study.demo.run_demo` gives them (arms in config order), and its timings."""
+    timings = dict(pretrained["timings"])
+    for name in config.arms:
+        timings.update(arms[name]["timings"])
+    results = {"format": FORMAT, "version": 1, "config": config.to_dict(), "data": pretrained["data"],
+               "pretraining": pretrained["pretraining"], "arms": {name: arms[name]["result"] for name in config.arms}}
+    results["findings"] = assess(results)
+    results["regime"] = regime(results)
+    return _json_ready(results), timings
+
+
+def assemble(config: DemoConfig | dict, seeds: Sequence[int], per_seed: list[dict]) -> dict:
+    """The v2 results dict: ``config`` (``seed`` is each per-seed config's), ``seeds``, ``per_seed`` (each seed's
+    run_demo-style results), ``summary`` (every number the report prints as a :func:`findings.spread` over
+    seeds), ``findings`` and ``regime`` (combined over seeds by :func:`findings.combine_findings`)."""
+    config = config.to_dict() if isinstance(config, DemoConfig) else dict(config)
+    findings = combine_findings([r.get("findings") or assess(r) for r in per_seed])
+    checks = combine_findings([r.get("regime") or regime(r) for r in per_seed])
+    return _json_ready({"format": FORMAT, "version": VERSION, "config": config, "seeds": list(seeds),
+                        "per_seed": per_seed, "summary": combine([digest(r) for r in per_seed]),
+                        "findings": findings, "regime": checks})
+
+
+def as_study(results: dict) -> dict:
+    """A v2 results dict as it is; a single-seed (run_demo) one wrapped as a one-seed study."""
+    if "per_seed" in results:
+        return results
+    study = assemble(results["config"], [results["config"].get("seed", 0)], [results])
+    if "timings" in results:
+        study["timings"] = {"per_seed": {str(study["seeds"][0]): results["timings"]}}
+    return study
+
+
+def _mean(values) -> float | None:
+    finite = [v for v in values if isinstance(v, (int, float)) and v == v]
+    return sum(finite) / len(finite) if finite else None
+
+
+def digest(results: dict) -> dict[str, Any]:
+    """The numbers of one seed's results that the report prints (the summary combines them over seeds)."""
+    pre, entropy = results["pretraining"], results["pretraining"]["entropy"]
+    out: dict[str, Any] = {"pretraining": {
+        "entropy_first": entropy["total"][0], "entropy_last": entropy["total"][-1],
+        "entropy_max_total": entropy.get("max_total"), "entropy_per_layer_last": list(entropy["per_layer"][-1]),
+        "loss_first": pre["loss"][0] if pre.get("loss") else None,
+        "loss_last": pre["loss"][-1] if pre.get("loss") else None,
+        "accuracy_late": (pre.get("accuracy") or {}).get("late")}, "arms": {}}
+    for name, arm in results["arms"].items():
+        kim, groups = arm["kim"], arm["groups"]
+        row: dict[str, Any] = {
+            "entropy_start": arm["entropy_start"]["total"],
+            "entropy_end": (arm.get("entropy_end") or {}).get("total"),
+            **{key: kim.get(key) for key in ("acquisition", "retention", "forgetting", "K_before", "K_after",
+                                             "K_peak", "P_before", "P_after")},
+            "effectivity": {k: _mean(g["effectivity"] for key, g in groups.items() if key.endswith("/" + k))
+                            for k in KINDS},
+            "dlogp": {k: _mean(g["log_prob_end"] - g["log_prob_start"] for key, g in groups.items()
+                               if key.endswith("/" + k) and g.get("log_prob_end") is not None
+                               and g.get("log_prob_start") is not None) for k in KINDS},
+            "groups": {key: {"effectivity": g["effectivity"],
+                             "horizon": max(g["retainability"]["t"]) if g["retainability"]["t"] else None,
+                             **{f: g["retainability"]["fit"][f] for f in ("decay", "intercept", "r_squared",
+                                                                            "x_intercept_steps")}}
+                       for key, g in groups.items()},
+        }
+        if arm.get("edit"):
+            edit = arm["edit"]
+            row["edit"] = {"selected": sum(l["selected"] for l in edit["layers"]),
+                           "capped": sum(l["capped"] for l in edit["layers"]),
+                           "entropy_before": edit["entropy_before"]["total"]}
+        if arm.get("learning"):
+            row["learning"] = {g: {k: v for k, v in values.items() if k != "probes"}
+                               for g, values in arm["learning"].items()}
+        if arm.get("attribution"):
+            a = arm["attribution"]
+            means = a["share"]["mean"]
+            row["attribution"] = {"share_start": means[0], "share_after_first": means[1] if len(means) > 2 else None,
+                                  "share_end": means[-1], "chance": a["chance"],
+                                  "share_end_by_kind": {k: v["mean"][-1] for k, v in a["share_by_kind"].items()}}
+        out["arms"][name] = row
+    return out
