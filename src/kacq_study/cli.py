@@ -13,8 +13,9 @@ from typing import Sequence
 from kacq_hooks import cli as kacq_cli
 from kacq_hooks.errors import KacqError
 
-from .demo import ARMS, RUN_TIME, ZHU_ARMS, DemoConfig, run_demo, write_results
+from .demo import ARMS, RUN_TIME, ZHU_ARMS, DemoConfig, DemoConfigError, write_results
 from .report import write_report
+from .study import DEFAULT_SEEDS, run_study
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -23,12 +24,25 @@ def register(subparsers) -> argparse.ArgumentParser:
         "demo", help="pretrain a small Llama, track knowledge entropy, inject facts, and write a short report",
         description="The end-to-end study: pretrain a small Llama-style model from scratch on an offline corpus, "
                     "measuring knowledge entropy per layer; continue training with fact injection from an early "
-                    "and a late checkpoint and from the late one after resuscitation; write results.json, "
+                    "and a late checkpoint and from the late one after resuscitation; for every seed, in parallel "
+                    "processes; write results.json (the same bytes for the same seeds and options), timings.json, "
                     f"report.md and figures to --out. Defaults take {RUN_TIME['default']}; --quick "
                     f"{RUN_TIME['quick']}; --arms zhu {RUN_TIME['zhu']}.")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (what the tests run)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                        help="comma-separated seeds, or a count N for seeds 0..N-1 (default %(default)s); a finding "
+                        "reproduces only if it holds for every seed")
+    parser.add_argument("--seed", type=int, default=None, help="one seed only (the same as --seeds S,)")
+    parser.add_argument("--workers", type=int, default=None, help="processes running the tasks (one pretraining "
+                        "per seed, then one per seed and arm); default: the CPU count or the number of tasks, "
+                        "whichever is smaller; 1 runs everything in this process")
+    parser.add_argument("--device", default="auto", help="torch device for the model, batches and calibration: "
+                        "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ... (default auto)")
+    parser.add_argument("--scale", type=float, default=1, help="a larger study, meant for a GPU: K times d_model "
+                        "(kept a multiple of the heads) and d_ff, and K times the pretraining steps, corpus documents "
+                        "and the early checkpoint, warmup and entropy interval (so the checkpoints stay at the same "
+                        "share of training); default 1, the settings as they are")
     parser.add_argument("--corpus", default=None, help="your own .txt or .jsonl corpus instead of the offline "
                         "Wikipedia summaries")
     parser.add_argument("--facts", default=None, help="a Fictional Knowledge JSON file instead of generated facts")
@@ -59,38 +73,89 @@ def _parse_arms(text: str | None) -> tuple[str, ...] | None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm  # optional extra "demo"
 
-    overrides = {"seed": args.seed, "corpus": args.corpus, "facts": args.facts, "cache_dir": args.cache_dir}
+    overrides = {"corpus": args.corpus, "facts": args.facts, "cache_dir": args.cache_dir,
+                 "device": resolve_device(args.device)}
     arms = _parse_arms(args.arms)
     if arms is not None:
         overrides["arms"] = arms
     if args.pretrain_steps is not None:
         overrides["pretrain_steps"] = args.pretrain_steps
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    bars: dict[str, tqdm] = {}
-
-    def progress(phase: str, info: dict) -> None:
-        if "total" not in info:
-            return
-        bar = bars.get(phase)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[phase] = tqdm(total=info["total"], desc=phase, unit="step", file=sys.stderr,
-                                     dynamic_ncols=True, leave=True)
-        bar.update(info["step"] - bar.n)
-        bar.set_postfix(loss=f"{info['loss']:.3f}", entropy=f"{info['entropy']:.4f}", refresh=False)
-
+    config = config.scaled(args.scale)
+    seeds = (args.seed,) if args.seed is not None else parse_seeds(args.seeds)
+    progress = _Bars(tqdm, config, len(seeds))
     try:
-        results = run_demo(config, progress)
+        results = run_study(config, seeds, workers=args.workers, progress=progress)
     finally:
-        for bar in bars.values():
-            bar.close()
+        progress.close()
     path = write_results(results, args.out)
     written = write_report(results, args.out)
-    holds = sum(f["holds"] is True for f in results["findings"])
-    print(f"wrote {path}, {', '.join(p.name for p in written)} to {args.out}; {holds} of "
-          f"{len(results['findings'])} findings reproduce at this scale (see report.md)")
+    reproduced = sum(f["reproduces"] for f in results["findings"])
+    print(f"wrote {path}, {', '.join(p.name for p in written)} to {args.out}; {reproduced} of "
+          f"{len(results['findings'])} findings reproduce for all {len(seeds)} seeds at this scale (see report.md); "
+          f"{results['timings']['wall_s']:.0f} s with {results['timings']['workers']} worker(s)")
     return 0
+
+
+def resolve_device(name: str) -> str:
+    """'auto' is cuda when torch sees a GPU, else cpu; anything else as given."""
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0,1,2" -> (0, 1, 2); a single count "3" -> (0, 1, 2); "5," -> (5,).
+
+    >>> parse_seeds("3"), parse_seeds("4,7"), parse_seeds("5,")
+    ((0, 1, 2), (4, 7), (5,))
+    """
+    try:
+        if "," not in text:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            return tuple(range(count))
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        seeds = ()
+    if not seeds:
+        raise DemoConfigError(f"--seeds {text!r}: give comma-separated seeds (0,1,2) or a count (3)")
+    return seeds
+
+
+class _Bars:
+    """One overall bar (every task's steps) and one bar per running task at its own position; the task
+    bars show the latest loss and entropy their worker reported."""
+
+    def __init__(self, tqdm, config: DemoConfig, seeds: int):
+        self.tqdm, self.tasks, self.done, self.free = tqdm, {}, set(), []
+        total = seeds * (config.pretrain_steps + len(config.arms) * config.continue_steps)
+        self.overall = tqdm(total=total, desc="study", unit="step", file=sys.stderr, dynamic_ncols=True, position=0)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if "total" not in info or phase in self.done:
+            return
+        if phase not in self.tasks:
+            position = self.free.pop(0) if self.free else len(self.tasks) + 1
+            self.tasks[phase] = (self.tqdm(total=info["total"], desc=phase, unit="step", file=sys.stderr,
+                                           dynamic_ncols=True, position=position, leave=False), position)
+        bar, position = self.tasks[phase]
+        self.overall.update(info["step"] - bar.n)
+        bar.update(info["step"] - bar.n)
+        bar.set_postfix(loss=f"{info['loss']:.3f}", entropy=f"{info['entropy']:.4f}", refresh=False)
+        if info["step"] >= info["total"]:  # the task is done: its line goes to the next task
+            bar.close()
+            del self.tasks[phase]
+            self.done.add(phase)
+            self.free = sorted(self.free + [position])
+
+    def close(self) -> None:
+        for bar, _ in self.tasks.values():
+            bar.close()
+        self.overall.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,8 @@
-"""Figures and a short written report from a study's results dict (matplotlib, Agg backend).
+"""Figures and a short written report from a study's results (matplotlib, Agg backend).
+
+The results are :func:`kacq_study.study.run_study`'s (several seeds); a single-seed :func:`kacq_study.demo.run_demo`
+dict is read as a one-seed study. Every number in report.md is a mean over the seeds with its range over
+seeds (min to max); every curve figure shows each seed as a thin line and the mean as a thick one.
 
 >>> from kacq_study.report import write_report   # doctest: +SKIP
 >>> paths = write_report(results, "runs/demo")     # doctest: +SKIP
@@ -12,13 +16,22 @@ from pathlib import Path
 
 from kacq_hooks.report import pyplot, save_figure
 
-from .findings import KINDS, LANDING_MARGIN, SCENARIOS, landing, summarize
+from .findings import (KINDS, LANDING_MARGIN, LEARNED_MARGIN, LEARNED_MIN_RISE, LOSS_FLAT_TOLERANCE,
+                       LOSS_FLAT_WINDOW, POWER_LAW_MIN_R2, SCENARIOS, combine_findings, fit_ok, landing, summarize)
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("entropy.png", "trajectories.png", "retainability.png", "arms.png", "attribution.png")
+FIGURES = ("entropy.png", "trajectories.png", "retainability.png", "arms.png", "arm_entropy.png",
+           "attribution.png")
 LANDING_FIGURE = "attribution.png"  # written when an arm recorded where its facts land
 KIND_NAMES = {"mem": "memorization", "gen": "semantic", "hard_gen": "compositional"}
+# An extrapolated x-intercept further out than this many times the observed range is not printed as a number.
+MAX_EXTRAPOLATION = 100
+BEYOND = f"beyond {MAX_EXTRAPOLATION}x the observed range"
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers as text
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -29,100 +42,321 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _is_spread(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"mean", "min", "max", "values"}
+
+
+def _sp(value, digits: int = 4) -> str:
+    """A spread as "mean (min to max)" (just the mean when the seeds agree or there is one), with the number
+    of seeds it covers when some seeds have no value; a plain number as it is."""
+    if not _is_spread(value):
+        return _fmt(value, digits)
+    if value["mean"] is None:
+        return "n/a"
+    text = _fmt(value["mean"], digits)
+    if _fmt(value["min"], digits) != _fmt(value["max"], digits):
+        text += f" ({_fmt(value['min'], digits)} to {_fmt(value['max'], digits)})"
+    have = sum(v is not None for v in value["values"])
+    if have < len(value["values"]):
+        text += f" [{have} of {len(value['values'])} seeds]"
+    return text
+
+
+def _get(tree, *path):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def fit_text(r_squared, decay, digits: int = 4) -> str:
+    """The decay constant of a group's retainability fit over seeds, or "no power law (R^2 = ...)" when any
+    seed's fit fails :data:`findings.POWER_LAW_MIN_R2` (a failed fit's decay is never shown as a number).
+
+    >>> fit_text({"mean": 0.21, "min": 0.21, "max": 0.21, "values": [0.21]},
+    ...          {"mean": 0.3, "min": 0.3, "max": 0.3, "values": [0.3]})
+    'no power law (R^2 = 0.21)'
+    """
+    r2 = r_squared["values"] if _is_spread(r_squared) else [r_squared]
+    a = decay["values"] if _is_spread(decay) else [decay]
+    bad = sum(not fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a))
+    if not bad:
+        return _sp(decay, digits)
+    seeds = f" in {bad} of {len(r2)} seeds" if len(r2) > 1 else ""
+    return f"no power law{seeds} (R^2 = {_sp(r_squared, 2)})"
+
+
+def horizon_text(x_intercept, observed, r_squared=None, decay=None, digits: int = 4) -> str:
+    """The retainability horizon (the fit's x-intercept in steps) over seeds, "beyond 100x the observed range"
+    when a seed's lies further out than :data:`MAX_EXTRAPOLATION` times its observed range (the largest t
+    fitted), and "n/a" where a seed's fit is no power law or R never reaches zero.
+
+    >>> horizon_text(5000.0, 20)
+    'beyond 100x the observed range'
+    >>> horizon_text(900.0, 20)
+    '900'
+    """
+    xs = x_intercept["values"] if _is_spread(x_intercept) else [x_intercept]
+    span = observed["values"] if _is_spread(observed) else [observed] * len(xs)
+    if r_squared is not None:
+        r2 = r_squared["values"] if _is_spread(r_squared) else [r_squared]
+        a = decay["values"] if _is_spread(decay) else [decay]
+        if not all(fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a)):
+            return "n/a"
+    if any(x is None for x in xs):
+        return "n/a"
+    far = sum(x > MAX_EXTRAPOLATION * (t or 0) for x, t in zip(xs, span))
+    if far:
+        return BEYOND + (f" ({far} of {len(xs)} seeds)" if len(xs) > 1 and far < len(xs) else "")
+    return _sp(x_intercept, digits) if _is_spread(x_intercept) else _fmt(x_intercept, digits)
+
+
+def _held_text(finding: dict) -> str:
+    n, held = finding["seeds"], finding["held"]
+    if finding["checked"] == 0:
+        return f"not checked for any of {n} seed{'s' * (n != 1)}"
+    verdict = "reproduced" if finding["reproduces"] else "not reproduced"
+    unchecked = n - finding["checked"]
+    extra = f", not checked for {unchecked}" if unchecked else ""
+    return f"held for {held} of {n} seed{'s' * (n != 1)}{extra}: {verdict}"
+
+
+def _measured(values: dict) -> str:
+    """A finding's values as text; a decay constant next to its fit's R^2 goes through :func:`fit_text`, so a
+    failed fit reads "no power law" there too."""
+    values = dict(values)
+    decay, r2 = values.get("decay"), values.get("r_squared")
+    if isinstance(decay, dict) and isinstance(r2, dict) and not _is_spread(decay):
+        values["decay"] = {k: _Text(fit_text(r2.get(k), v, 3)) for k, v in decay.items()}
+    return ", ".join(f"{k} = {_fmt_value(v)}" for k, v in values.items())
+
+
+class _Text(str):
+    """Already formatted."""
+
+
+def _fmt_value(value) -> str:
+    if isinstance(value, _Text):
+        return str(value)
+    if _is_spread(value):
+        return _sp(value, 3)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt_value(v) for v in value) + "]"
+    return _fmt(value, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds in figures
+
+
+def _study(results: dict) -> dict:
+    from .study import as_study  # study imports torch; the report's text helpers need not
+
+    return as_study(results)
+
+
+def _seeds(results: dict) -> list[dict]:
+    return results["per_seed"] if "per_seed" in results else [results]
+
+
+def _mean_curve(curves: list[list]) -> list[float]:
+    size = max((len(c) for c in curves), default=0)
+    out = []
+    for i in range(size):
+        vals = [c[i] for c in curves if i < len(c) and isinstance(c[i], (int, float)) and math.isfinite(c[i])]
+        out.append(sum(vals) / len(vals) if vals else math.nan)
+    return out
+
+
+def _clean(curve: list) -> list[float]:
+    return [math.nan if v is None else v for v in curve]
+
+
+def _seed_lines(ax, xs: list[list], ys: list[list], label: str, color=None, ls: str = "-", marker=None):
+    """Each seed's curve thin, the mean over seeds thick (labelled); returns the mean line's color."""
+    mean = _mean_curve(ys)
+    x = max(xs, key=len) if xs else []
+    line, = ax.plot(x[:len(mean)], mean, color=color, ls=ls, lw=2.2, label=label, marker=marker, ms=3)
+    if len(ys) > 1:
+        for xi, yi in zip(xs, ys):
+            ax.plot(xi[:len(yi)], _clean(yi), color=line.get_color(), ls=ls, lw=0.7, alpha=0.45)
+    return line.get_color()
+
+
+def _seed_legend_note(ax, n: int) -> None:
+    if n > 1:
+        ax.plot([], [], color="grey", lw=0.7, alpha=0.6, label=f"thin: each of {n} seeds; thick: mean")
+
+
+def _mark_injections(ax, steps: list[int], label: bool = True) -> None:
+    for i, step in enumerate(steps):
+        ax.axvline(step, color="red", ls=":", lw=0.9, label="injection steps" if label and i == 0 else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+
+
 def plot_entropy(results: dict, path: Path) -> Path:
-    """Total and per-layer knowledge entropy against pretraining step."""
+    """Total knowledge entropy and the training loss against pretraining step (checkpoints marked), and the
+    per-layer entropy."""
     plt = pyplot()
-    entropy = results["pretraining"]["entropy"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.plot(entropy["steps"], entropy["total"], marker="o", ms=3)
-    for name, step in results["pretraining"]["checkpoints"].items():
-        left.axvline(step, color="grey", ls=":", lw=1)
-        left.annotate(name, (step, entropy["total"][-1]), fontsize=8, rotation=90, va="bottom")
-    left.set(xlabel="pretraining step", ylabel="knowledge entropy (nats)", title="total")
-    per_layer = list(zip(*entropy["per_layer"]))
-    for layer, values in enumerate(per_layer):
-        right.plot(entropy["steps"], values, label=f"layer {layer}")
-    right.set(xlabel="pretraining step", ylabel="entropy (nats)", title="per layer")
-    right.legend(fontsize=8)
+    seeds = _seeds(results)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.9))
+    _seed_lines(left, [s["pretraining"]["entropy"]["steps"] for s in seeds],
+                [s["pretraining"]["entropy"]["total"] for s in seeds], "total entropy", marker="o")
+    _seed_lines(middle, [s["pretraining"]["steps"] for s in seeds], [s["pretraining"]["loss"] for s in seeds],
+                "training loss", color="tab:green")
+    checkpoints = seeds[0]["pretraining"]["checkpoints"]
+    for ax in (left, middle):
+        for (name, step), style in zip(checkpoints.items(), ("--", "-.")):
+            ax.axvline(step, color="black", ls=style, lw=1, label=f"{name} checkpoint (step {step})")
+    left.set(xlabel="pretraining step", ylabel="knowledge entropy H (nats)", title="knowledge entropy (total)")
+    middle.set(xlabel="pretraining step", ylabel="training loss (nats/token)", title="pretraining loss")
+    per_seed_layers = [list(zip(*s["pretraining"]["entropy"]["per_layer"])) for s in seeds]
+    for layer in range(len(per_seed_layers[0])):
+        _seed_lines(right, [s["pretraining"]["entropy"]["steps"] for s in seeds],
+                    [list(layers[layer]) for layers in per_seed_layers], f"layer {layer}")
+    right.set(xlabel="pretraining step", ylabel="knowledge entropy H (nats)", title="per layer")
+    for ax in (left, middle, right):
+        _seed_legend_note(ax, len(seeds))
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
 def plot_trajectories(results: dict, path: Path) -> Path:
-    """Mean target log prob per (scenario, kind) against continued-training step, one line per arm."""
+    """Mean target log prob per (scenario, kind) against continued-training step, one color per arm; the
+    never-injected control facts of the same kind dashed."""
     plt = pyplot()
-    arms = results["arms"]
-    fig, axes = plt.subplots(len(SCENARIOS), len(KINDS), figsize=(12, 8), sharex=True, squeeze=False)
+    seeds = _seeds(results)
+    names = list(seeds[0]["arms"])
+    fig, axes = plt.subplots(len(SCENARIOS), len(KINDS), figsize=(13, 9), sharex=True, squeeze=False)
     for row, scenario in enumerate(SCENARIOS):
         for col, kind in enumerate(KINDS):
             ax = axes[row][col]
-            key = f"{scenario}/{kind}"
-            for name, arm in arms.items():
-                if key in arm["trajectories"]:
-                    ax.plot(arm["trajectories"][key], label=name, lw=1.2)
-            steps = next((arm["groups"][key]["injection_steps"] for arm in arms.values() if key in arm["groups"]), [])
-            for step in steps:
-                ax.axvline(step, color="red", ls=":", lw=0.8)
+            key, control = f"{scenario}/{kind}", f"unused/{kind}"
+            for name in names:
+                curves = [s["arms"][name]["trajectories"][key] for s in seeds if key in s["arms"][name]["trajectories"]]
+                if not curves:
+                    continue
+                color = _seed_lines(ax, [list(range(len(c))) for c in curves], curves, name)
+                controls = [s["arms"][name]["trajectories"][control] for s in seeds
+                            if control in s["arms"][name]["trajectories"]]
+                if controls:
+                    mean = _mean_curve(controls)
+                    ax.plot(range(len(mean)), mean, color=color, ls="--", lw=1.3,
+                            label=f"{name}: never-injected controls (mean)")
+            steps = next((s["arms"][n]["groups"][key]["injection_steps"] for s in seeds for n in names
+                          if key in s["arms"][n]["groups"]), [])
+            _mark_injections(ax, steps)
             ax.set_title(f"{scenario} / {KIND_NAMES[kind]}", fontsize=9)
             if col == 0:
-                ax.set_ylabel("mean target log prob")
+                ax.set_ylabel("mean target log probability\n(nats/token)", fontsize=8)
             if row == len(SCENARIOS) - 1:
                 ax.set_xlabel("continued-training step")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("probe log probability (red dotted lines: injections)")
+    _seed_legend_note(axes[0][0], len(seeds))
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("probe log probability during continued training (dashed: facts never injected)")
     return save_figure(fig, path)
 
 
+def _reference_arm(results: dict) -> str:
+    arms = _seeds(results)[0]["arms"]
+    return "late" if "late" in arms else next(iter(arms))
+
+
 def plot_retainability(results: dict, path: Path, arm: str | None = None) -> Path:
-    """Retainability against log10 t with the fitted power-law lines, for one arm (default "late")."""
+    """Retainability against t (log scale) for one arm (default "late"), each kind's mean over seeds thick,
+    and each seed's power-law fit R ~ b - a log10 t where it passes its R^2 criterion."""
     plt = pyplot()
+    seeds = _seeds(results)
     arm = arm or _reference_arm(results)
-    groups = results["arms"][arm]["groups"]
-    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(12, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(13, 3.8), sharey=True, squeeze=False)
     for col, scenario in enumerate(SCENARIOS):
         ax = axes[0][col]
         for kind in KINDS:
-            group = groups.get(f"{scenario}/{kind}")
-            if group is None:
+            groups = [s["arms"][arm]["groups"].get(f"{scenario}/{kind}") for s in seeds]
+            groups = [g for g in groups if g is not None]
+            if not groups:
                 continue
-            retain = group["retainability"]
-            t = [math.log10(v) for v, r in zip(retain["t"], retain["R"]) if r is not None]
-            r = [v for v in retain["R"] if v is not None]
-            line, = ax.plot(t, r, marker=".", ls="", label=KIND_NAMES[kind])
-            fit = retain["fit"]
-            if fit["decay"] is not None and t:
-                ax.plot([min(t), max(t)], [fit["intercept"] - fit["decay"] * min(t),
-                                           fit["intercept"] - fit["decay"] * max(t)],
-                        color=line.get_color(), lw=1)
-        ax.set(title=scenario, xlabel="log10 t (steps after the acquisition maximum)")
+            color = _seed_lines(ax, [g["retainability"]["t"] for g in groups],
+                                [g["retainability"]["R"] for g in groups], KIND_NAMES[kind], marker=".")
+            for g in groups:
+                fit, t = g["retainability"]["fit"], g["retainability"]["t"]
+                if fit_ok(fit) and t:
+                    ends = [min(t), max(t)]
+                    ax.plot(ends, [fit["intercept"] - fit["decay"] * math.log10(v) for v in ends], color=color,
+                            ls="--", lw=0.9)
+        ax.plot([], [], color="grey", ls="--", lw=0.9, label=f"power-law fit (seeds with R^2 >= {POWER_LAW_MIN_R2})")
+        ax.set_xscale("log")
+        ax.set(title=scenario, xlabel="steps since the last acquisition maximum t")
         if col == 0:
-            ax.set_ylabel("retainability R")
-    axes[0][0].legend(fontsize=8)
+            ax.set_ylabel("retainability R(t)")
+    _seed_legend_note(axes[0][0], len(seeds))
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(f"retainability and fits R ~ b - a log10 t (arm: {arm})")
     return save_figure(fig, path)
 
 
 def plot_arms(results: dict, path: Path) -> Path:
-    """Acquisition, retention and forgetting per arm (Kim et al.'s summary metrics)."""
+    """Acquisition, retention and forgetting per arm (Kim et al.'s summary metrics): mean over seeds, error
+    bars from the seeds' min to max, each seed a dot."""
     plt = pyplot()
-    names = list(results["arms"])
+    seeds = _seeds(results)
+    names = list(seeds[0]["arms"])
     metrics = ("acquisition", "retention", "forgetting")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        values = [results["arms"][n]["kim"][metric] for n in names]
-        ax.bar(range(len(names)), [v if v is not None else 0.0 for v in values])
+        per = [[s["arms"][n]["kim"][metric] for s in seeds if s["arms"][n]["kim"][metric] is not None] for n in names]
+        mean = [sum(v) / len(v) if v else 0.0 for v in per]
+        low = [m - min(v) if v else 0.0 for m, v in zip(mean, per)]
+        high = [max(v) - m if v else 0.0 for m, v in zip(mean, per)]
+        ax.bar(range(len(names)), mean, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8,
+               label=f"mean over {len(seeds)} seed{'s' * (len(seeds) != 1)} (whiskers: min to max)")
+        for i, v in enumerate(per):
+            ax.plot([i] * len(v), v, "k.", ms=4, label="each seed" if i == 0 else None)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(metric)
+        ax.set_title({"acquisition": "acquisition A", "retention": "retention", "forgetting": "forgetting F"}[metric])
+    axes[0][0].legend(fontsize=7)
     return save_figure(fig, path)
 
 
-def _attributed(results: dict) -> dict[str, dict]:
-    return {name: arm["attribution"] for name, arm in results["arms"].items() if arm.get("attribution")}
+def plot_arm_entropy(results: dict, path: Path) -> Path:
+    """Knowledge entropy on the calibration set during each arm's continued training (injections marked)."""
+    plt = pyplot()
+    seeds = _seeds(results)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in seeds[0]["arms"]:
+        entropies = [s["arms"][name].get("entropy") for s in seeds]
+        entropies = [e for e in entropies if e]
+        if entropies:
+            _seed_lines(ax, [e["steps"] for e in entropies], [e["total"] for e in entropies], name, marker="o")
+    _mark_injections(ax, seeds[0]["data"]["injection_steps"] if "data" in seeds[0] else [])
+    _seed_legend_note(ax, len(seeds))
+    ax.set(xlabel="continued-training step", ylabel="knowledge entropy H (nats)",
+           title="knowledge entropy during continued training")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _attributed(results: dict) -> dict[str, list[dict]]:
+    """Per arm that recorded where its facts land, each seed's attribution summary."""
+    out: dict[str, list[dict]] = {}
+    for seed in _seeds(results):
+        for name, arm in seed["arms"].items():
+            if arm.get("attribution"):
+                out.setdefault(name, []).append(arm["attribution"])
+    return out
 
 
 def plot_landing(results: dict, path: Path) -> Path:
     """Per attributed arm, the share of the probes' top-k slots that were low-activity (arm start, after the
-    first injection, end; bars at the mean over probes, whiskers min to max) beside the share expected by chance."""
+    first injection, end; bars at the mean over seeds of the mean over probes, whiskers the seeds' min to max)
+    beside the share expected by chance."""
     plt = pyplot()
     arms = _attributed(results)
     bars = [("chance (all slots)", None), ("arm start", 0), ("after the 1st injection", 1), ("end of the arm", -1)]
@@ -130,54 +364,60 @@ def plot_landing(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for b, (label, record) in enumerate(bars):
         x = [i + (b - (len(bars) - 1) / 2) * width for i in range(len(arms))]
+        per = [[a["chance"] if record is None else a["share"]["mean"][record] for a in seeds] for seeds in arms.values()]
+        per = [[v for v in p if v is not None] for p in per]
+        mean = [sum(p) / len(p) if p else math.nan for p in per]
+        low = [m - min(p) if p else 0 for m, p in zip(mean, per)]
+        high = [max(p) - m if p else 0 for m, p in zip(mean, per)]
         if record is None:
-            ax.bar(x, [a["chance"] for a in arms.values()], width, label=label, color="lightgrey", edgecolor="grey")
-            continue
-        mean = [_or_nan(a["share"]["mean"][record]) for a in arms.values()]
-        low = [m - _or_nan(a["share"]["min"][record]) for m, a in zip(mean, arms.values())]
-        high = [_or_nan(a["share"]["max"][record]) - m for m, a in zip(mean, arms.values())]
-        ax.bar(x, mean, width, yerr=[low, high], capsize=3, label=label)
-    k = next(iter(arms.values()))["k"] if arms else "k"
+            ax.bar(x, mean, width, label=label, color="lightgrey", edgecolor="grey")
+        else:
+            ax.bar(x, mean, width, yerr=[low, high], capsize=3, label=label)
+    k = next(iter(arms.values()))[0]["k"] if arms else "k"
     ax.set_xticks(range(len(arms)), list(arms))
+    n = len(_seeds(results))
     ax.set(xlabel="arm", ylabel=f"share of top-{k} slots that were low-activity", ylim=(0, 1),
-           title="where the injected facts land (whiskers: min-max over probes)")
+           title=f"where the injected facts land (mean over probes; whiskers: min-max over {n} seeds)")
     ax.axhline(0, color="black", lw=0.6)
     ax.legend(fontsize=8, loc="upper left")
     return save_figure(fig, path)
 
 
-def _or_nan(value) -> float:
-    return math.nan if value is None else float(value)
+# ------------------------------------------------------------------------------------------------
+# Text
 
 
 def _landing_section(results: dict) -> list[str]:
     """The paragraph on where the injected facts landed, with the finding's criterion (empty if no arm recorded it)."""
+    from .findings import combine
+
     arms = _attributed(results)
     if not arms:
         return []
-    first = next(iter(arms.values()))
+    first = next(iter(arms.values()))[0]
+    calibration = _seeds(results)[0].get("data", {}).get("calibration_sequences", "the")
     lines = ["## Where the injected facts land", "",
              f"Every probe was attributed by {first['method'].replace('_', ' ')} (the coefficient C times the gradient "
              f"of the target's mean log probability with respect to C, summed over the positions that predict the "
              f"target) at the arm's start, right after the first injection (step {first['first_injection'] + 1}) and "
              f"at the end; its top {first['k']} slots of {first['slots']} were compared with the slots that were "
              "low-activity at the starting checkpoint: c̄ (mean |C| on the "
-             f"{results['data']['calibration_sequences']} held-out calibration sequences, measured before any edit "
+             f"{calibration} held-out calibration sequences, measured before any edit "
              "and before the first injection) at or below "
              f"the {_fmt(first['quantile'])} quantile of its layer, the slots resuscitation amplifies "
-             f"({first['low_activity_slots']} of {first['slots']}, chance {_fmt(first['chance'], 3)}).", ""]
-    for name, arm in arms.items():
-        share = arm["share"]
-        finding = landing(results, name)
-        verdict = {True: "holds", False: "does not hold", None: "could not be checked"}[finding["holds"]]
-        lines.append(f"In arm {name}, a probe's top-{arm['k']} slots were low-activity with share "
-                     f"{_fmt(share['mean'][-1], 3)} at the end (min {_fmt(share['min'][-1], 3)}, max "
-                     f"{_fmt(share['max'][-1], 3)} over probes), {_fmt(share['mean'][1], 3)} right after the first "
-                     f"injection and {_fmt(share['mean'][0], 3)} at the arm's start, against chance "
-                     f"{_fmt(arm['chance'], 3)}; per probe kind at the end: "
-                     + ", ".join(f"{KIND_NAMES[k]} {_fmt(v['mean'][-1], 3)}" for k, v in arm["share_by_kind"].items())
-                     + f". \"Facts land preferentially in low-activity slots\" {verdict} (criterion fixed in code: "
-                     f"end share > chance + {LANDING_MARGIN}).")
+             f"({_sp(combine([a['low_activity_slots'] for a in next(iter(arms.values()))]))} of {first['slots']}).", ""]
+    for name, seeds in arms.items():
+        share = combine([a["share"] for a in seeds])
+        chance = combine([a["chance"] for a in seeds])
+        by_kind = combine([a["share_by_kind"] for a in seeds])
+        finding = combine_findings([[landing({"arms": {name: {"attribution": a}}}, name)] for a in seeds])[0]
+        lines.append(f"In arm {name}, the mean share of a probe's top-{first['k']} slots that were low-activity was "
+                     f"{_sp(share['mean'][-1], 3)} at the end, {_sp(share['mean'][1], 3)} right after the first "
+                     f"injection and {_sp(share['mean'][0], 3)} at the arm's start, against chance "
+                     f"{_sp(chance, 3)}; per probe kind at the end: "
+                     + ", ".join(f"{KIND_NAMES[k]} {_sp(v['mean'][-1], 3)}" for k, v in by_kind.items())
+                     + f". \"Facts land preferentially in low-activity slots\": {_held_text(finding)} (criterion "
+                     f"fixed in code: end share > chance + {LANDING_MARGIN}).")
         lines.append("")
     lines += ["The arm-start share is the reference for the end share: grad x act grows with |C|, so active slots "
               "are favoured from the outset, and resuscitation alone raises the activations of exactly the "
@@ -185,94 +425,162 @@ def _landing_section(results: dict) -> list[str]:
     return lines
 
 
-def _reference_arm(results: dict) -> str:
-    return "late" if "late" in results["arms"] else next(iter(results["arms"]))
+def _regime_section(results: dict) -> list[str]:
+    """Why the study's regime (model, sequence length, schedule, corpus use) matches the papers' setting."""
+    # PLACEHOLDER: the regime's author fills this in (SCIENCE.md sections 2-5); keep the heading.
+    return ["## Why this regime", "",
+            "*(Placeholder: why this model size, sequence length, learning-rate schedule, corpus use and the early "
+            "and late checkpoints match the papers' setting; to be written.)*", ""]
+
+
+def _regime_checks(results: dict) -> list[str]:
+    checks = {f["id"]: f for f in results.get("regime", [])}
+    summary = results["summary"]
+    lines = ["## Regime checks", "",
+             "Whether the study is in the regime the papers measured at all (fixed in code before the run; not "
+             "counted among the papers' findings).", ""]
+    flat = checks.get("loss_flattened")
+    if flat:
+        v = flat["values"]
+        lines.append(f"- **{flat['claim']}**: {_held_text(flat)}. Criterion: {flat['criterion']}. Measured: last "
+                     f"{_sp(v.get('last'))}, before {_sp(v.get('before'))}, relative change "
+                     f"{_sp(v.get('relative_change'), 3)}.")
+    learned = [f for key, f in checks.items() if key.startswith("facts_are_learned[")]
+    for f in learned:
+        lines.append(f"- **{f['claim']}**: {_held_text(f)}. Criterion: {f['criterion']}.")
+    lines.append("")
+    rows = [(name, arm["learning"]) for name, arm in summary["arms"].items() if arm.get("learning")]
+    if rows:
+        lines += [f"Mean target log probability (nats/token, all probe kinds) of the injected facts and of the "
+                  f"never-injected controls over each arm (criterion: injected rise >= {LEARNED_MIN_RISE} and >= "
+                  f"control rise + {LEARNED_MARGIN}):", "",
+                  "| arm | facts | start | end | peak | rise | " + " | ".join(f"rise {KIND_NAMES[k]}" for k in KINDS)
+                  + " |", "|---" * (6 + len(KINDS)) + "|"]
+        for name, learning in rows:
+            for group in ("injected", "control"):
+                g = learning.get(group)
+                if not g:
+                    continue
+                lines.append(f"| {name} | {group} | {_sp(g.get('start'))} | {_sp(g.get('end'))} | {_sp(g.get('peak'))} "
+                             f"| {_sp(g.get('rise'))} | "
+                             + " | ".join(_sp(_get(g, "rise_by_kind", k)) for k in KINDS) + " |")
+        lines.append("")
+    return lines
+
+
+def _costs(results: dict) -> list[str]:
+    """Seconds per step (pretraining and each arm's continued training), mean over seeds, from the timings."""
+    from .findings import combine
+
+    per_seed = (results.get("timings") or {}).get("per_seed")
+    if not per_seed:
+        return []
+    timings = combine(list(per_seed.values()))
+    names = list(_seeds(results)[0]["arms"])
+    lines = ["Wall-clock cost per step on this run's machine (seconds; mean over seeds, range in parentheses; a "
+             "continued-training step includes scoring every probe; tasks ran "
+             f"{(results.get('timings') or {}).get('workers', 1)} at a time):", "",
+             "| phase | s / step |", "|---|---|", f"| pretraining | {_sp(timings.get('pretrain_step_s'), 3)} |"]
+    for name in names:
+        lines.append(f"| arm {name} | {_sp(timings.get(f'arm:{name}_step_s'), 3)} |")
+    return lines + [""]
 
 
 def render_markdown(results: dict) -> str:
     """report.md: a short paper-style section whose every statement is computed from ``results``."""
-    config, data, pre = results["config"], results["data"], results["pretraining"]
-    entropy = pre["entropy"]
-    findings = results.get("findings", [])
-    counts = summarize(findings)
+    results = _study(results)
+    seeds, summary = results["seeds"], results["summary"]
+    first = results["per_seed"][0]
+    config, data, pre = first["config"], first["data"], first["pretraining"]
+    spre = summary["pretraining"]
+    findings, checks = results.get("findings", []), results.get("regime", [])
+    counts, regime_counts = summarize(findings), summarize(checks)
+    n = len(seeds)
+    partly = sum(0 < f["held"] < n for f in findings)
     lines = [
         "# Knowledge entropy and fact acquisition in a small Llama",
+        "",
+        f"**{counts['reproduced']} of {len(findings)} of the papers' findings reproduce** (held for every one of the "
+        f"{n} seed{'s' * (n != 1)} {', '.join(map(str, seeds))}); {partly} held for some seeds but not all, "
+        f"{counts['not_reproduced'] - partly} for none, and {counts['not_checked']} could not be checked. Regime "
+        f"checks: {regime_counts['reproduced']} of {len(checks)} pass for every seed.",
+        "",
+        f"Every number below is the mean over the {n} seed{'s' * (n != 1)} with its range over seeds (min to max) "
+        "in parentheses; a single number means the seeds agree to the digits shown.",
         "",
         "## Setup",
         "",
         f"A Llama-style decoder ({config['n_layers']} layers, d_model {config['d_model']}, d_ff {config['d_ff']}, "
         f"sequence length {config['seq_len']}, byte-level BPE vocabulary {data['vocab_size']}) was pretrained from "
         f"scratch for {config['pretrain_steps']} steps of {config['batch_size']} sequences on {data['corpus']} "
-        f"({data['documents']} documents, {data['tokens']} tokens), seed {config['seed']}. Knowledge entropy "
-        f"(Kim et al. 2025, token-weighted, padding masked) was measured on {data['calibration_sequences']} held-out "
-        f"sequences every {config['entropy_every']} steps. From the checkpoints at step {pre['checkpoints']['early']} "
-        f"(early) and {pre['checkpoints']['late']} (late), training continued for {config['continue_steps']} steps "
-        f"{_continued_training(config)}with {data['records']} {data['facts']} fact records injected at steps "
-        f"{data['injection_steps']} (paraphrase, duplication and once scenarios, Chang et al. 2024); every probe was "
-        "scored before every update.",
+        f"({data['documents']} documents, {data['tokens']} tokens), once per seed ({', '.join(map(str, seeds))}). "
+        f"Knowledge entropy (Kim et al. 2025, token-weighted, padding masked) was measured on "
+        f"{data['calibration_sequences']} held-out sequences every {config['entropy_every']} steps. From the "
+        f"checkpoints at step {pre['checkpoints']['early']} (early) and {pre['checkpoints']['late']} (late), training "
+        f"continued for {config['continue_steps']} steps {_continued_training(config)}with {data['records']} "
+        f"{data['facts']} fact records injected at steps {data['injection_steps']} (paraphrase, duplication and once "
+        "scenarios, Chang et al. 2024, and never-injected controls); every probe was scored before every update.",
         "",
+        *_regime_section(results),
+        *_regime_checks(results),
         "## Knowledge entropy during pretraining",
         "",
-        f"Total entropy went from {_fmt(entropy['total'][0])} nats at initialization to {_fmt(entropy['total'][-1])} "
-        f"at step {entropy['steps'][-1]} (maximum {_fmt(entropy['max_total'])}). Per layer at the end: "
-        + ", ".join(f"layer {i}: {_fmt(v)}" for i, v in enumerate(entropy["per_layer"][-1])) + ".",
+        f"Total entropy went from {_sp(spre['entropy_first'])} nats at initialization to {_sp(spre['entropy_last'])} "
+        f"at step {pre['entropy']['steps'][-1]} (maximum {_sp(spre['entropy_max_total'])}); the training loss from "
+        f"{_sp(spre['loss_first'])} to {_sp(spre['loss_last'])}. Per layer at the end: "
+        + ", ".join(f"layer {i}: {_sp(v)}" for i, v in enumerate(spre["entropy_per_layer_last"])) + ".",
         "",
         "![entropy](entropy.png)",
         "",
         "## Continued training with fact injection",
         "",
-        "| arm | start entropy | acquisition A | retention | forgetting F | K before -> after |",
-        "|---|---|---|---|---|---|",
+        "| arm | start entropy | acquisition A | retention | forgetting F | K before | K after |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, arm in results["arms"].items():
-        kim = arm["kim"]
-        lines.append(f"| {name} | {_fmt(arm['entropy_start']['total'])} | {_fmt(kim['acquisition'])} | "
-                     f"{_fmt(kim['retention'])} | {_fmt(kim['forgetting'])} | "
-                     f"{_fmt(kim['K_before'])} -> {_fmt(kim['K_after'])} |")
-    lines += ["", "A = (K_after - K_before)/|K_before| with K the mean target log prob over all probes; retention = "
-              "share of the peak gain in K still held at the end; F = relative drop of held-out next-token accuracy "
-              "(the stand-in for downstream accuracy).", ""]
-    for name, arm in results["arms"].items():
+    for name, arm in summary["arms"].items():
+        lines.append(f"| {name} | {_sp(arm['entropy_start'])} | {_sp(arm['acquisition'])} | {_sp(arm['retention'])} | "
+                     f"{_sp(arm['forgetting'])} | {_sp(arm['K_before'])} | {_sp(arm['K_after'])} |")
+    lines += ["", "A = (K_after - K_before)/|K_before| with K the mean target log prob over the injected facts' "
+              "probes; retention = share of the peak gain in K still held at the end; F = relative drop of held-out "
+              "next-token accuracy (the stand-in for downstream accuracy).", ""]
+    for name, arm in summary["arms"].items():
         if arm.get("edit"):
-            layers = arm["edit"]["layers"]
-            lines.append(f"Arm {name}: resuscitation (ratio {arm['edit']['ratio']}, factor {arm['edit']['factor']}, "
-                         f"cap {arm['edit']['cap']}) scaled {sum(l['selected'] for l in layers)} neurons, "
-                         f"{sum(l['capped'] for l in layers)} of them at the cap; entropy "
-                         f"{_fmt(arm['edit']['entropy_before']['total'])} -> {_fmt(arm['entropy_start']['total'])}.")
+            edit = first["arms"][name]["edit"]
+            lines.append(f"Arm {name}: resuscitation (ratio {edit['ratio']}, factor {edit['factor']}, cap "
+                         f"{edit['cap']}) scaled {_sp(arm['edit']['selected'])} neurons, {_sp(arm['edit']['capped'])} "
+                         f"of them at the cap; entropy {_sp(arm['edit']['entropy_before'])} -> "
+                         f"{_sp(arm['entropy_start'])}.")
     lines += ["", "Mean effectivity and end-of-run log-prob change per probe kind (mean over scenarios):", "",
               "| arm | " + " | ".join(f"E {KIND_NAMES[k]}" for k in KINDS) + " | "
               + " | ".join(f"dlogp {KIND_NAMES[k]}" for k in KINDS) + " |", "|---" * (1 + 2 * len(KINDS)) + "|"]
-    for name, arm in results["arms"].items():
-        eff = [_mean([g["effectivity"] for key, g in arm["groups"].items() if key.endswith("/" + k)]) for k in KINDS]
-        change = [_mean([g["log_prob_end"] - g["log_prob_start"] for key, g in arm["groups"].items()
-                         if key.endswith("/" + k) and g.get("log_prob_end") is not None
-                         and g.get("log_prob_start") is not None]) for k in KINDS]
-        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in eff + change) + " |")
-    timings = results.get("timings")
-    if timings:
-        lines += ["", "Wall-clock cost per continued-training step (this run, this machine; includes scoring every "
-                  "probe): " + ", ".join(f"{name} {timings[f'arm:{name}_step_s']:.3g} s"
-                                         for name in results["arms"] if f"arm:{name}_step_s" in timings)
-                  + f"; pretraining {timings['pretrain_step_s']:.3g} s/step."]
+    for name, arm in summary["arms"].items():
+        lines.append(f"| {name} | " + " | ".join(_sp(arm["effectivity"][k]) for k in KINDS) + " | "
+                     + " | ".join(_sp(arm["dlogp"][k]) for k in KINDS) + " |")
+    lines += ["", "![entropy during continued training](arm_entropy.png)", "", *_costs(results)]
     reference = _reference_arm(results)
-    lines += ["", f"Per-group metrics in arm '{reference}' (effectivity: mean gain to the local acquisition "
-              f"maximum within {config['window']} steps; fit of retainability R ~ b - a log10 t):", "",
-              "| scenario / kind | effectivity | a | b | R^2 | x-intercept (steps) |", "|---|---|---|---|---|---|"]
-    for key, group in results["arms"][reference]["groups"].items():
-        fit = group["retainability"]["fit"]
-        lines.append(f"| {key} | {_fmt(group['effectivity'])} | {_fmt(fit['decay'])} | {_fmt(fit['intercept'])} | "
-                     f"{_fmt(fit['r_squared'])} | {_fmt(fit['x_intercept_steps'])} |")
+    lines += [f"Per-group metrics in arm '{reference}' (effectivity: mean gain to the local acquisition maximum "
+              f"within {config['window']} steps; fit of retainability R ~ b - a log10 t; a fit with R^2 < "
+              f"{POWER_LAW_MIN_R2} is no power law and its decay is not shown; the horizon is where the fit "
+              f"reaches R = 0, not shown beyond {MAX_EXTRAPOLATION}x the observed range of t):", "",
+              "| scenario / kind | effectivity | decay a | R^2 | horizon (steps) |", "|---|---|---|---|---|"]
+    for key, group in summary["arms"][reference]["groups"].items():
+        lines.append(f"| {key} | {_sp(group['effectivity'])} | {fit_text(group['r_squared'], group['decay'])} | "
+                     f"{_sp(group['r_squared'], 3)} | "
+                     f"{horizon_text(group['x_intercept_steps'], group['horizon'], group['r_squared'], group['decay'])} |")
     lines += ["", "![trajectories](trajectories.png)", "", "![retainability](retainability.png)", "",
-              "![arms](arms.png)", "", *_landing_section(results), "## Which findings reproduce at this scale", "",
-              f"{counts['reproduced']} of {len(findings)} findings hold, {counts['not_reproduced']} do not, "
-              f"{counts['not_checked']} could not be checked in this run.", ""]
+              "![arms](arms.png)", "", *_landing_section(results),
+              "## Which findings reproduce", "",
+              f"{counts['reproduced']} of {len(findings)} findings reproduce (held for all {n} seeds), "
+              f"{counts['not_reproduced']} do not, {counts['not_checked']} could not be checked for any seed. A "
+              "finding that could not be checked for a seed counts as not held for it.", ""]
     for finding in findings:
-        verdict = {True: "reproduces", False: "does not reproduce", None: "not checked"}[finding["holds"]]
-        shown = ", ".join(f"{k} = {_fmt_value(v)}" for k, v in finding["values"].items())
-        lines.append(f"- **{finding['claim']}** ({finding['paper']}): {verdict}. Criterion: {finding['criterion']}. "
-                     f"Measured: {shown}.")
-    lines += ["", "These are single-seed results of a very small model trained briefly; treat a verdict as "
-              "what this run measured, not as evidence for or against the papers."]
+        shown = _measured(finding["values"])
+        per = ", ".join(f"{s}: {({True: 'held', False: 'not held', None: 'not checked'})[v]}"
+                        for s, v in zip(seeds, finding["per_seed"]))
+        lines.append(f"- **{finding['claim']}** ({finding['paper']}): {_held_text(finding)}. Criterion: "
+                     f"{finding['criterion']}. Measured: {shown}. Per seed: {per}.")
+    lines += ["", f"These are results of a very small model trained briefly, over {n} seed{'s' * (n != 1)}; treat a "
+              "verdict as what these runs measured, not as evidence for or against the papers."]
     return "\n".join(lines) + "\n"
 
 
@@ -288,26 +596,15 @@ def _continued_training(config: dict) -> str:
             + (f"; {placement}" if placement else "") + ") ")
 
 
-def _mean(values: list) -> float | None:
-    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def _fmt_value(value) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_fmt(v, 3)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v, 3) for v in value) + "]"
-    return _fmt(value)
-
-
 def write_report(results: dict, out: str | os.PathLike) -> list[Path]:
-    """Write report.md and the figures into ``out`` (attribution.png when an arm recorded where its facts
-    land); returns their paths."""
+    """Write report.md and the figures of :data:`FIGURES` into ``out`` (attribution.png when an arm recorded
+    where its facts land); returns their paths."""
+    results = _study(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_entropy(results, out / "entropy.png"), plot_trajectories(results, out / "trajectories.png"),
-             plot_retainability(results, out / "retainability.png"), plot_arms(results, out / "arms.png")]
+             plot_retainability(results, out / "retainability.png"), plot_arms(results, out / "arms.png"),
+             plot_arm_entropy(results, out / "arm_entropy.png")]
     if _attributed(results):
         paths.append(plot_landing(results, out / LANDING_FIGURE))
     report = out / "report.md"
