@@ -1,5 +1,6 @@
-"""`kacq demo` (the kacq_study package): the quick study end to end (every output, same seed -> same
-bytes), its parts, and how it hangs off the library (the library never imports it)."""
+"""`kacq demo` (the kacq_study package): the quick study over two seeds end to end (every output, the same
+bytes whichever process ran a task), its parts (seeds combined, fits gated, regime checks), and how it hangs
+off the library (the library never imports it)."""
 from __future__ import annotations
 
 import ast
@@ -14,84 +15,141 @@ import pytest
 import torch
 
 from kacq_hooks.cli import main
+from kacq_hooks.errors import KacqError, MissingExtraError
 from kacq_hooks.facts import FactRecord, FactSet
+from kacq_study.cli import parse_seeds
 from kacq_study.demo import (
     ARMS,
     RUN_TIME,
     DemoConfig,
     DemoConfigError,
     inject_spanning,
+    write_results,
 )
-from kacq_study.findings import assess
-from kacq_study.report import FIGURES, render_markdown
+from kacq_study.findings import (
+    LEARNED_MARGIN,
+    POWER_LAW_MIN_R2,
+    assess,
+    combine_findings,
+    facts_are_learned,
+    loss_flattened,
+    spread,
+    summarize,
+)
+from kacq_study.report import BEYOND, FIGURES, fit_text, horizon_text, render_markdown
+from kacq_study.study import _call, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
 OUTPUTS = ("results.json", "report.md", "timings.json", *FIGURES)
 
 
+SEEDS = (0, 1)
+
+
 @pytest.fixture(scope="module")
-def quick_runs(tmp_path_factory):
-    """Two `kacq demo --quick` runs with the same seed (the only place the study runs in the suite)."""
+def quick_study(tmp_path_factory):
+    """`kacq demo --quick` over two seeds in two worker processes (the only full study run in the suite)."""
     root = tmp_path_factory.mktemp("demo")
     cache = root / "cache"
-    for name in ("a", "b"):
-        assert main(["demo", "--quick", "--out", str(root / name), "--cache-dir", str(cache)]) == 0
-    return root / "a", root / "b"
+    assert main(["demo", "--quick", "--seeds", ",".join(map(str, SEEDS)), "--workers", "2", "--out", str(root / "a"),
+                 "--cache-dir", str(cache)]) == 0
+    return root / "a", cache
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_every_output(quick_runs):
-    out, _ = quick_runs
+def test_quick_demo_writes_every_output(quick_study):
+    out, _ = quick_study
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((out / "results.json").read_text())
+    study = json.loads((out / "results.json").read_text())
+    assert study["format"] == "kacq_hooks.demo" and study["version"] == 2 and study["seeds"] == list(SEEDS)
+    assert [r["config"]["seed"] for r in study["per_seed"]] == list(SEEDS)
     config = DemoConfig.quick()
-    entropy = results["pretraining"]["entropy"]
-    assert entropy["steps"][0] == 0 and entropy["steps"][-1] == config.pretrain_steps
-    assert len(entropy["total"]) == len(entropy["steps"]) == len(entropy["per_layer"])
-    assert all(0 < total <= entropy["max_total"] + 1e-9 for total in entropy["total"])
-    assert all(len(layers) == config.n_layers for layers in entropy["per_layer"])
-    assert sum(entropy["per_layer"][-1]) == pytest.approx(entropy["total"][-1], rel=1e-6)
-    assert set(results["arms"]) == set(config.arms)
-    for arm in results["arms"].values():
-        assert len(arm["kim"]["K"]) == config.continue_steps + 1  # every probe scored before every update
-        assert len(arm["groups"]) == 9  # 3 scenarios x 3 probe kinds
-        fits = [g["retainability"]["fit"] for g in arm["groups"].values()]
-        assert any(f["decay"] is not None and f["r_squared"] is not None for f in fits)
-        for group in arm["groups"].values():
-            assert len(group["effectivity_per_round"]) == len(group["injection_steps"])
-    assert results["arms"]["late"]["groups"]["once/mem"]["injection_steps"] == [config.lead_steps]
-    edit = results["arms"]["late+resuscitation"]["edit"]
-    assert edit["kind"] == "resuscitation" and edit["selected"] > 0
-    assert results["arms"]["late+resuscitation"]["entropy_start"]["total"] != results["arms"]["late"]["entropy_start"]["total"]
-    ids = {f["id"] for f in results["findings"]}
-    assert {"entropy_decays", "power_law_forgetting", "resuscitation_improves_acquisition"} <= ids
-    # where the facts land: the late arms only, against the checkpoint's low-activity slots (those resuscitation scaled)
-    assert "attribution" not in results["arms"]["early"]
-    for name in ("late", "late+resuscitation"):
-        landing = results["arms"][name]["attribution"]
-        assert landing["steps"] == [0, config.lead_steps + 1, config.continue_steps]
-        assert landing["slots"] == config.n_layers * config.d_ff and landing["k"] == 50
-        assert landing["low_activity_slots"] == edit["selected"]
-        assert landing["chance"] == pytest.approx(landing["low_activity_slots"] / landing["slots"])
-        for key in ("mean", "min", "max"):
-            assert all(0 <= v <= 1 for v in landing["share"][key])
-        assert f"facts_land_in_low_activity_slots[{name}]" in ids
+    for results in study["per_seed"]:
+        entropy = results["pretraining"]["entropy"]
+        assert entropy["steps"][0] == 0 and entropy["steps"][-1] == config.pretrain_steps
+        assert len(entropy["total"]) == len(entropy["steps"]) == len(entropy["per_layer"])
+        assert all(0 < total <= entropy["max_total"] + 1e-9 for total in entropy["total"])
+        assert all(len(layers) == config.n_layers for layers in entropy["per_layer"])
+        assert sum(entropy["per_layer"][-1]) == pytest.approx(entropy["total"][-1], rel=1e-6)
+        assert set(results["arms"]) == set(config.arms)
+        for arm in results["arms"].values():
+            assert len(arm["kim"]["K"]) == config.continue_steps + 1  # every probe scored before every update
+            assert len(arm["groups"]) == 9  # 3 scenarios x 3 probe kinds
+            assert {"injected", "control"} <= set(arm["learning"])
+            assert arm["entropy"]["steps"][-1] == config.continue_steps
+            for group in arm["groups"].values():
+                assert len(group["effectivity_per_round"]) == len(group["injection_steps"])
+        assert results["arms"]["late"]["groups"]["once/mem"]["injection_steps"] == [config.lead_steps]
+        edit = results["arms"]["late+resuscitation"]["edit"]
+        assert edit["kind"] == "resuscitation" and edit["selected"] > 0
+        assert "attribution" not in results["arms"]["early"]
+        for name in ("late", "late+resuscitation"):
+            landing = results["arms"][name]["attribution"]
+            assert landing["steps"] == [0, config.lead_steps + 1, config.continue_steps]
+            assert landing["slots"] == config.n_layers * config.d_ff and landing["low_activity_slots"] == edit["selected"]
+    # the seeds differ (else the intervals say nothing), and the summary is their spread
+    first, second = (r["pretraining"]["entropy"]["total"][-1] for r in study["per_seed"])
+    assert first != second
+    last = study["summary"]["pretraining"]["entropy_last"]
+    assert last["values"] == [first, second] and last["min"] == min(first, second)
+    assert last["mean"] == pytest.approx((first + second) / 2, rel=1e-6)
+    ids = [f["id"] for f in study["findings"]]
+    assert ids == [f["id"] for f in study["per_seed"][0]["findings"]]
+    for finding in study["findings"]:
+        verdicts = [next(f["holds"] for f in r["findings"] if f["id"] == finding["id"]) for r in study["per_seed"]]
+        assert finding["per_seed"] == verdicts and finding["reproduces"] == all(v is True for v in verdicts)
+    assert {f["id"] for f in study["regime"]} == {"loss_flattened", *(f"facts_are_learned[{a}]" for a in config.arms)}
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["arm:late_attribution_s"] > 0 and "arm:early_attribution_s" not in timings
+    assert timings["workers"] == 2 and timings["wall_s"] > 0
+    assert timings["per_seed"]["1"]["arm:late_attribution_s"] > 0 and "arm:early_attribution_s" not in timings["per_seed"]["1"]
+    assert set(timings["tasks_s"]) == {f"seed {s} {t}" for s in SEEDS for t in ("pretrain", *(f"arm:{a}" for a in config.arms))}
     report = (out / "report.md").read_text()
-    assert "## Which findings reproduce at this scale" in report
+    assert "## Which findings reproduce" in report and "## Why this regime" in report and "## Regime checks" in report
+    assert f"of {len(SEEDS)} seeds" in report and "| pretraining |" in report  # verdict counts and per-step costs
     for figure in FIGURES:
         assert f"({figure})" in report
 
 
 @pytest.mark.slow
-def test_same_seed_gives_identical_results_json(quick_runs):
-    first, second = quick_runs
-    assert (first / "results.json").read_bytes() == (second / "results.json").read_bytes()
+def test_worker_count_does_not_change_results(quick_study, tmp_path):
+    """A seed's pretraining and arm run in this process give the same bytes as in the study's two workers."""
+    out, cache = quick_study
+    study = json.loads((out / "results.json").read_text())
+    alone = run_study(DemoConfig.quick(arms=("late",), cache_dir=str(cache)), seeds=(1,), workers=1)
+    pooled = study["per_seed"][1]
+    assert alone["per_seed"][0]["config"]["arms"] == ["late"]
+
+    def dumped(value) -> str:
+        return json.dumps(value, sort_keys=True)
+
+    assert dumped(alone["per_seed"][0]["pretraining"]) == dumped(pooled["pretraining"])
+    assert dumped(alone["per_seed"][0]["arms"]["late"]) == dumped(pooled["arms"]["late"])
+    write_results(alone, tmp_path / "x")
+    write_results(alone, tmp_path / "y")
+    assert (tmp_path / "x" / "results.json").read_bytes() == (tmp_path / "y" / "results.json").read_bytes()
+    assert b"wall_s" not in (tmp_path / "x" / "results.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_worker_error_surfaces_with_its_message(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("\n\n".join(f"a short document number {i} about cats" for i in range(30)))
+    config = DemoConfig.quick(corpus=str(corpus), cache_dir=str(tmp_path / "cache"), arms=("late",))
+    with pytest.raises(DemoConfigError, match="the corpus packs into"):  # raised in the worker process
+        run_study(config, seeds=(0, 1), workers=2)
+
+
+def _raise_missing_extra():
+    raise MissingExtraError("matplotlib", "demo", "writing figures")
+
+
+def test_an_unpicklable_worker_error_keeps_its_message_and_kind():
+    with pytest.raises(KacqError, match="MissingExtraError: writing figures needs the 'matplotlib'"):
+        _call(_raise_missing_extra)
 
 
 def test_inject_spanning_keeps_passages_whole_and_batch_shape():
@@ -167,21 +225,28 @@ def test_findings_follow_the_numbers():
     assert verdicts["resuscitation_improves_acquisition"] is None  # arm not run: not checked
 
 
-def test_report_states_verdicts_from_findings():
-    results = _synthetic_results()
+def _reportable(results: dict) -> dict:
+    """_synthetic_results with what render_markdown reads besides the findings' numbers."""
     results["findings"] = assess(results)
     base = {"config": DemoConfig.quick().to_dict(),
             "data": {"vocab_size": 768, "corpus": "c", "documents": 1, "tokens": 2, "calibration_sequences": 1,
                      "records": 6, "facts": "generated", "injection_steps": [3]}}
     results.update(base)
-    results["pretraining"].update(checkpoints={"early": 15, "late": 60})
+    results["pretraining"].update(checkpoints={"early": 15, "late": 60}, loss=[6.0, 5.0, 4.0], steps=[1, 2, 3])
     results["pretraining"]["entropy"]["max_total"] = 3.5
     for arm in results["arms"].values():
         arm.update(entropy_start={"total": 2.8}, edit=None)
         arm["kim"].update(K_before=-5.0, K_after=-4.0)
+    return results
+
+
+def test_report_states_verdicts_from_findings():
+    results = _reportable(_synthetic_results())
     text = render_markdown(results)
-    assert "**knowledge entropy decays during pretraining** (Kim et al. 2025): reproduces" in text
-    assert "**resuscitation improves retention at the late checkpoint** (Kim et al. 2025): does not reproduce" in text
+    assert ("**knowledge entropy decays during pretraining** (Kim et al. 2025): held for 1 of 1 seed: reproduced"
+            in text)
+    assert ("**resuscitation improves retention at the late checkpoint** (Kim et al. 2025): held for 0 of 1 seed: "
+            "not reproduced" in text)
     assert "(fresh AdamW, lr 0.004, beta1 0.5, 4 warmup steps, 24 sequences a step; each passage + EOS from the start" in text
     del results["config"]["continue_beta1"]  # an older results file: the sentence is left out, not guessed
     assert "fresh AdamW" not in render_markdown(results)
@@ -260,3 +325,86 @@ def test_cli_finds_commands_by_entry_point(tmp_path, monkeypatch, capsys, caplog
     assert main(["probe"]) == 0
     assert capsys.readouterr().out == "probe ran\n"
     assert "kacq broken is unavailable" in caplog.text and "kacq_no_such_package" in caplog.text
+
+
+def _finding(key: str, holds) -> dict:
+    return {"id": key, "paper": "p", "claim": key, "criterion": "c", "values": {"x": 1.0 if holds else 0.0},
+            "holds": holds}
+
+
+def test_a_finding_reproduces_only_if_it_held_for_every_seed():
+    per_seed = [[_finding("a", True), _finding("b", True), _finding("c", None)],
+                [_finding("a", True), _finding("b", False), _finding("c", None)],
+                [_finding("a", True), _finding("b", True), _finding("c", True)]]
+    combined = {f["id"]: f for f in combine_findings(per_seed)}
+    assert combined["a"]["reproduces"] and (combined["a"]["held"], combined["a"]["seeds"]) == (3, 3)
+    assert not combined["b"]["reproduces"] and combined["b"]["held"] == 2
+    assert combined["b"]["per_seed"] == [True, False, True]
+    assert not combined["c"]["reproduces"] and (combined["c"]["held"], combined["c"]["checked"]) == (1, 1)  # None: not held
+    assert combined["b"]["values"]["x"] == spread([1.0, 0.0, 1.0])
+    assert summarize(list(combined.values())) == {"reproduced": 1, "not_reproduced": 2, "not_checked": 0}
+    per_seed[2][2]["holds"] = None
+    assert summarize(combine_findings(per_seed))["not_checked"] == 1
+    assert spread([2.0, None, 4.0]) == {"mean": 3.0, "min": 2.0, "max": 4.0, "values": [2.0, None, 4.0]}
+
+
+def test_a_fit_below_the_r2_threshold_is_no_power_law():
+    results = _synthetic_results()
+    for kind in ("mem", "gen", "hard_gen"):
+        results["arms"]["late"]["groups"][f"paraphrase/{kind}"]["retainability"]["fit"]["decay"] = 0.1
+    verdicts = {f["id"]: f for f in assess(results)}
+    assert verdicts["duplication_forgets_faster"]["holds"] is True  # 0.3 > 0.1, both fits good
+    results["arms"]["late"]["groups"] = copy.deepcopy(results["arms"]["late"]["groups"])
+    fit = results["arms"]["late"]["groups"]["duplication/gen"]["retainability"]["fit"]
+    fit["r_squared"] = POWER_LAW_MIN_R2 - 0.29  # 0.21: no power law, so its decay is not compared
+    finding = {f["id"]: f for f in assess(results)}["duplication_forgets_faster"]
+    assert finding["holds"] is None and finding["values"]["duplication"] is None
+    text = render_markdown(_reportable(results))
+    assert "| duplication/gen | 0.5 | no power law (R^2 = 0.21) |" in text
+    assert "duplication/gen: no power law (R^2 = 0.21)" in text  # in the findings' values too, not a decay
+    assert fit_text(spread([0.8, 0.3]), spread([0.2, 0.4])) == "no power law in 1 of 2 seeds (R^2 = 0.55 (0.3 to 0.8))"
+    assert fit_text(spread([0.8, 0.6]), spread([0.2, 0.4])) == "0.3 (0.2 to 0.4)"
+
+
+def test_no_extrapolation_beyond_100x_is_printed_as_a_number():
+    assert horizon_text(2001.0, 20) == BEYOND == "beyond 100x the observed range"
+    assert horizon_text(1999.0, 20) == "1999"
+    assert horizon_text(spread([50.0, 5000.0]), spread([20, 20])) == BEYOND + " (1 of 2 seeds)"
+    assert horizon_text(spread([50.0, 70.0]), spread([20, 20])) == "60 (50 to 70)"
+    assert horizon_text(50.0, 20, r_squared=0.2, decay=0.3) == "n/a"  # no power law: no horizon either
+    results = _synthetic_results()  # x-intercept 1000 steps for t up to 2: far beyond the observed range
+    text = render_markdown(_reportable(results))
+    assert "| once/mem | 0.9 | 0.3 | 0.8 | beyond 100x the observed range |" in text and "| 1000 |" not in text
+
+
+def test_regime_checks_follow_the_numbers():
+    def arm(injected: float, control: float) -> dict:
+        return {"arms": {"late": {"learning": {"injected": {"rise": injected}, "control": {"rise": control}}}}}
+
+    assert facts_are_learned(arm(1.6, 0.2), "late")["holds"] is True
+    assert facts_are_learned(arm(0.99, -1.0), "late")["holds"] is False  # below 1 nat
+    assert facts_are_learned(arm(1.5, 1.5 - LEARNED_MARGIN + 0.01), "late")["holds"] is False  # not clearly above controls
+    assert facts_are_learned(arm(1.5, 1.0), "late")["holds"] is True
+    assert facts_are_learned({"arms": {"late": {"learning": {"injected": {"rise": 2.0}}}}}, "late")["holds"] is None
+    flat = {"pretraining": {"loss": [9.0] * 80 + [3.05] * 10 + [3.0] * 10}}
+    assert loss_flattened(flat)["holds"] is True  # 1.6 % lower
+    falling = {"pretraining": {"loss": [9.0] * 80 + [3.1] * 10 + [3.0] * 10}}
+    finding = loss_flattened(falling)
+    assert finding["holds"] is False and finding["values"]["relative_change"] == pytest.approx(-0.1 / 3.1)
+    assert loss_flattened({"pretraining": {"loss": [3.0]}})["holds"] is None
+    ids = [f["id"] for f in assess(_synthetic_results())]
+    assert not any(i.startswith(("facts_are_learned", "loss_flattened")) for i in ids)  # not among the papers'
+
+
+def test_seeds_option_and_scaled_config():
+    assert parse_seeds("0,1,2") == parse_seeds("3") == (0, 1, 2)
+    assert parse_seeds("7,") == (7,)
+    with pytest.raises(DemoConfigError, match="--seeds"):
+        parse_seeds("zero")
+    base = DemoConfig.quick()
+    assert base.scaled(1) == base
+    big = base.scaled(2)
+    assert (big.d_model, big.d_ff, big.pretrain_steps) == (2 * base.d_model, 2 * base.d_ff, 2 * base.pretrain_steps)
+    assert big.early_step == 2 * base.early_step and big.max_docs == 2 * base.max_docs
+    assert big.d_model % big.n_heads == 0 and base.scaled(1.3).d_model % base.n_heads == 0
+    big.validate()

@@ -106,8 +106,8 @@ def test_landing_paragraph_and_figure(tmp_path):
     results["data"] = {"calibration_sequences": 8}
     text = "\n".join(_landing_section(results))
     assert "## Where the injected facts land" in text and f"]({LANDING_FIGURE})" in text
-    assert "In arm late+resuscitation" in text and "share 0.62 at the end" in text
-    assert "\"Facts land preferentially in low-activity slots\" holds" in text
+    assert "In arm late+resuscitation" in text and "low-activity was 0.62 at the end" in text
+    assert "\"Facts land preferentially in low-activity slots\": held for 1 of 1 seed: reproduced" in text
     assert f"end share > chance + {LANDING_MARGIN}" in text
     path = plot_landing(results, tmp_path / LANDING_FIGURE)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
