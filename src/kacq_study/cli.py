@@ -86,6 +86,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
     progress = _Bars(tqdm, config, len(seeds))
     try:
         results = run_study(config, seeds, workers=args.workers, progress=progress)
+    except KeyboardInterrupt:  # run_study has already ended its workers
+        progress.close()
+        print("interrupted: the study's worker processes were stopped; nothing written", file=sys.stderr)
+        return 130
     finally:
         progress.close()
     path = write_results(results, args.out)
