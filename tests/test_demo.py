@@ -408,3 +408,21 @@ def test_seeds_option_and_scaled_config():
     assert big.early_step == 2 * base.early_step and big.max_docs == 2 * base.max_docs
     assert big.d_model % big.n_heads == 0 and base.scaled(1.3).d_model % base.n_heads == 0
     big.validate()
+
+
+def test_entropy_findings_look_only_from_the_early_checkpoint_on():
+    """The papers measured entropy long after the first transient of training: a curve that collapses at the
+    start and climbs from the early checkpoint on does not decay, though its last point is below its first."""
+    results = _synthetic_results()
+    results["pretraining"]["checkpoints"] = {"early": 10, "late": 30}
+    entropy = results["pretraining"]["entropy"]
+    entropy.update(steps=[0, 10, 20, 30], total=[3.0, 2.5, 2.6, 2.7],
+                   per_layer=[[1.5, 1.5], [1.3, 1.2], [1.3, 1.3], [1.2, 1.5]])
+    verdicts = {f["id"]: f for f in assess(results)}
+    assert verdicts["entropy_decays"]["holds"] is False
+    assert verdicts["entropy_decays"]["values"]["from_step"] == 10
+    # from the early checkpoint on, layer 0 fell by 0.1 and layer 1 rose by 0.3: the last layer did not fall most
+    assert verdicts["last_layer_falls_most"]["holds"] is False
+    entropy.update(total=[3.0, 2.9, 2.8, 2.7], per_layer=[[1.5, 1.5], [1.45, 1.45], [1.45, 1.35], [1.44, 1.26]])
+    verdicts = {f["id"]: f["holds"] for f in assess(results)}
+    assert verdicts["entropy_decays"] and verdicts["last_layer_falls_most"]

@@ -95,25 +95,25 @@ class DemoConfig:
 
     seed: int = 0
     # model: a Llama-style decoder trained from scratch
-    d_model: int = 128
+    d_model: int = 96
     n_layers: int = 4
     n_heads: int = 4
-    d_ff: int = 512
+    d_ff: int = 384
     seq_len: int = 320                   # rows hold a whole generated passage (<= ~320 tokens) + EOS
     vocab_size: int = 2048
     # corpus and tokenizer
     corpus: str | None = None            # None: offline Wikipedia summaries; else a .txt / .jsonl path
-    max_docs: int | None = 4000
+    max_docs: int | None = 6000
     cache_dir: str | None = None         # tokenizer cache; None: $KACQ_CACHE or ~/.cache/kacq_hooks
-    calibration_sequences: int = 32
+    calibration_sequences: int = 24
     # pretraining
-    pretrain_steps: int = 250
-    batch_size: int = 10
-    lr: float = 2e-3
-    warmup_steps: int = 15
+    pretrain_steps: int = 360
+    batch_size: int = 6
+    lr: float = 3e-3
+    warmup_steps: int = 20
     weight_decay: float = 0.01
-    early_step: int = 50                # the "early" checkpoint; the "late" one is the last step
-    entropy_every: int = 10
+    early_step: int = 110               # the "early" checkpoint; the "late" one is the last step
+    entropy_every: int = 20
     arm_entropy_every: int = 20          # calibration entropy during continued training (also the progress bar's)
     # facts and injection
     facts: str | None = None             # None: procedural facts; else a Fictional Knowledge JSON path
@@ -121,15 +121,15 @@ class DemoConfig:
     control_facts: int = 2               # records never injected ("unused"): what continued training alone does to a fact
     injection: str = "row"               # "row": each passage + EOS starts one row, cut to seq_len (Chang et al.);
                                          # "span": a longer passage continues over the next rows, kept whole
-    injection_every: int = 30
-    injection_rounds: int = 4
-    lead_steps: int = 20                 # steps before the first injection: warmup, settling, t_pre baseline
-    tail_steps: int = 60                 # steps after the last injection, for forgetting
+    injection_every: int = 4
+    injection_rounds: int = 14
+    lead_steps: int = 8                  # steps before the first injection: warmup, settling, t_pre baseline
+    tail_steps: int = 22                 # steps after the last injection, for forgetting
     continue_batch_size: int | None = 8  # rows per continued-training step (None: batch_size); fewer rows, more weight per fact
     continue_lr: float = 4e-3            # high for a model this small: one update must visibly move a fact
     continue_beta1: float = 0.5          # AdamW momentum: 0.9 smears each injection's update over ~10 steps
-    continue_warmup: int = 10            # linear warmup of the fresh optimizer (steps); 0: none
-    window: int = 5                      # t_w: local acquisition maximum searched in (t_i, t_i + t_w]
+    continue_warmup: int = 6             # linear warmup of the fresh optimizer (steps); 0: none
+    window: int = 3                      # t_w: local acquisition maximum searched in (t_i, t_i + t_w]
     iqr_factor: float = 1.5
     # resuscitation (Kim et al. Algorithm 1, weight mode)
     resuscitation_ratio: float = 0.5

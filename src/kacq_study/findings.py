@@ -126,17 +126,25 @@ def assess(results: dict) -> list[dict]:
     """The findings list for a results dict (see :func:`kacq_study.demo.run_demo`)."""
     found = []
     entropy = results["pretraining"]["entropy"]
-    steps, totals, per_layer = entropy["steps"], entropy["total"], entropy["per_layer"]
+    # The papers measured checkpoints long after the first transient of training (an entropy collapse and
+    # climb within the first tens of steps from scratch): the curve is judged from the early checkpoint on.
+    start = results["pretraining"].get("checkpoints", {}).get("early", entropy["steps"][0])
+    kept = [i for i, step in enumerate(entropy["steps"]) if step >= start]
+    steps = [entropy["steps"][i] for i in kept]
+    totals = [entropy["total"][i] for i in kept]
+    per_layer = [entropy["per_layer"][i] for i in kept]
     rho = _spearman([float(s) for s in steps], totals)
     found.append(_finding(
         "entropy_decays", "Kim et al. 2025", "knowledge entropy decays during pretraining",
-        "total entropy at the last measurement < at the first, and Spearman(step, entropy) <= -0.5",
-        {"first": totals[0], "last": totals[-1], "spearman": rho},
+        "from the early checkpoint on: total entropy at the last measurement < at the early checkpoint, and "
+        "Spearman(step, entropy) <= -0.5",
+        {"from_step": steps[0] if steps else None, "first": totals[0] if totals else None,
+         "last": totals[-1] if totals else None, "spearman": rho},
         (totals[-1] < totals[0] and rho is not None and rho <= -0.5) if len(totals) >= 2 else None))
-    drops = [first - last for first, last in zip(per_layer[0], per_layer[-1])]
+    drops = [first - last for first, last in zip(per_layer[0], per_layer[-1])] if per_layer else []
     found.append(_finding(
         "last_layer_falls_most", "Kim et al. 2025", "the last layer's entropy falls most",
-        "entropy drop (first - last measurement) is largest in the last layer",
+        "from the early checkpoint on: entropy drop (early checkpoint - last measurement) is largest in the last layer",
         {"drop_per_layer": drops}, (max(range(len(drops)), key=drops.__getitem__) == len(drops) - 1)
         if len(drops) > 1 else None))
 
