@@ -530,7 +530,9 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
     return _Data(tokenizer, train, Calibration(calibration.to(config.device)), facts, summary)
 
 
-def _pretrain(config: DemoConfig, data: _Data, report: Progress) -> tuple[dict, dict]:
+def _pretrain(config: DemoConfig, data: _Data, report: Progress,
+              snapshot_at: Sequence[int] = ()) -> tuple[dict, dict]:
+    """Pretrain from scratch; checkpoints "early", "late" and ``step<N>`` for each step of ``snapshot_at``."""
     tokenizer = data.tokenizer
     model = build_model(config, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model.train()
@@ -565,6 +567,8 @@ def _pretrain(config: DemoConfig, data: _Data, report: Progress) -> tuple[dict, 
                 latest = measure(step)
         if step == config.early_step:
             checkpoints["early"] = _snapshot(model, step)
+        if step in snapshot_at:
+            checkpoints[f"step{step}"] = _snapshot(model, step)
         report("pretrain", {"step": step, "total": config.pretrain_steps, "loss": losses[-1],
                             "entropy": latest["total"]})
     checkpoints["late"] = _snapshot(model, config.pretrain_steps)
@@ -731,6 +735,11 @@ def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, con
     figures and findings), from the store's trajectory (the probes' scores before each step)."""
     summary = {(row["scenario"], row["kind"]): row for row in
                kf.summarize_acquisition(store, schedule, window=config.window, iqr_factor=config.iqr_factor)}
+    # the same effectivity on the first target token alone: a name's later tokens follow from its first
+    # whatever the probe's wording, which flattens differences between probe kinds in the per-token mean
+    first_token = {(row["scenario"], row["kind"]): row["effectivity"] for row in
+                   kf.summarize_acquisition(store, schedule, "first", window=config.window,
+                                            iqr_factor=config.iqr_factor)}
     values = store.values("mean").double()                                      # [steps + 1, probes]
     groups: dict[str, dict] = {}
     trajectories: dict[str, list] = {}
@@ -752,6 +761,7 @@ def _fact_metrics(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, con
             groups[key] = {
                 "injection_steps": list(when),
                 "effectivity": row["effectivity"],
+                "effectivity_first_token": first_token[(scenario, kind)],
                 "effectivity_per_round": row["effectivity_per_injection"],
                 "effectivity_positive_fraction": row["effectivity_positive_fraction"],
                 "retainability": {"t": list(range(1, row["horizon"] + 1)), "R": curve.tolist(),

@@ -2,12 +2,18 @@
 reproduce at the demo's scale, each one command that writes a figure and a JSON of its numbers.
 
     python -m kacq_study.experiments entropy-widths --out docs/findings
+    python -m kacq_study.experiments acquisition-vs-entropy --out docs/findings
 
 ``entropy-widths``: knowledge entropy against pretraining step for three model widths, far past the
 demo's pretraining, with the loss beside it. Kim et al. measured OLMo checkpoints long after the start
 of training, where entropy falls; a model trained from scratch first passes through a transient (the
 entropy drops within tens of steps, then climbs back as the model starts to use its slots), and the
 question is whether, and when, the climb turns into the papers' decay.
+
+``acquisition-vs-entropy``: the demo's pretraining with checkpoints at several steps, and the demo's
+plain continued-training arm with fact injection from each. Kim et al.'s account is that acquisition
+follows knowledge entropy (r = 0.94 over OLMo checkpoints), and that later checkpoints acquire less
+*because* their entropy has decayed: where entropy still climbs, the account predicts the opposite order.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Sequence
 
 from kacq_hooks.report import pyplot, save_figure
 
-from .demo import DemoConfig, _prepare, _pretrain, deterministic
+from .demo import Arm, DemoConfig, _prepare, _pretrain, _run_arm, deterministic
 from .findings import _spearman
 
 WIDTHS = (32, 64, 128)
@@ -73,7 +79,76 @@ def plot_entropy_widths(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths)}
+def acquisition_vs_entropy(steps: int | None = None, seed: int = 0, points: int = 5) -> dict:
+    """Acquisition A and knowledge entropy H of ``points`` checkpoints spread over the demo's pretraining
+    (the demo's default config; ``steps`` pretraining steps if given), each continued with the demo's plain
+    AdamW arm and the same injected facts."""
+    config = DemoConfig(seed=seed, **({"pretrain_steps": steps} if steps else {}))
+    at = sorted({max(1, round(config.pretrain_steps * (i + 1) / points)) for i in range(points)})
+    quiet = lambda phase, info: None  # noqa: E731
+    with deterministic(config.threads):
+        data = _prepare(config, quiet)
+        pretraining, checkpoints = _pretrain(config, data, quiet, snapshot_at=at)
+        rows = []
+        for step in at:
+            arm = _run_arm(Arm(f"step{step}", f"step{step}"), config, data, checkpoints, quiet)
+            rows.append({"step": step, "entropy": arm["entropy_start"]["total"],
+                         "acquisition": arm["kim"]["acquisition"], "K_before": arm["kim"]["K_before"],
+                         "K_after": arm["kim"]["K_after"], "forgetting": arm["kim"]["forgetting"],
+                         "injected_rise": arm["learning"]["injected"]["rise"],
+                         # Chang et al.'s order of probe kinds, on the per-token mean and on the first token
+                         **{key: {kind: _mean([g[key] for name, g in arm["groups"].items()
+                                              if name.endswith("/" + kind)]) for kind in ("mem", "gen", "hard_gen")}
+                            for key in ("effectivity", "effectivity_first_token")}})
+    entropy = [r["entropy"] for r in rows]
+    acquisition = [r["acquisition"] for r in rows]
+    return {"experiment": "acquisition-vs-entropy", "seed": seed, "pretrain_steps": config.pretrain_steps,
+            "checkpoints": rows, "pearson": _pearson(entropy, acquisition),
+            "spearman_step_acquisition": _spearman([float(r["step"]) for r in rows], acquisition),
+            "spearman_step_entropy": _spearman([float(r["step"]) for r in rows], entropy),
+            "pretraining_entropy": {"steps": pretraining["entropy"]["steps"], "total": pretraining["entropy"]["total"]}}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    kept = [v for v in values if v is not None and v == v]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    n = len(x)
+    if n < 3:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx = sum((a - mx) ** 2 for a in x) ** 0.5
+    sy = sum((b - my) ** 2 for b in y) ** 0.5
+    return sxy / (sx * sy) if sx and sy else None
+
+
+def plot_acquisition_vs_entropy(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    rows = result["checkpoints"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    pre = result["pretraining_entropy"]
+    left.plot(pre["steps"], pre["total"], color="grey", lw=1, label="knowledge entropy H")
+    left.scatter([r["step"] for r in rows], [r["entropy"] for r in rows], color="C0", zorder=3, label="checkpoints")
+    left.set(xlabel="pretraining step", ylabel="knowledge entropy H (nats)", title="checkpoints on the entropy curve")
+    twin = left.twinx()
+    twin.plot([r["step"] for r in rows], [r["acquisition"] for r in rows], color="C1", marker="s", label="acquisition A")
+    twin.set_ylabel("acquisition A = (K_after - K_before)/|K_before|")
+    left.legend(fontsize=8, loc="lower right")
+    twin.legend(fontsize=8, loc="upper left")
+    right.scatter([r["entropy"] for r in rows], [r["acquisition"] for r in rows], color="C1")
+    for r in rows:
+        right.annotate(f"step {r['step']}", (r["entropy"], r["acquisition"]), fontsize=8)
+    pearson = result["pearson"]
+    right.set(xlabel="knowledge entropy H at the checkpoint (nats)", ylabel="acquisition A",
+              title=f"acquisition against entropy (Pearson r = {pearson:.2f})" if pearson is not None else "")
+    return save_figure(fig, path)
+
+
+EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
+               "acquisition-vs-entropy": (acquisition_vs_entropy, plot_acquisition_vs_entropy)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,9 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / f"{name}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     figure = plot(result, out / f"{name}.png")
     print(f"wrote {figure} and {name}.json in {time.perf_counter() - started:.0f} s")
-    for width, r in result["runs"].items():
+    for width, r in result.get("runs", {}).items():
         print(f"d_model {width}: entropy minimum {r['minimum']:.3f} at step {r['minimum_step']}, last {r['last']:.3f} "
               f"(max {r['max_total']:.3f}); Spearman(step, H) after the minimum {r['spearman_after_minimum']}")
+    for r in result.get("checkpoints", []):
+        print(f"step {r['step']}: H {r['entropy']:.3f}, A {r['acquisition']:.4f}, injected rise {r['injected_rise']:.2f}, "
+              f"effectivity {r['effectivity']}, first token {r['effectivity_first_token']}")
+    if "pearson" in result:
+        print(f"Pearson(H, A) = {result['pearson']}")
     return 0
 
 

@@ -426,11 +426,43 @@ def _landing_section(results: dict) -> list[str]:
 
 
 def _regime_section(results: dict) -> list[str]:
-    """Why the study's regime (model, sequence length, schedule, corpus use) matches the papers' setting."""
-    # PLACEHOLDER: the regime's author fills this in (SCIENCE.md sections 2-5); keep the heading.
-    return ["## Why this regime", "",
-            "*(Placeholder: why this model size, sequence length, learning-rate schedule, corpus use and the early "
-            "and late checkpoints match the papers' setting; to be written.)*", ""]
+    """Why the study's regime (model, sequence length, schedule, corpus use) stands in for the papers' setting."""
+    c = results["config"]
+    tokens = c["batch_size"] * c["seq_len"]
+    rows = c.get("continue_batch_size") or c["batch_size"]
+    return [
+        "## Why this regime", "",
+        f"- **Pretraining to the flat part of the loss curve.** A {c['n_layers']}-layer Llama-style model "
+        f"(d_model {c['d_model']}, {c['d_ff']} FFN slots per layer, vocabulary {c['vocab_size']}) is trained from "
+        f"scratch for {c['pretrain_steps']} steps of {c['batch_size']} x {c['seq_len']} tokens ({tokens:,} per step) "
+        "on English Wikipedia summaries, under a warmup and a cosine schedule to a tenth of the peak rate, the "
+        "shape of OLMo's: the late checkpoint is the end of a finished run, as the papers' final checkpoints are, and "
+        "the regime check above says whether the loss had flattened. Kim et al. and Chang et al. measured "
+        "checkpoints long after the first transient of training; from scratch, knowledge entropy collapses within "
+        "the first tens of steps and then climbs back, so the early checkpoint "
+        f"(step {results['per_seed'][0]['pretraining']['checkpoints']['early'] if results.get('per_seed') else c['early_step']}) "
+        "sits after that collapse and after the fast phase of the loss, and every entropy finding is judged from "
+        "it on.",
+        f"- **Injection as Chang et al. do it.** Each passage plus EOS is written at the start of one batch row and "
+        f"cut to the sequence length ({c['seq_len']} tokens holds a whole generated passage), so the batch shape "
+        f"never changes. A row is 1/{rows} of a continued-training update here and 1/2,048 in the paper: a model "
+        "this small learns a fact from one exposure only when the fact is a larger share of the update, which is "
+        "what the paper's 1B and 7B models do at 1/2,048. Duplication records see the same passage at every round, "
+        "paraphrase records a new rewording each round, once records one injection, and never-injected controls "
+        "show what continued training does to a fact it never sees.",
+        f"- **The schedule of injections.** {c['injection_rounds']} rounds every {c['injection_every']} steps "
+        f"(the paper: 10 rounds every 100 steps), after {c['lead_steps']} steps of warmup, and {c['tail_steps']} "
+        f"steps after the last one for forgetting. AdamW with beta1 = {c['continue_beta1']} lets an update's effect "
+        f"show within a few steps, so the window for the local acquisition maximum is t_w = {c['window']} steps, "
+        "shorter than the interval between injections (the paper's t_w = 50 for beta1 = 0.9 and 100-step "
+        "intervals). Continued training uses a fresh optimizer at a constant rate after warmup, as Kim et al. do "
+        "after resuscitation, for every arm alike.",
+        "- **Probes every step.** Every probe is scored before every update, without special tokens (as the "
+        "packed training rows hold text), in one batched no-grad pass; retainability is fitted over the range "
+        "every probe was recorded at.",
+        "- **What does not carry over.** A model of under a million parameters trained for minutes is not "
+        "OLMo: its knowledge entropy is still climbing when its loss flattens, which is the first thing to read "
+        "in the findings below (docs/findings.md has the dedicated experiments).", ""]
 
 
 def _regime_checks(results: dict) -> list[str]:
