@@ -108,7 +108,7 @@ class DemoConfig:
     calibration_sequences: int = 24
     # pretraining
     pretrain_steps: int = 360
-    batch_size: int = 6
+    batch_size: int = 8
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -117,15 +117,15 @@ class DemoConfig:
     arm_entropy_every: int = 20          # calibration entropy during continued training (also the progress bar's)
     # facts and injection
     facts: str | None = None             # None: procedural facts; else a Fictional Knowledge JSON path
-    facts_per_scenario: int = 2
+    facts_per_scenario: int = 1
     control_facts: int = 2               # records never injected ("unused"): what continued training alone does to a fact
     injection: str = "row"               # "row": each passage + EOS starts one row, cut to seq_len (Chang et al.);
                                          # "span": a longer passage continues over the next rows, kept whole
     injection_every: int = 4
-    injection_rounds: int = 14
+    injection_rounds: int = 16
     lead_steps: int = 8                  # steps before the first injection: warmup, settling, t_pre baseline
-    tail_steps: int = 22                 # steps after the last injection, for forgetting
-    continue_batch_size: int | None = 8  # rows per continued-training step (None: batch_size); fewer rows, more weight per fact
+    tail_steps: int = 14                 # steps after the last injection, for forgetting
+    continue_batch_size: int | None = 6  # rows per continued-training step (None: batch_size); fewer rows, more weight per fact
     continue_lr: float = 4e-3            # high for a model this small: one update must visibly move a fact
     continue_beta1: float = 0.5          # AdamW momentum: 0.9 smears each injection's update over ~10 steps
     continue_warmup: int = 6             # linear warmup of the fresh optimizer (steps); 0: none
