@@ -1,13 +1,17 @@
 """The reductions of :mod:`.reference` on the CPU, in a few eager passes over C.
 
-Each block of C is read into one fp32 buffer holding |C| and C^2 side by side, so a single column sum
-gives both sums; the max is a second reduction, and the active count is free when the block holds no
-zero (checked with one global min). Padded rows are set to zero in the buffer (host checks are free on
-the CPU). NaN and Inf are not tested per element: they make the column sums non-finite, and only then
-is the block handed to the reference, which counts them and keeps them out of the sums. The buffer is
-allocated per block (no state shared between models or threads). Nothing here loads Inductor, whose
-runtime alone cost ~60 MiB of resident memory, and whose generated loops for these column reductions
-were slower than these passes; only the routed experts of :mod:`.experts_cpu` still use it.
+|C| of a block goes into one fp32 buffer, reduced for the sum and the max, then squared in place and
+summed again; the active count is free when the block holds no zero (checked with one global min).
+dL/dC uses one buffer holding |g| and C*g side by side, so one column sum gives both. Padded rows are
+set to zero in the buffer (host checks are free on the CPU). NaN and Inf are not tested per element:
+they make a column sum non-finite, and only then is the block handed to the reference, which counts
+them and keeps them out of the sums. Buffers are allocated per block (no state shared between models
+or threads).
+
+Why not Inductor (which routed experts, :mod:`.experts_cpu`, still use): its runtime holds ~60 MiB of
+resident memory once loaded, and its one generated loop over a 2048 x 1536 C took ~3.6 ms on the
+benchmark machine, against ~2 ms for these passes when the machine is idle. Under load the passes lose
+(each op is a parallel region whose barrier waits for a descheduled thread).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from . import reference
 
 log = logging.getLogger(__name__)
 
-_BLOCK_ELEMENTS = 1 << 23  # bounds the [|C| | C^2] buffer of one block (32 MiB of fp32), allocated per block
+_BLOCK_ELEMENTS = 1 << 22  # bounds the fp32 buffer of a block: |C| (16 MiB), or [|g| | C*g] (32 MiB)
 _compiled: dict[str, object] = {}
 _compile_failed = False
 
@@ -60,40 +64,35 @@ def _abs_into(out: torch.Tensor, x: torch.Tensor) -> None:
 
 def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> None:
     n, d = c.shape
-    block = max(1, _BLOCK_ELEMENTS // max(2 * d, 1))
+    block = max(1, _BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, n, block):
         chunk = c[start:start + block]
         valid = None if rows is None else rows[start:start + block]
         w = None if doc_weight is None else doc_weight[start:start + block]
-        # [|C| | C^2] side by side, so one column sum gives both sums: each op over C is a parallel region, whose
-        # barrier is what a loaded machine makes expensive
-        both = torch.empty(chunk.shape[0], 2 * d)
-        a, sq = both[:, :d], both[:, d:]
-        _abs_into(a, chunk)
-        torch.mul(a, a, out=sq)
-        # no zero anywhere (padded rows included): every valid entry is active, no count needed. A zero, a NaN,
-        # or a square underflowing to zero sends the block to the exact count below
-        no_zero = bool(sq.amin() > 0)
+        a = chunk.abs() if chunk.dtype == torch.float32 else chunk.float().abs_()
+        # no zero anywhere (padded rows included): every valid entry is active, no count needed; a zero or a
+        # NaN sends the block to the exact count below
+        no_zero = bool(a.amin() > 0)
         pad = _padding(valid)
         if pad is not None:
-            both.index_fill_(0, pad, 0.0)  # a zero adds nothing to any statistic, max included (entries are >= 0)
-        sums = both.sum(0)
-        if not bool(sums.sum().isfinite()):  # a NaN or Inf among the valid rows (or an overflow): counted exactly
+            a.index_fill_(0, pad, 0.0)  # a zero adds nothing to any statistic, max included (entries are >= 0)
+        col_sum = a.sum(0)
+        if not bool(col_sum.sum().isfinite()):  # a NaN or Inf among the valid rows (or an overflow): counted exactly
             reference.accumulate_forward(chunk, valid, w, out)
             continue
         tokens = chunk.shape[0] if pad is None else chunk.shape[0] - pad.shape[0]
-        out.sum_abs.add_(sums[:d])
-        out.sum_sq.add_(sums[d:])
+        out.sum_abs.add_(col_sum)
         out.tokens.add_(tokens)
-        torch.maximum(out.max_abs, a.amax(0), out=out.max_abs)
-        out.active.add_(tokens if no_zero else (a > 0).sum(0))  # |C| > 0, not C^2: a tiny |C| is active
         if w is not None:
             out.doc_sum_abs.add_(w @ a)
+        torch.maximum(out.max_abs, a.amax(0), out=out.max_abs)
+        out.active.add_(tokens if no_zero else (a > 0).sum(0))  # before squaring: a tiny |C| squares to 0
+        out.sum_sq.add_(a.square_().sum(0))
 
 
 def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> None:
     n, d = c.shape
-    block = max(1, _BLOCK_ELEMENTS // max(2 * d, 1))
+    block = max(1, _BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, n, block):
         cb, gb = c[start:start + block], g[start:start + block]
         valid = None if rows is None else rows[start:start + block]
