@@ -32,7 +32,7 @@ _compile_failed = False
 # -- compiled (Inductor), for the routed experts of experts_cpu.py ------------------------------------------------
 
 def _run_compiled(name: str, fn, *args):
-    """fn(*args) through Inductor, or None when compilation is unavailable (then the eager path runs)."""
+    """fn(*args) through Inductor, or None when compilation is unavailable (then the caller's fallback runs)."""
     global _compile_failed
     if _compile_failed or os.environ.get("KACQ_KERNELS", "").lower() == "eager":
         return None
@@ -42,8 +42,8 @@ def _run_compiled(name: str, fn, *args):
         return _compiled[name](*args)
     except Exception as err:  # no C++ toolchain, or an Inductor limitation on this platform
         _compile_failed = True
-        log.warning("kacq_hooks: fused CPU reductions could not be compiled (%s: %s); using the eager path, "
-                    "which costs more per forward", type(err).__name__, err)
+        log.warning("kacq_hooks: the fused routed-experts reduction could not be compiled (%s: %s); using the "
+                    "reference, which costs more per forward", type(err).__name__, err)
         return None
 
 
