@@ -40,7 +40,7 @@ def _return_freed_memory() -> None:
 
 
 def mean_abs_entropy(sum_abs: list[torch.Tensor], tokens: int) -> float:
-    return sum(kh.entropy(s / max(tokens, 1)) for s in sum_abs)
+    return sum(kh.entropy.entropy(s / max(tokens, 1)) for s in sum_abs)
 
 
 def kacq(model, batches):

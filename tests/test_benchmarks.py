@@ -74,3 +74,12 @@ def test_interleaved_timing_reports_a_median_per_run():
 def test_paired_ratio_is_the_median_of_per_turn_ratios():
     samples = {"plain": [1.0, 2.0, 4.0], "kacq": [1.1, 2.0, 8.0]}
     assert _harness.paired_ratio(samples, "kacq", "plain") == pytest.approx(1.1)
+
+
+def test_scaling_reduces_saved_sums_to_knowledge_entropy():
+    import math
+
+    import scaling
+
+    uniform = scaling.mean_abs_entropy([torch.ones(4) * 3.0, torch.ones(2)], tokens=3)
+    assert uniform == pytest.approx(math.log(4) + math.log(2))

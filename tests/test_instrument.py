@@ -430,7 +430,7 @@ def test_gradient_checkpointing_is_not_counted_twice(reentrant):
 
 @pytest.mark.parametrize("mode", ["auto", "eager"])
 def test_cpu_fast_path_equals_reference(mode, monkeypatch):
-    """The CPU kernels (fused by Inductor, or eager) and the torch specification agree, NaN and padding included."""
+    """The CPU kernels and the torch specification agree, NaN and padding included (in both KACQ_KERNELS modes)."""
     monkeypatch.setenv("KACQ_KERNELS", mode)
     from kacq_hooks import kernels
     from kacq_hooks.stats import LayerStats

@@ -221,3 +221,35 @@ def test_cpu_reductions_match_the_reference_with_padding_nonfinite_and_documents
     kernels.reference.accumulate_backward(c, g, rows, want)
     kernels.cpu.accumulate_backward(c, g, rows, got)
     _assert_stats_equal(got, want)
+
+
+def test_dense_cpu_reductions_compile_nothing():
+    """The dense CPU path runs eagerly: compiling it loaded Inductor's runtime (~60 MiB of resident memory)."""
+    before = dict(kernels.cpu._compiled)
+    c = torch.randn(32, 8)
+    out = LayerStats(8)
+    kernels.cpu.accumulate_forward(c, torch.rand(32) > 0.3, None, out)
+    kernels.cpu.accumulate_backward(c, torch.randn(32, 8), None, out)
+    assert kernels.cpu._compiled == before
+
+
+def test_cpu_reductions_over_several_blocks_match_the_reference(monkeypatch):
+    """C larger than one buffer is reduced block by block; a NaN in one block leaves the others on the fast path."""
+    monkeypatch.setattr(kernels.cpu, "_BLOCK_ELEMENTS", 7 * 10)  # blocks of 7 rows
+    gen = torch.Generator().manual_seed(2)
+    c = torch.randn(40, 10, generator=gen)
+    c[9, 2] = float("nan")
+    c[30, 4] = 0.0
+    rows = torch.rand(40, generator=gen) > 0.25
+    rows[9] = True
+    weight = rows.float() / 3.0
+    for r, w in ((rows, None), (rows, weight), (None, None)):
+        got = LayerStats(10)
+        kernels.cpu.accumulate_forward(c, r, w, got)
+        _assert_stats_equal(got, _reference_stats(c, r, w))
+    g = torch.randn(40, 10, generator=gen)
+    g[20, 1] = float("inf")
+    want, got = LayerStats(10), LayerStats(10)
+    kernels.reference.accumulate_backward(c, g, rows, want)
+    kernels.cpu.accumulate_backward(c, g, rows, got)
+    _assert_stats_equal(got, want)

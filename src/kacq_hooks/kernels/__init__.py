@@ -6,8 +6,8 @@ forward's (or backward's) statistics of a [N, d_ff] coefficient tensor into a
 
 - CUDA tensors with Triton installed: the fused kernels of :mod:`.triton`, custom ops that
   ``torch.compile`` keeps (and Inductor schedules), so compiled models use them too;
-- CPU tensors: :mod:`.cpu`, the reference fused into one loop by Inductor (an eager fallback where
-  compilation is unavailable, or forced with ``KACQ_KERNELS=eager``);
+- CPU tensors: :mod:`.cpu`, the reference in a few eager passes (routed experts: one Inductor loop per
+  expert, :mod:`.experts_cpu`, whose eager fallback ``KACQ_KERNELS=eager`` forces);
 - anything else, or while ``torch.compile`` traces: :mod:`.reference`.
 
 ``KACQ_KERNELS=torch`` forces the reference everywhere, ``KACQ_KERNELS=triton`` the Triton kernels
