@@ -427,7 +427,9 @@ def _landing_section(results: dict) -> list[str]:
 
 def _regime_section(results: dict) -> list[str]:
     """Why the study's regime (model, sequence length, schedule, corpus use) stands in for the papers' setting."""
-    c = results["config"]
+    from .demo import DemoConfig  # the study's own defaults stand in for keys an older results file lacks
+
+    c = {**DemoConfig().to_dict(), **results.get("config", {})}
     tokens = c["batch_size"] * c["seq_len"]
     rows = c.get("continue_batch_size") or c["batch_size"]
     return [
