@@ -48,8 +48,13 @@ BAD_OPTIONS = {
     "device_gpu_typo": ["--device", "gpu"],                  # fails only inside a worker, after data prep
     "duplicate_arms": ["--arms", "late,late"],               # runs the same arm twice per seed
     "scale_inf": ["--scale", "inf"],                         # OverflowError traceback
-    "scale_odd_head_dim": ["--scale", "1.2"],                # head_dim 19 (quick) / 29 (default): RoPE fails later
+    "scale_nan": ["--scale", "nan"],
+    "seed_and_seeds": ["--seed", "1", "--seeds", "0,1"],     # two answers to "which seeds"
+    "negative_seed": ["--seeds=-1,"],
 }
+# The review listed "--scale 1.2" here (head_dim 19 / 29: RoPE fails later). With scaled() keeping d_model a
+# multiple of 2 * n_heads (item 2) that value is valid, so it now reaches the study with an even head_dim:
+# test_scale_1_2_reaches_the_study_with_an_even_head_dim.
 
 
 @pytest.mark.parametrize("name", sorted(BAD_OPTIONS))
@@ -59,8 +64,36 @@ def test_bad_cli_values_exit_2_before_slow_work(name, no_study, tmp_path, capsys
         rc = main(argv)
     except _SlowWorkStarted as started:
         pytest.fail(f"{BAD_OPTIONS[name]} was accepted and the study started ({started})")
+    except SystemExit as usage:  # argparse's own usage errors (e.g. --seed with --seeds) exit 2 this way
+        rc = usage.code
     assert rc == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_scale_1_2_reaches_the_study_with_an_even_head_dim(no_study, tmp_path):
+    with pytest.raises(_SlowWorkStarted):
+        main(["demo", "--quick", "--scale", "1.2", "--out", str(tmp_path / "out")])
+    config = DemoConfig.quick().scaled(1.2)
+    assert (config.d_model // config.n_heads) % 2 == 0
+
+
+def test_seeds_reach_the_study_sorted(no_study, tmp_path):
+    with pytest.raises(_SlowWorkStarted, match=r"seeds=\(0, 1\)"):
+        main(["demo", "--quick", "--seeds", "1,0", "--out", str(tmp_path / "out")])
+
+
+def test_run_study_rejects_duplicate_seeds_and_zero_workers():
+    with pytest.raises(KacqError, match="once"):
+        run_study(DemoConfig.quick(), seeds=(0, 0))
+    with pytest.raises(KacqError, match="workers"):
+        run_study(DemoConfig.quick(), seeds=(0,), workers=0)
+
+
+def test_validate_rejects_an_odd_head_dim_and_an_unknown_device():
+    with pytest.raises(DemoConfigError, match="even"):
+        DemoConfig.quick(d_model=36, n_heads=4).validate()
+    with pytest.raises(KacqError, match="gpu"):
+        DemoConfig.quick(device="gpu").validate()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -117,15 +150,38 @@ def test_scaled_inf_is_a_config_error():
 
 
 @pytest.mark.slow
-def test_a_non_kacq_worker_error_surfaces_as_kacq_error(tmp_path):
-    """A config that validate() accepts but the model rejects (odd head_dim, as --scale 1.2 makes): the worker's
-    transformers error reaches the caller as itself, so `kacq demo` prints a traceback and exits 1."""
-    config = DemoConfig.quick(d_model=36, n_heads=4, pretrain_steps=12, early_step=4, injection_rounds=2,
-                              injection_every=3, lead_steps=2, tail_steps=4, max_docs=200, window=2,
-                              arms=("late",), cache_dir=str(tmp_path / "cache"))
-    config.validate()
-    with pytest.raises(KacqError, match="RoPE|head"):
+def test_a_non_kacq_worker_error_surfaces_as_kacq_error(tmp_path, monkeypatch):
+    """A task error that is no KacqError and cannot be pickled (a custom __init__, as many library errors have)
+    reaches the caller as a KacqError with its message and the task's name, so `kacq demo` exits 2 with it.
+
+    (The review's version used d_model=36, n_heads=4, head_dim 9, which validate() now rejects (item 2), so the
+    error is raised by a task function instead.)"""
+    import study_faults
+    from kacq_study import study
+
+    monkeypatch.setattr(study, "pretrain_task", study_faults.raise_unpicklable)
+    config = DemoConfig.quick(arms=("late",), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(KacqError, match=r"seed 0 pretrain.*RoPE"):
         run_study(config, seeds=(0, 1), workers=2)
+
+
+def test_a_non_kacq_error_in_process_surfaces_as_kacq_error(tmp_path, monkeypatch):
+    import study_faults
+    from kacq_study import study
+
+    monkeypatch.setattr(study, "pretrain_task", study_faults.raise_value_error)
+    with pytest.raises(KacqError, match=r"seed 0 pretrain.*ValueError: head_dim must be even"):
+        run_study(DemoConfig.quick(arms=("late",)), seeds=(0,), workers=1)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_surfaces_as_kacq_error(tmp_path, monkeypatch):
+    import study_faults
+    from kacq_study import study
+
+    monkeypatch.setattr(study, "pretrain_task", study_faults.die)
+    with pytest.raises(KacqError, match=r"seed \d pretrain.*ended abruptly"):
+        run_study(DemoConfig.quick(arms=("late",)), seeds=(0, 1), workers=2)
 
 
 # ------------------------------------------------------------------------------------------------

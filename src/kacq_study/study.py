@@ -14,6 +14,7 @@ not depend on which process ran it or when: ``results.json`` is the same bytes f
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import dataclasses
 import multiprocessing
 import os
@@ -120,6 +121,20 @@ def _call(fn, *args):
         raise
 
 
+def _result(future: cf.Future, name: str) -> dict:
+    """A task's value, or its error as a KacqError naming the task: the CLI then exits 2 with the message,
+    not a traceback. A KacqError from the task is raised as it is (it already says what to change)."""
+    try:
+        return future.result()
+    except KacqError:
+        raise
+    except BrokenProcessPool as error:
+        raise KacqError(f"task '{name}' failed: its worker process ended abruptly ({error}); out of memory, or "
+                        "killed; try fewer --workers") from error
+    except Exception as error:
+        raise KacqError(f"task '{name}' failed: {type(error).__name__}: {error}") from error
+
+
 class _Runner:
     """Runs tasks in-process (``workers=1``) or in a spawn-context process pool, forwarding progress events."""
 
@@ -186,9 +201,14 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
     :func:`kacq_study.demo.write_results` writes apart from ``results.json``.
     """
     config = config or DemoConfig()
-    seeds = tuple(dict.fromkeys(int(s) for s in seeds))
-    if not seeds:
+    given = [int(s) for s in seeds]
+    if not given:
         raise KacqError("run_study needs at least one seed")
+    if len(set(given)) < len(given):  # a repeated seed would count twice as seeds agreeing
+        raise KacqError(f"seeds {given}: each seed may be given once")
+    seeds = tuple(sorted(given))  # the order given does not change results.json
+    if workers is not None and int(workers) < 1:
+        raise KacqError(f"workers={workers}: give at least 1 (1 runs every task in this process)")
     configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
     for c in configs.values():
         c.validate()
@@ -215,7 +235,7 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for future in sorted(done, key=submitted.get):  # a fixed order for the arms' submission
-                    value = future.result()  # re-raises a task's error here
+                    value = _result(future, submitted[future])
                     task_s[submitted[future]] = value["task_s"]  # measured in the task: no queueing in it
                     if "arm" in value:
                         arms[value["seed"]][value["arm"]] = value
