@@ -235,3 +235,48 @@ def test_assess_on_results_with_none_values_does_not_crash():
     verdicts = _verdicts(results)
     assert verdicts["entropy_decays"]["holds"] is None
     assert verdicts["injection_raises_log_prob"]["holds"] is None
+
+
+def test_late_acquires_less_needs_acquisition():
+    """Neither arm acquired anything (both A <= 0): the larger of two losses says nothing about the claim."""
+    results = _synthetic_results()
+    results["arms"]["early"]["kim"]["acquisition"] = -0.1
+    results["arms"]["late"]["kim"]["acquisition"] = -0.3
+    assert _verdicts(results)["late_acquires_less"]["holds"] is None
+    results["arms"]["early"]["kim"]["acquisition"] = 0.1  # one arm acquired: a comparison again
+    assert _verdicts(results)["late_acquires_less"]["holds"] is True
+
+
+def test_duplication_forgets_faster_is_not_checked_without_forgetting():
+    results = _synthetic_results()
+    groups = copy.deepcopy(results["arms"]["late"]["groups"])
+    results["arms"]["late"]["groups"] = groups
+    for key, group in groups.items():
+        if key.startswith("paraphrase"):
+            group["retainability"]["fit"]["decay"] = -0.2  # one side does not forget
+    assert _verdicts(results)["duplication_forgets_faster"]["holds"] is None
+
+
+def test_last_layer_fall_is_held_when_it_fell_most():
+    assert _verdicts(_synthetic_results())["last_layer_falls_most"]["holds"] is True
+
+
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_assess_on_none_or_nan_inputs_says_not_checked(bad):
+    """Each finding whose inputs hold a None or NaN is not checked (None), neither held nor not held."""
+    results = _synthetic_results()
+    results["pretraining"]["entropy"]["per_layer"][-1][0] = bad
+    results["arms"]["early"]["kim"]["acquisition"] = bad
+    results["arms"]["late+resuscitation"]["kim"]["retention"] = bad
+    groups = copy.deepcopy(results["arms"]["late"]["groups"])
+    results["arms"]["late"]["groups"] = groups
+    groups["once/gen"]["effectivity"] = bad
+    groups["paraphrase/mem"]["effectivity_positive_fraction"] = bad
+    verdicts = _verdicts(results)
+    for key in ("last_layer_falls_most", "late_acquires_less", "resuscitation_improves_retention",
+                "mem_gen_hard_gen_order", "injection_raises_log_prob"):
+        assert verdicts[key]["holds"] is None, key
+    results["pretraining"]["entropy"]["total"][1] = bad
+    assert _verdicts(results)["entropy_decays"]["holds"] is None
+    results["arms"]["late"]["groups"]["duplication/mem"]["effectivity"] = bad
+    assert _verdicts(results)["duplication_more_effective"]["holds"] is None
