@@ -280,3 +280,27 @@ def test_assess_on_none_or_nan_inputs_says_not_checked(bad):
     assert _verdicts(results)["entropy_decays"]["holds"] is None
     results["arms"]["late"]["groups"]["duplication/mem"]["effectivity"] = bad
     assert _verdicts(results)["duplication_more_effective"]["holds"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Report: a missing value is not drawn as a number
+
+
+def test_plot_arms_leaves_a_missing_value_out(monkeypatch, tmp_path):
+    """An arm whose retention is None for every seed (no gain to retain) had a zero-height bar: zero retention."""
+    from matplotlib.patches import Rectangle
+
+    from kacq_study import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    results = _synthetic_results()
+    results["arms"]["late"]["kim"]["retention"] = None
+    report.plot_arms(results, tmp_path / "arms.png")
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    retention = axes["retention"]
+    bars = [p for p in retention.patches if isinstance(p, Rectangle)]
+    assert len(bars) == len(results["arms"]) - 1
+    labels = [t.get_text() for t in retention.get_xticklabels()]
+    assert any("late" in label and "n/a" in label for label in labels)
+    assert len([p for p in axes["acquisition A"].patches if isinstance(p, Rectangle)]) == len(results["arms"])

@@ -310,15 +310,20 @@ def plot_arms(results: dict, path: Path) -> Path:
     metrics = ("acquisition", "retention", "forgetting")
     fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        per = [[s["arms"][n]["kim"][metric] for s in seeds if s["arms"][n]["kim"][metric] is not None] for n in names]
-        mean = [sum(v) / len(v) if v else 0.0 for v in per]
-        low = [m - min(v) if v else 0.0 for m, v in zip(mean, per)]
-        high = [max(v) - m if v else 0.0 for m, v in zip(mean, per)]
-        ax.bar(range(len(names)), mean, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8,
+        per = [[v for v in (s["arms"][n]["kim"][metric] for s in seeds)
+                if isinstance(v, (int, float)) and math.isfinite(v)] for n in names]
+        # an arm without a value for any seed gets no bar (a zero bar would read as a measured zero)
+        drawn = [i for i, v in enumerate(per) if v]
+        mean = [sum(per[i]) / len(per[i]) for i in drawn]
+        low = [m - min(per[i]) for m, i in zip(mean, drawn)]
+        high = [max(per[i]) - m for m, i in zip(mean, drawn)]
+        ax.bar(drawn, mean, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8,
                label=f"mean over {len(seeds)} seed{'s' * (len(seeds) != 1)} (whiskers: min to max)")
-        for i, v in enumerate(per):
-            ax.plot([i] * len(v), v, "k.", ms=4, label="each seed" if i == 0 else None)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        for i in drawn:
+            ax.plot([i] * len(per[i]), per[i], "k.", ms=4, label="each seed" if i == drawn[0] else None)
+        ax.set_xticks(range(len(names)), [n if per[i] else f"{n}\n(n/a)" for i, n in enumerate(names)],
+                      rotation=20, fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)  # every arm keeps its place, with or without a bar
         ax.axhline(0, color="black", lw=0.6)
         ax.set_title({"acquisition": "acquisition A", "retention": "retention", "forgetting": "forgetting F"}[metric])
     axes[0][0].legend(fontsize=7)
