@@ -304,3 +304,16 @@ def test_plot_arms_leaves_a_missing_value_out(monkeypatch, tmp_path):
     labels = [t.get_text() for t in retention.get_xticklabels()]
     assert any("late" in label and "n/a" in label for label in labels)
     assert len([p for p in axes["acquisition A"].patches if isinstance(p, Rectangle)]) == len(results["arms"])
+
+
+def test_fit_text_counts_failed_seeds_from_every_seed():
+    """Decay None for every seed (combine gives None, not a spread) beside a 3-seed R^2 spread: zip stopped at
+    one pair, so the text said "in 1 of 3 seeds" though no seed has a decay."""
+    from kacq_study.findings import spread
+    from kacq_study.report import fit_text, horizon_text
+
+    r2 = spread([0.8, 0.9, 0.7])
+    assert fit_text(r2, None) == "no power law in 3 of 3 seeds (R^2 = 0.8 (0.7 to 0.9))"
+    assert fit_text(spread([0.8, 0.2, 0.7]), spread([0.3, 0.3, 0.3])).startswith("no power law in 1 of 3 seeds")
+    assert fit_text(r2, spread([0.3, 0.3, 0.3])) == "0.3"
+    assert horizon_text(spread([900.0, 900.0, 900.0]), spread([20, 20, 20]), r2, None) == "n/a"

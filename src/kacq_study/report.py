@@ -70,6 +70,18 @@ def _get(tree, *path):
     return tree
 
 
+def _per_seed(*values) -> list[list]:
+    """Each value's per-seed list, all of one length: a spread's values, and a plain value (e.g. None where
+    :func:`findings.combine` found no number for any seed) repeated for every seed, so that zipping them never
+    drops a seed.
+
+    >>> _per_seed({"mean": 1.0, "min": 1.0, "max": 1.0, "values": [1.0, None]}, None)
+    [[1.0, None], [None, None]]
+    """
+    n = max((len(v["values"]) for v in values if _is_spread(v)), default=1)
+    return [list(v["values"]) if _is_spread(v) else [v] * n for v in values]
+
+
 def fit_text(r_squared, decay, digits: int = 4) -> str:
     """The decay constant of a group's retainability fit over seeds, or "no power law (R^2 = ...)" when any
     seed's fit fails :data:`findings.POWER_LAW_MIN_R2` (a failed fit's decay is never shown as a number).
@@ -78,8 +90,7 @@ def fit_text(r_squared, decay, digits: int = 4) -> str:
     ...          {"mean": 0.3, "min": 0.3, "max": 0.3, "values": [0.3]})
     'no power law (R^2 = 0.21)'
     """
-    r2 = r_squared["values"] if _is_spread(r_squared) else [r_squared]
-    a = decay["values"] if _is_spread(decay) else [decay]
+    r2, a = _per_seed(r_squared, decay)
     bad = sum(not fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a))
     if not bad:
         return _sp(decay, digits)
@@ -97,13 +108,9 @@ def horizon_text(x_intercept, observed, r_squared=None, decay=None, digits: int 
     >>> horizon_text(900.0, 20)
     '900'
     """
-    xs = x_intercept["values"] if _is_spread(x_intercept) else [x_intercept]
-    span = observed["values"] if _is_spread(observed) else [observed] * len(xs)
-    if r_squared is not None:
-        r2 = r_squared["values"] if _is_spread(r_squared) else [r_squared]
-        a = decay["values"] if _is_spread(decay) else [decay]
-        if not all(fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a)):
-            return "n/a"
+    xs, span, r2, a = _per_seed(x_intercept, observed, r_squared, decay)
+    if r_squared is not None and not all(fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a)):
+        return "n/a"
     if any(x is None for x in xs):
         return "n/a"
     far = sum(x > MAX_EXTRAPOLATION * (t or 0) for x, t in zip(xs, span))
