@@ -6,6 +6,8 @@ sentinel so no study runs); the one worker test runs a config that fails at once
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -317,3 +319,59 @@ def test_fit_text_counts_failed_seeds_from_every_seed():
     assert fit_text(spread([0.8, 0.2, 0.7]), spread([0.3, 0.3, 0.3])).startswith("no power law in 1 of 3 seeds")
     assert fit_text(r2, spread([0.3, 0.3, 0.3])) == "0.3"
     assert horizon_text(spread([900.0, 900.0, 900.0]), spread([20, 20, 20]), r2, None) == "n/a"
+
+
+# ------------------------------------------------------------------------------------------------
+# results.json
+
+
+def _two_seeds():
+    from test_demo import _reportable
+
+    first = copy.deepcopy(_reportable(_synthetic_results()))
+    second = copy.deepcopy(first)
+    first["config"]["seed"], second["config"]["seed"] = 0, 1
+    return first, second
+
+
+def test_summary_fit_means_only_over_seeds_whose_fit_passed():
+    """A failed fit's decay is never printed or compared; its mean with the passing seeds' was in the summary."""
+    from kacq_study.study import assemble
+
+    first, second = _two_seeds()
+    fit = second["arms"]["late"]["groups"]["once/mem"]["retainability"]["fit"]
+    fit.update(r_squared=0.1, decay=5.0, intercept=9.0, x_intercept_steps=7.0)
+    study = assemble(first["config"], [0, 1], [first, second])
+    group = study["summary"]["arms"]["late"]["groups"]["once/mem"]
+    assert group["decay"]["mean"] == 0.3 and group["decay"]["values"] == [0.3, None]
+    assert group["intercept"]["mean"] == 0.9 and group["x_intercept_steps"]["mean"] == 1000.0
+    assert group["r_squared"]["values"] == [0.8, 0.1]  # R^2 itself is kept: it says why
+    assert group["seeds_with_fit"] == 1
+    assert study["summary"]["arms"]["late"]["groups"]["once/gen"]["seeds_with_fit"] == 2
+
+
+def test_results_config_claims_no_single_seed_and_no_machine_path():
+    from kacq_study.study import assemble
+
+    first, second = _two_seeds()
+    config = DemoConfig.quick(seed=7, cache_dir="/home/someone/.cache/kacq")
+    assert "cache_dir" not in config.to_dict()
+    for per_seed in (first, second):
+        per_seed["config"] = dataclasses.replace(config, seed=per_seed["config"]["seed"]).to_dict()
+    study = assemble(config, [0, 1], [first, second])
+    assert "seed" not in study["config"] and "cache_dir" not in study["config"] and study["seeds"] == [0, 1]
+    assert [r["config"]["seed"] for r in study["per_seed"]] == [0, 1]
+    assert "/home/someone" not in json.dumps(study)
+
+
+def test_run_study_sorts_its_seeds(monkeypatch):
+    from kacq_study import study
+
+    monkeypatch.setattr(study, "pretrain_task", lambda config, workdir, progress=None:
+                        {"seed": config.seed, "task_s": 0.0})
+    monkeypatch.setattr(study, "arm_task", lambda config, arm, workdir, progress=None:
+                        {"seed": config.seed, "arm": arm, "task_s": 0.0})
+    monkeypatch.setattr(study, "_seed_results", lambda config, pretrained, arms: ({"seed": config.seed}, {}))
+    monkeypatch.setattr(study, "assemble", lambda config, seeds, per_seed: {"seeds": list(seeds), "per_seed": per_seed})
+    results = study.run_study(DemoConfig.quick(arms=("late",)), seeds=(1, 0), workers=1)
+    assert results["seeds"] == [0, 1] and results["per_seed"] == [{"seed": 0}, {"seed": 1}]

@@ -223,7 +223,11 @@ class DemoConfig:
         check_device(self.device)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "continue_steps": self.continue_steps}
+        """The settings as results.json records them. ``cache_dir`` is left out: it is where this machine keeps
+        its tokenizer, not a setting of the study, and would make equal studies differ by a path."""
+        settings = dataclasses.asdict(self)
+        del settings["cache_dir"]
+        return {**settings, "continue_steps": self.continue_steps}
 
 
 # ------------------------------------------------------------------------------------------------
