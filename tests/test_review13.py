@@ -375,3 +375,20 @@ def test_run_study_sorts_its_seeds(monkeypatch):
     monkeypatch.setattr(study, "assemble", lambda config, seeds, per_seed: {"seeds": list(seeds), "per_seed": per_seed})
     results = study.run_study(DemoConfig.quick(arms=("late",)), seeds=(1, 0), workers=1)
     assert results["seeds"] == [0, 1] and results["per_seed"] == [{"seed": 0}, {"seed": 1}]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA determinism
+
+
+def test_deterministic_sets_the_cublas_workspace_for_cuda(monkeypatch):
+    from kacq_study.demo import deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with deterministic(1, "cpu"):
+        assert "CUBLAS_WORKSPACE_CONFIG" not in __import__("os").environ
+    with deterministic(1, "cuda:0"):
+        assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
+    with deterministic(1, "cuda"):
+        assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

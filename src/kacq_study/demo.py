@@ -442,8 +442,17 @@ def inject_spanning(batch: torch.Tensor, passages: Sequence[list[int]], seq_len:
 
 
 @contextlib.contextmanager
-def deterministic(threads: int) -> Iterator[None]:
-    """Deterministic algorithms and a fixed thread count for the duration, restored after."""
+def deterministic(threads: int, device: str = "cpu") -> Iterator[None]:
+    """Deterministic algorithms and a fixed thread count for the duration, restored after.
+
+    Byte-identical results are a CPU promise. On CUDA this sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless
+    already set; it takes effect only before the process's first cuBLAS call, so a task sets it before any CUDA
+    work) and asks torch for deterministic algorithms, but with ``warn_only``: an op without a deterministic
+    CUDA kernel warns instead of stopping the study, and kacq_hooks' Triton statistics kernels add float
+    partial sums with atomics, in no fixed order. A CUDA run is then close to, not byte-for-byte, a rerun.
+    """
+    if torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous_threads = torch.get_num_threads()
     previous_mode = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
@@ -465,7 +474,7 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
     config.validate()
     report = progress or (lambda phase, info: None)
     timings: dict[str, float] = {}
-    with deterministic(config.threads):
+    with deterministic(config.threads, config.device):
         started = time.perf_counter()
         data = _prepare(config, report)
         timings["prepare_s"] = time.perf_counter() - started

@@ -64,7 +64,7 @@ def pretrain_task(config: DemoConfig, workdir: str, progress: Progress | None = 
     """One seed's pretraining; writes its early and late checkpoints (CPU state dicts) into ``workdir``."""
     report = _reporter(config.seed, progress)
     task_started = time.perf_counter()
-    with deterministic(config.threads):
+    with deterministic(config.threads, config.device):
         started = time.perf_counter()
         data = _prepare(config, report)
         prepare_s = time.perf_counter() - started
@@ -84,7 +84,7 @@ def arm_task(config: DemoConfig, arm: str, workdir: str, progress: Progress | No
     """One (seed, arm): continued training from the seed's checkpoint in ``workdir``."""
     report = _reporter(config.seed, progress)
     task_started = time.perf_counter()
-    with deterministic(config.threads):
+    with deterministic(config.threads, config.device):
         data = _prepare(config, lambda phase, info: None)
         saved = torch.load(_checkpoint_path(workdir, config.seed), map_location="cpu", weights_only=True)
         tokenizer = data.tokenizer
