@@ -392,3 +392,25 @@ def test_deterministic_sets_the_cublas_workspace_for_cuda(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
     with deterministic(1, "cuda"):
         assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+# ------------------------------------------------------------------------------------------------
+# Regime checks are passed or failed, not reproduced
+
+
+def test_regime_checks_say_passed_or_failed():
+    from test_demo import _reportable
+
+    from kacq_study.findings import regime
+    from kacq_study.report import render_markdown
+
+    results = _reportable(_synthetic_results())
+    results["pretraining"]["loss"] = [9.0] * 80 + [3.0] * 20  # flat
+    results["arms"]["late"]["learning"] = {"injected": {"rise": 0.1}, "control": {"rise": 0.0}}  # not learned
+    results["regime"] = regime(results)
+    text = render_markdown(results)
+    section = text[text.index("## Regime checks"):text.index("## Knowledge entropy during pretraining")]
+    assert "reproduced" not in section
+    assert "pretraining ran until its loss curve flattened**: passed for 1 of 1 seed: passed" in section
+    assert "learned in arm 'late'**: passed for 0 of 1 seed: failed" in section
+    assert "(Kim et al. 2025): held for 1 of 1 seed: reproduced" in text  # the papers' findings keep their words

@@ -119,14 +119,18 @@ def horizon_text(x_intercept, observed, r_squared=None, decay=None, digits: int 
     return _sp(x_intercept, digits) if _is_spread(x_intercept) else _fmt(x_intercept, digits)
 
 
-def _held_text(finding: dict) -> str:
+def _held_text(finding: dict, check: bool = False) -> str:
+    """A combined finding's verdict over seeds: "held for k of n seeds: reproduced / not reproduced" for the
+    papers' findings; a regime check (``check``) "passed for k of n seeds: passed / failed" (it is a condition
+    on the run, not a finding that could be reproduced)."""
     n, held = finding["seeds"], finding["held"]
     if finding["checked"] == 0:
         return f"not checked for any of {n} seed{'s' * (n != 1)}"
-    verdict = "reproduced" if finding["reproduces"] else "not reproduced"
+    words = ("passed", "passed", "failed") if check else ("held", "reproduced", "not reproduced")
+    verdict = words[1] if finding["reproduces"] else words[2]
     unchecked = n - finding["checked"]
     extra = f", not checked for {unchecked}" if unchecked else ""
-    return f"held for {held} of {n} seed{'s' * (n != 1)}{extra}: {verdict}"
+    return f"{words[0]} for {held} of {n} seed{'s' * (n != 1)}{extra}: {verdict}"
 
 
 def _measured(values: dict) -> str:
@@ -488,12 +492,12 @@ def _regime_checks(results: dict) -> list[str]:
     flat = checks.get("loss_flattened")
     if flat:
         v = flat["values"]
-        lines.append(f"- **{flat['claim']}**: {_held_text(flat)}. Criterion: {flat['criterion']}. Measured: last "
+        lines.append(f"- **{flat['claim']}**: {_held_text(flat, check=True)}. Criterion: {flat['criterion']}. Measured: last "
                      f"{_sp(v.get('last'))}, before {_sp(v.get('before'))}, relative change "
                      f"{_sp(v.get('relative_change'), 3)}.")
     learned = [f for key, f in checks.items() if key.startswith("facts_are_learned[")]
     for f in learned:
-        lines.append(f"- **{f['claim']}**: {_held_text(f)}. Criterion: {f['criterion']}.")
+        lines.append(f"- **{f['claim']}**: {_held_text(f, check=True)}. Criterion: {f['criterion']}.")
     lines.append("")
     rows = [(name, arm["learning"]) for name, arm in summary["arms"].items() if arm.get("learning")]
     if rows:
