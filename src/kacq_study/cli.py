@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from kacq_hooks import cli as kacq_cli
 from kacq_hooks.errors import KacqError
+from kacq_hooks.sweep import check_device
 
 from .demo import ARMS, RUN_TIME, ZHU_ARMS, DemoConfig, DemoConfigError, write_results
 from .report import write_report
@@ -30,10 +32,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                     f"{RUN_TIME['quick']}; --arms zhu {RUN_TIME['zhu']}.")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (what the tests run)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                        help="comma-separated seeds, or a count N for seeds 0..N-1 (default %(default)s); a finding "
-                        "reproduces only if it holds for every seed")
-    parser.add_argument("--seed", type=int, default=None, help="one seed only (the same as --seeds S,)")
+    seeds = parser.add_mutually_exclusive_group()  # one way to say which seeds run, never two that disagree
+    seeds.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                       help="comma-separated distinct seeds >= 0, or a count N for seeds 0..N-1 (default "
+                       "%(default)s); a finding reproduces only if it holds for every seed")
+    seeds.add_argument("--seed", type=int, default=None, help="one seed only (the same as --seeds S,)")
     parser.add_argument("--workers", type=int, default=None, help="processes running the tasks (one pretraining "
                         "per seed, then one per seed and arm); default: the CPU count or the number of tasks, "
                         "whichever is smaller; 1 runs everything in this process")
@@ -67,14 +70,30 @@ def _parse_arms(text: str | None) -> tuple[str, ...] | None:
     if unknown or not arms:
         raise KacqError(f"unknown arm(s) {unknown or [text]} in --arms; choose from {', '.join(ARMS)} (or 'zhu', "
                         "'all')")
+    repeated = sorted({a for a in arms if arms.count(a) > 1})
+    if repeated:
+        raise KacqError(f"--arms {text}: {', '.join(repeated)} given more than once")
     return arms
+
+
+def _check_out(out: str) -> None:
+    """Create ``out`` and write a file there now: a folder that cannot be written would otherwise fail only
+    after the whole study has run."""
+    probe = Path(out) / ".kacq-write-test"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as error:
+        raise KacqError(f"--out {out} cannot be written ({error.strerror or error}); choose another folder") from None
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm  # optional extra "demo"
 
+    # every value is checked here, before the corpus, the tokenizer or a worker starts
     overrides = {"corpus": args.corpus, "facts": args.facts, "cache_dir": args.cache_dir,
-                 "device": resolve_device(args.device)}
+                 "device": str(check_device(resolve_device(args.device)))}
     arms = _parse_arms(args.arms)
     if arms is not None:
         overrides["arms"] = arms
@@ -82,7 +101,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
         overrides["pretrain_steps"] = args.pretrain_steps
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     config = config.scaled(args.scale)
-    seeds = (args.seed,) if args.seed is not None else parse_seeds(args.seeds)
+    config.validate()
+    seeds = parse_seeds(f"{args.seed}," if args.seed is not None else args.seeds)
+    if args.workers is not None and args.workers < 1:
+        raise KacqError(f"--workers {args.workers}: give at least 1 (1 runs every task in this process)")
+    _check_out(args.out)
     progress = _Bars(tqdm, config, len(seeds))
     try:
         results = run_study(config, seeds, workers=args.workers, progress=progress)
@@ -111,10 +134,12 @@ def resolve_device(name: str) -> str:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """"0,1,2" -> (0, 1, 2); a single count "3" -> (0, 1, 2); "5," -> (5,).
+    """"0,1,2" -> (0, 1, 2); a single count "3" -> (0, 1, 2); "5," -> (5,). Seeds are distinct and >= 0
+    (a seed given twice would run twice and count as two seeds agreeing); they are returned sorted, as
+    results.json stores them, so "1,0" and "0,1" are the same study.
 
-    >>> parse_seeds("3"), parse_seeds("4,7"), parse_seeds("5,")
-    ((0, 1, 2), (4, 7), (5,))
+    >>> parse_seeds("3"), parse_seeds("4,7"), parse_seeds("5,"), parse_seeds("2,0")
+    ((0, 1, 2), (4, 7), (5,), (0, 2))
     """
     try:
         if "," not in text:
@@ -122,12 +147,15 @@ def parse_seeds(text: str) -> tuple[int, ...]:
             if count < 1:
                 raise ValueError
             return tuple(range(count))
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        seeds = ()
-    if not seeds:
-        raise DemoConfigError(f"--seeds {text!r}: give comma-separated seeds (0,1,2) or a count (3)")
-    return seeds
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise DemoConfigError(f"--seeds {text!r}: give comma-separated seeds >= 0 (0,1,2) or a count (3)")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise DemoConfigError(f"--seeds {text!r}: seed(s) {repeated} given more than once")
+    return tuple(sorted(seeds))
 
 
 class _Bars:

@@ -52,6 +52,7 @@ from kacq_hooks import facts as kf
 from kacq_hooks.attribution import attribute
 from kacq_hooks.corpus import cached_tokenizer, load_corpus, pack_documents, wikipedia_summaries
 from kacq_hooks.errors import KacqError
+from kacq_hooks.sweep import check_device
 from kacq_hooks.training import SAM, augment_record
 from kacq_hooks.training.attribution import AttributionStore, low_activity_share, stability
 
@@ -153,19 +154,25 @@ class DemoConfig:
         return cls(**{**small, **overrides})
 
     def scaled(self, k: float) -> "DemoConfig":
-        """A larger (k > 1) or smaller study: d_model and d_ff times ``k`` (d_model kept a multiple of n_heads),
-        and the pretraining steps, the corpus documents and the step settings tied to them (early checkpoint,
-        warmup, entropy interval) times ``k``, so the checkpoints stay at the same share of training. Meant for
-        a GPU (``--scale``); ``k = 1`` is this config."""
-        if not k > 0:
-            raise DemoConfigError(f"scale must be > 0, got {k}")
+        """A larger (k > 1) or smaller study: d_model and d_ff times ``k`` (d_model kept a multiple of
+        2 * n_heads: RoPE needs an even head dimension), and the pretraining steps, the corpus documents and the
+        step settings tied to them (early checkpoint, warmup, entropy interval) times ``k``, so the checkpoints
+        stay at the same share of training. Meant for a GPU (``--scale``); ``k = 1`` is this config.
+
+        >>> c = DemoConfig.quick().scaled(1.2)
+        >>> c.d_model, c.d_model // c.n_heads % 2
+        (80, 0)
+        """
+        if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
+            raise DemoConfigError(f"scale must be a finite number > 0, got {k}")
         if k == 1:
             return self
 
         def times(value: int, minimum: int = 1) -> int:
             return max(minimum, round(value * k))
 
-        d_model = max(self.n_heads, round(self.d_model * k / self.n_heads) * self.n_heads)
+        step = 2 * self.n_heads  # d_model / n_heads must stay even for the rotary embedding
+        d_model = max(step, round(self.d_model * k / step) * step)
         steps = times(self.pretrain_steps, 2)
         return dataclasses.replace(
             self, d_model=d_model, d_ff=times(self.d_ff), pretrain_steps=steps,
@@ -187,8 +194,11 @@ class DemoConfig:
                                     start=self.lead_steps, cycle_paraphrases=True)
 
     def validate(self) -> None:
-        if self.d_model % self.n_heads:
+        if self.n_heads < 1 or self.d_model % self.n_heads:
             raise DemoConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise DemoConfigError(f"d_model={self.d_model} / n_heads={self.n_heads} = {self.d_model // self.n_heads} "
+                                  "is odd: the rotary position embedding needs an even head dimension")
         if not 0 < self.early_step < self.pretrain_steps:
             raise DemoConfigError(f"early_step={self.early_step} must lie in (0, pretrain_steps={self.pretrain_steps})")
         if self.injection_rounds < 1 or self.injection_every < 1:
@@ -207,9 +217,17 @@ class DemoConfig:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise DemoConfigError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
+        repeated = sorted({a for a in self.arms if self.arms.count(a) > 1})
+        if repeated:  # the same arm twice would run twice per seed and be stored once
+            raise DemoConfigError(f"arm(s) {repeated} given more than once in arms={list(self.arms)}")
+        check_device(self.device)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "continue_steps": self.continue_steps}
+        """The settings as results.json records them. ``cache_dir`` is left out: it is where this machine keeps
+        its tokenizer, not a setting of the study, and would make equal studies differ by a path."""
+        settings = dataclasses.asdict(self)
+        del settings["cache_dir"]
+        return {**settings, "continue_steps": self.continue_steps}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,8 +442,17 @@ def inject_spanning(batch: torch.Tensor, passages: Sequence[list[int]], seq_len:
 
 
 @contextlib.contextmanager
-def deterministic(threads: int) -> Iterator[None]:
-    """Deterministic algorithms and a fixed thread count for the duration, restored after."""
+def deterministic(threads: int, device: str = "cpu") -> Iterator[None]:
+    """Deterministic algorithms and a fixed thread count for the duration, restored after.
+
+    Byte-identical results are a CPU promise. On CUDA this sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless
+    already set; it takes effect only before the process's first cuBLAS call, so a task sets it before any CUDA
+    work) and asks torch for deterministic algorithms, but with ``warn_only``: an op without a deterministic
+    CUDA kernel warns instead of stopping the study, and kacq_hooks' Triton statistics kernels add float
+    partial sums with atomics, in no fixed order. A CUDA run is then close to, not byte-for-byte, a rerun.
+    """
+    if torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous_threads = torch.get_num_threads()
     previous_mode = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
@@ -447,7 +474,7 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
     config.validate()
     report = progress or (lambda phase, info: None)
     timings: dict[str, float] = {}
-    with deterministic(config.threads):
+    with deterministic(config.threads, config.device):
         started = time.perf_counter()
         data = _prepare(config, report)
         timings["prepare_s"] = time.perf_counter() - started

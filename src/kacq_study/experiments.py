@@ -43,7 +43,7 @@ def entropy_widths(widths: Sequence[int] = WIDTHS, steps: int = 1500, seq_len: i
                             pretrain_steps=steps, early_step=steps // 2, entropy_every=every,
                             warmup_steps=max(10, steps // 40), max_docs=None, batch_size=8)
         started = time.perf_counter()
-        with deterministic(config.threads):
+        with deterministic(config.threads, config.device):
             data = _prepare(config, lambda phase, info: None)
             pretraining, _ = _pretrain(config, data, lambda phase, info: None)
         entropy = pretraining["entropy"]
@@ -86,7 +86,7 @@ def acquisition_vs_entropy(steps: int | None = None, seed: int = 0, points: int 
     config = DemoConfig(seed=seed, **({"pretrain_steps": steps} if steps else {}))
     at = sorted({max(1, round(config.pretrain_steps * (i + 1) / points)) for i in range(points)})
     quiet = lambda phase, info: None  # noqa: E731
-    with deterministic(config.threads):
+    with deterministic(config.threads, config.device):
         data = _prepare(config, quiet)
         pretraining, checkpoints = _pretrain(config, data, quiet, snapshot_at=at)
         rows = []

@@ -55,8 +55,19 @@ def _spearman(x: list[float], y: list[float]) -> float | None:
     return cov / (sx * sy) if sx and sy else None
 
 
-def _finite(values) -> list[float]:
-    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+def _number(value) -> bool:
+    """A finite number (not a bool): what a criterion can compare. A None (NaN in results.json) or NaN input
+    makes a finding not checked, never held or not held by accident of a comparison with NaN.
+
+    >>> _number(0.5), _number(None), _number(float("nan")), _number(True)
+    (True, False, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(values) -> bool:
+    values = list(values)
+    return bool(values) and all(_number(v) for v in values)
 
 
 def fit_ok(fit: dict | None) -> bool:
@@ -70,7 +81,7 @@ def fit_ok(fit: dict | None) -> bool:
 
 def _kim(results: dict, arm: str, key: str) -> float | None:
     value = results["arms"].get(arm, {}).get("kim", {}).get(key)
-    return value if isinstance(value, (int, float)) else None
+    return value if _number(value) else None
 
 
 def _compare(results: dict, key: str, higher: str, lower: str) -> tuple[dict, bool | None]:
@@ -92,6 +103,18 @@ def _forgets_more(late: float | None, early: float | None) -> bool | None:
     return late > 0 and late > early
 
 
+def _acquires_more(early: float | None, late: float | None) -> bool | None:
+    """Whether the early arm acquired more: when neither arm acquired anything (both A <= 0) there is no
+    acquisition to compare, as for :func:`_forgets_more`.
+
+    >>> _acquires_more(0.3, 0.2), _acquires_more(-0.1, -0.3), _acquires_more(0.1, -0.3)
+    (True, None, True)
+    """
+    if early is None or late is None or (early <= 0 and late <= 0):
+        return None
+    return early > late
+
+
 def landing(results: dict, arm: str) -> dict:
     """The finding "the injected facts land preferentially in low-activity slots" for one arm: the mean share of
     the probes' top-k attributed slots, at the end of the arm, that were low-activity at its starting checkpoint,
@@ -109,7 +132,7 @@ def landing(results: dict, arm: str) -> dict:
         means = attribution["share"]["mean"]
         values = {"share_end": means[-1], "chance": attribution["chance"], "share_start": means[0],
                   "share_after_first_injection": means[1] if len(means) > 2 else None}
-        if isinstance(means[-1], (int, float)) and isinstance(attribution["chance"], (int, float)):
+        if _number(means[-1]) and _number(attribution["chance"]):
             holds = means[-1] > attribution["chance"] + LANDING_MARGIN
     k = attribution["k"] if attribution else "k"
     with_or_without = "after resuscitation" if "resuscitation" in arm else "without resuscitation"
@@ -133,27 +156,33 @@ def assess(results: dict) -> list[dict]:
     steps = [entropy["steps"][i] for i in kept]
     totals = [entropy["total"][i] for i in kept]
     per_layer = [entropy["per_layer"][i] for i in kept]
-    rho = _spearman([float(s) for s in steps], totals)
+    rho = _spearman([float(s) for s in steps], totals) if _numbers(totals) else None
     found.append(_finding(
         "entropy_decays", "Kim et al. 2025", "knowledge entropy decays during pretraining",
         "from the early checkpoint on: total entropy at the last measurement < at the early checkpoint, and "
         "Spearman(step, entropy) <= -0.5",
         {"from_step": steps[0] if steps else None, "first": totals[0] if totals else None,
          "last": totals[-1] if totals else None, "spearman": rho},
-        (totals[-1] < totals[0] and rho is not None and rho <= -0.5) if len(totals) >= 2 else None))
-    drops = [first - last for first, last in zip(per_layer[0], per_layer[-1])] if per_layer else []
+        (totals[-1] < totals[0] and rho is not None and rho <= -0.5) if len(totals) >= 2 and _numbers(totals)
+        else None))
+    ends = (per_layer[0], per_layer[-1]) if per_layer else ([], [])
+    drops = ([first - last for first, last in zip(*ends)] if _numbers([*ends[0], *ends[1]])
+             else [None] * len(ends[0]))
     found.append(_finding(
         "last_layer_falls_most", "Kim et al. 2025", "the last layer's entropy falls most",
-        "from the early checkpoint on: entropy drop (early checkpoint - last measurement) is largest in the last layer",
-        {"drop_per_layer": drops}, (max(range(len(drops)), key=drops.__getitem__) == len(drops) - 1)
-        if len(drops) > 1 else None))
+        "from the early checkpoint on: the last layer's entropy fell (drop = early checkpoint - last measurement "
+        "> 0) and its drop is the largest of all layers",
+        # "falls most" needs a fall: when every layer rose, the smallest rise is no fall at all
+        {"drop_per_layer": drops}, (drops[-1] > 0 and max(range(len(drops)), key=drops.__getitem__) == len(drops) - 1)
+        if len(drops) > 1 and _numbers(drops) else None))
 
     arms = results.get("arms", {})
-    values, holds = _compare(results, "acquisition", "early", "late")
+    values, _ = _compare(results, "acquisition", "early", "late")
     found.append(_finding("late_acquires_less", "Kim et al. 2025",
                           "a later checkpoint acquires new knowledge less well",
-                          "acquisition A = (K_after - K_before)/|K_before| of the early arm > the late arm",
-                          values, holds))
+                          "acquisition A = (K_after - K_before)/|K_before| of the early arm > the late arm; not "
+                          "checked when neither arm acquired anything (both A <= 0)",
+                          values, _acquires_more(values["acquisition[early]"], values["acquisition[late]"])))
     values, _ = _compare(results, "forgetting", "late", "early")
     found.append(_finding("late_forgets_more", "Kim et al. 2025", "a later checkpoint forgets more",
                           "forgetting F (relative drop of held-out next-token accuracy) of the late arm > 0 and > "
@@ -169,17 +198,20 @@ def assess(results: dict) -> list[dict]:
     groups = arms[reference]["groups"] if reference else {}
 
     def per_kind(field: str) -> dict[str, float | None]:
+        """The mean over scenarios per kind; None when a scenario's value is None or NaN (a mean over the
+        others would not be like for like)."""
         out = {}
         for kind in KINDS:
-            vals = _finite(groups[f"{s}/{kind}"][field] for s in SCENARIOS if f"{s}/{kind}" in groups)
-            out[kind] = mean(vals) if vals else None
+            vals = [groups[f"{s}/{kind}"][field] for s in SCENARIOS if f"{s}/{kind}" in groups]
+            out[kind] = mean(vals) if _numbers(vals) else None
         return out
 
     positive = {k: g["effectivity_positive_fraction"] for k, g in groups.items()}
     found.append(_finding(
         "injection_raises_log_prob", "Chang et al. 2024", "each update on a fact raises its probes' log prob",
         f"in arm '{reference}', more than half of all (probe, injection) effectivities are > 0 in every group",
-        {"positive_fraction": positive}, all(v > 0.5 for v in positive.values()) if positive else None))
+        {"positive_fraction": positive},
+        all(v > 0.5 for v in positive.values()) if _numbers(positive.values()) else None))
     kinds = per_kind("effectivity")
     ordered = [kinds[k] for k in KINDS]
     found.append(_finding(
@@ -187,20 +219,22 @@ def assess(results: dict) -> list[dict]:
         f"in arm '{reference}', mean effectivity over scenarios: mem > gen > hard_gen", {"effectivity": kinds},
         (ordered[0] > ordered[1] > ordered[2]) if None not in ordered else None))
     fits = {k: g["retainability"]["fit"] for k, g in groups.items()
-            if g["retainability"]["fit"]["r_squared"] is not None}
+            if _number(g["retainability"]["fit"]["r_squared"])}
     r2 = [f["r_squared"] for f in fits.values()]
+    # "most groups" counts every group: one without a fit (too few points) does not decay by a power law
+    decaying = sum(fit_ok(f) and f["decay"] > 0 for f in fits.values())
     found.append(_finding(
         "power_law_forgetting", "Chang et al. 2024", "forgetting follows a power law in steps",
-        f"in arm '{reference}', the fit R ~ intercept - decay log10(t) has median R^2 >= {POWER_LAW_MIN_R2} and "
-        f"decay > 0 in most groups (a group whose fit has R^2 < {POWER_LAW_MIN_R2} has no power law and counts as "
-        "not decaying)",
-        {"r_squared": {k: f["r_squared"] for k, f in fits.items()}, "decay": {k: f["decay"] for k, f in fits.items()}},
-        (median(r2) >= POWER_LAW_MIN_R2 and sum(fit_ok(f) and f["decay"] > 0 for f in fits.values()) > len(fits) / 2)
-        if fits else None))
+        f"in arm '{reference}', the fit R ~ intercept - decay log10(t) has median R^2 >= {POWER_LAW_MIN_R2} over "
+        f"the groups with a fit, and decay > 0 in more than half of all groups (a group without a fit, or whose fit "
+        f"has R^2 < {POWER_LAW_MIN_R2}, has no power law and counts as not decaying)",
+        {"r_squared": {k: f["r_squared"] for k, f in fits.items()}, "decay": {k: f["decay"] for k, f in fits.items()},
+         "groups": len(groups), "groups_decaying": decaying},
+        (median(r2) >= POWER_LAW_MIN_R2 and decaying > len(groups) / 2) if fits else None))
 
     def scenario_mean(scenario: str, pick) -> float | None:
-        vals = _finite(pick(groups[f"{scenario}/{kind}"]) for kind in KINDS if f"{scenario}/{kind}" in groups)
-        return mean(vals) if vals else None
+        vals = [pick(groups[f"{scenario}/{kind}"]) for kind in KINDS if f"{scenario}/{kind}" in groups]
+        return mean(vals) if _numbers(vals) else None
 
     dup_e = scenario_mean("duplication", lambda g: g["effectivity"])
     par_e = scenario_mean("paraphrase", lambda g: g["effectivity"])
@@ -215,14 +249,18 @@ def assess(results: dict) -> list[dict]:
         return mean(f["decay"] for f in fitted) if all(fit_ok(f) for f in fitted) else None
 
     dup_a, par_a = scenario_decay("duplication"), scenario_decay("paraphrase")
+    # "forgotten faster" needs forgetting on both sides: a rising retainability (decay <= 0) has no speed
+    # of forgetting to compare
+    compared = None not in (dup_a, par_a) and dup_a > 0 and par_a > 0
     found.append(_finding(
         "duplication_forgets_faster", "Chang et al. 2024", "duplication is forgotten faster than paraphrase",
         f"in arm '{reference}', mean decay constant over kinds: duplication > paraphrase; not checked when a "
-        f"scenario has a kind whose fit has R^2 < {POWER_LAW_MIN_R2} (no power law)",
+        f"scenario has a kind whose fit has R^2 < {POWER_LAW_MIN_R2} (no power law), or when either scenario's mean "
+        "decay is <= 0 (nothing forgotten)",
         {"duplication": dup_a, "paraphrase": par_a,
          "r_squared": {f"{s}/{k}": groups.get(f"{s}/{k}", {}).get("retainability", {}).get("fit", {}).get("r_squared")
                        for s in ("duplication", "paraphrase") for k in KINDS}},
-        (dup_a > par_a) if None not in (dup_a, par_a) else None))
+        (dup_a > par_a) if compared else None))
 
     for arm, claim in (("late+augment", "formatting augmentation"), ("late+sam", "SAM"),
                        ("late+augment+sam", "augmentation and SAM together")):
@@ -248,7 +286,7 @@ def facts_are_learned(results: dict, arm: str) -> dict:
     injected = learning.get("injected", {}).get("rise")
     control = learning.get("control", {}).get("rise")
     holds = None
-    if isinstance(injected, (int, float)) and isinstance(control, (int, float)):
+    if _number(injected) and _number(control):
         holds = injected >= LEARNED_MIN_RISE and injected >= control + LEARNED_MARGIN
     return _finding(
         f"facts_are_learned[{arm}]", "regime", f"the injected facts are learned in arm '{arm}'",
@@ -265,11 +303,12 @@ def loss_flattened(results: dict) -> dict:
     >>> loss_flattened({"pretraining": {"loss": [9.0] * 80 + [3.02] * 10 + [3.0] * 10}})["holds"]
     True
     """
-    losses = _finite(results.get("pretraining", {}).get("loss") or [])
+    losses = list(results.get("pretraining", {}).get("loss") or [])
     window = max(1, round(LOSS_FLAT_WINDOW * len(losses)))
     values: dict[str, Any] = {"last": None, "before": None, "relative_change": None}
     holds = None
-    if len(losses) >= 2 * window:
+    # a None or NaN loss (a diverged step) leaves the check open: a loss curve with holes is not flat
+    if len(losses) >= 2 * window and _numbers(losses[-2 * window:]):
         last, before = mean(losses[-window:]), mean(losses[-2 * window:-window])
         change = (last - before) / abs(before) if before else None
         values = {"last": last, "before": before, "relative_change": change}

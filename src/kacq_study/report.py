@@ -70,6 +70,18 @@ def _get(tree, *path):
     return tree
 
 
+def _per_seed(*values) -> list[list]:
+    """Each value's per-seed list, all of one length: a spread's values, and a plain value (e.g. None where
+    :func:`findings.combine` found no number for any seed) repeated for every seed, so that zipping them never
+    drops a seed.
+
+    >>> _per_seed({"mean": 1.0, "min": 1.0, "max": 1.0, "values": [1.0, None]}, None)
+    [[1.0, None], [None, None]]
+    """
+    n = max((len(v["values"]) for v in values if _is_spread(v)), default=1)
+    return [list(v["values"]) if _is_spread(v) else [v] * n for v in values]
+
+
 def fit_text(r_squared, decay, digits: int = 4) -> str:
     """The decay constant of a group's retainability fit over seeds, or "no power law (R^2 = ...)" when any
     seed's fit fails :data:`findings.POWER_LAW_MIN_R2` (a failed fit's decay is never shown as a number).
@@ -78,8 +90,7 @@ def fit_text(r_squared, decay, digits: int = 4) -> str:
     ...          {"mean": 0.3, "min": 0.3, "max": 0.3, "values": [0.3]})
     'no power law (R^2 = 0.21)'
     """
-    r2 = r_squared["values"] if _is_spread(r_squared) else [r_squared]
-    a = decay["values"] if _is_spread(decay) else [decay]
+    r2, a = _per_seed(r_squared, decay)
     bad = sum(not fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a))
     if not bad:
         return _sp(decay, digits)
@@ -97,13 +108,9 @@ def horizon_text(x_intercept, observed, r_squared=None, decay=None, digits: int 
     >>> horizon_text(900.0, 20)
     '900'
     """
-    xs = x_intercept["values"] if _is_spread(x_intercept) else [x_intercept]
-    span = observed["values"] if _is_spread(observed) else [observed] * len(xs)
-    if r_squared is not None:
-        r2 = r_squared["values"] if _is_spread(r_squared) else [r_squared]
-        a = decay["values"] if _is_spread(decay) else [decay]
-        if not all(fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a)):
-            return "n/a"
+    xs, span, r2, a = _per_seed(x_intercept, observed, r_squared, decay)
+    if r_squared is not None and not all(fit_ok({"r_squared": r, "decay": d}) for r, d in zip(r2, a)):
+        return "n/a"
     if any(x is None for x in xs):
         return "n/a"
     far = sum(x > MAX_EXTRAPOLATION * (t or 0) for x, t in zip(xs, span))
@@ -112,14 +119,18 @@ def horizon_text(x_intercept, observed, r_squared=None, decay=None, digits: int 
     return _sp(x_intercept, digits) if _is_spread(x_intercept) else _fmt(x_intercept, digits)
 
 
-def _held_text(finding: dict) -> str:
+def _held_text(finding: dict, check: bool = False) -> str:
+    """A combined finding's verdict over seeds: "held for k of n seeds: reproduced / not reproduced" for the
+    papers' findings; a regime check (``check``) "passed for k of n seeds: passed / failed" (it is a condition
+    on the run, not a finding that could be reproduced)."""
     n, held = finding["seeds"], finding["held"]
     if finding["checked"] == 0:
         return f"not checked for any of {n} seed{'s' * (n != 1)}"
-    verdict = "reproduced" if finding["reproduces"] else "not reproduced"
+    words = ("passed", "passed", "failed") if check else ("held", "reproduced", "not reproduced")
+    verdict = words[1] if finding["reproduces"] else words[2]
     unchecked = n - finding["checked"]
     extra = f", not checked for {unchecked}" if unchecked else ""
-    return f"held for {held} of {n} seed{'s' * (n != 1)}{extra}: {verdict}"
+    return f"{words[0]} for {held} of {n} seed{'s' * (n != 1)}{extra}: {verdict}"
 
 
 def _measured(values: dict) -> str:
@@ -310,15 +321,20 @@ def plot_arms(results: dict, path: Path) -> Path:
     metrics = ("acquisition", "retention", "forgetting")
     fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        per = [[s["arms"][n]["kim"][metric] for s in seeds if s["arms"][n]["kim"][metric] is not None] for n in names]
-        mean = [sum(v) / len(v) if v else 0.0 for v in per]
-        low = [m - min(v) if v else 0.0 for m, v in zip(mean, per)]
-        high = [max(v) - m if v else 0.0 for m, v in zip(mean, per)]
-        ax.bar(range(len(names)), mean, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8,
+        per = [[v for v in (s["arms"][n]["kim"][metric] for s in seeds)
+                if isinstance(v, (int, float)) and math.isfinite(v)] for n in names]
+        # an arm without a value for any seed gets no bar (a zero bar would read as a measured zero)
+        drawn = [i for i, v in enumerate(per) if v]
+        mean = [sum(per[i]) / len(per[i]) for i in drawn]
+        low = [m - min(per[i]) for m, i in zip(mean, drawn)]
+        high = [max(per[i]) - m for m, i in zip(mean, drawn)]
+        ax.bar(drawn, mean, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8,
                label=f"mean over {len(seeds)} seed{'s' * (len(seeds) != 1)} (whiskers: min to max)")
-        for i, v in enumerate(per):
-            ax.plot([i] * len(v), v, "k.", ms=4, label="each seed" if i == 0 else None)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        for i in drawn:
+            ax.plot([i] * len(per[i]), per[i], "k.", ms=4, label="each seed" if i == drawn[0] else None)
+        ax.set_xticks(range(len(names)), [n if per[i] else f"{n}\n(n/a)" for i, n in enumerate(names)],
+                      rotation=20, fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)  # every arm keeps its place, with or without a bar
         ax.axhline(0, color="black", lw=0.6)
         ax.set_title({"acquisition": "acquisition A", "retention": "retention", "forgetting": "forgetting F"}[metric])
     axes[0][0].legend(fontsize=7)
@@ -476,12 +492,12 @@ def _regime_checks(results: dict) -> list[str]:
     flat = checks.get("loss_flattened")
     if flat:
         v = flat["values"]
-        lines.append(f"- **{flat['claim']}**: {_held_text(flat)}. Criterion: {flat['criterion']}. Measured: last "
+        lines.append(f"- **{flat['claim']}**: {_held_text(flat, check=True)}. Criterion: {flat['criterion']}. Measured: last "
                      f"{_sp(v.get('last'))}, before {_sp(v.get('before'))}, relative change "
                      f"{_sp(v.get('relative_change'), 3)}.")
     learned = [f for key, f in checks.items() if key.startswith("facts_are_learned[")]
     for f in learned:
-        lines.append(f"- **{f['claim']}**: {_held_text(f)}. Criterion: {f['criterion']}.")
+        lines.append(f"- **{f['claim']}**: {_held_text(f, check=True)}. Criterion: {f['criterion']}.")
     lines.append("")
     rows = [(name, arm["learning"]) for name, arm in summary["arms"].items() if arm.get("learning")]
     if rows:

@@ -14,6 +14,7 @@ not depend on which process ran it or when: ``results.json`` is the same bytes f
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import dataclasses
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ import torch
 from kacq_hooks.errors import KacqError
 
 from .demo import ARMS, DemoConfig, Progress, _json_ready, _prepare, _pretrain, _run_arm, build_model, deterministic
-from .findings import KINDS, assess, combine, combine_findings, regime
+from .findings import KINDS, assess, combine, combine_findings, fit_ok, regime
 
 FORMAT, VERSION = "kacq_hooks.demo", 2
 DEFAULT_SEEDS = (0, 1, 2)
@@ -63,7 +64,7 @@ def pretrain_task(config: DemoConfig, workdir: str, progress: Progress | None = 
     """One seed's pretraining; writes its early and late checkpoints (CPU state dicts) into ``workdir``."""
     report = _reporter(config.seed, progress)
     task_started = time.perf_counter()
-    with deterministic(config.threads):
+    with deterministic(config.threads, config.device):
         started = time.perf_counter()
         data = _prepare(config, report)
         prepare_s = time.perf_counter() - started
@@ -83,7 +84,7 @@ def arm_task(config: DemoConfig, arm: str, workdir: str, progress: Progress | No
     """One (seed, arm): continued training from the seed's checkpoint in ``workdir``."""
     report = _reporter(config.seed, progress)
     task_started = time.perf_counter()
-    with deterministic(config.threads):
+    with deterministic(config.threads, config.device):
         data = _prepare(config, lambda phase, info: None)
         saved = torch.load(_checkpoint_path(workdir, config.seed), map_location="cpu", weights_only=True)
         tokenizer = data.tokenizer
@@ -118,6 +119,20 @@ def _call(fn, *args):
             kind = KacqError if isinstance(error, KacqError) else RuntimeError
             raise kind(f"{type(error).__name__}: {error}") from None
         raise
+
+
+def _result(future: cf.Future, name: str) -> dict:
+    """A task's value, or its error as a KacqError naming the task: the CLI then exits 2 with the message,
+    not a traceback. A KacqError from the task is raised as it is (it already says what to change)."""
+    try:
+        return future.result()
+    except KacqError:
+        raise
+    except BrokenProcessPool as error:
+        raise KacqError(f"task '{name}' failed: its worker process ended abruptly ({error}); out of memory, or "
+                        "killed; try fewer --workers") from error
+    except Exception as error:
+        raise KacqError(f"task '{name}' failed: {type(error).__name__}: {error}") from error
 
 
 class _Runner:
@@ -186,9 +201,14 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
     :func:`kacq_study.demo.write_results` writes apart from ``results.json``.
     """
     config = config or DemoConfig()
-    seeds = tuple(dict.fromkeys(int(s) for s in seeds))
-    if not seeds:
+    given = [int(s) for s in seeds]
+    if not given:
         raise KacqError("run_study needs at least one seed")
+    if len(set(given)) < len(given):  # a repeated seed would count twice as seeds agreeing
+        raise KacqError(f"seeds {given}: each seed may be given once")
+    seeds = tuple(sorted(given))  # the order given does not change results.json
+    if workers is not None and int(workers) < 1:
+        raise KacqError(f"workers={workers}: give at least 1 (1 runs every task in this process)")
     configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
     for c in configs.values():
         c.validate()
@@ -215,7 +235,7 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for future in sorted(done, key=submitted.get):  # a fixed order for the arms' submission
-                    value = future.result()  # re-raises a task's error here
+                    value = _result(future, submitted[future])
                     task_s[submitted[future]] = value["task_s"]  # measured in the task: no queueing in it
                     if "arm" in value:
                         arms[value["seed"]][value["arm"]] = value
@@ -246,15 +266,22 @@ def _seed_results(config: DemoConfig, pretrained: dict, arms: dict[str, dict]) -
 
 
 def assemble(config: DemoConfig | dict, seeds: Sequence[int], per_seed: list[dict]) -> dict:
-    """The v2 results dict: ``config`` (``seed`` is each per-seed config's), ``seeds``, ``per_seed`` (each seed's
-    run_demo-style results), ``summary`` (every number the report prints as a :func:`findings.spread` over
-    seeds), ``findings`` and ``regime`` (combined over seeds by :func:`findings.combine_findings`)."""
+    """The v2 results dict: ``config`` (without ``seed``: that is each per-seed config's), ``seeds``,
+    ``per_seed`` (each seed's run_demo-style results), ``summary`` (every number the report prints as a
+    :func:`findings.spread` over seeds; retainability fits only over the seeds whose fit passed, counted in
+    ``seeds_with_fit``), ``findings`` and ``regime`` (combined over seeds by :func:`findings.combine_findings`)."""
     config = config.to_dict() if isinstance(config, DemoConfig) else dict(config)
+    # the study's settings: each seed's config holds its own seed, and ``seeds`` says which ran (a single
+    # "seed" here would claim one that maybe never ran); no machine path
+    config.pop("seed", None)
+    config.pop("cache_dir", None)
     findings = combine_findings([r.get("findings") or assess(r) for r in per_seed])
     checks = combine_findings([r.get("regime") or regime(r) for r in per_seed])
+    digests = [digest(r) for r in per_seed]
+    summary = combine(digests)
+    _count_fits(summary, digests)
     return _json_ready({"format": FORMAT, "version": VERSION, "config": config, "seeds": list(seeds),
-                        "per_seed": per_seed, "summary": combine([digest(r) for r in per_seed]),
-                        "findings": findings, "regime": checks})
+                        "per_seed": per_seed, "summary": summary, "findings": findings, "regime": checks})
 
 
 def as_study(results: dict) -> dict:
@@ -270,6 +297,27 @@ def as_study(results: dict) -> dict:
 def _mean(values) -> float | None:
     finite = [v for v in values if isinstance(v, (int, float)) and v == v]
     return sum(finite) / len(finite) if finite else None
+
+
+def _group_digest(group: dict) -> dict[str, Any]:
+    """One group's numbers for the summary. A fit that fails its R^2 criterion keeps its R^2 (it says why) but
+    not its decay, intercept or x-intercept: the summary's means of those are over the seeds whose fit passed,
+    never mixed with a failed fit's numbers (``seeds_with_fit`` counts the seeds they cover)."""
+    fit = group["retainability"]["fit"]
+    ok = fit_ok(fit)
+    return {"effectivity": group["effectivity"],
+            "horizon": max(group["retainability"]["t"]) if group["retainability"]["t"] else None,
+            "r_squared": fit["r_squared"], "fit_ok": ok,
+            **{f: fit[f] if ok else None for f in ("decay", "intercept", "x_intercept_steps")}}
+
+
+def _count_fits(summary: dict, digests: list[dict]) -> None:
+    """``seeds_with_fit`` in each group of the combined summary (in place of the per-seed ``fit_ok`` flags)."""
+    for name, arm in (summary or {}).get("arms", {}).items():
+        for key, group in arm.get("groups", {}).items():
+            group.pop("fit_ok", None)
+            group["seeds_with_fit"] = sum(bool(d["arms"].get(name, {}).get("groups", {}).get(key, {}).get("fit_ok"))
+                                          for d in digests)
 
 
 def digest(results: dict) -> dict[str, Any]:
@@ -293,11 +341,7 @@ def digest(results: dict) -> dict[str, Any]:
             "dlogp": {k: _mean(g["log_prob_end"] - g["log_prob_start"] for key, g in groups.items()
                                if key.endswith("/" + k) and g.get("log_prob_end") is not None
                                and g.get("log_prob_start") is not None) for k in KINDS},
-            "groups": {key: {"effectivity": g["effectivity"],
-                             "horizon": max(g["retainability"]["t"]) if g["retainability"]["t"] else None,
-                             **{f: g["retainability"]["fit"][f] for f in ("decay", "intercept", "r_squared",
-                                                                            "x_intercept_steps")}}
-                       for key, g in groups.items()},
+            "groups": {key: _group_digest(g) for key, g in groups.items()},
         }
         if arm.get("edit"):
             edit = arm["edit"]
