@@ -61,11 +61,14 @@ from .findings import LANDING_ARMS, assess
 log = logging.getLogger(__name__)
 
 # How long the study takes: the one place that says it (the CLI's --help and the README quote it; a test
-# checks the README). Measured with `bash scripts/demo.sh` on the project's 2-core development machine.
+# checks the README). Measured with `bash scripts/demo.sh` on the project's 2-core development machine
+# (2026-12-02), pip's cache warm.
 RUN_TIME = {
-    "default": "about 8 minutes on 2 CPU cores (7 min 11 s to 8 min 24 s measured)",
-    "quick": "about 1 minute",
-    "zhu": "about 10 minutes (10 min 21 s measured)",
+    "default": "about 9.5 minutes on 2 CPU cores (9 min 29 s measured from a fresh clone with an empty tokenizer "
+               "cache, 8 min 55 s of it the study)",
+    "quick": "about 2 minutes (2 min 29 s measured while two other jobs shared the 2 cores)",
+    "zhu": "not yet measured in this regime (about 13 minutes on 2 CPU cores from the default run's costs per "
+           "step: an estimate)",
 }
 
 # Where the facts land: fixed before any run, not tuned to a verdict. k = 50 of the 512 (quick) or 2,048
@@ -148,7 +151,7 @@ class DemoConfig:
         """A smoke-sized study for tests and a first look (``RUN_TIME["quick"]``)."""
         small = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, seq_len=128, vocab_size=768, max_docs=800,
                      calibration_sequences=8, pretrain_steps=60, batch_size=24, lr=3e-3, warmup_steps=6,
-                     early_step=15, entropy_every=10, facts_per_scenario=2, injection="span",
+                     early_step=15, entropy_every=10, facts_per_scenario=1, control_facts=1, injection="span",
                      continue_batch_size=None, continue_warmup=4, injection_every=8, injection_rounds=3,
                      lead_steps=5, tail_steps=16, window=4, augment_variants=2)
         return cls(**{**small, **overrides})
