@@ -128,21 +128,21 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
 def plot_acquisition_vs_entropy(result: dict, path: Path) -> Path:
     plt = pyplot()
     rows = result["checkpoints"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
     pre = result["pretraining_entropy"]
     left.plot(pre["steps"], pre["total"], color="grey", lw=1, label="knowledge entropy H")
     left.scatter([r["step"] for r in rows], [r["entropy"] for r in rows], color="C0", zorder=3, label="checkpoints")
     left.set(xlabel="pretraining step", ylabel="knowledge entropy H (nats)", title="checkpoints on the entropy curve")
     twin = left.twinx()
     twin.plot([r["step"] for r in rows], [r["acquisition"] for r in rows], color="C1", marker="s", label="acquisition A")
-    twin.set_ylabel("acquisition A = (K_after - K_before)/|K_before|")
+    twin.set_ylabel("acquisition A")
     left.legend(fontsize=8, loc="lower right")
     twin.legend(fontsize=8, loc="upper left")
     right.scatter([r["entropy"] for r in rows], [r["acquisition"] for r in rows], color="C1")
     for r in rows:
         right.annotate(f"step {r['step']}", (r["entropy"], r["acquisition"]), fontsize=8)
     pearson = result["pearson"]
-    right.set(xlabel="knowledge entropy H at the checkpoint (nats)", ylabel="acquisition A",
+    right.set(xlabel="knowledge entropy H at the checkpoint (nats)", ylabel="acquisition A = (K_after - K_before)/|K_before|",
               title=f"acquisition against entropy (Pearson r = {pearson:.2f})" if pearson is not None else "")
     return save_figure(fig, path)
 
