@@ -21,14 +21,14 @@ with a ``TrajectoryStore``, Chang et al.'s metrics via ``facts.summarize_acquisi
 ``training.SAM``, corpus and tokenizer via ``kacq_hooks.corpus``, slot attribution via
 ``kacq_hooks.attribution.attribute`` with ``training.attribution``'s store and ``low_activity_share``.
 
-The function :func:`run_demo` prints nothing; progress goes to an optional callback, which the CLI
-turns into a progress bar. Same config and seed give the same numbers (the results dict carries no
-wall-clock times; :func:`run_demo` returns those separately in ``timings``). :data:`RUN_TIME` is the
-one statement of how long a run takes.
+This module holds one seed's pipeline in parts (:func:`_prepare`, :func:`_pretrain`, :func:`_run_arm`);
+:func:`kacq_study.study.run_study` runs them for several seeds as parallel tasks and combines them. Nothing
+here prints; progress goes to an optional callback, which the CLI turns into progress bars. Same config and
+seed give the same numbers. :data:`RUN_TIME` is the one statement of how long a run takes.
 
->>> config = DemoConfig.quick()   # doctest: +SKIP
->>> results = run_demo(config)                                   # doctest: +SKIP
->>> results["pretraining"]["entropy"]["total"][-1]              # doctest: +SKIP
+>>> from kacq_study.study import run_study                        # doctest: +SKIP
+>>> results = run_study(DemoConfig.quick(), seeds=(0,), workers=1)  # doctest: +SKIP
+>>> results["per_seed"][0]["pretraining"]["entropy"]["total"][-1]   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from kacq_hooks.sweep import check_device
 from kacq_hooks.training import SAM, augment_record
 from kacq_hooks.training.attribution import AttributionStore, low_activity_share, stability
 
-from .findings import LANDING_ARMS, assess
+from .findings import LANDING_ARMS
 
 log = logging.getLogger(__name__)
 
@@ -467,46 +467,6 @@ def deterministic(threads: int, device: str = "cpu") -> Iterator[None]:
         torch.use_deterministic_algorithms(previous_mode)
 
 
-def run_demo(config: DemoConfig | None = None, progress: Progress | None = None) -> dict:
-    """Run the whole study and return its results dict (JSON-ready; NaN becomes None).
-
-    ``progress(phase, info)`` is called after every training step with ``info`` holding ``step``,
-    ``total``, ``loss`` and the latest ``entropy``; phases are "prepare", "pretrain" and "arm:<name>".
-    """
-    config = config or DemoConfig()
-    config.validate()
-    report = progress or (lambda phase, info: None)
-    timings: dict[str, float] = {}
-    with deterministic(config.threads, config.device):
-        started = time.perf_counter()
-        data = _prepare(config, report)
-        timings["prepare_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        pretraining, checkpoints = _pretrain(config, data, report)
-        timings["pretrain_s"] = time.perf_counter() - started
-        timings["pretrain_step_s"] = timings["pretrain_s"] / config.pretrain_steps
-        arms = {}
-        for name in config.arms:
-            started = time.perf_counter()
-            arms[name] = _run_arm(ARMS[name], config, data, checkpoints, report)
-            timings[f"arm:{name}_s"] = time.perf_counter() - started
-            attribution_s = arms[name].pop("_attribution_s", None)
-            if attribution_s is not None:
-                timings[f"arm:{name}_attribution_s"] = attribution_s
-            timings[f"arm:{name}_step_s"] = timings[f"arm:{name}_s"] / config.continue_steps
-    results = {
-        "format": "kacq_hooks.demo", "version": 1,
-        "config": config.to_dict(),
-        "data": data.summary,
-        "pretraining": pretraining,
-        "arms": arms,
-    }
-    results["findings"] = assess(results)
-    results = _json_ready(results)
-    results["timings"] = timings  # removed by write_results: wall-clock times are not reproducible
-    return results
-
-
 @dataclass
 class _Data:
     tokenizer: Any
@@ -684,7 +644,7 @@ def _run_arm(arm: Arm, config: DemoConfig, data: _Data, checkpoints: dict, repor
     }
     if landing is not None:
         results["attribution"] = landing.summary(schedule, data.facts, config.resuscitation_ratio)
-        results["_attribution_s"] = landing.seconds  # run_demo moves it to the timings
+        results["_attribution_s"] = landing.seconds  # arm_task moves it to the timings
     return results
 
 

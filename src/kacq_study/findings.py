@@ -146,7 +146,7 @@ def landing(results: dict, arm: str) -> dict:
 
 
 def assess(results: dict) -> list[dict]:
-    """The findings list for a results dict (see :func:`kacq_study.demo.run_demo`)."""
+    """The findings list for a results dict (one seed's, as :func:`kacq_study.study.run_study` keeps them in ``per_seed``)."""
     found = []
     entropy = results["pretraining"]["entropy"]
     # The papers measured checkpoints long after the first transient of training (an entropy collapse and

@@ -1,7 +1,7 @@
 """Figures and a short written report from a study's results (matplotlib, Agg backend).
 
-The results are :func:`kacq_study.study.run_study`'s (several seeds); a single-seed :func:`kacq_study.demo.run_demo`
-dict is read as a one-seed study. Every number in report.md is a mean over the seeds with its range over
+The results are :func:`kacq_study.study.run_study`'s (several seeds); a single-seed results
+dict (version 1) is read as a one-seed study. Every number in report.md is a mean over the seeds with its range over
 seeds (min to max); every curve figure shows each seed as a thin line and the mean as a thick one.
 
 >>> from kacq_study.report import write_report   # doctest: +SKIP

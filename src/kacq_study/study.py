@@ -1,4 +1,4 @@
-"""The study over several seeds: :func:`kacq_study.demo.run_demo`'s pipeline per seed, split into tasks that
+"""The study over several seeds: the per-seed pipeline of :mod:`kacq_study.demo`, split into tasks that
 run in parallel processes, and the seeds' numbers and findings combined.
 
 Tasks: one pretraining task per seed (it writes the seed's early and late checkpoints to a temporary folder),
@@ -254,7 +254,7 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
 
 
 def _seed_results(config: DemoConfig, pretrained: dict, arms: dict[str, dict]) -> tuple[dict, dict]:
-    """One seed's results as :func:`kacq_study.demo.run_demo` gives them (arms in config order), and its timings."""
+    """One seed's results dict (arms in config order), and its timings."""
     timings = dict(pretrained["timings"])
     for name in config.arms:
         timings.update(arms[name]["timings"])
@@ -267,7 +267,7 @@ def _seed_results(config: DemoConfig, pretrained: dict, arms: dict[str, dict]) -
 
 def assemble(config: DemoConfig | dict, seeds: Sequence[int], per_seed: list[dict]) -> dict:
     """The v2 results dict: ``config`` (without ``seed``: that is each per-seed config's), ``seeds``,
-    ``per_seed`` (each seed's run_demo-style results), ``summary`` (every number the report prints as a
+    ``per_seed`` (each seed's results dict), ``summary`` (every number the report prints as a
     :func:`findings.spread` over seeds; retainability fits only over the seeds whose fit passed, counted in
     ``seeds_with_fit``), ``findings`` and ``regime`` (combined over seeds by :func:`findings.combine_findings`)."""
     config = config.to_dict() if isinstance(config, DemoConfig) else dict(config)
@@ -285,7 +285,7 @@ def assemble(config: DemoConfig | dict, seeds: Sequence[int], per_seed: list[dic
 
 
 def as_study(results: dict) -> dict:
-    """A v2 results dict as it is; a single-seed (run_demo) one wrapped as a one-seed study."""
+    """A v2 results dict as it is; a single-seed (version 1) one wrapped as a one-seed study."""
     if "per_seed" in results:
         return results
     study = assemble(results["config"], [results["config"].get("seed", 0)], [results])
