@@ -771,7 +771,7 @@ def _learning(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule) -> dict
     values = store.values("mean").double()                                      # [steps + 1, probes]
     out: dict[str, dict] = {}
     for group, injected in (("injected", True), ("control", False)):
-        columns = [c for c, p in enumerate(store.probes) if bool(schedule.steps_of(p.record)) == injected]
+        columns = _probe_columns(store, schedule, injected)
         if not columns:
             continue
         picked = values[:, columns]
@@ -786,8 +786,12 @@ def _learning(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule) -> dict
 
 def _injected_values(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule) -> torch.Tensor:
     """``[steps + 1, probes]`` mean target log probs of the injected facts' probes (the controls left out)."""
-    columns = [c for c, p in enumerate(store.probes) if schedule.steps_of(p.record)]
-    return store.values("mean").double()[:, columns]
+    return store.values("mean").double()[:, _probe_columns(store, schedule, injected=True)]
+
+
+def _probe_columns(store: kf.TrajectoryStore, schedule: kf.InjectionSchedule, injected: bool) -> list[int]:
+    """Columns of the probes whose records the schedule injects (``injected``) or never injects (the controls)."""
+    return [c for c, p in enumerate(store.probes) if bool(schedule.steps_of(p.record)) == injected]
 
 
 def _kim_metrics(trajectory: torch.Tensor, accuracy_before: float, accuracy_after: float) -> dict:
