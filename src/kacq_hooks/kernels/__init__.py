@@ -6,11 +6,14 @@ forward's (or backward's) statistics of a [N, d_ff] coefficient tensor into a
 
 - CUDA tensors with Triton installed: the fused kernels of :mod:`.triton`, custom ops that
   ``torch.compile`` keeps (and Inductor schedules), so compiled models use them too;
-- CPU tensors: :mod:`.cpu`, the reference in a few eager passes (routed experts: one Inductor loop per
-  expert, :mod:`.experts_cpu`, whose eager fallback ``KACQ_KERNELS=eager`` forces);
+- CPU tensors: :mod:`.cpu`: one pass over C in the C kernel of :mod:`.native` (built at first use with the
+  system compiler), or the reference in a few eager torch passes where it cannot be built or
+  ``KACQ_KERNELS=eager`` asks for them (routed experts: one Inductor loop per expert, :mod:`.experts_cpu`,
+  whose eager fallback ``KACQ_KERNELS=eager`` forces too);
 - anything else, or while ``torch.compile`` traces: :mod:`.reference`.
 
-``KACQ_KERNELS=torch`` forces the reference everywhere, ``KACQ_KERNELS=triton`` the Triton kernels
+``KACQ_KERNELS=torch`` forces the reference everywhere, ``KACQ_KERNELS=native`` makes a failed build of the
+one-pass CPU kernel an error instead of a fallback, ``KACQ_KERNELS=triton`` the Triton kernels
 (on CPU only under ``TRITON_INTERPRET=1``, which is how the tests check them without a GPU).
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from ..errors import ConfigError, MissingExtraError
 from . import cpu, reference
 
-_VALID = ("auto", "torch", "triton", "eager")
+_VALID = ("auto", "torch", "triton", "eager", "native")
 
 
 def backend_for(device: torch.device) -> str:

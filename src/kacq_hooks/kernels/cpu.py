@@ -1,5 +1,7 @@
-"""The reductions of :mod:`.reference` on the CPU, in a few eager passes over C.
+"""The reductions of :mod:`.reference` on the CPU: one pass over C in :mod:`.native`, else a few eager passes.
 
+The one-pass kernel takes fp32 and bf16 blocks with contiguous rows and a bool row mask; anything else
+(fp16, strided columns), or a machine where it cannot be built, takes the eager passes below. In them,
 |C| of a block goes into one fp32 buffer, reduced for the sum and the max, then squared in place and
 summed again; the active count is free when the block holds no zero (checked with one global min).
 dL/dC uses one buffer holding |g| and C*g side by side, so one column sum gives both. Padded rows are
@@ -20,7 +22,7 @@ import os
 
 import torch
 
-from . import reference
+from . import native, reference
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,21 @@ def _abs_into(out: torch.Tensor, x: torch.Tensor) -> None:
         out.copy_(x).abs_()
 
 
+def _native_for(out, *blocks: torch.Tensor, rows: torch.Tensor | None):
+    """The one-pass kernel library when it can read these blocks and write ``out``'s buffers, else None."""
+    if not native.supports(*blocks) or (rows is not None and rows.dtype != torch.bool):
+        return None
+    if not (out.sum_abs.is_contiguous() and out.sum_abs.device.type == "cpu"):
+        return None
+    return native.library()
+
+
 def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> None:
+    lib = _native_for(out, c, rows=rows)
+    if lib is not None:
+        if not native.forward(lib, c, rows, doc_weight, out):  # a NaN or Inf in C: counted exactly
+            reference.accumulate_forward(c, rows, doc_weight, out)
+        return
     n, d = c.shape
     block = max(1, _BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, n, block):
@@ -91,6 +107,11 @@ def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: t
 
 
 def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> None:
+    lib = _native_for(out, c, g, rows=rows)
+    if lib is not None:
+        if not native.backward(lib, c, g, rows, out):
+            reference.accumulate_backward(c, g, rows, out)
+        return
     n, d = c.shape
     block = max(1, _BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, n, block):

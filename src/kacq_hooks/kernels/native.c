@@ -1,0 +1,208 @@
+/* One pass over C (and over C and dL/dC) for the dense CPU reductions of kacq_hooks.
+ *
+ * The specification is kernels/reference.py: per column j of a [n, d] coefficient block, over the valid
+ * rows, |C| is summed, squared and summed, maxed, counted where > 0, and NaN/Inf are counted and kept out
+ * of every other statistic. Torch's eager ops need about six passes over C for that; this file reads C
+ * once. Columns are split into tiles, one per thread (more for very wide layers), so every thread streams
+ * its part of each row in order and keeps the tile's accumulators in L1/L2. Rows are summed in fp32 in chunks of CHUNK rows whose
+ * partial sums are added in double: at least as exact as the reference's fp32 sums, and the same for any
+ * thread count (each column is summed in row order by one thread).
+ *
+ * NaN and Inf are not tested per element: they make a column sum non-finite (|NaN| and |Inf| in the sum
+ * of |C|; C * g for a non-finite C or g), and then the kernel writes nothing and returns 1, and the caller
+ * hands the block to the reference, which counts them and keeps them out of the sums. A block is
+ * committed only after every tile is known to be finite.
+ *
+ * Built at first use by kernels/native.py with the system C compiler; linked against libgomp.so.1, the
+ * OpenMP runtime torch's CPU wheels already loaded, so both share one thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_TILE 4096 /* columns a tile's accumulators cover (~200 KiB of them, in L2) */
+#define CHUNK 256     /* rows summed in fp32 before the partial sums are added into double */
+
+/* Tiles as wide as possible (C is then read row by row, in order) but at least one per thread. */
+static int64_t tile_width(int64_t d, int threads) {
+    int64_t tiles = (d + MAX_TILE - 1) / MAX_TILE;
+    if (threads > 1 && tiles < threads) tiles = threads;
+    if (threads > 1) tiles = (tiles + threads - 1) / threads * threads;
+    int64_t width = (d + tiles - 1) / tiles;
+    width = (width + 15) / 16 * 16; /* whole cache lines of fp32 */
+    return width > 0 ? width : 16;
+}
+
+/* dtype codes, as kernels/native.py passes them */
+enum { KACQ_F32 = 0, KACQ_BF16 = 1 };
+
+static inline float bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+#define LOAD_F32(p, i) (((const float *)(p))[i])
+#define LOAD_BF16(p, i) bf16(((const uint16_t *)(p))[i])
+
+/* One row's tile into the fp32/int32 partials; branch-free, so the compiler vectorizes it. */
+#define FORWARD_ROW(LOAD, WEIGHTED)                                                                           \
+    for (int64_t k = 0; k < width; ++k) {                                                                    \
+        const float a = fabsf(LOAD(row, k));                                                                 \
+        p1[k] += a;                                                                                          \
+        p2[k] += a * a; /* squared in fp32, as the reference */                                              \
+        mx[k] = a > mx[k] ? a : mx[k];                                                                       \
+        act[k] += a > 0.0f;                                                                                  \
+        if (WEIGHTED) pw[k] += w * a;                                                                        \
+    }
+
+#define FORWARD_ROWS(LOAD, WEIGHTED)                                                                          \
+    for (int64_t r = r0; r < r1; ++r) {                                                                      \
+        if (valid && !valid[r]) continue;                                                                    \
+        const void *row = (const char *)c + (r * row_stride + j0) * elem;                                    \
+        const float w = WEIGHTED ? doc_weight[r] : 0.0f;                                                     \
+        FORWARD_ROW(LOAD, WEIGHTED)                                                                          \
+    }
+
+typedef struct {
+    double s1, s2, sw;
+    float mx;
+    int64_t act;
+} column_t;
+
+/* Adds one block's forward statistics into the output buffers (each of length d), or returns 1 and writes
+ * nothing when a column sum is non-finite. valid (n bytes) and doc_weight (n floats) may be NULL;
+ * doc_sum_abs is written only when doc_weight is given. */
+int kacq_forward(const void *c, int dtype, int64_t n, int64_t d, int64_t row_stride, const uint8_t *valid,
+                 const float *doc_weight, float *sum_abs, float *sum_sq, int64_t *active, float *max_abs,
+                 float *doc_sum_abs, int threads) {
+    const int64_t tile = tile_width(d, threads), tiles = (d + tile - 1) / tile;
+    const int64_t elem = dtype == KACQ_BF16 ? 2 : 4;
+    column_t *cols = malloc(sizeof(column_t) * (d > 0 ? d : 1));
+    if (!cols) return 2;
+    int nonfinite = 0, failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n * d > 65536) \
+    reduction(| : nonfinite, failed)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t j0 = t * tile;
+        const int64_t width = d - j0 < tile ? d - j0 : tile;
+        double *scratch = malloc(tile * (3 * sizeof(double) + 4 * sizeof(float) + sizeof(int32_t) + sizeof(int64_t)));
+        if (!scratch) {
+            failed = 1;
+            continue;
+        }
+        double *s1 = scratch, *s2 = s1 + tile, *sw = s2 + tile;
+        float *p1 = (float *)(sw + tile), *p2 = p1 + tile, *pw = p2 + tile, *mx = pw + tile;
+        int64_t *act_total = (int64_t *)(mx + tile);
+        int32_t *act = (int32_t *)(act_total + tile);
+        for (int64_t k = 0; k < width; ++k) {
+            s1[k] = s2[k] = sw[k] = 0.0;
+            mx[k] = 0.0f;
+            act_total[k] = 0;
+        }
+        for (int64_t r0 = 0; r0 < n; r0 += CHUNK) {
+            const int64_t r1 = r0 + CHUNK < n ? r0 + CHUNK : n;
+            for (int64_t k = 0; k < width; ++k) {
+                p1[k] = p2[k] = pw[k] = 0.0f;
+                act[k] = 0;
+            }
+            if (dtype == KACQ_BF16) {
+                if (doc_weight) { FORWARD_ROWS(LOAD_BF16, 1) } else { FORWARD_ROWS(LOAD_BF16, 0) }
+            } else {
+                if (doc_weight) { FORWARD_ROWS(LOAD_F32, 1) } else { FORWARD_ROWS(LOAD_F32, 0) }
+            }
+            for (int64_t k = 0; k < width; ++k) {
+                s1[k] += p1[k];
+                s2[k] += p2[k];
+                sw[k] += pw[k];
+                act_total[k] += act[k];
+            }
+        }
+        for (int64_t k = 0; k < width; ++k) {
+            nonfinite |= !isfinite(s1[k]);
+            cols[j0 + k] = (column_t){s1[k], s2[k], sw[k], mx[k], act_total[k]};
+        }
+        free(scratch);
+    }
+    if (failed) {
+        free(cols);
+        return 2;
+    }
+    if (!nonfinite) {
+        for (int64_t j = 0; j < d; ++j) {
+            sum_abs[j] += (float)cols[j].s1;
+            sum_sq[j] += (float)cols[j].s2;
+            max_abs[j] = cols[j].mx > max_abs[j] ? cols[j].mx : max_abs[j];
+            active[j] += cols[j].act;
+            if (doc_weight) doc_sum_abs[j] += (float)cols[j].sw;
+        }
+    }
+    free(cols);
+    return nonfinite;
+}
+
+#define BACKWARD_ROWS(LOAD)                                                                                   \
+    for (int64_t r = r0; r < r1; ++r) {                                                                      \
+        if (valid && !valid[r]) continue;                                                                    \
+        const void *crow = (const char *)c + (r * c_stride + j0) * elem;                                     \
+        const void *grow = (const char *)g + (r * g_stride + j0) * elem;                                     \
+        for (int64_t k = 0; k < width; ++k) {                                                                \
+            const float cv = LOAD(crow, k), gv = LOAD(grow, k);                                              \
+            pa[k] += fabsf(gv);                                                                              \
+            pcg[k] += cv * gv; /* multiplied in fp32, as the reference */                                   \
+        }                                                                                                    \
+    }
+
+/* Adds one block's gradient statistics (sum |g| and sum C * g over valid rows), or returns 1 and writes
+ * nothing when a column sum is non-finite (a NaN or Inf in C or g reaches the sum of C * g). */
+int kacq_backward(const void *c, const void *g, int dtype, int64_t n, int64_t d, int64_t c_stride,
+                  int64_t g_stride, const uint8_t *valid, float *grad_sum_abs, float *grad_sum_cg, int threads) {
+    const int64_t tile = tile_width(d, threads), tiles = (d + tile - 1) / tile;
+    const int64_t elem = dtype == KACQ_BF16 ? 2 : 4;
+    double *cols = malloc(sizeof(double) * 2 * (d > 0 ? d : 1));
+    if (!cols) return 2;
+    int nonfinite = 0, failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n * d > 65536) \
+    reduction(| : nonfinite, failed)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t j0 = t * tile;
+        const int64_t width = d - j0 < tile ? d - j0 : tile;
+        double *scratch = malloc(tile * (2 * sizeof(double) + 2 * sizeof(float)));
+        if (!scratch) {
+            failed = 1;
+            continue;
+        }
+        double *sa = scratch, *scg = sa + tile;
+        float *pa = (float *)(scg + tile), *pcg = pa + tile;
+        for (int64_t k = 0; k < width; ++k) sa[k] = scg[k] = 0.0;
+        for (int64_t r0 = 0; r0 < n; r0 += CHUNK) {
+            const int64_t r1 = r0 + CHUNK < n ? r0 + CHUNK : n;
+            for (int64_t k = 0; k < width; ++k) pa[k] = pcg[k] = 0.0f;
+            if (dtype == KACQ_BF16) { BACKWARD_ROWS(LOAD_BF16) } else { BACKWARD_ROWS(LOAD_F32) }
+            for (int64_t k = 0; k < width; ++k) {
+                sa[k] += pa[k];
+                scg[k] += pcg[k];
+            }
+        }
+        for (int64_t k = 0; k < width; ++k) {
+            nonfinite |= !isfinite(sa[k]) | !isfinite(scg[k]);
+            cols[2 * (j0 + k)] = sa[k];
+            cols[2 * (j0 + k) + 1] = scg[k];
+        }
+        free(scratch);
+    }
+    if (failed) {
+        free(cols);
+        return 2;
+    }
+    if (!nonfinite) {
+        for (int64_t j = 0; j < d; ++j) {
+            grad_sum_abs[j] += (float)cols[2 * j];
+            grad_sum_cg[j] += (float)cols[2 * j + 1];
+        }
+    }
+    free(cols);
+    return nonfinite;
+}

@@ -1,0 +1,167 @@
+"""The dense CPU reductions in one pass over C: ``native.c``, built at first use with the system C compiler.
+
+The build is cached under ``$KACQ_CACHE`` (default ``~/.cache/kacq_hooks``) in a folder named by a hash
+of the source, the compiler and the machine, written atomically (workers of one study may build at the
+same time). Where no compiler is found or the build fails, :func:`library` returns None and
+:mod:`.cpu` uses its eager torch passes, which give the same statistics a few passes slower; the reason
+is logged once. ``KACQ_KERNELS=eager`` skips the build, ``KACQ_KERNELS=native`` makes its failure an
+error.
+
+The kernel takes raw pointers, so the caller (:mod:`.cpu`) hands it only what it is written for: fp32
+or bf16 blocks whose rows are contiguous, on the CPU; anything else goes to the eager passes.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import KacqError
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the codes native.c reads
+# Tried in order. -fno-trapping-math lets the compiler vectorize the selects (results are unchanged: it only
+# drops floating-point exception flags); -march=native is why the cache key names the CPU; without OpenMP
+# (e.g. Apple clang) the kernel runs on one thread.
+_BASE = ["-O3", "-fno-trapping-math", "-fPIC", "-shared"]
+_FLAG_SETS = ([*_BASE, "-march=native", "-fopenmp"], [*_BASE, "-fopenmp"], [*_BASE, "-march=native"], _BASE)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None, once tried; "why": why it is None
+
+
+class NativeBuildError(KacqError):
+    """``KACQ_KERNELS=native`` was asked for, but the one-pass CPU kernel could not be built or loaded."""
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("KACQ_CACHE") or Path.home() / ".cache" / "kacq_hooks")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: a build for one CPU must not be loaded on another (shared home folders)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join(part.encode() if isinstance(part, str) else part for part in (
+        source, version, platform.machine(), sys.platform, _cpu_identity(), repr(_FLAG_SETS)))).hexdigest()[:16]
+    target = _cache_root() / "native" / key / "libkacq_reduce.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            os.replace(partial, target)  # atomic: a concurrent build of the same key writes the same bytes
+            return target
+        partial.unlink(missing_ok=True)
+        errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    lib = ctypes.CDLL(str(_build(compiler)))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.kacq_forward.argtypes = [p, i32, i64, i64, i64, p, p, p, p, p, p, p, i32]
+    lib.kacq_forward.restype = i32
+    lib.kacq_backward.argtypes = [p, p, i32, i64, i64, i64, i64, p, p, p, i32]
+    lib.kacq_backward.restype = i32
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first call; None where it cannot be built (see the module doc)."""
+    mode = os.environ.get("KACQ_KERNELS", "auto").lower()
+    if mode == "eager":
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    _state["lib"] = _load()
+                except Exception as err:  # no toolchain, a read-only cache, a platform the source does not build on
+                    _state["lib"], _state["why"] = None, f"{type(err).__name__}: {err}"
+                    log.info("kacq_hooks: the one-pass CPU kernel is unavailable (%s); using eager torch passes, "
+                             "which give the same statistics a few passes slower", _state["why"])
+    if _state["lib"] is None and mode == "native":
+        raise NativeBuildError(f"KACQ_KERNELS=native, but the one-pass CPU kernel could not be built: "
+                               f"{_state['why']}. Install a C compiler (or set CC), or unset KACQ_KERNELS")
+    return _state["lib"]
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel reads these [n, d] blocks as they are: same CPU dtype it knows, unit column stride."""
+    first = tensors[0]
+    return all(t.device.type == "cpu" and t.dtype == first.dtype and t.dim() == 2 and
+               (t.stride(1) == 1 or t.shape[1] == 1) and t.shape == first.shape for t in tensors) \
+        and first.dtype in DTYPES
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int) -> bool:
+    """True when the kernel committed the block; False when a column sum was non-finite (nothing written)."""
+    if status == 2:
+        raise MemoryError("kacq_hooks: the one-pass CPU kernel could not allocate its per-column scratch")
+    return status == 0
+
+
+def forward(lib: ctypes.CDLL, c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None,
+            out) -> bool:
+    """One pass of :func:`kacq_hooks.kernels.reference.accumulate_forward` over ``c`` (see :func:`supports`).
+
+    Returns False, having added nothing, when the block holds a NaN or Inf (or a column sum overflows):
+    the caller then counts it exactly with the reference. Token counts are added only on success.
+    """
+    n, d = c.shape
+    valid = None if rows is None else rows.contiguous()
+    weight = None if doc_weight is None else doc_weight.float().contiguous()
+    done = _check(lib.kacq_forward(_ptr(c), DTYPES[c.dtype], n, d, c.stride(0), _ptr(valid), _ptr(weight),
+                                   _ptr(out.sum_abs), _ptr(out.sum_sq), _ptr(out.active), _ptr(out.max_abs),
+                                   _ptr(out.doc_sum_abs) if weight is not None else None, torch.get_num_threads()))
+    if done:
+        out.tokens.add_(n if valid is None else int(valid.sum()))
+    return done
+
+
+def backward(lib: ctypes.CDLL, c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> bool:
+    """One pass of :func:`kacq_hooks.kernels.reference.accumulate_backward`; False as in :func:`forward`."""
+    n, d = c.shape
+    valid = None if rows is None else rows.contiguous()
+    done = _check(lib.kacq_backward(_ptr(c), _ptr(g), DTYPES[c.dtype], n, d, c.stride(0), g.stride(0), _ptr(valid),
+                                    _ptr(out.grad_sum_abs), _ptr(out.grad_sum_cg), torch.get_num_threads()))
+    if done:
+        out.grad_tokens.add_(n if valid is None else int(valid.sum()))
+    return done
