@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         return
     model, ids, mask = build(args.size)
     setup = Setup(model.eval(), ids, mask)
-    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(ids.device)}")
+    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.describe(ids.device)}")
 
     runs, failures = {}, {}
     for name, make in VARIANTS.items():

@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         return
     model, ids, mask = build(args.size)
     device = ids.device
-    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(device)}\n")
+    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.describe(device)}\n")
 
     forward = time_samples(forward_runs(model, ids, mask), args.repeats, device)
     training = time_samples(training_step.training_runs(model, ids, mask, TRAINING),

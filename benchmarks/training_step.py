@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     if args is None:
         return
     model, ids, mask = build(args.size)
-    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.backend_for(ids.device)}")
+    print(describe(model, ids, mask) + f"; kacq kernels: {kh.kernels.describe(ids.device)}")
     runs = training_runs(model, ids, mask, list(VARIANTS))
     samples = time_samples(runs, args.repeats, ids.device)
     seconds = {name: statistics.median(times) for name, times in samples.items()}

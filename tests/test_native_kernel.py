@@ -160,3 +160,11 @@ def _only_version_queries(run):
         assert "--version" in cmd, f"the cached kernel was rebuilt: {cmd}"
         return run(cmd, *args, **kwargs)
     return guarded
+
+
+def test_benchmarks_can_say_which_cpu_kernels_ran(fresh_build, monkeypatch):
+    expected = "cpu: one-pass C kernel" if HAS_CC else "cpu: eager torch passes"
+    assert kernels.describe(torch.device("cpu")).startswith(expected)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    assert "no-such-compiler" in kernels.describe(torch.device("cpu"))

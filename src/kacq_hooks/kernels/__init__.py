@@ -24,7 +24,7 @@ import os
 import torch
 
 from ..errors import ConfigError, MissingExtraError
-from . import cpu, reference
+from . import cpu, native, reference
 
 _VALID = ("auto", "torch", "triton", "eager", "native")
 
@@ -60,6 +60,16 @@ def _module(backend: str):
 
         return triton_kernels
     return cpu if backend == "cpu" else reference
+
+
+def describe(device: torch.device) -> str:
+    """The kernels used for tensors on ``device``, in words (benchmarks print it beside their figures)."""
+    backend = backend_for(device)
+    if backend != "cpu":
+        return backend
+    if native.library() is not None:
+        return "cpu: one-pass C kernel"
+    return f"cpu: eager torch passes ({native.unavailable_reason() or 'KACQ_KERNELS=eager'})"
 
 
 def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> None:

@@ -119,6 +119,11 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def unavailable_reason() -> str | None:
+    """Why the last :func:`library` call found no kernel (None when it found one or was not made)."""
+    return _state.get("why")
+
+
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the kernel reads these [n, d] blocks as they are: same CPU dtype it knows, unit column stride."""
     first = tensors[0]
