@@ -30,6 +30,7 @@ import torch
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import kernels
 from .errors import KacqError
 from .frontends.nnsight import underlying_module
 from .instrumentation import instrument
@@ -289,7 +290,8 @@ def run_bench(model, ids, mask, *, repeats: int = 9, training: bool = True, fron
     says why an optional variant did not run.
     """
     device = ids.device
-    result: dict = {"setup": describe(model, ids, mask), "device": str(device), "repeats": repeats}
+    result: dict = {"setup": describe(model, ids, mask), "device": str(device), "repeats": repeats,
+                    "kernels": kernels.describe(device)}
     runs, result["skipped"] = forward_runs(model, ids, mask, frontends)
     sections = {"forward": runs}
     if training:
@@ -321,7 +323,8 @@ def bench_table(result: dict) -> str:
     for name, why in result.get("skipped", {}).items():
         rows.append(["forward", name, "-", "-", "-", "-", f"not run: {why}"])
     table = format_table(["pass", "variant", "ms", "vs plain", "range over turns", "peak MiB", "extra MiB"], rows)
-    return f"{result['setup']}; median of {result['repeats']} interleaved turns\n\n{table}"
+    kernels = f"; kacq kernels: {result['kernels']}" if "kernels" in result else ""
+    return f"{result['setup']}{kernels}; median of {result['repeats']} interleaved turns\n\n{table}"
 
 
 __all__ = ["time_samples", "time_interleaved", "paired_ratio", "peak_during", "peak_in_subprocess", "format_table",
