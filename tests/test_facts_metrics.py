@@ -181,3 +181,27 @@ def test_summary_fits_over_the_range_every_probe_was_recorded():
     assert short["horizon"] == 20 and short["decay"] == pytest.approx(decay, abs=1e-6)
     with pytest.raises(MetricError, match="horizon 58 is beyond"):
         facts.summarize_acquisition(store, schedule, window=1, horizon=58)
+
+
+def test_summary_fits_only_where_every_probe_of_one_record_was_recorded():
+    # one record, two probes whose acquisition maxima after the (only) injection differ: probe 0 peaks one
+    # step after it, probe 1 three steps after; window 3 finds both. The curve must stop where probe 1's does.
+    fs = facts.FactSet([_record()], ["once"])
+    schedule = facts.InjectionSchedule(fs, interval=10, rounds=1)
+    n_steps, decay = 40, 0.2
+
+    def curve(peak_at):
+        values = [-5.0] * peak_at + [-3.0]
+        return values + [-5.0 + 2.0 * (1.0 - decay * math.log10(t)) for t in range(1, n_steps - peak_at)]
+
+    early, late = curve(1), curve(3)
+    early[-1] = early[-2] = 40.0  # points only probe 0 has: a shrinking tail would average them alone
+    probes = [facts.ProbeRef(0, "mem", i) for i in range(2)]
+    store = facts.TrajectoryStore(None, probes, fs.scenarios)
+    for step in range(n_steps):
+        row = torch.tensor([early[step], late[step]])
+        store.append(step, {"mean": row, "first": row, "sum": row})
+    (row,) = facts.summarize_acquisition(store, schedule, window=3)
+    assert row["horizon"] == n_steps - 1 - 3  # probe 1: last step 39, its maximum at step 3
+    assert all(math.isfinite(v) for v in row["retainability"])
+    assert row["decay"] == pytest.approx(decay, abs=1e-6) and row["r_squared"] == pytest.approx(1.0)

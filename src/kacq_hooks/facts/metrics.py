@@ -282,7 +282,7 @@ def summarize_acquisition(
         if scenario == "unused":
             continue
         for kind in kinds:
-            gains, curves = [], []
+            gains, curves, reaches = [], [], []
             records = sorted({p.record for p in store.probes if p.kind == kind and scenarios[p.record] == scenario})
             for record in records:
                 injections = schedule.steps_of(record)
@@ -292,9 +292,13 @@ def summarize_acquisition(
                 trajectories = values[:, columns].T  # [n_probes, n_steps]
                 gains.append(effectivity(steps, trajectories, injections, window))  # [n_probes, rounds]
                 curves.append(retainability(steps, trajectories, injections, window)[1])
+                # probes of one record peak at different steps after the last injection: the latest one's
+                # tail is the shortest, and the curve stops where it does
+                lam_last = local_acquisition_maximum(steps, trajectories, injections[-1:], window)[..., 0]
+                reaches.append(int(steps[-1] - lam_last.max()))
             if not gains:
                 continue
-            common = min(c.shape[-1] for c in curves) - 1  # the last t every probe of the group reaches
+            common = min(reaches)  # the last t every probe of the group reaches
             if horizon is not None and horizon > common:
                 raise MetricError(f"{scenario}/{kind}: horizon {horizon} is beyond the {common} steps after the last "
                                   "acquisition maximum that every probe was recorded for; record longer or lower it")
