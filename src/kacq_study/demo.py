@@ -116,7 +116,8 @@ class DemoConfig:
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
-    early_step: int = 110               # the "early" checkpoint; the "late" one is the last step
+    early_step: int = 170               # the "early" checkpoint (well past the first transient, where the controls
+                                         # still rise least); the "late" one is the last step
     entropy_every: int = 20
     arm_entropy_every: int = 20          # calibration entropy during continued training (also the progress bar's)
     # facts and injection
@@ -126,10 +127,11 @@ class DemoConfig:
     injection: str = "row"               # "row": each passage + EOS starts one row, cut to seq_len (Chang et al.);
                                          # "span": a longer passage continues over the next rows, kept whole
     injection_every: int = 4
-    injection_rounds: int = 16
+    injection_rounds: int = 20
     lead_steps: int = 8                  # steps before the first injection: warmup, settling, t_pre baseline
     tail_steps: int = 14                 # steps after the last injection, for forgetting
-    continue_batch_size: int | None = 6  # rows per continued-training step (None: batch_size); fewer rows, more weight per fact
+    continue_batch_size: int | None = 4  # rows per continued-training step (None: batch_size); fewer rows, more weight per
+                                         # fact (2 of 4 rows at a round) and cheaper steps, which pay for the extra rounds
     continue_lr: float = 4e-3            # high for a model this small: one update must visibly move a fact
     continue_beta1: float = 0.5          # AdamW momentum: 0.9 smears each injection's update over ~10 steps
     continue_warmup: int = 6             # linear warmup of the fresh optimizer (steps); 0: none
