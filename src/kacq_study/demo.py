@@ -61,11 +61,12 @@ from .findings import LANDING_ARMS
 log = logging.getLogger(__name__)
 
 # How long the study takes: the one place that says it (the CLI's --help and the README quote it; a test
-# checks the README). Measured with `bash scripts/demo.sh` on the project's 2-core development machine
+# checks the README). Measured on the project's 2-core development machine (the default with `python -m kacq_study`
+# after the arm settings changed; the others with `bash scripts/demo.sh`)
 # (2026-12-02), pip's cache warm.
 RUN_TIME = {
-    "default": "about 9.5 minutes on 2 CPU cores (9 min 29 s measured from a fresh clone with an empty tokenizer "
-               "cache, 8 min 55 s of it the study)",
+    "default": "about 7.5 minutes on 2 CPU cores (7 min 24 s measured with `python -m kacq_study`, the tokenizer "
+               "cache warm)",
     "quick": "about 2 minutes (2 min 29 s measured while two other jobs shared the 2 cores)",
     "zhu": "about 11 minutes on 2 CPU cores (20 min 44 s measured with one worker, 1,227 s of tasks, half of "
            "that time beside the test suite)",
