@@ -265,7 +265,9 @@ def test_late_forgets_more_needs_actual_forgetting():
 
 
 def test_row_injection_needs_a_row_per_first_round_passage():
-    DemoConfig().validate()  # the default: 6 passages into 8 rows
+    DemoConfig().validate()  # the default: 3 first-round passages into 4 rows
+    with pytest.raises(DemoConfigError, match="continue_batch_size"):
+        DemoConfig(continue_batch_size=2).validate()
     with pytest.raises(DemoConfigError, match="continue_batch_size"):
         DemoConfig(facts_per_scenario=3, continue_batch_size=8).validate()
     DemoConfig(facts_per_scenario=3, continue_batch_size=9).validate()

@@ -61,11 +61,12 @@ from .findings import LANDING_ARMS
 log = logging.getLogger(__name__)
 
 # How long the study takes: the one place that says it (the CLI's --help and the README quote it; a test
-# checks the README). Measured with `bash scripts/demo.sh` on the project's 2-core development machine
+# checks the README). Measured on the project's 2-core development machine (the default with `python -m kacq_study`
+# after the arm settings changed; the others with `bash scripts/demo.sh`)
 # (2026-12-02), pip's cache warm.
 RUN_TIME = {
-    "default": "about 9.5 minutes on 2 CPU cores (9 min 29 s measured from a fresh clone with an empty tokenizer "
-               "cache, 8 min 55 s of it the study)",
+    "default": "about 7.5 minutes on 2 CPU cores (7 min 24 s measured with `python -m kacq_study`, the tokenizer "
+               "cache warm)",
     "quick": "about 2 minutes (2 min 29 s measured while two other jobs shared the 2 cores)",
     "zhu": "about 11 minutes on 2 CPU cores (20 min 44 s measured with one worker, 1,227 s of tasks, half of "
            "that time beside the test suite)",
@@ -116,7 +117,8 @@ class DemoConfig:
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
-    early_step: int = 110               # the "early" checkpoint; the "late" one is the last step
+    early_step: int = 170               # the "early" checkpoint (well past the first transient, where the controls
+                                         # still rise least); the "late" one is the last step
     entropy_every: int = 20
     arm_entropy_every: int = 20          # calibration entropy during continued training (also the progress bar's)
     # facts and injection
@@ -126,10 +128,11 @@ class DemoConfig:
     injection: str = "row"               # "row": each passage + EOS starts one row, cut to seq_len (Chang et al.);
                                          # "span": a longer passage continues over the next rows, kept whole
     injection_every: int = 4
-    injection_rounds: int = 16
+    injection_rounds: int = 20
     lead_steps: int = 8                  # steps before the first injection: warmup, settling, t_pre baseline
     tail_steps: int = 14                 # steps after the last injection, for forgetting
-    continue_batch_size: int | None = 6  # rows per continued-training step (None: batch_size); fewer rows, more weight per fact
+    continue_batch_size: int | None = 4  # rows per continued-training step (None: batch_size); fewer rows, more weight per
+                                         # fact (2 of 4 rows at a round) and cheaper steps, which pay for the extra rounds
     continue_lr: float = 4e-3            # high for a model this small: one update must visibly move a fact
     continue_beta1: float = 0.5          # AdamW momentum: 0.9 smears each injection's update over ~10 steps
     continue_warmup: int = 6             # linear warmup of the fresh optimizer (steps); 0: none
