@@ -430,7 +430,7 @@ def plot_landing(result: dict, path: Path) -> Path:
     curves.axhline(result["chance"], color="black", ls="--", lw=1, label="chance")
     curves.set(xscale="log", xlabel="k (top slots per probe, or overall for the value vectors)",
                ylabel="share of top-k slots that are low-activity", ylim=(0, 1), title="at the end of the arm")
-    curves.legend(fontsize=7)
+    curves.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     return save_figure(fig, path)
 
 
