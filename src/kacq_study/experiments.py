@@ -3,6 +3,8 @@ reproduce at the demo's scale, each one command that writes a figure and a JSON 
 
     python -m kacq_study.experiments entropy-widths --out docs/findings
     python -m kacq_study.experiments acquisition-vs-entropy --out docs/findings
+    python -m kacq_study.experiments forgetting-horizon --out docs/findings
+    python -m kacq_study.experiments landing --out docs/findings
 
 ``entropy-widths``: knowledge entropy against pretraining step for three model widths, far past the
 demo's pretraining, with the loss beside it. Kim et al. measured OLMo checkpoints long after the start
@@ -14,21 +16,41 @@ question is whether, and when, the climb turns into the papers' decay.
 plain continued-training arm with fact injection from each. Kim et al.'s account is that acquisition
 follows knowledge entropy (r = 0.94 over OLMo checkpoints), and that later checkpoints acquire less
 *because* their entropy has decayed: where entropy still climbs, the account predicts the opposite order.
+
+``forgetting-horizon``: the demo's plain arm from the late checkpoint with a tail after the last injection
+ten times the demo's and as many records per scenario as a continued-training batch holds at the first
+round, so that retainability is fitted over two decades of steps to more probes. The fits, their R^2
+gating and the three Chang et al. findings on them are the study's own (``findings.assess``), on the full
+tail and on the demo's short one.
+
+``landing``: whether the injected facts avoid the low-activity slots, or only grad x act does. The share of
+each probe's top-k slots that were low-activity at the checkpoint, at the arm's start and end, under grad
+x act (which scales with |C|) and under the gradient alone (d logp / dC, which does not), for injected and
+never-injected facts, and the slots whose FFN value vectors the injected facts changed most (against an
+arm that injects corpus documents in the same rows instead).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from kacq_hooks.report import pyplot, save_figure
+import torch
 
-from .demo import Arm, DemoConfig, _prepare, _pretrain, _run_arm, deterministic
-from .findings import _spearman
+import kacq_hooks as kh
+from kacq_hooks import facts as kf
+from kacq_hooks.attribution import attribute
+from kacq_hooks.report import pyplot, save_figure
+from kacq_hooks.training.attribution import low_activity_mask
+
+from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _json_ready, _prepare, _pretrain, _run_arm, corpus_texts,
+                   deterministic)
+from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, fit_ok
 
 WIDTHS = (32, 64, 128)
 
@@ -147,8 +169,276 @@ def plot_acquisition_vs_entropy(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _quiet(phase: str, info: dict) -> None:
+    return None
+
+
+# The Chang et al. findings the forgetting-horizon experiment re-checks with the study's own criteria
+FORGETTING_FINDINGS = ("power_law_forgetting", "duplication_forgets_faster", "duplication_more_effective")
+TAIL_FACTOR = 10
+
+
+def forgetting_horizon(steps: int | None = None, seed: int = 0, tail_factor: int = TAIL_FACTOR,
+                       records: int | None = None, config: DemoConfig | None = None) -> dict:
+    """The demo's plain arm from the late checkpoint of the demo's pretraining (``config``, default
+    ``DemoConfig(seed=seed)``), with ``tail_factor`` times its steps after the last injection and ``records``
+    records per scenario (default: as many as a continued-training batch holds at the first round, 3 passages a
+    record-set). Retainability is fitted per (scenario, kind) by the study's pipeline over the whole tail, and
+    refitted over the first steps of the same curves that the config's own tail reaches; Chang et al.'s three
+    forgetting findings are judged on both by ``findings.assess``, criteria unchanged."""
+    base = config or DemoConfig(seed=seed, **({"pretrain_steps": steps} if steps else {}))
+    rows = base.continue_batch_size or base.batch_size
+    per = records or (max(1, rows // 3) if base.injection == "row" else base.facts_per_scenario)
+    run = dataclasses.replace(base, tail_steps=tail_factor * base.tail_steps, facts_per_scenario=per)
+    run.validate()
+    started = time.perf_counter()
+    with deterministic(run.threads, run.device):
+        data = _prepare(run, _quiet)
+        pretraining, checkpoints = _pretrain(run, data, _quiet)
+        pretrain_s = time.perf_counter() - started
+        arm = _json_ready(_run_arm(Arm("late-long-tail", "late"), run, data, checkpoints, _quiet))
+    short_arm = json.loads(json.dumps(arm))
+    groups = {}
+    for key, group in arm["groups"].items():
+        t, r = group["retainability"]["t"], group["retainability"]["R"]
+        # the same t the config's own tail reaches for this group (a "once" record's last injection is its first)
+        short = max(1, len(t) - (run.tail_steps - base.tail_steps))
+        short_fit = _fit(t[:short], r[:short])
+        short_arm["groups"][key]["retainability"] = {"t": t[:short], "R": r[:short], "probes": group["retainability"]["probes"],
+                                                     "fit": short_fit}
+        groups[key] = {"effectivity": group["effectivity"], "effectivity_first_token": group["effectivity_first_token"],
+                       "probes": group["retainability"]["probes"], "t": t, "R": r,
+                       "horizon_short": short, "fit_long": _gated(group["retainability"]["fit"]),
+                       "fit_short": _gated(short_fit)}
+
+    def verdicts(results_arm: dict) -> dict:
+        found = assess({"pretraining": pretraining, "arms": {"late": results_arm}})
+        return {f["id"]: {"holds": f["holds"], "values": f["values"]} for f in found if f["id"] in FORGETTING_FINDINGS}
+
+    scenarios = {}
+    for scenario in SCENARIOS:
+        keys = [f"{scenario}/{kind}" for kind in KINDS if f"{scenario}/{kind}" in groups]
+        if not keys:
+            continue
+        fits = {which: [groups[k][f"fit_{which}"] for k in keys] for which in ("long", "short")}
+        scenarios[scenario] = {
+            "effectivity": _mean([groups[k]["effectivity"] for k in keys]),
+            # a mean decay only where every kind's fit is a power law (as the study's criterion compares them)
+            **{f"decay_{which}": (_mean([f["decay"] for f in fitted]) if all(f["power_law"] for f in fitted) else None)
+               for which, fitted in fits.items()},
+            "power_law_kinds_long": sum(f["power_law"] for f in fits["long"]),
+            "power_law_kinds_short": sum(f["power_law"] for f in fits["short"]),
+            "R_end": _mean([groups[k]["R"][-1] for k in keys]),
+            "horizon_long": max(len(groups[k]["t"]) for k in keys),
+            "horizon_short": max(groups[k]["horizon_short"] for k in keys),
+        }
+    return {"experiment": "forgetting-horizon", "seed": run.seed, "pretrain_steps": run.pretrain_steps,
+            "tail_steps": run.tail_steps, "default_tail_steps": base.tail_steps, "records_per_scenario": per,
+            "continue_batch_size": rows, "continue_steps": run.continue_steps,
+            "injection_steps": run.injection_steps(),
+            "min_r_squared": POWER_LAW_MIN_R2, "groups": groups, "scenarios": scenarios,
+            "findings": {"long": verdicts(arm), "short": verdicts(short_arm)},
+            "learning": arm["learning"], "acquisition": arm["kim"]["acquisition"],
+            "seconds": {"pretrain": pretrain_s, "total": time.perf_counter() - started}}
+
+
+def _fit(t: Sequence[int], r: Sequence[float | None]) -> dict:
+    """The study's power-law fit of one retainability curve (``facts.fit_power_law``), NaN where it cannot fit."""
+    points = [(a, b) for a, b in zip(t, r) if b is not None and math.isfinite(b)]
+    try:
+        fit = kf.fit_power_law([a for a, _ in points], [b for _, b in points])
+    except kh.KacqError:
+        return {"decay": None, "intercept": None, "r_squared": None, "points": len(points)}
+    return {"decay": fit.decay, "intercept": fit.intercept, "r_squared": fit.r_squared, "points": len(points)}
+
+
+def _gated(fit: dict) -> dict:
+    """A fit as the study reads it: a decay constant only where R^2 passes the power-law criterion."""
+    ok = fit_ok(fit)
+    return {"r_squared": fit.get("r_squared"), "power_law": ok, "decay": fit["decay"] if ok else None,
+            "intercept": fit["intercept"] if ok else None}
+
+
+def plot_forgetting_horizon(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    scenarios = [s for s in SCENARIOS if s in result["scenarios"]]
+    fig, axes = plt.subplots(1, len(scenarios) + 1, figsize=(4.2 * (len(scenarios) + 1), 3.8), constrained_layout=True)
+    for ax, scenario in zip(axes, scenarios):
+        for i, kind in enumerate(KINDS):
+            group = result["groups"].get(f"{scenario}/{kind}")
+            if group is None:
+                continue
+            t = group["t"]
+            r = [math.nan if v is None else v for v in group["R"]]
+            fit = group["fit_long"]
+            label = (f"{kind}: decay {fit['decay']:.3f}, R² {fit['r_squared']:.2f}" if fit["power_law"]
+                     else f"{kind}: no power law (R² {fit['r_squared']:.2f})" if fit["r_squared"] is not None
+                     else f"{kind}: no fit")
+            ax.plot(t, r, color=f"C{i}", lw=1, label=label)
+            if fit["power_law"]:
+                ax.plot(t, [fit["intercept"] - fit["decay"] * math.log10(x) for x in t], color=f"C{i}", ls="--", lw=1)
+        short = max(g["horizon_short"] for key, g in result["groups"].items() if key.startswith(scenario + "/"))
+        ax.axvline(short, color="grey", ls=":", lw=1, label=f"the demo's horizon (t = {short})")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(xscale="log", xlabel="steps t after the last injection's acquisition maximum",
+               ylabel="retainability R(t)", title=f"{scenario} ({result['records_per_scenario']} records)")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    width = 0.8 / len(scenarios)
+    for j, scenario in enumerate(scenarios):
+        values = [result["groups"].get(f"{scenario}/{kind}", {}).get("effectivity") for kind in KINDS]
+        ax.bar([i + j * width for i in range(len(KINDS))], [math.nan if v is None else v for v in values], width,
+               label=scenario)
+    ax.set_xticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(KINDS))], list(KINDS))
+    ax.set(xlabel="probe kind", ylabel="effectivity E (nats/token)", title="effectivity per injection")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def landing(steps: int | None = None, seed: int = 0, config: DemoConfig | None = None,
+            ks: Sequence[int] = (10, 25, 50, 100, 200, 400)) -> dict:
+    """Where the injected facts land, by measures that do and do not scale with |C|.
+
+    From the late checkpoint of the demo's pretraining (``config``, default ``DemoConfig(seed=seed)``): the
+    low-activity slots are the study's (c̄ on the calibration text at or below the resuscitation quantile). For
+    every probe, its top-k slots under grad x act (the study's measure, sum of C dlogp/dC over the predicting
+    positions) and under the gradient alone (sum of dlogp/dC, got from the library's grad x act with baselines
+    0 and 1: (C - 0) g - (C - 1) g = g), each ranked by signed score and by |score|, at the arm's start and
+    end (the demo's plain arm). Then a second arm injects corpus documents in the same rows and steps instead
+    of the facts; the per-slot distance between the two arms' FFN value vectors (columns of the output
+    projection) at the end is what the facts themselves changed in each slot."""
+    config = config or DemoConfig(seed=seed, **({"pretrain_steps": steps} if steps else {}))
+    config.validate()
+    k = ATTRIBUTION_K
+    started = time.perf_counter()
+    with deterministic(config.threads, config.device):
+        data = _prepare(config, _quiet)
+        pretraining, checkpoints = _pretrain(config, data, _quiet)
+        model = checkpoints["model"]
+        model.load_state_dict(checkpoints["late"]["state"])
+        low = torch.cat(low_activity_mask(data.calibration.mean_abs_coefficients(model), config.resuscitation_ratio))
+        tracker = kf.FactTracker(model, data.tokenizer, data.facts, batch_size=64)
+        schedule = config.schedule(data.facts)
+        injected = torch.tensor([bool(schedule.steps_of(p.record)) for p in tracker.probes])
+        start = _slot_shares(model, data.tokenizer, tracker, low, ks)
+        values_start = _value_vectors(model)
+        arm = _json_ready(_run_arm(Arm("late", "late"), config, data, checkpoints, _quiet))  # the study's landing too
+        end = _slot_shares(model, data.tokenizer, tracker, low, ks)
+        values_facts = _value_vectors(model)
+        texts = corpus_texts(config.corpus, config.max_docs)
+        n = len(data.facts)
+
+        def documents(injection: kf.Injection, facts: kf.FactSet, cfg: DemoConfig) -> str:
+            return texts[-1 - (injection.round * n + injection.record) % len(texts)]
+
+        _run_arm(Arm("late+documents", "late", transform=documents), config, data, checkpoints, _quiet)
+        values_documents = _value_vectors(model)
+    chance = float(low.double().mean())
+    kinds = {kind: torch.tensor([p.kind == kind for p in tracker.probes]) for kind in KINDS}
+
+    def summary(shares: dict) -> dict:
+        out = {}
+        for measure, by_k in shares.items():
+            main = by_k[k]
+            out[measure] = {
+                "injected": _nan_mean(main[injected]), "control": _nan_mean(main[~injected]),
+                "injected_by_kind": {kind: _nan_mean(main[injected & m]) for kind, m in kinds.items()},
+                "injected_above_chance": _nan_mean((main[injected] > chance).double()
+                                                   .where(~main[injected].isnan(), math.nan)),
+                "injected_by_k": {str(kk): _nan_mean(v[injected]) for kk, v in by_k.items()},
+            }
+        return out
+
+    changes = {"facts_vs_documents": [torch.linalg.vector_norm(a - b, dim=0) for a, b in zip(values_facts, values_documents)],
+               "over_the_arm": [torch.linalg.vector_norm(a - b, dim=0) for a, b in zip(values_facts, values_start)]}
+    value_change = {}
+    for name, per_layer in changes.items():
+        flat = torch.cat(per_layer)
+        order = flat.argsort(descending=True)
+        value_change[name] = {"by_k": {str(kk): float(low[order[:kk]].double().mean()) for kk in ks},
+                              "mean_low": float(flat[low].mean()), "mean_other": float(flat[~low].mean())}
+    return {"experiment": "landing", "seed": config.seed, "pretrain_steps": config.pretrain_steps, "k": k,
+            "ks": list(ks), "quantile": config.resuscitation_ratio, "slots": int(low.numel()),
+            "low_activity_slots": int(low.sum()), "chance": chance,
+            "probes": {"injected": int(injected.sum()), "control": int((~injected).sum())},
+            "start": summary(start), "end": summary(end), "value_change": value_change,
+            "study_share": arm["attribution"]["share"]["mean"], "study_steps": arm["attribution"]["steps"],
+            "injected_rise": arm["learning"]["injected"]["rise"],
+            "seconds": time.perf_counter() - started}
+
+
+def _slot_shares(model, tokenizer, tracker: kf.FactTracker, low: torch.Tensor, ks: Sequence[int]) -> dict:
+    """Per measure and k, the share of each probe's top-k slots that are low-activity (NaN for a probe
+    without scores). Measures: grad x act and the gradient alone, each ranked by score and by |score|."""
+    sites = kh.find_sites(model)
+    act = attribute(model, tokenizer, tracker, "grad_x_act")
+    shifted = attribute(model, tokenizer, tracker, "grad_x_act", baseline=[torch.ones(s.d_ff) for s in sites])
+    gradient = dataclasses.replace(act, method="gradient", scores=[a - b for a, b in zip(act.scores, shifted.scores)])
+    offsets = torch.tensor([0, *[s.d_ff for s in sites]]).cumsum(0)
+    out = {}
+    for name, result in (("grad_x_act", act), ("gradient", gradient)):
+        for by in ("score", "abs"):
+            by_k = {}
+            for kk in ks:
+                top = result.top_slots(kk, by)                                   # [probes, k, 2]
+                flat = offsets[top[..., 0].clamp(min=0)] + top[..., 1].clamp(min=0)
+                share = low[flat].double().mean(1)
+                by_k[kk] = share.where(top[:, 0, 0] >= 0, math.nan)
+            out[f"{name}/{by}"] = by_k
+    return out
+
+
+def _value_vectors(model) -> list[torch.Tensor]:
+    """Per FFN site, the output projection's weight ``[d_model, d_ff]``: column i is slot i's value vector."""
+    return [site.module.weight.detach().to("cpu", torch.float32, copy=True) for site in kh.find_sites(model)]
+
+
+def _nan_mean(values: torch.Tensor) -> float | None:
+    kept = values[~values.isnan()]
+    return float(kept.mean()) if kept.numel() else None
+
+
+MEASURES = {"grad_x_act/score": "grad x act (the study's)", "grad_x_act/abs": "|grad x act|",
+            "gradient/score": "gradient dlogp/dC", "gradient/abs": "|gradient|"}
+
+
+def plot_landing(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    measures = list(MEASURES)
+    series = (("injected", "start", "injected facts, arm start"), ("injected", "end", "injected facts, arm end"),
+              ("control", "end", "never-injected facts, arm end"))
+    width = 0.8 / len(series)
+    for j, (group, when, label) in enumerate(series):
+        bars.bar([i + j * width for i in range(len(measures))],
+                 [result[when][m][group] for m in measures], width, label=label)
+    bars.axhline(result["chance"], color="black", ls="--", lw=1, label=f"chance ({result['chance']:.2f})")
+    bars.set_xticks([i + width for i in range(len(measures))], [MEASURES[m] for m in measures], fontsize=8)
+    bars.set(xlabel="slot measure", ylim=(0, 1),
+             ylabel=f"share of top-{result['k']} slots that are low-activity",
+             title="low-activity share of each probe's top slots")
+    bars.legend(fontsize=7)
+    ks = result["ks"]
+    for i, m in enumerate(measures):
+        curves.plot(ks, [result["end"][m]["injected_by_k"][str(kk)] for kk in ks], marker="o", color=f"C{i}",
+                    label=f"{MEASURES[m]} (per probe)")
+    names = {"facts_vs_documents": "value-vector change: facts vs documents arm",
+             "over_the_arm": "value-vector change over the arm"}
+    for j, (name, label) in enumerate(names.items()):
+        curves.plot(ks, [result["value_change"][name]["by_k"][str(kk)] for kk in ks], marker="s", ls="--",
+                    color=f"C{len(measures) + j}", label=label)
+    curves.axhline(result["chance"], color="black", ls="--", lw=1, label="chance")
+    curves.set(xscale="log", xlabel="k (top slots per probe, or overall for the value vectors)",
+               ylabel="share of top-k slots that are low-activity", ylim=(0, 1), title="at the end of the arm")
+    curves.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    return save_figure(fig, path)
+
+
 EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
-               "acquisition-vs-entropy": (acquisition_vs_entropy, plot_acquisition_vs_entropy)}
+               "acquisition-vs-entropy": (acquisition_vs_entropy, plot_acquisition_vs_entropy),
+               "forgetting-horizon": (forgetting_horizon, plot_forgetting_horizon),
+               "landing": (landing, plot_landing)}
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run, plot = EXPERIMENTS[args.experiment]
     kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
     started = time.perf_counter()
-    result = run(**kwargs)
+    result = _json_ready(run(**kwargs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.experiment.replace("-", "_")
@@ -177,6 +467,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"effectivity {r['effectivity']}, first token {r['effectivity_first_token']}")
     if "pearson" in result:
         print(f"Pearson(H, A) = {result['pearson']}")
+    for scenario, r in result.get("scenarios", {}).items():
+        print(f"{scenario}: effectivity {r['effectivity']:.3f}, power-law kinds {r['power_law_kinds_long']}/3 over "
+              f"t <= {r['horizon_long']} ({r['power_law_kinds_short']}/3 over t <= {r['horizon_short']}), "
+              f"mean decay {r['decay_long']} ({r['decay_short']}), R at the end {r['R_end']}")
+    for horizon, found in result.get("findings", {}).items():
+        print(f"{horizon} horizon: " + ", ".join(f"{key} {f['holds']}" for key, f in found.items()))
+    if result.get("experiment") == "landing":
+        print(f"chance {result['chance']:.3f}; study's grad x act share {result['study_share']}")
+        for measure in MEASURES:
+            print(f"{measure}: injected start {result['start'][measure]['injected']:.3f} end "
+                  f"{result['end'][measure]['injected']:.3f}, control end {result['end'][measure]['control']:.3f}")
+        for name, r in result["value_change"].items():
+            print(f"value change {name}: share by k {r['by_k']}, mean low {r['mean_low']:.4g} other {r['mean_other']:.4g}")
     return 0
 
 
