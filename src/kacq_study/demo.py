@@ -65,9 +65,10 @@ log = logging.getLogger(__name__)
 # after the arm settings changed; the others with `bash scripts/demo.sh`)
 # (2026-12-02), pip's cache warm.
 RUN_TIME = {
-    "default": "about 7.5 minutes on 2 CPU cores (7 min 24 s measured with `python -m kacq_study`, the tokenizer "
-               "cache warm)",
-    "quick": "about 2 minutes (2 min 29 s measured while two other jobs shared the 2 cores)",
+    "default": "about 6 minutes on 2 CPU cores (6 min 5 s measured for `bash scripts/demo.sh` from a fresh "
+               "clone, pip's cache warm, the tokenizer trained afresh)",
+    "quick": "about 1 minute (60 s measured on the idle 2-core machine, the tokenizer trained afresh; 2 min 29 s "
+             "while two other jobs shared the cores)",
     "zhu": "about 11 minutes on 2 CPU cores (20 min 44 s measured with one worker, 1,227 s of tasks, half of "
            "that time beside the test suite)",
 }
