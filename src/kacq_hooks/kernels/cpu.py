@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from ..errors import ShapeError
 from . import native, reference
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,20 @@ def _abs_into(out: torch.Tensor, x: torch.Tensor) -> None:
         out.copy_(x).abs_()
 
 
+def _checked(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> torch.Tensor | None:
+    """Refuses shapes that do not fit together (before anything is added); returns ``rows`` as a bool mask."""
+    if c.dim() != 2 or out.sum_abs.numel() != c.shape[1]:
+        raise ShapeError(f"coefficients of shape {tuple(c.shape)} do not fit statistics of {out.sum_abs.numel()} "
+                         "slots: pass [tokens, d_ff] blocks of the layer the statistics belong to")
+    for name, extra in (("row mask", rows), ("document weights", doc_weight)):
+        if extra is not None and tuple(extra.shape) != (c.shape[0],):
+            raise ShapeError(f"the {name} has shape {tuple(extra.shape)} for {c.shape[0]} rows of coefficients: "
+                             "pass one value per row")
+    if rows is not None and rows.dtype != torch.bool:
+        rows = rows != 0  # a 0/1 mask of another dtype: ~mask below would be a bitwise not
+    return rows
+
+
 def _native_for(out, *blocks: torch.Tensor, rows: torch.Tensor | None):
     """The one-pass kernel library when it can read these blocks and write ``out``'s buffers, else None."""
     if not native.supports(*blocks) or (rows is not None and rows.dtype != torch.bool):
@@ -74,6 +89,10 @@ def _native_for(out, *blocks: torch.Tensor, rows: torch.Tensor | None):
 
 
 def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> None:
+    rows = _checked(c, rows, doc_weight, out)
+    if c.numel() == 0:  # no rows or no slots: only the tokens count
+        out.tokens.add_(c.shape[0] if rows is None else int(rows.sum()))
+        return
     lib = _native_for(out, c, rows=rows)
     if lib is not None:
         if not native.forward(lib, c, rows, doc_weight, out):  # a NaN or Inf in C: counted exactly
@@ -107,6 +126,12 @@ def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: t
 
 
 def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> None:
+    rows = _checked(c, rows, None, out)
+    if g.shape != c.shape:
+        raise ShapeError(f"dL/dC of shape {tuple(g.shape)} does not match C of shape {tuple(c.shape)}")
+    if c.numel() == 0:
+        out.grad_tokens.add_(c.shape[0] if rows is None else int(rows.sum()))
+        return
     lib = _native_for(out, c, g, rows=rows)
     if lib is not None:
         if not native.backward(lib, c, g, rows, out):

@@ -26,6 +26,7 @@
 
 /* Tiles as wide as possible (C is then read row by row, in order) but at least one per thread. */
 static int64_t tile_width(int64_t d, int threads) {
+    if (d <= 0) return 16; /* no columns: no tiles; never divide by zero */
     int64_t tiles = (d + MAX_TILE - 1) / MAX_TILE;
     if (threads > 1 && tiles < threads) tiles = threads;
     if (threads > 1) tiles = (tiles + threads - 1) / threads * threads;

@@ -63,13 +63,20 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join(part.encode() if isinstance(part, str) else part for part in (
         source, version, platform.machine(), sys.platform, _cpu_identity(), repr(_FLAG_SETS)))).hexdigest()[:16]
     target = _cache_root() / "native" / key / "libkacq_reduce.so"
-    if target.exists():
+    digest = target.with_suffix(".sha256")
+    # a cached build is loaded only if its bytes are those its builder recorded: a truncated or corrupt .so
+    # (an interrupted copy of a shared cache) would crash the process in dlopen
+    if target.exists() and digest.exists() and digest.read_text().strip() == _sha256(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -79,7 +86,11 @@ def _build(compiler: str) -> Path:
         done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode == 0:
+            recorded = _sha256(partial)
             os.replace(partial, target)  # atomic: a concurrent build of the same key writes the same bytes
+            with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".sha256", delete=False) as tmp:
+                tmp.write(recorded)
+            os.replace(tmp.name, digest)
             return target
         partial.unlink(missing_ok=True)
         errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
@@ -127,9 +138,12 @@ def unavailable_reason() -> str | None:
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the kernel reads these [n, d] blocks as they are: same CPU dtype it knows, unit column stride."""
     first = tensors[0]
+    # raw memory is read: tensors whose values are not their storage's (a neg or conj bit, torch's zero
+    # tensor without storage) and empty blocks go to the eager passes
     return all(t.device.type == "cpu" and t.dtype == first.dtype and t.dim() == 2 and
-               (t.stride(1) == 1 or t.shape[1] == 1) and t.shape == first.shape for t in tensors) \
-        and first.dtype in DTYPES
+               (t.stride(1) == 1 or t.shape[1] == 1) and t.shape == first.shape and
+               not t.is_neg() and not t.is_conj() and not t._is_zerotensor() for t in tensors) \
+        and first.dtype in DTYPES and first.numel() > 0
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
