@@ -22,3 +22,15 @@ def tokenizer():
     from tiny_models import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The one-pass CPU kernel built into an empty cache and forgotten afterwards (the loaded library is
+    process-wide)."""
+    from kacq_hooks.kernels import native
+
+    monkeypatch.setenv("KACQ_CACHE", str(tmp_path))
+    monkeypatch.delenv("KACQ_KERNELS", raising=False)
+    monkeypatch.setattr(native, "_state", {})
+    return tmp_path

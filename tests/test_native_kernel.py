@@ -19,15 +19,6 @@ def _assert_same(got: LayerStats, want: LayerStats, rtol=1e-5):
         torch.testing.assert_close(getattr(got, name), buf, rtol=rtol, atol=1e-3, msg=name)
 
 
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    """A build in an empty cache, forgotten afterwards (the loaded library is process-wide)."""
-    monkeypatch.setenv("KACQ_CACHE", str(tmp_path))
-    monkeypatch.delenv("KACQ_KERNELS", raising=False)
-    monkeypatch.setattr(native, "_state", {})
-    return tmp_path
-
-
 @needs_cc
 def test_the_kernel_is_built_into_the_cache_and_used_by_default(fresh_build, monkeypatch):
     lib = native.library()

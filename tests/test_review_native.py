@@ -24,13 +24,6 @@ needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine:
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    monkeypatch.setenv("KACQ_CACHE", str(tmp_path))
-    monkeypatch.delenv("KACQ_KERNELS", raising=False)
-    monkeypatch.setattr(native, "_state", {})
-    return tmp_path
-
 
 def _run(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
