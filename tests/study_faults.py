@@ -3,6 +3,7 @@ worker: run_study pickles a task function by reference)."""
 from __future__ import annotations
 
 import os
+import time
 
 
 class UnpicklableError(Exception):
@@ -14,6 +15,14 @@ class UnpicklableError(Exception):
 
 def raise_unpicklable(config, workdir, progress=None):
     raise UnpicklableError(config.d_model // config.n_heads, "raised in the task")
+
+
+def raise_unpicklable_in_seed_0(config, workdir, progress=None):
+    """Seed 0's task fails at once; the others wait (the runner kills them), so which task failed is fixed."""
+    if config.seed == 0:
+        raise_unpicklable(config, workdir, progress)
+    time.sleep(120)
+    raise AssertionError("the runner should have stopped this task when seed 0 failed")
 
 
 def raise_value_error(config, workdir, progress=None):
