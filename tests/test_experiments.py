@@ -21,15 +21,22 @@ def tiny(tmp_path, **overrides) -> DemoConfig:
 
 
 def test_forgetting_horizon_structure_and_short_refit(tmp_path):
-    config = tiny(tmp_path, tail_steps=5)
-    long = _json_ready(ex.forgetting_horizon(config=config, tail_factor=4))
-    json.dumps(long, allow_nan=False)
-    assert long["tail_steps"] == 4 * config.tail_steps and long["records_per_scenario"] == 2  # 6 rows / 3 scenarios
+    config = tiny(tmp_path, tail_steps=5, facts_per_scenario=2)
+    result = _json_ready(ex.forgetting_horizon(seeds=(0,), config=config, tail_factor=4, workers=1))
+    json.dumps(result, allow_nan=False)
+    assert result["tail_steps"] == 4 * config.tail_steps and result["records_per_scenario"] == 2
+    assert result["seeds"] == [0] and set(result["per_seed"]) == {"0"}
+    long = result["per_seed"]["0"]
     assert set(long["groups"]) == {f"{s}/{k}" for s in SCENARIOS for k in KINDS}
-    assert set(long["findings"]["long"]) == set(ex.FORGETTING_FINDINGS) == set(long["findings"]["short"])
+    for horizon in ("long", "short"):
+        assert set(result["findings"][horizon]) == set(ex.FORGETTING_FINDINGS)
+        # combined as the study combines: held for k of n, reproduces only if held for every seed
+        for key, found in result["findings"][horizon].items():
+            mine = next(f for f in long["findings"][horizon] if f["id"] == key)
+            assert found["per_seed"] == [mine["holds"]] and found["reproduces"] == (mine["holds"] is True)
     for group in long["groups"].values():
         assert group["probes"] == 2 * 5
-        assert len(group["t"]) - group["horizon_short"] == long["tail_steps"] - config.tail_steps
+        assert len(group["t"]) - group["horizon_short"] == result["tail_steps"] - config.tail_steps
         for fit in (group["fit_long"], group["fit_short"]):
             # a fit below the R^2 criterion is "no power law": no decay constant comes out of it
             passed = fit["r_squared"] is not None and fit["r_squared"] >= POWER_LAW_MIN_R2
@@ -37,13 +44,39 @@ def test_forgetting_horizon_structure_and_short_refit(tmp_path):
     # the refit over the short horizon covers the t the config's own tail reaches: the same run with tail_factor 1.
     # Its curves agree up to the last window - 1 points, where the short run's mean loses the probes whose last
     # acquisition maximum came later (they run out of recorded steps; the long run still has them).
-    short = _json_ready(ex.forgetting_horizon(config=config, tail_factor=1))
+    short = _json_ready(ex.forgetting_horizon(seeds=(0,), config=config, tail_factor=1, workers=1))["per_seed"]["0"]
     for key, group in long["groups"].items():
         theirs = short["groups"][key]["R"]
         assert len(theirs) == group["horizon_short"]
         agree = group["horizon_short"] - (config.window - 1)
         assert agree >= 1 and theirs[:agree] == group["R"][:agree]
         assert short["groups"][key]["effectivity"] == group["effectivity"]
+
+
+def test_resuscitation_dose_compares_each_factor_with_the_plain_arm(tmp_path):
+    config = tiny(tmp_path)
+    result = _json_ready(ex.resuscitation_dose(seeds=(0, 1), factors=(1.0, 3.0), config=config, workers=1))
+    json.dumps(result, allow_nan=False)
+    assert result["factors"] == [1.0, 3.0] and set(result["findings"]) == {"q=1", "q=3"}
+    for seed in ("0", "1"):
+        rows = result["per_seed"][seed]
+        assert "mean_multiplier" not in rows["late"]
+        for label in ("q=1", "q=3"):
+            row = rows[label]
+            for key, diff in row["minus_plain"].items():
+                if row[key] is not None and rows["late"][key] is not None:
+                    assert diff == pytest.approx(row[key] - rows["late"][key], abs=1e-6)
+            # the edit lifts the selected slots to q x their layer's mean: a larger q, larger multipliers
+            assert row["mean_multiplier"] >= 1.0
+        assert rows["q=3"]["mean_multiplier"] > rows["q=1"]["mean_multiplier"]
+        # the findings are the study's criteria on this factor's arm against the plain one
+        for label in ("q=1", "q=3"):
+            verdict = result["findings"][label]["resuscitation_improves_acquisition"]["per_seed"][int(seed)]
+            assert verdict == (rows[label]["acquisition"] > rows["late"]["acquisition"])
+    for label in ("late", "q=1", "q=3"):
+        box = result["summary"][label]["acquisition"]
+        assert box["min"] <= box["mean"] <= box["max"]
+        assert box["values"] == [result["per_seed"][s][label]["acquisition"] for s in ("0", "1")]
 
 
 def test_landing_structure_and_study_agreement(tmp_path):
@@ -63,3 +96,47 @@ def test_landing_structure_and_study_agreement(tmp_path):
     # the grad x act share recomputed here is the study's own landing number, at the arm's start and end
     assert result["start"]["grad_x_act/score"]["injected"] == pytest.approx(result["study_share"][0], abs=1e-6)
     assert result["end"]["grad_x_act/score"]["injected"] == pytest.approx(result["study_share"][-1], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# run_variants: several settings of an arm from one pretraining per seed
+
+
+def test_run_variants_refuses_a_pretraining_setting_before_any_work(tmp_path, monkeypatch):
+    from kacq_hooks.errors import KacqError
+    from kacq_study import study
+
+    def no_work(*args):
+        raise AssertionError("a task ran")
+
+    monkeypatch.setattr(study, "pretrain_task", no_work)
+    config = tiny(tmp_path)
+    for settings in ({"pretrain_steps": 20}, {"injection_rounds": 4}, {"d_model": 32}):
+        with pytest.raises(KacqError, match="pretraining reads"):
+            study.run_variants(config, {"v": ("late", settings)}, seeds=(0,), workers=1)
+    with pytest.raises(KacqError, match="unknown arm"):
+        study.run_variants(config, {"v": ("lately", {})}, seeds=(0,), workers=1)
+    with pytest.raises(KacqError, match="at least one variant"):
+        study.run_variants(config, {}, seeds=(0,), workers=1)
+
+
+def test_run_variants_matches_the_study_and_applies_each_setting(tmp_path):
+    from kacq_study.study import run_study, run_variants
+
+    config = tiny(tmp_path, arms=("late", "late+resuscitation"))
+    variants = {"plain": ("late", {}), "factor 2": ("late+resuscitation", {}),
+                "factor 4": ("late+resuscitation", {"resuscitation_factor": 4.0}),
+                "long tail": ("late", {"tail_steps": 5})}
+    got = run_variants(config, variants, seeds=(1,), workers=1)
+    study = run_study(config, seeds=(1,), workers=1)
+    seed = got["per_seed"]["1"]
+    reference = study["per_seed"][0]
+    assert seed["pretraining"] == reference["pretraining"]
+    # an unchanged variant is the study's arm, number for number
+    assert seed["arms"]["plain"] == reference["arms"]["late"]
+    assert seed["arms"]["factor 2"] == reference["arms"]["late+resuscitation"]
+    assert seed["arms"]["factor 4"]["edit"]["factor"] == 4.0 != seed["arms"]["factor 2"]["edit"]["factor"]
+    assert seed["arms"]["factor 4"]["kim"] != seed["arms"]["factor 2"]["kim"]
+    plain, longer = (len(seed["arms"][k]["kim"]["K"]) for k in ("plain", "long tail"))
+    assert longer - plain == 5 - config.tail_steps
+    assert seed["settings"]["factor 4"] == {"arm": "late+resuscitation", "resuscitation_factor": 4.0}

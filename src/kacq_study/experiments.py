@@ -5,6 +5,7 @@ reproduce at the demo's scale, each one command that writes a figure and a JSON 
     python -m kacq_study.experiments acquisition-vs-entropy --out docs/findings
     python -m kacq_study.experiments forgetting-horizon --out docs/findings
     python -m kacq_study.experiments landing --out docs/findings
+    python -m kacq_study.experiments resuscitation-dose --out docs/findings
 
 ``entropy-widths``: knowledge entropy against pretraining step for three model widths, far past the
 demo's pretraining, with the loss beside it. Kim et al. measured OLMo checkpoints long after the start
@@ -17,17 +18,24 @@ plain continued-training arm with fact injection from each. Kim et al.'s account
 follows knowledge entropy (r = 0.94 over OLMo checkpoints), and that later checkpoints acquire less
 *because* their entropy has decayed: where entropy still climbs, the account predicts the opposite order.
 
-``forgetting-horizon``: the demo's plain arm from the late checkpoint with a tail after the last injection
-ten times the demo's and as many records per scenario as a continued-training batch holds at the first
-round, so that retainability is fitted over two decades of steps to more probes. The fits, their R^2
-gating and the three Chang et al. findings on them are the study's own (``findings.assess``), on the full
-tail and on the demo's short one.
+``forgetting-horizon``: the study's plain arm from the late checkpoint, for its three seeds, with a tail
+after the last injection ten times the study's, so that retainability is fitted over two decades of steps.
+The fits, their R^2 gating and the three Chang et al. findings on them are the study's own
+(``findings.assess``, combined over seeds as the study does), on the full tail and on the study's short one.
 
 ``landing``: whether the injected facts avoid the low-activity slots, or only grad x act does. The share of
 each probe's top-k slots that were low-activity at the checkpoint, at the arm's start and end, under grad
 x act (which scales with |C|) and under the gradient alone (d logp / dC, which does not), for injected and
 never-injected facts, and the slots whose FFN value vectors the injected facts changed most (against an
 arm that injects corpus documents in the same rows instead).
+
+``resuscitation-dose``: the study's late arm without resuscitation and with it at q = 1, 2 (the study's) and
+4, for its three seeds from one pretraining each: whether resuscitation's effect on acquisition and
+retention grows with the dose and stands out from the differences between seeds, and how far below their
+layer's mean the resuscitated slots were (Kim et al. resuscitate a checkpoint whose entropy has decayed).
+
+The multi-seed experiments take ``--seeds`` and ``--workers`` and run their tasks in parallel processes
+(:func:`kacq_study.study.run_variants`), as the study does.
 """
 from __future__ import annotations
 
@@ -50,7 +58,8 @@ from kacq_hooks.training.attribution import low_activity_mask
 
 from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _json_ready, _prepare, _pretrain, _run_arm, corpus_texts,
                    deterministic)
-from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, fit_ok
+from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, combine_findings, fit_ok, spread
+from .study import DEFAULT_SEEDS, run_variants
 
 WIDTHS = (32, 64, 128)
 
@@ -169,6 +178,15 @@ def plot_acquisition_vs_entropy(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _text(value) -> str:
+    """A spread over seeds as "mean (min to max)"; a plain number as itself."""
+    if isinstance(value, dict) and "mean" in value:
+        if value["mean"] is None:
+            return "none"
+        return f"{value['mean']:.4g} ({value['min']:.4g} to {value['max']:.4g})"
+    return "none" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _quiet(phase: str, info: dict) -> None:
     return None
 
@@ -178,31 +196,47 @@ FORGETTING_FINDINGS = ("power_law_forgetting", "duplication_forgets_faster", "du
 TAIL_FACTOR = 10
 
 
-def forgetting_horizon(steps: int | None = None, seed: int = 0, tail_factor: int = TAIL_FACTOR,
-                       records: int | None = None, config: DemoConfig | None = None) -> dict:
-    """The demo's plain arm from the late checkpoint of the demo's pretraining (``config``, default
-    ``DemoConfig(seed=seed)``), with ``tail_factor`` times its steps after the last injection and ``records``
-    records per scenario (default: as many as a continued-training batch holds at the first round, 3 passages a
-    record-set). Retainability is fitted per (scenario, kind) by the study's pipeline over the whole tail, and
-    refitted over the first steps of the same curves that the config's own tail reaches; Chang et al.'s three
-    forgetting findings are judged on both by ``findings.assess``, criteria unchanged."""
-    base = config or DemoConfig(seed=seed, **({"pretrain_steps": steps} if steps else {}))
-    rows = base.continue_batch_size or base.batch_size
-    per = records or (max(1, rows // 3) if base.injection == "row" else base.facts_per_scenario)
-    run = dataclasses.replace(base, tail_steps=tail_factor * base.tail_steps, facts_per_scenario=per)
-    run.validate()
-    started = time.perf_counter()
-    with deterministic(run.threads, run.device):
-        data = _prepare(run, _quiet)
-        pretraining, checkpoints = _pretrain(run, data, _quiet)
-        pretrain_s = time.perf_counter() - started
-        arm = _json_ready(_run_arm(Arm("late-long-tail", "late"), run, data, checkpoints, _quiet))
+def forgetting_horizon(seeds: Sequence[int] = DEFAULT_SEEDS, tail_factor: int = TAIL_FACTOR,
+                       config: DemoConfig | None = None, workers: int | None = None) -> dict:
+    """The study's plain arm from the late checkpoint (``config``, default ``DemoConfig()``) for every seed, with
+    ``tail_factor`` times its steps after the last injection. Retainability is fitted per (scenario, kind) by
+    the study's pipeline over the whole tail, and refitted over the first steps of the same curves that the
+    config's own tail reaches; Chang et al.'s three forgetting findings are judged on both for each seed by
+    ``findings.assess`` (criteria unchanged) and combined over seeds as the study combines them."""
+    base = config or DemoConfig()
+    base.validate()
+    long_tail = tail_factor * base.tail_steps
+    run = run_variants(base, {"late": ("late", {"tail_steps": long_tail})}, seeds, workers)
+    per_seed = {seed: _horizon_seed(results, base.tail_steps, long_tail) for seed, results in run["per_seed"].items()}
+    ordered = [per_seed[str(s)] for s in run["seeds"]]
+    found = {which: {f["id"]: {k: f[k] for k in ("held", "checked", "seeds", "per_seed", "reproduces")}
+                     for f in combine_findings([p["findings"][which] for p in ordered])}
+             for which in ("long", "short")}
+    scenarios = {}
+    for scenario in SCENARIOS:
+        rows = [p["scenarios"][scenario] for p in ordered if scenario in p["scenarios"]]
+        if rows:
+            scenarios[scenario] = {key: spread([r[key] for r in rows]) for key in rows[0]}
+    return {"experiment": "forgetting-horizon", "seeds": run["seeds"], "pretrain_steps": base.pretrain_steps,
+            "tail_steps": long_tail, "default_tail_steps": base.tail_steps,
+            "records_per_scenario": base.facts_per_scenario,
+            "continue_batch_size": base.continue_batch_size or base.batch_size,
+            "continue_steps": dataclasses.replace(base, tail_steps=long_tail).continue_steps,
+            "injection_steps": base.injection_steps(), "min_r_squared": POWER_LAW_MIN_R2,
+            "per_seed": per_seed, "scenarios": scenarios, "findings": found, "timings": run["timings"]}
+
+
+def _horizon_seed(results: dict, short_tail: int, long_tail: int) -> dict:
+    """One seed of :func:`forgetting_horizon`: each group's curve, its gated fits over the long and the short
+    tail, per-scenario means, and the three findings on each horizon (``findings.assess`` on the seed's arm
+    with its curves cut to the short tail)."""
+    arm = results["arms"]["late"]
     short_arm = json.loads(json.dumps(arm))
     groups = {}
     for key, group in arm["groups"].items():
         t, r = group["retainability"]["t"], group["retainability"]["R"]
         # the same t the config's own tail reaches for this group (a "once" record's last injection is its first)
-        short = max(1, len(t) - (run.tail_steps - base.tail_steps))
+        short = max(1, len(t) - (long_tail - short_tail))
         short_fit = _fit(t[:short], r[:short])
         short_arm["groups"][key]["retainability"] = {"t": t[:short], "R": r[:short], "probes": group["retainability"]["probes"],
                                                      "fit": short_fit}
@@ -211,9 +245,9 @@ def forgetting_horizon(steps: int | None = None, seed: int = 0, tail_factor: int
                        "horizon_short": short, "fit_long": _gated(group["retainability"]["fit"]),
                        "fit_short": _gated(short_fit)}
 
-    def verdicts(results_arm: dict) -> dict:
-        found = assess({"pretraining": pretraining, "arms": {"late": results_arm}})
-        return {f["id"]: {"holds": f["holds"], "values": f["values"]} for f in found if f["id"] in FORGETTING_FINDINGS}
+    def verdicts(results_arm: dict) -> list[dict]:
+        found = assess({"pretraining": results["pretraining"], "arms": {"late": results_arm}})
+        return [f for f in found if f["id"] in FORGETTING_FINDINGS]
 
     scenarios = {}
     for scenario in SCENARIOS:
@@ -232,14 +266,9 @@ def forgetting_horizon(steps: int | None = None, seed: int = 0, tail_factor: int
             "horizon_long": max(len(groups[k]["t"]) for k in keys),
             "horizon_short": max(groups[k]["horizon_short"] for k in keys),
         }
-    return {"experiment": "forgetting-horizon", "seed": run.seed, "pretrain_steps": run.pretrain_steps,
-            "tail_steps": run.tail_steps, "default_tail_steps": base.tail_steps, "records_per_scenario": per,
-            "continue_batch_size": rows, "continue_steps": run.continue_steps,
-            "injection_steps": run.injection_steps(),
-            "min_r_squared": POWER_LAW_MIN_R2, "groups": groups, "scenarios": scenarios,
-            "findings": {"long": verdicts(arm), "short": verdicts(short_arm)},
-            "learning": arm["learning"], "acquisition": arm["kim"]["acquisition"],
-            "seconds": {"pretrain": pretrain_s, "total": time.perf_counter() - started}}
+    return {"groups": groups, "scenarios": scenarios, "learning": arm["learning"],
+            "acquisition": arm["kim"]["acquisition"],
+            "findings": {"long": verdicts(arm), "short": verdicts(short_arm)}}
 
 
 def _fit(t: Sequence[int], r: Sequence[float | None]) -> dict:
@@ -261,37 +290,126 @@ def _gated(fit: dict) -> dict:
 
 def plot_forgetting_horizon(result: dict, path: Path) -> Path:
     plt = pyplot()
+    seeds = [result["per_seed"][str(s)] for s in result["seeds"]]
     scenarios = [s for s in SCENARIOS if s in result["scenarios"]]
     fig, axes = plt.subplots(1, len(scenarios) + 1, figsize=(4.2 * (len(scenarios) + 1), 3.8), constrained_layout=True)
     for ax, scenario in zip(axes, scenarios):
         for i, kind in enumerate(KINDS):
-            group = result["groups"].get(f"{scenario}/{kind}")
-            if group is None:
+            key = f"{scenario}/{kind}"
+            curves = [seed["groups"][key] for seed in seeds if key in seed["groups"]]
+            if not curves:
                 continue
-            t = group["t"]
-            r = [math.nan if v is None else v for v in group["R"]]
-            fit = group["fit_long"]
-            label = (f"{kind}: decay {fit['decay']:.3f}, R² {fit['r_squared']:.2f}" if fit["power_law"]
-                     else f"{kind}: no power law (R² {fit['r_squared']:.2f})" if fit["r_squared"] is not None
-                     else f"{kind}: no fit")
-            ax.plot(t, r, color=f"C{i}", lw=1, label=label)
-            if fit["power_law"]:
-                ax.plot(t, [fit["intercept"] - fit["decay"] * math.log10(x) for x in t], color=f"C{i}", ls="--", lw=1)
-        short = max(g["horizon_short"] for key, g in result["groups"].items() if key.startswith(scenario + "/"))
-        ax.axvline(short, color="grey", ls=":", lw=1, label=f"the demo's horizon (t = {short})")
+            t = curves[0]["t"]
+            for curve in curves:  # thin: one line per seed
+                ax.plot(curve["t"], [math.nan if v is None else v for v in curve["R"]], color=f"C{i}", lw=0.6, alpha=0.4)
+            mean = [_mean([c["R"][j] for c in curves if j < len(c["R"])]) for j in range(len(t))]
+            fits = [c["fit_long"] for c in curves]
+            passed = [f for f in fits if f["power_law"]]
+            label = f"{kind}: power law in {len(passed)} of {len(fits)} seeds"
+            if passed:
+                label += f", mean decay {_mean([f['decay'] for f in passed]):.3f}"
+            ax.plot(t, [math.nan if v is None else v for v in mean], color=f"C{i}", lw=2, label=label)
+        short = max(s["scenarios"][scenario]["horizon_short"] for s in seeds if scenario in s["scenarios"])
+        ax.axvline(short, color="grey", ls=":", lw=1, label=f"the study's horizon (t = {short})")
         ax.axhline(0, color="black", lw=0.5)
         ax.set(xscale="log", xlabel="steps t after the last injection's acquisition maximum",
-               ylabel="retainability R(t)", title=f"{scenario} ({result['records_per_scenario']} records)")
+               ylabel="retainability R(t)",
+               title=f"{scenario} ({len(seeds)} seeds: thin per seed, thick mean)")
         ax.legend(fontsize=7)
     ax = axes[-1]
     width = 0.8 / len(scenarios)
     for j, scenario in enumerate(scenarios):
-        values = [result["groups"].get(f"{scenario}/{kind}", {}).get("effectivity") for kind in KINDS]
-        ax.bar([i + j * width for i in range(len(KINDS))], [math.nan if v is None else v for v in values], width,
-               label=scenario)
+        values = [[seed["groups"].get(f"{scenario}/{kind}", {}).get("effectivity") for seed in seeds] for kind in KINDS]
+        box = [spread(v) for v in values]
+        mean = [math.nan if b["mean"] is None else b["mean"] for b in box]
+        low = [m - b["min"] if b["min"] is not None else 0 for m, b in zip(mean, box)]
+        high = [b["max"] - m if b["max"] is not None else 0 for m, b in zip(mean, box)]
+        ax.bar([i + j * width for i in range(len(KINDS))], mean, width, yerr=[low, high], capsize=2, label=scenario)
     ax.set_xticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(KINDS))], list(KINDS))
-    ax.set(xlabel="probe kind", ylabel="effectivity E (nats/token)", title="effectivity per injection")
+    ax.set(xlabel="probe kind", ylabel="effectivity E (nats/token)", title="effectivity per injection (bars: min-max over seeds)")
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+# Resuscitation's multiplier q (a selected slot's mean |C| becomes q times its layer's mean): the study's 2, and
+# half and twice that, beside the arm without resuscitation
+RESUSCITATION_FACTORS = (1.0, 2.0, 4.0)
+RESUSCITATION_FINDINGS = ("resuscitation_improves_acquisition", "resuscitation_improves_retention")
+
+
+def resuscitation_dose(seeds: Sequence[int] = DEFAULT_SEEDS, factors: Sequence[float] = RESUSCITATION_FACTORS,
+                       config: DemoConfig | None = None, workers: int | None = None) -> dict:
+    """The study's late arm without resuscitation and with it at each factor q in ``factors``, every seed from
+    its one pretraining (``config``, default ``DemoConfig()``). Per seed and factor: acquisition A, retention,
+    forgetting F, the injected facts' rise, the entropy the edit reaches, how far below their layer's mean the
+    selected slots were (the edit's mean multiplier is q x mean / c̄), and each factor's difference from the
+    plain arm of the same seed; the two Kim et al. resuscitation findings judged per factor and seed by
+    ``findings.assess`` (criteria unchanged) and combined over seeds."""
+    base = config or DemoConfig()
+    base.validate()
+    variants = {"late": ("late", {})}
+    for q in factors:
+        variants[f"q={q:g}"] = ("late+resuscitation", {"resuscitation_factor": float(q)})
+    run = run_variants(base, variants, seeds, workers)
+    per_seed, verdicts = {}, {label: [] for label in variants if label != "late"}
+    for seed in run["seeds"]:
+        results = run["per_seed"][str(seed)]
+        plain = _dose_row(results["arms"]["late"])
+        rows = {"late": plain}
+        for label in verdicts:
+            arm = results["arms"][label]
+            row = _dose_row(arm)
+            row["minus_plain"] = {k: (row[k] - plain[k]) if row[k] is not None and plain[k] is not None else None
+                                  for k in ("acquisition", "retention", "forgetting", "injected_rise", "control_rise")}
+            rows[label] = row
+            found = assess({"pretraining": results["pretraining"],
+                            "arms": {"late": results["arms"]["late"], "late+resuscitation": arm}})
+            verdicts[label].append([f for f in found if f["id"] in RESUSCITATION_FINDINGS])
+        per_seed[str(seed)] = rows
+    ordered = [per_seed[str(s)] for s in run["seeds"]]
+    summary = {label: {key: (spread([r[label][key] for r in ordered]) if key != "minus_plain" else
+                             {k: spread([r[label][key][k] for r in ordered]) for k in ordered[0][label][key]})
+                       for key in ordered[0][label] if key not in ("layers",)}
+               for label in variants}
+    found = {label: {f["id"]: {k: f[k] for k in ("held", "checked", "seeds", "per_seed", "reproduces")}
+                     for f in combine_findings(v)} for label, v in verdicts.items()}
+    return {"experiment": "resuscitation-dose", "seeds": run["seeds"], "factors": [float(q) for q in factors],
+            "ratio": base.resuscitation_ratio, "cap": base.resuscitation_cap, "study_factor": base.resuscitation_factor,
+            "per_seed": per_seed, "summary": summary, "findings": found, "timings": run["timings"]}
+
+
+def _dose_row(arm: dict) -> dict:
+    kim, learning, edit = arm["kim"], arm["learning"], arm.get("edit")
+    row = {"acquisition": kim["acquisition"], "retention": kim["retention"], "forgetting": kim["forgetting"],
+           "K_before": kim["K_before"], "K_peak": kim["K_peak"], "K_after": kim["K_after"],
+           "injected_rise": learning["injected"]["rise"], "control_rise": (learning.get("control") or {}).get("rise"),
+           "entropy_start": arm["entropy_start"]["total"]}
+    if edit:
+        row["entropy_before_edit"] = edit["entropy_before"]["total"]
+        row["mean_multiplier"] = _mean([layer["mean_multiplier"] for layer in edit["layers"]])
+        row["capped"] = edit["capped"]
+        row["layers"] = [{"layer": l["layer"], "mean_multiplier": l["mean_multiplier"], "max_multiplier": l["max_multiplier"],
+                          "capped": l["capped"]} for l in edit["layers"]]
+    return row
+
+
+def plot_resuscitation_dose(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    labels = ["late", *[f"q={q:g}" for q in result["factors"]]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for ax, key, name in zip(axes, ("acquisition", "retention", "forgetting"),
+                             ("acquisition A", "retention (share of the peak gain kept)", "forgetting F")):
+        for i, seed in enumerate(result["seeds"]):  # thin: one line per seed
+            rows = result["per_seed"][str(seed)]
+            ax.plot(range(len(labels)), [math.nan if rows[l][key] is None else rows[l][key] for l in labels],
+                    color="grey", lw=0.8, alpha=0.6, marker=".", label="per seed" if i == 0 else None)
+        mean = [result["summary"][l][key]["mean"] for l in labels]
+        ax.plot(range(len(labels)), [math.nan if m is None else m for m in mean], color="C0", lw=2.5, marker="o",
+                label=f"mean of {len(result['seeds'])} seeds")
+        ax.set_xticks(range(len(labels)), ["none", *[f"q = {q:g}" for q in result["factors"]]])
+        ax.set(xlabel=f"resuscitation factor at the late checkpoint (study: q = {result['study_factor']:g})",
+               ylabel=name, title=name)
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
@@ -437,8 +555,13 @@ def plot_landing(result: dict, path: Path) -> Path:
 EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
                "acquisition-vs-entropy": (acquisition_vs_entropy, plot_acquisition_vs_entropy),
                "forgetting-horizon": (forgetting_horizon, plot_forgetting_horizon),
-               "landing": (landing, plot_landing)}
+               "landing": (landing, plot_landing),
+               "resuscitation-dose": (resuscitation_dose, plot_resuscitation_dose)}
 
+
+
+# the experiments over several seeds (run in parallel processes, as the study runs); the others use one
+MULTI_SEED = {"forgetting-horizon", "resuscitation-dose"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -446,17 +569,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--out", default="docs/findings", help="folder for the figure and the JSON")
-    parser.add_argument("--steps", type=int, default=None, help="pretraining steps (experiment's default if omitted)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="pretraining steps (entropy-widths and acquisition-vs-entropy; experiment's default if omitted)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of a one-seed experiment")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                        help=f"comma-separated seeds of {' and '.join(sorted(MULTI_SEED))} (default: the study's)")
+    parser.add_argument("--workers", type=int, default=None, help="processes for the multi-seed experiments")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run, plot = EXPERIMENTS[args.experiment]
-    kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+    if args.experiment in MULTI_SEED:
+        if args.steps:
+            parser.error(f"--steps is not an option of {args.experiment}: it runs the study's own pretraining")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+        kwargs = {"seeds": seeds, "workers": args.workers}
+    else:
+        kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the run: an unwritable folder fails in seconds, not after it
     started = time.perf_counter()
     result = _json_ready(run(**kwargs))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = args.experiment.replace("-", "_")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    target = out / f"{name}.json"
+    partial = target.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    partial.replace(target)  # a reader never sees half a file
     figure = plot(result, out / f"{name}.png")
     print(f"wrote {figure} and {name}.json in {time.perf_counter() - started:.0f} s")
     for width, r in result.get("runs", {}).items():
@@ -468,11 +607,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "pearson" in result:
         print(f"Pearson(H, A) = {result['pearson']}")
     for scenario, r in result.get("scenarios", {}).items():
-        print(f"{scenario}: effectivity {r['effectivity']:.3f}, power-law kinds {r['power_law_kinds_long']}/3 over "
-              f"t <= {r['horizon_long']} ({r['power_law_kinds_short']}/3 over t <= {r['horizon_short']}), "
-              f"mean decay {r['decay_long']} ({r['decay_short']}), R at the end {r['R_end']}")
-    for horizon, found in result.get("findings", {}).items():
-        print(f"{horizon} horizon: " + ", ".join(f"{key} {f['holds']}" for key, f in found.items()))
+        print(f"{scenario}: effectivity {_text(r['effectivity'])}; power-law kinds over t <= {_text(r['horizon_long'])}: "
+              f"{_text(r['power_law_kinds_long'])} of 3 (over t <= {_text(r['horizon_short'])}: "
+              f"{_text(r['power_law_kinds_short'])}); mean decay {_text(r['decay_long'])} ({_text(r['decay_short'])}); "
+              f"R at the end {_text(r['R_end'])}")
+    if result.get("experiment") == "forgetting-horizon":
+        for horizon, found in result["findings"].items():
+            print(f"{horizon} horizon: " + ", ".join(f"{key} held {f['held']} of {f['seeds']}" for key, f in found.items()))
+    if result.get("experiment") == "resuscitation-dose":
+        for label, row in result["summary"].items():
+            print(f"{label}: " + ", ".join(f"{key} {_text(row[key])}" for key in
+                                           ("acquisition", "retention", "forgetting", "injected_rise", "entropy_start",
+                                            "mean_multiplier") if key in row))
+        for label, found in result["findings"].items():
+            print(f"{label}: " + ", ".join(f"{key} held {f['held']} of {f['seeds']}" for key, f in found.items()))
     if result.get("experiment") == "landing":
         print(f"chance {result['chance']:.3f}; study's grad x act share {result['study_share']}")
         for measure in MEASURES:

@@ -201,56 +201,117 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
     :func:`kacq_study.demo.write_results` writes apart from ``results.json``.
     """
     config = config or DemoConfig()
-    given = [int(s) for s in seeds]
-    if not given:
-        raise KacqError("run_study needs at least one seed")
-    if len(set(given)) < len(given):  # a repeated seed would count twice as seeds agreeing
-        raise KacqError(f"seeds {given}: each seed may be given once")
-    seeds = tuple(sorted(given))  # the order given does not change results.json
-    if workers is not None and int(workers) < 1:
-        raise KacqError(f"workers={workers}: give at least 1 (1 runs every task in this process)")
+    seeds = _checked_seeds(seeds, workers)
     configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
     for c in configs.values():
         c.validate()
-    tasks = len(seeds) * (1 + len(config.arms))
-    workers = max(1, min(os.cpu_count() or 1, tasks) if workers is None else min(int(workers), tasks))
     started = time.perf_counter()
+    pretrained, arms, task_s, workers = _pretrain_then_arms(configs, {arm: (arm, {}) for arm in config.arms},
+                                                            workers, progress)
+    per_seed = [_seed_results(configs[s], pretrained[s], arms[s]) for s in seeds]
+    results = assemble(config, seeds, [r for r, _ in per_seed])
+    results["timings"] = {"wall_s": time.perf_counter() - started, "workers": workers, "tasks_s": task_s,
+                          "per_seed": {str(s): t for s, (_, t) in zip(seeds, per_seed)}}
+    return results
+
+
+def _checked_seeds(seeds: Sequence[int], workers: int | None) -> tuple[int, ...]:
+    given = [int(s) for s in seeds]
+    if not given:
+        raise KacqError("a study needs at least one seed")
+    if len(set(given)) < len(given):  # a repeated seed would count twice as seeds agreeing
+        raise KacqError(f"seeds {given}: each seed may be given once")
+    if workers is not None and int(workers) < 1:
+        raise KacqError(f"workers={workers}: give at least 1 (1 runs every task in this process)")
+    return tuple(sorted(given))  # the order given does not change results
+
+
+def _pretrain_then_arms(configs: dict[int, DemoConfig], jobs: dict[str, tuple[str, dict]], workers: int | None,
+                        progress: Progress | None) -> tuple[dict, dict, dict, int]:
+    """One pretraining task per seed, then, from its checkpoints, one task per (seed, job); ``jobs`` maps a
+    label to (arm name, settings that replace the seed config's for that arm). Returns the pretraining
+    values by seed, the arm values by seed and label, each task's own time, and the worker count."""
+    seeds = sorted(configs)
+    tasks = len(seeds) * (1 + len(jobs))
+    workers = max(1, min(os.cpu_count() or 1, tasks) if workers is None else min(int(workers), tasks))
     pretrained: dict[int, dict] = {}
     arms: dict[int, dict[str, dict]] = {s: {} for s in seeds}
     task_s: dict[str, float] = {}
-    submitted: dict[cf.Future, str] = {}
+    submitted: dict[cf.Future, tuple[str, str | None]] = {}
     with tempfile.TemporaryDirectory(prefix="kacq-study-") as workdir:
         runner = _Runner(workers, progress)
         kill = True
         try:
             pending = set()
 
-            def submit(name: str, fn, *args) -> None:
+            def submit(name: str, label: str | None, fn, *args) -> None:
                 future = runner.submit(fn, *args)
-                submitted[future] = name
+                submitted[future] = (name, label)
                 pending.add(future)
 
             for s in seeds:
-                submit(_phase(s, "pretrain"), pretrain_task, configs[s], workdir)
+                submit(_phase(s, "pretrain"), None, pretrain_task, configs[s], workdir)
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for future in sorted(done, key=submitted.get):  # a fixed order for the arms' submission
-                    value = _result(future, submitted[future])
-                    task_s[submitted[future]] = value["task_s"]  # measured in the task: no queueing in it
-                    if "arm" in value:
-                        arms[value["seed"]][value["arm"]] = value
-                    else:
-                        pretrained[value["seed"]] = value
-                        for arm in config.arms:
-                            submit(_phase(value["seed"], f"arm:{arm}"), arm_task, configs[value["seed"]], arm, workdir)
+                for future in sorted(done, key=lambda f: submitted[f][0]):  # a fixed order for the arms' submission
+                    name, label = submitted[future]
+                    value = _result(future, name)
+                    task_s[name] = value["task_s"]  # measured in the task: no queueing in it
+                    if label is not None:
+                        arms[value["seed"]][label] = value
+                        continue
+                    seed = value["seed"]
+                    pretrained[seed] = value
+                    for job, (arm, settings) in jobs.items():
+                        task = _phase(seed, f"arm:{job}")
+                        submit(task, job, arm_task, dataclasses.replace(configs[seed], **settings), arm, workdir)
             kill = False
         finally:
             runner.close(kill=kill)
-    per_seed = [_seed_results(configs[s], pretrained[s], arms[s]) for s in seeds]
-    results = assemble(config, seeds, [r for r, _ in per_seed])
-    results["timings"] = {"wall_s": time.perf_counter() - started, "workers": workers, "tasks_s": task_s,
-                          "per_seed": {str(s): t for s, (_, t) in zip(seeds, per_seed)}}
-    return results
+    return pretrained, arms, task_s, workers
+
+
+# The settings only continued training reads: a variant of an arm may change these and share its seed's
+# pretraining and data; any other setting would make the checkpoint it starts from belong to a different
+# study (injection_rounds is not one: the generated facts get one paraphrase per round).
+ARM_SETTINGS = frozenset({
+    "arm_entropy_every", "injection", "injection_every", "lead_steps", "tail_steps",
+    "continue_batch_size", "continue_lr", "continue_beta1", "continue_warmup", "window", "iqr_factor",
+    "resuscitation_ratio", "resuscitation_factor", "resuscitation_cap", "augment_variants", "sam_rho"})
+
+
+def run_variants(config: DemoConfig, variants: dict[str, tuple[str, dict]], seeds: Sequence[int] = DEFAULT_SEEDS,
+                 workers: int | None = None, progress: Progress | None = None) -> dict:
+    """Arms under several settings from each seed's one pretraining: ``variants`` maps a label to (arm name,
+    settings replaced for that arm), e.g. ``{"factor 4": ("late+resuscitation", {"resuscitation_factor": 4.0})}``.
+    A variant may change only :data:`ARM_SETTINGS`. Returns, per seed (as a string), a results dict of the
+    study's per-seed form whose ``arms`` are keyed by label (``pretraining`` shared), with ``timings``."""
+    seeds = _checked_seeds(seeds, workers)
+    if not variants:
+        raise KacqError("run_variants needs at least one variant")
+    for label, (arm, settings) in variants.items():
+        if arm not in ARMS:
+            raise KacqError(f"variant {label!r}: unknown arm {arm!r}; choose from {sorted(ARMS)}")
+        foreign = sorted(set(settings) - ARM_SETTINGS)
+        if foreign:
+            raise KacqError(f"variant {label!r} changes {foreign}, which pretraining reads: a variant may change only "
+                            f"continued-training settings ({sorted(ARM_SETTINGS)}); run a separate study for the others")
+    configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
+    for s, c in configs.items():
+        c.validate()
+        for label, (arm, settings) in variants.items():
+            dataclasses.replace(c, **settings).validate()
+    started = time.perf_counter()
+    pretrained, arms, task_s, workers = _pretrain_then_arms(configs, variants, workers, progress)
+    per_seed = {}
+    for s in seeds:
+        results = {"format": FORMAT, "version": 1, "config": configs[s].to_dict(), "data": pretrained[s]["data"],
+                   "pretraining": pretrained[s]["pretraining"],
+                   "arms": {label: arms[s][label]["result"] for label in variants},
+                   "settings": {label: {"arm": arm, **settings} for label, (arm, settings) in variants.items()}}
+        per_seed[str(s)] = _json_ready(results)
+    return {"seeds": list(seeds), "per_seed": per_seed,
+            "timings": {"wall_s": time.perf_counter() - started, "workers": workers, "tasks_s": task_s}}
 
 
 def _seed_results(config: DemoConfig, pretrained: dict, arms: dict[str, dict]) -> tuple[dict, dict]:
