@@ -140,3 +140,35 @@ def test_run_variants_matches_the_study_and_applies_each_setting(tmp_path):
     plain, longer = (len(seed["arms"][k]["kim"]["K"]) for k in ("plain", "long tail"))
     assert longer - plain == 5 - config.tail_steps
     assert seed["settings"]["factor 4"] == {"arm": "late+resuscitation", "resuscitation_factor": 4.0}
+
+
+def test_probe_wording_rescores_the_same_targets_after_other_prompts(tmp_path):
+    from kacq_study.demo import _prepare
+
+    config = tiny(tmp_path, control_facts=2)
+    data = _prepare(config, lambda phase, info: None)
+    sets = ex._wording_sets(data.facts)
+    own, other, neutral = sets["own"], sets["other fact"], sets["neutral"]
+    injected = [i for i, s in enumerate(own.scenarios) if s != "unused"]
+    for kind in KINDS:
+        for i, record in enumerate(own):
+            # targets unchanged, prompts replaced
+            assert other[i].probes(kind) and [t for _, t in other[i].probes(kind)] == [t for _, t in record.probes(kind)]
+            assert all(p == ex.NEUTRAL_PROMPT for p, _ in neutral[i].probes(kind))
+            # another record's prompts, from the same group (injected with injected)
+            donor = next(j for j in range(len(own)) if j != i and
+                         [p for p, _ in own[j].probes(kind)][:1] == [p for p, _ in other[i].probes(kind)][:1])
+            assert (i in injected) == (donor in injected)
+    result = _json_ready(ex.probe_wording(seeds=(0,), config=config, workers=1))
+    json.dumps(result, allow_nan=False)
+    rise = result["per_seed"]["0"]["rise"]
+    assert set(rise) == set(ex.WORDINGS)
+    for wording in ex.WORDINGS:
+        for group in ("injected", "control"):
+            for reduction in ("mean", "first"):
+                assert all(math.isfinite(v) for v in rise[wording][group][reduction].values())
+    # the own-prompt rise of the injected facts is the study's own learning number, averaged over kinds
+    own_rise = sum(rise["own"]["injected"]["mean"].values()) / 3
+    assert own_rise == pytest.approx(result["per_seed"]["0"]["study_injected_rise"], abs=0.05)
+    # a different prompt gives a different rise (the scores are of other token sequences)
+    assert rise["neutral"]["injected"]["mean"] != rise["own"]["injected"]["mean"]

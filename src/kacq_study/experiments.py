@@ -6,6 +6,7 @@ reproduce at the demo's scale, each one command that writes a figure and a JSON 
     python -m kacq_study.experiments forgetting-horizon --out docs/findings
     python -m kacq_study.experiments landing --out docs/findings
     python -m kacq_study.experiments resuscitation-dose --out docs/findings
+    python -m kacq_study.experiments probe-wording --out docs/findings
 
 ``entropy-widths``: knowledge entropy against pretraining step for three model widths, far past the
 demo's pretraining, with the loss beside it. Kim et al. measured OLMo checkpoints long after the start
@@ -34,15 +35,23 @@ arm that injects corpus documents in the same rows instead).
 retention grows with the dose and stands out from the differences between seeds, and how far below their
 layer's mean the resuscitated slots were (Kim et al. resuscitate a checkpoint whose entropy has decayed).
 
+``probe-wording``: whether continued training teaches the injected facts or only their invented names. Each
+target is scored at the plain arm's start and end after its own prompt, another fact's prompt of the same
+kind, and a neutral prompt; if the targets rise as much after prompts that do not ask for them, probe kinds
+cannot differ (Chang et al.'s memorization > semantic > compositional order needs fact-specific learning).
+
 The multi-seed experiments take ``--seeds`` and ``--workers`` and run their tasks in parallel processes
 (:func:`kacq_study.study.run_variants`), as the study does.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -552,16 +561,123 @@ def plot_landing(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# A prompt that names no fact: what the target's log probability is from the target alone
+NEUTRAL_PROMPT = "The name is"
+WORDINGS = ("own", "other fact", "neutral")
+
+
+def probe_wording(seeds: Sequence[int] = DEFAULT_SEEDS, config: DemoConfig | None = None,
+                  workers: int | None = None) -> dict:
+    """Whether continued training teaches the injected facts or only their target names. From the late
+    checkpoint of each seed's pretraining (``config``, default ``DemoConfig()``), every probe's target is scored
+    at the plain arm's start and end after three prompts: its own, the same kind's probe of another record
+    (the records rotated by one, injected with injected, never-injected with never-injected), and a neutral
+    prompt that names no fact. The rise of the target's log probability over the arm (per-token mean and first
+    target token), per wording, probe kind and group, per seed and as spreads over seeds."""
+    base = config or DemoConfig()
+    base.validate()
+    seeds = [int(s) for s in seeds]
+    configs = [dataclasses.replace(base, seed=s) for s in seeds]
+    workers = max(1, min(len(configs), os.cpu_count() or 1) if workers is None else int(workers))
+    if workers == 1:
+        rows = [_wording_seed(c) for c in configs]
+    else:
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_wording_seed, configs))
+    per_seed = {str(s): row for s, row in zip(seeds, rows)}
+    summary = {wording: {group: {reduction: {kind: spread([r["rise"][wording][group][reduction][kind] for r in rows])
+                                             for kind in KINDS}
+                                 for reduction in ("mean", "first")}
+                         for group in ("injected", "control")}
+               for wording in WORDINGS}
+    return {"experiment": "probe-wording", "seeds": seeds, "neutral_prompt": NEUTRAL_PROMPT,
+            "continue_steps": base.continue_steps, "per_seed": per_seed, "summary": summary}
+
+
+def _wording_sets(facts: kf.FactSet) -> dict[str, kf.FactSet]:
+    """The records with their own prompts, with another record's prompts, and with the neutral prompt."""
+    injected = [i for i, s in enumerate(facts.scenarios) if s != "unused"]
+    control = [i for i, s in enumerate(facts.scenarios) if s == "unused"]
+    donor = {}
+    for group in (injected, control):
+        for j, i in enumerate(group):
+            donor[i] = group[(j + 1) % len(group)]  # a group of one keeps its own prompts: see "other fact" rises
+
+    def prompts(record: kf.FactRecord, source: kf.FactRecord | None) -> kf.FactRecord:
+        changed = {}
+        for kind in KINDS:
+            mine = getattr(record, f"{kind}_input")
+            theirs = getattr(source, f"{kind}_input") if source is not None else []
+            changed[f"{kind}_input"] = [theirs[k % len(theirs)] if source is not None else NEUTRAL_PROMPT
+                                        for k in range(len(mine))]
+        return dataclasses.replace(record, **changed)
+
+    records = list(facts)
+    return {"own": facts,
+            "other fact": kf.FactSet([prompts(r, records[donor[i]]) for i, r in enumerate(records)], facts.scenarios),
+            "neutral": kf.FactSet([prompts(r, None) for r in records], facts.scenarios)}
+
+
+def _wording_seed(config: DemoConfig) -> dict:
+    with deterministic(config.threads, config.device):
+        data = _prepare(config, _quiet)
+        _, checkpoints = _pretrain(config, data, _quiet)
+        model = checkpoints["model"]
+        model.load_state_dict(checkpoints["late"]["state"])
+        trackers = {name: kf.FactTracker(model, data.tokenizer, facts, batch_size=64)
+                    for name, facts in _wording_sets(data.facts).items()}
+        start = {name: tracker.score_probes() for name, tracker in trackers.items()}
+        arm = _json_ready(_run_arm(Arm("late", "late"), config, data, checkpoints, _quiet))
+        end = {name: tracker.score_probes() for name, tracker in trackers.items()}
+    probes = trackers["own"].probes
+    injected = torch.tensor([data.facts.scenarios[p.record] != "unused" for p in probes])
+    rise = {}
+    for name in WORDINGS:
+        rise[name] = {}
+        for group, mask in (("injected", injected), ("control", ~injected)):
+            rise[name][group] = {}
+            for reduction in ("mean", "first"):
+                delta = end[name][reduction] - start[name][reduction]
+                rise[name][group][reduction] = {
+                    kind: _nan_mean(delta[mask & torch.tensor([p.kind == kind for p in probes])].double())
+                    for kind in KINDS}
+    return {"seed": config.seed, "rise": rise, "study_injected_rise": arm["learning"]["injected"]["rise"],
+            "effectivity": {kind: _mean([g["effectivity"] for key, g in arm["groups"].items() if key.endswith("/" + kind)])
+                            for kind in KINDS}}
+
+
+def plot_probe_wording(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    for ax, reduction, name in zip(axes, ("mean", "first"), ("per-token mean", "first target token")):
+        width = 0.8 / len(WORDINGS)
+        for j, wording in enumerate(WORDINGS):
+            boxes = [result["summary"][wording]["injected"][reduction][kind] for kind in KINDS]
+            x = [i + j * width for i in range(len(KINDS))]
+            ax.bar(x, [b["mean"] for b in boxes], width, label=f"injected facts, {wording} prompt", color=f"C{j}")
+            for i, seed in enumerate(result["seeds"]):  # one dot per seed
+                ax.scatter(x, [result["per_seed"][str(seed)]["rise"][wording]["injected"][reduction][k] for k in KINDS],
+                           color="black", s=8, zorder=3, label="per seed" if (i == 0 and j == 0) else None)
+        control = [result["summary"]["own"]["control"][reduction][kind]["mean"] for kind in KINDS]
+        ax.plot([i + width for i in range(len(KINDS))], control, "k_", markersize=30, mew=2,
+                label="never-injected facts, own prompt")
+        ax.set_xticks([i + width for i in range(len(KINDS))], list(KINDS))
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(xlabel="probe kind", ylabel=f"rise of the target's log prob over the arm ({name}, nats)",
+               title=f"{name}: mean of {len(result['seeds'])} seeds")
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
                "acquisition-vs-entropy": (acquisition_vs_entropy, plot_acquisition_vs_entropy),
                "forgetting-horizon": (forgetting_horizon, plot_forgetting_horizon),
                "landing": (landing, plot_landing),
-               "resuscitation-dose": (resuscitation_dose, plot_resuscitation_dose)}
-
-
+               "resuscitation-dose": (resuscitation_dose, plot_resuscitation_dose),
+               "probe-wording": (probe_wording, plot_probe_wording)}
 
 # the experiments over several seeds (run in parallel processes, as the study runs); the others use one
-MULTI_SEED = {"forgetting-horizon", "resuscitation-dose"}
+MULTI_SEED = {"forgetting-horizon", "resuscitation-dose", "probe-wording"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -621,6 +737,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "mean_multiplier") if key in row))
         for label, found in result["findings"].items():
             print(f"{label}: " + ", ".join(f"{key} held {f['held']} of {f['seeds']}" for key, f in found.items()))
+    if result.get("experiment") == "probe-wording":
+        for wording, groups in result["summary"].items():
+            for reduction, kinds in groups["injected"].items():
+                print(f"injected, {wording} prompt, {reduction}: " + ", ".join(f"{k} {_text(v)}" for k, v in kinds.items()))
+        print("never-injected, own prompt, mean: " + ", ".join(f"{k} {_text(v)}" for k, v in
+                                                             result["summary"]["own"]["control"]["mean"].items()))
     if result.get("experiment") == "landing":
         print(f"chance {result['chance']:.3f}; study's grad x act share {result['study_share']}")
         for measure in MEASURES:
