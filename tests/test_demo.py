@@ -430,3 +430,18 @@ def test_entropy_findings_look_only_from_the_early_checkpoint_on():
     entropy.update(total=[3.0, 2.9, 2.8, 2.7], per_layer=[[1.5, 1.5], [1.45, 1.45], [1.45, 1.35], [1.44, 1.26]])
     verdicts = {f["id"]: f["holds"] for f in assess(results)}
     assert verdicts["entropy_decays"] and verdicts["last_layer_falls_most"]
+
+
+def test_report_names_the_experiment_behind_each_finding_that_does_not_reproduce():
+    from kacq_study.experiments import EXPERIMENTS
+    from kacq_study.findings import experiment_for
+
+    results = _reportable(_synthetic_results())
+    text = render_markdown(results)
+    line = next(l for l in text.splitlines() if "**resuscitation improves retention at the late checkpoint**" in l)
+    assert "python -m kacq_study.experiments resuscitation-dose" in line and "docs/findings.md" in line
+    reproduced = next(l for l in text.splitlines() if "**knowledge entropy decays during pretraining**" in l)
+    assert "kacq_study.experiments" not in reproduced  # only where a finding does not reproduce
+    # every finding the study checks has an experiment, and each named experiment exists
+    for finding in assess(_synthetic_results()):
+        assert experiment_for(finding["id"]) in EXPERIMENTS, finding["id"]

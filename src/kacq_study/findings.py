@@ -32,6 +32,27 @@ LOSS_FLAT_WINDOW = 0.1
 LOSS_FLAT_TOLERANCE = 0.02
 
 
+# The dedicated experiment (``python -m kacq_study.experiments NAME``, written up in docs/findings.md) that
+# looks into each finding, by id or by the id's stem before "[arm]"
+EXPERIMENT_FOR = {
+    "entropy_decays": "entropy-widths", "last_layer_falls_most": "entropy-widths",
+    "late_acquires_less": "acquisition-vs-entropy", "late_forgets_more": "acquisition-vs-entropy",
+    "resuscitation_improves_acquisition": "resuscitation-dose", "resuscitation_improves_retention": "resuscitation-dose",
+    "injection_raises_log_prob": "probe-wording", "mem_gen_hard_gen_order": "probe-wording",
+    "power_law_forgetting": "forgetting-horizon", "duplication_more_effective": "forgetting-horizon",
+    "duplication_forgets_faster": "forgetting-horizon", "facts_land_in_low_activity_slots": "landing",
+}
+
+
+def experiment_for(finding_id: str) -> str | None:
+    """The name of the dedicated experiment behind a finding, or None where there is none (the Zhu et al. arms).
+
+    >>> experiment_for("facts_land_in_low_activity_slots[late]")
+    'landing'
+    """
+    return EXPERIMENT_FOR.get(finding_id.split("[", 1)[0])
+
+
 def _finding(key: str, paper: str, claim: str, criterion: str, values: dict, holds: bool | None) -> dict:
     return {"id": key, "paper": paper, "claim": claim, "criterion": criterion, "values": values, "holds": holds}
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from kacq_hooks.report import pyplot, save_figure
 
 from .findings import (KINDS, LANDING_MARGIN, LEARNED_MARGIN, LEARNED_MIN_RISE, LOSS_FLAT_TOLERANCE,
-                       LOSS_FLAT_WINDOW, POWER_LAW_MIN_R2, SCENARIOS, combine_findings, fit_ok, landing, summarize)
+                       LOSS_FLAT_WINDOW, POWER_LAW_MIN_R2, SCENARIOS, combine_findings, experiment_for, fit_ok, landing,
+                       summarize)
 
 log = logging.getLogger(__name__)
 
@@ -627,8 +628,11 @@ def render_markdown(results: dict) -> str:
         shown = _measured(finding["values"])
         per = ", ".join(f"{s}: {({True: 'held', False: 'not held', None: 'not checked'})[v]}"
                         for s, v in zip(seeds, finding["per_seed"]))
+        experiment = experiment_for(finding["id"]) if not finding["reproduces"] else None
+        why = (f" Why not: the dedicated experiment `python -m kacq_study.experiments {experiment}` "
+               "(docs/findings.md)." if experiment else "")
         lines.append(f"- **{finding['claim']}** ({finding['paper']}): {_held_text(finding)}. Criterion: "
-                     f"{finding['criterion']}. Measured: {shown}. Per seed: {per}.")
+                     f"{finding['criterion']}. Measured: {shown}. Per seed: {per}.{why}")
     lines += ["", f"These are results of a very small model trained briefly, over {n} seed{'s' * (n != 1)}; treat a "
               "verdict as what these runs measured, not as evidence for or against the papers."]
     return "\n".join(lines) + "\n"
