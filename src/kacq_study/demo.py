@@ -69,8 +69,8 @@ RUN_TIME = {
                "clone, pip's cache warm, the tokenizer trained afresh)",
     "quick": "about 1 minute (60 s measured on the idle 2-core machine, the tokenizer trained afresh; 2 min 29 s "
              "while two other jobs shared the cores)",
-    "zhu": "about 11 minutes on 2 CPU cores (20 min 44 s measured with one worker, 1,227 s of tasks, half of "
-           "that time beside the test suite)",
+    "zhu": "about 11 minutes on 2 CPU cores (10 min 52 s measured with two workers, 1,244 s of tasks; the first "
+           "minutes beside two other jobs)",
 }
 
 # Where the facts land: fixed before any run, not tuned to a verdict. k = 50 of the 512 (quick) or 2,048
