@@ -315,7 +315,9 @@ def summarize_acquisition(
                 # per injection round (outliers removed per round), when every record had the same rounds
                 "effectivity_per_injection": (mean_without_outliers(torch.cat(gains), iqr_factor, dim=0).tolist()
                                               if same_rounds else None),
-                "effectivity_positive_fraction": float((flat > 0).double().mean()),
+                # over the measured effectivities: a NaN one (no finite score in its window) is not a loss
+                "effectivity_positive_fraction": (float((flat[measured] > 0).double().mean())
+                                                  if bool((measured := ~torch.isnan(flat)).any()) else math.nan),
                 "horizon": width - 1,
                 "retainability": mean_curve.tolist(),  # R at t = 0 .. horizon steps after the last maximum
             }

@@ -1,0 +1,86 @@
+"""Review 14 of kacq_study and its metrics (hostile review): failing tests that pin down defects found by attack,
+beyond test_review13.py's (CLI values, worker errors, findings' premises).
+
+Each test names the promise it checks. All are fast: synthetic trajectories and results dicts, the CLI and
+the experiments with their slow parts replaced.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+from kacq_hooks import facts
+from kacq_hooks.errors import KacqError, MetricError
+
+
+def _record():
+    probes = {f"{k}_{p}": ["a", "b"] for k in ("mem", "gen", "hard_gen") for p in ("input", "target")}
+    return facts.FactRecord("A passage.", **probes)
+
+
+def _store(rows: list[list[float]], scenarios=("once",), kind="mem") -> facts.TrajectoryStore:
+    """A store of len(rows[0]) probes of record 0 (steps 0 .. len(rows) - 1)."""
+    probes = [facts.ProbeRef(0, kind, i) for i in range(len(rows[0]))]
+    store = facts.TrajectoryStore(None, probes, list(scenarios))
+    for step, row in enumerate(rows):
+        t = torch.tensor(row)
+        store.append(step, {"mean": t, "first": t, "sum": t})
+    return store
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics: a number reported is right, or it is NaN / refused
+
+
+def test_positive_fraction_is_over_measured_effectivities_only():
+    """effectivity_positive_fraction ("more than half of all effectivities are > 0") must not count a probe whose
+    effectivity could not be measured (NaN score in its window) as a non-positive one: both measured probes
+    below gained, one was unmeasured, and the fraction read 0.5, failing the finding's > 0.5 by a NaN."""
+    fs = facts.FactSet([_record()], ["once"])
+    schedule = facts.InjectionSchedule(fs, interval=10, rounds=1)
+    rows = []
+    for step in range(30):
+        a = -5.0 if step == 0 else -3.0 - 0.01 * step
+        b = -5.0 if step == 0 else -3.5 - 0.01 * step
+        c = math.nan if step in (1, 2) else (-5.0 if step == 0 else -3.2 - 0.01 * step)
+        rows.append([a, b, c])
+    (row,) = facts.summarize_acquisition(_store(rows, fs.scenarios), schedule, window=3)
+    assert row["effectivity_positive_fraction"] == pytest.approx(1.0)
+
+
+def test_positive_fraction_of_no_measured_effectivity_is_nan():
+    fs = facts.FactSet([_record()], ["once"])
+    schedule = facts.InjectionSchedule(fs, interval=10, rounds=1)
+    rows = [[-5.0 if step == 0 else (math.nan if step < 3 else -3.0)] for step in range(30)]
+    (row,) = facts.summarize_acquisition(_store(rows, fs.scenarios), schedule, window=3)
+    assert math.isnan(row["effectivity_positive_fraction"])
+
+
+def test_retainability_is_undefined_for_a_probe_that_gained_nothing():
+    """R(t) = (l(t_LAM + t) - l(t_pre)) / (l(t_LAM) - l(t_pre)) is the share of the gain still held: a probe whose
+    log prob only fell (denominator < 0) has no gain to retain, yet its R read 1, 2, 3, 4 (retention "growing"
+    to 400% while the fact was being forgotten), which then entered the group's mean curve and its fit."""
+    t, r = facts.retainability([0, 1, 2, 3, 4], [-5.0, -6.0, -7.0, -8.0, -9.0], [0], window=1)
+    assert torch.isnan(r).all(), r
+    # a probe that did gain keeps its R
+    t, r = facts.retainability([0, 1, 2, 3, 4], [[-5.0, -3.0, -4.0, -4.5, -5.0], [-5.0, -6.0, -7.0, -8.0, -9.0]],
+                               [0], window=1)
+    assert r[0].tolist() == pytest.approx([1.0, 0.5, 0.25, 0.0]) and torch.isnan(r[1]).all()
+
+
+def test_effectivity_refuses_a_window_the_recording_cut_short():
+    """The local acquisition maximum is the best step in (t_i, t_i + t_w]. When the recording stops before
+    t_i + t_w, the maximum of the part that was recorded is not that: effectivity with t_w = 50 was computed from a
+    single step after the injection, a plausible wrong number. It must be refused, saying what to do."""
+    steps, values = list(range(6)), [-5.0, -5.0, -5.0, -5.0, -5.0, -4.0]
+    with pytest.raises(MetricError, match="window"):
+        facts.effectivity(steps, values, [4], window=50)
+    with pytest.raises(MetricError, match="window"):
+        facts.retainability(steps, values, [4], window=50)
+    # a window the recording covers is fine, however sparse the steps in it
+    assert facts.effectivity([0, 2, 5], [-5.0, -4.0, -4.5], [0], window=5).tolist() == pytest.approx([1.0])
