@@ -127,7 +127,7 @@ def retainability(
 
     R(q, t) = [l(θ_{t_LAM,n + t}) - l(θ_{t_1})] / [l(θ_{t_LAM,n}) - l(θ_{t_1})], with t_LAM,n the local
     acquisition maximum after the last injection and t_1 the first injection. NaN where the step
-    ``t_LAM,n + t`` was not recorded or the denominator is 0. ``horizon`` defaults to the longest available.
+    ``t_LAM,n + t`` was not recorded, and for a probe whose denominator is <= 0 (it gained nothing to retain). ``horizon`` defaults to the longest available.
 
     >>> t, r = retainability([0, 1, 2, 3, 4], [-5.0, -3.0, -2.0, -4.0, -4.5], [0], window=2)
     >>> t.tolist(), r.tolist()
@@ -149,7 +149,8 @@ def retainability(
     at_lam = values_t.gather(-1, lookup[lam_last][..., None])
     before = values_t[..., index[injections[0]]][..., None]
     denominator = at_lam - before
-    ratio = (after - before) / denominator.where(denominator != 0, torch.nan)
+    # a probe that gained nothing (denominator <= 0) has no gain to retain: a ratio of two losses would read as retention
+    ratio = (after - before) / denominator.where(denominator > 0, torch.nan)
     return offsets, ratio.where(present, torch.nan)
 
 
