@@ -84,7 +84,10 @@ def _prepare(steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int]
 def local_acquisition_maximum(
     steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int], window: int = 50
 ) -> torch.Tensor:
-    """t_LAM per injection: the step in ``(t_i, t_i + window]`` with the highest value. Long [..., n_injections]."""
+    """t_LAM per injection: the step in ``(t_i, t_i + window]`` with the highest value. Long [..., n_injections].
+
+    The recording must reach ``t_i + window`` (the steps in the window may be sparse): a window cut short by the
+    end of the recording raises :class:`MetricError`, as its best step need not be the window's."""
     steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
     if window < 1:
         raise MetricError(f"window must be >= 1, got {window}")
@@ -93,6 +96,9 @@ def local_acquisition_maximum(
         in_window = ((steps_t > t) & (steps_t <= t + window)).nonzero().squeeze(1)
         if in_window.numel() == 0:
             raise MetricError(f"no recorded step in the window ({t}, {t + window}] after injection step {t}")
+        if int(steps_t[-1]) < t + window:  # the maximum of the part recorded is not the window's
+            raise MetricError(f"the recording ends at step {int(steps_t[-1])}, before the end of the window ({t}, "
+                              f"{t + window}] after injection step {t}; record up to step {t + window} or lower window")
         best = values_t[..., in_window].argmax(dim=-1)
         result.append(steps_t[in_window][best])
     return torch.stack(result, dim=-1)
@@ -105,7 +111,7 @@ def effectivity(
 
     ``window`` is t_w: 50 for AdamW with beta1 = 0.9, 1 for an optimizer without momentum.
 
-    >>> effectivity([0, 1, 2, 3, 4], [-5.0, -3.0, -2.0, -4.0, -4.5], [0, 3], window=2).tolist()
+    >>> effectivity([0, 1, 2, 3, 4, 5], [-5.0, -3.0, -2.0, -4.0, -4.5, -4.8], [0, 3], window=2).tolist()
     [3.0, -0.5]
     """
     steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
