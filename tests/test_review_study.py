@@ -84,3 +84,24 @@ def test_effectivity_refuses_a_window_the_recording_cut_short():
         facts.retainability(steps, values, [4], window=50)
     # a window the recording covers is fine, however sparse the steps in it
     assert facts.effectivity([0, 2, 5], [-5.0, -4.0, -4.5], [0], window=5).tolist() == pytest.approx([1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The study's config: bad values refused before slow work
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"window": 0}, "window"),
+    ({"window": -1}, "window"),
+    ({"window": 16, "tail_steps": 14}, "tail_steps"),   # the last window would run past the recording
+    ({"tail_steps": -1}, "tail_steps"),
+    ({"lead_steps": -1}, "lead_steps"),
+])
+def test_validate_refuses_windows_and_schedules_the_arm_cannot_measure(overrides, match):
+    """These configs passed validate() and failed only at the end of the first arm, after pretraining (window 0
+    and a window past the recording in summarize_acquisition, a negative lead in the injection schedule)."""
+    from kacq_study.demo import DemoConfig, DemoConfigError
+
+    with pytest.raises(DemoConfigError, match=match):
+        DemoConfig(**overrides).validate()
+    DemoConfig(window=15, tail_steps=14).validate()  # the last window ends on the last recorded step

@@ -210,6 +210,14 @@ class DemoConfig:
             raise DemoConfigError(f"early_step={self.early_step} must lie in (0, pretrain_steps={self.pretrain_steps})")
         if self.injection_rounds < 1 or self.injection_every < 1:
             raise DemoConfigError("injection_rounds and injection_every must be >= 1")
+        if self.lead_steps < 0 or self.tail_steps < 0:
+            raise DemoConfigError(f"lead_steps={self.lead_steps} and tail_steps={self.tail_steps} must be >= 0")
+        if self.window < 1:
+            raise DemoConfigError(f"window={self.window}: the local acquisition maximum needs a window of >= 1 step")
+        if self.window > self.tail_steps + 1:  # probes are recorded up to tail_steps + 1 steps after the last injection
+            raise DemoConfigError(f"window={self.window} runs past the recording: the probes are recorded "
+                                  f"tail_steps + 1 = {self.tail_steps + 1} steps after the last injection; raise "
+                                  "tail_steps or lower window")
         if self.window >= self.injection_every and self.injection_rounds > 1:
             log.info("window %d >= injection interval %d: acquisition maxima may see the next injection",
                      self.window, self.injection_every)
