@@ -105,3 +105,37 @@ def test_validate_refuses_windows_and_schedules_the_arm_cannot_measure(overrides
     with pytest.raises(DemoConfigError, match=match):
         DemoConfig(**overrides).validate()
     DemoConfig(window=15, tail_steps=14).validate()  # the last window ends on the last recorded step
+
+
+# ------------------------------------------------------------------------------------------------
+# The summary and report.md: no number the findings refuse
+
+
+def test_per_kind_effectivity_is_not_a_mean_over_fewer_scenarios():
+    """report.md's "mean effectivity per probe kind (mean over scenarios)" came from study.digest, whose mean
+    skipped a scenario without a value: with paraphrase/gen unmeasured it printed the mean of the other two
+    scenarios as the kind's, the number findings.per_kind refuses ("a mean over the others would not be like for
+    like"). It must be n/a, as the finding's value is."""
+    from kacq_study.findings import assess
+    from kacq_study.study import digest
+    from test_demo import _synthetic_results
+
+    results = _synthetic_results()
+    results["arms"]["late"]["groups"] = copy.deepcopy(results["arms"]["late"]["groups"])
+    results["arms"]["late"]["groups"]["paraphrase/gen"]["effectivity"] = None
+    for arm in results["arms"].values():
+        arm.update(entropy_start={"total": 2.8})
+    order = next(f for f in assess(results) if f["id"] == "mem_gen_hard_gen_order")
+    assert order["values"]["effectivity"]["gen"] is None and order["holds"] is None
+    row = digest(results)["arms"]["late"]
+    assert row["effectivity"]["gen"] is None
+    assert row["effectivity"]["mem"] == pytest.approx(0.9)  # the kinds with every scenario keep their mean
+
+
+def test_experiments_means_are_not_over_fewer_kinds():
+    """experiments._mean (a scenario's effectivity and R at the end, over kinds; a checkpoint's effectivity per
+    kind, over scenarios) skipped a missing value and averaged the rest, as study.digest did."""
+    from kacq_study import experiments as ex
+
+    assert ex._mean([0.2, None, 0.4]) is None and ex._mean([0.2, math.nan]) is None
+    assert ex._mean([0.2, 0.4]) == pytest.approx(0.3)

@@ -132,8 +132,9 @@ def acquisition_vs_entropy(steps: int | None = None, seed: int = 0, points: int 
 
 
 def _mean(values: Sequence[float]) -> float | None:
+    """The mean, None when a value is missing (None or NaN): a mean over the others would not be like for like."""
     kept = [v for v in values if v is not None and v == v]
-    return sum(kept) / len(kept) if kept else None
+    return sum(kept) / len(kept) if kept and len(kept) == len(values) else None
 
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
