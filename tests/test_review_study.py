@@ -139,3 +139,57 @@ def test_experiments_means_are_not_over_fewer_kinds():
 
     assert ex._mean([0.2, None, 0.4]) is None and ex._mean([0.2, math.nan]) is None
     assert ex._mean([0.2, 0.4]) == pytest.approx(0.3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs: nothing half-written
+
+
+@pytest.fixture
+def torn_writes(monkeypatch):
+    """Every Path.write_text writes half of its text and is then interrupted (Ctrl-C, a full disk, a kill)."""
+    def torn(self, data, *args, **kwargs):
+        with open(self, "w", encoding="utf-8") as handle:
+            handle.write(data[: len(data) // 2])
+        raise KeyboardInterrupt("interrupted while writing")
+    monkeypatch.setattr(pathlib.Path, "write_text", torn)
+
+
+def _previous_run(out: pathlib.Path, *names: str) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    old = {name: json.dumps({"previous": name}) + "\n" for name in names}
+    for name, text in old.items():
+        with open(out / name, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return old
+
+
+def _whole(out: pathlib.Path, old: dict[str, str]) -> None:
+    for name, text in old.items():
+        assert (out / name).read_text(encoding="utf-8") == text, f"{name} was left half-written"
+    assert sorted(p.name for p in out.iterdir()) == sorted(old), "a partial file was left behind"
+
+
+def test_an_interrupted_write_results_leaves_results_json_whole(tmp_path, torn_writes):
+    """write_results wrote results.json in place: interrupted, a previous run's results.json was replaced by half
+    of the new one (invalid JSON, and the previous numbers lost)."""
+    from kacq_study.demo import write_results
+
+    out = tmp_path / "run"
+    old = _previous_run(out, "results.json", "timings.json")
+    with pytest.raises(KeyboardInterrupt):
+        write_results({"format": "x", "numbers": list(range(500)), "timings": {"wall_s": 1.0}}, out)
+    _whole(out, old)
+
+
+def test_an_interrupted_experiment_leaves_its_json_whole(tmp_path, torn_writes, monkeypatch):
+    """python -m kacq_study.experiments wrote its JSON in place (the figure is written after it)."""
+    from kacq_study import experiments as ex
+
+    monkeypatch.setitem(ex.EXPERIMENTS, "landing", (lambda seed, **kw: {"numbers": list(range(500))},
+                                                     lambda result, path: path))
+    out = tmp_path / "findings"
+    old = _previous_run(out, "landing.json")
+    with pytest.raises(KeyboardInterrupt):
+        ex.main(["landing", "--out", str(out)])
+    _whole(out, old)

@@ -835,14 +835,29 @@ def _json_ready(value):
     return value
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it, then ``os.replace``. An
+    interrupted write leaves the previous file as it was (and no partial file)."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.partial")  # beside it (one file system), with the umask's permissions
+    try:
+        Path(staging).write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_results(results: dict, out: str | os.PathLike) -> Path:
-    """Write ``results.json`` (without wall-clock timings, so equal runs give equal bytes) and ``timings.json``."""
+    """Write ``results.json`` (without wall-clock timings, so equal runs give equal bytes) and ``timings.json``,
+    each whole or not at all (:func:`write_text_atomic`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stable = {k: v for k, v in results.items() if k != "timings"}
-    path = out / "results.json"
-    path.write_text(json.dumps(stable, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    if "timings" in results:
-        (out / "timings.json").write_text(json.dumps(results["timings"], indent=1, sort_keys=True) + "\n",
-                                          encoding="utf-8")
+    text = json.dumps(stable, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    timings = json.dumps(results["timings"], indent=1, sort_keys=True) + "\n" if "timings" in results else None
+    path = write_text_atomic(out / "results.json", text)
+    if timings is not None:
+        write_text_atomic(out / "timings.json", timings)
     return path

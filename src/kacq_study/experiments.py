@@ -49,7 +49,7 @@ from kacq_hooks.report import pyplot, save_figure
 from kacq_hooks.training.attribution import low_activity_mask
 
 from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _json_ready, _prepare, _pretrain, _run_arm, corpus_texts,
-                   deterministic)
+                   deterministic, write_text_atomic)
 from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, fit_ok
 
 WIDTHS = (32, 64, 128)
@@ -457,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.experiment.replace("-", "_")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
     figure = plot(result, out / f"{name}.png")
     print(f"wrote {figure} and {name}.json in {time.perf_counter() - started:.0f} s")
     for width, r in result.get("runs", {}).items():

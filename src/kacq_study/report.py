@@ -649,6 +649,8 @@ def _continued_training(config: dict) -> str:
 def write_report(results: dict, out: str | os.PathLike) -> list[Path]:
     """Write report.md and the figures of :data:`FIGURES` into ``out`` (attribution.png when an arm recorded
     where its facts land); returns their paths."""
+    from .demo import write_text_atomic
+
     results = _study(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -658,6 +660,6 @@ def write_report(results: dict, out: str | os.PathLike) -> list[Path]:
     if _attributed(results):
         paths.append(plot_landing(results, out / LANDING_FIGURE))
     report = out / "report.md"
-    report.write_text(render_markdown(results), encoding="utf-8")
+    write_text_atomic(report, render_markdown(results))
     log.info("wrote %s and %d figures", report, len(paths))
     return [report, *paths]
