@@ -522,6 +522,7 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
         picked += [(loaded[i], "unused") for i in unused]
         facts = kf.FactSet([r for r, _ in picked], [s for _, s in picked])
         facts_source = str(config.facts)
+    _check_rows(config, tokenizer, facts)
     summary = {
         "corpus": config.corpus or "wikipedia_summaries", "documents": len(texts),
         "tokens": int(packed.numel()), "train_sequences": len(train),
@@ -530,6 +531,24 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
         "injection_steps": config.injection_steps(),
     }
     return _Data(tokenizer, train, Calibration(calibration.to(config.device)), facts, summary)
+
+
+def _check_rows(config: DemoConfig, tokenizer, facts: kf.FactSet) -> None:
+    """With ``injection="span"``, every step's passages must fit in a continued-training batch (a passage takes
+    ceil(tokens / seq_len) rows): checked here, before pretraining, not when the first arm reaches the step.
+    (The rows of "row" injection are checked by :meth:`DemoConfig.validate`.) Transformed passages (formatting
+    augmentation) are checked when injected."""
+    if config.injection != "span":
+        return
+    rows = config.continue_batch_size or config.batch_size
+    schedule = config.schedule(facts)
+    for step in schedule.steps:
+        lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in schedule.passages_at(step)]
+        needed = sum(math.ceil(n / config.seq_len) for n in lengths)
+        if needed > rows:
+            raise DemoConfigError(f"the passages injected at continued-training step {step} need {needed} rows of "
+                                  f"{config.seq_len} tokens but a batch has {rows}: raise continue_batch_size (or "
+                                  "batch_size) or seq_len, or lower facts_per_scenario")
 
 
 def _pretrain(config: DemoConfig, data: _Data, report: Progress,
