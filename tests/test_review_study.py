@@ -238,3 +238,20 @@ def test_row_injection_that_cuts_a_probed_fact_is_refused_before_pretraining(no_
 
     with pytest.raises(DemoConfigError, match="seq_len"):
         run_study(DemoConfig.quick(injection="row", continue_batch_size=None, arms=("late",)), seeds=(0,), workers=1)
+
+
+def test_experiment_summary_lines_print_a_missing_number_as_n_a(tmp_path, monkeypatch, capsys):
+    """main() formats its summary with :.3f: a None (an unmeasured group, a mean with a missing kind) raised
+    TypeError after the JSON was written, so the command failed with a traceback instead of saying n/a."""
+    from kacq_study import experiments as ex
+
+    result = {"experiment": "forgetting-horizon",
+              "scenarios": {"once": {"effectivity": None, "power_law_kinds_long": 0, "horizon_long": 3,
+                                     "power_law_kinds_short": 0, "horizon_short": 2, "decay_long": None,
+                                     "decay_short": None, "R_end": None}},
+              "checkpoints": [{"step": 1, "entropy": None, "acquisition": None, "injected_rise": None,
+                               "effectivity": {}, "effectivity_first_token": {}}]}
+    monkeypatch.setitem(ex.EXPERIMENTS, "forgetting-horizon", (lambda seed, **kw: result, lambda r, path: path))
+    assert ex.main(["forgetting-horizon", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "once: effectivity n/a" in out and "A n/a" in out

@@ -442,6 +442,11 @@ EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
 
 
 
+def _f(value, spec: str) -> str:
+    """A number for the summary lines, "n/a" for a missing one (None or NaN)."""
+    return format(value, spec) if isinstance(value, (int, float)) and value == value else "n/a"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kacq_study.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -461,26 +466,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     figure = plot(result, out / f"{name}.png")
     print(f"wrote {figure} and {name}.json in {time.perf_counter() - started:.0f} s")
     for width, r in result.get("runs", {}).items():
-        print(f"d_model {width}: entropy minimum {r['minimum']:.3f} at step {r['minimum_step']}, last {r['last']:.3f} "
-              f"(max {r['max_total']:.3f}); Spearman(step, H) after the minimum {r['spearman_after_minimum']}")
+        print(f"d_model {width}: entropy minimum {_f(r['minimum'], '.3f')} at step {r['minimum_step']}, last {_f(r['last'], '.3f')} "
+              f"(max {_f(r['max_total'], '.3f')}); Spearman(step, H) after the minimum {r['spearman_after_minimum']}")
     for r in result.get("checkpoints", []):
-        print(f"step {r['step']}: H {r['entropy']:.3f}, A {r['acquisition']:.4f}, injected rise {r['injected_rise']:.2f}, "
+        print(f"step {r['step']}: H {_f(r['entropy'], '.3f')}, A {_f(r['acquisition'], '.4f')}, injected rise {_f(r['injected_rise'], '.2f')}, "
               f"effectivity {r['effectivity']}, first token {r['effectivity_first_token']}")
     if "pearson" in result:
         print(f"Pearson(H, A) = {result['pearson']}")
     for scenario, r in result.get("scenarios", {}).items():
-        print(f"{scenario}: effectivity {r['effectivity']:.3f}, power-law kinds {r['power_law_kinds_long']}/3 over "
+        print(f"{scenario}: effectivity {_f(r['effectivity'], '.3f')}, power-law kinds {r['power_law_kinds_long']}/3 over "
               f"t <= {r['horizon_long']} ({r['power_law_kinds_short']}/3 over t <= {r['horizon_short']}), "
               f"mean decay {r['decay_long']} ({r['decay_short']}), R at the end {r['R_end']}")
     for horizon, found in result.get("findings", {}).items():
         print(f"{horizon} horizon: " + ", ".join(f"{key} {f['holds']}" for key, f in found.items()))
     if result.get("experiment") == "landing":
-        print(f"chance {result['chance']:.3f}; study's grad x act share {result['study_share']}")
+        print(f"chance {_f(result['chance'], '.3f')}; study's grad x act share {result['study_share']}")
         for measure in MEASURES:
-            print(f"{measure}: injected start {result['start'][measure]['injected']:.3f} end "
-                  f"{result['end'][measure]['injected']:.3f}, control end {result['end'][measure]['control']:.3f}")
+            print(f"{measure}: injected start {_f(result['start'][measure]['injected'], '.3f')} end "
+                  f"{_f(result['end'][measure]['injected'], '.3f')}, control end {_f(result['end'][measure]['control'], '.3f')}")
         for name, r in result["value_change"].items():
-            print(f"value change {name}: share by k {r['by_k']}, mean low {r['mean_low']:.4g} other {r['mean_other']:.4g}")
+            print(f"value change {name}: share by k {r['by_k']}, mean low {_f(r['mean_low'], '.4g')} other {_f(r['mean_other'], '.4g')}")
     return 0
 
 
