@@ -255,3 +255,16 @@ def test_experiment_summary_lines_print_a_missing_number_as_n_a(tmp_path, monkey
     assert ex.main(["forgetting-horizon", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "once: effectivity n/a" in out and "A n/a" in out
+
+
+def test_arms_figure_has_labelled_axes(monkeypatch, tmp_path):
+    """Figures have labelled axes: arms.png's three panels had a title and arm names as ticks, but no axis labels
+    (what unit is "retention" on the y axis?)."""
+    from kacq_study import report
+    from test_demo import _synthetic_results
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    report.plot_arms(_synthetic_results(), tmp_path / "arms.png")
+    for ax in figures[0].axes:
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()

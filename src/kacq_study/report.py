@@ -337,6 +337,9 @@ def plot_arms(results: dict, path: Path) -> Path:
         ax.set_xlim(-0.6, len(names) - 0.4)  # every arm keeps its place, with or without a bar
         ax.axhline(0, color="black", lw=0.6)
         ax.set_title({"acquisition": "acquisition A", "retention": "retention", "forgetting": "forgetting F"}[metric])
+        ax.set(xlabel="arm", ylabel={"acquisition": "A = (K_after - K_before) / |K_before|",
+                                     "retention": "share of the peak gain in K held at the end",
+                                     "forgetting": "F = relative drop of held-out accuracy"}[metric])
     axes[0][0].legend(fontsize=7)
     return save_figure(fig, path)
 
