@@ -268,3 +268,17 @@ def test_arms_figure_has_labelled_axes(monkeypatch, tmp_path):
     report.plot_arms(_synthetic_results(), tmp_path / "arms.png")
     for ax in figures[0].axes:
         assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_experiment_steps_must_be_positive(steps, tmp_path, monkeypatch):
+    """--steps 0 was dropped (`if args.steps`) and the experiment ran its default, many minutes, as if no value
+    had been given; --steps -5 reached the experiment, which pretrained zero steps. Both must be refused at once."""
+    from kacq_study import experiments as ex
+
+    def started(seed, **kwargs):
+        raise AssertionError(f"the experiment started with {kwargs}")
+    monkeypatch.setitem(ex.EXPERIMENTS, "landing", (started, lambda r, path: path))
+    with pytest.raises(SystemExit) as exit_info:
+        ex.main(["landing", "--steps", steps, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2

@@ -447,16 +447,24 @@ def _f(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) and value == value else "n/a"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kacq_study.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--out", default="docs/findings", help="folder for the figure and the JSON")
-    parser.add_argument("--steps", type=int, default=None, help="pretraining steps (experiment's default if omitted)")
+    parser.add_argument("--steps", type=_positive, default=None, help="pretraining steps, >= 1 (experiment's default "
+                        "if omitted)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run, plot = EXPERIMENTS[args.experiment]
-    kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+    kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
     started = time.perf_counter()
     result = _json_ready(run(**kwargs))
     out = Path(args.out)
