@@ -282,3 +282,48 @@ def test_experiment_steps_must_be_positive(steps, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         ex.main(["landing", "--steps", steps, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def _fake_study(monkeypatch, write_report):
+    from kacq_study import cli as study_cli
+
+    results = {"format": "kacq_hooks.demo", "version": 2, "findings": [], "numbers": list(range(100)),
+               "timings": {"wall_s": 1.0, "workers": 1}}
+    monkeypatch.setattr(study_cli, "run_study", lambda config, seeds, workers=None, progress=None: results)
+    monkeypatch.setattr(study_cli, "write_report", write_report)
+
+
+def test_an_interrupted_report_leaves_the_previous_run_whole(tmp_path, monkeypatch):
+    """`kacq demo` wrote results.json, then report.md and the figures, into --out: interrupted in the report, the
+    folder held this run's results.json beside the previous run's report.md (numbers that disagree with it)."""
+    from kacq_hooks.cli import main
+
+    out = tmp_path / "demo"
+    old = _previous_run(out, "results.json", "timings.json", "report.md", "entropy.png", "attribution.png")
+
+    def interrupted(results, folder):
+        (pathlib.Path(folder) / "entropy.png").write_bytes(b"new figure")
+        raise KeyboardInterrupt("interrupted while drawing")
+    _fake_study(monkeypatch, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo", "--quick", "--seeds", "0,", "--out", str(out)])
+    _whole(out, old)
+
+
+def test_a_new_run_leaves_no_figure_of_the_previous_run(tmp_path, monkeypatch):
+    """A run whose arms record no landing writes no attribution.png: the previous run's stayed in --out beside the
+    new report, a figure of other numbers."""
+    from kacq_hooks.cli import main
+
+    out = tmp_path / "demo"
+    _previous_run(out, "results.json", "report.md", "entropy.png", "attribution.png")
+
+    def report(results, folder):
+        paths = [pathlib.Path(folder) / "report.md", pathlib.Path(folder) / "entropy.png"]
+        for path in paths:
+            path.write_bytes(b"new")
+        return paths
+    _fake_study(monkeypatch, report)
+    assert main(["demo", "--quick", "--seeds", "0,", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["entropy.png", "report.md", "results.json", "timings.json"]
+    assert (out / "report.md").read_bytes() == b"new" and json.loads((out / "results.json").read_text())["numbers"]
