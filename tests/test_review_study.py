@@ -327,3 +327,20 @@ def test_a_new_run_leaves_no_figure_of_the_previous_run(tmp_path, monkeypatch):
     assert main(["demo", "--quick", "--seeds", "0,", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["entropy.png", "report.md", "results.json", "timings.json"]
     assert (out / "report.md").read_bytes() == b"new" and json.loads((out / "results.json").read_text())["numbers"]
+
+
+def test_summary_refuses_a_store_and_schedule_of_different_facts():
+    """summarize_acquisition grouped records by the store's scenarios and read their injection steps from the
+    schedule: a schedule of other facts (another order, another split) gave a group labelled 'once' the steps of a
+    duplication record, and numbers under the wrong label, without a word."""
+    fs = facts.FactSet([_record(), _record()], ["once", "duplication"])
+    other = facts.FactSet([_record(), _record()], ["duplication", "once"])
+    schedule = facts.InjectionSchedule(other, interval=5, rounds=2)
+    probes = [facts.ProbeRef(r, "mem", 0) for r in range(2)]
+    store = facts.TrajectoryStore(None, probes, fs.scenarios)
+    for step in range(30):
+        row = torch.tensor([-5.0 + 0.01 * step, -4.0 + 0.01 * step])
+        store.append(step, {"mean": row, "first": row, "sum": row})
+    with pytest.raises(MetricError, match="scenarios"):
+        facts.summarize_acquisition(store, schedule, window=2)
+    facts.summarize_acquisition(store, facts.InjectionSchedule(fs, interval=5, rounds=2), window=2)

@@ -283,6 +283,11 @@ def summarize_acquisition(
     steps = torch.tensor(store.steps, dtype=torch.long)
     values = store.values(reduction).double()
     scenarios = store.scenarios or schedule.facts.scenarios
+    if list(scenarios) != list(schedule.facts.scenarios):  # the store's groups would get other records' steps
+        ours, theirs = list(scenarios), list(schedule.facts.scenarios)
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise MetricError(f"the store's {len(ours)} records and the schedule's {len(theirs)} facts differ in their "
+                          f"scenarios (first at record {first}): build the schedule from the facts the store recorded")
     rows = []
     kinds = list(dict.fromkeys(p.kind for p in store.probes))
     for scenario in dict.fromkeys(scenarios):
