@@ -344,3 +344,31 @@ def test_summary_refuses_a_store_and_schedule_of_different_facts():
     with pytest.raises(MetricError, match="scenarios"):
         facts.summarize_acquisition(store, schedule, window=2)
     facts.summarize_acquisition(store, facts.InjectionSchedule(fs, interval=5, rounds=2), window=2)
+
+
+def test_landing_paragraph_counts_every_seed():
+    """report.md's landing paragraph judged the finding over the seeds that recorded an attribution only: with
+    seed 1 missing it, the paragraph said "held for 1 of 1 seed: reproduced" while the findings list (every
+    seed) said "held for 1 of 2 seeds: not reproduced"."""
+    from kacq_study.findings import assess
+    from kacq_study.report import _landing_section
+    from kacq_study.study import assemble
+    from test_demo import _reportable, _synthetic_results
+
+    attribution = {"method": "grad_x_act", "k": 50, "slots": 512, "quantile": 0.5, "low_activity_slots": 256,
+                   "first_injection": 5, "chance": 0.5, "steps": [0, 6, 30],
+                   "share": {"mean": [0.4, 0.5, 0.7]}, "share_by_kind": {"mem": {"mean": [0.4, 0.5, 0.7]}}}
+    seeds = []
+    for seed in (0, 1):
+        results = copy.deepcopy(_reportable(_synthetic_results()))
+        results["config"]["seed"] = seed
+        if seed == 0:
+            results["arms"]["late"]["attribution"] = copy.deepcopy(attribution)
+        results["findings"] = assess(results)
+        seeds.append(results)
+    study = assemble(seeds[0]["config"], [0, 1], seeds)
+    listed = next(f for f in study["findings"] if f["id"] == "facts_land_in_low_activity_slots[late]")
+    assert (listed["held"], listed["seeds"], listed["reproduces"]) == (1, 2, False)
+    text = "\n".join(_landing_section(study))
+    assert "held for 1 of 2 seeds" in text and "not reproduced" in text, text
+    assert "0.7 [1 of 2 seeds] at the end" in text, text  # its numbers say they cover one seed of two

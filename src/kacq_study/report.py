@@ -426,10 +426,14 @@ def _landing_section(results: dict) -> list[str]:
              f"the {_fmt(first['quantile'])} quantile of its layer, the slots resuscitation amplifies "
              f"({_sp(combine([a['low_activity_slots'] for a in next(iter(arms.values()))]))} of {first['slots']}).", ""]
     for name, seeds in arms.items():
-        share = combine([a["share"] for a in seeds])
-        chance = combine([a["chance"] for a in seeds])
-        by_kind = combine([a["share_by_kind"] for a in seeds])
-        finding = combine_findings([[landing({"arms": {name: {"attribution": a}}}, name)] for a in seeds])[0]
+        # over every seed, None where a seed has no attribution (its numbers then say "[k of n seeds]")
+        every = [s["arms"].get(name, {}).get("attribution") for s in _seeds(results)]
+        share = combine([a["share"] if a else None for a in every])
+        chance = combine([a["chance"] if a else None for a in every])
+        by_kind = combine([a["share_by_kind"] if a else None for a in every])
+        # the study's own combined finding, over every seed (a seed without an attribution counts as not held)
+        finding = next((f for f in results.get("findings", []) if f["id"] == f"facts_land_in_low_activity_slots[{name}]"),
+                       None) or combine_findings([[landing({"arms": {name: {"attribution": a}}}, name)] for a in seeds])[0]
         lines.append(f"In arm {name}, the mean share of a probe's top-{first['k']} slots that were low-activity was "
                      f"{_sp(share['mean'][-1], 3)} at the end, {_sp(share['mean'][1], 3)} right after the first "
                      f"injection and {_sp(share['mean'][0], 3)} at the arm's start, against chance "
