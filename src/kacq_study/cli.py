@@ -7,7 +7,10 @@ this package. ``python -m kacq_study ARGS`` is the same as ``kacq demo ARGS``.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +19,7 @@ from kacq_hooks.errors import KacqError
 from kacq_hooks.sweep import check_device
 
 from .demo import ARMS, RUN_TIME, ZHU_ARMS, DemoConfig, DemoConfigError, write_results
-from .report import write_report
+from .report import FIGURES, write_report
 from .study import DEFAULT_SEEDS, run_study
 
 
@@ -115,13 +118,30 @@ def run_demo_command(args: argparse.Namespace) -> int:
         return 130
     finally:
         progress.close()
-    path = write_results(results, args.out)
-    written = write_report(results, args.out)
+    path, written = _publish(results, Path(args.out))
     reproduced = sum(f["reproduces"] for f in results["findings"])
     print(f"wrote {path}, {', '.join(p.name for p in written)} to {args.out}; {reproduced} of "
           f"{len(results['findings'])} findings reproduce for all {len(seeds)} seeds at this scale (see report.md); "
           f"{results['timings']['wall_s']:.0f} s with {results['timings']['workers']} worker(s)")
     return 0
+
+
+def _publish(results: dict, out: Path) -> tuple[Path, list[Path]]:
+    """Write results.json, timings.json, report.md and the figures into a folder inside ``out``, then move them
+    into ``out`` and remove the outputs of a previous run that this one did not write (a figure of other
+    numbers). Interrupted while writing, ``out`` keeps the previous run's outputs as they were."""
+    staging = Path(tempfile.mkdtemp(prefix=".kacq-demo-", dir=out))
+    try:
+        write_results(results, staging)
+        written = [Path(p).name for p in write_report(results, staging)]
+        made = {p.name for p in staging.iterdir()}
+        for name in {"results.json", "timings.json", *FIGURES, "report.md"} - made:
+            (out / name).unlink(missing_ok=True)
+        for name in sorted(made):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "results.json", [out / name for name in written]
 
 
 def resolve_device(name: str) -> str:

@@ -210,6 +210,14 @@ class DemoConfig:
             raise DemoConfigError(f"early_step={self.early_step} must lie in (0, pretrain_steps={self.pretrain_steps})")
         if self.injection_rounds < 1 or self.injection_every < 1:
             raise DemoConfigError("injection_rounds and injection_every must be >= 1")
+        if self.lead_steps < 0 or self.tail_steps < 0:
+            raise DemoConfigError(f"lead_steps={self.lead_steps} and tail_steps={self.tail_steps} must be >= 0")
+        if self.window < 1:
+            raise DemoConfigError(f"window={self.window}: the local acquisition maximum needs a window of >= 1 step")
+        if self.window > self.tail_steps + 1:  # probes are recorded up to tail_steps + 1 steps after the last injection
+            raise DemoConfigError(f"window={self.window} runs past the recording: the probes are recorded "
+                                  f"tail_steps + 1 = {self.tail_steps + 1} steps after the last injection; raise "
+                                  "tail_steps or lower window")
         if self.window >= self.injection_every and self.injection_rounds > 1:
             log.info("window %d >= injection interval %d: acquisition maxima may see the next injection",
                      self.window, self.injection_every)
@@ -514,6 +522,7 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
         picked += [(loaded[i], "unused") for i in unused]
         facts = kf.FactSet([r for r, _ in picked], [s for _, s in picked])
         facts_source = str(config.facts)
+    _check_rows(config, tokenizer, facts)
     summary = {
         "corpus": config.corpus or "wikipedia_summaries", "documents": len(texts),
         "tokens": int(packed.numel()), "train_sequences": len(train),
@@ -522,6 +531,24 @@ def _prepare(config: DemoConfig, report: Progress) -> _Data:
         "injection_steps": config.injection_steps(),
     }
     return _Data(tokenizer, train, Calibration(calibration.to(config.device)), facts, summary)
+
+
+def _check_rows(config: DemoConfig, tokenizer, facts: kf.FactSet) -> None:
+    """With ``injection="span"``, every step's passages must fit in a continued-training batch (a passage takes
+    ceil(tokens / seq_len) rows): checked here, before pretraining, not when the first arm reaches the step.
+    (The rows of "row" injection are checked by :meth:`DemoConfig.validate`.) Transformed passages (formatting
+    augmentation) are checked when injected."""
+    if config.injection != "span":
+        return
+    rows = config.continue_batch_size or config.batch_size
+    schedule = config.schedule(facts)
+    for step in schedule.steps:
+        lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in schedule.passages_at(step)]
+        needed = sum(math.ceil(n / config.seq_len) for n in lengths)
+        if needed > rows:
+            raise DemoConfigError(f"the passages injected at continued-training step {step} need {needed} rows of "
+                                  f"{config.seq_len} tokens but a batch has {rows}: raise continue_batch_size (or "
+                                  "batch_size) or seq_len, or lower facts_per_scenario")
 
 
 def _pretrain(config: DemoConfig, data: _Data, report: Progress,
@@ -827,14 +854,29 @@ def _json_ready(value):
     return value
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it, then ``os.replace``. An
+    interrupted write leaves the previous file as it was (and no partial file)."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.partial")  # beside it (one file system), with the umask's permissions
+    try:
+        Path(staging).write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_results(results: dict, out: str | os.PathLike) -> Path:
-    """Write ``results.json`` (without wall-clock timings, so equal runs give equal bytes) and ``timings.json``."""
+    """Write ``results.json`` (without wall-clock timings, so equal runs give equal bytes) and ``timings.json``,
+    each whole or not at all (:func:`write_text_atomic`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stable = {k: v for k, v in results.items() if k != "timings"}
-    path = out / "results.json"
-    path.write_text(json.dumps(stable, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    if "timings" in results:
-        (out / "timings.json").write_text(json.dumps(results["timings"], indent=1, sort_keys=True) + "\n",
-                                          encoding="utf-8")
+    text = json.dumps(stable, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    timings = json.dumps(results["timings"], indent=1, sort_keys=True) + "\n" if "timings" in results else None
+    path = write_text_atomic(out / "results.json", text)
+    if timings is not None:
+        write_text_atomic(out / "timings.json", timings)
     return path

@@ -66,7 +66,7 @@ from kacq_hooks.report import pyplot, save_figure
 from kacq_hooks.training.attribution import low_activity_mask
 
 from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _json_ready, _prepare, _pretrain, _run_arm, corpus_texts,
-                   deterministic)
+                   deterministic, write_text_atomic)
 from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, combine_findings, fit_ok, spread
 from .study import DEFAULT_SEEDS, run_variants
 
@@ -150,8 +150,9 @@ def acquisition_vs_entropy(steps: int | None = None, seed: int = 0, points: int 
 
 
 def _mean(values: Sequence[float]) -> float | None:
+    """The mean, None when a value is missing (None or NaN): a mean over the others would not be like for like."""
     kept = [v for v in values if v is not None and v == v]
-    return sum(kept) / len(kept) if kept else None
+    return sum(kept) / len(kept) if kept and len(kept) == len(values) else None
 
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -680,13 +681,26 @@ EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
 MULTI_SEED = {"forgetting-horizon", "resuscitation-dose", "probe-wording"}
 
 
+def _f(value, spec: str) -> str:
+    """A number for the summary lines, "n/a" for a missing one (None or NaN)."""
+    return format(value, spec) if isinstance(value, (int, float)) and value == value else "n/a"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kacq_study.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--out", default="docs/findings", help="folder for the figure and the JSON")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="pretraining steps (entropy-widths and acquisition-vs-entropy; experiment's default if omitted)")
+    parser.add_argument("--steps", type=_positive, default=None,
+                        help="pretraining steps, >= 1 (entropy-widths and acquisition-vs-entropy; experiment's default if "
+                        "omitted)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of a one-seed experiment")
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                         help=f"comma-separated seeds of {' and '.join(sorted(MULTI_SEED))} (default: the study's)")
@@ -694,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run, plot = EXPERIMENTS[args.experiment]
     if args.experiment in MULTI_SEED:
-        if args.steps:
+        if args.steps is not None:
             parser.error(f"--steps is not an option of {args.experiment}: it runs the study's own pretraining")
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -702,23 +716,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
         kwargs = {"seeds": seeds, "workers": args.workers}
     else:
-        kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+        kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # before the run: an unwritable folder fails in seconds, not after it
     started = time.perf_counter()
     result = _json_ready(run(**kwargs))
     name = args.experiment.replace("-", "_")
-    target = out / f"{name}.json"
-    partial = target.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    partial.replace(target)  # a reader never sees half a file
+    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
     figure = plot(result, out / f"{name}.png")
     print(f"wrote {figure} and {name}.json in {time.perf_counter() - started:.0f} s")
     for width, r in result.get("runs", {}).items():
-        print(f"d_model {width}: entropy minimum {r['minimum']:.3f} at step {r['minimum_step']}, last {r['last']:.3f} "
-              f"(max {r['max_total']:.3f}); Spearman(step, H) after the minimum {r['spearman_after_minimum']}")
+        print(f"d_model {width}: entropy minimum {_f(r['minimum'], '.3f')} at step {r['minimum_step']}, last {_f(r['last'], '.3f')} "
+              f"(max {_f(r['max_total'], '.3f')}); Spearman(step, H) after the minimum {r['spearman_after_minimum']}")
     for r in result.get("checkpoints", []):
-        print(f"step {r['step']}: H {r['entropy']:.3f}, A {r['acquisition']:.4f}, injected rise {r['injected_rise']:.2f}, "
+        print(f"step {r['step']}: H {_f(r['entropy'], '.3f')}, A {_f(r['acquisition'], '.4f')}, injected rise {_f(r['injected_rise'], '.2f')}, "
               f"effectivity {r['effectivity']}, first token {r['effectivity_first_token']}")
     if "pearson" in result:
         print(f"Pearson(H, A) = {result['pearson']}")
@@ -744,12 +755,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("never-injected, own prompt, mean: " + ", ".join(f"{k} {_text(v)}" for k, v in
                                                              result["summary"]["own"]["control"]["mean"].items()))
     if result.get("experiment") == "landing":
-        print(f"chance {result['chance']:.3f}; study's grad x act share {result['study_share']}")
+        print(f"chance {_f(result['chance'], '.3f')}; study's grad x act share {result['study_share']}")
         for measure in MEASURES:
-            print(f"{measure}: injected start {result['start'][measure]['injected']:.3f} end "
-                  f"{result['end'][measure]['injected']:.3f}, control end {result['end'][measure]['control']:.3f}")
+            print(f"{measure}: injected start {_f(result['start'][measure]['injected'], '.3f')} end "
+                  f"{_f(result['end'][measure]['injected'], '.3f')}, control end {_f(result['end'][measure]['control'], '.3f')}")
         for name, r in result["value_change"].items():
-            print(f"value change {name}: share by k {r['by_k']}, mean low {r['mean_low']:.4g} other {r['mean_other']:.4g}")
+            print(f"value change {name}: share by k {r['by_k']}, mean low {_f(r['mean_low'], '.4g')} other {_f(r['mean_other'], '.4g')}")
     return 0
 
 

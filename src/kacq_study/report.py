@@ -338,6 +338,9 @@ def plot_arms(results: dict, path: Path) -> Path:
         ax.set_xlim(-0.6, len(names) - 0.4)  # every arm keeps its place, with or without a bar
         ax.axhline(0, color="black", lw=0.6)
         ax.set_title({"acquisition": "acquisition A", "retention": "retention", "forgetting": "forgetting F"}[metric])
+        ax.set(xlabel="arm", ylabel={"acquisition": "A = (K_after - K_before) / |K_before|",
+                                     "retention": "share of the peak gain in K held at the end",
+                                     "forgetting": "F = relative drop of held-out accuracy"}[metric])
     axes[0][0].legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -424,10 +427,14 @@ def _landing_section(results: dict) -> list[str]:
              f"the {_fmt(first['quantile'])} quantile of its layer, the slots resuscitation amplifies "
              f"({_sp(combine([a['low_activity_slots'] for a in next(iter(arms.values()))]))} of {first['slots']}).", ""]
     for name, seeds in arms.items():
-        share = combine([a["share"] for a in seeds])
-        chance = combine([a["chance"] for a in seeds])
-        by_kind = combine([a["share_by_kind"] for a in seeds])
-        finding = combine_findings([[landing({"arms": {name: {"attribution": a}}}, name)] for a in seeds])[0]
+        # over every seed, None where a seed has no attribution (its numbers then say "[k of n seeds]")
+        every = [s["arms"].get(name, {}).get("attribution") for s in _seeds(results)]
+        share = combine([a["share"] if a else None for a in every])
+        chance = combine([a["chance"] if a else None for a in every])
+        by_kind = combine([a["share_by_kind"] if a else None for a in every])
+        # the study's own combined finding, over every seed (a seed without an attribution counts as not held)
+        finding = next((f for f in results.get("findings", []) if f["id"] == f"facts_land_in_low_activity_slots[{name}]"),
+                       None) or combine_findings([[landing({"arms": {name: {"attribution": a}}}, name)] for a in seeds])[0]
         lines.append(f"In arm {name}, the mean share of a probe's top-{first['k']} slots that were low-activity was "
                      f"{_sp(share['mean'][-1], 3)} at the end, {_sp(share['mean'][1], 3)} right after the first "
                      f"injection and {_sp(share['mean'][0], 3)} at the arm's start, against chance "
@@ -653,6 +660,8 @@ def _continued_training(config: dict) -> str:
 def write_report(results: dict, out: str | os.PathLike) -> list[Path]:
     """Write report.md and the figures of :data:`FIGURES` into ``out`` (attribution.png when an arm recorded
     where its facts land); returns their paths."""
+    from .demo import write_text_atomic
+
     results = _study(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -662,6 +671,6 @@ def write_report(results: dict, out: str | os.PathLike) -> list[Path]:
     if _attributed(results):
         paths.append(plot_landing(results, out / LANDING_FIGURE))
     report = out / "report.md"
-    report.write_text(render_markdown(results), encoding="utf-8")
+    write_text_atomic(report, render_markdown(results))
     log.info("wrote %s and %d figures", report, len(paths))
     return [report, *paths]

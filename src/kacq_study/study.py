@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import dataclasses
+import math
 import multiprocessing
 import os
 import pickle
@@ -356,8 +357,16 @@ def as_study(results: dict) -> dict:
 
 
 def _mean(values) -> float | None:
-    finite = [v for v in values if isinstance(v, (int, float)) and v == v]
-    return sum(finite) / len(finite) if finite else None
+    """The mean of ``values``, None when one is missing (None or NaN): a mean over the others would not be like
+    for like (as findings' per-kind means)."""
+    values = list(values)
+    finite = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite and len(finite) == len(values) else None
+
+
+def _change(group: dict) -> float | None:
+    start, end = group.get("log_prob_start"), group.get("log_prob_end")
+    return end - start if isinstance(start, (int, float)) and isinstance(end, (int, float)) else None
 
 
 def _group_digest(group: dict) -> dict[str, Any]:
@@ -399,9 +408,7 @@ def digest(results: dict) -> dict[str, Any]:
                                              "K_peak", "P_before", "P_after")},
             "effectivity": {k: _mean(g["effectivity"] for key, g in groups.items() if key.endswith("/" + k))
                             for k in KINDS},
-            "dlogp": {k: _mean(g["log_prob_end"] - g["log_prob_start"] for key, g in groups.items()
-                               if key.endswith("/" + k) and g.get("log_prob_end") is not None
-                               and g.get("log_prob_start") is not None) for k in KINDS},
+            "dlogp": {k: _mean(_change(g) for key, g in groups.items() if key.endswith("/" + k)) for k in KINDS},
             "groups": {key: _group_digest(g) for key, g in groups.items()},
         }
         if arm.get("edit"):

@@ -84,7 +84,10 @@ def _prepare(steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int]
 def local_acquisition_maximum(
     steps: ArrayLike, values: ArrayLike, injection_steps: Sequence[int], window: int = 50
 ) -> torch.Tensor:
-    """t_LAM per injection: the step in ``(t_i, t_i + window]`` with the highest value. Long [..., n_injections]."""
+    """t_LAM per injection: the step in ``(t_i, t_i + window]`` with the highest value. Long [..., n_injections].
+
+    The recording must reach ``t_i + window`` (the steps in the window may be sparse): a window cut short by the
+    end of the recording raises :class:`MetricError`, as its best step need not be the window's."""
     steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
     if window < 1:
         raise MetricError(f"window must be >= 1, got {window}")
@@ -93,6 +96,9 @@ def local_acquisition_maximum(
         in_window = ((steps_t > t) & (steps_t <= t + window)).nonzero().squeeze(1)
         if in_window.numel() == 0:
             raise MetricError(f"no recorded step in the window ({t}, {t + window}] after injection step {t}")
+        if int(steps_t[-1]) < t + window:  # the maximum of the part recorded is not the window's
+            raise MetricError(f"the recording ends at step {int(steps_t[-1])}, before the end of the window ({t}, "
+                              f"{t + window}] after injection step {t}; record up to step {t + window} or lower window")
         best = values_t[..., in_window].argmax(dim=-1)
         result.append(steps_t[in_window][best])
     return torch.stack(result, dim=-1)
@@ -105,7 +111,7 @@ def effectivity(
 
     ``window`` is t_w: 50 for AdamW with beta1 = 0.9, 1 for an optimizer without momentum.
 
-    >>> effectivity([0, 1, 2, 3, 4], [-5.0, -3.0, -2.0, -4.0, -4.5], [0, 3], window=2).tolist()
+    >>> effectivity([0, 1, 2, 3, 4, 5], [-5.0, -3.0, -2.0, -4.0, -4.5, -4.8], [0, 3], window=2).tolist()
     [3.0, -0.5]
     """
     steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
@@ -127,7 +133,7 @@ def retainability(
 
     R(q, t) = [l(θ_{t_LAM,n + t}) - l(θ_{t_1})] / [l(θ_{t_LAM,n}) - l(θ_{t_1})], with t_LAM,n the local
     acquisition maximum after the last injection and t_1 the first injection. NaN where the step
-    ``t_LAM,n + t`` was not recorded or the denominator is 0. ``horizon`` defaults to the longest available.
+    ``t_LAM,n + t`` was not recorded, and for a probe whose denominator is <= 0 (it gained nothing to retain). ``horizon`` defaults to the longest available.
 
     >>> t, r = retainability([0, 1, 2, 3, 4], [-5.0, -3.0, -2.0, -4.0, -4.5], [0], window=2)
     >>> t.tolist(), r.tolist()
@@ -149,7 +155,8 @@ def retainability(
     at_lam = values_t.gather(-1, lookup[lam_last][..., None])
     before = values_t[..., index[injections[0]]][..., None]
     denominator = at_lam - before
-    ratio = (after - before) / denominator.where(denominator != 0, torch.nan)
+    # a probe that gained nothing (denominator <= 0) has no gain to retain: a ratio of two losses would read as retention
+    ratio = (after - before) / denominator.where(denominator > 0, torch.nan)
     return offsets, ratio.where(present, torch.nan)
 
 
@@ -276,6 +283,11 @@ def summarize_acquisition(
     steps = torch.tensor(store.steps, dtype=torch.long)
     values = store.values(reduction).double()
     scenarios = store.scenarios or schedule.facts.scenarios
+    if list(scenarios) != list(schedule.facts.scenarios):  # the store's groups would get other records' steps
+        ours, theirs = list(scenarios), list(schedule.facts.scenarios)
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise MetricError(f"the store's {len(ours)} records and the schedule's {len(theirs)} facts differ in their "
+                          f"scenarios (first at record {first}): build the schedule from the facts the store recorded")
     rows = []
     kinds = list(dict.fromkeys(p.kind for p in store.probes))
     for scenario in dict.fromkeys(scenarios):
@@ -315,7 +327,9 @@ def summarize_acquisition(
                 # per injection round (outliers removed per round), when every record had the same rounds
                 "effectivity_per_injection": (mean_without_outliers(torch.cat(gains), iqr_factor, dim=0).tolist()
                                               if same_rounds else None),
-                "effectivity_positive_fraction": float((flat > 0).double().mean()),
+                # over the measured effectivities: a NaN one (no finite score in its window) is not a loss
+                "effectivity_positive_fraction": (float((flat[measured] > 0).double().mean())
+                                                  if bool((measured := ~torch.isnan(flat)).any()) else math.nan),
                 "horizon": width - 1,
                 "retainability": mean_curve.tolist(),  # R at t = 0 .. horizon steps after the last maximum
             }
