@@ -251,7 +251,7 @@ def test_experiment_summary_lines_print_a_missing_number_as_n_a(tmp_path, monkey
                                      "decay_short": None, "R_end": None}},
               "checkpoints": [{"step": 1, "entropy": None, "acquisition": None, "injected_rise": None,
                                "effectivity": {}, "effectivity_first_token": {}}]}
-    monkeypatch.setitem(ex.EXPERIMENTS, "forgetting-horizon", (lambda seed, **kw: result, lambda r, path: path))
+    monkeypatch.setitem(ex.EXPERIMENTS, "forgetting-horizon", (lambda **kw: result, lambda r, path: path))
     assert ex.main(["forgetting-horizon", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "once: effectivity n/a" in out and "A n/a" in out

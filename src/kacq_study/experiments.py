@@ -192,9 +192,9 @@ def _text(value) -> str:
     """A spread over seeds as "mean (min to max)"; a plain number as itself."""
     if isinstance(value, dict) and "mean" in value:
         if value["mean"] is None:
-            return "none"
+            return "n/a"
         return f"{value['mean']:.4g} ({value['min']:.4g} to {value['max']:.4g})"
-    return "none" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _quiet(phase: str, info: dict) -> None:
@@ -739,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{_text(r['power_law_kinds_short'])}); mean decay {_text(r['decay_long'])} ({_text(r['decay_short'])}); "
               f"R at the end {_text(r['R_end'])}")
     if result.get("experiment") == "forgetting-horizon":
-        for horizon, found in result["findings"].items():
+        for horizon, found in result.get("findings", {}).items():
             print(f"{horizon} horizon: " + ", ".join(f"{key} held {f['held']} of {f['seeds']}" for key, f in found.items()))
     if result.get("experiment") == "resuscitation-dose":
         for label, row in result["summary"].items():
