@@ -105,7 +105,7 @@ class DemoConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 384
-    seq_len: int = 320                   # rows hold a whole generated passage (<= ~320 tokens) + EOS
+    seq_len: int = 320                   # a row holds nearly every generated passage + EOS whole (a few run to 323)
     vocab_size: int = 2048
     # corpus and tokenizer
     corpus: str | None = None            # None: offline Wikipedia summaries; else a .txt / .jsonl path

@@ -470,7 +470,8 @@ def _regime_section(results: dict) -> list[str]:
         "sits after that collapse and after the fast phase of the loss, and every entropy finding is judged from "
         "it on.",
         f"- **Injection as Chang et al. do it.** Each passage plus EOS is written at the start of one batch row and "
-        f"cut to the sequence length ({c['seq_len']} tokens holds a whole generated passage), so the batch shape "
+        f"cut to the sequence length of {c['seq_len']} tokens (the longest generated passages lose their last few tokens "
+        "there; the run's log counts them), so the batch shape "
         f"never changes. A row is 1/{rows} of a continued-training update here and 1/2,048 in the paper: a model "
         "this small learns a fact from one exposure only when the fact is a larger share of the update, which is "
         "what the paper's 1B and 7B models do at 1/2,048. Duplication records see the same passage at every round, "
