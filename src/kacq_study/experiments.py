@@ -60,6 +60,7 @@ from typing import Sequence
 import torch
 
 import kacq_hooks as kh
+from kacq_hooks.errors import KacqError
 from kacq_hooks import facts as kf
 from kacq_hooks.attribution import attribute
 from kacq_hooks.report import pyplot, save_figure
@@ -68,7 +69,7 @@ from kacq_hooks.training.attribution import low_activity_mask
 from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _json_ready, _prepare, _pretrain, _run_arm, corpus_texts,
                    deterministic)
 from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, combine_findings, fit_ok, spread
-from .study import DEFAULT_SEEDS, run_variants
+from .study import DEFAULT_SEEDS, _checked_seeds, run_variants
 
 WIDTHS = (32, 64, 128)
 
@@ -576,9 +577,9 @@ def probe_wording(seeds: Sequence[int] = DEFAULT_SEEDS, config: DemoConfig | Non
     target token), per wording, probe kind and group, per seed and as spreads over seeds."""
     base = config or DemoConfig()
     base.validate()
-    seeds = [int(s) for s in seeds]
+    seeds = list(_checked_seeds(seeds, workers))  # as run_variants refuses them: none, repeated, workers < 1
     configs = [dataclasses.replace(base, seed=s) for s in seeds]
-    workers = max(1, min(len(configs), os.cpu_count() or 1) if workers is None else int(workers))
+    workers = max(1, min(len(configs), os.cpu_count() or 1) if workers is None else min(len(configs), int(workers)))
     if workers == 1:
         rows = [_wording_seed(c) for c in configs]
     else:
@@ -698,8 +699,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--steps is not an option of {args.experiment}: it runs the study's own pretraining")
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            _checked_seeds(seeds, args.workers)  # none, repeated, --workers < 1: refused here, before any work
         except ValueError:
             parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+        except KacqError as error:
+            parser.error(f"--seeds {args.seeds!r} / --workers {args.workers}: {error}")
         kwargs = {"seeds": seeds, "workers": args.workers}
     else:
         kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
