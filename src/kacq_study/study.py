@@ -300,7 +300,7 @@ def run_variants(config: DemoConfig, variants: dict[str, tuple[str, dict]], seed
     for s, c in configs.items():
         c.validate()
         for label, (arm, settings) in variants.items():
-            dataclasses.replace(c, **settings).validate()
+            dataclasses.replace(c, **settings, arms=(arm,)).validate()  # as the arm will run: its own checks too
     started = time.perf_counter()
     pretrained, arms, task_s, workers = _pretrain_then_arms(configs, variants, workers, progress)
     per_seed = {}
