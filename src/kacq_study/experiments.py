@@ -215,6 +215,8 @@ def forgetting_horizon(seeds: Sequence[int] = DEFAULT_SEEDS, tail_factor: int = 
     ``findings.assess`` (criteria unchanged) and combined over seeds as the study combines them."""
     base = config or DemoConfig()
     base.validate()
+    if not isinstance(tail_factor, int) or tail_factor < 1:  # the short refit cuts the long tail: it must be longer
+        raise KacqError(f"tail_factor={tail_factor!r}: give an integer >= 1")
     long_tail = tail_factor * base.tail_steps
     run = run_variants(base, {"late": ("late", {"tail_steps": long_tail})}, seeds, workers)
     per_seed = {seed: _horizon_seed(results, base.tail_steps, long_tail) for seed, results in run["per_seed"].items()}
@@ -360,6 +362,8 @@ def resuscitation_dose(seeds: Sequence[int] = DEFAULT_SEEDS, factors: Sequence[f
     variants = {"late": ("late", {})}
     for q in factors:
         variants[f"q={q:g}"] = ("late+resuscitation", {"resuscitation_factor": float(q)})
+    if len(variants) != 1 + len(factors):  # two factors under one label would run one arm and report both
+        raise KacqError(f"factors {list(factors)}: give each factor once (labels q=<factor:g> must differ)")
     run = run_variants(base, variants, seeds, workers)
     per_seed, verdicts = {}, {label: [] for label in variants if label != "late"}
     for seed in run["seeds"]:
