@@ -599,14 +599,19 @@ def probe_wording(seeds: Sequence[int] = DEFAULT_SEEDS, config: DemoConfig | Non
             "continue_steps": base.continue_steps, "per_seed": per_seed, "summary": summary}
 
 
-def _wording_sets(facts: kf.FactSet) -> dict[str, kf.FactSet]:
-    """The records with their own prompts, with another record's prompts, and with the neutral prompt."""
+def _donors(facts: kf.FactSet) -> dict[int, int]:
+    """Each record's donor of "other fact" prompts: the next record of its group (injected or never-injected),
+    rotated by one. A record alone in its group has no other record and no donor."""
     injected = [i for i, s in enumerate(facts.scenarios) if s != "unused"]
     control = [i for i, s in enumerate(facts.scenarios) if s == "unused"]
-    donor = {}
-    for group in (injected, control):
-        for j, i in enumerate(group):
-            donor[i] = group[(j + 1) % len(group)]  # a group of one keeps its own prompts: see "other fact" rises
+    return {i: group[(j + 1) % len(group)] for group in (injected, control) if len(group) > 1
+            for j, i in enumerate(group)}
+
+
+def _wording_sets(facts: kf.FactSet) -> dict[str, kf.FactSet]:
+    """The records with their own prompts, with another record's prompts, and with the neutral prompt (a record
+    without a donor keeps its own prompts in "other fact"; :func:`_wording_seed` leaves its probes out there)."""
+    donor = _donors(facts)
 
     def prompts(record: kf.FactRecord, source: kf.FactRecord | None) -> kf.FactRecord:
         changed = {}
@@ -619,7 +624,8 @@ def _wording_sets(facts: kf.FactSet) -> dict[str, kf.FactSet]:
 
     records = list(facts)
     return {"own": facts,
-            "other fact": kf.FactSet([prompts(r, records[donor[i]]) for i, r in enumerate(records)], facts.scenarios),
+            "other fact": kf.FactSet([prompts(r, records[donor.get(i, i)]) for i, r in enumerate(records)],
+                                     facts.scenarios),
             "neutral": kf.FactSet([prompts(r, None) for r in records], facts.scenarios)}
 
 
@@ -636,10 +642,14 @@ def _wording_seed(config: DemoConfig) -> dict:
         end = {name: tracker.score_probes() for name, tracker in trackers.items()}
     probes = trackers["own"].probes
     injected = torch.tensor([data.facts.scenarios[p.record] != "unused" for p in probes])
+    donors = _donors(data.facts)
+    has_donor = torch.tensor([p.record in donors for p in probes])  # "other fact" scores only these
     rise = {}
     for name in WORDINGS:
         rise[name] = {}
         for group, mask in (("injected", injected), ("control", ~injected)):
+            if name == "other fact":
+                mask = mask & has_donor
             rise[name][group] = {}
             for reduction in ("mean", "first"):
                 delta = end[name][reduction] - start[name][reduction]
