@@ -93,3 +93,14 @@ def test_probe_wording_other_fact_is_never_the_own_prompt(tmp_path):
         assert all(v is None for v in rise["other fact"]["control"][reduction].values()), rise["other fact"]["control"]
         assert all(v is not None for v in rise["own"]["control"][reduction].values())
         assert all(v is not None for v in rise["other fact"]["injected"][reduction].values())
+
+
+# Promise: an error in a task names the task (which seed, which variant). A KacqError from an arm task was raised
+# as it was: three variants of one arm would all say "injected passages need 3 rows", none which of them failed
+def test_a_kacq_error_in_a_variant_task_names_the_task(tmp_path):
+    from kacq_study.demo import DemoConfigError
+
+    config = tiny(tmp_path)
+    variants = {"roomy": ("late", {}), "cramped": ("late", {"injection": "span", "continue_batch_size": 1})}
+    with pytest.raises(DemoConfigError, match="seed 0 arm:cramped.*injected passages need"):
+        study.run_variants(config, variants, seeds=(0,), workers=1)
