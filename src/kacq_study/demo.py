@@ -52,6 +52,7 @@ from kacq_hooks import facts as kf
 from kacq_hooks.attribution import attribute
 from kacq_hooks.corpus import cached_tokenizer, load_corpus, pack_documents, wikipedia_summaries
 from kacq_hooks.errors import KacqError
+from kacq_hooks.interventions.resuscitation import check_plan_arguments
 from kacq_hooks.sweep import check_device
 from kacq_hooks.training import SAM, augment_record
 from kacq_hooks.training.attribution import AttributionStore, low_activity_share, stability
@@ -232,6 +233,11 @@ class DemoConfig:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise DemoConfigError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
+        if any(ARMS[a].edit is resuscitation_edit for a in self.arms):
+            try:  # what the edit would refuse in the arm's task, after pretraining
+                check_plan_arguments(self.resuscitation_ratio, self.resuscitation_factor, self.resuscitation_cap)
+            except KacqError as error:
+                raise DemoConfigError(f"resuscitation settings: {error}") from None
         repeated = sorted({a for a in self.arms if self.arms.count(a) > 1})
         if repeated:  # the same arm twice would run twice per seed and be stored once
             raise DemoConfigError(f"arm(s) {repeated} given more than once in arms={list(self.arms)}")

@@ -60,6 +60,7 @@ from typing import Sequence
 import torch
 
 import kacq_hooks as kh
+from kacq_hooks.errors import KacqError
 from kacq_hooks import facts as kf
 from kacq_hooks.attribution import attribute
 from kacq_hooks.report import pyplot, save_figure
@@ -68,7 +69,7 @@ from kacq_hooks.training.attribution import low_activity_mask
 from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _json_ready, _prepare, _pretrain, _run_arm, corpus_texts,
                    deterministic, write_text_atomic)
 from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, combine_findings, fit_ok, spread
-from .study import DEFAULT_SEEDS, run_variants
+from .study import DEFAULT_SEEDS, _checked_seeds, run_variants
 
 WIDTHS = (32, 64, 128)
 
@@ -215,6 +216,8 @@ def forgetting_horizon(seeds: Sequence[int] = DEFAULT_SEEDS, tail_factor: int = 
     ``findings.assess`` (criteria unchanged) and combined over seeds as the study combines them."""
     base = config or DemoConfig()
     base.validate()
+    if not isinstance(tail_factor, int) or tail_factor < 1:  # the short refit cuts the long tail: it must be longer
+        raise KacqError(f"tail_factor={tail_factor!r}: give an integer >= 1")
     long_tail = tail_factor * base.tail_steps
     run = run_variants(base, {"late": ("late", {"tail_steps": long_tail})}, seeds, workers)
     per_seed = {seed: _horizon_seed(results, base.tail_steps, long_tail) for seed, results in run["per_seed"].items()}
@@ -360,6 +363,8 @@ def resuscitation_dose(seeds: Sequence[int] = DEFAULT_SEEDS, factors: Sequence[f
     variants = {"late": ("late", {})}
     for q in factors:
         variants[f"q={q:g}"] = ("late+resuscitation", {"resuscitation_factor": float(q)})
+    if len(variants) != 1 + len(factors):  # two factors under one label would run one arm and report both
+        raise KacqError(f"factors {list(factors)}: give each factor once (labels q=<factor:g> must differ)")
     run = run_variants(base, variants, seeds, workers)
     per_seed, verdicts = {}, {label: [] for label in variants if label != "late"}
     for seed in run["seeds"]:
@@ -577,9 +582,9 @@ def probe_wording(seeds: Sequence[int] = DEFAULT_SEEDS, config: DemoConfig | Non
     target token), per wording, probe kind and group, per seed and as spreads over seeds."""
     base = config or DemoConfig()
     base.validate()
-    seeds = [int(s) for s in seeds]
+    seeds = list(_checked_seeds(seeds, workers))  # as run_variants refuses them: none, repeated, workers < 1
     configs = [dataclasses.replace(base, seed=s) for s in seeds]
-    workers = max(1, min(len(configs), os.cpu_count() or 1) if workers is None else int(workers))
+    workers = max(1, min(len(configs), os.cpu_count() or 1) if workers is None else min(len(configs), int(workers)))
     if workers == 1:
         rows = [_wording_seed(c) for c in configs]
     else:
@@ -595,14 +600,19 @@ def probe_wording(seeds: Sequence[int] = DEFAULT_SEEDS, config: DemoConfig | Non
             "continue_steps": base.continue_steps, "per_seed": per_seed, "summary": summary}
 
 
-def _wording_sets(facts: kf.FactSet) -> dict[str, kf.FactSet]:
-    """The records with their own prompts, with another record's prompts, and with the neutral prompt."""
+def _donors(facts: kf.FactSet) -> dict[int, int]:
+    """Each record's donor of "other fact" prompts: the next record of its group (injected or never-injected),
+    rotated by one. A record alone in its group has no other record and no donor."""
     injected = [i for i, s in enumerate(facts.scenarios) if s != "unused"]
     control = [i for i, s in enumerate(facts.scenarios) if s == "unused"]
-    donor = {}
-    for group in (injected, control):
-        for j, i in enumerate(group):
-            donor[i] = group[(j + 1) % len(group)]  # a group of one keeps its own prompts: see "other fact" rises
+    return {i: group[(j + 1) % len(group)] for group in (injected, control) if len(group) > 1
+            for j, i in enumerate(group)}
+
+
+def _wording_sets(facts: kf.FactSet) -> dict[str, kf.FactSet]:
+    """The records with their own prompts, with another record's prompts, and with the neutral prompt (a record
+    without a donor keeps its own prompts in "other fact"; :func:`_wording_seed` leaves its probes out there)."""
+    donor = _donors(facts)
 
     def prompts(record: kf.FactRecord, source: kf.FactRecord | None) -> kf.FactRecord:
         changed = {}
@@ -615,7 +625,8 @@ def _wording_sets(facts: kf.FactSet) -> dict[str, kf.FactSet]:
 
     records = list(facts)
     return {"own": facts,
-            "other fact": kf.FactSet([prompts(r, records[donor[i]]) for i, r in enumerate(records)], facts.scenarios),
+            "other fact": kf.FactSet([prompts(r, records[donor.get(i, i)]) for i, r in enumerate(records)],
+                                     facts.scenarios),
             "neutral": kf.FactSet([prompts(r, None) for r in records], facts.scenarios)}
 
 
@@ -632,10 +643,14 @@ def _wording_seed(config: DemoConfig) -> dict:
         end = {name: tracker.score_probes() for name, tracker in trackers.items()}
     probes = trackers["own"].probes
     injected = torch.tensor([data.facts.scenarios[p.record] != "unused" for p in probes])
+    donors = _donors(data.facts)
+    has_donor = torch.tensor([p.record in donors for p in probes])  # "other fact" scores only these
     rise = {}
     for name in WORDINGS:
         rise[name] = {}
         for group, mask in (("injected", injected), ("control", ~injected)):
+            if name == "other fact":
+                mask = mask & has_donor
             rise[name][group] = {}
             for reduction in ("mean", "first"):
                 delta = end[name][reduction] - start[name][reduction]
@@ -712,8 +727,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--steps is not an option of {args.experiment}: it runs the study's own pretraining")
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            _checked_seeds(seeds, args.workers)  # none, repeated, --workers < 1: refused here, before any work
         except ValueError:
             parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+        except KacqError as error:
+            parser.error(f"--seeds {args.seeds!r} / --workers {args.workers}: {error}")
         kwargs = {"seeds": seeds, "workers": args.workers}
     else:
         kwargs = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}

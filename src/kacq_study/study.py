@@ -124,10 +124,13 @@ def _call(fn, *args):
 
 def _result(future: cf.Future, name: str) -> dict:
     """A task's value, or its error as a KacqError naming the task: the CLI then exits 2 with the message,
-    not a traceback. A KacqError from the task is raised as it is (it already says what to change)."""
+    not a traceback. A KacqError from the task keeps its kind (it already says what to change), with the task
+    named in front of its message."""
     try:
         return future.result()
-    except KacqError:
+    except KacqError as error:
+        if error.args and isinstance(error.args[0], str) and not error.args[0].startswith("task '"):
+            error.args = (f"task '{name}': {error.args[0]}", *error.args[1:])
         raise
     except BrokenProcessPool as error:
         raise KacqError(f"task '{name}' failed: its worker process ended abruptly ({error}); out of memory, or "
@@ -301,7 +304,7 @@ def run_variants(config: DemoConfig, variants: dict[str, tuple[str, dict]], seed
     for s, c in configs.items():
         c.validate()
         for label, (arm, settings) in variants.items():
-            dataclasses.replace(c, **settings).validate()
+            dataclasses.replace(c, **settings, arms=(arm,)).validate()  # as the arm will run: its own checks too
     started = time.perf_counter()
     pretrained, arms, task_s, workers = _pretrain_then_arms(configs, variants, workers, progress)
     per_seed = {}
