@@ -102,5 +102,5 @@ def test_a_kacq_error_in_a_variant_task_names_the_task(tmp_path):
 
     config = tiny(tmp_path)
     variants = {"roomy": ("late", {}), "cramped": ("late", {"injection": "span", "continue_batch_size": 1})}
-    with pytest.raises(DemoConfigError, match="seed 0 arm:cramped.*injected passages need"):
+    with pytest.raises(DemoConfigError, match="seed 0 arm:cramped.*passages injected at continued-training step .* need"):
         study.run_variants(config, variants, seeds=(0,), workers=1)
