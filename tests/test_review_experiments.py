@@ -10,13 +10,7 @@ from kacq_hooks.errors import KacqError
 from kacq_study import experiments as ex
 from kacq_study import study
 from kacq_study.demo import DemoConfig, _json_ready
-
-
-def tiny(tmp_path, **overrides) -> DemoConfig:
-    settings = dict(pretrain_steps=12, early_step=6, max_docs=300, injection="row", seq_len=128, batch_size=8,
-                    continue_batch_size=6, injection_rounds=3, injection_every=4, tail_steps=3, window=3,
-                    entropy_every=6, cache_dir=str(tmp_path / "cache"))
-    return DemoConfig.quick(**{**settings, **overrides})
+from test_experiments import tiny
 
 
 class TaskRan(BaseException):
