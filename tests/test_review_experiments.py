@@ -9,7 +9,7 @@ import pytest
 from kacq_hooks.errors import KacqError
 from kacq_study import experiments as ex
 from kacq_study import study
-from kacq_study.demo import DemoConfig, _json_ready
+from kacq_study.demo import _json_ready
 from test_experiments import tiny
 
 
