@@ -172,3 +172,24 @@ def test_probe_wording_rescores_the_same_targets_after_other_prompts(tmp_path):
     assert own_rise == pytest.approx(result["per_seed"]["0"]["study_injected_rise"], abs=0.05)
     # a different prompt gives a different rise (the scores are of other token sequences)
     assert rise["neutral"]["injected"]["mean"] != rise["own"]["injected"]["mean"]
+
+
+def test_augmentation_rows_counts_the_targets_a_cut_row_loses(tmp_path):
+    from kacq_study.findings import experiment_for
+
+    # rows long enough for any layout: nothing is cut, so a target is inside its row exactly when it is in the
+    # passage at all (every plain one is; a layout can change how a name tokenizes)
+    roomy = _json_ready(ex.augmentation_rows(seeds=(0,), config=tiny(tmp_path, seq_len=2048)))
+    for arm in ("plain", "augment"):
+        row = roomy["per_seed"]["0"][arm]
+        assert row["share_cut"] == 0.0 and row["targets_inside"] == row["targets_in_passage"]
+    assert roomy["per_seed"]["0"]["plain"]["targets_inside"] == 1.0
+    # layouts add markup: longer passages than the plain arm's, so a short row cuts more of them and loses targets
+    short = _json_ready(ex.augmentation_rows(seeds=(0,), config=tiny(tmp_path, seq_len=128)))
+    plain, augment = short["per_seed"]["0"]["plain"], short["per_seed"]["0"]["augment"]
+    assert augment["mean_tokens"] > plain["mean_tokens"] and augment["share_cut"] >= plain["share_cut"] > 0
+    assert 0 <= augment["targets_inside"] < augment["targets_in_passage"] and augment["targets_inside"] <= plain["targets_inside"]
+    assert roomy["per_seed"]["0"]["augment"]["injections"] == augment["injections"] == plain["injections"]
+    assert ex._contains([5, 1, 2, 3], [1, 2]) and not ex._contains([1, 3, 2], [1, 2]) and not ex._contains([1], [])
+    assert experiment_for("augment_improves_acquisition") == "augmentation-rows"
+    assert experiment_for("sam_improves_acquisition") is None

@@ -66,8 +66,8 @@ from kacq_hooks.attribution import attribute
 from kacq_hooks.report import pyplot, save_figure
 from kacq_hooks.training.attribution import low_activity_mask
 
-from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _json_ready, _prepare, _pretrain, _run_arm, corpus_texts,
-                   deterministic, write_text_atomic)
+from .demo import (ATTRIBUTION_K, Arm, DemoConfig, _augmented_passage, _json_ready, _prepare, _pretrain, _run_arm,
+                   corpus_texts, deterministic, write_text_atomic)
 from .findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, _spearman, assess, combine_findings, fit_ok, spread
 from .study import DEFAULT_SEEDS, _checked_seeds, run_variants
 
@@ -685,15 +685,93 @@ def plot_probe_wording(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def augmentation_rows(seeds: Sequence[int] = DEFAULT_SEEDS, config: DemoConfig | None = None,
+                      workers: int | None = None) -> dict:
+    """Whether formatting augmentation still puts the facts into the rows. In row injection each passage + EOS
+    starts a row and is cut to ``seq_len`` tokens; a layout adds markup around every sentence. For every seed
+    and every scheduled injection of the study's facts, as the plain arm (``late``) and the augmentation arm
+    (``late+augment``) inject it: the passage's length in tokens and the share of the record's probe targets
+    whose tokens (as the probes score them) are inside the row, and the share that are anywhere in the uncut
+    passage (a layout can change how a name tokenizes). No training, only the tokenizer and the schedule,
+    so it runs in this process (``workers`` is accepted for the CLI and checked, not used)."""
+    base = config or DemoConfig()
+    base.validate()
+    seeds = list(_checked_seeds(seeds, workers))
+    per_seed = {}
+    for seed in seeds:
+        c = dataclasses.replace(base, seed=seed)
+        with deterministic(c.threads, "cpu"):
+            data = _prepare(dataclasses.replace(c, device="cpu"), _quiet)
+        tokenizer = data.tokenizer
+        targets = {}
+        for index, record in enumerate(data.facts):
+            targets[index] = [_target_ids(tokenizer, prompt, target) for kind in KINDS for prompt, target in record.probes(kind)]
+        rows = {"plain": [], "augment": []}
+        for injection in c.schedule(data.facts):
+            for arm, text in (("plain", injection.text), ("augment", _augmented_passage(injection, data.facts, c))):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                row = ids[:c.seq_len]
+                inside = [_contains(row, t) for t in targets[injection.record]]
+                # a layout can also change a target's tokens (markup right before a name): not in the passage at all
+                present = [_contains(ids, t) for t in targets[injection.record]]
+                rows[arm].append({"round": injection.round, "record": injection.record, "tokens": len(ids),
+                                  "cut": len(ids) > c.seq_len, "targets_inside": sum(inside) / len(inside),
+                                  "targets_in_passage": sum(present) / len(present)})
+        per_seed[str(seed)] = {arm: {"injections": len(r), "mean_tokens": _mean([x["tokens"] for x in r]),
+                                     "share_cut": _mean([float(x["cut"]) for x in r]),
+                                     "targets_inside": _mean([x["targets_inside"] for x in r]),
+                                     "targets_in_passage": _mean([x["targets_in_passage"] for x in r]),
+                                     "by_round": [_mean([x["targets_inside"] for x in r if x["round"] == k])
+                                                  for k in range(c.injection_rounds)]}
+                               for arm, r in rows.items()}
+    summary = {arm: {key: spread([per_seed[str(s)][arm][key] for s in seeds])
+                     for key in ("mean_tokens", "share_cut", "targets_inside", "targets_in_passage")}
+               for arm in ("plain", "augment")}
+    return {"experiment": "augmentation-rows", "seeds": seeds, "seq_len": base.seq_len,
+            "augment_variants": base.augment_variants, "per_seed": per_seed, "summary": summary}
+
+
+def _target_ids(tokenizer, prompt: str, target: str) -> list[int]:
+    """A target's tokens as a probe scores them: the ids after the prompt's in the tokenized prompt + target."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + " " + target, add_special_tokens=False)["input_ids"]
+    return full[len(prompt_ids):]
+
+
+def _contains(sequence: list[int], part: list[int]) -> bool:
+    n = len(part)
+    return n > 0 and any(sequence[i:i + n] == part for i in range(len(sequence) - n + 1))
+
+
+def plot_augmentation_rows(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+    for j, arm in enumerate(("plain", "augment")):
+        for i, seed in enumerate(result["seeds"]):
+            by_round = result["per_seed"][str(seed)][arm]["by_round"]
+            ax.plot(range(len(by_round)), [math.nan if v is None else v for v in by_round], color=f"C{j}", lw=0.8,
+                    alpha=0.5, label=f"{arm}: seed {seed}" if i == 0 else None)
+        mean = [_mean([result["per_seed"][str(s)][arm]["by_round"][k] for s in result["seeds"]])
+                for k in range(len(result["per_seed"][str(result["seeds"][0])][arm]["by_round"]))]
+        ax.plot(range(len(mean)), [math.nan if v is None else v for v in mean], color=f"C{j}", lw=2.5,
+                label=f"{arm} arm: mean of {len(result['seeds'])} seeds")
+    ax.set(xlabel="injection round", ylim=(0, 1.05),
+           ylabel=f"share of the record's probe targets\ninside its {result['seq_len']}-token row",
+           title="facts that reach the row, plain passages against formatted layouts")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
                "acquisition-vs-entropy": (acquisition_vs_entropy, plot_acquisition_vs_entropy),
                "forgetting-horizon": (forgetting_horizon, plot_forgetting_horizon),
                "landing": (landing, plot_landing),
                "resuscitation-dose": (resuscitation_dose, plot_resuscitation_dose),
-               "probe-wording": (probe_wording, plot_probe_wording)}
+               "probe-wording": (probe_wording, plot_probe_wording),
+               "augmentation-rows": (augmentation_rows, plot_augmentation_rows)}
 
 # the experiments over several seeds (run in parallel processes, as the study runs); the others use one
-MULTI_SEED = {"forgetting-horizon", "resuscitation-dose", "probe-wording"}
+MULTI_SEED = {"forgetting-horizon", "resuscitation-dose", "probe-wording", "augmentation-rows"}
 
 
 def _f(value, spec: str) -> str:

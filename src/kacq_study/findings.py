@@ -41,11 +41,12 @@ EXPERIMENT_FOR = {
     "injection_raises_log_prob": "probe-wording", "mem_gen_hard_gen_order": "probe-wording",
     "power_law_forgetting": "forgetting-horizon", "duplication_more_effective": "forgetting-horizon",
     "duplication_forgets_faster": "forgetting-horizon", "facts_land_in_low_activity_slots": "landing",
+    "augment_improves_acquisition": "augmentation-rows", "augment_sam_improves_acquisition": "augmentation-rows",
 }
 
 
 def experiment_for(finding_id: str) -> str | None:
-    """The name of the dedicated experiment behind a finding, or None where there is none (the Zhu et al. arms).
+    """The name of the dedicated experiment behind a finding, or None where there is none (SAM alone).
 
     >>> experiment_for("facts_land_in_low_activity_slots[late]")
     'landing'
