@@ -750,7 +750,7 @@ def plot_augmentation_rows(result: dict, path: Path) -> Path:
         for i, seed in enumerate(result["seeds"]):
             by_round = result["per_seed"][str(seed)][arm]["by_round"]
             ax.plot(range(len(by_round)), [math.nan if v is None else v for v in by_round], color=f"C{j}", lw=0.8,
-                    alpha=0.5, label=f"{arm}: seed {seed}" if i == 0 else None)
+                    alpha=0.5, label=f"{arm} arm: one thin line per seed" if i == 0 else None)
         mean = [_mean([result["per_seed"][str(s)][arm]["by_round"][k] for s in result["seeds"]])
                 for k in range(len(result["per_seed"][str(result["seeds"][0])][arm]["by_round"]))]
         ax.plot(range(len(mean)), [math.nan if v is None else v for v in mean], color=f"C{j}", lw=2.5,
