@@ -193,3 +193,19 @@ def test_augmentation_rows_counts_the_targets_a_cut_row_loses(tmp_path):
     assert ex._contains([5, 1, 2, 3], [1, 2]) and not ex._contains([1, 3, 2], [1, 2]) and not ex._contains([1], [])
     assert experiment_for("augment_improves_acquisition") == "augmentation-rows"
     assert experiment_for("sam_improves_acquisition") is None
+
+
+def test_sam_dose_judges_each_radius_against_the_plain_arm(tmp_path):
+    from kacq_hooks.errors import KacqError
+
+    with pytest.raises(KacqError, match="radius"):
+        ex.sam_dose(seeds=(0,), rhos=(0.0,), config=tiny(tmp_path), workers=1)
+    result = _json_ready(ex.sam_dose(seeds=(0,), rhos=(0.01, 0.5), config=tiny(tmp_path), workers=1))
+    json.dumps(result, allow_nan=False)
+    rows = result["per_seed"]["0"]
+    assert rows["rho=0.5"]["acquisition"] != rows["rho=0.01"]["acquisition"]  # the radius reached the arm
+    for label in ("rho=0.01", "rho=0.5"):
+        verdict = result["findings"][label]["sam_improves_acquisition"]["per_seed"][0]
+        assert verdict == (rows[label]["acquisition"] > rows["late"]["acquisition"])
+        assert rows[label]["minus_plain"]["acquisition"] == pytest.approx(
+            rows[label]["acquisition"] - rows["late"]["acquisition"], abs=1e-6)

@@ -350,6 +350,84 @@ RESUSCITATION_FACTORS = (1.0, 2.0, 4.0)
 RESUSCITATION_FINDINGS = ("resuscitation_improves_acquisition", "resuscitation_improves_retention")
 
 
+def _against_plain(base: DemoConfig, variants: dict[str, tuple[str, dict]], study_arm: str,
+                   finding_ids: Sequence[str], seeds: Sequence[int], workers: int | None) -> tuple:
+    """Run ``variants`` (one of them "late", the plain arm) with :func:`run_variants`; per seed and variant, the
+    :func:`_dose_row` numbers and their difference from the same seed's plain arm, and ``finding_ids`` judged by
+    ``findings.assess`` with each variant in the place of the study's ``study_arm``, combined over seeds."""
+    run = run_variants(base, variants, seeds, workers)
+    per_seed, verdicts = {}, {label: [] for label in variants if label != "late"}
+    for seed in run["seeds"]:
+        results = run["per_seed"][str(seed)]
+        plain = _dose_row(results["arms"]["late"])
+        rows = {"late": plain}
+        for label in verdicts:
+            arm = results["arms"][label]
+            row = _dose_row(arm)
+            row["minus_plain"] = {k: (row[k] - plain[k]) if row[k] is not None and plain[k] is not None else None
+                                  for k in ("acquisition", "retention", "forgetting", "injected_rise", "control_rise")}
+            rows[label] = row
+            found = assess({"pretraining": results["pretraining"],
+                            "arms": {"late": results["arms"]["late"], study_arm: arm}})
+            verdicts[label].append([f for f in found if f["id"] in finding_ids])
+        per_seed[str(seed)] = rows
+    ordered = [per_seed[str(s)] for s in run["seeds"]]
+    summary = {label: {key: (spread([r[label][key] for r in ordered]) if key != "minus_plain" else
+                             {k: spread([r[label][key][k] for r in ordered]) for k in ordered[0][label][key]})
+                       for key in ordered[0][label] if key not in ("layers",)}
+               for label in variants}
+    found = {label: {f["id"]: {k: f[k] for k in ("held", "checked", "seeds", "per_seed", "reproduces")}
+                     for f in combine_findings(v)} for label, v in verdicts.items()}
+    return run, per_seed, summary, found
+
+
+# SAM's neighbourhood radius rho: the study's 0.05, and a fifth and four times that, beside plain AdamW
+SAM_RHOS = (0.01, 0.05, 0.2)
+
+
+def sam_dose(seeds: Sequence[int] = DEFAULT_SEEDS, rhos: Sequence[float] = SAM_RHOS,
+             config: DemoConfig | None = None, workers: int | None = None) -> dict:
+    """The study's late arm with plain AdamW and with SAM at each radius rho in ``rhos``, every seed from its one
+    pretraining (``config``, default ``DemoConfig()``): acquisition A, retention, forgetting F and the injected
+    and never-injected facts' rise per seed and rho, each rho's difference from the same seed's plain arm, and
+    Zhu et al.'s "SAM improves knowledge acquisition" judged per rho and seed by ``findings.assess`` (criterion
+    unchanged), combined over seeds."""
+    base = config or DemoConfig()
+    base.validate()
+    variants = {"late": ("late", {})}
+    for rho in rhos:
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+            raise KacqError(f"rho {rho!r}: SAM's radius must be a finite number > 0")
+        variants[f"rho={rho:g}"] = ("late+sam", {"sam_rho": float(rho)})
+    if len(variants) != 1 + len(rhos):
+        raise KacqError(f"rhos {list(rhos)}: give each radius once (labels rho=<rho:g> must differ)")
+    run, per_seed, summary, found = _against_plain(base, variants, "late+sam", ("sam_improves_acquisition",),
+                                                   seeds, workers)
+    return {"experiment": "sam-dose", "seeds": run["seeds"], "rhos": [float(r) for r in rhos],
+            "study_rho": base.sam_rho, "per_seed": per_seed, "summary": summary, "findings": found,
+            "timings": run["timings"]}
+
+
+def plot_sam_dose(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    labels = ["late", *[f"rho={r:g}" for r in result["rhos"]]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for ax, key, name in zip(axes, ("acquisition", "retention", "injected_rise"),
+                             ("acquisition A", "retention (share of the peak gain kept)",
+                              "injected facts' rise (nats/token)")):
+        for i, seed in enumerate(result["seeds"]):  # thin: one line per seed
+            rows = result["per_seed"][str(seed)]
+            ax.plot(range(len(labels)), [math.nan if rows[l][key] is None else rows[l][key] for l in labels],
+                    color="grey", lw=0.8, alpha=0.6, marker=".", label="per seed" if i == 0 else None)
+        mean = [result["summary"][l][key]["mean"] for l in labels]
+        ax.plot(range(len(labels)), [math.nan if m is None else m for m in mean], color="C0", lw=2.5, marker="o",
+                label=f"mean of {len(result['seeds'])} seeds")
+        ax.set_xticks(range(len(labels)), ["AdamW", *[f"SAM rho {r:g}" for r in result["rhos"]]])
+        ax.set(xlabel=f"optimizer at the late checkpoint (study: rho = {result['study_rho']:g})", ylabel=name, title=name)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def resuscitation_dose(seeds: Sequence[int] = DEFAULT_SEEDS, factors: Sequence[float] = RESUSCITATION_FACTORS,
                        config: DemoConfig | None = None, workers: int | None = None) -> dict:
     """The study's late arm without resuscitation and with it at each factor q in ``factors``, every seed from
@@ -365,29 +443,8 @@ def resuscitation_dose(seeds: Sequence[int] = DEFAULT_SEEDS, factors: Sequence[f
         variants[f"q={q:g}"] = ("late+resuscitation", {"resuscitation_factor": float(q)})
     if len(variants) != 1 + len(factors):  # two factors under one label would run one arm and report both
         raise KacqError(f"factors {list(factors)}: give each factor once (labels q=<factor:g> must differ)")
-    run = run_variants(base, variants, seeds, workers)
-    per_seed, verdicts = {}, {label: [] for label in variants if label != "late"}
-    for seed in run["seeds"]:
-        results = run["per_seed"][str(seed)]
-        plain = _dose_row(results["arms"]["late"])
-        rows = {"late": plain}
-        for label in verdicts:
-            arm = results["arms"][label]
-            row = _dose_row(arm)
-            row["minus_plain"] = {k: (row[k] - plain[k]) if row[k] is not None and plain[k] is not None else None
-                                  for k in ("acquisition", "retention", "forgetting", "injected_rise", "control_rise")}
-            rows[label] = row
-            found = assess({"pretraining": results["pretraining"],
-                            "arms": {"late": results["arms"]["late"], "late+resuscitation": arm}})
-            verdicts[label].append([f for f in found if f["id"] in RESUSCITATION_FINDINGS])
-        per_seed[str(seed)] = rows
-    ordered = [per_seed[str(s)] for s in run["seeds"]]
-    summary = {label: {key: (spread([r[label][key] for r in ordered]) if key != "minus_plain" else
-                             {k: spread([r[label][key][k] for r in ordered]) for k in ordered[0][label][key]})
-                       for key in ordered[0][label] if key not in ("layers",)}
-               for label in variants}
-    found = {label: {f["id"]: {k: f[k] for k in ("held", "checked", "seeds", "per_seed", "reproduces")}
-                     for f in combine_findings(v)} for label, v in verdicts.items()}
+    run, per_seed, summary, found = _against_plain(base, variants, "late+resuscitation", RESUSCITATION_FINDINGS,
+                                                   seeds, workers)
     return {"experiment": "resuscitation-dose", "seeds": run["seeds"], "factors": [float(q) for q in factors],
             "ratio": base.resuscitation_ratio, "cap": base.resuscitation_cap, "study_factor": base.resuscitation_factor,
             "per_seed": per_seed, "summary": summary, "findings": found, "timings": run["timings"]}
@@ -768,10 +825,11 @@ EXPERIMENTS = {"entropy-widths": (entropy_widths, plot_entropy_widths),
                "landing": (landing, plot_landing),
                "resuscitation-dose": (resuscitation_dose, plot_resuscitation_dose),
                "probe-wording": (probe_wording, plot_probe_wording),
-               "augmentation-rows": (augmentation_rows, plot_augmentation_rows)}
+               "augmentation-rows": (augmentation_rows, plot_augmentation_rows),
+               "sam-dose": (sam_dose, plot_sam_dose)}
 
 # the experiments over several seeds (run in parallel processes, as the study runs); the others use one
-MULTI_SEED = {"forgetting-horizon", "resuscitation-dose", "probe-wording", "augmentation-rows"}
+MULTI_SEED = {"forgetting-horizon", "resuscitation-dose", "probe-wording", "augmentation-rows", "sam-dose"}
 
 
 def _f(value, spec: str) -> str:
@@ -837,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.get("experiment") == "forgetting-horizon":
         for horizon, found in result.get("findings", {}).items():
             print(f"{horizon} horizon: " + ", ".join(f"{key} held {f['held']} of {f['seeds']}" for key, f in found.items()))
-    if result.get("experiment") == "resuscitation-dose":
+    if result.get("experiment") in ("resuscitation-dose", "sam-dose"):
         for label, row in result["summary"].items():
             print(f"{label}: " + ", ".join(f"{key} {_text(row[key])}" for key in
                                            ("acquisition", "retention", "forgetting", "injected_rise", "entropy_start",
