@@ -192,7 +192,8 @@ def test_augmentation_rows_counts_the_targets_a_cut_row_loses(tmp_path):
     assert roomy["per_seed"]["0"]["augment"]["injections"] == augment["injections"] == plain["injections"]
     assert ex._contains([5, 1, 2, 3], [1, 2]) and not ex._contains([1, 3, 2], [1, 2]) and not ex._contains([1], [])
     assert experiment_for("augment_improves_acquisition") == "augmentation-rows"
-    assert experiment_for("sam_improves_acquisition") is None
+    assert experiment_for("sam_improves_acquisition") == "sam-dose"
+    assert experiment_for("no_such_finding") is None
 
 
 def test_sam_dose_judges_each_radius_against_the_plain_arm(tmp_path):

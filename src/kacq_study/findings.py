@@ -42,11 +42,12 @@ EXPERIMENT_FOR = {
     "power_law_forgetting": "forgetting-horizon", "duplication_more_effective": "forgetting-horizon",
     "duplication_forgets_faster": "forgetting-horizon", "facts_land_in_low_activity_slots": "landing",
     "augment_improves_acquisition": "augmentation-rows", "augment_sam_improves_acquisition": "augmentation-rows",
+    "sam_improves_acquisition": "sam-dose",
 }
 
 
 def experiment_for(finding_id: str) -> str | None:
-    """The name of the dedicated experiment behind a finding, or None where there is none (SAM alone).
+    """The name of the dedicated experiment behind a finding, or None where there is none.
 
     >>> experiment_for("facts_land_in_low_activity_slots[late]")
     'landing'
