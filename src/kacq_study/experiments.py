@@ -409,12 +409,21 @@ def sam_dose(seeds: Sequence[int] = DEFAULT_SEEDS, rhos: Sequence[float] = SAM_R
 
 
 def plot_sam_dose(result: dict, path: Path) -> Path:
+    return _plot_against_plain(
+        result, path, [f"rho={r:g}" for r in result["rhos"]], ["AdamW", *[f"SAM rho {r:g}" for r in result["rhos"]]],
+        (("acquisition", "acquisition A"), ("retention", "retention (share of the peak gain kept)"),
+         ("injected_rise", "injected facts' rise (nats/token)")),
+        f"optimizer at the late checkpoint (study: rho = {result['study_rho']:g})")
+
+
+def _plot_against_plain(result: dict, path: Path, labels: list[str], ticks: list[str],
+                        panels: Sequence[tuple[str, str]], xlabel: str) -> Path:
+    """One panel per (key, name) of an :func:`_against_plain` result: the plain arm and each variant in
+    ``labels`` along x (``ticks`` their names), a thin line per seed and a thick mean."""
     plt = pyplot()
-    labels = ["late", *[f"rho={r:g}" for r in result["rhos"]]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
-    for ax, key, name in zip(axes, ("acquisition", "retention", "injected_rise"),
-                             ("acquisition A", "retention (share of the peak gain kept)",
-                              "injected facts' rise (nats/token)")):
+    labels = ["late", *labels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8), constrained_layout=True)
+    for ax, (key, name) in zip(axes, panels):
         for i, seed in enumerate(result["seeds"]):  # thin: one line per seed
             rows = result["per_seed"][str(seed)]
             ax.plot(range(len(labels)), [math.nan if rows[l][key] is None else rows[l][key] for l in labels],
@@ -422,8 +431,8 @@ def plot_sam_dose(result: dict, path: Path) -> Path:
         mean = [result["summary"][l][key]["mean"] for l in labels]
         ax.plot(range(len(labels)), [math.nan if m is None else m for m in mean], color="C0", lw=2.5, marker="o",
                 label=f"mean of {len(result['seeds'])} seeds")
-        ax.set_xticks(range(len(labels)), ["AdamW", *[f"SAM rho {r:g}" for r in result["rhos"]]])
-        ax.set(xlabel=f"optimizer at the late checkpoint (study: rho = {result['study_rho']:g})", ylabel=name, title=name)
+        ax.set_xticks(range(len(labels)), ticks)
+        ax.set(xlabel=xlabel, ylabel=name, title=name)
         ax.legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -466,23 +475,11 @@ def _dose_row(arm: dict) -> dict:
 
 
 def plot_resuscitation_dose(result: dict, path: Path) -> Path:
-    plt = pyplot()
-    labels = ["late", *[f"q={q:g}" for q in result["factors"]]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
-    for ax, key, name in zip(axes, ("acquisition", "retention", "forgetting"),
-                             ("acquisition A", "retention (share of the peak gain kept)", "forgetting F")):
-        for i, seed in enumerate(result["seeds"]):  # thin: one line per seed
-            rows = result["per_seed"][str(seed)]
-            ax.plot(range(len(labels)), [math.nan if rows[l][key] is None else rows[l][key] for l in labels],
-                    color="grey", lw=0.8, alpha=0.6, marker=".", label="per seed" if i == 0 else None)
-        mean = [result["summary"][l][key]["mean"] for l in labels]
-        ax.plot(range(len(labels)), [math.nan if m is None else m for m in mean], color="C0", lw=2.5, marker="o",
-                label=f"mean of {len(result['seeds'])} seeds")
-        ax.set_xticks(range(len(labels)), ["none", *[f"q = {q:g}" for q in result["factors"]]])
-        ax.set(xlabel=f"resuscitation factor at the late checkpoint (study: q = {result['study_factor']:g})",
-               ylabel=name, title=name)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return _plot_against_plain(
+        result, path, [f"q={q:g}" for q in result["factors"]], ["none", *[f"q = {q:g}" for q in result["factors"]]],
+        (("acquisition", "acquisition A"), ("retention", "retention (share of the peak gain kept)"),
+         ("forgetting", "forgetting F")),
+        f"resuscitation factor at the late checkpoint (study: q = {result['study_factor']:g})")
 
 
 def landing(steps: int | None = None, seed: int = 0, config: DemoConfig | None = None,
