@@ -195,16 +195,11 @@ def test_split_errors(small_corpus):
         split_corpus(small_corpus, held_out=1.5)
 
 
-def test_old_module_path_is_a_deprecated_alias():
+def test_old_module_path_is_gone():
     import importlib
-    import sys
 
-    import kacq_hooks.corpus as corpus
-
-    sys.modules.pop("kacq_hooks.experiments.corpus", None)
-    with pytest.warns(DeprecationWarning, match="kacq_hooks.corpus"):
-        old = importlib.import_module("kacq_hooks.experiments.corpus")
-    assert old.train_bpe_tokenizer is corpus.train_bpe_tokenizer and old.load_corpus is corpus.load_corpus
+    with pytest.raises(ModuleNotFoundError):  # removed in 0.3.0 (CHANGELOG): the corpus lives in kacq_hooks.corpus
+        importlib.import_module("kacq_hooks.experiments.corpus")
 
 
 def test_default_cache_dir_follows_kacq_cache(monkeypatch, tmp_path):

@@ -148,9 +148,13 @@ def test_power_law_fit_with_a_negative_decay_has_no_x_intercept():
     assert flat.decay == 0 and not flat.forgets and math.isnan(flat.x_intercept_steps)
 
 
-def test_moved_names_still_import_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="kacq_hooks.facts.metrics"):
-        assert facts.iqr_mask is iqr_mask
+def test_names_moved_in_0_2_are_only_in_their_modules():
+    # the one-release aliases are gone (CHANGELOG 0.3.0): the helpers live in their own modules only
+    for name in ("iqr_mask", "parse_record", "InjectionCollator"):
+        assert not hasattr(facts, name)
+    from kacq_hooks import training
+
+    assert not hasattr(training, "format_text")
     assert "iqr_mask" not in facts.__all__ and "parse_record" not in facts.__all__
     with pytest.raises(AttributeError):
         facts.no_such_name  # noqa: B018

@@ -6,9 +6,6 @@
 """
 from __future__ import annotations
 
-import importlib
-import warnings
-
 from kacq_hooks.errors import FactDataError, InjectionError, ProbeTokenizationError, TrajectoryError
 from kacq_hooks.facts.data import load_fictional_knowledge
 from kacq_hooks.facts.generator import assign_scenarios, generate_facts, max_paraphrases
@@ -38,19 +35,3 @@ __all__ = [
 ]
 _ERRORS = (FactDataError, InjectionError, ProbeTokenizationError, TrajectoryError)  # also in kacq_hooks.errors
 
-# Names this package exported before, now internals of their modules: importable here for one more release.
-_MOVED = {
-    "iqr_mask": "metrics", "mean_without_outliers": "metrics", "parse_record": "data", "invented_names": "generator",
-    "EncodedProbe": "scoring", "encode_probe": "scoring", "TokenizationReport": "scoring",
-    "InjectionCollator": "injection",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        module = f"kacq_hooks.facts.{_MOVED[name]}"
-        warnings.warn(f"kacq_hooks.facts.{name} is deprecated here; import it from {module} (or use "
-                      + ("kacq_hooks.training.InjectionCallback" if name == "InjectionCollator" else "the public API")
-                      + "); this alias goes away in the next release", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module 'kacq_hooks.facts' has no attribute {name!r}")
