@@ -1,6 +1,5 @@
-"""Hostile review of per-fact attribution (issue 15): each test is a defect found at main 68feaab, failing there.
+"""Hostile checks of per-fact attribution: each test is a defect once found by attack, failing before its fix.
 
-Fixed when the test passes; each docstring says what is wrong and what right looks like.
 """
 from __future__ import annotations
 

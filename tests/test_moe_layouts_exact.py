@@ -1,4 +1,4 @@
-"""breaker2: hostile checks of instrument() beyond the dense decoder, each against an independent float64
+"""Hostile checks of instrument() beyond the dense decoder, each against an independent float64
 computation (plain hooks on the model's own modules, C from the experts' weights), or a KacqError."""
 from __future__ import annotations
 
