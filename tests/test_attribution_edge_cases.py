@@ -1,6 +1,5 @@
-"""Hostile checks of per-fact attribution: each test is a defect once found by attack, failing before its fix.
-
-"""
+"""Hostile checks of per-fact attribution: each test is a defect once found by attack, failing before its fix;
+each docstring says what was wrong and what right looks like."""
 from __future__ import annotations
 
 import json
