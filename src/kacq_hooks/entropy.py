@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import KacqError, ShapeError
+from .errors import NoTokensError, ShapeError
 from .stats import CoefficientStats
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,13 @@ def entropy(mean_abs: torch.Tensor) -> float:
     """-sum p ln p of the distribution proportional to ``mean_abs`` (non-negative), with 0 ln 0 = 0."""
     c = mean_abs.detach().to(torch.float64).flatten()
     if c.numel() == 0:
-        raise KacqError("cannot take the entropy of an empty coefficient vector")
+        raise ShapeError("cannot take the entropy of an empty coefficient vector")
     if bool((c < 0).any()) or not bool(torch.isfinite(c).all()):
-        raise KacqError("mean |C| must be finite and non-negative; non-finite coefficients are excluded by the "
+        raise ShapeError("mean |C| must be finite and non-negative; non-finite coefficients are excluded by the "
                         "statistics, so this vector did not come from them")
     total = c.sum()
     if total <= 0:
-        raise KacqError("every mean |C| is zero: no tokens were recorded for this layer, or the layer is dead")
+        raise NoTokensError("every mean |C| is zero: no tokens were recorded for this layer, or the layer is dead")
     p = c / total
     return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum()) + 0.0  # never -0.0
 
@@ -84,7 +84,7 @@ def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | 
     if isinstance(source, CoefficientStats):
         tokens = [int(s.tokens) for s in source]
         if not any(tokens):
-            raise KacqError("no tokens have been recorded: run forward passes on the instrumented model "
+            raise NoTokensError("no tokens have been recorded: run forward passes on the instrumented model "
                             "(outside inst.pause()) before asking for knowledge entropy")
         nonfinite = source.nonfinite_per_layer()
         bad = {i: n for i, n in enumerate(nonfinite) if n}
@@ -94,7 +94,7 @@ def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | 
         for i, (s, c) in enumerate(zip(source, cbars)):
             if nonfinite[i] and not bool((c > 0).any()):
                 name = labels[i] if labels else f"layer {i}"
-                raise KacqError(f"{name}: every recorded coefficient was non-finite ({nonfinite[i]} NaN/Inf values "
+                raise NoTokensError(f"{name}: every recorded coefficient was non-finite ({nonfinite[i]} NaN/Inf values "
                                 "counted), so it has no knowledge entropy; check the model's weights and inputs "
                                 "(a diverged run, or fp16 overflow)")
         tokens = max(tokens)
@@ -156,7 +156,7 @@ def experts_entropy(inst) -> list[ExpertsEntropy]:
         if site.kind != "experts":
             continue
         if int(stats.tokens) == 0:
-            raise KacqError(f"{site.label}: no tokens have been recorded; run forward passes first")
+            raise NoTokensError(f"{site.label}: no tokens have been recorded; run forward passes first")
         cbar = stats.mean_abs("token").double()
         e, m = site.experts, site.expert_d_ff
         groups = [cbar[i * m:(i + 1) * m] for i in range(e)]

@@ -93,3 +93,8 @@ class SavedStatsError(KacqError, ValueError):
 
 class AttributionError(KacqError, ValueError):
     """Attribution was asked for something it cannot compute (unknown method, bad slots or baseline, experts sites)."""
+
+
+class NoTokensError(KacqError):
+    """A result needs recorded tokens and the statistics hold none it can use (nothing recorded yet, or every
+    coefficient of a layer was non-finite)."""

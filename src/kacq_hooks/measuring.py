@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import KacqError
+from .errors import ArgumentTypeError, ConfigError
 from .instrumentation import Instrumentation, instrument, instrumentations_of
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds", "decoder_input_ids", "decoder_attention_mask",
@@ -43,7 +43,7 @@ def as_model_inputs(batch) -> dict[str, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if not isinstance(batch, Mapping) or not any(k in batch for k in ("input_ids", "inputs_embeds")):
-        raise KacqError(f"a batch must be token ids [N, T] or a mapping with 'input_ids' (and 'attention_mask'), "
+        raise ArgumentTypeError(f"a batch must be token ids [N, T] or a mapping with 'input_ids' (and 'attention_mask'), "
                         f"not {type(batch).__name__}")
     return {key: value for key, value in batch.items() if key in _MODEL_INPUTS and value is not None}
 
@@ -73,5 +73,5 @@ def measure(model: nn.Module, batches: Iterable, *, progress=None, **instrument_
             if progress is not None:
                 progress(done)
     if done == 0:
-        raise KacqError("measure() got no batches: pass at least one batch of token ids")
+        raise ConfigError("measure() got no batches: pass at least one batch of token ids")
     return inst

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from kacq_hooks.errors import ConfigError
+from kacq_hooks.errors import ConfigError, FactDataError
 from kacq_hooks.facts.records import SCENARIOS, FactRecord, FactSet
 
 logger = logging.getLogger(__name__)
@@ -469,7 +469,7 @@ def _make_record(kind: _Kind, rng: random.Random, names: _Namer, n_paraphrases: 
         needed = [s for s in mem_slots if sentence_of[s] == i]
         usable = [v for v, t in enumerate(variants) if all(_prefix_before(t, s, values) for s in needed)]
         if not usable:
-            raise AssertionError(f"{kind.name} sentence {i} has no wording that cues {needed}")  # a template bug
+            raise FactDataError(f"{kind.name} sentence {i} has no wording that cues {needed}")  # a template bug
         chosen.append(rng.choice(usable))
 
     def render(choice: Sequence[int]) -> str:
