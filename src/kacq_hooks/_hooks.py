@@ -1,9 +1,15 @@
-"""Hooks that call a method of their owner, and that a copied model does not keep.
+"""The hooks kacq_hooks places on a model, and the one owner that registers and removes them.
 
-Copying or pickling a model copies the hooks registered on it. A copy of an :class:`OwnerHook` is an
-inert hook that removes itself from the copied module at its first call, so a deep copy (or
-``torch.save``) of an instrumented model is an uninstrumented model, never one whose forwards feed a
-hidden instrumentation.
+Copying or pickling a model copies the hooks registered on it. A copy of an :class:`OwnerHook` (or
+:class:`FunctionHook`) is an inert hook that removes itself from the copied module at its first
+call, so a deep copy (or ``torch.save``) of an instrumented model is an uninstrumented model, never
+one whose forwards feed a hidden instrumentation.
+
+A :class:`HookSet` holds every hook one owner placed (torch handles, or taps with ``remove()``) and
+removes them all at once, idempotently; it is also a context manager. Plain callables given to it
+are wrapped in a :class:`FunctionHook`, so they are inert in a copy too, unless registered with
+``travels=True``: a self-contained edit of the model (a scale that holds no outside state) that a
+copy of the model keeps, as torch's own hooks are kept.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from torch import nn
 
 
 def _call(hook: "OwnerHook", args: tuple):
-    return getattr(hook._owner, hook._method)(*hook._bound, *args)
+    return hook._run(args)
 
 
 # The hooks keep per-call Python state (which call is open, which sites fired), which torch.compile must not
@@ -29,6 +35,9 @@ class OwnerHook:
         self._method = method
         self._bound = bound
 
+    def _run(self, args: tuple):
+        return getattr(self._owner, self._method)(*self._bound, *args)
+
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # inside a graph torch.compile traces: run eagerly between its graphs
             return _call_eagerly(self, args)
@@ -39,6 +48,21 @@ class OwnerHook:
 
     def __reduce__(self):
         return (InertHook, ())
+
+
+class FunctionHook(OwnerHook):
+    """Calls ``function(*bound, *hook_args)``: a closure's state is the original's, so a copy is inert."""
+
+    def __init__(self, function, *bound):
+        super().__init__(function, "__call__", *bound)
+
+    def _run(self, args: tuple):
+        return self._owner(*self._bound, *args)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return _call_eagerly(self, args)
+        return self._owner(*self._bound, *args)
 
 
 class InertHook:
@@ -56,3 +80,62 @@ class InertHook:
                                   module._forward_hooks_always_called):
                         extra.pop(key, None)
         return None
+
+
+class HookSet:
+    """Registers hooks and removes every one of them together (see the module notes).
+
+    >>> from torch import nn
+    >>> layer, seen = nn.Linear(2, 2), []
+    >>> with HookSet() as hooks:
+    ...     _ = hooks.pre(layer, lambda module, args: seen.append(args[0].shape))
+    ...     _ = layer(torch.zeros(1, 2))
+    >>> seen, len(hooks), len(layer._forward_pre_hooks)
+    ([torch.Size([1, 2])], 0, 0)
+    """
+
+    def __init__(self):
+        self._handles: list = []
+
+    def pre(self, module: nn.Module, hook, *, with_kwargs: bool = False, prepend: bool = False,
+            travels: bool = False):
+        """A forward pre-hook on ``module``; returns torch's handle (its ``id`` orders hooks)."""
+        return self.add(module.register_forward_pre_hook(_live(hook, travels), with_kwargs=with_kwargs,
+                                                         prepend=prepend))
+
+    def post(self, module: nn.Module, hook, *, with_kwargs: bool = False, always_call: bool = False,
+             travels: bool = False):
+        """A forward hook on ``module``; returns torch's handle."""
+        return self.add(module.register_forward_hook(_live(hook, travels), with_kwargs=with_kwargs,
+                                                     always_call=always_call))
+
+    def tap(self, tap):
+        """Attach a tap (an :class:`~kacq_hooks.experts.ExpertsTap`, a SharedTap) and own what it returns."""
+        return self.add(tap.attach())
+
+    def add(self, handle):
+        """Own ``handle`` (anything with ``remove()``): it goes with the others."""
+        self._handles.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Remove every hook; a second call does nothing."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __bool__(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _live(hook, travels: bool):
+    return hook if travels or isinstance(hook, (OwnerHook, InertHook)) else FunctionHook(hook)

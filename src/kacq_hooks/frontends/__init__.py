@@ -10,35 +10,17 @@ a causal LM; the encoder and decoder of a seq2seq model; a vision tower) is a mo
 receives that stack's own tokens and padding mask: a pre-hook there binds the mask that the stack's
 sites use for the rest of the call. Reading the mask at the stack, not at the root, is what makes it
 the mask that produced C: hooks that rewrite the batch at the root (fact injection) have run by then,
-and a seq2seq decoder gets ``decoder_attention_mask``, never the encoder's.
+and a seq2seq decoder gets ``decoder_attention_mask``, never the encoder's. Every front end reads its
+stacks with the same :class:`~kacq_hooks.frontends.stacks.StackReader`, only the argument names differ.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch
 from torch import nn
 
 from ..locate import Site
-
-@dataclass
-class StackInputs:
-    """What one call of a stack (or of the root) was given."""
-
-    mask: torch.Tensor | None = None          # a 2-D [batch, positions] padding mask, or None (all valid)
-    shape: tuple[int, int] | None = None      # (batch, new positions) of the tokens of this call
-    continuation: bool = False                # positions before this call's tokens sit in a KV cache
-    mask_unusable: bool = False               # a mask was given but it is not 2-D (a 4-D or per-layer dict mask)
-    tokens: object = None                     # the token ids (or embeddings) tensor of the call, to match stacks
-
-
-@dataclass
-class StackBinding:
-    name: str
-    module: nn.Module
-    read: Callable[[tuple, dict], StackInputs]
-    layout: str = "batch_first"              # C is [batch, seq, d], [seq, batch, d] ("seq_first") or flat
+from .stacks import Arguments, StackInputs, StackReader  # noqa: F401  (the front ends import them from here)
 
 
 @dataclass
@@ -47,9 +29,9 @@ class Binding:
 
     root: nn.Module
     sites: list[Site]
-    stacks: list[StackBinding]
+    stacks: list[StackReader]
     site_stack: list[int]                       # per site, its index into ``stacks``
-    read_root: Callable[[tuple, dict], StackInputs]
+    root_reader: StackReader                    # reads the call of the whole model (the root's own inputs)
     name: str = "hf"
     closer: nn.Module | None = None
     frame_owner: nn.Module | None = None    # the module whose running forward bounds a call (default: root)

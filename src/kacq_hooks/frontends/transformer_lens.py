@@ -49,7 +49,8 @@ from torch import nn
 
 from ..errors import KacqError, LocateError, MissingExtraError
 from ..locate import Site
-from . import Binding, StackBinding, StackInputs, hf
+from . import Binding, hf
+from .stacks import Arguments, StackReader
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,16 @@ def bind(model: nn.Module, mlp_out: str | None = None) -> Binding:
     log.debug("bound %s: %d sites at %s", type(model).__name__, len(sites), sites[0].path)
     if bridge:  # every path into the wrapped HF model (forward, generate, hf_generate) passes its mask there
         hf_model = model.original_model
-        stacks = [StackBinding(name="decoder", module=hf_model, read=hf.read_call(hf_model))]
+        stacks = [StackReader(name="decoder", module=hf_model)]
         return Binding(root=hf_model, sites=sites, stacks=stacks, site_stack=[0] * len(sites),
-                       read_root=hf.read_call(hf_model), name="transformer_lens.bridge")
+                       root_reader=hf.root_reader(hf_model), name="transformer_lens.bridge")
     # HookedTransformer: the first block gets the mask TransformerLens settled on, however forward was reached
     # (run_with_hooks calls forward directly, skipping hooks on the model itself), so a call opens at the first
     # block and ends after the last one
     first = model.blocks[0]
-    stacks = [StackBinding(name="decoder", module=first, read=_read_block_call)]
-    return Binding(root=first, closer=model.blocks[-1], frame_owner=model, sites=sites, stacks=stacks, site_stack=[0] * len(sites),
-                   read_root=_read_block_call, name="transformer_lens")
+    stacks = [StackReader(name="decoder", module=first, arguments=BLOCK_ARGUMENTS)]
+    return Binding(root=first, closer=model.blocks[-1], frame_owner=model, sites=sites, stacks=stacks,
+                   site_stack=[0] * len(sites), root_reader=stacks[0], name="transformer_lens")
 
 
 def _sites(model, template: str) -> list[Site]:
@@ -151,17 +152,9 @@ def _experts_sites(model) -> list[Site]:
     return sites
 
 
-def _read_block_call(args: tuple, kwargs: dict) -> StackInputs:
-    """The mask and (batch, seq) of a ``TransformerBlock(resid_pre, ..., attention_mask=...)`` call."""
-    resid = args[0] if args else kwargs.get("resid_pre")
-    shape = tuple(resid.shape[:2]) if isinstance(resid, torch.Tensor) and resid.dim() == 3 else None
-    mask = kwargs.get("attention_mask")
-    cache = kwargs.get("past_kv_cache_entry")
-    continuation = bool(cache is not None and getattr(cache, "past_keys", None) is not None
-                        and cache.past_keys.shape[1] > 0)
-    if isinstance(mask, torch.Tensor) and shape is not None and mask.dim() == 2 and mask.shape[1] > shape[1]:
-        continuation = True
-    return StackInputs(mask=mask, shape=shape, continuation=continuation)
+# A ``TransformerBlock(resid_pre, ..., past_kv_cache_entry=..., attention_mask=...)`` call: the residual
+# stream gives (batch, seq), and a cache entry holding keys means the call continues cached positions.
+BLOCK_ARGUMENTS = Arguments(grid=("resid_pre",), tokens=(), cache="past_kv_cache_entry")
 
 
 # -- builders ------------------------------------------------------------------------------------

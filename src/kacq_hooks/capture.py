@@ -1,0 +1,160 @@
+"""The capture: hooks that read C (and dL/dC) at each site and feed the statistics kernels.
+
+A forward pre-hook on each site's module sees C, the input of the FFN output projection; the
+experts and shared-expert taps of a mixture-of-experts layer see each expert's C where it is
+computed. The rows of C that count, and their document weights, come from the stack's reader
+(:class:`~kacq_hooks.frontends.stacks.StackReader`), once per call and shape. Forward statistics are
+staged in the call's pending buffers (:mod:`kacq_hooks.calls` commits them); with ``grads=True`` a
+tensor hook on C adds dL/dC statistics of a counted call straight into the instrumentation's
+statistics during backward. Hooks return nothing and never call ``.item()``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import kernels
+from ._hooks import HookSet, OwnerHook
+from .calls import Call, Calls
+from .distributed import is_dtensor, local_slice, to_local
+from .errors import KacqError, ShapeError
+from .experts import ExpertsTap, SharedTap
+from .kernels import experts_cpu, reference
+
+
+class Capture:
+    """The site hooks of one instrumentation (module notes); ``inst`` holds the settings and statistics."""
+
+    def __init__(self, inst, calls: Calls):
+        self.inst = inst
+        self.calls = calls
+        self.sites = inst.sites
+
+    def attach(self, hooks: HookSet) -> None:
+        for index, site in enumerate(self.sites):
+            # first on a row-parallel projection: RowwiseParallel's own pre-hook turns C into a DTensor
+            hooks.pre(site.module, OwnerHook(self, "on_coefficients", index),
+                      prepend=self.inst.shards[index] is not None)
+            if site.kind == "experts":
+                layer = site.experts_layer
+                hooks.tap(ExpertsTap(layer, OwnerHook(self, "on_routed", index)))
+                start = layer.experts * layer.d_ff
+                for shared in layer.shared:
+                    hooks.tap(SharedTap(shared, OwnerHook(self, "on_shared", index, start)))
+                    start += shared.d_ff
+
+    # -- dense sites (and the token count of experts sites)
+    def on_coefficients(self, index: int, module, args):
+        inst = self.inst
+        if inst._pause_depth:
+            return
+        c = args[0]
+        site = self.sites[index]
+        task = torch._C._current_graph_task_id()
+        if task != -1:  # activation checkpointing re-runs forwards in backward
+            call = self.calls.recomputed(task)
+            if call is not None and inst.grads and c.requires_grad and torch.is_grad_enabled():
+                rows, _, _ = self._rows_for(call, index, c)
+                c.register_hook(functools.partial(self._on_gradient, index, call, c.detach().reshape(-1, c.shape[-1]),
+                                                  rows))
+            return
+        call = self.calls.fire(index)
+        shard, whole = inst.shards[index], None
+        if shard is not None and is_dtensor(c):  # ColwiseParallel(use_local_output=False) hands a DTensor
+            whole, c = c, local_slice(site.path, shard, c)
+        pending = self.calls.pending
+        stats = pending[index]
+        if site.kind == "dense" and c.shape[-1] != stats.d_ff:
+            raise ShapeError(f"{site.path}: C has {c.shape[-1]} neurons but the site has {stats.d_ff}"
+                             + (f" (this rank's slice {shard.offset}..{shard.offset + shard.width} of {shard.d_ff})"
+                                if shard else "") + "; was the model resharded after instrument()?")
+        if stats.device != c.device:  # a parameterless site (a TransformerLens HookPoint) on a sharded model
+            pending.move_layer(index, c.device)
+            inst.stats.move_layer(index, c.device)
+            stats = pending[index]
+        c2d = c.detach().reshape(-1, c.shape[-1])
+        rows, doc_weight, documents = self._rows_for(call, index, c)
+        call.staged = True
+        if call.training and not torch.is_grad_enabled():
+            call.recomputable = True
+        if documents is not None:
+            stats.documents.add_(documents.to(stats.documents.device))
+        if site.kind == "experts":  # C arrives from the taps; here the layer counts its tokens, once
+            stats.tokens.add_(c2d.shape[0] if rows is None else rows.sum())
+            call.routing[index] = (rows, doc_weight)
+            return
+        kernels.accumulate_forward(c2d, rows, doc_weight, stats)
+        if whole is not None and inst.grads and whole.requires_grad and torch.is_grad_enabled():
+            # the local view is not on the path to the loss: take dL/dC from the DTensor itself
+            whole.register_hook(functools.partial(self._on_dtensor_gradient, index, call, c2d, rows,
+                                                  whole.device_mesh, whole.placements))
+        elif inst.grads and c.requires_grad and torch.is_grad_enabled():
+            c.register_hook(functools.partial(self._on_gradient, index, call, c2d, rows))
+
+    def _rows_for(self, call: Call, index: int, c: torch.Tensor):
+        """(valid rows [N] bool or None, document weights [N] fp32 or None, documents or None) for C."""
+        stack = self.inst.binding.site_stack[index]
+        key = (stack, tuple(c.shape[:-1]), c.device)
+        if key not in call.rows:
+            call.rows[key] = self.inst.binding.stacks[stack].rows(
+                call.stacks[stack], call.root, c, mask_padding=self.inst.mask_padding, weighting=self.inst.weighting)
+        return call.rows[key]
+
+    def _on_gradient(self, index: int, call: Call, c2d: torch.Tensor, rows, grad: torch.Tensor):
+        if not self.inst._pause_depth and not call.discarded:
+            kernels.accumulate_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows, self.inst.stats[index])
+
+    def _on_dtensor_gradient(self, index: int, call: Call, c2d, rows, mesh, placements, grad):
+        self._on_gradient(index, call, c2d, rows, to_local(grad, mesh, placements))
+
+    # -- experts sites: routed and shared experts
+    def _routed_call(self, index: int) -> Call | None:
+        """The open call in which site ``index`` has fired, or None while paused or recomputing."""
+        if self.inst._pause_depth or torch._C._current_graph_task_id() != -1:
+            return None
+        call = self.calls.current
+        if call is None or index not in call.routing:
+            raise KacqError(f"the experts of {self.sites[index].path} ran outside a forward of their layer "
+                            f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
+        return call
+
+    def on_routed(self, index: int, expert_ids, token_index, weight, c):
+        call = self._routed_call(index)
+        if call is None:
+            return
+        if self.sites[index].routed_scale != 1.0:  # applied to the routed output after the experts (Laguna)
+            weight = weight * self.sites[index].routed_scale
+        rows, doc_weight = call.routing[index]
+        keep = torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None else rows[token_index]
+        docs = None if doc_weight is None else doc_weight[token_index]
+        experts = self.sites[index].experts
+        fused = experts_cpu if kernels.backend_for(c.device) == "cpu" else reference
+        fused.accumulate_experts(c.detach(), expert_ids, weight, keep, docs, self.calls.pending[index], experts)
+        if self.inst.grads and c.requires_grad and torch.is_grad_enabled():
+            c.register_hook(functools.partial(self._on_routed_gradient, index, call, c.detach(), expert_ids, keep))
+
+    def _on_routed_gradient(self, index: int, call: Call, c, expert_ids, keep, grad):
+        if self.inst._pause_depth or call.discarded:
+            return
+        stats = self.inst.stats[index]
+        reference.accumulate_experts_backward(c, grad, expert_ids, keep, stats, self.sites[index].experts)
+        if index not in call.grad_counted:  # a layer's gradient tokens are counted once per call
+            call.grad_counted.add(index)
+            rows, _ = call.routing[index]
+            stats.grad_tokens.add_(keep.shape[0] if rows is None else rows.sum())
+
+    def on_shared(self, index: int, start: int, c, gate):
+        call = self._routed_call(index)
+        if call is None:
+            return
+        rows, doc_weight = call.routing[index]
+        c2d = c.detach().reshape(-1, c.shape[-1])
+        reference.accumulate_slice(c2d, rows, gate, doc_weight, self.calls.pending[index], start)
+        if self.inst.grads and c.requires_grad and torch.is_grad_enabled():
+            c.register_hook(functools.partial(self._on_shared_gradient, index, call, start, c2d, rows))
+
+    def _on_shared_gradient(self, index: int, call: Call, start: int, c2d, rows, grad):
+        if not self.inst._pause_depth and not call.discarded:
+            reference.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows, self.inst.stats[index],
+                                                start)
