@@ -46,6 +46,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from ._hooks import FunctionHook, HookSet
 from .errors import AttributionError, ShapeError
 from .facts.records import PROBE_KINDS, FactRecord, FactSet
 from .facts.scoring import ModelCaller, ProbeBatch, model_device, scoring_mode, target_log_probs
@@ -368,14 +369,11 @@ def _quadrature(steps: int, rule: str) -> tuple[list[float], list[float]]:
 
 @contextlib.contextmanager
 def _hooks(sites: list[Site], hook) -> Iterator[None]:
-    handles = []
-    try:
+    """``hook(index, module, args)`` as a forward pre-hook on every site, inert in a copy of the model."""
+    with HookSet() as hooks:
         for index, site in enumerate(sites):
-            handles.append(site.module.register_forward_pre_hook(lambda m, a, i=index: hook(i, m, a)))
+            hooks.pre(site.module, FunctionHook(hook, index))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _repeat(batch: ProbeBatch, times: int) -> ProbeBatch:

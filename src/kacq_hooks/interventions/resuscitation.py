@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .._hooks import HookSet
 from ..entropy import KnowledgeEntropy, knowledge_entropy
 from ..errors import ArgumentTypeError, ConfigError, KacqError, LocateError, ResuscitationError, ShapeError
 from ..experts import ExpertsTap, expert_up_rows
@@ -302,7 +303,7 @@ class Resuscitation:
         self.mode = mode
         self.sites = sites
         self._saved: list[_SavedRows] = []
-        self._handles: list = []
+        self._hooks = HookSet()
         self.active = False
 
     def revert(self) -> None:
@@ -318,10 +319,8 @@ class Resuscitation:
                     log.warning("the edited rows of a %s parameter changed since the edit (training?); revert "
                                 "restores their pre-edit values and discards those changes", tuple(saved.param.shape))
                 saved.restore()
-        for handle in self._handles:
-            handle.remove()
+        self._hooks.remove()
         self._saved.clear()
-        self._handles.clear()
         self._mark(-1)
         self.active = False
 
@@ -402,9 +401,9 @@ def resuscitate(model: nn.Module, plan: ResuscitationPlan, mode: str = "weights"
             scale = torch.ones(site.d_ff, dtype=torch.float64)
             scale[edit.indices] = edit.multipliers
             if site.kind == "experts":
-                handle._handles += _scale_experts_hooks(site, scale)
-            else:
-                handle._handles.append(site.module.register_forward_pre_hook(_ScaleInput(scale), prepend=True))
+                _scale_experts(site, scale, handle._hooks)
+            else:  # the scale holds no outside state: a copy of the model keeps the edit (see above)
+                handle._hooks.pre(site.module, _ScaleInput(scale), prepend=True, travels=True)
     handle.active = True
     handle._mark(+1)
     log.info("resuscitated %d neurons in layers %s by %s (%d capped)", plan.selected, plan.edited_layers, mode,
@@ -578,18 +577,16 @@ class _ScaleSlots:
         return c * self._cast[key][expert_ids]
 
 
-def _scale_experts_hooks(site: Site, scale: torch.Tensor) -> list:
-    """Handles that multiply an experts site's slots by ``scale`` (float64 [d_ff]) where C is computed."""
+def _scale_experts(site: Site, scale: torch.Tensor, hooks: HookSet) -> None:
+    """Hooks (owned by ``hooks``) that multiply an experts site's slots by ``scale`` (float64 [d_ff]) where C is
+    computed."""
     layer = site.experts_layer
     routed = layer.experts * layer.d_ff
-    handles = []
     if bool((scale[:routed] != 1).any()):
-        handles.append(ExpertsTap(layer, _ScaleSlots(scale[:routed].view(layer.experts, layer.d_ff)),
-                                  replaces=True).attach())
+        hooks.tap(ExpertsTap(layer, _ScaleSlots(scale[:routed].view(layer.experts, layer.d_ff)), replaces=True))
     start = routed
     for shared in layer.shared:
         part = scale[start:start + shared.d_ff]
         if bool((part != 1).any()):  # registered first, so a SharedTap sees the scaled C
-            handles.append(shared.down.register_forward_pre_hook(_ScaleInput(part), prepend=True))
+            hooks.pre(shared.down, _ScaleInput(part), prepend=True, travels=True)
         start += shared.d_ff
-    return handles

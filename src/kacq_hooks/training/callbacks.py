@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from kacq_hooks._hooks import HookSet, OwnerHook
 from kacq_hooks.entropy import KnowledgeEntropy
 from kacq_hooks.errors import CheckpointError, ConfigError
 from kacq_hooks.facts.injection import InjectionCollatorSync, InjectionSchedule, inject
@@ -376,7 +377,7 @@ class InjectionCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.name = _slug(name)
         self.injected: dict[int, list[int]] = {}
-        self._handle = None
+        self._hooks = HookSet()
         self._due: tuple[int, list] | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -384,8 +385,8 @@ class InjectionCallback(TrainerCallback):
         if folder is not None:
             saved = load_state(folder, self.name, args)["injected"]
             self.injected = {int(step): list(records) for step, records in saved.items()}
-        if self._handle is None:
-            self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True)
+        if not self._hooks:  # inert in a copy of the model: a copy must not inject this schedule
+            self._hooks.pre(model, OwnerHook(self, "_on_forward"), with_kwargs=True, prepend=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         due = self.schedule.at(state.global_step)
@@ -395,9 +396,7 @@ class InjectionCallback(TrainerCallback):
         save_state(checkpoint_folder(args, state), self.name, args, {"injected": dict(self.injected)})
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._hooks.remove()
 
     def _on_forward(self, module, args, kwargs):
         if self._due is None or not module.training or not torch.is_grad_enabled():
