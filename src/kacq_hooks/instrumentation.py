@@ -25,7 +25,7 @@ from .calls import Calls
 from .capture import Capture
 from .distributed import neuron_shard, reduce as reduce_across_ranks
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import ConfigError, KacqError, ShapeError
+from .errors import ConfigError, KacqError
 from .frontends import Binding, bind
 from .locate import Site
 from .stats import CoefficientStats
@@ -221,42 +221,17 @@ class Instrumentation:
         self.stats.reset()
         self.reduced = False
 
-    def _slices(self) -> list:
-        return [None if shard is None else [shard.offset, shard.width, shard.d_ff] for shard in self.shards]
-
     def state_dict(self) -> dict:
-        return {**self._settings(), "stats": self.stats.state_dict(), "discarded_calls": self.discarded_calls,
-                "slices": self._slices(), "reduced": self.reduced}
+        return saving.state_of(self)
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("sites") != [s.path for s in self.sites]:
-            raise ShapeError(f"saved statistics are for sites {state.get('sites')}, this instrumentation has "
-                             f"{[s.path for s in self.sites]}")
-        self._check_same_measurement(state, "the saved statistics were measured with")
-        slices = state.get("slices", [None] * len(self.sites))
-        if state.get("reduced") or any(slices):
-            if slices != self._slices() and not state.get("reduced"):
-                raise ShapeError(f"saved statistics hold tensor-parallel slices {slices}, this rank holds "
-                                 f"{self._slices()}: load each rank's own file")
-            if state.get("reduced"):  # whole layers, gathered on the rank that saved them
-                self.stats = CoefficientStats([s.d_ff for s in self.sites], [layer.device for layer in self.stats])
-        self.stats.load_state_dict(state["stats"])
-        self.discarded_calls = int(state.get("discarded_calls", 0))
-        self.reduced = bool(state.get("reduced", False))
+        saving.load_state(self, state)
 
     def _settings(self) -> dict:
         return {"sites": [s.path for s in self.sites], "weighting": self.weighting, "mask_padding": self.mask_padding}
 
     def _check_same_measurement(self, other: dict, what: str) -> None:
-        mine = self._settings()
-        for key in ("sites", "mask_padding"):
-            if key in other and other[key] != mine[key]:
-                raise ShapeError(f"{what} {key}={other[key]!r}, this instrumentation {key}={mine[key]!r}: their sums "
-                                 "are not one measurement. Measure both the same way")
-        if other.get("weighting", "token") != "document" and self.weighting == "document":
-            # token-weighted statistics hold no document sums: the document entropy would miss their documents
-            raise ShapeError(f"{what} weighting='token', so they hold no document sums; this instrumentation keeps "
-                             "them (weighting='document'). Measure both with weighting='document'")
+        saving.check_same_measurement(self._settings(), other, what)
 
     def save(self, path) -> None:
         """Write these statistics to ``path``: safetensors with a JSON header (see :mod:`kacq_hooks.saving`)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import KacqError, MissingExtraError, SavedStatsError
+from .errors import KacqError, MissingExtraError, SavedStatsError, ShapeError
 from .stats import FIELDS, CoefficientStats
 
 FORMAT = "kacq_hooks.stats"
@@ -76,6 +76,46 @@ def _site_records(source) -> list[dict]:
         return source.sites
     return [{"path": s.path, "label": s.label, "d_ff": s.d_ff, "kind": s.kind, "experts": s.experts,
              "expert_d_ff": s.expert_d_ff} for s in source.sites]
+
+
+def _slices(inst) -> list:
+    return [None if shard is None else [shard.offset, shard.width, shard.d_ff] for shard in inst.shards]
+
+
+def state_of(inst) -> dict:
+    """:meth:`kacq_hooks.Instrumentation.state_dict`: the settings, sums and tensor-parallel slices of ``inst``."""
+    return {**inst._settings(), "stats": inst.stats.state_dict(), "discarded_calls": inst.discarded_calls,
+            "slices": _slices(inst), "reduced": inst.reduced}
+
+
+def load_state(inst, state: dict) -> None:
+    """:meth:`kacq_hooks.Instrumentation.load_state_dict`: ``state`` into ``inst``, refused if measured otherwise."""
+    sites = [s.path for s in inst.sites]
+    if state.get("sites") != sites:
+        raise ShapeError(f"saved statistics are for sites {state.get('sites')}, this instrumentation has {sites}")
+    inst._check_same_measurement(state, "the saved statistics were measured with")
+    slices = state.get("slices", [None] * len(inst.sites))
+    if state.get("reduced") or any(slices):
+        if slices != _slices(inst) and not state.get("reduced"):
+            raise ShapeError(f"saved statistics hold tensor-parallel slices {slices}, this rank holds "
+                             f"{_slices(inst)}: load each rank's own file")
+        if state.get("reduced"):  # whole layers, gathered on the rank that saved them
+            inst.stats = CoefficientStats([s.d_ff for s in inst.sites], [layer.device for layer in inst.stats])
+    inst.stats.load_state_dict(state["stats"])
+    inst.discarded_calls = int(state.get("discarded_calls", 0))
+    inst.reduced = bool(state.get("reduced", False))
+
+
+def check_same_measurement(mine: dict, other: dict, what: str) -> None:
+    """Refuse to combine statistics measured with other settings (``mine`` and ``other`` as ``_settings()``)."""
+    for key in ("sites", "mask_padding"):
+        if key in other and other[key] != mine[key]:
+            raise ShapeError(f"{what} {key}={other[key]!r}, this instrumentation {key}={mine[key]!r}: their sums "
+                             "are not one measurement. Measure both the same way")
+    if other.get("weighting", "token") != "document" and mine["weighting"] == "document":
+        # token-weighted statistics hold no document sums: the document entropy would miss their documents
+        raise ShapeError(f"{what} weighting='token', so they hold no document sums; this instrumentation keeps "
+                         "them (weighting='document'). Measure both with weighting='document'")
 
 
 def header_of(inst) -> dict:
