@@ -66,7 +66,6 @@ FFN_OUT_PATTERNS = (
     r"ffn\.dense_out", r"ff\.layer_2", r"ff\.fc2", r"(?:layer\.\d+\.)?DenseReluDense\.wo",
     r"(?:layer\.\d+\.)?DenseGatedActDense\.wo", r"output\.dense", r"fc2", r"mixer\.down_proj",
 )
-MLP_OUT_PATTERNS = FFN_OUT_PATTERNS  # the name older code used
 
 _WRAPPER_PARTS = {"_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module", "_forward_module"}
 _FFN_CLASS = re.compile(r"MLP|Mlp|FeedForward|FFN|Ffn|DenseReluDense|DenseGatedActDense|ChannelMix|SparseMoe|"
@@ -219,7 +218,6 @@ REFUSED_STACKS: dict[tuple[str, str], str] = {
 }
 # How C is laid out when it is not [batch, seq, d_ff].
 LAYOUT_BY_MODEL_TYPE = {"xlnet": "seq_first", "fsmt": "seq_first", "opt": "flat"}
-LAYOUTS = ("batch_first", "seq_first", "flat")
 
 
 @dataclass(frozen=True)
@@ -668,12 +666,6 @@ class StackSpec:
                 shape = tuple(value.shape[:2])
                 break
         return mask, shape
-
-
-def stack_call_inputs(spec: StackSpec, args: tuple, kwargs: dict):
-    """(mask, (batch, seq), layout) of one call of ``spec.root``."""
-    mask, shape = spec.read_inputs(args, kwargs)
-    return mask, shape, spec.layout
 
 
 def _argument(args, kwargs, name, position):
