@@ -101,7 +101,7 @@ def test_scoring_leaves_training_state_rng_and_instrumentation_alone(tokenizer):
         assert torch.equal(torch.get_rng_state(), rng)
         assert [m.training for m in model.modules()] == flags
         torch.testing.assert_close(scores.mean, expected, atol=0, rtol=0)  # dropout was off
-        assert not inst.paused and all(int(s.tokens) == 0 for s in inst.stats)
+        assert not inst.is_paused and all(int(s.tokens) == 0 for s in inst.stats)
         model(torch.tensor([[5, 6, 7]]))
         assert all(int(s.tokens) == 3 for s in inst.stats)
     finally:

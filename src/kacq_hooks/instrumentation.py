@@ -12,7 +12,6 @@ end of a ``with`` block, also on error.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from typing import Iterator
 
@@ -35,7 +34,7 @@ _attached: "weakref.WeakSet[Instrumentation]" = weakref.WeakSet()
 
 
 def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = False, mask_padding: bool = True,
-               weighting: str = "token", stacks=None, padding_compat: bool = False) -> "Instrumentation":
+               weighting: str = "token", stacks=None) -> "Instrumentation":
     """Attach coefficient capture to ``model`` and return the :class:`Instrumentation` that owns it.
 
     Args:
@@ -52,8 +51,6 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
             equation). Document sums are only kept when "document" is chosen here.
         stacks: which stacks to instrument: None for the language model's (its decoder, and the encoder of
             an encoder or encoder-decoder), or names such as ``("vision",)`` or ``("decoder", "vision")``.
-        padding_compat: deprecated second spelling of
-            ``mask_padding=False``.
 
     >>> import kacq_hooks as kh
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -63,13 +60,10 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
     >>> len(inst.knowledge_entropy().per_layer), inst.sites[0].path
     (2, 'transformer.h.0.mlp.c_proj')
     """
-    if padding_compat:
-        warnings.warn("instrument(padding_compat=True) is deprecated: it is a second spelling of "
-                      "mask_padding=False", DeprecationWarning, stacklevel=2)
     if weighting not in _WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
     inst = Instrumentation(bind(model, mlp_out, stacks), model=model, grads=grads,
-                           mask_padding=mask_padding and not padding_compat,
+                           mask_padding=mask_padding,
                            weighting=weighting)
     inst.attach()
     return inst
@@ -171,12 +165,6 @@ class Instrumentation:
     @property
     def is_paused(self) -> bool:
         return self._pause_depth > 0
-
-    @property
-    def paused(self) -> bool:
-        warnings.warn("Instrumentation.paused is deprecated (it reads like the function kacq_hooks.paused); "
-                      "use Instrumentation.is_paused", DeprecationWarning, stacklevel=2)
-        return self.is_paused
 
     # -- results ---------------------------------------------------------------------------------
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
