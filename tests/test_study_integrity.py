@@ -1,5 +1,7 @@
-"""Review 14 of kacq_study and its metrics (hostile review): failing tests that pin down defects found by attack,
-beyond test_review13.py's (CLI values, worker errors, findings' premises).
+"""The integrity of kacq_study's numbers and outputs: metrics that are NaN or refused rather than wrong, config
+and injection settings refused before slow work, summaries that never average over fewer values, and outputs
+(results.json, the experiments' JSON, report.md, figures) never left half-written or stale (CLI values, worker
+errors and findings' premises are in test_study_edge_cases.py).
 
 Each test names the promise it checks. All are fast: synthetic trajectories and results dicts, the CLI and
 the experiments with their slow parts replaced.

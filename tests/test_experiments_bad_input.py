@@ -1,5 +1,6 @@
-"""Hostile review of run_variants and the multi-seed experiments (kacq_study.study, kacq_study.experiments):
-each test names the promise it checks, and each failed before its fix."""
+"""run_variants and the multi-seed experiments (kacq_study.study, kacq_study.experiments) refuse bad input (seeds,
+workers, factors, tail factors, settings) before any work, and name the task an error came from; probe-wording's
+"other fact" prompts are never the fact's own. Each test names the promise it checks."""
 from __future__ import annotations
 
 import json
