@@ -276,10 +276,10 @@ def test_row_injection_needs_a_row_per_first_round_passage():
 
 
 def test_continued_training_warms_up_linearly():
-    from kacq_study.demo import _warmup
+    from kacq_study.arms import warmup
 
     optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
-    schedule = _warmup(optimizer, 4)
+    schedule = warmup(optimizer, 4)
     rates = []
     for _ in range(6):
         rates.append(optimizer.param_groups[0]["lr"])

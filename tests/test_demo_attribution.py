@@ -1,5 +1,5 @@
 """Where the study's injected facts land: the low-activity share of the probes' top-k attributed slots
-(kacq_study.demo._Landing), its finding, its paragraph and its figure, on a tiny model (no demo run)."""
+(kacq_study.metrics.Landing), its finding, its paragraph and its figure, on a tiny model (no demo run)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kacq_hooks import facts as kf
 from kacq_hooks.attribution import attribute
 from kacq_hooks.training.attribution import low_activity_mask
-from kacq_study.demo import ATTRIBUTION_K, Calibration, _Landing
+from kacq_study.config import ATTRIBUTION_K
+from kacq_study.metrics import Landing
+from kacq_study.pipeline import Calibration
 from kacq_study.findings import LANDING_ARMS, LANDING_MARGIN, landing
 from kacq_study.report import LANDING_FIGURE, _landing_section, plot_landing
 
@@ -43,7 +45,7 @@ def test_landing_share_is_the_top_k_slots_low_activity_at_the_checkpoint(tokeniz
     cbar = calibration.mean_abs_coefficients(model)
     tracker = kf.FactTracker(model, tokenizer, facts, batch_size=64)
     schedule = kf.InjectionSchedule(facts, interval=2, rounds=2, start=1, cycle_paraphrases=True)
-    where = _Landing(model, tokenizer, tracker, cbar)
+    where = Landing(model, tokenizer, tracker, cbar)
     # an edit after the checkpoint (half the slots x10): the low-activity set stays the checkpoint's
     with torch.no_grad():
         for up in [m for n, m in model.named_modules() if n.endswith("mlp.up_proj")]:

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from kacq_study import experiments as ex
-from kacq_study.demo import DemoConfig, _json_ready
+from kacq_study.config import DemoConfig
+from kacq_study.experiments import horizon as forgetting, resuscitation, rows as augmentation, sam, slots, wording as probe_wording
+from kacq_study.output import json_ready
 from kacq_study.findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS
 
 
@@ -22,14 +23,14 @@ def tiny(tmp_path, **overrides) -> DemoConfig:
 
 def test_forgetting_horizon_structure_and_short_refit(tmp_path):
     config = tiny(tmp_path, tail_steps=5, facts_per_scenario=2)
-    result = _json_ready(ex.forgetting_horizon(seeds=(0,), config=config, tail_factor=4, workers=1))
+    result = json_ready(forgetting.forgetting_horizon(seeds=(0,), config=config, tail_factor=4, workers=1))
     json.dumps(result, allow_nan=False)
     assert result["tail_steps"] == 4 * config.tail_steps and result["records_per_scenario"] == 2
     assert result["seeds"] == [0] and set(result["per_seed"]) == {"0"}
     long = result["per_seed"]["0"]
     assert set(long["groups"]) == {f"{s}/{k}" for s in SCENARIOS for k in KINDS}
     for horizon in ("long", "short"):
-        assert set(result["findings"][horizon]) == set(ex.FORGETTING_FINDINGS)
+        assert set(result["findings"][horizon]) == set(forgetting.FORGETTING_FINDINGS)
         # combined as the study combines: held for k of n, reproduces only if held for every seed
         for key, found in result["findings"][horizon].items():
             mine = next(f for f in long["findings"][horizon] if f["id"] == key)
@@ -44,7 +45,7 @@ def test_forgetting_horizon_structure_and_short_refit(tmp_path):
     # the refit over the short horizon covers the t the config's own tail reaches: the same run with tail_factor 1.
     # Its curves agree up to the last window - 1 points, where the short run's mean loses the probes whose last
     # acquisition maximum came later (they run out of recorded steps; the long run still has them).
-    short = _json_ready(ex.forgetting_horizon(seeds=(0,), config=config, tail_factor=1, workers=1))["per_seed"]["0"]
+    short = json_ready(forgetting.forgetting_horizon(seeds=(0,), config=config, tail_factor=1, workers=1))["per_seed"]["0"]
     for key, group in long["groups"].items():
         theirs = short["groups"][key]["R"]
         assert len(theirs) == group["horizon_short"]
@@ -55,7 +56,7 @@ def test_forgetting_horizon_structure_and_short_refit(tmp_path):
 
 def test_resuscitation_dose_compares_each_factor_with_the_plain_arm(tmp_path):
     config = tiny(tmp_path)
-    result = _json_ready(ex.resuscitation_dose(seeds=(0, 1), factors=(1.0, 3.0), config=config, workers=1))
+    result = json_ready(resuscitation.resuscitation_dose(seeds=(0, 1), factors=(1.0, 3.0), config=config, workers=1))
     json.dumps(result, allow_nan=False)
     assert result["factors"] == [1.0, 3.0] and set(result["findings"]) == {"q=1", "q=3"}
     for seed in ("0", "1"):
@@ -81,13 +82,13 @@ def test_resuscitation_dose_compares_each_factor_with_the_plain_arm(tmp_path):
 
 def test_landing_structure_and_study_agreement(tmp_path):
     config = tiny(tmp_path)
-    result = _json_ready(ex.landing(config=config, ks=(10, 50)))
+    result = json_ready(slots.landing(config=config, ks=(10, 50)))
     json.dumps(result, allow_nan=False)
     assert result["low_activity_slots"] == round(result["chance"] * result["slots"])
     assert abs(result["chance"] - config.resuscitation_ratio) < 0.05
     assert result["probes"] == {"injected": 3 * config.facts_per_scenario * 15, "control": config.control_facts * 15}
     for when in ("start", "end"):
-        assert set(result[when]) == set(ex.MEASURES)
+        assert set(result[when]) == set(slots.MEASURES)
         for measure in result[when].values():
             for value in (measure["injected"], measure["control"], *measure["injected_by_k"].values()):
                 assert 0.0 <= value <= 1.0
@@ -143,27 +144,27 @@ def test_run_variants_matches_the_study_and_applies_each_setting(tmp_path):
 
 
 def test_probe_wording_rescores_the_same_targets_after_other_prompts(tmp_path):
-    from kacq_study.demo import _prepare
+    from kacq_study.pipeline import prepare
 
     config = tiny(tmp_path, control_facts=2)
-    data = _prepare(config, lambda phase, info: None)
-    sets = ex._wording_sets(data.facts)
+    data = prepare(config, lambda phase, info: None)
+    sets = probe_wording.wording_sets(data.facts)
     own, other, neutral = sets["own"], sets["other fact"], sets["neutral"]
     injected = [i for i, s in enumerate(own.scenarios) if s != "unused"]
     for kind in KINDS:
         for i, record in enumerate(own):
             # targets unchanged, prompts replaced
             assert other[i].probes(kind) and [t for _, t in other[i].probes(kind)] == [t for _, t in record.probes(kind)]
-            assert all(p == ex.NEUTRAL_PROMPT for p, _ in neutral[i].probes(kind))
+            assert all(p == probe_wording.NEUTRAL_PROMPT for p, _ in neutral[i].probes(kind))
             # another record's prompts, from the same group (injected with injected)
             donor = next(j for j in range(len(own)) if j != i and
                          [p for p, _ in own[j].probes(kind)][:1] == [p for p, _ in other[i].probes(kind)][:1])
             assert (i in injected) == (donor in injected)
-    result = _json_ready(ex.probe_wording(seeds=(0,), config=config, workers=1))
+    result = json_ready(probe_wording.probe_wording(seeds=(0,), config=config, workers=1))
     json.dumps(result, allow_nan=False)
     rise = result["per_seed"]["0"]["rise"]
-    assert set(rise) == set(ex.WORDINGS)
-    for wording in ex.WORDINGS:
+    assert set(rise) == set(probe_wording.WORDINGS)
+    for wording in probe_wording.WORDINGS:
         for group in ("injected", "control"):
             for reduction in ("mean", "first"):
                 assert all(math.isfinite(v) for v in rise[wording][group][reduction].values())
@@ -179,18 +180,18 @@ def test_augmentation_rows_counts_the_targets_a_cut_row_loses(tmp_path):
 
     # rows long enough for any layout: nothing is cut, so a target is inside its row exactly when it is in the
     # passage at all (every plain one is; a layout can change how a name tokenizes)
-    roomy = _json_ready(ex.augmentation_rows(seeds=(0,), config=tiny(tmp_path, seq_len=2048)))
+    roomy = json_ready(augmentation.augmentation_rows(seeds=(0,), config=tiny(tmp_path, seq_len=2048)))
     for arm in ("plain", "augment"):
         row = roomy["per_seed"]["0"][arm]
         assert row["share_cut"] == 0.0 and row["targets_inside"] == row["targets_in_passage"]
     assert roomy["per_seed"]["0"]["plain"]["targets_inside"] == 1.0
     # layouts add markup: longer passages than the plain arm's, so a short row cuts more of them and loses targets
-    short = _json_ready(ex.augmentation_rows(seeds=(0,), config=tiny(tmp_path, seq_len=128)))
+    short = json_ready(augmentation.augmentation_rows(seeds=(0,), config=tiny(tmp_path, seq_len=128)))
     plain, augment = short["per_seed"]["0"]["plain"], short["per_seed"]["0"]["augment"]
     assert augment["mean_tokens"] > plain["mean_tokens"] and augment["share_cut"] >= plain["share_cut"] > 0
     assert 0 <= augment["targets_inside"] < augment["targets_in_passage"] and augment["targets_inside"] <= plain["targets_inside"]
     assert roomy["per_seed"]["0"]["augment"]["injections"] == augment["injections"] == plain["injections"]
-    assert ex._contains([5, 1, 2, 3], [1, 2]) and not ex._contains([1, 3, 2], [1, 2]) and not ex._contains([1], [])
+    assert augmentation.contains([5, 1, 2, 3], [1, 2]) and not augmentation.contains([1, 3, 2], [1, 2]) and not augmentation.contains([1], [])
     assert experiment_for("augment_improves_acquisition") == "augmentation-rows"
     assert experiment_for("sam_improves_acquisition") == "sam-dose"
     assert experiment_for("no_such_finding") is None
@@ -200,8 +201,8 @@ def test_sam_dose_judges_each_radius_against_the_plain_arm(tmp_path):
     from kacq_hooks.errors import KacqError
 
     with pytest.raises(KacqError, match="radius"):
-        ex.sam_dose(seeds=(0,), rhos=(0.0,), config=tiny(tmp_path), workers=1)
-    result = _json_ready(ex.sam_dose(seeds=(0,), rhos=(0.01, 0.5), config=tiny(tmp_path), workers=1))
+        sam.sam_dose(seeds=(0,), rhos=(0.0,), config=tiny(tmp_path), workers=1)
+    result = json_ready(sam.sam_dose(seeds=(0,), rhos=(0.01, 0.5), config=tiny(tmp_path), workers=1))
     json.dumps(result, allow_nan=False)
     rows = result["per_seed"]["0"]
     assert rows["rho=0.5"]["acquisition"] != rows["rho=0.01"]["acquisition"]  # the radius reached the arm

@@ -6,7 +6,7 @@ fact injection, and checks which of the papers' findings hold (:mod:`kacq_study.
 ``results.json``, a report and figures (:mod:`kacq_study.report`). The library never imports this
 package: ``kacq demo`` reaches it through the ``kacq.commands`` entry point (:func:`kacq_study.cli.register`).
 
->>> from kacq_study.demo import DemoConfig                      # doctest: +SKIP
+>>> from kacq_study.config import DemoConfig                    # doctest: +SKIP
 >>> from kacq_study.study import run_study                     # doctest: +SKIP
 >>> results = run_study(DemoConfig.quick(), seeds=(0, 1, 2))    # doctest: +SKIP
 """

@@ -18,7 +18,9 @@ from kacq_hooks import cli as kacq_cli
 from kacq_hooks.errors import KacqError
 from kacq_hooks.sweep import check_device
 
-from .demo import ARMS, RUN_TIME, ZHU_ARMS, DemoConfig, DemoConfigError, write_results
+from .arms import ARMS, ZHU_ARMS
+from .config import RUN_TIME, DemoConfig, DemoConfigError
+from .output import write_results
 from .report import FIGURES, write_report
 from .study import DEFAULT_SEEDS, run_study
 

@@ -9,6 +9,7 @@ True
 """
 from __future__ import annotations
 
+import functools
 import math
 from statistics import mean, median
 from typing import Any
@@ -59,7 +60,8 @@ def _finding(key: str, paper: str, claim: str, criterion: str, values: dict, hol
     return {"id": key, "paper": paper, "claim": claim, "criterion": criterion, "values": values, "holds": holds}
 
 
-def _spearman(x: list[float], y: list[float]) -> float | None:
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (ties ranked by position); None for fewer than 3 points or a constant side."""
     if len(x) < 3:
         return None
 
@@ -168,103 +170,150 @@ def landing(results: dict, arm: str) -> dict:
         values, holds)
 
 
-def assess(results: dict) -> list[dict]:
-    """The findings list for a results dict (one seed's, as :func:`kacq_study.study.run_study` keeps them in ``per_seed``)."""
-    found = []
+def _early_on(results: dict) -> tuple[list, list, list]:
+    """The pretraining entropy curve from the early checkpoint on: steps, totals and per-layer values. The papers
+    measured checkpoints long after the first transient of training (an entropy collapse and climb within the
+    first tens of steps from scratch): the curve is judged from the early checkpoint on."""
     entropy = results["pretraining"]["entropy"]
-    # The papers measured checkpoints long after the first transient of training (an entropy collapse and
-    # climb within the first tens of steps from scratch): the curve is judged from the early checkpoint on.
     start = results["pretraining"].get("checkpoints", {}).get("early", entropy["steps"][0])
     kept = [i for i, step in enumerate(entropy["steps"]) if step >= start]
-    steps = [entropy["steps"][i] for i in kept]
-    totals = [entropy["total"][i] for i in kept]
-    per_layer = [entropy["per_layer"][i] for i in kept]
-    rho = _spearman([float(s) for s in steps], totals) if _numbers(totals) else None
-    found.append(_finding(
+    return ([entropy["steps"][i] for i in kept], [entropy["total"][i] for i in kept],
+            [entropy["per_layer"][i] for i in kept])
+
+
+def entropy_decays(results: dict) -> dict:
+    """Kim et al.: knowledge entropy decays during pretraining."""
+    steps, totals, _ = _early_on(results)
+    rho = spearman([float(s) for s in steps], totals) if _numbers(totals) else None
+    return _finding(
         "entropy_decays", "Kim et al. 2025", "knowledge entropy decays during pretraining",
         "from the early checkpoint on: total entropy at the last measurement < at the early checkpoint, and "
         "Spearman(step, entropy) <= -0.5",
         {"from_step": steps[0] if steps else None, "first": totals[0] if totals else None,
          "last": totals[-1] if totals else None, "spearman": rho},
         (totals[-1] < totals[0] and rho is not None and rho <= -0.5) if len(totals) >= 2 and _numbers(totals)
-        else None))
+        else None)
+
+
+def last_layer_falls_most(results: dict) -> dict:
+    """Kim et al.: the last layer's entropy falls most."""
+    _, _, per_layer = _early_on(results)
     ends = (per_layer[0], per_layer[-1]) if per_layer else ([], [])
     drops = ([first - last for first, last in zip(*ends)] if _numbers([*ends[0], *ends[1]])
              else [None] * len(ends[0]))
-    found.append(_finding(
+    return _finding(
         "last_layer_falls_most", "Kim et al. 2025", "the last layer's entropy falls most",
         "from the early checkpoint on: the last layer's entropy fell (drop = early checkpoint - last measurement "
         "> 0) and its drop is the largest of all layers",
         # "falls most" needs a fall: when every layer rose, the smallest rise is no fall at all
         {"drop_per_layer": drops}, (drops[-1] > 0 and max(range(len(drops)), key=drops.__getitem__) == len(drops) - 1)
-        if len(drops) > 1 and _numbers(drops) else None))
+        if len(drops) > 1 and _numbers(drops) else None)
 
-    arms = results.get("arms", {})
+
+def late_acquires_less(results: dict) -> dict:
+    """Kim et al.: a later checkpoint acquires new knowledge less well."""
     values, _ = _compare(results, "acquisition", "early", "late")
-    found.append(_finding("late_acquires_less", "Kim et al. 2025",
-                          "a later checkpoint acquires new knowledge less well",
-                          "acquisition A = (K_after - K_before)/|K_before| of the early arm > the late arm; not "
-                          "checked when neither arm acquired anything (both A <= 0)",
-                          values, _acquires_more(values["acquisition[early]"], values["acquisition[late]"])))
+    return _finding("late_acquires_less", "Kim et al. 2025",
+                    "a later checkpoint acquires new knowledge less well",
+                    "acquisition A = (K_after - K_before)/|K_before| of the early arm > the late arm; not "
+                    "checked when neither arm acquired anything (both A <= 0)",
+                    values, _acquires_more(values["acquisition[early]"], values["acquisition[late]"]))
+
+
+def late_forgets_more(results: dict) -> dict:
+    """Kim et al.: a later checkpoint forgets more."""
     values, _ = _compare(results, "forgetting", "late", "early")
-    found.append(_finding("late_forgets_more", "Kim et al. 2025", "a later checkpoint forgets more",
-                          "forgetting F (relative drop of held-out next-token accuracy) of the late arm > 0 and > "
-                          "the early arm's; not checked when neither arm lost accuracy (both F <= 0)",
-                          values, _forgets_more(values["forgetting[late]"], values["forgetting[early]"])))
-    for key, claim in (("acquisition", "resuscitation improves acquisition at the late checkpoint"),
-                       ("retention", "resuscitation improves retention at the late checkpoint")):
-        values, holds = _compare(results, key, "late+resuscitation", "late")
-        found.append(_finding(f"resuscitation_improves_{key}", "Kim et al. 2025", claim,
-                              f"{key} of late+resuscitation > late", values, holds))
+    return _finding("late_forgets_more", "Kim et al. 2025", "a later checkpoint forgets more",
+                    "forgetting F (relative drop of held-out next-token accuracy) of the late arm > 0 and > "
+                    "the early arm's; not checked when neither arm lost accuracy (both F <= 0)",
+                    values, _forgets_more(values["forgetting[late]"], values["forgetting[early]"]))
 
+
+def _resuscitation_improves(results: dict, key: str, claim: str) -> dict:
+    values, holds = _compare(results, key, "late+resuscitation", "late")
+    return _finding(f"resuscitation_improves_{key}", "Kim et al. 2025", claim,
+                    f"{key} of late+resuscitation > late", values, holds)
+
+
+def resuscitation_improves_acquisition(results: dict) -> dict:
+    """Kim et al.: resuscitation improves acquisition at the late checkpoint."""
+    return _resuscitation_improves(results, "acquisition", "resuscitation improves acquisition at the late checkpoint")
+
+
+def resuscitation_improves_retention(results: dict) -> dict:
+    """Kim et al.: resuscitation improves retention at the late checkpoint."""
+    return _resuscitation_improves(results, "retention", "resuscitation improves retention at the late checkpoint")
+
+
+def _reference(results: dict) -> tuple[str | None, dict]:
+    """The arm Chang et al.'s findings are judged in ("late", else the first arm run) and its groups."""
+    arms = results.get("arms", {})
     reference = "late" if "late" in arms else next(iter(arms), None)
-    groups = arms[reference]["groups"] if reference else {}
+    return reference, (arms[reference]["groups"] if reference else {})
 
-    def per_kind(field: str) -> dict[str, float | None]:
-        """The mean over scenarios per kind; None when a scenario's value is None or NaN (a mean over the
-        others would not be like for like)."""
-        out = {}
-        for kind in KINDS:
-            vals = [groups[f"{s}/{kind}"][field] for s in SCENARIOS if f"{s}/{kind}" in groups]
-            out[kind] = mean(vals) if _numbers(vals) else None
-        return out
 
+def injection_raises_log_prob(results: dict) -> dict:
+    """Chang et al.: each update on a fact raises its probes' log prob."""
+    reference, groups = _reference(results)
     positive = {k: g["effectivity_positive_fraction"] for k, g in groups.items()}
-    found.append(_finding(
+    return _finding(
         "injection_raises_log_prob", "Chang et al. 2024", "each update on a fact raises its probes' log prob",
         f"in arm '{reference}', more than half of all (probe, injection) effectivities are > 0 in every group",
         {"positive_fraction": positive},
-        all(v > 0.5 for v in positive.values()) if _numbers(positive.values()) else None))
-    kinds = per_kind("effectivity")
+        all(v > 0.5 for v in positive.values()) if _numbers(positive.values()) else None)
+
+
+def mem_gen_hard_gen_order(results: dict) -> dict:
+    """Chang et al.: effectivity of memorization > semantic > compositional probes."""
+    reference, groups = _reference(results)
+    kinds = {}
+    for kind in KINDS:  # the mean over scenarios; None when one is None or NaN (not like for like)
+        vals = [groups[f"{s}/{kind}"]["effectivity"] for s in SCENARIOS if f"{s}/{kind}" in groups]
+        kinds[kind] = mean(vals) if _numbers(vals) else None
     ordered = [kinds[k] for k in KINDS]
-    found.append(_finding(
+    return _finding(
         "mem_gen_hard_gen_order", "Chang et al. 2024", "effectivity: memorization > semantic > compositional",
         f"in arm '{reference}', mean effectivity over scenarios: mem > gen > hard_gen", {"effectivity": kinds},
-        (ordered[0] > ordered[1] > ordered[2]) if None not in ordered else None))
+        (ordered[0] > ordered[1] > ordered[2]) if None not in ordered else None)
+
+
+def power_law_forgetting(results: dict) -> dict:
+    """Chang et al.: forgetting follows a power law in steps."""
+    reference, groups = _reference(results)
     fits = {k: g["retainability"]["fit"] for k, g in groups.items()
             if _number(g["retainability"]["fit"]["r_squared"])}
     r2 = [f["r_squared"] for f in fits.values()]
     # "most groups" counts every group: one without a fit (too few points) does not decay by a power law
     decaying = sum(fit_ok(f) and f["decay"] > 0 for f in fits.values())
-    found.append(_finding(
+    return _finding(
         "power_law_forgetting", "Chang et al. 2024", "forgetting follows a power law in steps",
         f"in arm '{reference}', the fit R ~ intercept - decay log10(t) has median R^2 >= {POWER_LAW_MIN_R2} over "
         f"the groups with a fit, and decay > 0 in more than half of all groups (a group without a fit, or whose fit "
         f"has R^2 < {POWER_LAW_MIN_R2}, has no power law and counts as not decaying)",
         {"r_squared": {k: f["r_squared"] for k, f in fits.items()}, "decay": {k: f["decay"] for k, f in fits.items()},
          "groups": len(groups), "groups_decaying": decaying},
-        (median(r2) >= POWER_LAW_MIN_R2 and decaying > len(groups) / 2) if fits else None))
+        (median(r2) >= POWER_LAW_MIN_R2 and decaying > len(groups) / 2) if fits else None)
 
-    def scenario_mean(scenario: str, pick) -> float | None:
-        vals = [pick(groups[f"{scenario}/{kind}"]) for kind in KINDS if f"{scenario}/{kind}" in groups]
+
+def duplication_more_effective(results: dict) -> dict:
+    """Chang et al.: duplication gives higher effectivity than paraphrase."""
+    reference, groups = _reference(results)
+
+    def scenario_mean(scenario: str) -> float | None:
+        vals = [groups[f"{scenario}/{kind}"]["effectivity"] for kind in KINDS if f"{scenario}/{kind}" in groups]
         return mean(vals) if _numbers(vals) else None
 
-    dup_e = scenario_mean("duplication", lambda g: g["effectivity"])
-    par_e = scenario_mean("paraphrase", lambda g: g["effectivity"])
-    found.append(_finding(
+    dup_e, par_e = scenario_mean("duplication"), scenario_mean("paraphrase")
+    return _finding(
         "duplication_more_effective", "Chang et al. 2024", "duplication gives higher effectivity than paraphrase",
         f"in arm '{reference}', mean effectivity over kinds: duplication > paraphrase",
-        {"duplication": dup_e, "paraphrase": par_e}, (dup_e > par_e) if None not in (dup_e, par_e) else None))
+        {"duplication": dup_e, "paraphrase": par_e}, (dup_e > par_e) if None not in (dup_e, par_e) else None)
+
+
+def duplication_forgets_faster(results: dict) -> dict:
+    """Chang et al.: duplication is forgotten faster than paraphrase."""
+    reference, groups = _reference(results)
+
     def scenario_decay(scenario: str) -> float | None:
         """The mean decay constant over kinds, only when every kind's fit is a power law (else None: a
         decay from a failed fit is not compared, and a mean over fewer kinds would not be like for like)."""
@@ -275,7 +324,7 @@ def assess(results: dict) -> list[dict]:
     # "forgotten faster" needs forgetting on both sides: a rising retainability (decay <= 0) has no speed
     # of forgetting to compare
     compared = None not in (dup_a, par_a) and dup_a > 0 and par_a > 0
-    found.append(_finding(
+    return _finding(
         "duplication_forgets_faster", "Chang et al. 2024", "duplication is forgotten faster than paraphrase",
         f"in arm '{reference}', mean decay constant over kinds: duplication > paraphrase; not checked when a "
         f"scenario has a kind whose fit has R^2 < {POWER_LAW_MIN_R2} (no power law), or when either scenario's mean "
@@ -283,17 +332,50 @@ def assess(results: dict) -> list[dict]:
         {"duplication": dup_a, "paraphrase": par_a,
          "r_squared": {f"{s}/{k}": groups.get(f"{s}/{k}", {}).get("retainability", {}).get("fit", {}).get("r_squared")
                        for s in ("duplication", "paraphrase") for k in KINDS}},
-        (dup_a > par_a) if compared else None))
+        (dup_a > par_a) if compared else None)
 
-    for arm, claim in (("late+augment", "formatting augmentation"), ("late+sam", "SAM"),
-                       ("late+augment+sam", "augmentation and SAM together")):
-        if arm in arms:
-            values, holds = _compare(results, "acquisition", arm, "late")
-            found.append(_finding(f"{arm.replace('late+', '').replace('+', '_')}_improves_acquisition",
-                                  "Zhu et al. 2025", f"{claim} improves knowledge acquisition",
-                                  f"acquisition of {arm} > late", values, holds))
-    found += [landing(results, arm) for arm in LANDING_ARMS]
-    return found
+
+def _zhu_improves_acquisition(results: dict, arm: str, claim: str) -> dict | None:
+    """Zhu et al.'s finding for ``arm`` against the late arm; None (not listed) when the arm was not run."""
+    if arm not in results.get("arms", {}):
+        return None
+    values, holds = _compare(results, "acquisition", arm, "late")
+    return _finding(f"{arm.replace('late+', '').replace('+', '_')}_improves_acquisition",
+                    "Zhu et al. 2025", f"{claim} improves knowledge acquisition",
+                    f"acquisition of {arm} > late", values, holds)
+
+
+def augment_improves_acquisition(results: dict) -> dict | None:
+    """Zhu et al.: formatting augmentation improves knowledge acquisition (listed when late+augment ran)."""
+    return _zhu_improves_acquisition(results, "late+augment", "formatting augmentation")
+
+
+def sam_improves_acquisition(results: dict) -> dict | None:
+    """Zhu et al.: SAM improves knowledge acquisition (listed when late+sam ran)."""
+    return _zhu_improves_acquisition(results, "late+sam", "SAM")
+
+
+def augment_sam_improves_acquisition(results: dict) -> dict | None:
+    """Zhu et al.: augmentation and SAM together improve acquisition (listed when late+augment+sam ran)."""
+    return _zhu_improves_acquisition(results, "late+augment+sam", "augmentation and SAM together")
+
+
+# The papers' findings in the order results.json lists them: each a function results -> finding (or None where it
+# does not apply to the run, e.g. an arm that was not run). A new finding is one function added here.
+FINDINGS = (
+    entropy_decays, last_layer_falls_most, late_acquires_less, late_forgets_more,
+    resuscitation_improves_acquisition, resuscitation_improves_retention,
+    injection_raises_log_prob, mem_gen_hard_gen_order, power_law_forgetting, duplication_more_effective,
+    duplication_forgets_faster,
+    augment_improves_acquisition, sam_improves_acquisition, augment_sam_improves_acquisition,
+    *(functools.partial(landing, arm=arm) for arm in LANDING_ARMS),  # where the facts land, per arm
+)
+
+
+def assess(results: dict) -> list[dict]:
+    """The findings list for a results dict (one seed's, as :func:`kacq_study.study.run_study` keeps them in
+    ``per_seed``): every function of :data:`FINDINGS` that applies to the run."""
+    return [f for f in (finding(results) for finding in FINDINGS) if f is not None]
 
 
 def facts_are_learned(results: dict, arm: str) -> dict:

@@ -451,7 +451,7 @@ def _landing_section(results: dict) -> list[str]:
 
 def _regime_section(results: dict) -> list[str]:
     """Why the study's regime (model, sequence length, schedule, corpus use) stands in for the papers' setting."""
-    from .demo import DemoConfig  # the study's own defaults stand in for keys an older results file lacks
+    from .config import DemoConfig  # the study's own defaults stand in for keys an older results file lacks
 
     c = {**DemoConfig().to_dict(), **results.get("config", {})}
     tokens = c["batch_size"] * c["seq_len"]
@@ -661,7 +661,7 @@ def _continued_training(config: dict) -> str:
 def write_report(results: dict, out: str | os.PathLike) -> list[Path]:
     """Write report.md and the figures of :data:`FIGURES` into ``out`` (attribution.png when an arm recorded
     where its facts land); returns their paths."""
-    from .demo import write_text_atomic
+    from .output import write_text_atomic
 
     results = _study(results)
     out = Path(out)

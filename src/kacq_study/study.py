@@ -1,10 +1,10 @@
-"""The study over several seeds: the per-seed pipeline of :mod:`kacq_study.demo`, split into tasks that
+"""The study over several seeds: the per-seed pipeline of :mod:`kacq_study.pipeline`, split into tasks that
 run in parallel processes, and the seeds' numbers and findings combined.
 
 Tasks: one pretraining task per seed (it writes the seed's early and late checkpoints to a temporary folder),
 then one task per (seed, arm) that loads its seed's checkpoint from there. Each task rebuilds the seed's
 prepared data from the config (the tokenizer comes from the disk cache, the rest takes well under a second)
-and runs at ``config.threads`` torch threads under :func:`kacq_study.demo.deterministic`, so a task's numbers do
+and runs at ``config.threads`` torch threads under :func:`kacq_study.pipeline.deterministic`, so a task's numbers do
 not depend on which process ran it or when: ``results.json`` is the same bytes for any ``workers``.
 
 >>> results = run_study(DemoConfig.quick(), seeds=(0, 1), workers=2)   # doctest: +SKIP
@@ -32,8 +32,11 @@ import torch
 
 from kacq_hooks.errors import KacqError
 
-from .demo import ARMS, DemoConfig, Progress, _json_ready, _prepare, _pretrain, _run_arm, build_model, deterministic
+from .arms import ARMS
+from .config import DemoConfig, Progress
 from .findings import KINDS, assess, combine, combine_findings, fit_ok, regime
+from .output import json_ready
+from .pipeline import build_model, deterministic, prepare, pretrain, run_arm
 
 FORMAT, VERSION = "kacq_hooks.demo", 2
 DEFAULT_SEEDS = (0, 1, 2)
@@ -67,10 +70,10 @@ def pretrain_task(config: DemoConfig, workdir: str, progress: Progress | None = 
     task_started = time.perf_counter()
     with deterministic(config.threads, config.device):
         started = time.perf_counter()
-        data = _prepare(config, report)
+        data = prepare(config, report)
         prepare_s = time.perf_counter() - started
         started = time.perf_counter()
-        pretraining, checkpoints = _pretrain(config, data, report)
+        pretraining, checkpoints = pretrain(config, data, report)
         pretrain_s = time.perf_counter() - started
     path = _checkpoint_path(workdir, config.seed)
     torch.save({name: checkpoints[name] for name in ("early", "late")}, path.with_suffix(".tmp"))
@@ -86,12 +89,12 @@ def arm_task(config: DemoConfig, arm: str, workdir: str, progress: Progress | No
     report = _reporter(config.seed, progress)
     task_started = time.perf_counter()
     with deterministic(config.threads, config.device):
-        data = _prepare(config, lambda phase, info: None)
+        data = prepare(config, lambda phase, info: None)
         saved = torch.load(_checkpoint_path(workdir, config.seed), map_location="cpu", weights_only=True)
         tokenizer = data.tokenizer
         model = build_model(config, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         started = time.perf_counter()
-        result = _run_arm(ARMS[arm], config, data, {"model": model, **saved}, report)
+        result = run_arm(ARMS[arm], config, data, {"model": model, **saved}, report)
         arm_s = time.perf_counter() - started
     timings = {f"arm:{arm}_s": arm_s, f"arm:{arm}_step_s": arm_s / config.continue_steps}
     attribution_s = result.pop("_attribution_s", None)
@@ -202,10 +205,10 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
     smaller); ``workers=1`` runs them in this process. ``progress(phase, info)`` receives every task's
     events, with phases like "seed 0 pretrain" and "seed 1 arm:late" and ``info`` holding step, total, loss
     and entropy. Returns the v2 results dict (see :func:`assemble`) with wall-clock ``timings``, which
-    :func:`kacq_study.demo.write_results` writes apart from ``results.json``.
+    :func:`kacq_study.output.write_results` writes apart from ``results.json``.
     """
     config = config or DemoConfig()
-    seeds = _checked_seeds(seeds, workers)
+    seeds = checked_seeds(seeds, workers)
     configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
     for c in configs.values():
         c.validate()
@@ -219,7 +222,8 @@ def run_study(config: DemoConfig | None = None, seeds: Sequence[int] = DEFAULT_S
     return results
 
 
-def _checked_seeds(seeds: Sequence[int], workers: int | None) -> tuple[int, ...]:
+def checked_seeds(seeds: Sequence[int], workers: int | None) -> tuple[int, ...]:
+    """The seeds sorted, after refusing none, a repeated seed and ``workers`` < 1 (before any slow work)."""
     given = [int(s) for s in seeds]
     if not given:
         raise KacqError("a study needs at least one seed")
@@ -290,7 +294,7 @@ def run_variants(config: DemoConfig, variants: dict[str, tuple[str, dict]], seed
     settings replaced for that arm), e.g. ``{"factor 4": ("late+resuscitation", {"resuscitation_factor": 4.0})}``.
     A variant may change only :data:`ARM_SETTINGS`. Returns, per seed (as a string), a results dict of the
     study's per-seed form whose ``arms`` are keyed by label (``pretraining`` shared), with ``timings``."""
-    seeds = _checked_seeds(seeds, workers)
+    seeds = checked_seeds(seeds, workers)
     if not variants:
         raise KacqError("run_variants needs at least one variant")
     for label, (arm, settings) in variants.items():
@@ -313,7 +317,7 @@ def run_variants(config: DemoConfig, variants: dict[str, tuple[str, dict]], seed
                    "pretraining": pretrained[s]["pretraining"],
                    "arms": {label: arms[s][label]["result"] for label in variants},
                    "settings": {label: {"arm": arm, **settings} for label, (arm, settings) in variants.items()}}
-        per_seed[str(s)] = _json_ready(results)
+        per_seed[str(s)] = json_ready(results)
     return {"seeds": list(seeds), "per_seed": per_seed,
             "timings": {"wall_s": time.perf_counter() - started, "workers": workers, "tasks_s": task_s}}
 
@@ -327,7 +331,7 @@ def _seed_results(config: DemoConfig, pretrained: dict, arms: dict[str, dict]) -
                "pretraining": pretrained["pretraining"], "arms": {name: arms[name]["result"] for name in config.arms}}
     results["findings"] = assess(results)
     results["regime"] = regime(results)
-    return _json_ready(results), timings
+    return json_ready(results), timings
 
 
 def assemble(config: DemoConfig | dict, seeds: Sequence[int], per_seed: list[dict]) -> dict:
@@ -345,7 +349,7 @@ def assemble(config: DemoConfig | dict, seeds: Sequence[int], per_seed: list[dic
     digests = [digest(r) for r in per_seed]
     summary = combine(digests)
     _count_fits(summary, digests)
-    return _json_ready({"format": FORMAT, "version": VERSION, "config": config, "seeds": list(seeds),
+    return json_ready({"format": FORMAT, "version": VERSION, "config": config, "seeds": list(seeds),
                         "per_seed": per_seed, "summary": summary, "findings": findings, "regime": checks})
 
 

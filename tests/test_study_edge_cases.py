@@ -1,4 +1,6 @@
-"""Review 13 of kacq_study (hostile review): failing tests that pin down defects found by attack.
+"""kacq_study at its edges: bad CLI values exit 2 before slow work, scaled configs stay valid, worker errors
+surface as KacqError, findings give no verdict where their claim's premise is absent, the report leaves missing
+values out, CUDA determinism settings, and regime checks.
 
 Each test names the promise it checks. Most are fast (synthetic results, CLI with run_study replaced by a
 sentinel so no study runs); the one worker test runs a config that fails at once in a spawned worker.

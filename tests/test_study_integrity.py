@@ -1,5 +1,7 @@
-"""Review 14 of kacq_study and its metrics (hostile review): failing tests that pin down defects found by attack,
-beyond test_review13.py's (CLI values, worker errors, findings' premises).
+"""The integrity of kacq_study's numbers and outputs: metrics that are NaN or refused rather than wrong, config
+and injection settings refused before slow work, summaries that never average over fewer values, and outputs
+(results.json, the experiments' JSON, report.md, figures) never left half-written or stale (CLI values, worker
+errors and findings' premises are in test_study_edge_cases.py).
 
 Each test names the promise it checks. All are fast: synthetic trajectories and results dicts, the CLI and
 the experiments with their slow parts replaced.
@@ -7,6 +9,7 @@ the experiments with their slow parts replaced.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import pathlib
@@ -133,12 +136,12 @@ def test_per_kind_effectivity_is_not_a_mean_over_fewer_scenarios():
 
 
 def test_experiments_means_are_not_over_fewer_kinds():
-    """experiments._mean (a scenario's effectivity and R at the end, over kinds; a checkpoint's effectivity per
+    """experiments.common.mean_or_none (a scenario's effectivity and R at the end, over kinds; a checkpoint's effectivity per
     kind, over scenarios) skipped a missing value and averaged the rest, as study.digest did."""
-    from kacq_study import experiments as ex
+    from kacq_study.experiments.common import mean_or_none
 
-    assert ex._mean([0.2, None, 0.4]) is None and ex._mean([0.2, math.nan]) is None
-    assert ex._mean([0.2, 0.4]) == pytest.approx(0.3)
+    assert mean_or_none([0.2, None, 0.4]) is None and mean_or_none([0.2, math.nan]) is None
+    assert mean_or_none([0.2, 0.4]) == pytest.approx(0.3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,8 +189,8 @@ def test_an_interrupted_experiment_leaves_its_json_whole(tmp_path, torn_writes, 
     """python -m kacq_study.experiments wrote its JSON in place (the figure is written after it)."""
     from kacq_study import experiments as ex
 
-    monkeypatch.setitem(ex.EXPERIMENTS, "landing", (lambda seed, **kw: {"numbers": list(range(500))},
-                                                     lambda result, path: path))
+    monkeypatch.setitem(ex.EXPERIMENTS, "landing", dataclasses.replace(
+        ex.EXPERIMENTS["landing"], run=lambda seed, **kw: {"numbers": list(range(500))}, plot=lambda result, path: path))
     out = tmp_path / "findings"
     old = _previous_run(out, "landing.json")
     with pytest.raises(KeyboardInterrupt):
@@ -209,7 +212,7 @@ def no_pretraining(monkeypatch):
 
     def fake(config, data, report, snapshot_at=()):
         raise _PretrainingStarted("the config was accepted and pretraining started")
-    monkeypatch.setattr(study, "_pretrain", fake)
+    monkeypatch.setattr(study, "pretrain", fake)
 
 
 def test_span_injection_that_needs_more_rows_than_a_batch_is_refused_before_pretraining(no_pretraining):
@@ -245,14 +248,19 @@ def test_experiment_summary_lines_print_a_missing_number_as_n_a(tmp_path, monkey
     TypeError after the JSON was written, so the command failed with a traceback instead of saying n/a."""
     from kacq_study import experiments as ex
 
-    result = {"experiment": "forgetting-horizon",
-              "scenarios": {"once": {"effectivity": None, "power_law_kinds_long": 0, "horizon_long": 3,
-                                     "power_law_kinds_short": 0, "horizon_short": 2, "decay_long": None,
-                                     "decay_short": None, "R_end": None}},
-              "checkpoints": [{"step": 1, "entropy": None, "acquisition": None, "injected_rise": None,
-                               "effectivity": {}, "effectivity_first_token": {}}]}
-    monkeypatch.setitem(ex.EXPERIMENTS, "forgetting-horizon", (lambda **kw: result, lambda r, path: path))
-    assert ex.main(["forgetting-horizon", "--out", str(tmp_path)]) == 0
+    results = {"forgetting-horizon": {"experiment": "forgetting-horizon",
+                                      "scenarios": {"once": {"effectivity": None, "power_law_kinds_long": 0,
+                                                             "horizon_long": 3, "power_law_kinds_short": 0,
+                                                             "horizon_short": 2, "decay_long": None,
+                                                             "decay_short": None, "R_end": None}}},
+               "acquisition-vs-entropy": {"experiment": "acquisition-vs-entropy",
+                                          "checkpoints": [{"step": 1, "entropy": None, "acquisition": None,
+                                                           "injected_rise": None, "effectivity": {},
+                                                           "effectivity_first_token": {}}]}}
+    for name, result in results.items():  # each experiment prints its own summary lines
+        monkeypatch.setitem(ex.EXPERIMENTS, name, dataclasses.replace(
+            ex.EXPERIMENTS[name], run=lambda result=result, **kw: result, plot=lambda r, path: path))
+        assert ex.main([name, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "once: effectivity n/a" in out and "A n/a" in out
 
@@ -278,7 +286,8 @@ def test_experiment_steps_must_be_positive(steps, tmp_path, monkeypatch):
 
     def started(seed, **kwargs):
         raise AssertionError(f"the experiment started with {kwargs}")
-    monkeypatch.setitem(ex.EXPERIMENTS, "landing", (started, lambda r, path: path))
+    monkeypatch.setitem(ex.EXPERIMENTS, "landing", dataclasses.replace(ex.EXPERIMENTS["landing"], run=started,
+                                                                       plot=lambda r, path: path))
     with pytest.raises(SystemExit) as exit_info:
         ex.main(["landing", "--steps", steps, "--out", str(tmp_path)])
     assert exit_info.value.code == 2

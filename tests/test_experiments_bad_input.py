@@ -1,5 +1,6 @@
-"""Hostile review of run_variants and the multi-seed experiments (kacq_study.study, kacq_study.experiments):
-each test names the promise it checks, and each failed before its fix."""
+"""run_variants and the multi-seed experiments (kacq_study.study, kacq_study.experiments) refuse bad input (seeds,
+workers, factors, tail factors, settings) before any work, and name the task an error came from; probe-wording's
+"other fact" prompts are never the fact's own. Each test names the promise it checks."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import pytest
 
 from kacq_hooks.errors import KacqError
 from kacq_study import experiments as ex
-from kacq_study import study
-from kacq_study.demo import _json_ready
+from kacq_study import pipeline, study
+from kacq_study.experiments import horizon as forgetting, resuscitation, wording as probe_wording
+from kacq_study.output import json_ready
 from test_experiments import tiny
 
 
@@ -26,9 +28,9 @@ def no_work(monkeypatch):
     """Any pretraining, arm or probe-wording task fails the test: bad input must be refused before them."""
     for name in ("pretrain_task", "arm_task"):
         monkeypatch.setattr(study, name, fail)
-    monkeypatch.setattr(ex, "_wording_seed", fail)
-    monkeypatch.setattr(ex, "_prepare", fail)
-    monkeypatch.setattr(ex, "_pretrain", fail)
+    monkeypatch.setattr(probe_wording, "_wording_seed", fail)
+    monkeypatch.setattr(pipeline, "prepare", fail)
+    monkeypatch.setattr(pipeline, "pretrain", fail)
 
 
 # Promise: bad input (empty seeds, duplicate seeds, workers 0) is refused before slow work, by every multi-seed
@@ -36,7 +38,7 @@ def no_work(monkeypatch):
 @pytest.mark.parametrize("seeds, workers", [((), 1), ((0, 0), 1), ((0,), 0)])
 def test_probe_wording_refuses_bad_seeds_and_workers_before_work(tmp_path, no_work, seeds, workers):
     with pytest.raises(KacqError):
-        ex.probe_wording(seeds=seeds, config=tiny(tmp_path), workers=workers)
+        probe_wording.probe_wording(seeds=seeds, config=tiny(tmp_path), workers=workers)
 
 
 # Promise: the CLI refuses bad --seeds / --workers text cleanly (argparse's exit 2 with a message), before any work,
@@ -64,7 +66,7 @@ def test_run_variants_refuses_an_unrunnable_resuscitation_setting_before_work(tm
 @pytest.mark.parametrize("factors", [(2.0, 2.0), (1.0000001, 1.0000002), (0.0,)])
 def test_resuscitation_dose_refuses_bad_factors_before_work(tmp_path, no_work, factors):
     with pytest.raises(KacqError):
-        ex.resuscitation_dose(seeds=(0,), factors=factors, config=tiny(tmp_path), workers=1)
+        resuscitation.resuscitation_dose(seeds=(0,), factors=factors, config=tiny(tmp_path), workers=1)
 
 
 # Promise: forgetting-horizon's long tail is longer than the study's (the short refit cuts it); a tail_factor
@@ -72,7 +74,7 @@ def test_resuscitation_dose_refuses_bad_factors_before_work(tmp_path, no_work, f
 @pytest.mark.parametrize("factor", [0, -1])
 def test_forgetting_horizon_refuses_a_tail_factor_below_one(tmp_path, no_work, factor):
     with pytest.raises(KacqError):
-        ex.forgetting_horizon(seeds=(0,), tail_factor=factor, config=tiny(tmp_path), workers=1)
+        forgetting.forgetting_horizon(seeds=(0,), tail_factor=factor, config=tiny(tmp_path), workers=1)
 
 
 # Promise (probe-wording): "other fact" scores each target after *another* record's prompt. A group of one record
@@ -80,7 +82,7 @@ def test_forgetting_horizon_refuses_a_tail_factor_below_one(tmp_path, no_work, f
 # numbers under another label
 def test_probe_wording_other_fact_is_never_the_own_prompt(tmp_path):
     config = tiny(tmp_path, control_facts=1)
-    result = _json_ready(ex.probe_wording(seeds=(0,), config=config, workers=1))
+    result = json_ready(probe_wording.probe_wording(seeds=(0,), config=config, workers=1))
     json.dumps(result, allow_nan=False)
     rise = result["per_seed"]["0"]["rise"]
     for reduction in ("mean", "first"):
