@@ -1,4 +1,6 @@
-"""Mixture-of-experts layers: find them, and tap the coefficients every expert already computes.
+"""Mixture-of-experts taps: read the coefficients every expert already computes, as the forward runs.
+
+The layers are found by :mod:`kacq_hooks.locate.moe` (:func:`find_experts`, re-exported here).
 
 In a mixture-of-experts layer the memory slots are (expert e, neuron i) for every routed expert, then
 the shared experts' neurons. Expert e's coefficient vector on a token is ``C_e = act(G_e x) * (U_e x)``
@@ -42,9 +44,7 @@ routing weight its output is multiplied by are read from the MoE block's own for
 """
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,8 +55,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._hooks import OwnerHook
-from .errors import ExpertsError, LocateError, ShapeError
-from .locate import FFN_OUT_PATTERNS, _match, clean_name, find_config, projection_shape, submodule_at
+from .errors import ExpertsError, ShapeError
+from .locate.moe import TAPPABLE, ExpertsLayer, SharedExpert, _is_decorated, experts_implementation
+from .locate.moe import find_experts  # noqa: F401  (found in locate, a public name of this module too)
 
 try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
     from transformers.integrations.moe import _default_apply_gate
@@ -65,261 +66,12 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 
-#: Experts implementations whose C this module can tap; anything else is refused.
-TAPPABLE = ("eager", "batched_mm", "grouped_mm")
-
-_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_DOWN_NAMES = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "wo")
 _ROUTING_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
-_BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-@dataclass(frozen=True, eq=False)
-class SharedExpert:
-    """A dense expert every token goes through; its C is the input of ``down``.
-
-    ``gate`` is the ``Linear(d_model, 1)`` whose sigmoid multiplies the shared expert's output
-    (Qwen-MoE's ``shared_expert_gate``), or None: the effective coefficient is ``sigmoid(gate(x)) * C_s``.
-    """
-
-    path: str
-    module: nn.Module
-    down: nn.Module
-    d_ff: int
-    gate: nn.Module | None = None
-    block: nn.Module | None = None  # the MoE block that combines experts, shared expert and gate
-
-
-@dataclass(frozen=True, eq=False)
-class ExpertsLayer:
-    """One FFN layer of a mixture-of-experts model, as :func:`find_experts` reports it.
-
-    ``kind`` is "experts" (``module`` is the fused experts module, or the ``nn.ModuleList`` of
-    per-expert MLPs with their output projections in ``downs``; ``experts`` x ``d_ff`` routed slots,
-    then ``shared``) or "dense" (a dense MLP in an MoE model, e.g. DeepSeek's first layers:
-    ``module`` is its output projection, whose input is C, and ``experts`` is 0).
-    ``input_scaled`` marks layouts that multiply the experts' input by the routing weight (Llama 4):
-    there C is computed on the scaled input and the weight passed beside it is 1 or 0.
-    """
-
-    layer: int
-    path: str
-    kind: str
-    module: nn.Module
-    experts: int
-    d_ff: int
-    d_model: int
-    shared: tuple[SharedExpert, ...] = ()
-    input_scaled: bool = False
-    router: nn.Module | None = None  # input-scaled layouts only: returns (scores [T, E], logits)
-    downs: tuple[nn.Module, ...] = ()  # per-expert module lists: each expert's output projection (input: C_e)
-    block: nn.Module | None = None     # per-expert module lists: the MoE block that routes to them
-
-    @property
-    def layout(self) -> str:
-        """"fused" (3-D parameters), "module_list" (one module per expert) or "dense"."""
-        return "dense" if self.kind == "dense" else "module_list" if self.downs else "fused"
-
-    @property
-    def slots(self) -> int:
-        """Memory slots of the layer: E x m routed, then the shared experts' neurons."""
-        return self.experts * self.d_ff + sum(s.d_ff for s in self.shared) if self.kind == "experts" else self.d_ff
-
-    def __repr__(self) -> str:
-        shared = f", shared={[s.d_ff for s in self.shared]}" if self.shared else ""
-        return (f"ExpertsLayer(layer={self.layer}, kind={self.kind}, path={self.path!r}, "
-                f"experts={self.experts}, d_ff={self.d_ff}{shared})")
-
-
-# ----------------------------------------------------------------------------------------------- finding
-
-
-def _is_fused_experts(module: nn.Module) -> bool:
-    down = getattr(module, "down_proj", None)
-    up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
-    return (isinstance(down, torch.Tensor) and down.dim() == 3
-            and isinstance(up, torch.Tensor) and up.dim() == 3)
-
-
-def _is_decorated(module: nn.Module) -> bool:
-    """True for classes wired to ``ExpertsInterface`` by transformers' ``use_experts_implementation``."""
-    return hasattr(module, "has_gate") and hasattr(module, "is_transposed")
-
-
-def _fused_shape(module: nn.Module, d_model: int | None) -> tuple[int, int, int]:
-    """(E, m, d_model) of a fused experts module, whatever the orientation of ``down_proj``."""
-    e, a, b = module.down_proj.shape
-    if getattr(module, "is_transposed", None) is True or (d_model is not None and b == d_model and a != d_model):
-        return e, a, b       # [E, m, d]
-    return e, b, a           # [E, d, m]
-
-
-def _down_of(module: nn.Module, d_model: int | None) -> tuple[str, nn.Module] | None:
-    for name in _DOWN_NAMES:
-        down = getattr(module, name, None)
-        shape = projection_shape(down) if isinstance(down, nn.Module) else None
-        if shape and (d_model is None or shape[1] == d_model):
-            return name, down
-    return None
-
-
-def _shared_experts(moe_block: nn.Module, experts_name: str, prefix: str, d_model: int) -> tuple[SharedExpert, ...]:
-    children = dict(moe_block.named_children())
-    gates = {n: m for n, m in children.items()
-             if isinstance(m, nn.Linear) and m.out_features == 1 and "shared" in n}
-    shared = []
-    for name, child in children.items():
-        if name == experts_name or isinstance(child, nn.Linear) or "shared" not in name:
-            continue
-        found = _down_of(child, d_model)
-        if found is None:
-            raise ExpertsError(f"'{prefix}{name}' ({type(child).__name__}) looks like a shared expert but has no "
-                               f"output projection named one of {_DOWN_NAMES} mapping to d_model={d_model}")
-        down_name, down = found
-        gate = gates.get(f"{name}_gate")
-        shared.append(SharedExpert(path=f"{prefix}{name}.{down_name}", module=child, down=down,
-                                   d_ff=projection_shape(down)[0], gate=gate, block=moe_block))
-    if gates and not any(s.gate is not None for s in shared):
-        raise ExpertsError(f"'{prefix}{next(iter(gates))}' gates a shared expert that was not found next to it")
-    return tuple(shared)
-
-
-def _d_model(config) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("hidden_size", "d_model", "n_embd"):
-        if isinstance(getattr(text, key, None), int):
-            return getattr(text, key)
-    return None
-
-
-def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLayer]:
-    """Every FFN layer of a mixture-of-experts model, ordered by layer: experts layers and dense ones.
-
-    ``experts`` is a path template of the fused experts modules (``"model.layers.{i}.mlp.experts"``),
-    for layouts the search does not recognise. Layers of the same stack that have no experts but a
-    dense MLP (DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers``) are reported as
-    ``kind="dense"``; blocks with no FFN at all (a hybrid's mixer layers) are not reported.
-
-    Per-expert module lists (an ``nn.ModuleList`` named ``experts`` whose every expert MLP ends in an
-    output projection named one of ``down_proj``, ``w2``, ``fc2``, ...) are reported too, with
-    ``layout == "module_list"`` and the projections in ``downs``.
-
-    Raises :class:`ExpertsError` for a model that is not a mixture of experts, or whose experts
-    module kacq_hooks cannot read (an unknown layout: the message names the module).
-    """
-    named = [(clean_name(n, model), m) for n, m in model.named_modules()]
-    config = find_config(model)
-    d_model = _d_model(config) if config is not None else None
-    if experts is not None:
-        found = [(name, module) for _, name, module in _match(named, experts)]
-        if not found:
-            raise ExpertsError(f"no module path matches experts={experts!r}")
-    else:
-        found = [(name, module) for name, module in named if _is_fused_experts(module)]
-    lists: dict[str, tuple[nn.Module, ...]] = {}
-    candidates = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and re.search(r"experts?$", n)
-                  and not any(n.startswith(f + ".") or n == f for f, _ in found)] if experts is None else []
-    for name, module in [*[(n, m) for n, m in found if not _is_fused_experts(m)], *candidates]:
-        downs = _list_downs(module, d_model)
-        if downs is None:
-            raise ExpertsError(
-                f"'{name}' ({type(module).__name__}) holds experts in a layout kacq_hooks cannot read: it needs either "
-                "one module per layer with 3-D expert weights (down_proj [E, ., .] and gate_up_proj or up_proj), as "
-                f"transformers 5 builds them, or an nn.ModuleList of expert MLPs that each end in an output projection "
-                f"named one of {_DOWN_NAMES}. Pass the experts' path template, find_experts(model, "
-                "experts='model.layers.{i}.mlp.experts'), or measure the layer as dense with "
-                "instrument(model, mlp_out='path.{i}.to.the.projection')")
-        lists[name] = downs
-    found = [(n, m) for n, m in found if _is_fused_experts(m)] + [(n, m) for n, m in named if n in lists]
-    if not found:
-        n_experts = next((getattr(config, k) for k in _MOE_CONFIG_KEYS if getattr(config, k, None)), None)
-        what = f" although its config has {n_experts} experts" if n_experts else ""
-        raise ExpertsError(
-            f"no fused experts module found in {type(model).__name__}{what}. Pass the path of each layer's "
-            "experts module: find_experts(model, experts='model.layers.{i}.mlp.experts')")
-
-    layers: dict[tuple[str, int], ExpertsLayer] = {}
-    for name, module in found:
-        block = _BLOCK.match(name)
-        if block is None:
-            raise ExpertsError(f"'{name}' is not inside a numbered block; pass experts= with a '{{i}}' template")
-        if name in lists:
-            parent_name, _, child_name = name.rpartition(".")
-            parent = submodule_at(model, parent_name)
-            downs = lists[name]
-            m, d = projection_shape(downs[0])
-            shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
-            key = (block.group(1), int(block.group(2)))
-            layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=len(downs),
-                                       d_ff=m, d_model=d, shared=shared, downs=downs, block=parent)
-            continue
-        if getattr(module, "has_post_expert_norm", False):
-            raise ExpertsError(
-                f"'{name}' ({type(module).__name__}) normalises each expert's output after its down projection, so "
-                "the output is not a weighted sum of value vectors and its coefficients are not memory "
-                "coefficients; this layer cannot be measured")
-        e, m, d = _fused_shape(module, d_model)
-        parent_name, _, child_name = name.rpartition(".")
-        parent = submodule_at(model, parent_name)
-        shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
-        key = (block.group(1), int(block.group(2)))
-        input_scaled = not _is_decorated(module) and _routing_free(module)
-        router = getattr(parent, "router", None) if input_scaled else None
-        if input_scaled and not isinstance(router, nn.Module):
-            raise ExpertsError(f"'{name}' takes only hidden states (its routing is in its input) but no 'router' "
-                               f"module sits next to it in '{parent_name}': the routed pairs cannot be known")
-        layers[key] = ExpertsLayer(layer=key[1], path=name, kind="experts", module=module, experts=e, d_ff=m,
-                                   d_model=d, shared=shared, input_scaled=input_scaled, router=router)
-    for container in {c for c, _ in layers}:
-        _add_dense_layers(model, named, container, layers, d_model)
-    return [layers[k] for k in sorted(layers, key=lambda k: (k[0], k[1]))]
-
-
-def _list_downs(module: nn.Module, d_model: int | None) -> tuple[nn.Module, ...] | None:
-    """The output projection of every expert of a per-expert module list (all the same shape), or None."""
-    if not isinstance(module, nn.ModuleList) or not len(module):
-        return None
-    downs = [_down_of(expert, d_model) for expert in module]
-    if any(d is None for d in downs) or len({projection_shape(d[1]) for d in downs}) != 1:
-        return None
-    return tuple(d[1] for d in downs)
-
-
-def _routing_free(module: nn.Module) -> bool:
-    """True for experts whose forward takes only the hidden states: the routing is in their input."""
-    try:
-        params = [p for p in inspect.signature(module.forward).parameters.values() if p.name != "self"]
-    except (TypeError, ValueError):
-        return False
-    return len(params) == 1
-
-
-def _add_dense_layers(model, named, container, layers, d_model) -> None:
-    numbered = {int(m.group(1)) for n, _ in named if (m := re.match(rf"^{re.escape(container)}\.(\d+)$", n))}
-    for index in sorted(numbered - {i for c, i in layers if c == container}):
-        prefix = f"{container}.{index}."
-        inside = [(n, m) for n, m in named if n.startswith(prefix)]
-        for pattern in FFN_OUT_PATTERNS:  # block-relative regexes, as the locator tries them
-            hits = [(n, m) for n, m in inside if re.fullmatch(pattern, n[len(prefix):])]
-            if hits:
-                name, module = hits[0]
-                d_ff, out = projection_shape(module) or (0, 0)
-                if d_ff and (d_model is None or out == d_model):
-                    layers[(container, index)] = ExpertsLayer(layer=index, path=name, kind="dense", module=module,
-                                                              experts=0, d_ff=d_ff, d_model=out)
-                break
-
-
 # ----------------------------------------------------------------------------------------------- tapping
-
-
-def experts_implementation(module: nn.Module) -> str:
-    """The implementation the fused experts ``module`` runs now ("eager" for classes with one forward)."""
-    if not _is_decorated(module):
-        return "eager"
-    return getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
 
 
 class _Call:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .families import FFN_OUT_PATTERNS, LAYOUT_BY_MODEL_TYPE, MLP_OUT_BY_MODEL_TYPE, REFUSED_MODEL_TYPES, REFUSED_STACKS
 from .moe import MoeLayer, find_moe_layers
-from .paths import _match, clean_name, find_config, projection_shape, submodule_at  # noqa: F401  (_match)
+from .paths import clean_name, find_config, projection_shape, submodule_at
 from .roots import StackSpec, _forward_params, find_stack_roots, stack_specs  # noqa: F401  (_forward_params)
 from .sites import Site, find_sites
 from .stacks import LANGUAGE_STACKS, Stack, find_stacks

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import LocateError
+from ..errors import ExpertsError, LocateError
 from .families import (_ATTENTION, _FFN_CLASS, FFN_OUT_PATTERNS, MLP_OUT_BY_MODEL_TYPE, REFUSED_MODEL_TYPES,
                        REFUSED_STACKS)
-from .moe import MoeLayer, _routed_output_scale, find_moe_layers
+from .moe import (TAPPABLE, MoeLayer, SharedExpert, _d_model, _routed_output_scale, experts_implementation,
+                  find_moe_layers, read_experts_layer)
 from .paths import _hidden_size, _match, _sample_paths, clean_name, find_config, projection_shape, submodule_at
 from .stacks import LANGUAGE_STACKS, Stack, _has_mixers, _under_mixer, _wanted, find_stacks
 
@@ -52,22 +53,16 @@ def _experts_sites(model: nn.Module, moe: list[MoeLayer], dense: list[Site]) -> 
     A dense FFN beside the experts in the same block (GraniteMoeShared's ``shared_mlp``) is a shared
     expert of that layer: its slots join the layer's, and its dense site is dropped from ``dense``.
     """
-    from ..experts import TAPPABLE, ExpertsError, SharedExpert, experts_implementation, find_experts  # a cycle
-
     sites = []
-    by_path = {m.experts_path: m for m in moe}
-    for layer in find_experts(model):
-        if layer.kind != "experts":
-            continue  # dense layers of an MoE model are found like any dense FFN
+    d_model = _d_model(find_config(model))
+    for found in moe:
+        layer = read_experts_layer(model, found.experts_path, found.experts_module, found.layer, d_model)
         implementation = experts_implementation(layer.module)
         if layer.layout == "fused" and implementation not in TAPPABLE:
             raise ExpertsError(f"'{layer.path}' runs the experts implementation {implementation!r}, which keeps C inside "
                                "a fused kernel where no hook can see it. Switch to one kacq_hooks can tap, e.g. "
                                "model.set_experts_implementation('grouped_mm') (or 'eager', 'batched_mm')")
-        found = by_path.get(layer.path)
-        stack = found.stack if found is not None else "decoder"
-        parent = layer.path.rpartition(".")[0]
-        block = found.module if found is not None else submodule_at(model, parent)
+        stack, block = found.stack, found.module
         beside = [s for s in dense if s.stack == stack and s.layer == layer.layer]
         for site in beside:
             dense.remove(site)
