@@ -6,6 +6,7 @@ import torch
 
 import kacq_hooks as kh
 from kacq_hooks import locate
+import model_zoo
 from model_zoo import build
 
 
@@ -116,3 +117,15 @@ def test_moe_layers_are_found_in_one_place_with_dense_layers_and_shared_experts_
     deepseek = locate.find_sites(build("deepseek_v3"))
     assert [(s.kind, s.label) for s in deepseek][0] == ("dense", "decoder.layer_0")  # first_k_dense_replace
     assert {s.kind for s in deepseek[1:]} == {"experts"}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_decoder_only_models_with_a_classification_head_keep_their_decoder(model_type):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_config(model_zoo.tiny_config(model_type)).eval()
+    sites = locate.find_sites(model)
+    assert [s.label for s in sites] == ["decoder.layer_0", "decoder.layer_1"]
+    bert = AutoModelForSequenceClassification.from_config(model_zoo.tiny_config("bert")).eval()
+    assert {s.stack for s in locate.find_sites(bert)} == {"encoder"}  # a masked-LM type stays an encoder
+

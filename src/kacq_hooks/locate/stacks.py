@@ -40,17 +40,23 @@ def _base_stack_name(path: str, encoder_only: bool) -> str:
 
 def _is_encoder_only(model: nn.Module, config) -> bool:
     name = type(model).__name__
-    if re.search(r"MaskedLM|ForSequenceClassification|ForTokenClassification|ForQuestionAnswering|ForPreTraining",
-                 name):
+    if "MaskedLM" in name:
         return True
-    if name.endswith(("ForCausalLM", "LMHeadModel")) or getattr(config, "is_decoder", False):
-        return False
-    model_type = getattr(config, "model_type", None)
-    # A base model of a type with a masked-LM head and no causal-LM head is an encoder (BERT-like).
     from transformers.models.auto import modeling_auto  # transformers is only needed for HF models
 
-    return (model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
-            and model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    model_type = getattr(config, "model_type", None)
+    masked = model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    causal = model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if re.search(r"ForSequenceClassification|ForTokenClassification|ForQuestionAnswering|ForPreTraining", name):
+        # a head on a decoder-only type (LlamaForSequenceClassification) keeps its causal decoder; a type with a
+        # masked-LM head (BERT) is an encoder; otherwise its attention says whether it is causal
+        if masked or causal:
+            return masked
+        return not any(getattr(m, "is_causal", None) is True for m in model.modules())
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or getattr(config, "is_decoder", False):
+        return False
+    # A base model of a type with a masked-LM head and no causal-LM head is an encoder (BERT-like).
+    return masked and not causal
 
 
 def _is_block_list(module: nn.Module) -> bool:
