@@ -129,3 +129,33 @@ def test_decoder_only_models_with_a_classification_head_keep_their_decoder(model
     bert = AutoModelForSequenceClassification.from_config(model_zoo.tiny_config("bert")).eval()
     assert {s.stack for s in locate.find_sites(bert)} == {"encoder"}  # a masked-LM type stays an encoder
 
+
+def test_bitnet_c_is_the_normalised_input_of_its_down_projection():
+    """BitNet normalises C (ffn_sub_norm, d_ff wide) before the down projection: the stack's width is still
+    the residual stream's, and C is the down projection's input, checked against float64 from the weights."""
+    model = build("bitnet")
+    with torch.no_grad():  # the norm's weight starts at 1: other values test that it is part of C
+        for layer in model.model.layers:
+            layer.mlp.ffn_sub_norm.weight.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, -4:] = 0
+    sites = locate.find_sites(model)
+    assert [(s.path, s.d_ff, s.d_model) for s in sites] == [
+        (f"model.layers.{i}.mlp.down_proj", model.config.intermediate_size, model.config.hidden_size) for i in range(2)]
+    seen = {}
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
+               for i, layer in enumerate(model.model.layers)]
+    with kh.instrument(model) as inst, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    valid = mask.reshape(-1).bool()
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        x = seen[i].double().reshape(-1, model.config.hidden_size)[valid]
+        c = mlp.act_fn(x @ mlp.gate_proj.weight.double().T) * (x @ mlp.up_proj.weight.double().T)
+        norm = mlp.ffn_sub_norm
+        c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
+        torch.testing.assert_close(inst.mean_abs_coefficients()[i].double(), c.abs().mean(0), rtol=1e-5, atol=1e-7)
+

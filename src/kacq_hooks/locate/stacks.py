@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import _ATTENTION, _AUDIO, _MIXER_CLASS, _MIXER_PART, _MLP_CLASS, _VISION
+from .families import _ATTENTION, _AUDIO, _FFN_CLASS, _MIXER_CLASS, _MIXER_PART, _MLP_CLASS, _VISION
 from .paths import _hidden_size, clean_name, find_config, projection_shape
 
 LANGUAGE_STACKS = ("decoder", "encoder")
@@ -89,13 +89,15 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 def _stack_width(blocks: nn.ModuleList, config, base: str) -> int | None:
     """The width of a stack's residual stream: the size its blocks' own norms normalise."""
     sizes: dict[int, int] = {}
+    inner: dict[int, int] = {}  # norms inside an FFN (BitNet's ffn_sub_norm normalises C, d_ff wide)
     for name, module in blocks[0].named_modules():
         weight = getattr(module, "weight", None)
         if ("norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
                 and not _ATTENTION.search(name) and not _under_mixer(name, blocks[0])):
-            sizes[weight.numel()] = sizes.get(weight.numel(), 0) + 1
-    if sizes:
-        return max(sizes, key=sizes.get)
+            counts = inner if _under_ffn(name, blocks[0]) else sizes
+            counts[weight.numel()] = counts.get(weight.numel(), 0) + 1
+    if sizes or inner:
+        return max(sizes or inner, key=(sizes or inner).get)
     sub = getattr(config, f"{base}_config", None) or (getattr(config, "text_config", None)
                                                        if base in LANGUAGE_STACKS else None)
     return _hidden_size(sub or config, [])
@@ -116,6 +118,11 @@ def _ancestors(rel: str, block: nn.Module) -> list[nn.Module]:
         module = getattr(module, part)
         out.append(module)
     return out
+
+
+def _under_ffn(rel: str, block: nn.Module) -> bool:
+    """Whether the block-relative path ``rel`` lies inside an FFN module (by its class name)."""
+    return bool(rel) and any(_FFN_CLASS.search(type(m).__name__) for m in _ancestors(rel, block))
 
 
 def _under_mixer(rel: str, block: nn.Module) -> bool:
