@@ -167,7 +167,11 @@ def find_sites(model: nn.Module, mlp_out: str | None = None, stacks=None) -> lis
             raise LocateError(f"the {stack.name} stack of {model_type!r} is not supported: {reason}. "
                               + (f"Measure the other stacks with stacks={tuple(others)}." if others else ""))
     moe = [m for m in find_moe_layers(model, stacks) if any(m.stack == s.name for s in wanted)]
-    moe_paths = {m.path for m in moe}
+    # what lies inside a MoE block is the experts' (a router, shared experts); where the experts sit in the
+    # decoder layer itself (Gemma 4), only the experts module is: the layer's dense MLP is found as usual
+    # and joins the experts' slots (_experts_sites)
+    blocks = {id(b) for s in wanted for b in s.blocks}
+    moe_paths = {m.experts_path if id(m.module) in blocks else m.path for m in moe}
     sites: list[Site] = []
     hows = []
     for stack in wanted:
