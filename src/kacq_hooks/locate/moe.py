@@ -187,6 +187,13 @@ def _shared_experts(moe_block: nn.Module, experts_name: str, prefix: str, d_mode
         if name == experts_name or isinstance(child, nn.Linear) or "shared" not in name:
             continue
         found = _down_of(child, d_model)
+        fused = [n for n, p in child.named_parameters(recurse=False) if p.dim() == 3]
+        if found is None and fused:
+            raise ExpertsError(
+                f"'{prefix}{name}' ({type(child).__name__}) holds its shared experts as 3-D weights ({', '.join(fused)}) "
+                "that its own forward multiplies by matmuls, with no module whose input is their C (and any gate "
+                "folded into it): kacq_hooks cannot tap these slots, so this layer is refused rather than measured "
+                "without them")
         if found is None:
             raise ExpertsError(f"'{prefix}{name}' ({type(child).__name__}) looks like a shared expert but has no "
                                f"output projection named one of {_DOWN_NAMES} mapping to d_model={d_model}")
