@@ -1,6 +1,7 @@
 """Coverage of kacq_hooks over every model type the installed transformers registers; writes docs/coverage.md.
 
     PYTHONPATH=src:tests python scripts/coverage.py [--families causal_lm,seq2seq_lm,masked_lm,base] [TYPE ...]
+    PYTHONPATH=src:tests python scripts/coverage.py --update TYPE ...   # re-check these rows of docs/coverage.md
 
 Per type: build it tiny (tests/model_zoo.py), locate its sites, and check them with hooks of its own
 (independent of kacq_hooks' instrumentation): every site is called once per forward of its stack,
@@ -262,6 +263,18 @@ def write_table(rows: list[dict], path: Path) -> str:
     return text
 
 
+def read_table(path: Path) -> list[dict]:
+    """The per-type rows of a table :func:`write_table` wrote (to update some of them)."""
+    rows, keys = [], ("type", "family", "status", "sites", "stacks", "kinds", "reason")
+    lines = path.read_text().splitlines()
+    start = lines.index("## Per type") + 4
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append(dict(zip(keys, line[2:-2].split(" | ", len(keys) - 1))))
+    return rows
+
+
 STATUSES = ("ok", "stats-mismatch", "sites-only", "no-ffn", "moe", "refused", "WRONG", "forward-failed",
             "locate-crash", "build-failed", "timeout")
 
@@ -272,6 +285,8 @@ def main(argv=None) -> int:
     parser.add_argument("--families", default="causal_lm,seq2seq_lm,masked_lm,base")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "coverage.md"))
     parser.add_argument("--jsonl", default=None, help="also append one JSON row per type here")
+    parser.add_argument("--update", action="store_true",
+                        help="check only the types given and replace their rows in the existing table at --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     families = args.families.split(",")
@@ -286,6 +301,9 @@ def main(argv=None) -> int:
         if sink:
             sink.write(json.dumps(row, default=str) + "\n")
             sink.flush()
+    if args.update:
+        checked = {r["type"] for r in rows}
+        rows += [r for r in read_table(Path(args.out)) if r["type"] not in checked]
     write_table(rows, Path(args.out))
     return int(any(r["status"] == "WRONG" for r in rows))
 
