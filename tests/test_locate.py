@@ -160,11 +160,10 @@ def test_bitnet_c_is_the_normalised_input_of_its_down_projection():
         torch.testing.assert_close(inst.mean_abs_coefficients()[i].double(), c.abs().mean(0), rtol=1e-5, atol=1e-7)
 
 
-def test_jetmoe_and_inklings_shared_experts_are_refused_saying_why():
+
+def test_inklings_fused_shared_experts_are_refused_saying_why():
     from kacq_hooks.errors import ExpertsError
 
-    with pytest.raises(kh.LocateError, match=r"'jetmoe' is not supported: .*JetMoeParallelExperts"):
-        locate.find_sites(build("jetmoe"))
     with pytest.raises(ExpertsError, match=r"'model\.layers\.0\.mlp\.shared_experts' \(InklingSharedExperts\) holds its "
                                            r"shared experts as 3-D weights \(gate_proj, up_proj, down_proj\)"):
         locate.find_sites(build("inkling_text"))

@@ -171,7 +171,8 @@ class ExpertsTap:
             module = self._module_ref()
             hub = _HUBS.get(module)
             if hub is None:
-                hub = _HUBS[module] = (_ListHub if self.layer.downs else _Hub)(self.layer)
+                kind = _ListHub if self.layer.downs else _SortedHub if self.layer.sorted_rows else _Hub
+                hub = _HUBS[module] = kind(self.layer)
             hub.add(self)
             self._attached = True
         return self
@@ -530,6 +531,65 @@ class _ListHub:
             self._emitting = False
 
 
+class _SortedHub:
+    """The hooks of experts that take their rows sorted by expert (JetMoE, see :class:`ExpertsTap`).
+
+    C is the input of the down projection (``module``): all routed rows, sorted by expert, with the count
+    per expert beside it. The router's output, just before, says the token of each row and the gate that
+    multiplies the row's output after the down projection.
+    """
+
+    def __init__(self, layer: ExpertsLayer):
+        self.layer = layer
+        self._taps: list[ExpertsTap] = []
+        self._handles: list = []
+        self._routing = None
+
+    def add(self, tap: ExpertsTap) -> None:
+        if not self._handles:
+            self._handles.append(self.layer.router.register_forward_hook(OwnerHook(self, "_router_out")))
+            self._handles.append(self.layer.module.register_forward_pre_hook(OwnerHook(self, "_down_in")))
+            if self.layer.block is not None:  # a forward that failed halfway leaves no routing behind
+                self._handles.append(self.layer.block.register_forward_pre_hook(OwnerHook(self, "_reset")))
+        self._taps.append(tap)
+
+    def discard(self, tap: ExpertsTap) -> bool:
+        self._taps = [t for t in self._taps if t is not tap]
+        if self._taps:
+            return False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._routing = None
+        return True
+
+    def _reset(self, *_):
+        self._routing = None
+
+    def _router_out(self, router, args, output):
+        self._routing = output
+
+    def _down_in(self, module, args):
+        routing, self._routing = self._routing, None
+        path = self.layer.path
+        if routing is None or not isinstance(routing, tuple) or len(routing) < 4:
+            raise ExpertsError(f"'{path}' ran without its router's (order, token, gate, counts) just before it: "
+                               "the expert and token of its rows are unknown")
+        c, counts = args[0], args[1]
+        _, token_index, gates, sizes = routing[:4]
+        sizes = torch.as_tensor(sizes, device=c.device).reshape(-1)
+        if not (isinstance(token_index, torch.Tensor) and isinstance(gates, torch.Tensor)
+                and token_index.dim() == 1 and gates.shape == token_index.shape == c.shape[:1]
+                and sizes.numel() == self.layer.experts and int(sizes.sum()) == c.shape[0]
+                and torch.equal(sizes, torch.as_tensor(counts, device=c.device).reshape(-1))):
+            raise ExpertsError(f"'{path}': its router's output does not line up with the {c.shape[0]} rows of C "
+                               "(a token index and a gate per row, a count per expert): kacq_hooks cannot label them")
+        expert_ids = torch.repeat_interleave(torch.arange(self.layer.experts, device=c.device), sizes)
+        c = _hand_to_taps([t for t in self._taps if t.replaces], path, expert_ids, token_index, gates, c)
+        c = _hand_to_taps([t for t in self._taps if not t.replaces], path, expert_ids, token_index, gates, c)
+        return (c, *args[1:])  # the projection takes the very tensor handed out, so its hooks see dL/dC
+
+
 def _hand_to_taps(taps, path: str, expert_ids, token_index, weight, c) -> torch.Tensor:
     """Call each tap on the routed rows; a replacing tap's result is the C the next tap and the forward see."""
     for tap in taps:
@@ -636,6 +696,12 @@ def expert_up_rows(layer: ExpertsLayer, expert: int, rows: torch.Tensor) -> list
         raise ShapeError(f"{layer!r} is dense: scale rows of its up projection directly")
     if not 0 <= expert < layer.experts:
         raise ShapeError(f"expert {expert} is outside 0..{layer.experts - 1} for {layer.path}")
+    if layer.layout == "sorted":  # [E, 2m, d]: gate rows, then up rows; C = act(gate) * up is linear in up
+        m = layer.d_ff
+        rows = torch.as_tensor(rows, dtype=torch.long, device=layer.up.weight.device)
+        if rows.numel() and (rows.min() < 0 or rows.max() >= m):
+            raise ShapeError(f"rows must lie in 0..{m - 1} for {layer.path}")
+        return [UpRows(layer.up.weight, (expert, rows + m), axis=0)]
     if layer.layout == "module_list":  # one gated MLP per expert: the rows of its own up projection
         mlp = module[expert]
         up = next((getattr(mlp, n) for n in ("up_proj", "w3") if isinstance(getattr(mlp, n, None), nn.Linear)), None)

@@ -72,9 +72,6 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
              "input mixes those layers",
     "zamba2": "Zamba2 applies shared transformer blocks (with their FFN) at several depths, so one module's "
               "input mixes those layers",
-    "jetmoe": "JetMoE's FFN layers are mixtures of experts in a layout of its own (JetMoeParallelExperts: one 3-D "
-              "weight for all experts' up and one for their down projections, rows sorted by expert, the routing "
-              "gates applied after the down projection) that kacq_hooks does not tap yet, and it has no dense FFN",
 }
 # Stacks refused by model type (the rest of the model can still be measured with stacks=...).
 REFUSED_STACKS: dict[tuple[str, str], str] = {

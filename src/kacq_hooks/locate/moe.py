@@ -54,6 +54,10 @@ class ExpertsLayer:
     ``module`` is its output projection, whose input is C, and ``experts`` is 0).
     ``input_scaled`` marks layouts that multiply the experts' input by the routing weight (Llama 4):
     there C is computed on the scaled input and the weight passed beside it is 1 or 0.
+    ``sorted_rows`` marks experts that take their rows sorted by expert with the count per expert
+    (JetMoE's ``JetMoeParallelExperts``): ``module`` is the down projection (3-D ``weight`` [E, d, m],
+    input C), ``up`` the up projection ([E, 2m, d]: gate then up rows), ``router`` returns
+    (sorted order, token of each row, gate of each row, counts per expert, logits).
     """
 
     layer: int
@@ -67,12 +71,17 @@ class ExpertsLayer:
     input_scaled: bool = False
     router: nn.Module | None = None  # input-scaled layouts only: returns (scores [T, E], logits)
     downs: tuple[nn.Module, ...] = ()  # per-expert module lists: each expert's output projection (input: C_e)
-    block: nn.Module | None = None     # per-expert module lists: the MoE block that routes to them
+    block: nn.Module | None = None     # per-expert module lists and sorted rows: the MoE block that routes to them
+    sorted_rows: bool = False
+    up: nn.Module | None = None        # sorted rows only: the up projection, 3-D weight [E, 2m, d]
 
     @property
     def layout(self) -> str:
-        """"fused" (3-D parameters), "module_list" (one module per expert) or "dense"."""
-        return "dense" if self.kind == "dense" else "module_list" if self.downs else "fused"
+        """"fused" (3-D parameters), "module_list" (one module per expert), "sorted" (3-D weights taking rows
+        sorted by expert, JetMoE) or "dense"."""
+        if self.kind == "dense":
+            return "dense"
+        return "module_list" if self.downs else "sorted" if self.sorted_rows else "fused"
 
     @property
     def slots(self) -> int:
@@ -219,6 +228,9 @@ def read_experts_layer(model: nn.Module, name: str, module: nn.Module, layer: in
 
     Raises :class:`ExpertsError` for a layout kacq_hooks cannot read (the message names the module).
     """
+    sorted_layer = _sorted_rows_layer(model, name, layer, d_model)
+    if sorted_layer is not None:
+        return sorted_layer
     if not _is_fused_experts(module):
         downs = _list_downs(module, d_model)
         if downs is None:
@@ -251,6 +263,41 @@ def read_experts_layer(model: nn.Module, name: str, module: nn.Module, layer: in
                            f"module sits next to it in '{parent_name}': the routed pairs cannot be known")
     return ExpertsLayer(layer=layer, path=name, kind="experts", module=module, experts=e, d_ff=m,
                         d_model=d, shared=shared, input_scaled=input_scaled, router=router)
+
+
+def _takes_counts(module: nn.Module) -> bool:
+    """A 3-D ``weight`` whose forward takes the rows sorted by expert and the count per expert (JetMoE)."""
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 3):
+        return False
+    try:
+        return "expert_size" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _sorted_rows_layer(model: nn.Module, name: str, layer: int, d_model: int | None) -> ExpertsLayer | None:
+    """The layer of experts that take rows sorted by expert (an up and a down ``JetMoeParallelExperts``), or None."""
+    parent_name = name.rpartition(".")[0]
+    parent = submodule_at(model, parent_name)
+    pairs = [(n, m) for n, m in parent.named_children() if _takes_counts(m)]
+    if len(pairs) != 2:
+        return None
+    downs = [(n, m) for n, m in pairs if d_model is None or m.weight.shape[1] == d_model]
+    ups = [(n, m) for n, m in pairs if (n, m) not in downs]
+    router = getattr(parent, "router", None)
+    if len(downs) != 1 or len(ups) != 1 or not isinstance(router, nn.Module):
+        raise ExpertsError(f"'{parent_name}' ({type(parent).__name__}) holds experts that take rows sorted by expert "
+                           f"({[n for n, _ in pairs]}) but kacq_hooks cannot tell their up and down projections "
+                           "and router apart (it needs one mapping to d_model and a 'router' beside them)")
+    (down_name, down), (_, up) = downs[0], ups[0]
+    e, d, m = down.weight.shape
+    if tuple(up.weight.shape) != (e, 2 * m, d):
+        raise ExpertsError(f"'{parent_name}.{ups[0][0]}' has weight {tuple(up.weight.shape)}; gated sorted-row experts "
+                           f"need [E, 2m, d] = {(e, 2 * m, d)} (gate rows, then up rows)")
+    shared = _shared_experts(parent, down_name, f"{parent_name}." if parent_name else "", d)
+    return ExpertsLayer(layer=layer, path=f"{parent_name}.{down_name}", kind="experts", module=down, experts=e,
+                        d_ff=m, d_model=d, shared=shared, router=router, block=parent, sorted_rows=True, up=up)
 
 
 def find_experts(model: nn.Module, experts: str | None = None) -> list[ExpertsLayer]:
