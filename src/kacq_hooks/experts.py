@@ -26,6 +26,10 @@ Per-expert module lists (older or custom models: an ``nn.ModuleList`` of expert 
 are tapped at the input of each expert's output projection; the rows each expert received and the
 routing weight its output is multiplied by are read from the MoE block's own forward.
 
+Experts that take their rows sorted by expert (JetMoE: one 3-D up and one 3-D down module, a count per
+expert beside the rows) are tapped at the input of the down module; the token and gate of each row are
+read from the router's output just before it.
+
 >>> import torch
 >>> from transformers import MixtralConfig, MixtralForCausalLM
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
