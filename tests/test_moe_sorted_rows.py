@@ -101,3 +101,25 @@ def test_jetmoe_scaling_up_rows_scales_c_exactly(jetmoe):
         want = before[k].clone()
         want[[0, 5]] *= torch.tensor([2.0, 0.25])
         torch.testing.assert_close(after[k], want, rtol=1e-6, atol=1e-7)
+
+
+def test_jetmoe_resuscitation_in_weights_and_hook_modes(jetmoe):
+    from kacq_hooks.interventions import resuscitate, resuscitation_plan
+
+    ids, mask = random_batch(3, 10, "right", seed=6)
+    inst = kh.instrument(jetmoe)
+    with torch.no_grad():
+        jetmoe(input_ids=ids, attention_mask=mask)
+    inst.remove()
+    plan = resuscitation_plan(inst, 0.5, 2.0)
+    saved = {n: p.detach().clone() for n, p in jetmoe.named_parameters()}
+    for mode in ("weights", "hook"):
+        with resuscitate(jetmoe, plan, mode=mode):
+            after = kh.instrument(jetmoe)
+            with torch.no_grad():
+                jetmoe(input_ids=ids, attention_mask=mask)
+            after.remove()
+            # the first layer's inputs are unchanged, so its entropy is exactly the plan's prediction
+            assert after.knowledge_entropy().per_layer[0] == pytest.approx(plan.predicted_entropy().per_layer[0],
+                                                                          rel=1e-5)
+        assert all(torch.equal(p, saved[n]) for n, p in jetmoe.named_parameters())
