@@ -209,3 +209,47 @@ def test_summary_fits_only_where_every_probe_of_one_record_was_recorded():
     assert row["horizon"] == n_steps - 1 - 3  # probe 1: last step 39, its maximum at step 3
     assert all(math.isfinite(v) for v in row["retainability"])
     assert row["decay"] == pytest.approx(decay, abs=1e-6) and row["r_squared"] == pytest.approx(1.0)
+
+
+# One injection at step 0, window 2, steps 0..5. Probe "lost" falls after the injection; probe "gained" rises.
+LOST = [-3.0, -4.0, -5.0, -6.0, -5.5, -7.0]
+GAINED = [-6.0, -4.0, -5.0, -5.0, -5.5, -6.0]
+
+
+def test_released_analysis_keeps_the_retainability_of_probes_that_gained_nothing():
+    # Hand computation. "lost": the best step in (0, 2] is step 1 (-4 > -5), so t_LAM = 1 and the
+    # denominator is l(1) - l(0) = -4 - (-3) = -1. R(t) = (l(1 + t) - (-3)) / -1 for t = 0..4:
+    #   t=0: (-4 + 3) / -1 = 1.0   t=1: (-5 + 3) / -1 = 2.0   t=2: (-6 + 3) / -1 = 3.0
+    #   t=3: (-5.5 + 3) / -1 = 2.5 t=4: (-7 + 3) / -1 = 4.0
+    # "gained": t_LAM = 1, denominator -4 - (-6) = 2, R = (l(1 + t) + 6) / 2 = 1.0, 0.5, 0.5, 0.25, 0.0.
+    values = torch.tensor([LOST, GAINED])
+    t, released = facts.retainability(range(6), values, [0], window=2, gained_only=False)
+    assert t.tolist() == [0, 1, 2, 3, 4]
+    assert released[0].tolist() == pytest.approx([1.0, 2.0, 3.0, 2.5, 4.0])
+    assert released[1].tolist() == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.0])
+    # the default (clean definition): a probe that gained nothing has no retainability at all
+    _, clean = facts.retainability(range(6), values, [0], window=2)
+    assert bool(torch.isnan(clean[0]).all()) and clean[1].tolist() == pytest.approx(released[1].tolist())
+    # so the released mean curve averages both probes, (lost + gained) / 2 per t with no IQR filter:
+    #   1.0, 1.25, 1.75, 1.375, 2.0; the clean one is the gained probe's alone
+    assert mean_without_outliers(released, None).tolist() == pytest.approx([1.0, 1.25, 1.75, 1.375, 2.0])
+    # a probe whose score did not move at all (denominator exactly 0) is NaN in both treatments
+    _, flat = facts.retainability(range(6), [[-3.0] * 6], [0], window=2, gained_only=False)
+    assert bool(torch.isnan(flat).all())
+
+
+def test_summary_passes_the_released_treatment_through():
+    fs = facts.FactSet([_record(), _record()], ["once", "unused"])
+    schedule = facts.InjectionSchedule(fs, interval=10, rounds=1)
+    probes = [facts.ProbeRef(0, "mem", 0), facts.ProbeRef(0, "mem", 1), facts.ProbeRef(1, "mem", 0),
+              facts.ProbeRef(1, "mem", 1)]
+    store = facts.TrajectoryStore(None, probes, fs.scenarios)
+    for step in range(6):
+        row = torch.tensor([LOST[step], GAINED[step], -5.0, -5.0])
+        store.append(step, {"mean": row, "first": row, "sum": row})
+    released = facts.summarize_acquisition(store, schedule, window=2, iqr_factor=None, gained_only=False)[0]
+    clean = facts.summarize_acquisition(store, schedule, window=2, iqr_factor=None)[0]
+    # the hand-computed means above, against the gained probe's curve alone
+    assert released["retainability"] == pytest.approx([1.0, 1.25, 1.75, 1.375, 2.0])
+    assert clean["retainability"] == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.0])
+    assert released["decay"] != pytest.approx(clean["decay"])

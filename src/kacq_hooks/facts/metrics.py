@@ -128,12 +128,18 @@ def retainability(
     injection_steps: Sequence[int],
     window: int = 50,
     horizon: int | None = None,
+    *,
+    gained_only: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """R(q, t) after the last injection, for t = 0 .. horizon: returns (t [n_t], R float64 [..., n_t]).
 
     R(q, t) = [l(θ_{t_LAM,n + t}) - l(θ_{t_1})] / [l(θ_{t_LAM,n}) - l(θ_{t_1})], with t_LAM,n the local
     acquisition maximum after the last injection and t_1 the first injection. NaN where the step
     ``t_LAM,n + t`` was not recorded, and for a probe whose denominator is <= 0 (it gained nothing to retain). ``horizon`` defaults to the longest available.
+
+    ``gained_only=False`` reproduces Chang et al.'s released analysis code instead: the ratio is kept for a
+    probe whose denominator is negative (its score fell from t_1 to its acquisition maximum, so R is a ratio
+    of two losses); only a zero denominator gives NaN. See the compatibility section of docs/science.md.
 
     >>> t, r = retainability([0, 1, 2, 3, 4], [-5.0, -3.0, -2.0, -4.0, -4.5], [0], window=2)
     >>> t.tolist(), r.tolist()
@@ -155,8 +161,10 @@ def retainability(
     at_lam = values_t.gather(-1, lookup[lam_last][..., None])
     before = values_t[..., index[injections[0]]][..., None]
     denominator = at_lam - before
-    # a probe that gained nothing (denominator <= 0) has no gain to retain: a ratio of two losses would read as retention
-    ratio = (after - before) / denominator.where(denominator > 0, torch.nan)
+    # a probe that gained nothing (denominator <= 0) has no gain to retain: a ratio of two losses would read as
+    # retention. The released code kept that ratio; gained_only=False does too (a zero denominator stays NaN)
+    defined = denominator > 0 if gained_only else denominator != 0
+    ratio = (after - before) / denominator.where(defined, torch.nan)
     return offsets, ratio.where(present, torch.nan)
 
 
@@ -264,6 +272,7 @@ def summarize_acquisition(
     iqr_factor: float | None = 1.5,
     tokens_per_step: float | None = None,
     horizon: int | None = None,
+    gained_only: bool = True,
 ) -> list[dict]:
     """The paper's summary per (scenario, kind) from a trajectory store and its injection schedule.
 
@@ -273,6 +282,8 @@ def summarize_acquisition(
     point of the fitted curve averages the same probes (a tail that fewer and fewer probes reach
     would weigh the last ones alone); a larger one raises :class:`~kacq_hooks.errors.MetricError`.
     Records whose injection steps differ (``max_per_step``) are aligned on their own steps.
+    ``gained_only=False`` keeps the retainability of probes that gained nothing, as Chang et al.'s released
+    analysis code does (see :func:`retainability`); pass ``iqr_factor=2.0`` as well for that code's filter.
 
     Returns one dict per group with keys scenario, kind, n_probes, effectivity, horizon, decay,
     intercept, r_squared, x_intercept_steps, x_intercept_tokens (fit values NaN where too few points;
@@ -303,7 +314,7 @@ def summarize_acquisition(
                 columns = store.columns(record=record, kind=kind)
                 trajectories = values[:, columns].T  # [n_probes, n_steps]
                 gains.append(effectivity(steps, trajectories, injections, window))  # [n_probes, rounds]
-                curves.append(retainability(steps, trajectories, injections, window)[1])
+                curves.append(retainability(steps, trajectories, injections, window, gained_only=gained_only)[1])
                 # probes of one record peak at different steps after the last injection: the latest one's
                 # tail is the shortest, and the curve stops where it does
                 lam_last = local_acquisition_maximum(steps, trajectories, injections[-1:], window)[..., 0]
