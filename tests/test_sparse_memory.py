@@ -18,7 +18,14 @@ from kacq_hooks.errors import ArgumentTypeError, ConfigError, KacqError, ShapeEr
 from kacq_hooks.interventions import sparse_memory
 from tiny_models import VOCAB, random_batch, tiny_model
 
-MODELS = ["llama", "gpt2", "phi3", "mixtral", "qwen2_moe"]
+MODELS = ["llama", "gpt2", "phi3", "mixtral", "qwen2_moe", "gpt_oss"]
+
+
+def build(model_type):
+    if model_type == "gpt_oss":  # transposed experts with interleaved gate/up columns and biases
+        from test_experts import build as build_moe
+        return build_moe("gpt_oss").train()
+    return tiny_model(model_type).train()
 
 
 def _mlp_of(name: str) -> tuple[int, str] | None:
@@ -70,6 +77,20 @@ def expected_mask(model_type: str, name: str, p: torch.Tensor, slots: list[set[i
                 mask[e, m + j] = True
             elif inner == "experts.down_proj":
                 mask[e, :, j] = True
+    elif model_type == "gpt_oss":  # gate_up_proj [E, d, 2m]: gate 2j, up 2j + 1; its bias [E, 2m]; down [E, m, d]
+        m = p.shape[1] if inner == "experts.down_proj" else None
+        for s in chosen:
+            if inner == "experts.gate_up_proj":
+                e, j = divmod(s, p.shape[2] // 2)
+                mask[e, :, 2 * j] = True
+                mask[e, :, 2 * j + 1] = True
+            elif inner == "experts.gate_up_proj_bias":
+                e, j = divmod(s, p.shape[1] // 2)
+                mask[e, 2 * j] = True
+                mask[e, 2 * j + 1] = True
+            elif inner == "experts.down_proj":
+                e, j = divmod(s, m)
+                mask[e, j] = True
     elif model_type == "qwen2_moe":  # 4 fused experts of m slots, then the shared expert's m_s neurons
         experts = 4
         m = (d_ff[layer] - 64) // experts
@@ -128,7 +149,7 @@ def train_and_check(model_type, model, handle, steps=3, accumulate=2, weight_dec
 
 @pytest.mark.parametrize("model_type", MODELS)
 def test_per_batch_slots_only_train_with_adamw_decay_and_accumulation(model_type):
-    model = tiny_model(model_type).train()
+    model = build(model_type)
     handle = sparse_memory(model, reference=reference_stats(model), top=4)
     assert handle.slots is None and handle.per_batch
     opt = train_and_check(model_type, model, handle)
