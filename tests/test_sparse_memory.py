@@ -358,3 +358,16 @@ def test_bad_arguments_are_refused_before_any_hook():
         usage.measure_usage(tiny_model("mixtral"), k=2)
     with pytest.raises(KacqError, match="no slot was used"):
         usage.slot_scores([torch.ones(4)], [torch.zeros(4)])
+
+
+def test_scores_cover_every_expert_slot_from_two_instrumentations():
+    model = tiny_model("qwen2_moe")
+    ref, new = reference_stats(model), reference_stats(model, seed=11)
+    scores = usage.slot_scores(new, ref)
+    cbar_new, cbar_ref = new.mean_abs_coefficients(), ref.mean_abs_coefficients()
+    for layer, site in enumerate(new.sites):
+        assert scores[layer].numel() == site.d_ff == 4 * 64 + 64  # 4 experts x 64 slots, then the shared expert
+        p_new = cbar_new[layer].double() / cbar_new[layer].double().sum()
+        p_ref = cbar_ref[layer].double() / cbar_ref[layer].double().sum()
+        used = p_ref > 0
+        torch.testing.assert_close(scores[layer][used], (p_new * torch.log(1 / p_ref))[used])
