@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kacq_study.sparse_memory import CRITERIA, interval, judge
+from kacq_study.experiments.sparse_memory import CRITERIA, interval, judge
 
 
 def _row(a, f):

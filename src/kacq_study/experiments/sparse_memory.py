@@ -1,6 +1,6 @@
 """``sparse-memory``: Lin et al.'s sparse memory finetuning against plain AdamW, from the study's late checkpoint.
 
-    python -m kacq_study.sparse_memory --out docs/findings
+    python -m kacq_study.experiments sparse-memory --out docs/findings
 
 The study's late arm (continued training with Chang et al.'s fact injection, plain AdamW) beside the same arm
 with :func:`kacq_hooks.interventions.sparse_memory`: only the ``top`` FFN slots per layer with the highest
@@ -19,10 +19,10 @@ far less (held-out F1 drops 11% against 89%). The findings' criteria are fixed h
 """
 from __future__ import annotations
 
-import argparse
+import concurrent.futures as cf
 import dataclasses
-import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -34,12 +34,14 @@ from typing import Sequence
 import torch
 
 from kacq_hooks.errors import KacqError
-from kacq_hooks.interventions import sparse_memory as sparse_memory_finetuning
 from kacq_hooks.report import pyplot, save_figure
-from kacq_hooks.usage import least_used_slots
 
-from .demo import Arm, DemoConfig, _json_ready, _prepare, _run_arm, adamw_step, build_model, deterministic
-from .study import DEFAULT_SEEDS, _checked_seeds, _checkpoint_path, _phase, _reporter, _result, _Runner, pretrain_task
+from ..arms import Arm, adamw_step
+from ..config import DemoConfig
+from ..output import json_ready
+from ..pipeline import build_model, deterministic, prepare, pretrain, run_arm
+from ..study import DEFAULT_SEEDS, checked_seeds
+from .registry import Experiment, register
 
 # slots per layer that train: about 4% and 17% of the study's 384 slots per layer (Lin et al. train 500 of
 # 1M memory slots; an FFN of this size has no room for such a ratio)
@@ -70,6 +72,10 @@ def _sparse_optimizer(calibration, choice: str, top: int, handles: list):
     """The study's AdamW step, with sparse memory finetuning attached to the model first."""
 
     def factory(model, config: DemoConfig):
+        # imported here, where used: listing the experiments does not load the intervention
+        from kacq_hooks.interventions import sparse_memory as sparse_memory_finetuning
+        from kacq_hooks.usage import least_used_slots
+
         reference = calibration.instrumentation(model)  # the checkpoint's usage of pretraining text
         slots = least_used_slots(reference, top) if choice == "least" else None
         handles.append(sparse_memory_finetuning(model, reference=reference, top=top, slots=slots))
@@ -78,13 +84,32 @@ def _sparse_optimizer(calibration, choice: str, top: int, handles: list):
     return factory
 
 
-def arm_task(config: DemoConfig, label: str, workdir: str, progress=None) -> dict:
-    """One (seed, arm) from the seed's late checkpoint in ``workdir``: "late" (plain) or "<choice> t=<top>"."""
-    report = _reporter(config.seed, progress)
+def _quiet(phase: str, info: dict) -> None:
+    return None
+
+
+def _checkpoint(workdir: str, seed: int) -> Path:
+    return Path(workdir) / f"sparse-seed{seed}.pt"
+
+
+def pretrain_task(config: DemoConfig, workdir: str) -> dict:
+    """One seed's pretraining (the study's); its late checkpoint is written into ``workdir``."""
     started = time.perf_counter()
     with deterministic(config.threads, config.device):
-        data = _prepare(config, lambda phase, info: None)
-        saved = torch.load(_checkpoint_path(workdir, config.seed), map_location="cpu", weights_only=True)
+        data = prepare(config, _quiet)
+        _, checkpoints = pretrain(config, data, _quiet)
+    path = _checkpoint(workdir, config.seed)
+    torch.save({"late": checkpoints["late"]}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)  # an arm task never sees half a file
+    return {"seed": config.seed, "label": None, "task_s": time.perf_counter() - started}
+
+
+def arm_task(config: DemoConfig, label: str, workdir: str) -> dict:
+    """One (seed, arm) from the seed's late checkpoint in ``workdir``: "late" (plain) or "<choice> t=<top>"."""
+    started = time.perf_counter()
+    with deterministic(config.threads, config.device):
+        data = prepare(config, _quiet)
+        saved = torch.load(_checkpoint(workdir, config.seed), map_location="cpu", weights_only=True)
         tokenizer = data.tokenizer
         model = build_model(config, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         handles: list = []
@@ -94,7 +119,7 @@ def arm_task(config: DemoConfig, label: str, workdir: str, progress=None) -> dic
             choice, top = label.split(" t=")
             arm = Arm(label, "late", optimizer=_sparse_optimizer(data.calibration, choice, int(top), handles))
         try:
-            result = _run_arm(arm, config, data, {"model": model, **saved}, report)
+            result = run_arm(arm, config, data, {"model": model, **saved}, _quiet)
         finally:
             for handle in handles:
                 handle.remove()
@@ -103,6 +128,35 @@ def arm_task(config: DemoConfig, label: str, workdir: str, progress=None) -> dic
                                 "layers": len(handles[0].sites), "d_ff": [s.d_ff for s in handles[0].sites]}
     result.pop("_attribution_s", None)
     return {"seed": config.seed, "label": label, "result": result, "task_s": time.perf_counter() - started}
+
+
+def _run_tasks(configs: dict[int, DemoConfig], labels: list[str], workers: int) -> tuple[dict, dict]:
+    """Each seed's pretraining, then its arms, in ``workers`` spawned processes (in this one for 1)."""
+    results: dict[int, dict] = {s: {} for s in configs}
+    task_s: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="kacq-sparse-") as workdir:
+        if workers == 1:
+            for seed, config in configs.items():
+                task_s[f"seed {seed} pretrain"] = pretrain_task(config, workdir)["task_s"]
+                for label in labels:
+                    value = arm_task(config, label, workdir)
+                    results[seed][label] = value["result"]
+                    task_s[f"seed {seed} arm:{label}"] = value["task_s"]
+            return results, task_s
+        context = multiprocessing.get_context("spawn")  # torch is not fork-safe once its thread pools started
+        with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            live = {pool.submit(pretrain_task, config, workdir) for config in configs.values()}
+            while live:
+                done, live = cf.wait(live, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    value = future.result()
+                    seed, label = value["seed"], value["label"]
+                    task_s[f"seed {seed} " + ("pretrain" if label is None else f"arm:{label}")] = value["task_s"]
+                    if label is not None:
+                        results[seed][label] = value["result"]
+                        continue
+                    live |= {pool.submit(arm_task, configs[seed], lab, workdir) for lab in labels}
+    return results, task_s
 
 
 def interval(values: Sequence[float | None]) -> dict:
@@ -141,14 +195,14 @@ def judge(per_seed: dict, tops: Sequence[int]) -> dict:
 
 
 def sparse_memory_study(seeds: Sequence[int] = DEFAULT_SEEDS, tops: Sequence[int] = TOPS,
-                        config: DemoConfig | None = None, workers: int | None = None, progress=None) -> dict:
+                        config: DemoConfig | None = None, workers: int | None = None) -> dict:
     """Plain AdamW against sparse memory finetuning at each ``top`` (TF-IDF slots per batch, and the least active
     slots for contrast) from each seed's late checkpoint (``config``, default the study's ``DemoConfig()``).
     Returns the result dict: per seed and arm A, retention, F; their differences from plain; intervals over
     seeds; the findings judged by :data:`CRITERIA`; timings."""
     base = config or DemoConfig()
     base.validate()
-    seeds = _checked_seeds(seeds, workers)
+    seeds = checked_seeds(seeds, workers)
     tops = [int(t) for t in tops]
     if not tops or any(t < 1 or t > base.d_ff for t in tops) or len(set(tops)) != len(tops):
         raise KacqError(f"tops {tops}: give distinct slot counts between 1 and d_ff={base.d_ff}")
@@ -157,34 +211,7 @@ def sparse_memory_study(seeds: Sequence[int] = DEFAULT_SEEDS, tops: Sequence[int
     tasks = len(seeds) * (1 + len(labels))
     workers = max(1, min(os.cpu_count() or 1, tasks) if workers is None else min(int(workers), tasks))
     started = time.perf_counter()
-    results: dict[int, dict] = {s: {} for s in seeds}
-    pretrained, task_s = {}, {}
-    with tempfile.TemporaryDirectory(prefix="kacq-sparse-") as workdir:
-        runner = _Runner(workers, progress)
-        kill = True
-        try:
-            import concurrent.futures as cf
-            pending = {runner.submit(pretrain_task, configs[s], workdir): (_phase(s, "pretrain"), s, None)
-                       for s in seeds}
-            names = dict(pending)
-            live = set(pending)
-            while live:
-                done, live = cf.wait(live, return_when=cf.FIRST_COMPLETED)
-                for future in sorted(done, key=lambda f: names[f][0]):
-                    name, seed, label = names[future]
-                    value = _result(future, name)
-                    task_s[name] = value["task_s"]
-                    if label is not None:
-                        results[seed][label] = value["result"]
-                        continue
-                    pretrained[seed] = value
-                    for lab in labels:
-                        f = runner.submit(arm_task, configs[seed], lab, workdir)
-                        names[f] = (_phase(seed, f"arm:{lab}"), seed, lab)
-                        live.add(f)
-            kill = False
-        finally:
-            runner.close(kill=kill)
+    results, task_s = _run_tasks(configs, labels, workers)
     per_seed = {}
     for s in seeds:
         plain = _row(results[s]["late"])
@@ -199,7 +226,7 @@ def sparse_memory_study(seeds: Sequence[int] = DEFAULT_SEEDS, tops: Sequence[int
                for lab in labels}
     for lab in labels[1:]:
         summary[lab]["minus_plain"] = {k: interval([r[lab]["minus_plain"][k] for r in ordered]) for k in KEYS}
-    return _json_ready({
+    return json_ready({
         "experiment": "sparse-memory", "seeds": list(seeds), "tops": tops, "choices": list(CHOICES),
         "labels": labels, "config": base.to_dict(), "criteria": CRITERIA, "acquisition_share": ACQUISITION_SHARE,
         "held_seeds": HELD_SEEDS, "per_seed": per_seed, "summary": summary, "findings": judge(per_seed, tops),
@@ -240,31 +267,12 @@ def plot(result: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kacq_study.sparse_memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="docs/findings", help="folder for sparse_memory.json and .png")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
-    parser.add_argument("--tops", default=",".join(map(str, TOPS)))
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="DemoConfig.quick(): a smoke-sized run")
-    args = parser.parse_args(argv)
-    try:
-        result = sparse_memory_study([int(s) for s in args.seeds.split(",")], [int(t) for t in args.tops.split(",")],
-                                     DemoConfig.quick() if args.quick else None, args.workers)
-    except KacqError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_memory.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    plot(result, out / "sparse_memory.png")
-    for name, f in result["findings"].items():
-        print(f"{name}: {'holds' if f['holds'] else 'does not hold'} ({f['held']} of {f['checked']} seeds)")
-    for lab in result["labels"]:
-        s = result["summary"][lab]
-        print(lab, {k: (s[k]["mean"], s[k]["ci95"]) for k in KEYS})
-    return 0
+def summary_lines(result: dict) -> list[str]:
+    lines = [f"{lab}: " + ", ".join(f"{k} {result['summary'][lab][k]['mean']} +- {result['summary'][lab][k]['ci95']}"
+                                    for k in KEYS) for lab in result["labels"]]
+    lines += [f"{name}: {'holds' if f['holds'] else 'does not hold'} ({f['held']} of {f['checked']} seeds)"
+              for name, f in result["findings"].items()]
+    return lines
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+register(Experiment("sparse-memory", sparse_memory_study, plot, multi_seed=True, summary=summary_lines, about=__doc__))
