@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 
 import kacq_hooks as kh
 from kacq_hooks import usage
-from kacq_hooks.errors import ArgumentTypeError, ConfigError, KacqError, ShapeError
+from kacq_hooks.errors import ArgumentTypeError, ConfigError, NoTokensError, ShapeError
 from kacq_hooks.interventions import sparse_memory
 from tiny_models import VOCAB, random_batch, tiny_model
 
@@ -356,7 +356,7 @@ def test_bad_arguments_are_refused_before_any_hook():
         usage.slot_scores(ref, reference_stats(tiny_model("llama", intermediate_size=32)))
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         usage.measure_usage(tiny_model("mixtral"), k=2)
-    with pytest.raises(KacqError, match="no slot was used"):
+    with pytest.raises(NoTokensError, match="no slot was used"):
         usage.slot_scores([torch.ones(4)], [torch.zeros(4)])
 
 

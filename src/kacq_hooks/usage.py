@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ._hooks import OwnerHook
-from .errors import ArgumentTypeError, ConfigError, KacqError, ShapeError
+from .errors import ArgumentTypeError, ConfigError, KacqError, NoTokensError, ShapeError
 from .experts import ExpertsTap, SharedTap
 from .locate import Site, find_sites
 from .stats import CoefficientStats
@@ -56,11 +56,11 @@ def slot_means(source, weighting: str = "token") -> list[torch.Tensor]:
     if callable(getattr(source, "mean_abs_coefficients", None)) and isinstance(stats, CoefficientStats):
         tokens = [int(s.tokens) for s in stats]
         if not any(tokens):
-            raise KacqError("the statistics hold no tokens: run data through the instrumented model first")
+            raise NoTokensError("the statistics hold no tokens: run data through the instrumented model first")
         return [c.detach().to("cpu", torch.float64).flatten() for c in source.mean_abs_coefficients(weighting)]
     if isinstance(stats, CoefficientStats):
         if not any(int(s.tokens) for s in stats):
-            raise KacqError("the statistics hold no tokens: run data through the instrumented model first")
+            raise NoTokensError("the statistics hold no tokens: run data through the instrumented model first")
         return [s.mean_abs(weighting).detach().to("cpu", torch.float64).flatten() for s in stats]
     if isinstance(source, Sequence) and len(source) and all(isinstance(c, torch.Tensor) for c in source):
         return [c.detach().to("cpu", torch.float64).flatten() for c in source]
@@ -72,10 +72,10 @@ def _distribution(values: list[torch.Tensor], what: str, layer_ids: Sequence[int
     out = []
     for i, v in enumerate(values):
         if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
-            raise KacqError(f"{what}, layer {i}: usage must be finite and non-negative")
+            raise ConfigError(f"{what}, layer {i}: usage must be finite and non-negative")
         total = float(v.sum())
         if total <= 0:
-            raise KacqError(f"{what}, layer {i}: no slot was used (no tokens, or a dead layer), so its usage "
+            raise NoTokensError(f"{what}, layer {i}: no slot was used (no tokens, or a dead layer), so its usage "
                             "distribution is undefined; measure more data")
         out.append(v / total)
     return out
@@ -190,7 +190,7 @@ class SlotUsage:
     def means(self) -> list[torch.Tensor]:
         """Mean |C| per slot over the measured tokens, per layer (float64)."""
         if not any(self.tokens):
-            raise KacqError("no tokens were measured: run data through the model inside measure_usage()")
+            raise NoTokensError("no tokens were measured: run data through the model inside measure_usage()")
         return [s / max(t, 1) for s, t in zip(self._sum, self.tokens)]
 
     def counts(self) -> list[torch.Tensor]:
