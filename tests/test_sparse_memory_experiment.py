@@ -1,6 +1,10 @@
 """The sparse-memory experiment's criteria and intervals on hand-made per-seed rows (no training)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 
 from kacq_study.experiments.sparse_memory import CRITERIA, interval, judge
@@ -38,3 +42,34 @@ def test_findings_follow_their_fixed_criteria():
     per_seed["2"]["tfidf t=16"]["forgetting"] = None
     forgets = judge(per_seed, [16])["sparse_memory_forgets_less (t=16)"]
     assert forgets["checked"] == 2 and forgets["held"] == 1 and not forgets["holds"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / "docs" / "findings" / "sparse_memory.json"
+
+
+def test_the_registered_experiment_writes_its_files_from_a_result(tmp_path, monkeypatch):
+    from kacq_study import experiments as ex
+
+    result = json.loads(PUBLISHED.read_text())
+    monkeypatch.setitem(ex.EXPERIMENTS, "sparse-memory",
+                        dataclasses.replace(ex.EXPERIMENTS["sparse-memory"], run=lambda **kw: result))
+    assert ex.main(["sparse-memory", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "sparse_memory.png").stat().st_size > 0
+    assert json.loads((tmp_path / "sparse_memory.json").read_text())["findings"] == result["findings"]
+
+
+def test_the_published_table_is_the_published_result():
+    result = json.loads(PUBLISHED.read_text())
+    page = (ROOT / "docs" / "findings.md").read_text()
+    section = page[page.index("## Sparse memory finetuning"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(rows) == len(result["labels"])
+    for label, row in zip(result["labels"], rows):
+        s = result["summary"][label]
+        for key in ("acquisition", "retention", "forgetting"):
+            assert f"{s[key]['mean']:.3f} ± {s[key]['ci95']:.3f}" in row, (label, key)
+    verdicts = section[section.index("| finding (criterion"):]
+    for name, found in result["findings"].items():
+        assert found["holds"] == (found["held"] >= 2)
+        assert f"{found['held']} of {found['checked']}: {'holds' if found['holds'] else 'does not hold'}" in verdicts

@@ -41,6 +41,7 @@ from ..config import DemoConfig
 from ..output import json_ready
 from ..pipeline import build_model, deterministic, prepare, pretrain, run_arm
 from ..study import DEFAULT_SEEDS, checked_seeds
+from .common import number_text
 from .registry import Experiment, register
 
 # slots per layer that train: about 4% and 17% of the study's 384 slots per layer (Lin et al. train 500 of
@@ -262,14 +263,15 @@ def plot(result: dict, path: Path) -> Path:
                             zorder=3)
         ax.axhline(result["summary"]["late"][key]["mean"] or 0, color="C3", lw=0.8, ls="--")
         ax.set_xticks(range(len(labels)), [names[l] for l in labels], rotation=25, ha="right", fontsize=8)
-        ax.set(title=title)
+        ax.set(title=title, xlabel="arm (t: slots per layer that train)", ylabel=title)
     fig.suptitle(f"sparse memory finetuning from the late checkpoint ({len(result['seeds'])} seeds; mean, 95% interval)")
     return save_figure(fig, path)
 
 
 def summary_lines(result: dict) -> list[str]:
-    lines = [f"{lab}: " + ", ".join(f"{k} {result['summary'][lab][k]['mean']} +- {result['summary'][lab][k]['ci95']}"
-                                    for k in KEYS) for lab in result["labels"]]
+    lines = [f"{lab}: " + ", ".join(f"{k} {number_text(result['summary'][lab][k]['mean'], '.3f')} +- "
+                                    f"{number_text(result['summary'][lab][k]['ci95'], '.3f')}" for k in KEYS)
+             for lab in result["labels"]]
     lines += [f"{name}: {'holds' if f['holds'] else 'does not hold'} ({f['held']} of {f['checked']} seeds)"
               for name, f in result["findings"].items()]
     return lines
