@@ -772,6 +772,9 @@ def _upgrade_v1(previous: dict, settings: SweepSettings, source: DataSource, ran
 
 
 def _write_json(path: Path, results: dict) -> None:
+    rows = results["checkpoints"]
+    if all(isinstance(r.get("step"), int) for r in rows):  # a series reads in step order, duplicates in place
+        rows.sort(key=lambda r: r["step"])
     _atomic_json(path, results)
 
 
