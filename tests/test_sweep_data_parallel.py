@@ -66,15 +66,16 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, max_docs):
 
 
 class _Counted(Ranks):
-    """Rank r of w whose gather answers with counts measured beforehand (the all_gather of real ranks)."""
+    """Rank r of w whose gather answers with values every rank gave beforehand (real ranks' all_gather)."""
 
-    def __init__(self, rank, world, counts):
+    def __init__(self, rank, world, counts, parts=None):
         object.__setattr__(self, "rank", rank)
         object.__setattr__(self, "world", world)
         object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "parts", parts)
 
     def gather(self, value):
-        return self.counts
+        return self.counts if isinstance(value, int) else self.parts
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
@@ -96,12 +97,14 @@ def test_rank_shares_concatenate_to_the_documents(tmp_path, suffix, world, max_d
             expected = [t.strip() for t in lines if t.strip()]
         expected = expected[:max_docs] if max_docs else expected
         source = data_source(path)
-        # first pass: what each rank reads before the others' counts trim it
-        counts = [len(read_documents(source, max_docs=max_docs, ranks=_Counted(r, world, [0] * world)))
-                  for r in range(world)]
+        # what each rank reads of its range, then the trim and spread after the all_gather of counts
+        raw = [read_documents(source, max_docs=max_docs, ranks=_Counted(r, world, [0] * world, []))
+               for r in range(world)]
+        counts = [len(part) for part in raw]
+        kept = [part[:max(0, max_docs - sum(counts[:r]))] if max_docs else part for r, part in enumerate(raw)]
         got = []
         for rank in range(world):
-            got += read_documents(source, max_docs=max_docs, ranks=_Counted(rank, world, counts))
+            got += read_documents(source, max_docs=max_docs, ranks=_Counted(rank, world, counts, kept))
         assert got == expected, (lines, world)
 
 

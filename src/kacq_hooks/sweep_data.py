@@ -179,7 +179,13 @@ def read_documents(source: DataSource, *, text_column: str = "text", max_docs: i
     # keep the documents whose index among all ranks' is below max_docs
     counts = ranks.gather(len(docs))
     before = sum(counts[:ranks.rank])
-    return docs[:max(0, max_docs - before)]
+    docs = docs[:max(0, max_docs - before)]
+    if ranks.world > 1 and sum(counts) > max_docs:
+        # the first max_docs documents sit in the first ranks' ranges: spread them evenly, so every rank
+        # tokenizes and measures its part (only these documents travel, never the data)
+        kept = [doc for part in ranks.gather(docs) for doc in part]
+        docs = [kept[i] for i in ranks.share(len(kept))]
+    return docs
 
 
 def _shared_files(files: Sequence[Path], ranks: Ranks) -> list[Path]:
