@@ -39,8 +39,8 @@ def c_bar(out: Path, row: dict) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_docs", [None, 5])
-def test_two_gloo_ranks_equal_one_process(tmp_path, max_docs):
+@pytest.mark.parametrize("bound", [[], ["--max-docs", "5"], ["--max-tokens", "60"]])
+def test_two_gloo_ranks_equal_one_process(tmp_path, bound):
     tok = tiny_tokenizer()
     for step, seed in ((10, 1), (20, 2)):
         tiny_model("llama", seed=seed).save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
@@ -48,7 +48,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, max_docs):
     data = tmp_path / "docs.txt"
     data.write_text("\n\n".join(DOCS) + "\n")
     common = ["entropy", str(tmp_path / "run"), "--data", str(data), "--batch-size", "2", "--seq-len", "24",
-              "--device", "cpu", "--save-stats", *(["--max-docs", str(max_docs)] if max_docs else [])]
+              "--device", "cpu", "--save-stats", *bound]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     done = torchrun([*common, "--out", str(tmp_path / "two")])
     assert done.stdout.count("wrote entropy.json") == 1  # one rank writes and reports
@@ -57,7 +57,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, max_docs):
     assert one["settings"] == two["settings"]  # the data digest does not depend on the ranks that computed it
     for a, b in zip(one["checkpoints"], two["checkpoints"], strict=True):
         assert (a["world_size"], b["world_size"]) == (1, 2)
-        assert a["tokens"] == b["tokens"] and a["documents"] == b["documents"] == (max_docs or len(DOCS))
+        assert a["tokens"] == b["tokens"] and a["documents"] == b["documents"]
+        assert a["documents"] == {"--max-docs": 5, "--max-tokens": a["documents"]}.get(bound[:1] and bound[0], 7)
+        if bound[:1] == ["--max-tokens"]:
+            assert 40 < a["tokens"] <= 60 and a["documents"] < len(DOCS)
         assert b["total"] == pytest.approx(a["total"], rel=1e-6)
         assert b["per_layer"] == pytest.approx(a["per_layer"], rel=1e-6)
         for x, y in zip(c_bar(tmp_path / "one", a), c_bar(tmp_path / "two", b), strict=True):
@@ -131,3 +134,21 @@ def test_a_rank_reads_only_its_byte_range(tmp_path, monkeypatch):
     first = 1000 - len(docs)  # the last quarter of the bytes: about the last quarter of the lines
     assert 700 < first < 800 and docs == [f"document number {i}" for i in range(first, 1000)]
     assert sum(reads) < path.stat().st_size / 4 + 100  # its quarter, not the file
+
+
+def test_max_tokens_takes_whole_documents_in_order(tmp_path):
+    from kacq_hooks.sweep import bound_tokens
+
+    tok = tiny_tokenizer()
+    lengths = [len(tok(d, add_special_tokens=False)["input_ids"][:24]) for d in DOCS]
+    budget = sum(lengths[:3]) + lengths[3] - 1  # the fourth does not fit
+    assert bound_tokens(list(DOCS), tok, 24, budget) == DOCS[:3]
+    assert bound_tokens(list(DOCS), tok, 24, 10 ** 6) == DOCS
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(DOCS))
+    assert main(["entropy", str(tmp_path / "m"), "--data", str(data), "--seq-len", "24", "--max-tokens", str(budget),
+                 "--out", str(tmp_path / "out")]) == 0
+    row = json.loads((tmp_path / "out" / "entropy.json").read_text())["checkpoints"][0]
+    assert row["tokens"] == sum(lengths[:3]) and row["documents"] == 3

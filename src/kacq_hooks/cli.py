@@ -182,7 +182,9 @@ def add_entropy_parser(subparsers) -> argparse.ArgumentParser:
                         "Hugging Face cache)")
     parser.add_argument("--keep-cache", action="store_true", help="keep each revision's files after measuring "
                         "(default: removed, so a long series does not fill the disk)")
-    parser.add_argument("--max-docs", type=int, default=None)
+    parser.add_argument("--max-docs", type=int, default=None, help="the first N documents of the data")
+    parser.add_argument("--max-tokens", type=int, default=None, help="at most N tokens per checkpoint: whole "
+                        "documents in order (each cut at --seq-len) while they fit")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--weighting", default="token", choices=["token", "document"])
     parser.add_argument("--out", default="runs/entropy", help="output folder (default runs/entropy)")
@@ -274,7 +276,7 @@ def run_entropy_command(args: argparse.Namespace) -> int:
                                 text_column=args.text_column, streaming=args.streaming, tokenizer=args.tokenizer,
                                 executor=args.executor, jobs=args.jobs, task_ranks=args.task_ranks,
                                 ray_address=args.ray_address, slurm=slurm, cache_dir=args.cache_dir,
-                                keep_cache=args.keep_cache, save_stats=args.save_stats)
+                                keep_cache=args.keep_cache, save_stats=args.save_stats, max_tokens=args.max_tokens)
     finally:
         progress.close()
     if Ranks.current().rank != 0:

@@ -74,6 +74,7 @@ class SweepSettings:
     dtype: str = "float32"
     text_column: str = "text"
     tokenizer: str | None = None
+    max_tokens: int | None = None
 
     def validate(self) -> None:
         if self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 1):
@@ -84,6 +85,8 @@ class SweepSettings:
             raise ConfigError(f"--weighting must be 'token' or 'document', not {self.weighting!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if not self.text_column:
             raise ConfigError("--text-column must name a column")
 
@@ -461,6 +464,8 @@ def run_task(spec: dict, *, fetch=None, documents: list[str] | None = None, prog
         error = _agree(ranks, error)
         if error:
             return {"status": "error", "error": error, "identity": identity}
+        if settings.max_tokens is not None:
+            documents = bound_tokens(documents, tokenizer, seq_len, settings.max_tokens, ranks)
         total = sum(ranks.gather(len(documents)))
         if total == 0:
             raise CorpusError(f"data {settings.data!r} holds no text to measure on")
@@ -513,6 +518,30 @@ def _finish(inst, checkpoint, spec, settings, identity, total, seq_len, seconds,
     return {"status": "measured", "row": row, "identity": identity}
 
 
+def bound_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int, ranks: Ranks = Ranks()) -> list[str]:
+    """The documents, in order over all ranks, while their tokens (each cut at ``seq_len``) add up to at most
+    ``max_tokens``; the first that would pass it and all after are left out. Spread evenly over the ranks."""
+    lengths = [len(ids[:seq_len]) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]] \
+        if documents else []
+    every = ranks.gather(lengths)
+    used, keep = 0, []
+    for rank, part in enumerate(every):
+        count = 0
+        for length in part:
+            if used + length > max_tokens:
+                break
+            used, count = used + length, count + 1
+        keep.append(count)
+        if count < len(part):
+            keep += [0] * (len(every) - rank - 1)
+            break
+    mine = documents[:keep[ranks.rank]]
+    if ranks.world > 1 and sum(keep) < sum(len(part) for part in every):
+        kept = [doc for part in ranks.gather(mine) for doc in part]
+        mine = [kept[i] for i in ranks.share(len(kept))]
+    return mine
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, KacqError):
         return str(error)
@@ -539,7 +568,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                   text_column: str = "text", streaming: bool = False, tokenizer: str | None = None,
                   executor: str = "serial", jobs: int = 1, task_ranks: int = 1, ray_address: str | None = None,
                   slurm: dict | None = None, cache_dir: str | None = None, keep_cache: bool = False, fetch=None,
-                  save_stats: bool = False) -> dict:
+                  save_stats: bool = False, max_tokens: int | None = None) -> dict:
     """Measure every checkpoint whose weights are not yet in ``out``; write the JSON as each finishes, then CSV
     and PNG. Returns the results (``checkpoints``: measured and duplicate rows; ``errors``: this run's failures).
 
@@ -547,7 +576,8 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
     ``local`` in up to ``jobs`` subprocesses (each a torchrun job of ``task_ranks`` ranks when above 1),
     ``ray`` on a Ray cluster (``ray_address``, or the one this process has started), ``slurm`` through
     submitit (``slurm``: its ``slurm_*`` parameters, e.g. ``{"partition": "gpu", "timeout_min": 60}``).
-    ``fetch`` replaces the hub download of ``--revision`` sweeps (see :class:`HubFetcher`); each
+    ``max_tokens`` bounds the tokens of each checkpoint's measurement (whole documents, in order; see
+    :func:`bound_tokens`). ``fetch`` replaces the hub download of ``--revision`` sweeps (see :class:`HubFetcher`); each
     revision's files are removed after measuring unless ``keep_cache``.
     """
     if executor not in EXECUTORS:
@@ -561,7 +591,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
     check_device(device)
     source = data_source(data)
     settings = SweepSettings(source.name, None, max_docs, batch_size, seq_len, weighting, dtype, text_column,
-                             tokenizer)
+                             tokenizer, max_tokens)
     settings.validate()
     ranks = init_ranks(device)
     if ranks.world > 1 and executor != "serial":
