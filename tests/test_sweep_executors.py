@@ -154,3 +154,12 @@ def test_the_sbatch_script(tmp_path):
                      "#SBATCH --gpus-per-node=1", "#SBATCH --mem=64GB", "#SBATCH --job-name=kacq-entropy"):
         assert expected in lines, (expected, script)
     assert any(line.startswith("srun") and "submitit.core._submit" in line for line in lines)
+
+
+@pytest.mark.slow  # a torchrun group of 2 ranks per task
+def test_a_task_can_itself_be_a_torchrun_job(series, tmp_path):
+    root, serial = series
+    result = sweep(root, tmp_path / "out", executor="local", jobs=1, task_ranks=2)
+    assert [r["world_size"] for r in result["checkpoints"]] == [2, 2, 2]
+    for a, b in zip(result["checkpoints"], serial["checkpoints"]):
+        assert a["tokens"] == b["tokens"] and a["total"] == pytest.approx(b["total"], rel=1e-6)
