@@ -39,7 +39,7 @@ def c_bar(out: Path, row: dict) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bound", [[], ["--max-docs", "5"], ["--max-tokens", "60"]])
+@pytest.mark.parametrize("bound", [[], ["--max-docs", "5"], ["--max-tokens", "60"]], ids=["all", "max-docs", "max-tokens"])
 def test_two_gloo_ranks_equal_one_process(tmp_path, bound):
     tok = tiny_tokenizer()
     for step, seed in ((10, 1), (20, 2)):
