@@ -4,7 +4,8 @@ Builds 8 checkpoints of a ~100M-parameter Llama (random weights, perturbed per s
 save_pretrained), a BPE tokenizer trained on the offline Wikipedia summaries, and one document file;
 then runs ``kacq entropy`` on them in a fresh subprocess per way, each into its own output folder,
 and reports wall time (the whole command: start-up, hashing, loading, measuring) and tokens/s
-(tokens measured over all checkpoints / wall time). The three must agree on every checkpoint's
+(tokens measured over all checkpoints / wall time), the tokens/s of one task while it measures, and
+the machine's load average before and after each way (other jobs share the cores). The three must agree on every checkpoint's
 entropy (checked). All ways use the same cores: serial runs torch's threads in one process, the
 others one thread per task or rank.
 
@@ -75,16 +76,19 @@ def way(name: str, run: Path, data: Path, out: Path, seq_len: int) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                    str(_free_port()), "-m", "kacq_hooks.cli", *common]
         env["OMP_NUM_THREADS"] = "1"
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
     if done.returncode != 0:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
     rows = json.loads((out / "entropy.json").read_text())["checkpoints"]
     tokens = sum(r["tokens"] for r in rows)
     return {"way": name, "wall_s": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "measure_tokens_per_s": round(sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows), 1),
-            "world_size": rows[0]["world_size"], "totals": [r["total"] for r in rows]}
+            "world_size": rows[0]["world_size"], "totals": [r["total"] for r in rows],
+            "load_average": [round(load_before, 1), round(load_after, 1)]}
 
 
 def main(argv=None) -> None:
@@ -106,10 +110,10 @@ def main(argv=None) -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     print(f"{checkpoints} checkpoints of a {params:.0f}M-parameter Llama, {documents} documents x {seq_len} tokens "
           f"at most, on {machine}")
-    print(f"{'way':<18} {'wall s':>8} {'tokens':>8} {'tok/s (wall)':>13} {'tok/s (measuring)':>18}")
+    print(f"{'way':<18} {'wall s':>8} {'tokens':>8} {'tok/s (wall)':>13} {'tok/s per task':>15} {'load avg':>11}")
     for r in results:
         print(f"{r['way']:<18} {r['wall_s']:>8.1f} {r['tokens']:>8} {r['tokens_per_s']:>13.1f} "
-              f"{r['measure_tokens_per_s']:>18.1f}")
+              f"{r['measure_tokens_per_s']:>15.1f} {r['load_average'][0]:>5} {r['load_average'][1]:>5}")
     if not args.quick:
         Path(args.json).write_text(json.dumps({"machine": machine, "params_m": round(params, 1),
                                                "checkpoints": checkpoints, "documents": documents,
