@@ -20,7 +20,6 @@ documents and writes ``entropy.json``, ``entropy.csv`` and ``entropy.png``.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -28,7 +27,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -666,7 +665,8 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
             raise CorpusError(f"data {data!r} holds no text: no documents to measure on")
         known = {identity: row["name"] for identity, row in by_identity.items()}
         specs = [task_spec(c, settings, data=str(data), out=out, device=device, identity=identities[c.name],
-                           known=known, streaming=streaming, cache_dir=cache_dir, keep_cache=keep_cache,
+                           known=known, streaming=streaming, cache_dir=cache_dir,
+                           keep_cache=keep_cache or not revisions,  # one hub model (no --revision) stays cached
                            save_stats=save_stats) for c in todo]
 
         def finished(checkpoint: Checkpoint, outcome: dict) -> None:
