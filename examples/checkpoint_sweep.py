@@ -2,7 +2,12 @@
 
 ``kacq entropy OUTPUT_DIR --data FILE`` measures every ``checkpoint-N`` folder of a Trainer output
 folder in step order on the same documents and writes entropy.json, entropy.csv and entropy.png.
-Here it is called in-process (``kacq_hooks.cli.main``); from a shell it is the same command line.
+Here it is called in-process (``kacq_hooks.cli.main``); from a shell it is the same command line, and
+under ``torchrun --nproc-per-node N -m kacq_hooks.cli entropy ...`` each rank measures its share.
+
+Checkpoints are known by their weights: the last checkpoint is copied under a later step name here (as
+published series sometimes serve one checkpoint under several names); the sweep measures it once and
+flags the copy (``= same weights as`` in the table, ``duplicate_of`` in the JSON, a circle on the plot).
 
     python examples/checkpoint_sweep.py --out runs/sweep
     python examples/checkpoint_sweep.py --tiny --out /tmp/sweep
@@ -10,6 +15,7 @@ Here it is called in-process (``kacq_hooks.cli.main``); from a shell it is the s
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,6 +50,10 @@ def main(argv=None) -> None:
                                    learning_rate=1e-3, save_strategy="steps", save_steps=every, report_to=[],
                                    use_cpu=not torch.cuda.is_available(), disable_tqdm=True)).train()
 
+    saved = sorted((out / "train").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    copy = out / "train" / f"checkpoint-{steps + every}"
+    if not copy.exists():
+        shutil.copytree(saved[-1], copy)
     code = cli.main(["entropy", str(out / "train"), "--data", str(held_out), "--seq-len", "64",
                      "--device", "cpu", "--out", str(out / "entropy")])
     if code:

@@ -210,3 +210,48 @@ def test_resume_by_resolved_path_and_content_hash(tmp_path, tokenizer, data_file
     data_file.write_text(data_file.read_text() + json.dumps({"text": "One more document."}) + "\n")
     assert main(["entropy", str(second), "--data", str(data_file), *common]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_out_naming_an_existing_file_is_refused_before_any_work(tmp_path, tokenizer, data_file, capsys):
+    first = save_checkpoint(tmp_path / "a", tokenizer, seed=1)
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me")
+    code = main(["entropy", str(first), "--data", str(data_file), "--out", str(taken), "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--out" in err and "is a file" in err
+    assert taken.read_text() == "keep me" and "[1/1]" not in err  # nothing was measured
+
+
+def test_a_pad_token_beyond_the_vocabulary_is_refused_before_work(tmp_path, tokenizer, data_file, capsys):
+    from tiny_models import VOCAB
+
+    path = tmp_path / "a"
+    tiny_model("llama", seed=1).save_pretrained(path)
+    wide = tiny_tokenizer()
+    wide.add_special_tokens({"pad_token": "<|extra-pad|>"})
+    assert wide.pad_token_id >= VOCAB
+    wide.save_pretrained(path)
+    code = main(["entropy", str(path), "--data", str(data_file), "--out", str(tmp_path / "out"), "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "IndexError" not in err
+    assert "pad token" in err and str(VOCAB) in err and "--tokenizer" in err
+    assert not (tmp_path / "out" / "entropy.json").exists()
+
+
+def test_a_model_without_a_tokenizer_asks_for_tokenizer(tmp_path, tokenizer, data_file, capsys):
+    bare = tmp_path / "bare"
+    tiny_model("llama", seed=1).save_pretrained(bare)  # weights and config, no tokenizer files
+    out = tmp_path / "out"
+    code = main(["entropy", str(bare), "--data", str(data_file), "--out", str(out), "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "sentencepiece" not in err.lower()
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "model shards" not in line]
+    assert len(said) == 1 and said[0].startswith("kacq entropy: error:") and "--tokenizer" in said[0]
+    # --tokenizer names one: the same numbers as a folder that holds it
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert main(["entropy", str(bare), "--tokenizer", str(tmp_path / "tok"), "--data", str(data_file),
+                 "--out", str(out), "--batch-size", "2", "--seq-len", "16"]) == 0
+    saved = json.loads((out / "entropy.json").read_text())
+    assert saved["settings"]["tokenizer"] == str(tmp_path / "tok")
+    expected = library_entropy(save_checkpoint(tmp_path / "full", tokenizer, seed=1), DOCS, 2, 16)
+    assert saved["checkpoints"][0]["total"] == pytest.approx(expected.total, rel=1e-9)

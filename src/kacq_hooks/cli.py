@@ -164,45 +164,128 @@ def add_entropy_parser(subparsers) -> argparse.ArgumentParser:
         "entropy", help="knowledge entropy of models or checkpoints on a data file; JSON, CSV and a plot",
         description="Measure knowledge entropy (Kim et al. 2025) of each MODEL on the same documents. MODEL is a "
                     "save_pretrained folder, a Trainer output folder (its checkpoint-N subfolders are measured in "
-                    "order) or, when online, a hub id (with --revision for several revisions). Checkpoints already "
-                    "in OUT/entropy.json are skipped, so an interrupted sweep resumes.")
+                    "order) or, when online, a hub id (with --revision for several revisions). A checkpoint is known "
+                    "by a digest of its weights: those already in OUT are skipped (so an interrupted sweep resumes, "
+                    "and a moved folder is not measured again), and checkpoints holding the same weights as an "
+                    "earlier one are flagged and not measured twice. Runs unchanged under torchrun / accelerate "
+                    "launch (each rank reads its share of the documents).")
     parser.add_argument("models", nargs="+", metavar="MODEL")
-    _add_measure_arguments(parser, DATA_HELP + ", or a hub dataset name when online")
+    _add_measure_arguments(parser, DATA_HELP + ", .parquet/.arrow files or a folder of them, a folder written by "
+                           "Dataset.save_to_disk, or a hub dataset name when online")
+    parser.add_argument("--text-column", default="text", help="the column (or JSON field) holding the text "
+                        "(default text)")
+    parser.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder or hub id, for checkpoints saved "
+                        "without one (default: each checkpoint's own)")
     parser.add_argument("--revision", action="append", default=None, help="hub revision (repeatable)")
-    parser.add_argument("--max-docs", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None, help="where hub revisions are downloaded (default: the "
+                        "Hugging Face cache)")
+    parser.add_argument("--keep-cache", action="store_true", help="keep each revision's files after measuring "
+                        "(default: removed, so a long series does not fill the disk)")
+    parser.add_argument("--max-docs", type=int, default=None, help="the first N documents of the data")
+    parser.add_argument("--max-tokens", type=int, default=None, help="at most N tokens per checkpoint: whole "
+                        "documents in order (each cut at --seq-len) while they fit")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--weighting", default="token", choices=["token", "document"])
     parser.add_argument("--out", default="runs/entropy", help="output folder (default runs/entropy)")
+    parser.add_argument("--save-stats", action="store_true", help="also save each checkpoint's per-neuron "
+                        "statistics (OUT/results/*.safetensors)")
+    parser.add_argument("--executor", default="serial", choices=["serial", "local", "ray", "slurm"],
+                        help="serial (default): one checkpoint after the other in this process; local: --jobs "
+                        "subprocesses; ray: tasks on a Ray cluster (pip install 'kacq_hooks[ray]'); slurm: one "
+                        "SLURM job per checkpoint through submitit (pip install 'kacq_hooks[slurm]')")
+    parser.add_argument("--jobs", type=int, default=1, help="checkpoints measured at once (default 1)")
+    parser.add_argument("--task-ranks", type=int, default=1, help="ranks per task: above 1 each task is a "
+                        "data-parallel torchrun job (or SLURM tasks), for a checkpoint too big for one device")
+    parser.add_argument("--ray-address", default=None, help="the Ray cluster (host:port or auto; default: a new "
+                        "local one)")
+    parser.add_argument("--slurm-partition", default=None)
+    parser.add_argument("--slurm-time", type=int, default=60, help="minutes per checkpoint (default 60)")
+    parser.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job")
+    parser.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per task")
     parser.set_defaults(func=run_entropy_command)
     return parser
 
 
-def run_entropy_command(args: argparse.Namespace) -> int:
-    state: dict = {}
+class SweepProgress:
+    """A bar per checkpoint with tokens/s (documents of this rank's share), messages for skipped, duplicate and
+    failed checkpoints, and a bar over tasks for the parallel executors; on stderr."""
 
-    def progress(event: str, info: dict) -> None:
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr  # looked up now: tests and wrappers replace sys.stderr
+        self.bar, self.tasks, self.started = None, None, 0.0
+
+    def __call__(self, event: str, info: dict) -> None:
+        import time
+
         if event == "checkpoint":
-            if state.get("bar") is not None:
-                state["bar"].close()
-            state["bar"] = tqdm(total=info["documents"], unit="doc", file=sys.stderr, dynamic_ncols=True,
-                                desc=f"[{info['index'] + 1}/{info['count']}] {Path(info['name']).name}")
-        elif event == "batch" and state.get("bar") is not None:
-            state["bar"].update(info["documents"] - state["bar"].n)
+            self.close()
+            where = f" x {info['world_size']} ranks" if info.get("world_size", 1) > 1 else ""
+            self.bar = tqdm(total=info["documents"], unit="doc", file=self.stream, dynamic_ncols=True,
+                            desc=f"[{info.get('index', 0) + 1}/{info.get('count', 1)}] {Path(info['name']).name}{where}")
+            self.started = time.perf_counter()
+        elif event == "batch" and self.bar is not None:
+            self.bar.update(info["documents"] - self.bar.n)
+            elapsed = time.perf_counter() - self.started
+            if elapsed > 0:
+                self.bar.set_postfix_str(f"{info['tokens'] / elapsed:,.0f} tok/s", refresh=False)
         elif event == "skip":
-            print(f"skipping {info['name']}: already measured", file=sys.stderr)
+            print(f"skipping {info['name']}: already measured", file=self.stream)
+        elif event == "duplicate":
+            print(f"{info['name']}: same weights as {info['duplicate_of']}, not measured again", file=self.stream)
+        elif event == "error":
+            self.close()
+            print(f"{info['name']}: failed: {info['error']}", file=self.stream)
+        elif event == "task":
+            if self.tasks is None:
+                self.tasks = tqdm(total=info["count"], unit="ckpt", file=self.stream, dynamic_ncols=True,
+                                  desc="checkpoints")
+            self.tasks.update(1)
 
+    def close(self) -> None:
+        for bar in (self.bar, self.tasks):
+            if bar is not None:
+                bar.close()
+        self.bar = self.tasks = None
+
+
+def entropy_table(results: dict) -> str:
+    """The sweep as a table: one line per checkpoint, ``=`` marking weights identical to an earlier one."""
+    lines = [f"{'checkpoint':<40} {'step':>8} {'total':>12} {'max':>10} {'tokens':>10} {'tok/s':>10}  note"]
+    for row in results["checkpoints"]:
+        note = f"= same weights as {Path(row['duplicate_of']).name}" if row.get("duplicate_of") else ""
+        speed = f"{row['tokens_per_s']:10,.0f}" if row.get("tokens_per_s") and not note else f"{'':>10}"
+        lines.append(f"{row['name'][-40:]:<40} {str(row.get('step') or ''):>8} {row['total']:12.6f} "
+                     f"{row['max_total']:10.4f} {row['tokens']:>10} {speed}  {note}".rstrip())
+    for row in results.get("errors", []):
+        lines.append(f"{row['name'][-40:]:<40} {str(row.get('step') or ''):>8} {'failed':>12}  {row['error']}")
+    return "\n".join(lines)
+
+
+def run_entropy_command(args: argparse.Namespace) -> int:
+    from .sweep_data import Ranks
+
+    progress = SweepProgress()
+    slurm = {k: v for k, v in (("partition", args.slurm_partition), ("timeout_min", args.slurm_time),
+                               ("gpus_per_node", args.slurm_gpus), ("cpus_per_task", args.slurm_cpus))
+             if v is not None}
     try:
         results = entropy_sweep(args.models, args.data, out=args.out, revisions=args.revision,
                                 max_docs=args.max_docs, batch_size=args.batch_size, seq_len=args.seq_len,
-                                weighting=args.weighting, dtype=args.dtype, device=args.device, progress=progress)
+                                weighting=args.weighting, dtype=args.dtype, device=args.device, progress=progress,
+                                text_column=args.text_column, streaming=args.streaming, tokenizer=args.tokenizer,
+                                executor=args.executor, jobs=args.jobs, task_ranks=args.task_ranks,
+                                ray_address=args.ray_address, slurm=slurm, cache_dir=args.cache_dir,
+                                keep_cache=args.keep_cache, save_stats=args.save_stats, max_tokens=args.max_tokens)
     finally:
-        if state.get("bar") is not None:
-            state["bar"].close()
-    print(f"{'checkpoint':<40} {'total':>12} {'max':>10}")
-    for row in results["checkpoints"]:
-        print(f"{row['name'][-40:]:<40} {row['total']:12.6f} {row['max_total']:10.4f}")
+        progress.close()
+    if Ranks.current().rank != 0:
+        return 0
+    print(entropy_table(results))
     print(f"wrote entropy.json, entropy.csv and entropy.png to {args.out}")
-    return 0
+    for row in results.get("errors", []):
+        print(f"kacq entropy: error: {row['name']}: {row['error']}", file=sys.stderr)
+    return 2 if results.get("errors") else 0
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
