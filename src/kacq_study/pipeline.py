@@ -79,6 +79,15 @@ class Calibration:
     def mean_abs_coefficients(self, model: nn.Module) -> list[torch.Tensor]:
         return self.instrumentation(model).mean_abs_coefficients()
 
+    def loss(self, model: nn.Module) -> float:
+        """The mean next-token loss (nats/token) over the calibration rows, in eval mode and without gradients."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            losses = [float(model(input_ids=ids, labels=ids).loss) for ids in self._batches()]
+        model.train(was_training)
+        return sum(losses) / max(len(losses), 1)
+
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 next-token accuracy: the stand-in for Kim et al.'s downstream accuracy P."""
         was_training = model.training
