@@ -109,7 +109,8 @@ class Calls:
         stack = self._stack_of_module.get(id(module))
         if stack is not None:
             inputs = binding.stacks[stack].read(args, kwargs)
-            binding.stacks[stack].check(inputs, mask_padding=inst.mask_padding, weighting=inst.weighting)
+            binding.stacks[stack].check(inputs, mask_padding=inst.mask_padding, weighting=inst.weighting,
+                                        root=call.root, count=inst.count)
             if stack in call.stacks:  # the stack runs again inside one call (a model that calls its body twice)
                 if any(call.fired.get(i, 0) != 1 for i in self.sites_of_stack[stack]):
                     call.incomplete = True

@@ -98,7 +98,8 @@ class Capture:
         key = (stack, tuple(c.shape[:-1]), c.device)
         if key not in call.rows:
             call.rows[key] = self.inst.binding.stacks[stack].rows(
-                call.stacks[stack], call.root, c, mask_padding=self.inst.mask_padding, weighting=self.inst.weighting)
+                call.stacks[stack], call.root, c, mask_padding=self.inst.mask_padding, weighting=self.inst.weighting,
+                count=self.inst.count)
         return call.rows[key]
 
     def _on_gradient(self, index: int, call: Call, c2d: torch.Tensor, rows, grad: torch.Tensor):

@@ -30,11 +30,12 @@ from .locate import Site
 from .stats import CoefficientStats
 
 _WEIGHTINGS = ("token", "document")
+_COUNTS = (None, "labels", "shifted_labels")
 _attached: "weakref.WeakSet[Instrumentation]" = weakref.WeakSet()
 
 
 def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = False, mask_padding: bool = True,
-               weighting: str = "token", stacks=None) -> "Instrumentation":
+               weighting: str = "token", stacks=None, count: str | None = None) -> "Instrumentation":
     """Attach coefficient capture to ``model`` and return the :class:`Instrumentation` that owns it.
 
     Args:
@@ -51,6 +52,13 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
             equation). Document sums are only kept when "document" is chosen here.
         stacks: which stacks to instrument: None for the language model's (its decoder, and the encoder of
             an encoder or encoder-decoder), or names such as ``("vision",)`` or ``("decoder", "vision")``.
+        count: which tokens count beyond padding, read from the ``labels=`` each call of the model gets
+            (a causal LM's decoder only). None: every token that is not padding. ``"labels"``: position t
+            counts when ``labels[t] != -100``, the positions that hold the loss's target tokens (the answer
+            tokens themselves). ``"shifted_labels"``: position t counts when ``labels[t + 1] != -100``, the
+            positions whose next-token predictions a causal-LM loss scores (Hugging Face shifts labels by
+            one inside the loss; a ``shift_labels=`` the call passes is used as given); the last position
+            never counts. A call without labels is refused.
 
     >>> import kacq_hooks as kh
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -62,9 +70,15 @@ def instrument(model: nn.Module, *, mlp_out: str | None = None, grads: bool = Fa
     """
     if weighting not in _WEIGHTINGS:
         raise ConfigError(f"weighting must be one of {_WEIGHTINGS}, not {weighting!r}")
-    inst = Instrumentation(bind(model, mlp_out, stacks), model=model, grads=grads,
-                           mask_padding=mask_padding,
-                           weighting=weighting)
+    if count not in _COUNTS:
+        raise ConfigError(f"count must be one of {_COUNTS}, not {count!r}")
+    binding = bind(model, mlp_out, stacks)
+    if count is not None and [stack.name for stack in binding.stacks] != ["decoder"]:
+        raise ConfigError(f"count={count!r} selects positions of a causal LM's decoder by its labels, but the sites "
+                          f"lie in the stacks {[stack.name for stack in binding.stacks]}; instrument the decoder only "
+                          "(stacks=('decoder',)) or leave count out")
+    inst = Instrumentation(binding, model=model, grads=grads, mask_padding=mask_padding, weighting=weighting,
+                           count=count)
     inst.attach()
     return inst
 
@@ -100,8 +114,9 @@ class Instrumentation:
     """
 
     def __init__(self, binding: Binding, *, model=None, grads: bool = False, mask_padding: bool = True,
-                 weighting: str = "token"):
+                 weighting: str = "token", count: str | None = None):
         self.binding = binding
+        self.count = count
         self.model = model if model is not None else binding.root
         self.grads = grads
         self.mask_padding = mask_padding
@@ -216,7 +231,10 @@ class Instrumentation:
         saving.load_state(self, state)
 
     def _settings(self) -> dict:
-        return {"sites": [s.path for s in self.sites], "weighting": self.weighting, "mask_padding": self.mask_padding}
+        settings = {"sites": [s.path for s in self.sites], "weighting": self.weighting, "mask_padding": self.mask_padding}
+        if self.count is not None:  # absent when every unpadded token counts, so earlier files still compare
+            settings["count"] = self.count
+        return settings
 
     def _check_same_measurement(self, other: dict, what: str) -> None:
         saving.check_same_measurement(self._settings(), other, what)

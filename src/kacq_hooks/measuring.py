@@ -38,14 +38,16 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
                 module.training = flag
 
 
-def as_model_inputs(batch) -> dict[str, torch.Tensor]:
-    """A batch as keyword arguments of ``model(...)``: token ids [N, T], or a mapping with ``input_ids``."""
+def as_model_inputs(batch, keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A batch as keyword arguments of ``model(...)``: token ids [N, T], or a mapping with ``input_ids``.
+
+    ``keep`` names further keys passed on (``labels`` when the instrumentation counts by them)."""
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if not isinstance(batch, Mapping) or not any(k in batch for k in ("input_ids", "inputs_embeds")):
         raise ArgumentTypeError(f"a batch must be token ids [N, T] or a mapping with 'input_ids' (and 'attention_mask'), "
                         f"not {type(batch).__name__}")
-    return {key: value for key, value in batch.items() if key in _MODEL_INPUTS and value is not None}
+    return {key: value for key, value in batch.items() if (key in _MODEL_INPUTS or key in keep) and value is not None}
 
 
 def measure(model: nn.Module, batches: Iterable, *, progress=None, **instrument_options) -> Instrumentation:
@@ -54,7 +56,8 @@ def measure(model: nn.Module, batches: Iterable, *, progress=None, **instrument_
     ``batches`` holds token ids [N, T] or mappings with ``input_ids`` (and ``attention_mask``, and for
     encoder-decoders ``decoder_input_ids`` / ``decoder_attention_mask``); tensors are moved to the
     model's device. ``instrument_options`` go to :func:`kacq_hooks.instrument` (``mlp_out``,
-    ``mask_padding``, ``weighting``). ``progress(batches_done)`` is called after each batch.
+    ``mask_padding``, ``weighting``, ``count``); with ``count`` each batch's ``labels`` go to the model
+    too (it then computes its loss), and a batch without them is refused. ``progress(batches_done)`` is called after each batch.
 
     >>> import kacq_hooks as kh
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -65,9 +68,10 @@ def measure(model: nn.Module, batches: Iterable, *, progress=None, **instrument_
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     done = 0
+    keep = ("labels", "shift_labels") if instrument_options.get("count") is not None else ()
     with evaluation_mode(model), instrument(model, **instrument_options) as inst:
         for batch in batches:
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in as_model_inputs(batch).items()}
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in as_model_inputs(batch, keep).items()}
             model(**inputs)
             done += 1
             if progress is not None:

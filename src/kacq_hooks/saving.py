@@ -58,6 +58,8 @@ class SavedStats:
         settings = {"sites": [site["path"] for site in self.sites], "weighting": self.header.get("weighting", "token")}
         if "mask_padding" in self.header:
             settings["mask_padding"] = self.header["mask_padding"]
+        if self.header.get("count") is not None:
+            settings["count"] = self.header["count"]
         return settings
 
 
@@ -112,6 +114,9 @@ def check_same_measurement(mine: dict, other: dict, what: str) -> None:
         if key in other and other[key] != mine[key]:
             raise ShapeError(f"{what} {key}={other[key]!r}, this instrumentation {key}={mine[key]!r}: their sums "
                              "are not one measurement. Measure both the same way")
+    if other.get("count") != mine.get("count"):  # which tokens were counted (instrument(count=...))
+        raise ShapeError(f"{what} count={other.get('count')!r}, this instrumentation count={mine.get('count')!r}: "
+                         "they counted different tokens. Measure both with the same count=")
     if other.get("weighting", "token") != "document" and mine["weighting"] == "document":
         # token-weighted statistics hold no document sums: the document entropy would miss their documents
         raise ShapeError(f"{what} weighting='token', so they hold no document sums; this instrumentation keeps "

@@ -11,7 +11,11 @@ from torch import nn
 
 from ..locate import Site, StackSpec, find_sites, stack_specs
 from . import Binding
-from .stacks import Arguments, StackReader
+from .stacks import Arguments, StackReader, _parameters
+
+# Mask arguments whose convention (1 for tokens, or 1 for padding as torch's key_padding_mask) cannot be told:
+# a call that passes one, with no attention_mask, is refused rather than counting its padding.
+_UNREAD_MASKS = ("padding_mask", "key_padding_mask", "src_key_padding_mask")
 
 
 def root_reader(module: nn.Module) -> StackReader:
@@ -20,8 +24,10 @@ def root_reader(module: nn.Module) -> StackReader:
 
 
 def _reader(spec: StackSpec) -> StackReader:
+    params = _parameters(type(spec.root), "forward")
+    unread = () if spec.mask_name else tuple(name for name in _UNREAD_MASKS if name in params)
     names = Arguments(mask=spec.mask_name, inverted_mask=spec.inverted_mask_name,
-                      grid=tuple(name for name, _ in spec.ids_names), refuse=spec.refuse_kwargs)
+                      grid=tuple(name for name, _ in spec.ids_names), refuse=spec.refuse_kwargs, unread_masks=unread)
     return StackReader(name=spec.name, module=spec.root, arguments=names, layout=spec.layout)
 
 

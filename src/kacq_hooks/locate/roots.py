@@ -81,7 +81,11 @@ def _root_of(model: nn.Module, stack: Stack) -> tuple[str, nn.Module]:
         module = submodule_at(model, path)
         # The nearest module that takes token ids (or embeddings, or pixels) is the stack's own entry point:
         # above it (a seq2seq model) the arguments belong to another stack too.
-        if any(n in _forward_params(module) for n in ("input_ids", "inputs_embeds", "pixel_values")):
+        params = _forward_params(module)
+        if any(n in params for n in ("input_ids", "inputs_embeds", "pixel_values")):
+            return path, module
+        if stack.name == "vision" and "hidden_states" in params and path:
+            # a tower fed its own patches (Qwen2-VL's visual): above it the multimodal model's text mask would bind
             return path, module
     parent = ".".join(parts[:-1])
     return parent, submodule_at(model, parent)

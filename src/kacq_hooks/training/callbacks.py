@@ -251,6 +251,10 @@ class KnowledgeEntropyCallback(_LoggingCallback):
     measured on that fixed set with :func:`kacq_hooks.measure` at each report and at the start (no
     grad, eval mode, RNG untouched). ``history`` keeps ``(step, KnowledgeEntropy)`` pairs.
 
+    ``count`` ("labels" or "shifted_labels", see :func:`kacq_hooks.instrument`) counts only the positions
+    the batches' ``labels`` select (e.g. answer tokens); training batches carry labels, and calibration
+    batches must too (dicts with ``labels``).
+
     Logged keys are ``{prefix}/total`` and, per layer, ``{prefix}/{site.label}`` (the model's own layer
     numbers, e.g. ``knowledge_entropy/decoder.layer_3``). Checkpoints hold ``kacq_{prefix}.pt``: the
     statistics of the window in progress and the history, so a resumed run reports what an
@@ -268,6 +272,7 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         mlp_out: str | None = None,
         prefix: str = "knowledge_entropy",
         per_layer: bool = True,
+        count: str | None = None,
     ):
         super().__init__()
         if every < 1:
@@ -275,6 +280,8 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         self.every = every
         self.calibration = _calibration_batches(calibration, batch_size) if calibration is not None else None
         self.instrument_kwargs = dict(weighting=weighting, mask_padding=mask_padding, mlp_out=mlp_out)
+        if count is not None:  # only when set, so checkpoints of runs without it still resume
+            self.instrument_kwargs["count"] = count
         self.prefix = prefix
         self.name = _slug(prefix)
         self.per_layer = per_layer
@@ -346,7 +353,7 @@ def _calibration_batches(calibration, batch_size: int) -> list[dict[str, torch.T
     items: Iterable = [calibration] if isinstance(calibration, (torch.Tensor, Mapping)) else calibration
     batches = []
     for item in items:
-        batch = as_model_inputs(item)
+        batch = as_model_inputs(item, keep=("labels",))  # labels matter to count=; measure drops them otherwise
         if "input_ids" not in batch or batch["input_ids"].dim() != 2:
             raise ConfigError(
                 "calibration data must be token ids [N, T], a dict with 'input_ids' [N, T] (and 'attention_mask'), "
