@@ -258,7 +258,7 @@ def write_table(rows: list[dict], path: Path) -> str:
         reason = (r.get("reason") or "").replace("|", "/").replace("\n", " ")[:160]
         lines.append(f"| {r['type']} | {r['family']} | {r['status']} | {r.get('sites', '')} | {r.get('stacks', '')} "
                      f"| {r.get('kinds', '')} | {reason} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + [""] + setups_section()) + "\n"
     path.write_text(text)
     return text
 
@@ -275,6 +275,41 @@ def read_table(path: Path) -> list[dict]:
     return rows
 
 
+# Setups beyond one padded forward, tested against a float64 reference by the named tests: per family, the
+# model types tried ("refused": a clear KacqError before any work; "-": not tried in that family).
+SETUPS = (
+    ("packed rows, document weighting: position-id restarts (DataCollatorWithFlattening), cu_seq_lens_q, "
+     "document-id mask", "llama", "-", "-", "-", "tests/test_packed_documents.py"),
+    ("counted tokens: count='labels' / 'shifted_labels' (instrument, measure, KnowledgeEntropyCallback with a "
+     "Trainer)", "llama", "t5: refused", "-", "-", "tests/test_counted_tokens.py"),
+    ("generate(cache_implementation='static'), padded batch", "llama (sdpa, eager), mistral (sliding window), "
+     "gemma3_text (sliding + full)", "-", "-", "-", "tests/test_static_cache_masks.py"),
+    ("generate(cache_implementation='static'), one prompt without a mask", "llama, gemma3_text", "-", "-", "-",
+     "tests/test_static_cache_masks.py"),
+    ("a 4-D mask passed by hand (right padding)", "llama", "-", "-", "-", "tests/test_static_cache_masks.py"),
+    ("a vision tower with its own patches beside a padded text stack (token and document)", "-", "-", "-",
+     "qwen2_vl (decoder + vision)", "tests/test_tower_and_mask_arguments.py"),
+    ("a custom stack whose mask argument is padding_mask", "custom module: refused", "-", "-", "-",
+     "tests/test_tower_and_mask_arguments.py"),
+)
+
+
+def setups_section() -> list[str]:
+    """The "Setups" section of docs/coverage.md (also written alone by ``--setups-only``)."""
+    lines = ["## Setups", "", "Beyond one padded forward: which setups were tested, per family, against a float64",
+             "reference with plain hooks. `refused`: a clear error before any work; `-`: not tried in that family.", "",
+             "| setup | causal_lm | seq2seq_lm | masked_lm | multimodal | test |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in SETUPS]
+    return lines
+
+
+def write_setups(path: Path) -> None:
+    """Replace (or add) the Setups section of an existing coverage file, leaving the per-type tables as they are."""
+    text = path.read_text()
+    head = text.split("\n## Setups\n")[0].rstrip("\n")
+    path.write_text(head + "\n\n" + "\n".join(setups_section()) + "\n")
+
+
 STATUSES = ("ok", "stats-mismatch", "sites-only", "no-ffn", "moe", "refused", "WRONG", "forward-failed",
             "locate-crash", "build-failed", "timeout")
 
@@ -287,7 +322,11 @@ def main(argv=None) -> int:
     parser.add_argument("--jsonl", default=None, help="also append one JSON row per type here")
     parser.add_argument("--update", action="store_true",
                         help="check only the types given and replace their rows in the existing table at --out")
+    parser.add_argument("--setups-only", action="store_true", help="rewrite only the Setups section of --out")
     args = parser.parse_args(argv)
+    if args.setups_only:
+        write_setups(Path(args.out))
+        return 0
     torch.set_num_threads(1)
     families = args.families.split(",")
     types = {t: f for t, f in model_zoo.mapping_types().items() if f in families and (not args.types or t in args.types)}

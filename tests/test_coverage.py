@@ -40,3 +40,10 @@ def test_every_registered_type_is_never_silently_wrong(tmp_path):
     causal = [r for r in rows if r["family"] == "causal_lm" and r["status"] not in ("build-failed", "forward-failed")]
     working = [r for r in causal if r["status"] in ("ok", "no-ffn")]  # measured exactly, or refused: no FFN
     assert len(working) >= 0.95 * len(causal)
+
+
+def test_the_setups_section_of_the_coverage_doc_is_current_and_names_real_tests():
+    doc = (Path(__file__).parents[1] / "docs" / "coverage.md").read_text()
+    assert "\n".join(coverage.setups_section()) in doc  # regenerate with scripts/coverage.py --setups-only
+    for row in coverage.SETUPS:
+        assert (Path(__file__).parents[1] / row[-1]).is_file(), row

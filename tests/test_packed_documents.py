@@ -95,3 +95,23 @@ def test_cu_seq_lens_that_do_not_cover_the_tokens_are_refused_before_any_work():
     with pytest.raises(kh.ShapeError, match="cu_seq_lens"):
         model(**batch)
     assert all(int(s.tokens) == 0 for s in inst.stats)
+
+
+def test_position_ids_of_a_padded_batch_do_not_cut_its_rows():
+    """generate's position ids (mask cumsum, pads at 1) keep each padded row one document."""
+    model = tiny_model("llama")
+    ids = torch.randint(2, 300, (2, 8), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    inst = kh.instrument(model, weighting="document")
+    _check(model, inst, lambda: model(ids, attention_mask=mask, position_ids=positions),
+           [[list(range(3, 8)), list(range(8, 16))]], [mask.bool().reshape(-1)])
+
+
+def test_packed_single_token_documents_are_each_a_document():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 300, (1, 6), generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([[0, 0, 0, 1, 2, 0]])
+    inst = kh.instrument(model, weighting="document")
+    _check(model, inst, lambda: model(ids, position_ids=positions), [[[0], [1], [2, 3, 4], [5]]],
+           [torch.ones(6, dtype=torch.bool)])

@@ -205,7 +205,8 @@ class StackReader:
         positions = inputs.positions
         if positions is not None and positions.shape[-1] == steps and positions.shape[0] in (1, batch):
             positions = positions.to(device).expand(batch, steps)
-            starts[:, 1:] |= positions[:, 1:] != positions[:, :-1] + 1  # packed rows restart their position ids
+            # packed rows restart their position ids at 0 (the positions of padding only repeat or step back)
+            starts[:, 1:] |= (positions[:, 1:] == 0) | (positions[:, 1:] < positions[:, :-1])
         if inputs.cu_seq_lens is not None:  # checked to end at batch * steps
             flat = starts.view(-1)
             flat.index_fill_(0, inputs.cu_seq_lens[:-1].to(device=device, dtype=torch.long).clamp(0, flat.numel() - 1),
