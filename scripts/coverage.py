@@ -279,11 +279,13 @@ def read_table(path: Path) -> list[dict]:
 # model types tried ("refused": a clear KacqError before any work; "-": not tried in that family).
 SETUPS = (
     ("packed rows, document weighting: position-id restarts (DataCollatorWithFlattening), cu_seq_lens_q, "
-     "document-id mask", "llama", "-", "-", "-", "tests/test_packed_documents.py"),
+     "document-id mask, block-causal 4-D mask", "llama", "-", "-", "-", "tests/test_packed_documents.py"),
     ("counted tokens: count='labels' / 'shifted_labels' (instrument, measure, KnowledgeEntropyCallback with a "
      "Trainer)", "llama", "t5: refused", "-", "-", "tests/test_counted_tokens.py"),
     ("generate(cache_implementation='static'), padded batch", "llama (sdpa, eager), mistral (sliding window), "
      "gemma3_text (sliding + full)", "-", "-", "-", "tests/test_static_cache_masks.py"),
+    ("generate(cache_implementation='hybrid' / 'dynamic'), padded batch ('offloaded*' need CUDA: not tried)",
+     "mistral (sliding window), gemma3_text", "-", "-", "-", "tests/test_static_cache_masks.py"),
     ("generate(cache_implementation='static'), one prompt without a mask", "llama, gemma3_text", "-", "-", "-",
      "tests/test_static_cache_masks.py"),
     ("a 4-D mask passed by hand (right padding)", "llama", "-", "-", "-", "tests/test_static_cache_masks.py"),

@@ -115,3 +115,20 @@ def test_packed_single_token_documents_are_each_a_document():
     inst = kh.instrument(model, weighting="document")
     _check(model, inst, lambda: model(ids, position_ids=positions), [[[0], [1], [2, 3, 4], [5]]],
            [torch.ones(6, dtype=torch.bool)])
+
+
+def test_a_block_causal_4d_mask_keeps_its_documents_apart():
+    """Packing trainers that build the 4-D mask themselves: a document's first token does not see the last one's."""
+    model = tiny_model("llama")
+    ids = torch.randint(2, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    document = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    packed = causal & (document[:, None] == document[None, :])
+    padded = causal.clone()
+    padded[:, :3] = False  # the second row: three left pads, then one document
+    attend = torch.stack([packed, padded])[:, None]
+    counted = torch.ones(2, 16, dtype=torch.bool)
+    counted[1, :3] = False
+    inst = kh.instrument(model, weighting="document")
+    _check(model, inst, lambda: model(ids, attention_mask=attend),
+           [DOCUMENTS + [list(range(19, 32))]], [counted.reshape(-1)])

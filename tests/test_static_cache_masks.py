@@ -37,12 +37,12 @@ MODELS = {
 }
 
 
-def _generate_and_check(model, ids, mask, weighting="token"):
+def _generate_and_check(model, ids, mask, weighting="token", cache="static"):
     inst = kh.instrument(model, weighting=weighting)
     paths = [site.path for site in inst.sites]
     kwargs = {} if mask is None else {"attention_mask": mask}
     seen = capture(model, paths, lambda: model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                                                         cache_implementation="static", **kwargs))
+                                                         cache_implementation=cache, **kwargs))
     prompt = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     counted = [prompt.reshape(-1)] + [torch.ones(ids.shape[0], dtype=torch.bool)] * (NEW - 1)
     for layer, path in enumerate(paths):
@@ -58,6 +58,13 @@ def _generate_and_check(model, ids, mask, weighting="token"):
 def test_static_cache_generation_of_a_padded_batch_is_exact(name):
     ids, mask = random_batch(batch=3, seq=7, padding="left")
     _generate_and_check(MODELS[name](), ids, mask)
+
+
+@pytest.mark.parametrize("cache", ["hybrid", "dynamic"])
+@pytest.mark.parametrize("name", ["mistral_sliding", "gemma3"])
+def test_other_cache_classes_of_a_padded_batch_are_exact(name, cache):
+    ids, mask = random_batch(batch=3, seq=7, padding="left")
+    _generate_and_check(MODELS[name](), ids, mask, cache=cache)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])

@@ -37,6 +37,7 @@ class StackInputs:
     labels: torch.Tensor | None = None        # [batch, positions] the call's labels (-100: not a loss target)
     shift_labels: torch.Tensor | None = None  # labels already shifted by the caller (label t scores position t)
     unread: tuple[str, ...] = ()              # mask arguments given that kacq_hooks cannot interpret
+    mask_starts: torch.Tensor | None = None   # [batch, positions] documents a 4-D mask keeps apart (block-diagonal)
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,12 @@ class StackReader:
             shape = None if grid is None else (int(grid.shape[0]), int(grid.shape[1]))
         tokens = next((bound[n] for n in names.tokens if isinstance(bound.get(n), torch.Tensor)), None)
         past = _cached_positions(bound.get(names.cache)) if names.cache else 0
-        unusable = False
+        unusable, mask_starts = False, None
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             # a 4-D mask (static caches, custom attention) or one per layer type: its padding, if readable
-            mask = _padding_of_attention(mask, past, shape)
-            unusable = mask is None
+            read = _read_attention(mask, past, shape)
+            unusable = read is None
+            mask, mask_starts = (None, None) if read is None else read
         wider = isinstance(mask, torch.Tensor) and shape is not None and mask.shape[1] > shape[1]
         positions = bound.get(names.positions) if names.positions else None
         labels = bound.get(names.labels) if names.labels else None
@@ -124,7 +126,7 @@ class StackReader:
                            continuation=past > 0 or wider,
                            positions=positions if isinstance(positions, torch.Tensor) and positions.dim() == 2 else None,
                            cu_seq_lens=_boundaries(bound, names),
-                           labels=labels if isinstance(labels, torch.Tensor) else None,
+                           labels=labels if isinstance(labels, torch.Tensor) else None, mask_starts=mask_starts,
                            shift_labels=shift_labels if isinstance(shift_labels, torch.Tensor) else None,
                            unread=tuple(n for n in names.unread_masks if bound.get(n) is not None))
 
@@ -211,6 +213,8 @@ class StackReader:
             flat = starts.view(-1)
             flat.index_fill_(0, inputs.cu_seq_lens[:-1].to(device=device, dtype=torch.long).clamp(0, flat.numel() - 1),
                              True)
+        if inputs.mask_starts is not None and tuple(inputs.mask_starts.shape) == (batch, steps):
+            starts |= inputs.mask_starts.to(device)
         if window is not None:  # a mask with document ids: a new id after the last token's begins a document
             token = window != 0
             where = torch.arange(steps, device=device).expand(batch, steps)
@@ -297,14 +301,16 @@ def _boundaries(bound: dict, names: Arguments) -> torch.Tensor | None:
     return cu
 
 
-def _padding_of_attention(mask, past: int, shape) -> torch.Tensor | None:
-    """A [batch, queries] padding mask read from a 4-D attention mask (or a dict of them), or None.
+def _read_attention(mask, past: int, shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(padding [batch, queries], document starts [batch, queries]) read from a 4-D attention mask (or a
+    dict of them), or None where it cannot be read.
 
     Every token attends to itself unless it is padding (causal, sliding-window and bidirectional masks
     alike). Query ``i`` of a call sits at key ``past + i``, or, where the keys are fewer (a sliding
-    window's rolling cache keeps its last keys), at ``keys - queries + i``. A bool mask is True where
-    attended; a float mask is additive (0 attended, negative masked) when it holds a negative value,
-    else multiplicative (1 attended).
+    window's rolling cache keeps its last keys), at ``keys - queries + i``. A token that does not see the
+    key just before its own begins a document (a block-diagonal mask of packed documents or images). A
+    bool mask is True where attended; a float mask is additive (0 attended, negative masked) when it holds
+    a negative value, else multiplicative (1 attended).
     """
     if isinstance(mask, dict):  # one mask per layer type (Gemma 3: full and sliding): the diagonal is shared
         masks = [mask.get("full_attention")] + list(mask.values())
@@ -315,14 +321,17 @@ def _padding_of_attention(mask, past: int, shape) -> torch.Tensor | None:
     if queries > keys or (shape is not None and (queries != shape[1] or mask.shape[0] not in (1, shape[0]))):
         return None
     query = torch.arange(queries, device=mask.device)
-    own = mask[:, 0, query, (past if past + queries <= keys else keys - queries) + query]
-    if own.dtype == torch.bool:
-        padding = own
-    elif own.is_floating_point():
-        low = mask.amin()
-        padding = torch.where(low < 0, own > low / 2, (own > 0) | (mask.amax() == 0))
+    key = (past if past + queries <= keys else keys - queries) + query
+    own, before = mask[:, 0, query, key], mask[:, 0, query, (key - 1).clamp_min(0)]
+    if mask.dtype == torch.bool:
+        seen_own, seen_before = own, before
+    elif mask.is_floating_point():
+        low, high = mask.amin(), mask.amax()
+        seen_own, seen_before = (torch.where(low < 0, v > low / 2, (v > 0) | (high == 0)) for v in (own, before))
     else:
-        padding = own != 0
-    if shape is not None and padding.shape[0] != shape[0]:
-        padding = padding.expand(shape[0], queries)
-    return padding.long()
+        seen_own, seen_before = own != 0, before != 0
+    starts = seen_own & ~seen_before
+    starts[:, 0] = True
+    if shape is not None and own.shape[0] != shape[0]:
+        seen_own, starts = seen_own.expand(shape[0], queries), starts.expand(shape[0], queries)
+    return seen_own.long(), starts
