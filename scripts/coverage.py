@@ -291,6 +291,8 @@ SETUPS = (
     ("a 4-D mask passed by hand (right padding)", "llama", "-", "-", "-", "tests/test_static_cache_masks.py"),
     ("a vision tower with its own patches beside a padded text stack (token and document)", "-", "-", "-",
      "qwen2_vl (decoder + vision)", "tests/test_tower_and_mask_arguments.py"),
+    ("a tower's images packed in one row, document weighting (block-diagonal 4-D mask)", "-", "-", "-",
+     "mistral3 (Pixtral)", "tests/test_tower_and_mask_arguments.py"),
     ("a custom stack whose mask argument is padding_mask", "custom module: refused", "-", "-", "-",
      "tests/test_tower_and_mask_arguments.py"),
 )

@@ -59,6 +59,22 @@ def test_a_vision_tower_beside_a_padded_language_stack_is_exact(weighting):
             assert int(inst.stats[layer].documents) == 2
 
 
+def test_pixtral_images_in_one_row_are_documents_by_its_block_diagonal_mask():
+    from model_zoo import build
+
+    model = build("mistral3").eval()
+    tower = model.vision_tower
+    patch = tower.config.patch_size
+    pixels = torch.randn(2, 3, 2 * patch, 3 * patch, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[2 * patch, 2 * patch], [2 * patch, 3 * patch]])  # 4 and 6 patches, packed in one row
+    inst = kh.instrument(model, stacks=("vision",), weighting="document")
+    seen = capture(model, [site.path for site in inst.sites], lambda: tower(pixels, image_sizes=sizes))
+    for layer, site in enumerate(inst.sites):
+        expected = document_mean(seen[site.path], [[list(range(4)), list(range(4, 10))]])
+        torch.testing.assert_close(inst.mean_abs_coefficients()[layer].double(), expected, rtol=1e-5, atol=0)
+        assert int(inst.stats[layer].documents) == 2 and int(inst.stats[layer].tokens) == 10
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
