@@ -3,8 +3,10 @@
 Every front end describes a stack by a :class:`StackReader`: the module whose forward receives the
 stack's tokens, the names of the arguments that carry them (:class:`Arguments`) and the layout of C
 at the stack's sites. The reader is the one place where a call's arguments become a
-:class:`StackInputs` (its padding mask, its token grid, whether it continues a KV cache) and where
-those inputs become the rows of C that count and their document weights; the capture only asks it.
+:class:`StackInputs` (its padding mask, read from a 2-D mask or from each token's own entry in a 4-D
+one; its token grid; whether it continues a KV cache; where packed documents or a tower's images begin;
+the labels that select counted tokens) and where those inputs become the rows of C that count and their
+document weights; the capture only asks it.
 
 A new kind of input (packed documents, another mask form, a token selection, a tower with its own
 token grid) is a new argument name here and a new case in :meth:`StackReader.rows`.
