@@ -36,6 +36,6 @@ def document_mean(cs, documents) -> torch.Tensor:
 
 
 def entropy(cbar: torch.Tensor) -> float:
-    p = cbar / cbar.sum()
+    p = cbar.detach() / cbar.detach().sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum())

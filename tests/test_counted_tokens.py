@@ -172,3 +172,24 @@ def test_the_entropy_callback_counts_only_answer_tokens_of_a_calibration_set(tmp
     for layer in range(2):
         expected = token_mean(seen[f"model.layers.{layer}.mlp.down_proj"], [(labels != -100).reshape(-1)])
         assert first.per_layer[layer] == pytest.approx(entropy(expected), abs=1e-5)
+
+
+def test_count_labels_selects_the_routed_tokens_of_experts_layers():
+    from b2_ref import moe_reference
+
+    model = tiny_model("olmoe")
+    ids, mask, labels = _batch()
+    inst = kh.instrument(model, count="labels")
+    with torch.no_grad():
+        model(ids, attention_mask=mask, labels=labels)
+    inst.remove()
+    counted = (labels != -100).reshape(-1)
+    experts = [(i, site) for i, site in enumerate(inst.sites) if site.kind == "experts"]
+    assert experts
+    for index, site in experts:
+        [(routed_sum, _)] = moe_reference(model, [site.experts_layer.module],
+                                          lambda: model(ids, attention_mask=mask), counted)
+        expected = routed_sum / int(counted.sum())
+        torch.testing.assert_close(inst.mean_abs_coefficients()[index].double(), expected, rtol=1e-5, atol=1e-7)
+        assert int(inst.stats[index].tokens) == int(counted.sum())
+        assert inst.knowledge_entropy().per_layer[index] == pytest.approx(entropy(expected), abs=1e-5)
