@@ -281,7 +281,7 @@ SETUPS = (
     ("packed rows, document weighting: position-id restarts (DataCollatorWithFlattening), cu_seq_lens_q, "
      "document-id mask, block-causal 4-D mask", "llama", "-", "-", "-", "tests/test_packed_documents.py"),
     ("counted tokens: count='labels' / 'shifted_labels' (instrument, measure, KnowledgeEntropyCallback with a "
-     "Trainer)", "llama", "t5: refused", "-", "-", "tests/test_counted_tokens.py"),
+     "Trainer)", "llama, olmoe (routed experts)", "t5: refused", "-", "-", "tests/test_counted_tokens.py"),
     ("generate(cache_implementation='static'), padded batch", "llama (sdpa, eager), mistral (sliding window), "
      "gemma3_text (sliding + full)", "-", "-", "-", "tests/test_static_cache_masks.py"),
     ("generate(cache_implementation='hybrid' / 'dynamic'), padded batch ('offloaded*' need CUDA: not tried)",
