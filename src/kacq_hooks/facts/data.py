@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kacq_hooks.errors import FactDataError, KacqError, MissingExtraError
+from kacq_hooks.errors import FactDataError, MissingExtraError
 from kacq_hooks.facts.records import PROBE_KINDS, SCENARIOS, FactRecord, FactSet
 
 logger = logging.getLogger(__name__)

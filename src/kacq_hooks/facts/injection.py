@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import get_worker_info
 from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
-from kacq_hooks.errors import InjectionError, KacqError, ShapeError
+from kacq_hooks.errors import InjectionError, ShapeError
 from kacq_hooks.facts.records import FactSet
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ boundary means the target is not a clean suffix under this tokenizer; that is re
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
@@ -16,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from kacq_hooks.errors import ConfigError, KacqError, ProbeTokenizationError
+from kacq_hooks.errors import ConfigError, ProbeTokenizationError
 from kacq_hooks.measuring import evaluation_mode
 
 logger = logging.getLogger(__name__)

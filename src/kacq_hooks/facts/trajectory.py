@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kacq_hooks.errors import ConfigError, KacqError, MissingExtraError, TrajectoryError
+from kacq_hooks.errors import ConfigError, MissingExtraError, TrajectoryError
 from kacq_hooks.facts.scoring import REDUCTIONS
 
 logger = logging.getLogger(__name__)

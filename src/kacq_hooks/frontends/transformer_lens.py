@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import KacqError, LocateError, MissingExtraError
+from ..experts import ExpertsLayer
 from ..locate import Site
 from . import Binding, hf
 from .stacks import Arguments, StackReader
@@ -133,8 +134,6 @@ HOOKED_TRANSFORMER_EXPERTS_SITE = "blocks.{i}.mlp.experts.{e}.hook_post"
 def _experts_sites(model) -> list[Site]:
     """One experts site per MoE block of a HookedTransformer: C of expert e is the input of
     ``blocks.{i}.mlp.experts.{e}.hook_post``; the routing is read from the MoE block's forward."""
-    from ..experts import ExpertsLayer  # experts imports locate, which imports the front ends
-
     cfg = model.cfg
     sites = []
     for i, block in enumerate(model.blocks):

@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from kacq_hooks.errors import FormatError, KacqError
+from kacq_hooks.errors import FormatError
 from kacq_hooks.facts.records import PROBE_KINDS, FactRecord
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from kacq_hooks.errors import ArgumentTypeError, ConfigError, KacqError, SAMError
+from kacq_hooks.errors import ArgumentTypeError, ConfigError, SAMError
 from kacq_hooks.instrumentation import paused
 
 logger = logging.getLogger(__name__)
