@@ -15,6 +15,7 @@ Buffers hold running sums, never activations: memory is O(layers x d_ff).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -378,6 +379,9 @@ class LayerStats:
         a non-finite float statistic can only be an fp32 overflow, and no number derived from it is right."""
         for name in names or [s.name for s in STATISTICS if s.dtype.is_floating_point]:
             buf = getattr(self, name)
+            # one reduction: finite fp32 values sum to a finite float64, an Inf or NaN does not
+            if math.isfinite(buf.sum(dtype=torch.float64).item()):
+                continue
             bad = ~torch.isfinite(buf.reshape(-1))
             if bool(bad.any()):
                 where = f"layer {self.index}" if self.index is not None else "this layer"
