@@ -126,3 +126,60 @@ def test_dataframe_without_pandas_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # an import of pandas now raises ImportError
     with pytest.raises(MissingExtraError, match=r"kacq_hooks\[data\]"):
         to_dataframe(_measured(tiny_model("llama"), [0]))
+
+
+def _hook_count(model) -> int:
+    return sum(len(getattr(m, name)) for m in model.modules()
+               for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def test_a_failed_load_removes_the_hooks_it_attached(tmp_path):
+    path = save_stats(_measured(tiny_model("llama"), [0]), tmp_path / "llama.safetensors")
+    model = tiny_model("llama", intermediate_size=48)  # other widths: the file does not fit
+    before = _hook_count(model)
+    with pytest.raises(SavedStatsError, match="other sites"):
+        kh.Instrumentation.load(path, model)
+    assert _hook_count(model) == before
+    assert kh.instrumentations_of(model) == []
+    fits = tiny_model("llama")  # a load that succeeds keeps its hooks
+    assert kh.Instrumentation.load(path, fits).attached and _hook_count(fits) > 0
+
+
+def _rewritten(path, out, header=None, tensors=None):
+    """``path`` written again to ``out`` with header entries and tensors replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["kacq_hooks"])
+    state = {**load_file(str(path)), **(tensors or {})}
+    save_file(state, str(out), metadata={"kacq_hooks": json.dumps({**meta, **(header or {})})})
+    return out
+
+
+@pytest.mark.parametrize("field", ["tokens", "grad_tokens", "documents"])
+def test_a_file_whose_header_counts_disagree_with_its_tensors_is_refused(tmp_path, field):
+    model = tiny_model("llama")
+    path = save_stats(_measured(model, [0], weighting="document"), tmp_path / "stats.safetensors")
+    header = read_header(path)
+    wrong = list(header[field])
+    wrong[1] += 5
+    edited = _rewritten(path, tmp_path / "header.safetensors", header={field: wrong})
+    for attempt in (lambda: load_stats(edited), lambda: load_stats(edited, kh.instrument(model, weighting="document"))):
+        with pytest.raises(SavedStatsError, match=rf"header\.safetensors.*{field}.*layer 1.*{wrong[1]}"):
+            attempt()
+    # the same disagreement made on the tensor side, and a header list of the wrong length
+    edited = _rewritten(path, tmp_path / "tensor.safetensors",
+                        tensors={f"0.{field}": torch.tensor(header[field][0] + 7, dtype=torch.int64)})
+    with pytest.raises(SavedStatsError, match=rf"tensor\.safetensors.*{field}"):
+        load_stats(edited)
+    edited = _rewritten(path, tmp_path / "short.safetensors", header={field: header[field][:1]})
+    with pytest.raises(SavedStatsError, match=rf"short\.safetensors.*{field}"):
+        load_stats(edited)
+
+
+def test_a_file_whose_tensors_do_not_fit_its_sites_names_the_file(tmp_path):
+    path = save_stats(_measured(tiny_model("llama"), [0]), tmp_path / "stats.safetensors")
+    edited = _rewritten(path, tmp_path / "narrow.safetensors", tensors={"0.sum_abs": torch.zeros(3)})
+    with pytest.raises(SavedStatsError, match=r"narrow\.safetensors.*layer 0 sum_abs"):
+        load_stats(edited)

@@ -14,7 +14,8 @@ An :class:`~kacq_hooks.Instrumentation` captures a neuron shard as it is: its st
 the local slice (:func:`neuron_shard`, read from the projection's DTensor weight) and its hook runs
 first on the projection, where C is still the local tensor. :func:`reduce` (what
 ``Instrumentation.all_reduce`` calls) combines the ranks so that every rank ends with the statistics of
-one process over all the data.
+one process over all the data. It takes the statistics and the shard descriptions, never the
+instrumentation, so this module imports nothing of :mod:`kacq_hooks.instrumentation`.
 
 >>> import kacq_hooks as kh
 >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -36,16 +36,13 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import KacqError, ShapeError
-from .stats import FIELDS, CoefficientStats, LayerStats
-
-if TYPE_CHECKING:
-    from .instrumentation import Instrumentation
+from .stats import COUNTERS, CoefficientStats, LayerStats
 
 log = logging.getLogger(__name__)
 
-# Scalar fields (token and document counts): equal on every rank of a tensor-parallel group.
-_COUNTS = tuple(name for name in FIELDS if getattr(LayerStats(1), name).dim() == 0)
-_MAXIMA = ("max_abs",)
+# Per-layer counters (token and document counts): equal on every rank of a tensor-parallel group. How each
+# per-neuron field combines across token shards (sum or max) is the statistics table's, in CoefficientStats.
+_COUNTS = COUNTERS
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ def neuron_shard(site, module: nn.Module | None = None) -> NeuronShard | None:
                        group=mesh.get_group(dims[0]), mesh_dims=dims, mesh=mesh)
 
 
-def neuron_shards(inst: Instrumentation) -> list[NeuronShard | None]:
+def neuron_shards(inst) -> list[NeuronShard | None]:
     """Per site, the d_ff slice this rank captures (None where it captures all neurons)."""
     return list(inst.shards)
 
@@ -125,32 +122,50 @@ def local_slice(path: str, shard: NeuronShard, c) -> torch.Tensor:
     return c.to_local()
 
 
-def reduce(inst: Instrumentation, group=None) -> Instrumentation:
+def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None):
     """Combine the statistics of every rank in place, so that each rank holds the one-process answer.
 
     Args:
-        inst: an instrumentation on this rank's model.
+        stats: this rank's :class:`~kacq_hooks.stats.CoefficientStats`, one layer per site.
+        shards: per site, the :class:`NeuronShard` this rank holds (None where it holds all neurons);
+            None for a model without neuron shards.
         group: the data-parallel process group, whose ranks saw disjoint tokens. By default every
             rank for a model without neuron shards; for a tensor-parallel model, the ranks that hold
             the same slice: none when the tensor-parallel group is the whole world, the weight mesh's
             other dims when it is a 2-D mesh.
+        paths: the sites' module paths, for messages.
 
     Token shards add (maxima take the max); neuron shards are gathered along d_ff and their token
     counts taken once, after checking that every rank of the tensor-parallel group counted the same.
-    Afterwards ``inst.knowledge_entropy()`` is the entropy of all ranks' data. Reduce once per window:
-    the statistics now hold the total, and a rank must ``inst.reset()`` before measuring the next one.
+    Afterwards the statistics are those of all ranks' data. Reduce once per window: the statistics now
+    hold the total, and a rank must reset them before measuring the next one. Returns ``stats``.
+
+    ``reduce(inst, group)`` with an Instrumentation is still accepted (and returns ``inst``).
     """
+    if not isinstance(stats, CoefficientStats) and isinstance(getattr(stats, "stats", None), CoefficientStats):
+        inst = stats  # the former call form, reduce(inst, group)
+        if shards is not None and group is not None:
+            raise KacqError("reduce(inst, group) takes the group second; pass reduce(inst.stats, inst.shards, group)")
+        reduce(inst.stats, list(inst.shards), shards if group is None else group,
+               paths=[site.path for site in inst.sites])
+        return inst
+    if not isinstance(stats, CoefficientStats):
+        raise KacqError(f"reduce() takes CoefficientStats (an instrumentation's .stats), not {type(stats).__name__}")
+    shards = [None] * len(stats) if shards is None else list(shards)
+    paths = [f"site {i}" for i in range(len(stats))] if paths is None else list(paths)
+    if len(shards) != len(stats) or len(paths) != len(stats):
+        raise ShapeError(f"reduce() got {len(stats)} layers of statistics, {len(shards)} shard descriptions and "
+                         f"{len(paths)} paths: pass one of each per site")
     if not dist.is_available() or not dist.is_initialized():
         raise KacqError("reduce() needs an initialised torch.distributed process group "
                         "(torch.distributed.init_process_group); one process has nothing to reduce")
-    shards = neuron_shards(inst)
     data_group = group if group is not None else _data_group(shards)
     if data_group is not _NO_GROUP:
-        CoefficientStats.all_reduce(inst.stats, data_group)  # token shards add, whatever the layers hold
+        stats.all_reduce(data_group)  # token shards add, whatever the layers hold
     if any(shard is not None for shard in shards):
-        inst.stats.assign([_gather_neurons(layer, shard, site.path) if shard is not None else layer
-                           for layer, shard, site in zip(inst.stats, shards, inst.sites)])
-    return inst
+        stats.assign([_gather_neurons(layer, shard, path) if shard is not None else layer
+                      for layer, shard, path in zip(stats, shards, paths)])
+    return stats
 
 
 _NO_GROUP = object()
@@ -163,17 +178,17 @@ def _data_group(shards: list[NeuronShard | None]):
         return None
     mesh, dims = present[0].mesh, present[0].mesh_dims
     if any(s.mesh != mesh or s.mesh_dims != dims for s in present):
-        raise KacqError("tensor-parallel sites live on different device meshes; pass reduce(inst, group=...) "
+        raise KacqError("tensor-parallel sites live on different device meshes; pass inst.all_reduce(group=...) "
                         "with the data-parallel group")
     other = [d for d in range(mesh.ndim) if d not in dims]
     if not other:
         if mesh.size() == dist.get_world_size():
             return _NO_GROUP
         raise KacqError(f"the tensor-parallel mesh holds {mesh.size()} of {dist.get_world_size()} ranks; pass "
-                        "reduce(inst, group=...) with the data-parallel group (ranks holding the same d_ff slice)")
+                        "inst.all_reduce(group=...) with the data-parallel group (ranks holding the same d_ff slice)")
     if len(other) > 1:
         raise KacqError(f"the weight mesh has {len(other)} non-tensor-parallel dims {other}; pass "
-                        "reduce(inst, group=...) with the data-parallel group")
+                        "inst.all_reduce(group=...) with the data-parallel group")
     return mesh.get_group(other[0])
 
 

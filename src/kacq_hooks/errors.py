@@ -98,3 +98,7 @@ class AttributionError(KacqError, ValueError):
 class NoTokensError(KacqError):
     """A result needs recorded tokens and the statistics hold none it can use (nothing recorded yet, or every
     coefficient of a layer was non-finite)."""
+
+
+class StatisticsOverflowError(KacqError, ArithmeticError):
+    """A running fp32 sum of finite coefficients overflowed: no statistic derived from it would be right."""

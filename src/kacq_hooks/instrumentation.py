@@ -246,7 +246,12 @@ class Instrumentation:
     @classmethod
     def load(cls, path, model: nn.Module, **instrument_options) -> "Instrumentation":
         """An instrumentation of ``model`` (hooks attached) holding the statistics saved at ``path``."""
-        return saving.load_stats(path, instrument(model, **instrument_options))
+        inst = instrument(model, **instrument_options)
+        try:
+            return saving.load_stats(path, inst)
+        except BaseException:
+            inst.remove()  # a failed load leaves the model as it found it
+            raise
 
     def to_pandas(self):
         """One row per (layer label, neuron) with every statistic (needs pandas)."""
@@ -268,7 +273,7 @@ class Instrumentation:
         """
         if self.reduced:
             raise KacqError("these statistics were already combined across ranks; inst.reset() before the next window")
-        reduce_across_ranks(self, group)
+        reduce_across_ranks(self.stats, self.shards, group, paths=[site.path for site in self.sites])
         self.reduced = True
         return self
 

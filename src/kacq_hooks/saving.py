@@ -173,20 +173,43 @@ def load_stats(path: str | Path, inst=None):
     """Read saved statistics. With ``inst`` (an Instrumentation of the same model), its statistics are
     replaced by the file's and ``inst`` is returned; without, a :class:`SavedStats` is returned.
 
-    Statistics of a different model (other model type, site paths or widths) raise a SavedStatsError.
+    Statistics of a different model (other model type, site paths or widths) raise a SavedStatsError, and
+    so does a file that disagrees with itself (tensors that do not fit its sites, header counts that are not
+    its tensors'): nothing of it is loaded.
     """
     from safetensors.torch import load_file  # imported only when reading
 
     header = read_header(path)
     tensors = load_file(str(path))
     saved = SavedStats(CoefficientStats([site["d_ff"] for site in header["sites"]]), header["sites"], header)
-    saved.stats.load_state_dict(tensors)
+    try:
+        saved.stats.load_state_dict(tensors)
+    except ShapeError as err:
+        raise SavedStatsError(f"{path}: its tensors do not fit the sites its header lists ({err}); the file was "
+                              "altered or damaged after kacq_hooks.save_stats wrote it") from err
+    _check_counts(header, saved.stats, path)
     if inst is None:
         return saved
     _check_same_sites(_site_records(inst), saved.sites, _model_type_of(inst), saved.model_type, path)
     inst._check_same_measurement(saved._settings(), f"the statistics in {path} were measured with")
     inst.stats.load_state_dict(saved.stats.state_dict())  # copied onto the devices of inst's buffers
     return inst
+
+
+def _check_counts(header: dict, stats: CoefficientStats, path) -> None:
+    """The header's per-layer counts are its tensors' (save_stats writes both from the same buffers)."""
+    for field in ("tokens", "grad_tokens", "documents"):
+        if field not in header:
+            continue
+        listed, held = header[field], [int(getattr(layer, field)) for layer in stats]
+        if not isinstance(listed, list) or len(listed) != len(held):
+            raise SavedStatsError(f"{path}: its header lists {field} {listed!r} for {len(held)} sites; the file was "
+                                  "altered or damaged after kacq_hooks.save_stats wrote it")
+        for layer, (said, count) in enumerate(zip(listed, held)):
+            if said != count:
+                raise SavedStatsError(f"{path}: its header says {field} of layer {layer} ({header['sites'][layer]['path']})"
+                                      f" is {said} but its tensors hold {count}; the file was altered or damaged after "
+                                      "kacq_hooks.save_stats wrote it, so neither can be trusted")
 
 
 def _check_same_sites(mine: list[dict], theirs: list[dict], my_type: str, their_type: str, path=None) -> None:
@@ -215,6 +238,7 @@ def to_dataframe(inst):
         raise MissingExtraError("pandas", "data", "to_dataframe") from err
     if not len(inst.stats):
         raise KacqError("there are no instrumented sites to tabulate")
+    inst.stats.check_finite()  # an overflowed running sum is refused, never tabulated as a number
     frames = []
     for site, layer in zip(_site_records(inst), inst.stats):
         columns = {"layer": site["label"], "path": site["path"], "neuron": range(layer.d_ff)}

@@ -22,12 +22,19 @@ import os
 
 import torch
 
+from .. import stats as S
 from ..errors import ShapeError
 from . import native, reference
 
 log = logging.getLogger(__name__)
 
 _BLOCK_ELEMENTS = 1 << 22  # bounds the fp32 buffer of a block: |C| (16 MiB), or [|g| | C*g] (32 MiB)
+# The statistics the eager passes below compute by hand; any other in the table (one added without eager code
+# here) is computed from its specification on the same block, so it is never silently left at zero.
+_EAGER_FORWARD = {"sum_abs", "sum_sq", "active", "max_abs", "nonfinite", "tokens", "doc_sum_abs"}
+_EAGER_BACKWARD = {"grad_sum_abs", "grad_sum_cg", "grad_tokens"}
+_REST_FORWARD = tuple(s for s in S.FORWARD if s.name not in _EAGER_FORWARD)
+_REST_BACKWARD = tuple(s for s in S.BACKWARD if s.name not in _EAGER_BACKWARD)
 _compiled: dict[str, object] = {}
 _compile_failed = False
 
@@ -123,6 +130,7 @@ def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: t
         torch.maximum(out.max_abs, a.amax(0), out=out.max_abs)
         out.active.add_(tokens if no_zero else (a > 0).sum(0))  # before squaring: a tiny |C| squares to 0
         out.sum_sq.add_(a.square_().sum(0))
+        _rest(_REST_FORWARD, out, S.coefficients, chunk, valid, w)
 
 
 def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> None:
@@ -158,3 +166,12 @@ def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | N
         out.grad_sum_abs.add_(sums[:d])
         out.grad_sum_cg.add_(sums[d:])
         out.grad_tokens.add_(cb.shape[0] if pad is None else cb.shape[0] - pad.shape[0])
+        _rest(_REST_BACKWARD, out, S.gradients, cb, gb, valid)
+
+
+def _rest(statistics, out, view, *block) -> None:
+    """Statistics without eager code here, from their specification (nothing to do for the table as shipped)."""
+    if statistics:
+        seen = view(*block)
+        for stat in statistics:
+            stat.update(getattr(out, stat.name), seen)

@@ -94,6 +94,12 @@ static inline float bf16(uint16_t h) {
         }                                                                                                    \
     }
 
+/* The output buffers each kernel takes, in the order of its arguments. kernels/native.py builds its argument
+ * list from the statistics table (kacq_hooks/stats.py) and loads this library only if these names match it:
+ * a statistic added there needs its lines here and its name in this list. */
+const char *const kacq_forward_outputs = "sum_abs,sum_sq,active,max_abs,doc_sum_abs";
+const char *const kacq_backward_outputs = "grad_sum_abs,grad_sum_cg";
+
 typedef struct {
     double s1, s2, sw;
     float mx;

@@ -8,7 +8,9 @@ is logged once. ``KACQ_KERNELS=eager`` skips the build, ``KACQ_KERNELS=native`` 
 error.
 
 The kernel takes raw pointers, so the caller (:mod:`.cpu`) hands it only what it is written for: fp32
-or bf16 blocks whose rows are contiguous, on the CPU; anything else goes to the eager passes.
+or bf16 blocks whose rows are contiguous, on the CPU; anything else goes to the eager passes. Its output
+buffers are passed in the order of the statistics table (:func:`kacq_hooks.stats.kernel_outputs`), and
+the library is loaded only if ``native.c`` declares that it writes exactly those fields.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import stats
 from ..errors import KacqError
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,12 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the codes native.c reads
 # (e.g. Apple clang) the kernel runs on one thread.
 _BASE = ["-O3", "-fno-trapping-math", "-fPIC", "-shared"]
 _FLAG_SETS = ([*_BASE, "-march=native", "-fopenmp"], [*_BASE, "-fopenmp"], [*_BASE, "-march=native"], _BASE)
+
+# the per-neuron buffers each kernel writes, in the order it takes them (NaN/Inf counts are the reference's)
+FORWARD_OUTPUTS = stats.kernel_outputs("forward")
+BACKWARD_OUTPUTS = stats.kernel_outputs("backward")
+_FORWARD_COUNTERS = tuple(s for s in stats.FORWARD if not s.per_neuron)  # added here, from the row mask
+_BACKWARD_COUNTERS = tuple(s for s in stats.BACKWARD if not s.per_neuron)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None, once tried; "why": why it is None
@@ -102,10 +111,17 @@ def _load() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     lib = ctypes.CDLL(str(_build(compiler)))
+    for kernel, wanted in (("kacq_forward", FORWARD_OUTPUTS), ("kacq_backward", BACKWARD_OUTPUTS)):
+        declared = tuple(ctypes.c_char_p.in_dll(lib, f"{kernel}_outputs").value.decode().split(","))
+        if declared != wanted:
+            raise RuntimeError(f"native.c's {kernel} writes {declared} but the statistics table asks for {wanted}: "
+                               "add the missing statistics' lines to native.c")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.kacq_forward.argtypes = [p, i32, i64, i64, i64, p, p, p, p, p, p, p, i32]
+    # (c, dtype, n, d, row stride, valid rows, document weights, *outputs, threads)
+    lib.kacq_forward.argtypes = [p, i32, i64, i64, i64, p, p, *[p] * len(FORWARD_OUTPUTS), i32]
     lib.kacq_forward.restype = i32
-    lib.kacq_backward.argtypes = [p, p, i32, i64, i64, i64, i64, p, p, p, i32]
+    # (c, g, dtype, n, d, c row stride, g row stride, valid rows, *outputs, threads)
+    lib.kacq_backward.argtypes = [p, p, i32, i64, i64, i64, i64, p, *[p] * len(BACKWARD_OUTPUTS), i32]
     lib.kacq_backward.restype = i32
     return lib
 
@@ -168,10 +184,9 @@ def forward(lib: ctypes.CDLL, c: torch.Tensor, rows: torch.Tensor | None, doc_we
     valid = None if rows is None else rows.contiguous()
     weight = None if doc_weight is None else doc_weight.float().contiguous()
     done = _check(lib.kacq_forward(_ptr(c), DTYPES[c.dtype], n, d, c.stride(0), _ptr(valid), _ptr(weight),
-                                   _ptr(out.sum_abs), _ptr(out.sum_sq), _ptr(out.active), _ptr(out.max_abs),
-                                   _ptr(out.doc_sum_abs) if weight is not None else None, torch.get_num_threads()))
+                                   *[_ptr(getattr(out, name)) for name in FORWARD_OUTPUTS], torch.get_num_threads()))
     if done:
-        out.tokens.add_(n if valid is None else int(valid.sum()))
+        _count_rows(_FORWARD_COUNTERS, out, n, valid)
     return done
 
 
@@ -180,7 +195,14 @@ def backward(lib: ctypes.CDLL, c: torch.Tensor, g: torch.Tensor, rows: torch.Ten
     n, d = c.shape
     valid = None if rows is None else rows.contiguous()
     done = _check(lib.kacq_backward(_ptr(c), _ptr(g), DTYPES[c.dtype], n, d, c.stride(0), g.stride(0), _ptr(valid),
-                                    _ptr(out.grad_sum_abs), _ptr(out.grad_sum_cg), torch.get_num_threads()))
+                                    *[_ptr(getattr(out, name)) for name in BACKWARD_OUTPUTS], torch.get_num_threads()))
     if done:
-        out.grad_tokens.add_(n if valid is None else int(valid.sum()))
+        _count_rows(_BACKWARD_COUNTERS, out, n, valid)
     return done
+
+
+def _count_rows(counters, out, n: int, valid: torch.Tensor | None) -> None:
+    """The per-layer counters (token counts), which read only the row mask."""
+    block = stats.rows_only(n, valid)
+    for stat in counters:
+        stat.update(getattr(out, stat.name), block)

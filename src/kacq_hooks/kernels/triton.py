@@ -12,12 +12,17 @@ Both reductions are ``torch.library.triton_op`` custom ops (``kacq::accumulate_f
 compiled with ``torch.compile``: Inductor sees the kernels themselves. (Under the interpreter they
 are opaque ``custom_op``s instead, since interpreted kernels cannot run on fake tensors.)
 
+The buffers an op mutates, and the order its callers pass them in, come from the statistics table
+(:data:`kacq_hooks.stats.FORWARD` and :data:`~kacq_hooks.stats.BACKWARD`); an op whose parameters do not
+name exactly those buffers is refused at import, so a statistic added to the table cannot be left unwritten.
+
 On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 first imported); that is how the tests compare them with the reference without a GPU.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -25,6 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .. import stats as S
 from ..errors import KacqError, ShapeError
 
 BLOCK_N = 64    # rows per tile: 64 x 128 values per step, 16 KiB of bf16 in flight per program (4 warps)
@@ -135,13 +141,21 @@ def _grid(n_rows: int, d: int, device: torch.device) -> tuple[tuple[int, int], i
     return (col_blocks, triton.cdiv(n_rows, rows_per_program)), rows_per_program
 
 
-def _custom_op(name: str, mutates_args: set[str]):
-    """Register ``fn`` as a ``triton_op``, whose kernels ``torch.compile`` traces and Inductor schedules.
+def _custom_op(name: str, statistics: tuple):
+    """Register ``fn`` as a ``triton_op`` mutating the buffers of ``statistics``, whose kernels ``torch.compile``
+    traces and Inductor schedules.
 
     Under the interpreter the kernels read real data, so they cannot be traced with fake tensors: the
     same function is then an opaque ``custom_op`` that compiled graphs call as it is.
     """
+    names = tuple(stat.name for stat in statistics)
+    mutates_args = set(names)
+
     def register(fn):
+        buffers = tuple(inspect.signature(fn).parameters)[-len(names):]
+        if buffers != names:  # the table's order is the order callers pass buffers in
+            raise KacqError(f"{name} takes the buffers {buffers} but the statistics table has {names}: "
+                              "write the missing statistics in kernels/triton.py")
         if not interpreting():
             return triton_op(name, fn, mutates_args=mutates_args)
         op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
@@ -151,8 +165,7 @@ def _custom_op(name: str, mutates_args: set[str]):
     return register
 
 
-@_custom_op("kacq::accumulate_forward",
-           mutates_args={"sum_abs", "sum_sq", "active", "max_abs", "nonfinite", "tokens", "doc_sum_abs"})
+@_custom_op("kacq::accumulate_forward", S.FORWARD)
 def _forward_op(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None,
                 sum_abs: torch.Tensor, sum_sq: torch.Tensor, active: torch.Tensor, max_abs: torch.Tensor,
                 nonfinite: torch.Tensor, tokens: torch.Tensor, doc_sum_abs: torch.Tensor) -> None:
@@ -171,7 +184,7 @@ def _forward_op(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Te
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
 
 
-@_custom_op("kacq::accumulate_backward", mutates_args={"grad_sum_abs", "grad_sum_cg", "grad_tokens"})
+@_custom_op("kacq::accumulate_backward", S.BACKWARD)
 def _backward_op(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None,
                  grad_sum_abs: torch.Tensor, grad_sum_cg: torch.Tensor, grad_tokens: torch.Tensor) -> None:
     n_rows, d = c.shape
@@ -190,14 +203,13 @@ def _backward_op(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None,
 def accumulate_forward(c: torch.Tensor, rows: torch.Tensor | None, doc_weight: torch.Tensor | None, out) -> None:
     """Add one forward's statistics of ``c`` [N, d_ff] into ``out`` (a LayerStats), as :mod:`.reference` does."""
     _check(c, rows, out, doc_weight=doc_weight)
-    _forward_op(c, rows, doc_weight, out.sum_abs, out.sum_sq, out.active, out.max_abs, out.nonfinite, out.tokens,
-                out.doc_sum_abs)
+    _forward_op(c, rows, doc_weight, *[getattr(out, stat.name) for stat in S.FORWARD])
 
 
 def accumulate_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> None:
     """Add one backward's statistics of (``c``, ``g`` = dL/dC) into ``out``, as :mod:`.reference` does."""
     _check(c, rows, out, g=g)
-    _backward_op(c, g, rows, out.grad_sum_abs, out.grad_sum_cg, out.grad_tokens)
+    _backward_op(c, g, rows, *[getattr(out, stat.name) for stat in S.BACKWARD])
 
 
 def _check(c: torch.Tensor, rows: torch.Tensor | None, out, *, g: torch.Tensor | None = None,
