@@ -287,7 +287,7 @@ def test_continued_training_warms_up_linearly():
         schedule.step()
     assert rates == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
     no_warmup = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
-    _warmup(no_warmup, 0)
+    warmup(no_warmup, 0)
     assert no_warmup.param_groups[0]["lr"] == 1e-2
 
 
