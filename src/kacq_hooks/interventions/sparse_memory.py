@@ -29,6 +29,7 @@ is then exactly as without the handle.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,10 @@ from ..usage import METHODS, SlotUsage, _distribution, check_top, slot_means, sl
 from .slots import SlotSlice, slot_parameters
 
 log = logging.getLogger(__name__)
+
+# Active handles: a second one on the same model would write back the first one's slots after every step (and
+# the first the second's), so only their intersection would train while each .slots names its own choice.
+_ACTIVE: "weakref.WeakSet[SparseMemory]" = weakref.WeakSet()
 
 
 class _BatchUsage(SlotUsage):
@@ -111,6 +116,7 @@ class SparseMemory:
 
     def remove(self) -> None:
         """End sparse finetuning: every hook removed, training is as without the handle. A second call does nothing."""
+        _ACTIVE.discard(self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -143,6 +149,7 @@ class SparseMemory:
         if self._usage is not None:
             self._usage.attach()
         self.active = True
+        _ACTIVE.add(self)
 
     def _select(self) -> None:
         """Choose this batch's slots from the usage its training forward measured."""
@@ -176,6 +183,10 @@ class SparseMemory:
                 raise KacqError("sparse_memory chooses each batch's slots from its training forward, but this backward "
                                 "follows no forward with gradients enabled since sparse_memory() was called")
         mask = self._masks[key]
+        if self._partial[key].grad is None:
+            # the first backward since zero_grad: slots of a batch that was backpropagated and then dropped
+            # (zero_grad without a step) hold no gradient any more and must not train at this step
+            self._chosen[key].zero_()
         self._chosen[key] |= mask
         return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
@@ -241,6 +252,9 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
         raise ConfigError(f"method must be one of {METHODS}, not {method!r}")
     if not isinstance(train_rest, bool):
         raise ArgumentTypeError(f"train_rest must be True or False, not {train_rest!r}")
+    if any(other.model is model for other in _ACTIVE):
+        raise ConfigError("this model already has an active sparse_memory: remove() it before starting another "
+                          "(two would each freeze the other's slots, so only their intersection would train)")
     sites = find_sites(model, mlp_out)
     widths = [s.d_ff for s in sites]
     check_top(top, widths)
