@@ -103,6 +103,8 @@ def slot_scores(new, reference, *, method: str = "tfidf", weighting: str = "toke
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, not {method!r}")
+    new, reference = _loaded(new), _loaded(reference)
+    check_same_source(new, reference)
     if method == "count":
         for name, source in (("new", new), ("reference", reference)):
             if not isinstance(source, SlotUsage) or source.k is None:
@@ -115,6 +117,48 @@ def slot_scores(new, reference, *, method: str = "tfidf", weighting: str = "toke
         new_v, ref_v = slot_means(new, weighting), slot_means(reference, weighting)
     _check_widths(new_v, ref_v)
     return [tfidf(a, b) for a, b in zip(_distribution(new_v, "new"), _distribution(ref_v, "reference"))]
+
+
+def _loaded(source):
+    if isinstance(source, (str, os.PathLike)):
+        from .saving import load_stats
+        return load_stats(source)
+    return source
+
+
+def _config_model_type(model) -> str | None:
+    # through wrappers (DDP, torch.compile) to the Hugging Face model; None where no config names a type
+    for _ in range(4):
+        if model is None:
+            return None
+        config = getattr(model, "config", None)
+        if isinstance(getattr(config, "model_type", None), str):
+            return config.model_type
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+    return None
+
+
+def describe_source(source) -> dict:
+    """What a statistics source records about its measurement: model type and padding rule, where known."""
+    from .saving import SavedStats
+    if isinstance(source, SavedStats):
+        return {"model_type": source.model_type, "mask_padding": source.header.get("mask_padding")}
+    if isinstance(source, SlotUsage):
+        return {"model_type": _config_model_type(source.model), "mask_padding": True}
+    if isinstance(source, nn.Module):
+        return {"model_type": _config_model_type(source)}
+    if callable(getattr(source, "_settings", None)) and hasattr(source, "mask_padding"):  # an Instrumentation
+        return {"model_type": _config_model_type(getattr(source, "model", None)), "mask_padding": source.mask_padding}
+    return {}
+
+
+def check_same_source(new, reference, new_name: str = "new", ref_name: str = "reference") -> None:
+    """Refuse statistics of another model type, or measured with another padding rule, as one comparison."""
+    a, b = describe_source(new), describe_source(reference)
+    for key in ("model_type", "mask_padding"):
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+            raise ShapeError(f"{new_name} was measured with {key}={a[key]!r}, {ref_name} with {key}={b[key]!r}: "
+                             "their usage is not comparable. Measure both on the same model, the same way")
 
 
 def _check_widths(new_v: list[torch.Tensor], ref_v: list[torch.Tensor]) -> None:

@@ -29,6 +29,7 @@ is then exactly as without the handle.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Sequence
 
@@ -39,7 +40,9 @@ from torch import nn
 from .._hooks import OwnerHook
 from ..errors import ArgumentTypeError, ConfigError, KacqError, ShapeError
 from ..locate import find_sites
-from ..usage import METHODS, SlotUsage, _distribution, check_top, slot_means, slot_scores, tfidf, top_slots
+from ..saving import load_stats
+from ..usage import (METHODS, SlotUsage, _distribution, check_same_source, check_top, slot_means, slot_scores, tfidf,
+                     top_slots)
 from .slots import SlotSlice, slot_parameters
 
 log = logging.getLogger(__name__)
@@ -273,6 +276,9 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
         if reference is None:
             raise ConfigError("sparse_memory needs reference= statistics (the corpus whose usage is discounted), "
                               "or slots= outright")
+        if isinstance(reference, (str, os.PathLike)):
+            reference = load_stats(reference)
+        check_same_source(model, reference, "this model", "reference")
         if method == "count":
             if not isinstance(reference, SlotUsage) or reference.k is None:
                 raise ArgumentTypeError("method='count' needs reference= from kh.usage.measure_usage(model, k=...)")
