@@ -288,3 +288,67 @@ def test_trainer_checkpoint_save_and_resume_keeps_the_promise(tmp_path):
         assert torch.equal(p.detach()[~allowed], start[name][~allowed]), name
         moved += int((p.detach()[allowed] != start[name][allowed]).sum())
     assert moved > 0
+
+
+def test_a_dropped_batch_with_zero_grad_keeping_tensors_trains_nothing_either():
+    model = tiny_model("llama").train()
+    handle = sparse_memory(model, reference=reference_stats(model), top=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    one_step("llama", model, handle, opt, seed=1)
+    ids, mask = random_batch(4, 16, "right", seed=77)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    opt.zero_grad(set_to_none=False)  # dropped, its gradient tensors kept as zeros
+    d_ff = [s.d_ff for s in handle.sites]
+    before, chosen = snapshot(model), [set() for _ in d_ff]
+    ids, mask = random_batch(4, 16, "right", seed=78)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    chosen = [set(s.tolist()) for s in handle.slots]
+    opt.step()
+    for name, p in model.named_parameters():
+        allowed = allowed_mask("llama", name, p.detach(), chosen, d_ff)
+        assert torch.equal(p.detach()[~allowed], before[name][~allowed]), name
+    handle.remove()
+
+
+def test_a_parameter_unfrozen_after_the_handle_was_made_does_not_train():
+    """Embeddings frozen by the user when sparse_memory starts and unfrozen later are still outside every slot."""
+    model = tiny_model("llama").train()
+    embed = model.model.embed_tokens.weight
+    embed.requires_grad_(False)
+    handle = sparse_memory(model, reference=reference_stats(model), top=4)
+    embed.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    changed, moved = one_step("llama", model, handle, opt, seed=1)
+    assert not changed and moved > 0, changed
+    handle.remove()
+
+
+def test_gradient_checkpointing_keeps_the_promise():
+    """The backward recomputes each layer's forward (its C again): the choice and the freezing must hold."""
+    model = tiny_model("llama").train()
+    model.gradient_checkpointing_enable()
+    handle = sparse_memory(model, reference=reference_stats(model), top=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        changed, moved = one_step("llama", model, handle, opt, seed=10 * step + 1, accumulate=2)
+        assert not changed and moved > 0, changed
+    handle.remove()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_per_batch_moe_choice_is_the_tfidf_of_the_instrumented_batch(model_type):
+    """The per-batch choice on a padded MoE batch is the top-t of the TF-IDF of that batch's own mean |C| as
+    the instrumentation measures it (padding left out), recomputed here in float64."""
+    model = tiny_model(model_type).train()
+    ref = reference_stats(model)
+    p_ref = [c.double() / c.double().sum() for c in ref.mean_abs_coefficients()]
+    handle = sparse_memory(model, reference=ref, top=6)
+    ids, mask = random_batch(4, 16, "right", seed=21)
+    with kh.instrument(model) as inst:
+        model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    for layer, cbar in enumerate(inst.mean_abs_coefficients()):
+        p_new = cbar.double() / cbar.double().sum()
+        score = torch.where(p_new > 0, p_new * torch.log(1 / p_ref[layer]), torch.zeros_like(p_new))
+        expected = torch.sort(score, descending=True, stable=True).indices[:6].sort().values
+        assert handle.slots[layer].tolist() == expected.tolist()
+    handle.remove()

@@ -186,9 +186,10 @@ class SparseMemory:
                 raise KacqError("sparse_memory chooses each batch's slots from its training forward, but this backward "
                                 "follows no forward with gradients enabled since sparse_memory() was called")
         mask = self._masks[key]
-        if self._partial[key].grad is None:
-            # the first backward since zero_grad: slots of a batch that was backpropagated and then dropped
-            # (zero_grad without a step) hold no gradient any more and must not train at this step
+        held = self._partial[key].grad
+        if held is None or not bool(held.any()):
+            # the first backward since zero_grad (to None or to zeros): slots of a batch that was backpropagated
+            # and then dropped (zero_grad without a step) hold no gradient any more and must not train now
             self._chosen[key].zero_()
         self._chosen[key] |= mask
         return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
@@ -201,10 +202,15 @@ class SparseMemory:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         saved = {}
+        # this model's parameters now (one made trainable after the handle included); an optimizer of another
+        # model (a copy of this one) steps untouched
+        mine = set() if self.train_rest else {id(p) for p in self.model.parameters()}
         for p in self._held(optimizer):
             key = id(p)
-            if key in self._frozen:
-                p.grad = None  # a stale gradient tensor (zero_grad(set_to_none=False)) would still decay it
+            if key in self._frozen or (key in mine and key not in self._partial):
+                # a stale gradient tensor (zero_grad(set_to_none=False)) would still decay it; a parameter that
+                # only required a gradient after the handle was made is outside every slot all the same
+                p.grad = None
             elif key in self._partial:
                 state = optimizer.state.get(p, {})
                 tensors = {name: t.detach().clone() for name, t in state.items()
