@@ -11,8 +11,8 @@ A slot the reference never uses (p_ref = 0) but the new data does scores +inf (i
 the new data does not use scores 0. Lin et al.'s own notion of usage is a count: their memory layer
 looks up the top-k keys per token, so a slot is "accessed" by a token when it is among them. With
 ``method="count"`` a slot is accessed by a token when its |C| is among the token's k largest in its
-layer, and p is each layer's access count normalized to sum 1 (same formula). That needs counts that
-mean |C| statistics do not hold: measure both corpora with :func:`measure_usage` and the same k.
+layer and not 0 (a ReLU slot at 0 is unused, however few slots a token uses), and p is each layer's
+access count normalized to sum 1 (same formula). That needs counts that mean |C| statistics do not hold: measure both corpora with :func:`measure_usage` and the same k.
 
 In their memory layer only the k looked-up slots of a token get a gradient at all, so counting accesses
 is the layer's own notion of use. An FFN slot is used by every token with a weight |C_i|, which is what
@@ -315,7 +315,9 @@ class SlotUsage:
         self._sum[index] += a.sum(0).cpu()
         self.tokens[index] += int(c2d.shape[0])
         if self.k is not None and c2d.shape[0]:
-            hit = a.topk(self.k, dim=-1).indices.reshape(-1)
+            top = a.topk(self.k, dim=-1)
+            # a slot with C exactly 0 (ReLU) is not accessed even when a token has fewer than k used slots
+            hit = top.indices[top.values > 0]
             self._count[index] += torch.bincount(hit, minlength=a.shape[-1]).double().cpu()
         return None
 
