@@ -352,3 +352,42 @@ def test_per_batch_moe_choice_is_the_tfidf_of_the_instrumented_batch(model_type)
         expected = torch.sort(score, descending=True, stable=True).indices[:6].sort().values
         assert handle.slots[layer].tolist() == expected.tolist()
     handle.remove()
+
+
+def test_experts_a_batch_never_routes_to_are_not_chosen_nor_decayed():
+    """top above the slots a short batch uses: the unused slots score 0 and must not be chosen by their tie
+    order, or AdamW decays experts that got no gradient at all."""
+    model = tiny_model("mixtral").train()
+    handle = sparse_memory(model, reference=reference_stats(model), top=250)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = snapshot(model)
+    ids = torch.tensor([[5, 6]])
+    routed = [set() for _ in handle.sites]
+    hooks = [layer.mlp.gate.register_forward_hook(  # Mixtral's router returns (logits, weights, expert indices)
+        lambda mod, args, out, i=i: routed[i].update(out[2].flatten().tolist()))
+        for i, layer in enumerate(model.model.layers)]
+    model(ids, labels=ids).loss.backward()
+    for h in hooks:
+        h.remove()
+    for layer, site in enumerate(handle.sites):
+        assert {int(s) // site.expert_d_ff for s in handle.slots[layer]} <= routed[layer]
+    assert any(len(r) < 4 for r in routed)  # the case: some expert got no token
+    opt.step()
+    for layer, experts in enumerate(routed):
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            w = getattr(model.model.layers[layer].mlp.experts, name).detach()
+            for e in set(range(4)) - experts:
+                assert torch.equal(w[e], before[key][e]), f"{key}[{e}] changed with no token routed to it"
+    handle.remove()
+
+
+def test_fixed_choice_from_new_statistics_skips_slots_the_new_data_never_used():
+    model = tiny_model("llama").train()
+    ref = reference_stats(model)
+    new = [torch.zeros(64, dtype=torch.float64) for _ in range(2)]
+    for n in new:
+        n[[3, 9]] = 1.0  # the new data used two slots per layer
+    handle = sparse_memory(model, new, ref, top=4)
+    assert [s.tolist() for s in handle.slots] == [[3, 9], [3, 9]]
+    handle.remove()

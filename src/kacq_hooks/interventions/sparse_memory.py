@@ -164,7 +164,7 @@ class SparseMemory:
             if total <= 0:  # the layer saw no real token in this batch: nothing of it is used, nothing trains
                 chosen.append(torch.zeros(0, dtype=torch.long))
                 continue
-            chosen.append(top_slots([tfidf(v / total, p_ref)], self.top)[0])
+            chosen.append(_used_top(tfidf(v / total, p_ref), self.top))
         self._slots = chosen
         self._stale = False
         self._build_masks()
@@ -233,6 +233,13 @@ class SparseMemory:
                 keep.zero_()
 
 
+def _used_top(scores: torch.Tensor, top: int) -> torch.Tensor:
+    """The top slots of one layer with a positive score: a slot the new data did not use (score 0) is never
+    chosen by its tie order, which would let weight decay move slots that got no gradient (unrouted experts)."""
+    chosen = top_slots([scores], top)[0]
+    return chosen[scores[chosen] > 0]
+
+
 def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, method: str = "tfidf",
                   slots: Sequence[torch.Tensor] | None = None, train_rest: bool = False, mlp_out: str | None = None,
                   weighting: str = "token") -> SparseMemory:
@@ -243,7 +250,8 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
             the slots are chosen once from them. None (default): chosen afresh for every batch from the C its
             training forward computes, as Lin et al. do.
         reference: statistics of the reference (pretraining-like) corpus, measured on this model.
-        top: slots per layer that train (the t of Lin et al.; per MoE layer, over its E x m + shared slots).
+        top: slots per layer that train (the t of Lin et al.; per MoE layer, over its E x m + shared slots);
+            fewer where fewer have a positive score: a slot the new data (the batch) did not use is never chosen.
         method: "tfidf" (mean |C|) or "count" (top-k accesses: ``reference`` and ``new`` from
             ``kh.usage.measure_usage(model, k=...)``; per batch the same k is used). See :mod:`kacq_hooks.usage`.
         slots: the slots outright (one long tensor per layer); ``new`` and ``reference`` are then not used
@@ -297,7 +305,7 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
                              f"this model {widths}: measure the reference on this model")
         reference_p = _distribution(ref_values, "reference")
         if new is not None:
-            fixed = top_slots(slot_scores(new, reference, method=method, weighting=weighting), top)
+            fixed = [_used_top(s, top) for s in slot_scores(new, reference, method=method, weighting=weighting)]
     handle = SparseMemory(model, sites, slices, top=top, method=method, reference_p=reference_p, fixed=fixed,
                           train_rest=train_rest, k=k)
     handle._attach()
