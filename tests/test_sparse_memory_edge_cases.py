@@ -391,3 +391,11 @@ def test_fixed_choice_from_new_statistics_skips_slots_the_new_data_never_used():
     handle = sparse_memory(model, new, ref, top=4)
     assert [s.tolist() for s in handle.slots] == [[3, 9], [3, 9]]
     handle.remove()
+
+
+def test_per_batch_choice_refuses_a_reference_that_counted_padding():
+    """The per-batch usage leaves padding out: a reference measured with mask_padding=False is another measurement."""
+    model = tiny_model("llama").train()
+    with pytest.raises(ShapeError, match="mask_padding"):
+        sparse_memory(model, reference=_stats(model, 1, mask_padding=False), top=4)
+    sparse_memory(model, slots=[torch.arange(4)] * 2, top=4).remove()  # slots given outright need no reference

@@ -41,8 +41,8 @@ from .._hooks import OwnerHook
 from ..errors import ArgumentTypeError, ConfigError, KacqError, ShapeError
 from ..locate import find_sites
 from ..saving import load_stats
-from ..usage import (METHODS, SlotUsage, _distribution, check_same_source, check_top, slot_means, slot_scores, tfidf,
-                     top_slots)
+from ..usage import (METHODS, SlotUsage, _distribution, check_same_source, check_top, describe_source, slot_means,
+                     slot_scores, tfidf, top_slots)
 from .slots import SlotSlice, slot_parameters
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,10 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
         if isinstance(reference, (str, os.PathLike)):
             reference = load_stats(reference)
         check_same_source(model, reference, "this model", "reference")
+        if new is None and describe_source(reference).get("mask_padding") is False:
+            raise ShapeError("the per-batch usage leaves padded positions out, the reference was measured with "
+                             "mask_padding=False: their usage is not comparable. Measure the reference with "
+                             "mask_padding=True")
         if method == "count":
             if not isinstance(reference, SlotUsage) or reference.k is None:
                 raise ArgumentTypeError("method='count' needs reference= from kh.usage.measure_usage(model, k=...)")
