@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kacq_hooks import facts
-from kacq_hooks.errors import MetricError
+from kacq_hooks.errors import ArgumentTypeError, MetricError
 from kacq_hooks.facts.metrics import iqr_mask, mean_without_outliers
 
 
@@ -253,3 +253,18 @@ def test_summary_passes_the_released_treatment_through():
     assert released["retainability"] == pytest.approx([1.0, 1.25, 1.75, 1.375, 2.0])
     assert clean["retainability"] == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.0])
     assert released["decay"] != pytest.approx(clean["decay"])
+
+
+def test_gained_only_must_be_true_or_false():
+    """None, 0 or a string would silently pick one treatment (None and 0 the released one)."""
+    fs = facts.FactSet([_record()], ["once"])
+    schedule = facts.InjectionSchedule(fs, interval=10, rounds=1)
+    store = facts.TrajectoryStore(None, [facts.ProbeRef(0, "mem", 0)], fs.scenarios)
+    for step in range(6):
+        row = torch.tensor([GAINED[step]])
+        store.append(step, {"mean": row, "first": row, "sum": row})
+    for bad in (None, 0, "no"):
+        with pytest.raises(ArgumentTypeError, match="gained_only"):
+            facts.retainability(range(6), [LOST], [0], window=2, gained_only=bad)
+        with pytest.raises(ArgumentTypeError, match="gained_only"):
+            facts.summarize_acquisition(store, schedule, window=2, gained_only=bad)

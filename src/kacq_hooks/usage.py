@@ -11,8 +11,8 @@ A slot the reference never uses (p_ref = 0) but the new data does scores +inf (i
 the new data does not use scores 0. Lin et al.'s own notion of usage is a count: their memory layer
 looks up the top-k keys per token, so a slot is "accessed" by a token when it is among them. With
 ``method="count"`` a slot is accessed by a token when its |C| is among the token's k largest in its
-layer, and p is each layer's access count normalized to sum 1 (same formula). That needs counts that
-mean |C| statistics do not hold: measure both corpora with :func:`measure_usage` and the same k.
+layer and not 0 (a ReLU slot at 0 is unused, however few slots a token uses), and p is each layer's
+access count normalized to sum 1 (same formula). That needs counts that mean |C| statistics do not hold: measure both corpora with :func:`measure_usage` and the same k.
 
 In their memory layer only the k looked-up slots of a token get a gradient at all, so counting accesses
 is the layer's own notion of use. An FFN slot is used by every token with a weight |C_i|, which is what
@@ -103,6 +103,8 @@ def slot_scores(new, reference, *, method: str = "tfidf", weighting: str = "toke
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, not {method!r}")
+    new, reference = _loaded(new), _loaded(reference)
+    check_same_source(new, reference)
     if method == "count":
         for name, source in (("new", new), ("reference", reference)):
             if not isinstance(source, SlotUsage) or source.k is None:
@@ -115,6 +117,48 @@ def slot_scores(new, reference, *, method: str = "tfidf", weighting: str = "toke
         new_v, ref_v = slot_means(new, weighting), slot_means(reference, weighting)
     _check_widths(new_v, ref_v)
     return [tfidf(a, b) for a, b in zip(_distribution(new_v, "new"), _distribution(ref_v, "reference"))]
+
+
+def _loaded(source):
+    if isinstance(source, (str, os.PathLike)):
+        from .saving import load_stats
+        return load_stats(source)
+    return source
+
+
+def _config_model_type(model) -> str | None:
+    # through wrappers (DDP, torch.compile) to the Hugging Face model; None where no config names a type
+    for _ in range(4):
+        if model is None:
+            return None
+        config = getattr(model, "config", None)
+        if isinstance(getattr(config, "model_type", None), str):
+            return config.model_type
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+    return None
+
+
+def describe_source(source) -> dict:
+    """What a statistics source records about its measurement: model type and padding rule, where known."""
+    from .saving import SavedStats
+    if isinstance(source, SavedStats):
+        return {"model_type": source.model_type, "mask_padding": source.header.get("mask_padding")}
+    if isinstance(source, SlotUsage):
+        return {"model_type": _config_model_type(source.model), "mask_padding": True}
+    if isinstance(source, nn.Module):
+        return {"model_type": _config_model_type(source)}
+    if callable(getattr(source, "_settings", None)) and hasattr(source, "mask_padding"):  # an Instrumentation
+        return {"model_type": _config_model_type(getattr(source, "model", None)), "mask_padding": source.mask_padding}
+    return {}
+
+
+def check_same_source(new, reference, new_name: str = "new", ref_name: str = "reference") -> None:
+    """Refuse statistics of another model type, or measured with another padding rule, as one comparison."""
+    a, b = describe_source(new), describe_source(reference)
+    for key in ("model_type", "mask_padding"):
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+            raise ShapeError(f"{new_name} was measured with {key}={a[key]!r}, {ref_name} with {key}={b[key]!r}: "
+                             "their usage is not comparable. Measure both on the same model, the same way")
 
 
 def _check_widths(new_v: list[torch.Tensor], ref_v: list[torch.Tensor]) -> None:
@@ -271,7 +315,9 @@ class SlotUsage:
         self._sum[index] += a.sum(0).cpu()
         self.tokens[index] += int(c2d.shape[0])
         if self.k is not None and c2d.shape[0]:
-            hit = a.topk(self.k, dim=-1).indices.reshape(-1)
+            top = a.topk(self.k, dim=-1)
+            # a slot with C exactly 0 (ReLU) is not accessed even when a token has fewer than k used slots
+            hit = top.indices[top.values > 0]
             self._count[index] += torch.bincount(hit, minlength=a.shape[-1]).double().cpu()
         return None
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kacq_hooks.errors import MetricError
+from kacq_hooks.errors import ArgumentTypeError, MetricError
 
 ArrayLike = torch.Tensor | Sequence
 _MAX_LOG10 = math.log10(sys.float_info.max)  # 10 ** this is the largest float
@@ -122,6 +122,13 @@ def effectivity(
     return at_lam - before
 
 
+def _check_gained_only(gained_only) -> None:
+    # None or 0 would silently pick the released treatment, a string the clean one
+    if not isinstance(gained_only, bool):
+        raise ArgumentTypeError(f"gained_only must be True (the clean definition) or False (the released analysis), "
+                                f"not {gained_only!r}")
+
+
 def retainability(
     steps: ArrayLike,
     values: ArrayLike,
@@ -145,6 +152,7 @@ def retainability(
     >>> t.tolist(), r.tolist()
     ([0, 1, 2], [1.0, 0.3333333333333333, 0.16666666666666666])
     """
+    _check_gained_only(gained_only)
     steps_t, index, values_t, injections = _prepare(steps, values, injection_steps)
     if int(steps_t[0]) < 0:
         raise MetricError(f"steps must be >= 0, got {int(steps_t[0])}")
@@ -289,6 +297,7 @@ def summarize_acquisition(
     intercept, r_squared, x_intercept_steps, x_intercept_tokens (fit values NaN where too few points;
     x-intercepts NaN where the curve does not decay, see :class:`PowerLawFit`).
     """
+    _check_gained_only(gained_only)
     if horizon is not None and horizon < 0:
         raise MetricError(f"horizon must be >= 0 steps after the last acquisition maximum, got {horizon}")
     steps = torch.tensor(store.steps, dtype=torch.long)

@@ -29,6 +29,8 @@ is then exactly as without the handle.
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -38,10 +40,16 @@ from torch import nn
 from .._hooks import OwnerHook
 from ..errors import ArgumentTypeError, ConfigError, KacqError, ShapeError
 from ..locate import find_sites
-from ..usage import METHODS, SlotUsage, _distribution, check_top, slot_means, slot_scores, tfidf, top_slots
+from ..saving import load_stats
+from ..usage import (METHODS, SlotUsage, _distribution, check_same_source, check_top, describe_source, slot_means,
+                     slot_scores, tfidf, top_slots)
 from .slots import SlotSlice, slot_parameters
 
 log = logging.getLogger(__name__)
+
+# Active handles: a second one on the same model would write back the first one's slots after every step (and
+# the first the second's), so only their intersection would train while each .slots names its own choice.
+_ACTIVE: "weakref.WeakSet[SparseMemory]" = weakref.WeakSet()
 
 
 class _BatchUsage(SlotUsage):
@@ -111,6 +119,7 @@ class SparseMemory:
 
     def remove(self) -> None:
         """End sparse finetuning: every hook removed, training is as without the handle. A second call does nothing."""
+        _ACTIVE.discard(self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -143,6 +152,7 @@ class SparseMemory:
         if self._usage is not None:
             self._usage.attach()
         self.active = True
+        _ACTIVE.add(self)
 
     def _select(self) -> None:
         """Choose this batch's slots from the usage its training forward measured."""
@@ -154,7 +164,7 @@ class SparseMemory:
             if total <= 0:  # the layer saw no real token in this batch: nothing of it is used, nothing trains
                 chosen.append(torch.zeros(0, dtype=torch.long))
                 continue
-            chosen.append(top_slots([tfidf(v / total, p_ref)], self.top)[0])
+            chosen.append(_used_top(tfidf(v / total, p_ref), self.top))
         self._slots = chosen
         self._stale = False
         self._build_masks()
@@ -176,6 +186,11 @@ class SparseMemory:
                 raise KacqError("sparse_memory chooses each batch's slots from its training forward, but this backward "
                                 "follows no forward with gradients enabled since sparse_memory() was called")
         mask = self._masks[key]
+        held = self._partial[key].grad
+        if held is None or not bool(held.any()):
+            # the first backward since zero_grad (to None or to zeros): slots of a batch that was backpropagated
+            # and then dropped (zero_grad without a step) hold no gradient any more and must not train now
+            self._chosen[key].zero_()
         self._chosen[key] |= mask
         return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
@@ -187,10 +202,15 @@ class SparseMemory:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         saved = {}
+        # this model's parameters now (one made trainable after the handle included); an optimizer of another
+        # model (a copy of this one) steps untouched
+        mine = set() if self.train_rest else {id(p) for p in self.model.parameters()}
         for p in self._held(optimizer):
             key = id(p)
-            if key in self._frozen:
-                p.grad = None  # a stale gradient tensor (zero_grad(set_to_none=False)) would still decay it
+            if key in self._frozen or (key in mine and key not in self._partial):
+                # a stale gradient tensor (zero_grad(set_to_none=False)) would still decay it; a parameter that
+                # only required a gradient after the handle was made is outside every slot all the same
+                p.grad = None
             elif key in self._partial:
                 state = optimizer.state.get(p, {})
                 tensors = {name: t.detach().clone() for name, t in state.items()
@@ -213,6 +233,13 @@ class SparseMemory:
                 keep.zero_()
 
 
+def _used_top(scores: torch.Tensor, top: int) -> torch.Tensor:
+    """The top slots of one layer with a positive score: a slot the new data did not use (score 0) is never
+    chosen by its tie order, which would let weight decay move slots that got no gradient (unrouted experts)."""
+    chosen = top_slots([scores], top)[0]
+    return chosen[scores[chosen] > 0]
+
+
 def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, method: str = "tfidf",
                   slots: Sequence[torch.Tensor] | None = None, train_rest: bool = False, mlp_out: str | None = None,
                   weighting: str = "token") -> SparseMemory:
@@ -223,7 +250,8 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
             the slots are chosen once from them. None (default): chosen afresh for every batch from the C its
             training forward computes, as Lin et al. do.
         reference: statistics of the reference (pretraining-like) corpus, measured on this model.
-        top: slots per layer that train (the t of Lin et al.; per MoE layer, over its E x m + shared slots).
+        top: slots per layer that train (the t of Lin et al.; per MoE layer, over its E x m + shared slots);
+            fewer where fewer have a positive score: a slot the new data (the batch) did not use is never chosen.
         method: "tfidf" (mean |C|) or "count" (top-k accesses: ``reference`` and ``new`` from
             ``kh.usage.measure_usage(model, k=...)``; per batch the same k is used). See :mod:`kacq_hooks.usage`.
         slots: the slots outright (one long tensor per layer); ``new`` and ``reference`` are then not used
@@ -241,6 +269,9 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
         raise ConfigError(f"method must be one of {METHODS}, not {method!r}")
     if not isinstance(train_rest, bool):
         raise ArgumentTypeError(f"train_rest must be True or False, not {train_rest!r}")
+    if any(other.model is model for other in _ACTIVE):
+        raise ConfigError("this model already has an active sparse_memory: remove() it before starting another "
+                          "(two would each freeze the other's slots, so only their intersection would train)")
     sites = find_sites(model, mlp_out)
     widths = [s.d_ff for s in sites]
     check_top(top, widths)
@@ -259,6 +290,13 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
         if reference is None:
             raise ConfigError("sparse_memory needs reference= statistics (the corpus whose usage is discounted), "
                               "or slots= outright")
+        if isinstance(reference, (str, os.PathLike)):
+            reference = load_stats(reference)
+        check_same_source(model, reference, "this model", "reference")
+        if new is None and describe_source(reference).get("mask_padding") is False:
+            raise ShapeError("the per-batch usage leaves padded positions out, the reference was measured with "
+                             "mask_padding=False: their usage is not comparable. Measure the reference with "
+                             "mask_padding=True")
         if method == "count":
             if not isinstance(reference, SlotUsage) or reference.k is None:
                 raise ArgumentTypeError("method='count' needs reference= from kh.usage.measure_usage(model, k=...)")
@@ -271,7 +309,7 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
                              f"this model {widths}: measure the reference on this model")
         reference_p = _distribution(ref_values, "reference")
         if new is not None:
-            fixed = top_slots(slot_scores(new, reference, method=method, weighting=weighting), top)
+            fixed = [_used_top(s, top) for s in slot_scores(new, reference, method=method, weighting=weighting)]
     handle = SparseMemory(model, sites, slices, top=top, method=method, reference_p=reference_p, fixed=fixed,
                           train_rest=train_rest, k=k)
     handle._attach()
