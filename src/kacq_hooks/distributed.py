@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .errors import KacqError, ShapeError
+from .errors import ArgumentTypeError, ConfigError, ShapeError
 from .stats import COUNTERS, CoefficientStats, LayerStats
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,13 @@ def neuron_shard(site, module: nn.Module | None = None) -> NeuronShard | None:
         return None
     in_dim = _in_features_dim(module)
     if in_dim is None:
-        raise KacqError(f"{site.path}: its weight is a DTensor but kacq_hooks does not know which dim of a "
+        raise ShapeError(f"{site.path}: its weight is a DTensor but kacq_hooks does not know which dim of a "
                         f"{type(module).__name__} weight indexes C's neurons; use an nn.Linear output projection")
     dims = tuple(i for i, p in enumerate(weight.placements) if isinstance(p, Shard) and p.dim == in_dim)
     if not dims:
         return None
     if len(dims) > 1:
-        raise KacqError(f"{site.path}: d_ff is sharded over {len(dims)} mesh dims {dims}; kacq_hooks gathers "
+        raise ShapeError(f"{site.path}: d_ff is sharded over {len(dims)} mesh dims {dims}; kacq_hooks gathers "
                         "neuron slices along one tensor-parallel mesh dim only")
     shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
     d_ff = int(weight.shape[in_dim])
@@ -116,7 +116,7 @@ def local_slice(path: str, shard: NeuronShard, c) -> torch.Tensor:
         isinstance(p, Shard) and p.dim % c.dim() == last if d in shard.mesh_dims else p.is_replicate()
         for d, p in enumerate(c.placements))
     if not fits:
-        raise KacqError(f"{path}: C reached the output projection as a DTensor with placements "
+        raise ShapeError(f"{path}: C reached the output projection as a DTensor with placements "
                         f"{c.placements} on {c.device_mesh}; kacq_hooks needs it sharded along d_ff (its last "
                         f"dim) on the mesh of the projection's weight ({shard.mesh}), and replicated otherwise")
     return c.to_local()
@@ -145,19 +145,19 @@ def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None):
     if not isinstance(stats, CoefficientStats) and isinstance(getattr(stats, "stats", None), CoefficientStats):
         inst = stats  # the former call form, reduce(inst, group)
         if shards is not None and group is not None:
-            raise KacqError("reduce(inst, group) takes the group second; pass reduce(inst.stats, inst.shards, group)")
+            raise ArgumentTypeError("reduce(inst, group) takes the group second; pass reduce(inst.stats, inst.shards, group)")
         reduce(inst.stats, list(inst.shards), shards if group is None else group,
                paths=[site.path for site in inst.sites])
         return inst
     if not isinstance(stats, CoefficientStats):
-        raise KacqError(f"reduce() takes CoefficientStats (an instrumentation's .stats), not {type(stats).__name__}")
+        raise ArgumentTypeError(f"reduce() takes CoefficientStats (an instrumentation's .stats), not {type(stats).__name__}")
     shards = [None] * len(stats) if shards is None else list(shards)
     paths = [f"site {i}" for i in range(len(stats))] if paths is None else list(paths)
     if len(shards) != len(stats) or len(paths) != len(stats):
         raise ShapeError(f"reduce() got {len(stats)} layers of statistics, {len(shards)} shard descriptions and "
                          f"{len(paths)} paths: pass one of each per site")
     if not dist.is_available() or not dist.is_initialized():
-        raise KacqError("reduce() needs an initialised torch.distributed process group "
+        raise ConfigError("reduce() needs an initialised torch.distributed process group "
                         "(torch.distributed.init_process_group); one process has nothing to reduce")
     data_group = group if group is not None else _data_group(shards)
     if data_group is not _NO_GROUP:
@@ -178,16 +178,16 @@ def _data_group(shards: list[NeuronShard | None]):
         return None
     mesh, dims = present[0].mesh, present[0].mesh_dims
     if any(s.mesh != mesh or s.mesh_dims != dims for s in present):
-        raise KacqError("tensor-parallel sites live on different device meshes; pass inst.all_reduce(group=...) "
+        raise ConfigError("tensor-parallel sites live on different device meshes; pass inst.all_reduce(group=...) "
                         "with the data-parallel group")
     other = [d for d in range(mesh.ndim) if d not in dims]
     if not other:
         if mesh.size() == dist.get_world_size():
             return _NO_GROUP
-        raise KacqError(f"the tensor-parallel mesh holds {mesh.size()} of {dist.get_world_size()} ranks; pass "
+        raise ConfigError(f"the tensor-parallel mesh holds {mesh.size()} of {dist.get_world_size()} ranks; pass "
                         "inst.all_reduce(group=...) with the data-parallel group (ranks holding the same d_ff slice)")
     if len(other) > 1:
-        raise KacqError(f"the weight mesh has {len(other)} non-tensor-parallel dims {other}; pass "
+        raise ConfigError(f"the weight mesh has {len(other)} non-tensor-parallel dims {other}; pass "
                         "inst.all_reduce(group=...) with the data-parallel group")
     return mesh.get_group(other[0])
 
@@ -204,10 +204,10 @@ def _gather_neurons(local: LayerStats, shard: NeuronShard, path: str) -> LayerSt
     covered = 0
     for offset, width in spans:
         if offset != covered:
-            raise KacqError(f"{path}: the tensor-parallel slices {spans} do not tile d_ff={shard.d_ff}")
+            raise ShapeError(f"{path}: the tensor-parallel slices {spans} do not tile d_ff={shard.d_ff}")
         covered = offset + width
     if covered != shard.d_ff:
-        raise KacqError(f"{path}: the tensor-parallel slices {spans} do not tile d_ff={shard.d_ff}")
+        raise ShapeError(f"{path}: the tensor-parallel slices {spans} do not tile d_ff={shard.d_ff}")
     widest = max(width for _, width in spans)
     whole = LayerStats(shard.d_ff, device)
     for name, buf in local.buffers():
@@ -216,7 +216,7 @@ def _gather_neurons(local: LayerStats, shard: NeuronShard, path: str) -> LayerSt
             dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
             dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
             if int(low) != int(high):
-                raise KacqError(f"{path}: the tensor-parallel ranks counted different {name} ({int(low)} to "
+                raise ShapeError(f"{path}: the tensor-parallel ranks counted different {name} ({int(low)} to "
                                 f"{int(high)}); every rank of a tensor-parallel group must run the same batches")
             getattr(whole, name).copy_(buf)
             continue

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import KacqError, ShapeError, StatisticsOverflowError
+from .errors import ConfigError, ShapeError, StatisticsOverflowError
 
 
 # -- what one block of coefficients offers a statistic ----------------------------------------------------------
@@ -479,7 +479,7 @@ class CoefficientStats:
         import torch.distributed as dist  # torch.distributed is optional on some builds
 
         if not dist.is_available() or not dist.is_initialized():
-            raise KacqError("all_reduce needs an initialised torch.distributed process group "
+            raise ConfigError("all_reduce needs an initialised torch.distributed process group "
                             "(torch.distributed.init_process_group); for one process there is nothing to reduce")
         for arena in self._arenas.values():
             for (_, _, names), buf in zip(_GROUPS, arena.buffers):

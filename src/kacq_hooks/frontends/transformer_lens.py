@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import KacqError, LocateError, MissingExtraError
+from ..errors import ConfigError, LocateError, MissingExtraError
 from ..experts import ExpertsLayer
 from ..locate import Site
 from . import Binding, hf
@@ -175,7 +175,7 @@ def hooked_transformer_config_from_hf(hf_config, *, dtype: torch.dtype | None = 
     if model_type == "gpt2":
         d_model, n_heads = hf_config.n_embd, hf_config.n_head
         if getattr(hf_config, "reorder_and_upcast_attn", False):
-            raise KacqError("GPT-2 configs with reorder_and_upcast_attn=True have no HookedTransformer equivalent; "
+            raise ConfigError("GPT-2 configs with reorder_and_upcast_attn=True have no HookedTransformer equivalent; "
                             "use bridge_from_hf(model) instead")
         fields = dict(
             d_model=d_model, d_head=d_model // n_heads, n_heads=n_heads, n_layers=hf_config.n_layer,
@@ -186,11 +186,11 @@ def hooked_transformer_config_from_hf(hf_config, *, dtype: torch.dtype | None = 
             original_architecture="GPT2LMHeadModel")
     elif model_type == "llama":
         if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-            raise KacqError("Llama configs with attention_bias or mlp_bias are not converted to a HookedTransformer "
+            raise ConfigError("Llama configs with attention_bias or mlp_bias are not converted to a HookedTransformer "
                             "(TransformerLens's llama weight conversion drops biases); use bridge_from_hf(model)")
         rope = dict(getattr(hf_config, "rope_parameters", None) or {})
         if rope.get("rope_type", "default") != "default":
-            raise KacqError(f"rope_type={rope.get('rope_type')!r} is not converted to a HookedTransformer here; use "
+            raise ConfigError(f"rope_type={rope.get('rope_type')!r} is not converted to a HookedTransformer here; use "
                             "bridge_from_hf(model), which runs the Hugging Face attention itself")
         n_heads = hf_config.num_attention_heads
         d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
@@ -203,7 +203,7 @@ def hooked_transformer_config_from_hf(hf_config, *, dtype: torch.dtype | None = 
             rotary_dim=d_head, rotary_base=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)),
             final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM")
     else:
-        raise KacqError(f"hooked_transformer_from_hf converts GPT-2 and Llama models, not model_type={model_type!r}; "
+        raise ConfigError(f"hooked_transformer_from_hf converts GPT-2 and Llama models, not model_type={model_type!r}; "
                         "use bridge_from_hf(model), which wraps any architecture TransformerLens supports")
     return tl.HookedTransformerConfig(**fields, **common)
 
@@ -254,5 +254,5 @@ def bridge_from_hf(hf_model: nn.Module, tokenizer=None):
     except ValueError as err:
         if "architecture" not in str(err).lower():
             raise
-        raise KacqError(f"TransformerLens has no bridge adapter for {architecture}: {err}. Instrument the Hugging "
+        raise ConfigError(f"TransformerLens has no bridge adapter for {architecture}: {err}. Instrument the Hugging "
                         "Face model directly with kacq_hooks.instrument(hf_model)") from err

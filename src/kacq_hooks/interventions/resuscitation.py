@@ -40,7 +40,7 @@ from torch import nn
 
 from .._hooks import HookSet
 from ..entropy import KnowledgeEntropy, knowledge_entropy
-from ..errors import ArgumentTypeError, ConfigError, KacqError, LocateError, ResuscitationError, ShapeError
+from ..errors import ArgumentTypeError, ConfigError, LocateError, NoTokensError, ResuscitationError, ShapeError
 from ..experts import ExpertsTap, expert_up_rows
 from ..locate import Site, find_sites
 from ..stats import CoefficientStats
@@ -235,7 +235,7 @@ def _read_source(source, weighting: str | None):
     elif isinstance(source, CoefficientStats):
         used = weighting or "token"
         if not any(int(s.tokens) for s in source):
-            raise KacqError("the statistics hold no tokens: run the calibration data through the instrumented "
+            raise NoTokensError("the statistics hold no tokens: run the calibration data through the instrumented "
                             "model before making a resuscitation plan")
         cbars = [s.mean_abs(used) for s in source]
         tokens = max(int(s.tokens) for s in source)
@@ -250,7 +250,7 @@ def _read_source(source, weighting: str | None):
         if c.numel() < 2:
             raise ShapeError(f"layer {i}: c̄ has {c.numel()} entries; a layer needs at least 2 neurons to select from")
         if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
-            raise KacqError(f"layer {i}: c̄ must be finite and non-negative (a mean of |C|); got min "
+            raise ShapeError(f"layer {i}: c̄ must be finite and non-negative (a mean of |C|); got min "
                             f"{c.min().item():g}, max {c.max().item():g}")
     return cbars, layer_ids or list(range(len(cbars))), paths, used, tokens
 
@@ -275,7 +275,7 @@ def _plan_layer(layer: int, cbar: torch.Tensor, ratio: float, factor: float, cap
     c = cbar.to(torch.float64)
     mean = float(c.mean())
     if mean <= 0:
-        raise KacqError(f"layer {layer}: every mean |C| is zero on the calibration data (no tokens, or a dead "
+        raise ResuscitationError(f"layer {layer}: every mean |C| is zero on the calibration data (no tokens, or a dead "
                         "layer), so no multiplier is defined; leave it out with layers=[...]")
     threshold = float(torch.quantile(c, ratio))
     indices = torch.nonzero(c <= threshold).flatten()

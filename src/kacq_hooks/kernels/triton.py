@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import stats as S
-from ..errors import KacqError, ShapeError
+from ..errors import ConfigError, KacqError, ShapeError
 
 BLOCK_N = 64    # rows per tile: 64 x 128 values per step, 16 KiB of bf16 in flight per program (4 warps)
 BLOCK_D = 128   # columns per program: a bf16 row segment of 256 bytes, loaded in 16-byte vectors
@@ -216,7 +216,7 @@ def _check(c: torch.Tensor, rows: torch.Tensor | None, out, *, g: torch.Tensor |
            doc_weight: torch.Tensor | None = None) -> None:
     """Host-side checks of shapes and devices only (metadata: no device sync)."""
     if c.device.type != "cuda" and not interpreting():
-        raise KacqError(f"the Triton kernels need CUDA tensors, got {c.device} ones; set KACQ_KERNELS=torch "
+        raise ConfigError(f"the Triton kernels need CUDA tensors, got {c.device} ones; set KACQ_KERNELS=torch "
                         "(or unset it), or TRITON_INTERPRET=1 before triton is imported to run them on the CPU")
     if c.dim() != 2 or not c.is_floating_point():
         raise ShapeError(f"coefficients must be a float [N, d_ff] tensor, got {c.dtype} of shape {tuple(c.shape)}")
