@@ -100,6 +100,7 @@ class Calls:
             call = None
         binding = self.binding
         if call is None:
+            inst.check_sites_in_place()
             owner = (binding.frame_owner or module) if module is binding.root else module
             call = self.current = Call(module, binding.root_reader.read(args, kwargs) if module is binding.root
                                        else StackInputs(), _frame_of(owner), sys.exc_info()[1])
