@@ -11,9 +11,11 @@ import logging
 
 import pytest
 import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 import kacq_hooks as kh
 from kacq_hooks.errors import ArgumentTypeError, NoTokensError
+from kacq_hooks.training import LossScaleCallback
 from tiny_models import random_batch, tiny_model
 
 
@@ -146,3 +148,114 @@ def test_fp16_training_without_a_declared_scale_warns_and_the_accessor_refuses(c
         loss = model(ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     assert all(torch.isfinite(m).all() for m in inst.mean_abs_gradients())
+
+
+# -- the Trainer: accelerate's scaler, read by LossScaleCallback -----------------------------------------------------
+
+def _trainer_dataset(n=12):
+    rows = []
+    for k in range(n):
+        ids, mask = random_batch(batch=1, seq=10, seed=100 + k)
+        ids, mask = ids[0], mask[0]
+        if k % 3 == 1:  # some padded rows
+            mask[7:] = 0
+            ids = ids.masked_fill(mask == 0, 0)
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return rows
+
+
+class _Recorder(TrainerCallback):
+    """The weights before each step and each training forward's inputs; an inf gradient in the steps to poison."""
+
+    def __init__(self, model, poison):
+        self.model, self.poison, self.steps, self.step = model, poison, [], None
+        self.model.register_forward_pre_hook(self._inputs, with_kwargs=True)
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(self._maybe_poison)
+
+    def _inputs(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            self.steps[-1][1].append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+    def _maybe_poison(self, grad):
+        if self.step in self.poison:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+        return grad
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+        self.steps.append(({k: v.detach().clone() for k, v in self.model.state_dict().items()}, []))
+
+
+def _trainer_reference(weights, calls):
+    ref = tiny_model("llama").train()
+    ref.load_state_dict(weights)
+    ref.double()
+    seen = {}
+
+    def keep(index, module, args):
+        args[0].retain_grad()
+        seen[index] = args[0]
+
+    sites = [ref.get_submodule(f"model.layers.{i}.mlp.down_proj") for i in range(ref.config.num_hidden_layers)]
+    for i, site in enumerate(sites):
+        site.register_forward_pre_hook(functools.partial(keep, i))
+    sums = [torch.zeros(site.in_features, dtype=torch.float64) for site in sites]
+    tokens = 0
+    for kwargs in calls:
+        ref.zero_grad()
+        ref(**kwargs).loss.backward()
+        rows = kwargs["attention_mask"].bool()
+        for i in range(len(sites)):
+            sums[i] += seen[i].grad.abs()[rows].sum(0)
+        tokens += int(rows.sum())
+    return sums, tokens
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_trainer_with_accelerates_grad_scaler(tmp_path, fp16):
+    """Trainer semantics with a real accelerate Accelerator and a real torch.amp.GradScaler on CPU.
+
+    accelerate 1.16 creates no GradScaler (and no fp16 autocast) when the device is the CPU:
+    ``Accelerator.__init__`` only builds one for fp16 off the CPU, so ``Trainer(fp16=True)`` on a CPU
+    trains in fp32, unscaled. The test hands the Trainer's own accelerator a CPU ``GradScaler`` before
+    training: ``accelerator.backward`` then scales the loss and the accelerate-wrapped optimizer steps
+    through ``scaler.step``/``scaler.update`` (a skipped step is ``optimizer_step_was_skipped``), as with
+    fp16 on a GPU; the computation stays fp32, so the reference can be tight.
+    """
+    model = tiny_model("llama").train()
+    inst = kh.instrument(model, grads=True)
+    recorder = _Recorder(model, poison={1})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=3,
+                             learning_rate=0.05, report_to=[], logging_steps=1000, save_strategy="no", use_cpu=True,
+                             dataloader_num_workers=0, seed=0, disable_tqdm=True, fp16=fp16)
+    trainer = Trainer(model=model, args=args, train_dataset=_trainer_dataset(), data_collator=default_data_collator,
+                      callbacks=[recorder, LossScaleCallback(inst)])
+    assert trainer.accelerator.mixed_precision == ("fp16" if fp16 else "no") and trainer.accelerator.scaler is None
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    trainer.train()
+    assert inst.skipped_steps == 1
+    assert trainer.accelerator.scaler.get_scale() != 1024.0  # the scale moved during the run
+    total, tokens = None, 0
+    for step, (before, calls) in enumerate(recorder.steps):
+        if step in recorder.poison:
+            continue
+        sums, n = _trainer_reference(before, calls)
+        total = sums if total is None else [a + b for a, b in zip(total, sums)]
+        tokens += n
+    for layer, ref in zip(inst.stats, total):
+        assert int(layer.grad_tokens) == tokens
+        torch.testing.assert_close(layer.grad_sum_abs.double(), ref, rtol=2e-4, atol=1e-9)
+    torch.testing.assert_close(inst.mean_abs_gradients()[1].double(), total[1] / tokens, rtol=2e-4, atol=1e-9)
+
+
+def test_loss_scale_callback_declares_an_unscaled_trainer_run(tmp_path):
+    model = tiny_model("llama").train()
+    inst = kh.instrument(model, grads=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=3,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=_trainer_dataset(3), data_collator=default_data_collator,
+            callbacks=[LossScaleCallback(inst)]).train()
+    assert inst._gradients.declared and inst._gradients.scaler is None
+    assert int(inst.stats[0].grad_tokens) > 0  # committed at once without a scaler

@@ -150,6 +150,31 @@ class InstrumentationCheckpointCallback(TrainerCallback):
         save_state(checkpoint_folder(args, state), self.name, args, {"instrumentation": self.inst.state_dict()})
 
 
+class LossScaleCallback(TrainerCallback):
+    """Give ``inst`` the loss scaler the Trainer (through accelerate) trains with, so its gradient statistics
+    are of the unscaled loss and leave out the steps the scaler skips (see
+    :meth:`~kacq_hooks.Instrumentation.loss_scale`).
+
+    >>> inst = kh.instrument(model, grads=True)  # doctest: +SKIP
+    >>> trainer = Trainer(model, TrainingArguments(..., fp16=True), callbacks=[LossScaleCallback(inst)])  # doctest: +SKIP
+
+    Without a scaler (fp32, bf16) it declares the loss unscaled. The scaler is read at the start of
+    training from the Trainer's (accelerate-wrapped) optimizer, whose ``scaler`` is the accelerator's.
+    """
+
+    def __init__(self, inst: Instrumentation):
+        self.inst = inst
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.inst.loss_scale(loss_scaler_of(optimizer))
+
+
+def loss_scaler_of(optimizer):
+    """The ``torch.amp.GradScaler`` an (accelerate-wrapped) optimizer steps through, or None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
+
+
 class _LoggingCallback(TrainerCallback):
     """Holds metrics until the Trainer's next ``on_log`` and adds them to its logs and ``log_history``."""
 
