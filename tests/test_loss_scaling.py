@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 import kacq_hooks as kh
 from kacq_hooks.errors import ArgumentTypeError, NoTokensError
-from kacq_hooks.training import LossScaleCallback
+from kacq_hooks.training import InstrumentationCheckpointCallback, LossScaleCallback
 from tiny_models import random_batch, tiny_model
 
 
@@ -213,9 +213,11 @@ def _trainer_reference(weights, calls):
     return sums, tokens
 
 
-@pytest.mark.parametrize("fp16", [False, True])
-def test_trainer_with_accelerates_grad_scaler(tmp_path, fp16):
-    """Trainer semantics with a real accelerate Accelerator and a real torch.amp.GradScaler on CPU.
+@pytest.mark.parametrize("fp16, callback", [(False, LossScaleCallback), (True, LossScaleCallback),
+                                             (True, InstrumentationCheckpointCallback)])
+def test_trainer_with_accelerates_grad_scaler(tmp_path, fp16, callback):
+    """Trainer semantics with a real accelerate Accelerator and a real torch.amp.GradScaler on CPU; the scaler is
+    picked up by LossScaleCallback, or by the checkpoint callback of a user's own instrumentation.
 
     accelerate 1.16 creates no GradScaler (and no fp16 autocast) when the device is the CPU:
     ``Accelerator.__init__`` only builds one for fp16 off the CPU, so ``Trainer(fp16=True)`` on a CPU
@@ -231,7 +233,7 @@ def test_trainer_with_accelerates_grad_scaler(tmp_path, fp16):
                              learning_rate=0.05, report_to=[], logging_steps=1000, save_strategy="no", use_cpu=True,
                              dataloader_num_workers=0, seed=0, disable_tqdm=True, fp16=fp16)
     trainer = Trainer(model=model, args=args, train_dataset=_trainer_dataset(), data_collator=default_data_collator,
-                      callbacks=[recorder, LossScaleCallback(inst)])
+                      callbacks=[recorder, callback(inst)])
     assert trainer.accelerator.mixed_precision == ("fp16" if fp16 else "no") and trainer.accelerator.scaler is None
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
     trainer.train()
@@ -259,3 +261,35 @@ def test_loss_scale_callback_declares_an_unscaled_trainer_run(tmp_path):
             callbacks=[LossScaleCallback(inst)]).train()
     assert inst._gradients.declared and inst._gradients.scaler is None
     assert int(inst.stats[0].grad_tokens) > 0  # committed at once without a scaler
+
+
+def test_accelerate_loop_with_a_grad_scaler():
+    """A plain accelerate loop: ``accelerator.backward`` scales, the wrapped optimizer steps through the scaler.
+
+    accelerate 1.16 builds no scaler on a CPU, so the accelerator is given a real CPU GradScaler before
+    ``prepare`` (see the Trainer test); ``inst.loss_scale(accelerator)`` reads it from the accelerator.
+    """
+    from accelerate import Accelerator
+
+    model = tiny_model("llama").train()
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, opt = accelerator.prepare(model, opt)
+    inst = kh.instrument(model, grads=True).loss_scale(accelerator)
+    first = next(model.parameters())
+    history = []
+    for step in range(3):
+        before = copy.deepcopy(model)
+        ids, mask = random_batch(batch=3, seq=10, seed=step)
+        accelerator.backward(model(ids, attention_mask=mask, labels=ids).loss)
+        if step == 1:
+            first.grad.view(-1)[0] = float("nan")
+        opt.step()
+        history.append((before, [(ids, mask)], not accelerator.optimizer_step_was_skipped))
+        opt.zero_grad()
+    assert [stepped for *_, stepped in history] == [True, False, True]
+    assert inst.skipped_steps == 1
+    for layer, (ref_sum, ref_tokens) in zip(inst.stats, _expected(history, 1)):
+        assert int(layer.grad_tokens) == ref_tokens
+        torch.testing.assert_close(layer.grad_sum_abs.double(), ref_sum, rtol=2e-4, atol=1e-9)

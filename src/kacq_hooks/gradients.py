@@ -47,10 +47,12 @@ class Gradients:
 
     # -- the scaler
     def use(self, scaler) -> None:
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler) and hasattr(scaler, "scaler"):
+            scaler = scaler.scaler  # an accelerate Accelerator or AcceleratedOptimizer: its scaler, or None
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise ArgumentTypeError(
-                f"loss_scale() takes the torch.amp.GradScaler that scales the loss (or None when the loss is not "
-                f"scaled), not {type(scaler).__name__}")
+                "loss_scale() takes the torch.amp.GradScaler that scales the loss, an accelerate Accelerator (its "
+                f"scaler), or None when the loss is not scaled; not {type(scaler).__name__}")
         if scaler is self.scaler:
             self.declared = True
             return

@@ -204,6 +204,9 @@ class Instrumentation:
     def loss_scale(self, scaler) -> "Instrumentation":
         """Declare the ``torch.amp.GradScaler`` that scales the loss (or ``None``: the loss is not scaled).
 
+        ``scaler`` may also be an accelerate ``Accelerator`` (or its wrapped optimizer): its ``scaler``,
+        which is None when it does not scale the loss.
+
         With a scaler, the gradient statistics are of the unscaled loss: each optimizer step's dL/dC
         statistics are staged during backward and committed at ``scaler.update()``, divided by the scale
         its backward passes ran with; a step the scaler skips (inf/NaN gradients) adds nothing, and with

@@ -12,7 +12,8 @@ from .sam import SAM, SAMTrainer
 __all__ = [
     "SAM", "SAMTrainer",
     "formatting_variants", "augment_record", "with_format_variants", "Format",
-    "FactTrackingCallback", "KnowledgeEntropyCallback", "LossScaleCallback", "InjectionCallback", "InstrumentationCheckpointCallback",
+    "FactTrackingCallback", "KnowledgeEntropyCallback", "InjectionCallback", "InstrumentationCheckpointCallback",
+    "LossScaleCallback",
     "AttributionCallback", "AttributionStore", "AttributionTracker",
 ]
 

@@ -141,7 +141,9 @@ class InstrumentationCheckpointCallback(TrainerCallback):
         self.inst = inst
         self.name = _slug(name)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.inst.grads and not self.inst._gradients.declared:  # the Trainer's fp16 scaler, as LossScaleCallback
+            self.inst.loss_scale(loss_scaler_of(optimizer))
         folder = resumed_checkpoint(args, state)
         if folder is not None:
             self.inst.load_state_dict(load_state(folder, self.name, args)["instrumentation"])
@@ -156,7 +158,8 @@ class LossScaleCallback(TrainerCallback):
     :meth:`~kacq_hooks.Instrumentation.loss_scale`).
 
     >>> inst = kh.instrument(model, grads=True)  # doctest: +SKIP
-    >>> trainer = Trainer(model, TrainingArguments(..., fp16=True), callbacks=[LossScaleCallback(inst)])  # doctest: +SKIP
+    >>> args = TrainingArguments("out", fp16=True)  # doctest: +SKIP
+    >>> trainer = Trainer(model, args, callbacks=[LossScaleCallback(inst)])  # doctest: +SKIP
 
     Without a scaler (fp32, bf16) it declares the loss unscaled. The scaler is read at the start of
     training from the Trainer's (accelerate-wrapped) optimizer, whose ``scaler`` is the accelerator's.
