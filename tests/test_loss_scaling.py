@@ -112,7 +112,7 @@ def test_a_step_is_staged_until_update():
     model = tiny_model("llama").train()
     scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
     inst = kh.instrument(model, grads=True).loss_scale(scaler)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: steps are comparable
     ids, mask = random_batch(batch=2, seq=8)
     scaler.scale(model(ids, attention_mask=mask, labels=ids).loss).backward()
     assert int(inst.stats[0].grad_tokens) == 0
@@ -123,6 +123,15 @@ def test_a_step_is_staged_until_update():
     assert int(inst.stats[0].grad_tokens) == int(mask.sum())
     inst.remove()  # the scaler is the user's again
     assert "update" not in vars(scaler)
+    inst.attach()  # and followed again: a re-attached instrumentation never adds scaled gradients
+    scaler.scale(model(ids, attention_mask=mask, labels=ids).loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert int(inst.stats[0].grad_tokens) == 2 * int(mask.sum())
+    one = inst.stats[0].grad_sum_abs.clone()
+    plain = kh.instrument(model, grads=True)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    torch.testing.assert_close(one / 2, plain.stats[0].grad_sum_abs, rtol=1e-5, atol=1e-10)  # not x64
 
 
 def test_loss_scale_takes_a_grad_scaler():

@@ -53,20 +53,25 @@ class Gradients:
             raise ArgumentTypeError(
                 "loss_scale() takes the torch.amp.GradScaler that scales the loss, an accelerate Accelerator (its "
                 f"scaler), or None when the loss is not scaled; not {type(scaler).__name__}")
-        if scaler is self.scaler:
-            self.declared = True
-            return
-        self.release()
         self.declared = True
-        if scaler is None:
+        if scaler is self.scaler and (self._wrapper is not None or not self.inst.attached):
             return
+        self.unfollow()
         self.scaler = scaler
+        if scaler is not None and self.inst.attached:
+            self.follow()
+
+    def follow(self) -> None:
+        """Stage gradients and commit them at the declared scaler's ``update()`` (while the hooks are attached)."""
+        scaler = self.scaler
+        if scaler is None or self._wrapper is not None:
+            return
         stats = self.inst.stats
         self.staged = CoefficientStats(stats.d_ffs, [layer.device for layer in stats])
         original = scaler.update
 
         def update(new_scale=None):
-            if self._wrapper is not update:  # released (inst.remove(), another scaler): pass through
+            if self._wrapper is not update:  # no longer followed (inst.remove(), another scaler): pass through
                 return original(new_scale)
             scale, found = self._before_update(scaler)
             result = original(new_scale)
@@ -76,14 +81,14 @@ class Gradients:
         self._wrapper = update
         scaler.update = update  # an instance attribute: the scaler's class is untouched
 
-    def release(self) -> None:
-        """Stop following the scaler (the staged statistics of an unfinished step are dropped)."""
+    def unfollow(self) -> None:
+        """Give the scaler its own ``update`` back (the scaler stays declared; an unfinished step is dropped)."""
         scaler, wrapper = self.scaler, self._wrapper
         if scaler is not None and scaler.__dict__.get("update") is wrapper:
             del scaler.update
         if self.staged is not None and any(int(layer.grad_tokens) for layer in self.staged):
             log.warning("kacq_hooks: gradient statistics of a step whose scaler.update() never ran were dropped")
-        self.scaler, self._wrapper, self.staged = None, None, None
+        self._wrapper, self.staged = None, None
 
     def _before_update(self, scaler):
         """The scale the step's backward passes used and the scaler's inf flags, read before update() changes them."""

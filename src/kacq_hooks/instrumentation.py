@@ -157,6 +157,7 @@ class Instrumentation:
             self._slots = _slots_of(self.binding)
             self._calls.attach(self._hooks)
             self._capture.attach(self._hooks)
+            self._gradients.follow()
             _attached.add(self)
         return self
 
@@ -164,7 +165,7 @@ class Instrumentation:
         """Remove every hook; the statistics stay readable (a forward still running adds nothing)."""
         self._hooks.remove()
         self._calls.close()
-        self._gradients.release()
+        self._gradients.unfollow()
         _attached.discard(self)
 
     def __enter__(self) -> "Instrumentation":
@@ -211,8 +212,8 @@ class Instrumentation:
         statistics are staged during backward and committed at ``scaler.update()``, divided by the scale
         its backward passes ran with; a step the scaler skips (inf/NaN gradients) adds nothing, and with
         gradient accumulation the whole window goes with its step. Until ``update()`` a step's gradients
-        are not in :attr:`stats`. The scaler's ``update`` is followed until :meth:`remove` (or another
-        ``loss_scale`` call). With the Trainer, :class:`~kacq_hooks.training.LossScaleCallback` does this.
+        are not in :attr:`stats`. The scaler's ``update`` is followed while the hooks are attached (after
+        :meth:`remove` the scaler is the user's again; :meth:`attach` follows it again). With the Trainer, :class:`~kacq_hooks.training.LossScaleCallback` does this.
 
         >>> scaler = torch.amp.GradScaler("cpu")  # doctest: +SKIP
         >>> inst = kh.instrument(model, grads=True).loss_scale(scaler)  # doctest: +SKIP
