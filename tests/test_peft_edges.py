@@ -87,3 +87,23 @@ def test_forwards_after_merge_and_unload_are_refused():
     with kh.instrument(merged) as fresh, torch.no_grad():
         merged(ids, attention_mask=mask)
     assert int(fresh.stats[0].tokens) == int(mask.sum())
+
+
+def test_an_instrumentation_made_before_wrapping_follows_the_adapter_and_the_merge():
+    """Instrumented before get_peft_model, the hooked projection becomes the adapter's base layer, and
+    merge_and_unload puts it back: it stays in the model and is measured throughout."""
+    model = tiny_model("llama")
+    inst = kh.instrument(model)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
+    ids, mask = random_batch(batch=2, seq=8)
+    with torch.no_grad():
+        wrapped(ids, attention_mask=mask)
+        merged = wrapped.merge_and_unload()
+        before = inst.stats[1].sum_abs.clone()
+        merged(ids, attention_mask=mask)
+    assert int(inst.stats[0].tokens) == 2 * int(mask.sum())
+    after_merge = inst.stats[1].sum_abs - before
+    inst.remove()
+    with kh.instrument(merged) as fresh, torch.no_grad():
+        merged(ids, attention_mask=mask)
+    torch.testing.assert_close(after_merge, fresh.stats[1].sum_abs, rtol=1e-5, atol=1e-6)

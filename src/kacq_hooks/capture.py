@@ -5,8 +5,9 @@ experts and shared-expert taps of a mixture-of-experts layer see each expert's C
 computed. The rows of C that count, and their document weights, come from the stack's reader
 (:class:`~kacq_hooks.frontends.stacks.StackReader`), once per call and shape. Forward statistics are
 staged in the call's pending buffers (:mod:`kacq_hooks.calls` commits them); with ``grads=True`` a
-tensor hook on C adds dL/dC statistics of a counted call straight into the instrumentation's
-statistics during backward. Hooks return nothing and never call ``.item()``.
+tensor hook on C adds dL/dC statistics of a counted call during backward into where
+:mod:`kacq_hooks.gradients` says: the instrumentation's statistics, or the staged step of a declared
+loss scaler. Hooks return nothing and never call ``.item()``.
 """
 from __future__ import annotations
 

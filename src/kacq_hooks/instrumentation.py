@@ -188,13 +188,22 @@ class Instrumentation:
         return self._pause_depth > 0
 
     def check_sites_in_place(self) -> None:
-        """Refuse a model whose instrumented modules were replaced after ``instrument()``.
+        """Refuse a model whose instrumented modules were taken out of it after ``instrument()``.
 
         peft's ``merge_and_unload()`` (and any module swap) puts new modules where the hooked ones were:
-        their forwards would run unseen and every later call would add nothing.
+        their forwards would run unseen and every later call would add nothing. A hooked module that
+        was wrapped in place (``get_peft_model`` after ``instrument``) is still in the model and still
+        measured.
         """
-        gone = [site.path for site, (parent, name, module) in zip(self.sites, self._slots)
-                if parent is not None and parent._modules.get(name) is not module]
+        gone = []
+        for index, chain in enumerate(self._slots):
+            if chain is None or all(parent._modules.get(name) is child for parent, name, child in chain):
+                continue
+            found = _chain_to(self.binding.root, self.sites[index].module)  # moved (wrapped in place)?
+            if found is None:
+                gone.append(self.sites[index].path)
+            else:
+                self._slots[index] = found
         if gone:
             raise LocateError(f"the instrumented modules {gone[:3]}{' ...' if len(gone) > 3 else ''} are no longer in "
                               "the model: it was changed after instrument() (peft's merge_and_unload() or "
@@ -372,17 +381,21 @@ class Instrumentation:
 
 
 def _slots_of(binding: Binding) -> list:
-    """(parent module, attribute name, module) of each site under the binding's root; (None, None, m) if not found."""
-    names = {id(m): name for name, m in binding.root.named_modules(remove_duplicate=False) if name}
-    slots = []
-    for site in binding.sites:
-        name = names.get(id(site.module))
-        if name is None:
-            slots.append((None, None, site.module))
-            continue
-        parent, _, attribute = name.rpartition(".")
-        slots.append((binding.root.get_submodule(parent) if parent else binding.root, attribute, site.module))
-    return slots
+    """Per site, the chain of (parent, attribute, child) from the root down to it; None where it is not below the
+    root (a front end whose sites live elsewhere), which is then not checked."""
+    return [_chain_to(binding.root, site.module) for site in binding.sites]
+
+
+def _chain_to(root: nn.Module, module: nn.Module) -> list | None:
+    for name, candidate in root.named_modules(remove_duplicate=False):
+        if candidate is module and name:
+            chain, parent = [], root
+            for attribute in name.split("."):
+                child = parent._modules[attribute]
+                chain.append((parent, attribute, child))
+                parent = child
+            return chain
+    return None
 
 
 def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:
