@@ -191,7 +191,8 @@ class Instrumentation:
         """Refuse a model whose instrumented modules were taken out of it after ``instrument()``.
 
         peft's ``merge_and_unload()`` (and any module swap) puts new modules where the hooked ones were:
-        their forwards would run unseen and every later call would add nothing. A hooked module that
+        their forwards would run unseen and every later call would add nothing. Checked when a call ends
+        with a site that did not run, so a normal call pays nothing. A hooked module that
         was wrapped in place (``get_peft_model`` after ``instrument``) is still in the model and still
         measured.
         """
