@@ -302,3 +302,16 @@ def test_accelerate_loop_with_a_grad_scaler():
     for layer, (ref_sum, ref_tokens) in zip(inst.stats, _expected(history, 1)):
         assert int(layer.grad_tokens) == ref_tokens
         torch.testing.assert_close(layer.grad_sum_abs.double(), ref_sum, rtol=2e-4, atol=1e-9)
+
+
+def test_deepspeed_fp16_is_refused(tmp_path):
+    """DeepSpeed's own fp16 loss scaler cannot be read: refused at the start of training, not measured as unscaled.
+
+    DeepSpeed is not installed here, so the Trainer cannot be built with it: the callback is handed real
+    TrainingArguments whose ``deepspeed`` setting is filled in afterwards.
+    """
+    inst = kh.instrument(tiny_model("llama"), grads=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), fp16=True, use_cpu=True, report_to=[])
+    args.deepspeed = {"fp16": {"enabled": True}}
+    with pytest.raises(kh.KacqError, match="DeepSpeed"):
+        LossScaleCallback(inst).on_train_begin(args, None, None, optimizer=None)

@@ -143,7 +143,7 @@ class InstrumentationCheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.inst.grads and not self.inst._gradients.declared:  # the Trainer's fp16 scaler, as LossScaleCallback
-            self.inst.loss_scale(loss_scaler_of(optimizer))
+            self.inst.loss_scale(loss_scaler_of(optimizer, args))
         folder = resumed_checkpoint(args, state)
         if folder is not None:
             self.inst.load_state_dict(load_state(folder, self.name, args)["instrumentation"])
@@ -169,11 +169,19 @@ class LossScaleCallback(TrainerCallback):
         self.inst = inst
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.inst.loss_scale(loss_scaler_of(optimizer))
+        self.inst.loss_scale(loss_scaler_of(optimizer, args))
 
 
-def loss_scaler_of(optimizer):
-    """The ``torch.amp.GradScaler`` an (accelerate-wrapped) optimizer steps through, or None."""
+def loss_scaler_of(optimizer, args=None):
+    """The ``torch.amp.GradScaler`` an (accelerate-wrapped) optimizer steps through, or None.
+
+    DeepSpeed scales an fp16 loss inside its engine with a scaler of its own that kacq_hooks cannot read:
+    that run is refused rather than measured as unscaled.
+    """
+    if args is not None and getattr(args, "deepspeed", None) and getattr(args, "fp16", False):
+        raise ConfigError("DeepSpeed scales an fp16 loss inside its engine, where kacq_hooks cannot read the scale, so "
+                          "grads=True statistics would be of the scaled loss: train in bf16 (no loss scaling) or "
+                          "without DeepSpeed's fp16, or instrument with grads=False")
     scaler = getattr(optimizer, "scaler", None)
     return scaler if isinstance(scaler, torch.amp.GradScaler) else None
 
