@@ -73,6 +73,8 @@ class Capture:
         if stats.device != c.device:  # a parameterless site (a TransformerLens HookPoint) on a sharded model
             pending.move_layer(index, c.device)
             inst.stats.move_layer(index, c.device)
+            if inst._gradients.staged is not None:
+                inst._gradients.staged.move_layer(index, c.device)
             stats = pending[index]
         c2d = c.detach().reshape(-1, c.shape[-1])
         rows, doc_weight, documents = self._rows_for(call, index, c)
