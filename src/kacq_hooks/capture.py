@@ -102,8 +102,7 @@ class Capture:
         gradients = self.inst._gradients
         if not c.requires_grad:
             gradients.note_gradless(index, self.sites[index].path)
-        elif not gradients.declared and (c.dtype == torch.float16 or (
-                torch.is_autocast_enabled(c.device.type) and torch.get_autocast_dtype(c.device.type) == torch.float16)):
+        elif not gradients.declared and (c.dtype == torch.float16 or _fp16_autocast(c.device.type)):
             gradients.note_fp16()
 
     def _rows_for(self, call: Call, index: int, c: torch.Tensor):
@@ -174,3 +173,9 @@ class Capture:
         if not self.inst._pause_depth and not call.discarded:
             reference.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
                                                 self.inst._gradients.target(index), start)
+
+
+def _fp16_autocast(device_type: str) -> bool:
+    """Whether float16 autocast is on for ``device_type`` (the forwards a GradScaler usually goes with)."""
+    return (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16)
