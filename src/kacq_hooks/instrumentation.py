@@ -246,7 +246,7 @@ class Instrumentation:
         without one) is refused, or NaN with ``allow_missing=True``.
         """
         return [s.grad_sum_abs / s.grad_tokens.clamp(min=1) if ok else torch.full_like(s.grad_sum_abs, float("nan"))
-                for s, ok in zip(self.stats, self._gradient_layers(allow_missing))]
+                for s, ok in zip(self.stats, self._gradient_layers(allow_missing, "grad_sum_abs"))]
 
     def mean_coefficient_gradients(self, *, allow_missing: bool = False) -> list[torch.Tensor]:
         """Per layer, fp32 [d_ff]: the mean of C_i * dL/dC_i per neuron over the recorded tokens.
@@ -256,9 +256,9 @@ class Instrumentation:
         :meth:`mean_abs_gradients`.
         """
         return [s.grad_sum_cg / s.grad_tokens.clamp(min=1) if ok else torch.full_like(s.grad_sum_cg, float("nan"))
-                for s, ok in zip(self.stats, self._gradient_layers(allow_missing))]
+                for s, ok in zip(self.stats, self._gradient_layers(allow_missing, "grad_sum_cg"))]
 
-    def _gradient_layers(self, allow_missing: bool) -> list[bool]:
+    def _gradient_layers(self, allow_missing: bool, field: str) -> list[bool]:
         """Which layers hold gradients; refuses what cannot give a right mean gradient."""
         self._require_whole_layers()
         if not self.grads:
@@ -275,6 +275,9 @@ class Instrumentation:
             why = "; ".join(self._gradients.gradless.get(i, f"{self.labels[i]} saw no gradient") for i in missing[:3])
             raise NoTokensError(f"layers {[self.labels[i] for i in missing]} hold no gradients: {why}. Read the other "
                                 "layers with allow_missing=True (NaN for these)")
+        for layer, ok in zip(self.stats, have):
+            if ok:
+                layer.check_finite([field])
         return have
 
     # -- results ---------------------------------------------------------------------------------
