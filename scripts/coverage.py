@@ -295,6 +295,15 @@ SETUPS = (
      "mistral3 (Pixtral)", "tests/test_tower_and_mask_arguments.py"),
     ("a custom stack whose mask argument is padding_mask", "custom module: refused", "-", "-", "-",
      "tests/test_tower_and_mask_arguments.py"),
+    ("grads=True under a torch.amp.GradScaler (plain loop, accelerate Accelerator, Trainer via LossScaleCallback), "
+     "a forced skipped step, gradient accumulation", "llama", "-", "-", "-", "tests/test_loss_scaling.py"),
+    ("grads=True under a declared GradScaler, routed and shared expert slots (against the unscaled run, not "
+     "float64)", "mixtral, qwen2_moe", "-", "-", "-", "tests/test_gradient_accessors.py"),
+    ("fp16 autocast training with grads=True and no declared loss scale; DeepSpeed fp16", "llama: warned, "
+     "accessors refused; DeepSpeed fp16: refused", "-", "-", "-", "tests/test_loss_scaling.py"),
+    ("peft LoRA: on down_proj only (layer 0's C needs no gradient), on every MLP projection, merge_and_unload "
+     "(instrumented after and before wrapping)", "llama (down_proj only: layer 0 warned and refused by the "
+     "accessors; a merged adapter's modules: refused)", "-", "-", "-", "tests/test_peft_edges.py"),
 )
 
 

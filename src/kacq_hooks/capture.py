@@ -5,8 +5,9 @@ experts and shared-expert taps of a mixture-of-experts layer see each expert's C
 computed. The rows of C that count, and their document weights, come from the stack's reader
 (:class:`~kacq_hooks.frontends.stacks.StackReader`), once per call and shape. Forward statistics are
 staged in the call's pending buffers (:mod:`kacq_hooks.calls` commits them); with ``grads=True`` a
-tensor hook on C adds dL/dC statistics of a counted call straight into the instrumentation's
-statistics during backward. Hooks return nothing and never call ``.item()``.
+tensor hook on C adds dL/dC statistics of a counted call during backward into where
+:mod:`kacq_hooks.gradients` says: the instrumentation's statistics, or the staged step of a declared
+loss scaler. Hooks return nothing and never call ``.item()``.
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ class Capture:
         if stats.device != c.device:  # a parameterless site (a TransformerLens HookPoint) on a sharded model
             pending.move_layer(index, c.device)
             inst.stats.move_layer(index, c.device)
+            if inst._gradients.staged is not None:
+                inst._gradients.staged.move_layer(index, c.device)
             stats = pending[index]
         c2d = c.detach().reshape(-1, c.shape[-1])
         rows, doc_weight, documents = self._rows_for(call, index, c)
@@ -91,6 +94,16 @@ class Capture:
                                                   whole.device_mesh, whole.placements))
         elif inst.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_gradient, index, call, c2d, rows))
+        if inst.grads and call.training and torch.is_grad_enabled():
+            self._note_training_forward(index, c if whole is None else whole)
+
+    def _note_training_forward(self, index: int, c: torch.Tensor) -> None:
+        """What a training forward says about the gradients to come: none at this site, or a likely scaled loss."""
+        gradients = self.inst._gradients
+        if not c.requires_grad:
+            gradients.note_gradless(index, self.sites[index].path)
+        elif not gradients.declared and (c.dtype == torch.float16 or _fp16_autocast(c.device.type)):
+            gradients.note_fp16()
 
     def _rows_for(self, call: Call, index: int, c: torch.Tensor):
         """(valid rows [N] bool or None, document weights [N] fp32 or None, documents or None) for C."""
@@ -104,7 +117,8 @@ class Capture:
 
     def _on_gradient(self, index: int, call: Call, c2d: torch.Tensor, rows, grad: torch.Tensor):
         if not self.inst._pause_depth and not call.discarded:
-            kernels.accumulate_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows, self.inst.stats[index])
+            kernels.accumulate_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
+                                        self.inst._gradients.target(index))
 
     def _on_dtensor_gradient(self, index: int, call: Call, c2d, rows, mesh, placements, grad):
         self._on_gradient(index, call, c2d, rows, to_local(grad, mesh, placements))
@@ -138,7 +152,7 @@ class Capture:
     def _on_routed_gradient(self, index: int, call: Call, c, expert_ids, keep, grad):
         if self.inst._pause_depth or call.discarded:
             return
-        stats = self.inst.stats[index]
+        stats = self.inst._gradients.target(index)
         reference.accumulate_experts_backward(c, grad, expert_ids, keep, stats, self.sites[index].experts)
         if index not in call.grad_counted:  # a layer's gradient tokens are counted once per call
             call.grad_counted.add(index)
@@ -157,5 +171,11 @@ class Capture:
 
     def _on_shared_gradient(self, index: int, call: Call, start: int, c2d, rows, grad):
         if not self.inst._pause_depth and not call.discarded:
-            reference.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows, self.inst.stats[index],
-                                                start)
+            reference.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
+                                                self.inst._gradients.target(index), start)
+
+
+def _fp16_autocast(device_type: str) -> bool:
+    """Whether float16 autocast is on for ``device_type`` (the forwards a GradScaler usually goes with)."""
+    return (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16)

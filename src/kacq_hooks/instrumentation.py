@@ -24,8 +24,9 @@ from .calls import Calls
 from .capture import Capture
 from .distributed import neuron_shard, reduce as reduce_across_ranks
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import ConfigError, KacqError
+from .errors import ConfigError, KacqError, LocateError, NoTokensError
 from .frontends import Binding, bind
+from .gradients import Gradients
 from .locate import Site
 from .stats import CoefficientStats
 
@@ -133,6 +134,8 @@ class Instrumentation:
         self._hooks = HookSet()
         self._calls = Calls(self, self._widths, devices)      # the call transaction (kacq_hooks.calls)
         self._capture = Capture(self, self._calls)            # the site hooks (kacq_hooks.capture)
+        self._gradients = Gradients(self)                     # loss scaling and staged steps (kacq_hooks.gradients)
+        self._slots: list = []                                # (parent, attribute, module) of each site, at attach
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -151,8 +154,10 @@ class Instrumentation:
     def attach(self) -> "Instrumentation":
         """Register the hooks (``instrument`` does this already; use it to re-attach after ``remove``)."""
         if not self._hooks:
+            self._slots = _slots_of(self.binding)
             self._calls.attach(self._hooks)
             self._capture.attach(self._hooks)
+            self._gradients.follow()
             _attached.add(self)
         return self
 
@@ -160,6 +165,7 @@ class Instrumentation:
         """Remove every hook; the statistics stay readable (a forward still running adds nothing)."""
         self._hooks.remove()
         self._calls.close()
+        self._gradients.unfollow()
         _attached.discard(self)
 
     def __enter__(self) -> "Instrumentation":
@@ -180,6 +186,99 @@ class Instrumentation:
     @property
     def is_paused(self) -> bool:
         return self._pause_depth > 0
+
+    def check_sites_in_place(self) -> None:
+        """Refuse a model whose instrumented modules were taken out of it after ``instrument()``.
+
+        peft's ``merge_and_unload()`` (and any module swap) puts new modules where the hooked ones were:
+        their forwards would run unseen and every later call would add nothing. Checked when a call ends
+        with a site that did not run, so a normal call pays nothing. A hooked module that
+        was wrapped in place (``get_peft_model`` after ``instrument``) is still in the model and still
+        measured.
+        """
+        gone = []
+        for index, chain in enumerate(self._slots):
+            if chain is None or all(parent._modules.get(name) is child for parent, name, child in chain):
+                continue
+            found = _chain_to(self.binding.root, self.sites[index].module)  # moved (wrapped in place)?
+            if found is None:
+                gone.append(self.sites[index].path)
+            else:
+                self._slots[index] = found
+        if gone:
+            raise LocateError(f"the instrumented modules {gone[:3]}{' ...' if len(gone) > 3 else ''} are no longer in "
+                              "the model: it was changed after instrument() (peft's merge_and_unload() or "
+                              "unload(), or modules replaced), so nothing of its forwards would be measured. "
+                              "Instrument the model as it is now: inst.remove(); inst = kh.instrument(merged_model)")
+
+    # -- gradients -------------------------------------------------------------------------------
+    def loss_scale(self, scaler) -> "Instrumentation":
+        """Declare the ``torch.amp.GradScaler`` that scales the loss (or ``None``: the loss is not scaled).
+
+        ``scaler`` may also be an accelerate ``Accelerator`` (or its wrapped optimizer): its ``scaler``,
+        which is None when it does not scale the loss.
+
+        With a scaler, the gradient statistics are of the unscaled loss: each optimizer step's dL/dC
+        statistics are staged during backward and committed at ``scaler.update()``, divided by the scale
+        its backward passes ran with; a step the scaler skips (inf/NaN gradients) adds nothing, and with
+        gradient accumulation the whole window goes with its step. Until ``update()`` a step's gradients
+        are not in :attr:`stats`. The scaler's ``update`` is followed while the hooks are attached (after
+        :meth:`remove` the scaler is the user's again; :meth:`attach` follows it again). With the Trainer, :class:`~kacq_hooks.training.LossScaleCallback` does this.
+
+        >>> scaler = torch.amp.GradScaler("cpu")  # doctest: +SKIP
+        >>> inst = kh.instrument(model, grads=True).loss_scale(scaler)  # doctest: +SKIP
+        >>> scaler.scale(loss).backward(); scaler.step(opt); scaler.update()  # doctest: +SKIP
+        """
+        self._gradients.use(scaler)
+        return self
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps the declared loss scaler skipped (their gradient statistics were left out)."""
+        return self._gradients.skipped_steps
+
+    def mean_abs_gradients(self, *, allow_missing: bool = False) -> list[torch.Tensor]:
+        """Per layer, fp32 [d_ff]: the mean |dL/dC| per neuron over the tokens whose gradient was recorded.
+
+        dL/dC is of the loss the backward ran on (unscaled under :meth:`loss_scale`); its size follows
+        that loss's normalisation (a mean over a batch's tokens makes it scale with 1/tokens). A layer
+        whose C never needed a gradient (e.g. LoRA on the output projection only leaves the first layer
+        without one) is refused, or NaN with ``allow_missing=True``.
+        """
+        return [s.grad_sum_abs / s.grad_tokens.clamp(min=1) if ok else torch.full_like(s.grad_sum_abs, float("nan"))
+                for s, ok in zip(self.stats, self._gradient_layers(allow_missing, "grad_sum_abs"))]
+
+    def mean_coefficient_gradients(self, *, allow_missing: bool = False) -> list[torch.Tensor]:
+        """Per layer, fp32 [d_ff]: the mean of C_i * dL/dC_i per neuron over the recorded tokens.
+
+        Per token, C_i * dL/dC_i is the first-order change of the loss when neuron i's coefficient is
+        scaled by (1 + eps), divided by eps: negative where the neuron lowers the loss. Refusals as
+        :meth:`mean_abs_gradients`.
+        """
+        return [s.grad_sum_cg / s.grad_tokens.clamp(min=1) if ok else torch.full_like(s.grad_sum_cg, float("nan"))
+                for s, ok in zip(self.stats, self._gradient_layers(allow_missing, "grad_sum_cg"))]
+
+    def _gradient_layers(self, allow_missing: bool, field: str) -> list[bool]:
+        """Which layers hold gradients; refuses what cannot give a right mean gradient."""
+        self._require_whole_layers()
+        if not self.grads:
+            raise ConfigError("gradients are only recorded with instrument(model, grads=True)")
+        self._gradients.require_known_scale()
+        have = [int(s.grad_tokens) > 0 for s in self.stats]
+        if not any(have):
+            staged = self._gradients.staged is not None and any(int(s.grad_tokens) for s in self._gradients.staged)
+            raise NoTokensError("no gradients have been recorded" + (
+                ": the staged step waits for scaler.update() (inst.loss_scale(scaler))" if staged else
+                ": run a backward pass of a loss computed by the instrumented model (outside inst.pause())"))
+        missing = [i for i, ok in enumerate(have) if not ok]
+        if missing and not allow_missing:
+            why = "; ".join(self._gradients.gradless.get(i, f"{self.labels[i]} saw no gradient") for i in missing[:3])
+            raise NoTokensError(f"layers {[self.labels[i] for i in missing]} hold no gradients: {why}. Read the other "
+                                "layers with allow_missing=True (NaN for these)")
+        for layer, ok in zip(self.stats, have):
+            if ok:
+                layer.check_finite([field])
+        return have
 
     # -- results ---------------------------------------------------------------------------------
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
@@ -223,6 +322,9 @@ class Instrumentation:
             self.stats = CoefficientStats(self._widths, [layer.device for layer in self.stats])
         self.stats.reset()
         self.reduced = False
+        if self._gradients.staged is not None:
+            self._gradients.staged.reset()
+        self._gradients.fp16_seen = False
 
     def state_dict(self) -> dict:
         return saving.state_of(self)
@@ -280,6 +382,24 @@ class Instrumentation:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"Instrumentation({len(self.sites)} sites via {self.binding.name}, {state}, grads={self.grads})"
+
+
+def _slots_of(binding: Binding) -> list:
+    """Per site, the chain of (parent, attribute, child) from the root down to it; None where it is not below the
+    root (a front end whose sites live elsewhere), which is then not checked."""
+    return [_chain_to(binding.root, site.module) for site in binding.sites]
+
+
+def _chain_to(root: nn.Module, module: nn.Module) -> list | None:
+    for name, candidate in root.named_modules(remove_duplicate=False):
+        if candidate is module and name:
+            chain, parent = [], root
+            for attribute in name.split("."):
+                child = parent._modules[attribute]
+                chain.append((parent, attribute, child))
+                parent = child
+            return chain
+    return None
 
 
 def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:

@@ -6,13 +6,14 @@ from kacq_hooks.errors import FormatError, SAMError  # noqa: F401  (also in kacq
 from .attribution import AttributionCallback, AttributionStore, AttributionTracker
 from .augment import Format, augment_record, formatting_variants, with_format_variants
 from .callbacks import (FactTrackingCallback, InjectionCallback, InstrumentationCheckpointCallback,
-                        KnowledgeEntropyCallback)
+                        KnowledgeEntropyCallback, LossScaleCallback)
 from .sam import SAM, SAMTrainer
 
 __all__ = [
     "SAM", "SAMTrainer",
     "formatting_variants", "augment_record", "with_format_variants", "Format",
     "FactTrackingCallback", "KnowledgeEntropyCallback", "InjectionCallback", "InstrumentationCheckpointCallback",
+    "LossScaleCallback",
     "AttributionCallback", "AttributionStore", "AttributionTracker",
 ]
 

@@ -141,13 +141,49 @@ class InstrumentationCheckpointCallback(TrainerCallback):
         self.inst = inst
         self.name = _slug(name)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.inst.grads and not self.inst._gradients.declared:  # the Trainer's fp16 scaler, as LossScaleCallback
+            self.inst.loss_scale(loss_scaler_of(optimizer, args))
         folder = resumed_checkpoint(args, state)
         if folder is not None:
             self.inst.load_state_dict(load_state(folder, self.name, args)["instrumentation"])
 
     def on_save(self, args, state, control, **kwargs):
         save_state(checkpoint_folder(args, state), self.name, args, {"instrumentation": self.inst.state_dict()})
+
+
+class LossScaleCallback(TrainerCallback):
+    """Give ``inst`` the loss scaler the Trainer (through accelerate) trains with, so its gradient statistics
+    are of the unscaled loss and leave out the steps the scaler skips (see
+    :meth:`~kacq_hooks.Instrumentation.loss_scale`).
+
+    >>> inst = kh.instrument(model, grads=True)  # doctest: +SKIP
+    >>> args = TrainingArguments("out", fp16=True)  # doctest: +SKIP
+    >>> trainer = Trainer(model, args, callbacks=[LossScaleCallback(inst)])  # doctest: +SKIP
+
+    Without a scaler (fp32, bf16) it declares the loss unscaled. The scaler is read at the start of
+    training from the Trainer's (accelerate-wrapped) optimizer, whose ``scaler`` is the accelerator's.
+    """
+
+    def __init__(self, inst: Instrumentation):
+        self.inst = inst
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.inst.loss_scale(loss_scaler_of(optimizer, args))
+
+
+def loss_scaler_of(optimizer, args=None):
+    """The ``torch.amp.GradScaler`` an (accelerate-wrapped) optimizer steps through, or None.
+
+    DeepSpeed scales an fp16 loss inside its engine with a scaler of its own that kacq_hooks cannot read:
+    that run is refused rather than measured as unscaled.
+    """
+    if args is not None and getattr(args, "deepspeed", None) and getattr(args, "fp16", False):
+        raise ConfigError("DeepSpeed scales an fp16 loss inside its engine, where kacq_hooks cannot read the scale, so "
+                          "grads=True statistics would be of the scaled loss: train in bf16 (no loss scaling) or "
+                          "without DeepSpeed's fp16, or instrument with grads=False")
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
 
 
 class _LoggingCallback(TrainerCallback):
