@@ -193,6 +193,44 @@ def test_no_extra_flops_and_grads_reach_c(models, impl):
     model.set_experts_implementation("grouped_mm")
 
 
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+def test_batched_taps_intercept_no_op_from_c_on(models, impl):
+    """The torch-function mode (a Python call per op) is not over C's consumers nor the rest of the forward;
+    a mode the caller entered stays in place and keeps seeing every op."""
+    from torch.overrides import TorchFunctionMode
+
+    class Outer(TorchFunctionMode):
+        ops = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Outer.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    model = models["mixtral"]
+    model.set_experts_implementation(impl)
+    layers = find_experts(model)
+    ids, mask = random_batch(2, 8, "right")
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+    depths = []
+    taps = [ExpertsTap(l, lambda *a: depths.append(torch._C._len_torch_function_stack())).attach() for l in layers]
+    try:
+        with torch.no_grad():
+            tapped = model(ids, attention_mask=mask).logits
+        assert torch.equal(tapped, plain)
+        assert depths == [0] * len(layers)
+        depths.clear()
+        with Outer() as outer, torch.no_grad():
+            inside = model(ids, attention_mask=mask).logits
+            assert torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is outer
+        assert torch.equal(inside, plain) and Outer.ops > 0
+        assert len(depths) == len(layers) and torch._C._len_torch_function_stack() == 0
+    finally:
+        for tap in taps:
+            tap.remove()
+        model.set_experts_implementation("grouped_mm")
+
+
 def test_tap_handle_is_idempotent_and_removes_everything(models):
     model = models["mixtral"]
     [layer, *_] = find_experts(model)

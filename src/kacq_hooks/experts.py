@@ -20,6 +20,10 @@ projection, with the routing of its rows, without computing anything the forward
   order of ``top_k_index.reshape(-1)``;
 - grouped_mm: the same output, rows in the order of the implementation's own ``torch.sort``.
 
+The torch-function mode (a Python call per op) is held only as long as it is needed: for the whole
+eager forward, until C for grouped_mm (it only has to see the sort), never for batched_mm; so the
+rest of the batched forwards and the callbacks' own work run unintercepted.
+
 Any other implementation (a fused kernel) keeps C inside the kernel and is refused.
 
 Per-expert module lists (older or custom models: an ``nn.ModuleList`` of expert MLPs and a router)
@@ -272,8 +276,12 @@ class _Hub:
         self._call = _Call(impl, hidden.shape[0], index, weights, expected)
         if impl != "eager" and module.has_gate:
             module.__dict__["_apply_gate"] = self._apply_gate
-        self._mode = _Mode(self, self._call)
-        self._mode.__enter__()
+        # a torch-function mode costs a Python call on every op, so it is held only while it is needed:
+        # eager reads its own torch.where and down projections through it for the whole forward, grouped_mm
+        # only its torch.sort (the mode is left where C appears); batched_mm's rows are in the routing's order
+        if impl != "batched_mm":
+            self._mode = _Mode(self, self._call)
+            self._mode.__enter__()
 
     def _post(self, module, args, kwargs, output):
         call = self._call
@@ -337,8 +345,21 @@ class _Hub:
         return self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        self._leave_mode()
         module = self._module_ref()
         return self._batched_rows(self._call, type(module)._apply_gate(module, gate_up))
+
+    def _leave_mode(self) -> None:
+        """Exit the mode once the batched forward reaches C: the sort it needed has been seen.
+
+        Only when the mode is the innermost one (another mode entered inside the forward keeps it until
+        the forward ends, as before); the rest of the forward and the taps' own work then run unintercepted.
+        """
+        mode = self._mode
+        depth = torch._C._len_torch_function_stack()
+        if mode is not None and depth and torch._C._get_function_stack_at(depth - 1) is mode:
+            self._mode = None
+            mode.__exit__(None, None, None)
 
     def _router_out(self, router, args, output):
         self._scores = output[0] if isinstance(output, tuple) else output
@@ -346,6 +367,7 @@ class _Hub:
     def _act_out(self, act, args, output):
         call = self._call
         if call is not None and call.impl != "eager":
+            self._leave_mode()
             return self._batched_rows(call, output)
         return None
 
@@ -356,6 +378,10 @@ class _Hub:
             token_index = torch.arange(call.tokens, device=c.device).repeat_interleave(k)
             weight = call.weights.reshape(-1)
         else:
+            if call.sorted is None:
+                raise ExpertsError(f"the grouped_mm forward of '{self.layer.path}' reached C without a torch.sort of "
+                                   "its routing, so the order of its rows is unknown; use "
+                                   "model.set_experts_implementation('batched_mm') or 'eager'")
             expert_ids, perm = call.sorted
             token_index = perm // k
             weight = call.weights.reshape(-1)[perm]
