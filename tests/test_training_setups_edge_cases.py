@@ -304,3 +304,36 @@ def test_an_unscaled_backward_under_a_declared_scaler_is_not_divided_by_the_scal
         return  # refusing the unscaled backward is an answer too
     for layer, ref in zip(got, expected):
         torch.testing.assert_close(layer, ref, rtol=2e-4, atol=1e-9)
+
+
+def test_trainer_gradient_accumulation_across_a_skipped_step_drops_the_whole_window(tmp_path):
+    """Trainer(fp16=True, gradient_accumulation_steps=2) with a CPU GradScaler handed to its accelerator (as in
+    tests/test_loss_scaling.py): the skipped step's two micro-batches add nothing, the others their
+    num_items_in_batch-normalised loss's dL/dC."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from kacq_hooks.training import LossScaleCallback
+    from test_loss_scaling import _Recorder, _trainer_dataset, _trainer_reference
+    model = tiny_model("llama").train()
+    inst = kh.instrument(model, grads=True)
+    recorder = _Recorder(model, poison={1})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=0.05, report_to=[], logging_steps=1000,
+                             save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                             fp16=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_trainer_dataset(), data_collator=default_data_collator,
+                      callbacks=[recorder, LossScaleCallback(inst)])
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    trainer.train()
+    assert inst.skipped_steps == 1 and [len(calls) for _, calls in recorder.steps] == [2, 2, 2]
+    total, tokens = None, 0
+    for step, (before, calls) in enumerate(recorder.steps):
+        if step in recorder.poison:
+            continue
+        assert "num_items_in_batch" in calls[0]  # the reference backpropagates the Trainer's own loss
+        sums, n = _trainer_reference(before, calls)
+        total = sums if total is None else [a + b for a, b in zip(total, sums)]
+        tokens += n
+    for layer, ref in zip(inst.stats, total):
+        assert int(layer.grad_tokens) == tokens
+        torch.testing.assert_close(layer.grad_sum_abs.double(), ref, rtol=2e-4, atol=1e-9)
