@@ -203,13 +203,26 @@ class Instrumentation:
             found = _chain_to(self.binding.root, self.sites[index].module)  # moved (wrapped in place)?
             if found is None:
                 gone.append(self.sites[index].path)
-            else:
-                self._slots[index] = found
+                continue
+            wrapper = found[-1][0]
+            if hasattr(wrapper, "ia3_l") and getattr(wrapper, "is_feedforward", False):
+                # peft IA3 on a feed-forward module multiplies its input: the hooked base layer would see l * C,
+                # while the same model instrumented after wrapping (or merged) gives C
+                raise ConfigError(f"{self.sites[index].path} was wrapped by a peft IA3 layer that scales its input "
+                                  "(feedforward_modules) after instrument(), so its hook would measure the scaled "
+                                  "coefficients, not C. Instrument the wrapped model: inst.remove(); "
+                                  "inst = kh.instrument(peft_model)")
+            self._slots[index] = found
         if gone:
             raise LocateError(f"the instrumented modules {gone[:3]}{' ...' if len(gone) > 3 else ''} are no longer in "
                               "the model: it was changed after instrument() (peft's merge_and_unload() or "
                               "unload(), or modules replaced), so nothing of its forwards would be measured. "
                               "Instrument the model as it is now: inst.remove(); inst = kh.instrument(merged_model)")
+
+    def sites_rewrapped(self) -> bool:
+        """Whether a hooked module's own attribute in its parent now holds another module (one lookup per site)."""
+        return any(chain is not None and chain[-1][0]._modules.get(chain[-1][1]) is not chain[-1][2]
+                   for chain in self._slots)
 
     # -- gradients -------------------------------------------------------------------------------
     def loss_scale(self, scaler) -> "Instrumentation":
