@@ -234,7 +234,8 @@ class Instrumentation:
         With a scaler, the gradient statistics are of the unscaled loss: each optimizer step's dL/dC
         statistics are staged during backward and committed at ``scaler.update()``, divided by the scale
         its backward passes ran with; a step the scaler skips (inf/NaN gradients) adds nothing, and with
-        gradient accumulation the whole window goes with its step. Until ``update()`` a step's gradients
+        gradient accumulation the whole window goes with its step. A backward of a loss that did not come
+        from ``scaler.scale()`` is of an unscaled loss and is added at once. Until ``update()`` a step's gradients
         are not in :attr:`stats`. The scaler's ``update`` is followed while the hooks are attached (after
         :meth:`remove` the scaler is the user's again; :meth:`attach` follows it again). With the Trainer, :class:`~kacq_hooks.training.LossScaleCallback` does this.
 
