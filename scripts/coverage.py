@@ -293,6 +293,16 @@ SETUPS = (
      "qwen2_vl (decoder + vision)", "tests/test_tower_and_mask_arguments.py"),
     ("a tower's images packed in one row, document weighting (block-diagonal 4-D mask)", "-", "-", "-",
      "mistral3 (Pixtral)", "tests/test_tower_and_mask_arguments.py"),
+    ("packed rows with seq_idx only, or beside position ids / cu_seq_lens; a packed row whose last document is cut",
+     "llama", "-", "-", "-", "tests/test_training_setups_edge_cases.py"),
+    ("DataCollatorForSeq2Seq prompts (labels -100), left and right padding, count='labels' / 'shifted_labels'; "
+     "padded positions whose labels are set", "llama", "-", "-", "-", "tests/test_training_setups_edge_cases.py"),
+    ("generate(num_beams=3) over left-padded prompts, dynamic and static cache", "llama", "-", "-", "-", "tests/test_training_setups_edge_cases.py"),
+    ("peft LoHa, LoKr, DoRA, LoRA on gate/up, IA3 on up_proj (before and after wrapping); disable_adapter(), a "
+     "second adapter; IA3 on down_proj after wrapping = merged",
+     "llama (IA3 scaling down_proj's input added after instrument(): refused)", "-", "-", "-", "tests/test_training_setups_edge_cases.py"),
+    ("GradScaler(enabled=False) declared, a scale set between micro-batches, an unscaled backward beside the "
+     "scaled one; Trainer(fp16) gradient accumulation across a skipped step", "llama", "-", "-", "-", "tests/test_training_setups_edge_cases.py"),
     ("a custom stack whose mask argument is padding_mask", "custom module: refused", "-", "-", "-",
      "tests/test_tower_and_mask_arguments.py"),
     ("grads=True under a torch.amp.GradScaler (plain loop, accelerate Accelerator, Trainer via LossScaleCallback), "

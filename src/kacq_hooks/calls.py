@@ -153,7 +153,7 @@ class Calls:
             return
         missing = [binding.sites[i].label for k in call.stacks for i in self.sites_of_stack[k]
                    if call.fired.get(i, 0) != 1]
-        if missing or not call.fired:  # a site that did not run: was it taken out of the model (a merged adapter)?
+        if missing or not call.fired or self.inst.sites_rewrapped():  # taken out of (or wrapped in) the model?
             try:
                 self.inst.check_sites_in_place()
             except KacqError:

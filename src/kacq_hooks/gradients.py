@@ -12,7 +12,10 @@ on the scaler's own ``found_inf`` flags, with no host synchronisation.
 
 Gradient accumulation: every backward between two ``update()`` calls runs with the same scale (the
 scaler changes it only in ``update()``), so the whole accumulation window is staged together and
-committed, or dropped with its skipped step, as the optimizer's gradients are.
+committed, or dropped with its skipped step, as the optimizer's gradients are. Only a backward that
+starts from a loss ``scaler.scale()`` returned is staged (a hook on that loss marks it); any other
+backward in the window (a plain ``loss.backward()`` or ``autograd.grad`` probe) is of an unscaled loss
+and is added at once, as without a scaler.
 """
 from __future__ import annotations
 
@@ -39,11 +42,16 @@ class Gradients:
         self.gradless: dict[int, str] = {}          # sites whose C needed no gradient in a training forward
         self.fp16_seen = False      # a training forward in fp16 (a scaled loss is likely) before any loss_scale()
         self._wrapper = None
+        self._scale_wrapper = None
+        self._scaled_backward = False  # the running backward started from a loss that scaler.scale() returned
 
     # -- the target of the capture's gradient hooks
     def target(self, index: int):
         """The layer statistics a backward's dL/dC statistics of site ``index`` are added into."""
-        return self.staged[index] if self.staged is not None else self.inst.stats[index]
+        # only a backward of a loss the scaler scaled waits for update(); any other one is of an unscaled loss
+        if self.staged is not None and self._scaled_backward:
+            return self.staged[index]
+        return self.inst.stats[index]
 
     # -- the scaler
     def use(self, scaler) -> None:
@@ -80,12 +88,41 @@ class Gradients:
 
         self._wrapper = update
         scaler.update = update  # an instance attribute: the scaler's class is untouched
+        original_scale = scaler.scale
+
+        def scale(outputs):
+            scaled = original_scale(outputs)
+            if self._scale_wrapper is scale and scaler.is_enabled():
+                self._mark_scaled(scaled)
+            return scaled
+
+        self._scale_wrapper = scale
+        scaler.scale = scale
+
+    def _mark_scaled(self, scaled) -> None:
+        """Hook the scaled loss(es): a backward that starts from one runs with the scaler's scale."""
+        if isinstance(scaled, torch.Tensor):
+            if scaled.requires_grad:
+                scaled.register_hook(self._scaled_backward_begins)
+        elif isinstance(scaled, (list, tuple)):
+            for item in scaled:
+                self._mark_scaled(item)
+
+    def _scaled_backward_begins(self, grad):
+        self._scaled_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._scaled_backward_ends)
+
+    def _scaled_backward_ends(self) -> None:
+        self._scaled_backward = False
 
     def unfollow(self) -> None:
         """Give the scaler its own ``update`` back (the scaler stays declared; an unfinished step is dropped)."""
         scaler, wrapper = self.scaler, self._wrapper
         if scaler is not None and scaler.__dict__.get("update") is wrapper:
             del scaler.update
+        if scaler is not None and self._scale_wrapper is not None and scaler.__dict__.get("scale") is self._scale_wrapper:
+            del scaler.scale
+        self._scale_wrapper = None
         if self.staged is not None and any(int(layer.grad_tokens) for layer in self.staged):
             log.warning("kacq_hooks: gradient statistics of a step whose scaler.update() never ran were dropped")
         self._wrapper, self.staged = None, None

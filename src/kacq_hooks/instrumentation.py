@@ -203,13 +203,26 @@ class Instrumentation:
             found = _chain_to(self.binding.root, self.sites[index].module)  # moved (wrapped in place)?
             if found is None:
                 gone.append(self.sites[index].path)
-            else:
-                self._slots[index] = found
+                continue
+            wrapper = found[-1][0]
+            if hasattr(wrapper, "ia3_l") and getattr(wrapper, "is_feedforward", False):
+                # peft IA3 on a feed-forward module multiplies its input: the hooked base layer would see l * C,
+                # while the same model instrumented after wrapping (or merged) gives C
+                raise ConfigError(f"{self.sites[index].path} was wrapped by a peft IA3 layer that scales its input "
+                                  "(feedforward_modules) after instrument(), so its hook would measure the scaled "
+                                  "coefficients, not C. Instrument the wrapped model: inst.remove(); "
+                                  "inst = kh.instrument(peft_model)")
+            self._slots[index] = found
         if gone:
             raise LocateError(f"the instrumented modules {gone[:3]}{' ...' if len(gone) > 3 else ''} are no longer in "
                               "the model: it was changed after instrument() (peft's merge_and_unload() or "
                               "unload(), or modules replaced), so nothing of its forwards would be measured. "
                               "Instrument the model as it is now: inst.remove(); inst = kh.instrument(merged_model)")
+
+    def sites_rewrapped(self) -> bool:
+        """Whether a hooked module's own attribute in its parent now holds another module (one lookup per site)."""
+        return any(chain is not None and chain[-1][0]._modules.get(chain[-1][1]) is not chain[-1][2]
+                   for chain in self._slots)
 
     # -- gradients -------------------------------------------------------------------------------
     def loss_scale(self, scaler) -> "Instrumentation":
@@ -221,7 +234,8 @@ class Instrumentation:
         With a scaler, the gradient statistics are of the unscaled loss: each optimizer step's dL/dC
         statistics are staged during backward and committed at ``scaler.update()``, divided by the scale
         its backward passes ran with; a step the scaler skips (inf/NaN gradients) adds nothing, and with
-        gradient accumulation the whole window goes with its step. Until ``update()`` a step's gradients
+        gradient accumulation the whole window goes with its step. A backward of a loss that did not come
+        from ``scaler.scale()`` is of an unscaled loss and is added at once. Until ``update()`` a step's gradients
         are not in :attr:`stats`. The scaler's ``update`` is followed while the hooks are attached (after
         :meth:`remove` the scaler is the user's again; :meth:`attach` follows it again). With the Trainer, :class:`~kacq_hooks.training.LossScaleCallback` does this.
 

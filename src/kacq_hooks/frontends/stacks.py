@@ -36,6 +36,7 @@ class StackInputs:
     tokens: object = None                     # the token ids (or embeddings) tensor of the call, to match stacks
     positions: torch.Tensor | None = None     # [batch, positions] position ids: a restart begins a packed document
     cu_seq_lens: torch.Tensor | None = None   # [documents + 1] cumulative lengths over the flattened tokens
+    seq_idx: torch.Tensor | None = None       # [batch, positions] each token's packed document (a change begins one)
     labels: torch.Tensor | None = None        # [batch, positions] the call's labels (-100: not a loss target)
     shift_labels: torch.Tensor | None = None  # labels already shifted by the caller (label t scores position t)
     unread: tuple[str, ...] = ()              # mask arguments given that kacq_hooks cannot interpret
@@ -54,6 +55,7 @@ class Arguments:
     refuse: tuple[tuple[str, str], ...] = ()                       # arguments whose use is refused, and why
     positions: str | None = "position_ids"                         # position ids (packed rows restart them)
     cu_seq_lens: tuple[str, ...] = ("cu_seq_lens_q",)              # flash-attention packing: document boundaries
+    seq_idx: str | None = "seq_idx"                                # Mamba-2 style packing: a document index per token
     labels: str | None = "labels"                                  # what a loss is computed on (the root's call)
     unread_masks: tuple[str, ...] = ()                             # masks of unknown convention: refused if given
     images: str | None = "grid_thw"                                # a tower's (frames, rows, columns) per image
@@ -124,10 +126,12 @@ class StackReader:
         positions = bound.get(names.positions) if names.positions else None
         labels = bound.get(names.labels) if names.labels else None
         shift_labels = bound.get("shift_labels") if names.labels else None
+        seq_idx = bound.get(names.seq_idx) if names.seq_idx else None
         return StackInputs(mask=mask, shape=shape, mask_unusable=unusable, tokens=tokens,
                            continuation=past > 0 or wider,
                            positions=positions if isinstance(positions, torch.Tensor) and positions.dim() == 2 else None,
                            cu_seq_lens=_boundaries(bound, names),
+                           seq_idx=seq_idx if isinstance(seq_idx, torch.Tensor) and seq_idx.dim() == 2 else None,
                            labels=labels if isinstance(labels, torch.Tensor) else None, mask_starts=mask_starts,
                            shift_labels=shift_labels if isinstance(shift_labels, torch.Tensor) else None,
                            unread=tuple(n for n in names.unread_masks if bound.get(n) is not None))
@@ -171,7 +175,7 @@ class StackReader:
         ``inputs`` are the stack's own, ``root`` those of the call of the whole model it runs in. A row
         counts when it is not padding and, with ``count``, is selected by the call's labels. With
         document weighting a document is a batch row, cut further where the position ids restart, at
-        ``cu_seq_lens`` boundaries, and where a mask carrying document ids (1, 2, 3, ...) changes id;
+        ``cu_seq_lens`` boundaries, where ``seq_idx`` changes, and where a mask carrying document ids (1, 2, 3, ...) changes id;
         each counted row weighs 1 / the counted rows of its document.
         """
         mask = self._mask(inputs, root) if mask_padding else None
@@ -211,6 +215,10 @@ class StackReader:
             positions = positions.to(device).expand(batch, steps)
             # packed rows restart their position ids at 0 (the positions of padding only repeat or step back)
             starts[:, 1:] |= (positions[:, 1:] == 0) | (positions[:, 1:] < positions[:, :-1])
+        seq_idx = inputs.seq_idx
+        if seq_idx is not None and seq_idx.shape[-1] == steps and seq_idx.shape[0] in (1, batch):
+            seq_idx = seq_idx.to(device).expand(batch, steps)
+            starts[:, 1:] |= seq_idx[:, 1:] != seq_idx[:, :-1]
         if inputs.cu_seq_lens is not None:  # checked to end at batch * steps
             flat = starts.view(-1)
             flat.index_fill_(0, inputs.cu_seq_lens[:-1].to(device=device, dtype=torch.long).clamp(0, flat.numel() - 1),
