@@ -1,0 +1,115 @@
+"""Checkpoint sweeps under hostile input: step numbers read from names, weights replaced in place (with and
+without their modification time), and --max-tokens below the first document."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_model, tiny_tokenizer
+
+from kacq_hooks.sweep import entropy_sweep
+from kacq_hooks.sweep_identity import IdentityCache, weights_identity
+
+DOCS = ["The quick brown fox jumps over the lazy dog.", "Zorgon was founded in 1842 by the council of Calidus.",
+        "Short one."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def save(path, tokenizer, seed):
+    tiny_model("llama", seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    return path
+
+
+class LocalHub:
+    """A stand-in for the hub download: a revision is a local folder copied into the cache, removed on release."""
+
+    def __init__(self, revisions):
+        self.revisions = revisions
+
+    def fetch(self, repo, revision, cache_dir):
+        target = Path(cache_dir) / repo.replace("/", "--") / revision
+        shutil.copytree(self.revisions[revision], target)
+        return target
+
+    def release(self, repo, revision, cache_dir, folder):
+        shutil.rmtree(folder)
+
+
+def test_olmo_style_revisions_report_the_step_not_the_token_count(tmp_path, tokenizer, data, monkeypatch):
+    # OLMo names its revisions step<N>-tokens<M>B: the step is N, not the last number in the name
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    folders = {rev: save(tmp_path / "src" / rev, tokenizer, seed) for rev, seed in
+               (("step1000-tokens4B", 1), ("step2000-tokens8B", 2))}
+    result = entropy_sweep(["org/olmo-1b"], str(data), out=tmp_path / "out", revisions=list(folders),
+                           fetch=LocalHub(folders), cache_dir=str(tmp_path / "cache"), seq_len=16)
+    assert {r["revision"]: r["step"] for r in result["checkpoints"]} == {"step1000-tokens4B": 1000,
+                                                                         "step2000-tokens8B": 2000}
+
+
+def test_a_revision_without_a_step_has_none_not_a_digit_of_the_model_name(tmp_path, tokenizer, data, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    folders = {"main": save(tmp_path / "src" / "main", tokenizer, 1)}
+    result = entropy_sweep(["org/model-1b"], str(data), out=tmp_path / "out", revisions=["main"],
+                           fetch=LocalHub(folders), cache_dir=str(tmp_path / "cache"), seq_len=16)
+    assert [r["step"] for r in result["checkpoints"]] == [None]  # not the 1 of "1b"
+
+
+def test_a_folder_step_comes_from_its_own_name_not_a_parent(tmp_path, tokenizer, data):
+    run = tmp_path / "run7"
+    save(run / "checkpoint-30", tokenizer, 1)
+    save(run / "final", tokenizer, 2)
+    result = entropy_sweep([str(run)], str(data), out=tmp_path / "out", seq_len=16)
+    steps = {Path(r["name"]).name: r["step"] for r in result["checkpoints"]}
+    assert steps == {"checkpoint-30": 30, "final": None}  # "final" is not step 7 of run7
+
+
+def test_weights_replaced_with_their_old_mtime_and_size_get_a_new_identity(tmp_path, tokenizer):
+    # rsync -a and cp -p keep modification times: same name, same size, same mtime, other weights
+    folder = save(tmp_path / "checkpoint-1", tokenizer, 1)
+    cache = IdentityCache(tmp_path / "identities.json")
+    before = cache.identity(folder)
+    cache.save()
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    save(folder, tokenizer, 2)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    again = IdentityCache(tmp_path / "identities.json").identity(folder)
+    assert again == weights_identity(folder) != before
+
+
+def test_a_checkpoint_overwritten_in_place_keeps_its_row_and_gets_an_error(tmp_path, tokenizer, data):
+    folder = save(tmp_path / "run" / "checkpoint-1", tokenizer, 1)
+    out = tmp_path / "out"
+    first = entropy_sweep([str(folder)], str(data), out=out, seq_len=16)
+    save(folder, tokenizer, 5)  # training was rerun into the same folder
+    again = entropy_sweep([str(folder)], str(data), out=out, seq_len=16)
+    # the finished row is kept as it was, the name is not given a second, different row
+    assert again["checkpoints"] == first["checkpoints"]
+    assert [e["name"] for e in again["errors"]] == [str(folder)]
+    assert "other weights" in again["errors"][0]["error"]
+    saved = json.loads((out / "entropy.json").read_text())
+    assert saved["checkpoints"] == first["checkpoints"]
+
+
+def test_max_tokens_below_the_first_document_says_so(tmp_path, tokenizer, data):
+    folder = save(tmp_path / "checkpoint-1", tokenizer, 1)
+    result = entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=16, max_tokens=1)
+    assert result["checkpoints"] == []
+    message = result["errors"][0]["error"]
+    assert "--max-tokens 1" in message and "holds no text" not in message
