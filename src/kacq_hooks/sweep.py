@@ -176,7 +176,12 @@ def expand_checkpoints(models: Sequence[str], revisions: Sequence[str] | None = 
 
 
 def _step_of(name: str) -> int | None:
-    match = re.search(r"(\d+)(?!.*\d)", name)
+    """The training step in a checkpoint's name: read from the revision (``model@rev``) or the folder's own
+    name, never a parent folder or the model name (``run7/final``, ``org/model-1b@main``: None). A ``step``
+    or ``checkpoint`` number wins over a later one (OLMo's ``step20000-tokens84B`` is step 20000)."""
+    leaf = Path(name.rsplit("@", 1)[1] if "@" in name else name).name
+    match = re.search(r"(?<![a-z])(?:step|checkpoint|ckpt|iter|iteration)[-_]?(\d+)", leaf, re.IGNORECASE) \
+        or re.search(r"(\d+)(?!.*\d)", leaf)
     return int(match.group(1)) if match else None
 
 
@@ -534,6 +539,10 @@ def bound_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int,
         if count < len(part):
             keep += [0] * (len(every) - rank - 1)
             break
+    if sum(keep) == 0 and any(every):
+        first = next(part[0] for part in every if part)
+        raise ConfigError(f"--max-tokens {max_tokens} leaves no document: the first one has {first} tokens (cut at "
+                          f"--seq-len {seq_len}) and only whole documents are measured; raise --max-tokens")
     mine = documents[:keep[ranks.rank]]
     if ranks.world > 1 and sum(keep) < sum(len(part) for part in every):
         kept = [doc for part in ranks.gather(mine) for doc in part]
@@ -613,7 +622,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                    if row.get("identity") and not row.get("duplicate_of")}
     by_name = {row["name"]: row for row in results["checkpoints"]}
 
-    # identities of local checkpoints: streamed from their weights (cached by path, size and mtime)
+    # identities of local checkpoints: streamed from their weights (cached by path and file stamps)
     cache = IdentityCache(out / "identities.json")
     identities: dict[str, str | None] = {}
     for checkpoint in checkpoints:
@@ -638,6 +647,11 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
         if row is not None and (identity is None or row.get("identity") in (None, identity)):
             _note(progress, ranks, "skip", {"name": checkpoint.name, "index": index, "count": len(checkpoints)})
             log.info("skipping %s: already in %s", checkpoint.name, out / "entropy.json")
+            continue
+        if row is not None:  # the folder measured under this name now holds other weights
+            _error(results, checkpoint, f"{checkpoint.name} holds other weights than when it was measured into "
+                   f"{out} ({row['identity']}, now {identity}); its earlier row is kept. To measure the new "
+                   "weights, give the folder another name or choose another --out", identity, progress, ranks)
             continue
         if identity is not None and identity in by_identity:
             pending_duplicates.append((checkpoint, identity))
