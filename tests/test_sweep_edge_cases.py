@@ -113,3 +113,44 @@ def test_max_tokens_below_the_first_document_says_so(tmp_path, tokenizer, data):
     assert result["checkpoints"] == []
     message = result["errors"][0]["error"]
     assert "--max-tokens 1" in message and "holds no text" not in message
+
+
+@pytest.mark.xfail(strict=True, reason="a checkpoint's identity is its tensors only: the same weights under "
+                   "another config.json are called duplicates and given the first one's numbers; folding the "
+                   "config into the identity conflicts with test_a_moved_folder_is_not_measured_again, whose "
+                   "moved folder has an unreadable config and must still resume")
+def test_same_weights_under_another_config_are_measured_not_called_duplicates(tmp_path, tokenizer, data):
+    # a config change (here the FFN activation) changes C and so the entropy, with not one weight changed
+    run = tmp_path / "run"
+    save(run / "checkpoint-1", tokenizer, 1)
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-2")
+    config = json.loads((run / "checkpoint-2" / "config.json").read_text())
+    config["hidden_act"] = "gelu" if config.get("hidden_act") != "gelu" else "relu"
+    (run / "checkpoint-2" / "config.json").write_text(json.dumps(config))
+    result = entropy_sweep([str(run)], str(data), out=tmp_path / "out", seq_len=16)
+    rows = {r["step"]: r for r in result["checkpoints"]}
+    assert rows[2]["duplicate_of"] is None and rows[2]["total"] != rows[1]["total"]
+    assert weights_identity(run / "checkpoint-2") != weights_identity(run / "checkpoint-1")
+
+
+@pytest.mark.xfail(strict=True, reason="a checkpoint's identity is its tensors only: the same weights under "
+                   "another config.json are called duplicates and given the first one's numbers; folding the "
+                   "config into the identity conflicts with test_a_moved_folder_is_not_measured_again, whose "
+                   "moved folder has an unreadable config and must still resume")
+def test_a_config_edited_after_hashing_is_hashed_again(tmp_path, tokenizer):
+    folder = save(tmp_path / "checkpoint-1", tokenizer, 1)
+    cache = IdentityCache(tmp_path / "identities.json")
+    before = cache.identity(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_act"] = "relu"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cache.identity(folder) == weights_identity(folder) != before
+
+
+def test_resaving_the_config_with_another_transformers_version_keeps_the_identity(tmp_path, tokenizer):
+    folder = save(tmp_path / "checkpoint-1", tokenizer, 1)
+    before = weights_identity(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers_version"] = "0.0.1"
+    (folder / "config.json").write_text(json.dumps(config, indent=4))
+    assert weights_identity(folder) == before
