@@ -154,3 +154,22 @@ def test_resaving_the_config_with_another_transformers_version_keeps_the_identit
     config["transformers_version"] = "0.0.1"
     (folder / "config.json").write_text(json.dumps(config, indent=4))
     assert weights_identity(folder) == before
+
+
+def test_two_drivers_on_one_out_do_not_drop_each_others_rows(tmp_path, tokenizer, data):
+    # a researcher starts the sweep twice (two login shells, two array jobs): while one driver measures,
+    # the other finishes another checkpoint into the same OUT; the last to write must keep both rows
+    first = save(tmp_path / "run" / "checkpoint-1", tokenizer, 1)
+    second = save(tmp_path / "run" / "checkpoint-2", tokenizer, 2)
+    out = tmp_path / "out"
+    other = {}
+
+    def meanwhile(event, info):
+        if event == "checkpoint" and not other:
+            other["result"] = entropy_sweep([str(second)], str(data), out=out, seq_len=16)
+
+    entropy_sweep([str(first)], str(data), out=out, seq_len=16, progress=meanwhile)
+    assert [r["name"] for r in other["result"]["checkpoints"]] == [str(second)]
+    saved = json.loads((out / "entropy.json").read_text())
+    assert sorted(r["name"] for r in saved["checkpoints"]) == [str(first), str(second)]
+    assert str(second) in (out / "entropy.csv").read_text()
