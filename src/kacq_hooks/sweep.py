@@ -697,6 +697,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                 _error(results, checkpoint, outcome.get("error", "the task failed"), outcome.get("identity"),
                        progress, ranks)
             if ranks.rank == 0:
+                _adopt_results(results, out, settings)  # rows another driver finished into OUT meanwhile
                 _write_json(out / "entropy.json", results)
 
         if executor == "serial":
@@ -728,6 +729,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                     checkpoint.name, original["name"])
         _note(progress, ranks, "duplicate", {"name": checkpoint.name, "duplicate_of": original["name"]})
     if ranks.rank == 0:
+        _adopt_results(results, out, settings)  # another driver on this OUT: its finished rows are kept
         _write_json(out / "entropy.json", results)
         write_outputs(results, out)
     return results
