@@ -173,3 +173,18 @@ def test_two_drivers_on_one_out_do_not_drop_each_others_rows(tmp_path, tokenizer
     saved = json.loads((out / "entropy.json").read_text())
     assert sorted(r["name"] for r in saved["checkpoints"]) == [str(first), str(second)]
     assert str(second) in (out / "entropy.csv").read_text()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path, suffix):
+    # editors on Windows start UTF-8 files with a BOM; it is not text the model should read
+    from kacq_hooks.sweep_data import Ranks, data_source, read_documents
+
+    docs = ["Ünïcode first ☃ document.", "Second 🦊 one."]
+    body = ("\n\n".join(docs) + "\n" if suffix == ".txt"
+            else "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    source = data_source(path)
+    assert read_documents(source) == docs
+    assert [d for r in range(3) for d in read_documents(source, ranks=Ranks(r, 3))] == docs
