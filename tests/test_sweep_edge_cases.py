@@ -188,3 +188,35 @@ def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path, suffix):
     source = data_source(path)
     assert read_documents(source) == docs
     assert [d for r in range(3) for d in read_documents(source, ranks=Ranks(r, 3))] == docs
+
+
+def test_a_hub_revision_with_only_pytorch_model_bin_is_downloaded_with_its_weights(tmp_path, tokenizer, data,
+                                                                                  monkeypatch):
+    # Pythia's step revisions hold pytorch_model.bin and no safetensors: the download must fetch the pickle
+    import fnmatch
+
+    import huggingface_hub
+    import torch
+
+    from kacq_hooks.sweep import HubFetcher
+
+    repo = save(tmp_path / "repo" / "step1000", tokenizer, 1)
+    model = tiny_model("llama", seed=1)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, repo / "pytorch_model.bin")
+    (repo / "model.safetensors").unlink()
+    (repo / "training_args.bin").write_bytes(b"not weights")
+
+    def snapshot_download(name, revision, cache_dir, allow_patterns):  # the hub, served from a local folder
+        target = Path(cache_dir) / name.replace("/", "--") / revision
+        target.mkdir(parents=True, exist_ok=True)
+        for path in (tmp_path / "repo" / revision).iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy(path, target / path.name)
+        return str(target)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    result = entropy_sweep(["org/pythia"], str(data), out=tmp_path / "out", revisions=["step1000"], fetch=HubFetcher(),
+                           cache_dir=str(tmp_path / "cache"), keep_cache=True, seq_len=16)
+    assert result["errors"] == [] and [r["step"] for r in result["checkpoints"]] == [1000]
+    assert not (tmp_path / "cache" / "org--pythia" / "step1000" / "training_args.bin").exists()
