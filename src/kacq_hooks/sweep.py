@@ -397,11 +397,16 @@ class HubFetcher:
     """
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    pickles = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]  # fetched only when there are no safetensors
 
     def fetch(self, repo: str, revision: str, cache_dir: str | None) -> Path:
         from huggingface_hub import snapshot_download  # a dependency of transformers
 
-        return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=self.patterns))
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=self.patterns))
+        if not any(folder.glob("*.safetensors")):  # older revisions (Pythia's steps) hold torch pickles only
+            folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir,
+                                            allow_patterns=self.pickles))
+        return folder
 
     def release(self, repo: str, revision: str, cache_dir: str | None, folder: Path) -> None:
         from huggingface_hub import scan_cache_dir
