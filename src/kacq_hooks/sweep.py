@@ -692,7 +692,9 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
             status = outcome.get("status")
             if status == "measured":
                 row = outcome["row"]
-                results["checkpoints"].append(row)
+                if not any(r.get("identity") == row["identity"] and not r.get("duplicate_of")
+                           for r in results["checkpoints"]):  # not adopted from OUT/results meanwhile
+                    results["checkpoints"].append(row)
                 by_identity[row["identity"]] = row
                 by_name[row["name"]] = row
                 _note(progress, ranks, "done", {"name": checkpoint.name, "row": outcome.get("row")})
