@@ -176,7 +176,12 @@ def expand_checkpoints(models: Sequence[str], revisions: Sequence[str] | None = 
 
 
 def _step_of(name: str) -> int | None:
-    match = re.search(r"(\d+)(?!.*\d)", name)
+    """The training step in a checkpoint's name: read from the revision (``model@rev``) or the folder's own
+    name, never a parent folder or the model name (``run7/final``, ``org/model-1b@main``: None). A ``step``
+    or ``checkpoint`` number wins over a later one (OLMo's ``step20000-tokens84B`` is step 20000)."""
+    leaf = Path(name.rsplit("@", 1)[1] if "@" in name else name).name
+    match = re.search(r"(?<![a-z])(?:step|checkpoint|ckpt|iter|iteration)[-_]?(\d+)", leaf, re.IGNORECASE) \
+        or re.search(r"(\d+)(?!.*\d)", leaf)
     return int(match.group(1)) if match else None
 
 
@@ -392,11 +397,16 @@ class HubFetcher:
     """
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    pickles = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]  # fetched only when there are no safetensors
 
     def fetch(self, repo: str, revision: str, cache_dir: str | None) -> Path:
         from huggingface_hub import snapshot_download  # a dependency of transformers
 
-        return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=self.patterns))
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=self.patterns))
+        if not any(folder.glob("*.safetensors")):  # older revisions (Pythia's steps) hold torch pickles only
+            folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir,
+                                            allow_patterns=self.pickles))
+        return folder
 
     def release(self, repo: str, revision: str, cache_dir: str | None, folder: Path) -> None:
         from huggingface_hub import scan_cache_dir
@@ -534,6 +544,10 @@ def bound_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int,
         if count < len(part):
             keep += [0] * (len(every) - rank - 1)
             break
+    if sum(keep) == 0 and any(every):
+        first = next(part[0] for part in every if part)
+        raise ConfigError(f"--max-tokens {max_tokens} leaves no document: the first one has {first} tokens (cut at "
+                          f"--seq-len {seq_len}) and only whole documents are measured; raise --max-tokens")
     mine = documents[:keep[ranks.rank]]
     if ranks.world > 1 and sum(keep) < sum(len(part) for part in every):
         kept = [doc for part in ranks.gather(mine) for doc in part]
@@ -613,7 +627,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                    if row.get("identity") and not row.get("duplicate_of")}
     by_name = {row["name"]: row for row in results["checkpoints"]}
 
-    # identities of local checkpoints: streamed from their weights (cached by path, size and mtime)
+    # identities of local checkpoints: streamed from their weights (cached by path and file stamps)
     cache = IdentityCache(out / "identities.json")
     identities: dict[str, str | None] = {}
     for checkpoint in checkpoints:
@@ -638,6 +652,11 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
         if row is not None and (identity is None or row.get("identity") in (None, identity)):
             _note(progress, ranks, "skip", {"name": checkpoint.name, "index": index, "count": len(checkpoints)})
             log.info("skipping %s: already in %s", checkpoint.name, out / "entropy.json")
+            continue
+        if row is not None:  # the folder measured under this name now holds other weights
+            _error(results, checkpoint, f"{checkpoint.name} holds other weights than when it was measured into "
+                   f"{out} ({row['identity']}, now {identity}); its earlier row is kept. To measure the new "
+                   "weights, give the folder another name or choose another --out", identity, progress, ranks)
             continue
         if identity is not None and identity in by_identity:
             pending_duplicates.append((checkpoint, identity))
@@ -673,7 +692,9 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
             status = outcome.get("status")
             if status == "measured":
                 row = outcome["row"]
-                results["checkpoints"].append(row)
+                if not any(r.get("identity") == row["identity"] and not r.get("duplicate_of")
+                           for r in results["checkpoints"]):  # not adopted from OUT/results meanwhile
+                    results["checkpoints"].append(row)
                 by_identity[row["identity"]] = row
                 by_name[row["name"]] = row
                 _note(progress, ranks, "done", {"name": checkpoint.name, "row": outcome.get("row")})
@@ -683,6 +704,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                 _error(results, checkpoint, outcome.get("error", "the task failed"), outcome.get("identity"),
                        progress, ranks)
             if ranks.rank == 0:
+                _adopt_results(results, out, settings)  # rows another driver finished into OUT meanwhile
                 _write_json(out / "entropy.json", results)
 
         if executor == "serial":
@@ -714,6 +736,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                     checkpoint.name, original["name"])
         _note(progress, ranks, "duplicate", {"name": checkpoint.name, "duplicate_of": original["name"]})
     if ranks.rank == 0:
+        _adopt_results(results, out, settings)  # another driver on this OUT: its finished rows are kept
         _write_json(out / "entropy.json", results)
         write_outputs(results, out)
     return results

@@ -269,7 +269,8 @@ def _text_share(path: Path, ranks: Ranks, text_column: str, max_docs: int | None
 
 def _decode(raw: bytes, path: Path, offset: int) -> str:
     try:
-        return raw.decode("utf-8")
+        # a byte order mark (Windows editors write one) starts the file, not its first document
+        return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
     except UnicodeDecodeError as error:
         raise CorpusError(f"data file {path} is not UTF-8 text (byte {offset + error.start}: {error.reason}); "
                           "convert it to UTF-8 first") from error

@@ -3,7 +3,7 @@
 For safetensors files it hashes every tensor's name, dtype, shape and bytes (read from the files'
 byte ranges), so the identity ignores file metadata and how the weights are split into shards: two
 folders holding the same weights have the same identity whatever their names. Ranks share the tensors
-out. Digests are remembered by path, size and modification time, so a resumed sweep does not read
+out. Digests are remembered by path, size, mtime, ctime and inode, so a resumed sweep does not read
 unchanged files again.
 """
 from __future__ import annotations
@@ -85,7 +85,8 @@ def weights_identity(folder: str | os.PathLike, ranks: Ranks = Ranks()) -> str:
 
 
 class IdentityCache:
-    """Identities remembered by resolved folder and each weight file's (name, size, mtime), in a JSON file."""
+    """Identities remembered by resolved folder and each weight file's (name, size, mtime, ctime, inode), in a JSON
+    file."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -96,7 +97,13 @@ class IdentityCache:
 
     @staticmethod
     def _stamp(folder: Path) -> list:
-        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weight_files(folder)]
+        # mtime alone is not enough: rsync -a and cp -p give new weights the old file's mtime (and often its
+        # size); the inode and ctime change with any rewrite and cannot be set back
+        stamp = []
+        for path in weight_files(folder):
+            stat = path.stat()
+            stamp.append([path.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
+        return stamp
 
     def identity(self, folder: str | os.PathLike, ranks: Ranks = Ranks()) -> str:
         folder = Path(folder).resolve()
