@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import forbid_loading, tiny_model, tiny_tokenizer
 
 import kacq_hooks as kh
 from kacq_hooks.cli import main
@@ -91,15 +91,14 @@ def test_document_weighting_and_trainer_folder_expansion(tmp_path, tokenizer, da
     assert saved["checkpoints"][0]["weighting"] == "document" and saved["checkpoints"][0]["documents"] == 4
 
 
-def test_resume_skips_measured_checkpoints(tmp_path, tokenizer, data_file, capsys):
+def test_resume_skips_measured_checkpoints(tmp_path, tokenizer, data_file, capsys, monkeypatch):
     first = save_checkpoint(tmp_path / "a", tokenizer, seed=5)
     second = save_checkpoint(tmp_path / "b", tokenizer, seed=6)
     out = tmp_path / "out"
     args = ["--data", str(data_file), "--out", str(out), "--batch-size", "2", "--seq-len", "16"]
     assert main(["entropy", str(first), *args]) == 0
     before = json.loads((out / "entropy.json").read_text())["checkpoints"][0]
-    # the first checkpoint is now unreadable: a resumed sweep must not load it again
-    (first / "config.json").write_text("not json")
+    forbid_loading(monkeypatch, first)  # a resumed sweep must not load it again
     capsys.readouterr()
     assert main(["entropy", str(first), str(second), *args]) == 0
     assert "skipping" in capsys.readouterr().err
@@ -200,7 +199,7 @@ def test_resume_by_resolved_path_and_content_hash(tmp_path, tokenizer, data_file
     assert main(["entropy", str(first), "--data", f"./{data_file.name}", *common]) == 0  # relative
     saved = json.loads((out / "entropy.json").read_text())
     assert saved["settings"]["data"] == str(data_file.resolve()) and len(saved["settings"]["data_sha256"]) == 64
-    (first / "config.json").write_text("not json")  # a resumed sweep must not load it again
+    forbid_loading(monkeypatch, first)  # a resumed sweep must not load it again
     capsys.readouterr()
     assert main(["entropy", str(first), str(second), "--data", str(data_file.resolve()), *common]) == 0  # absolute
     assert "skipping" in capsys.readouterr().err

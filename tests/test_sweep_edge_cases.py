@@ -115,10 +115,6 @@ def test_max_tokens_below_the_first_document_says_so(tmp_path, tokenizer, data):
     assert "--max-tokens 1" in message and "holds no text" not in message
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint's identity is its tensors only: the same weights under "
-                   "another config.json are called duplicates and given the first one's numbers; folding the "
-                   "config into the identity conflicts with test_a_moved_folder_is_not_measured_again, whose "
-                   "moved folder has an unreadable config and must still resume")
 def test_same_weights_under_another_config_are_measured_not_called_duplicates(tmp_path, tokenizer, data):
     # a config change (here the FFN activation) changes C and so the entropy, with not one weight changed
     run = tmp_path / "run"
@@ -133,10 +129,6 @@ def test_same_weights_under_another_config_are_measured_not_called_duplicates(tm
     assert weights_identity(run / "checkpoint-2") != weights_identity(run / "checkpoint-1")
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint's identity is its tensors only: the same weights under "
-                   "another config.json are called duplicates and given the first one's numbers; folding the "
-                   "config into the identity conflicts with test_a_moved_folder_is_not_measured_again, whose "
-                   "moved folder has an unreadable config and must still resume")
 def test_a_config_edited_after_hashing_is_hashed_again(tmp_path, tokenizer):
     folder = save(tmp_path / "checkpoint-1", tokenizer, 1)
     cache = IdentityCache(tmp_path / "identities.json")

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import forbid_loading, tiny_model, tiny_tokenizer
 
 from kacq_hooks.cli import main
 from kacq_hooks.sweep import entropy_sweep
@@ -72,14 +72,15 @@ def test_identical_steps_are_flagged_and_measured_once(tmp_path, tokenizer, data
     assert not list((tmp_path / "out" / "results").glob(".*tmp"))
 
 
-def test_a_moved_folder_is_not_measured_again(tmp_path, tokenizer, data, capsys):
+def test_a_moved_folder_is_not_measured_again(tmp_path, tokenizer, data, capsys, monkeypatch):
     first = save(tmp_path / "a" / "step-1", tokenizer, seed=1)
     out = tmp_path / "out"
     assert main(["entropy", str(first), "--data", str(data), "--out", str(out), "--batch-size", "2",
                  "--seq-len", "16"]) == 0
     moved = tmp_path / "b" / "step-1"
     shutil.move(str(first.parent), str(moved.parent))
-    (moved / "config.json").write_text("not json")  # it must not even be loaded
+
+    forbid_loading(monkeypatch, moved)  # the moved checkpoint must not even be loaded
     capsys.readouterr()
     assert main(["entropy", str(moved), "--data", str(data), "--out", str(out), "--batch-size", "2",
                  "--seq-len", "16"]) == 0
@@ -115,12 +116,12 @@ def test_a_broken_checkpoint_is_an_error_row_and_the_others_are_kept(tmp_path, t
     assert after["errors"] == []
 
 
-def test_results_written_by_a_stopped_driver_are_adopted(tmp_path, tokenizer, data):
+def test_results_written_by_a_stopped_driver_are_adopted(tmp_path, tokenizer, data, monkeypatch):
     first = save(tmp_path / "a", tokenizer, seed=1)
     out = tmp_path / "out"
     sweep([first], data, out)
     (out / "entropy.json").unlink()  # the driver died before merging; the task's result file remains
-    (first / "config.json").write_text("not json")
+    forbid_loading(monkeypatch, first)
     result = sweep([first], data, out)
     assert [r["name"] for r in result["checkpoints"]] == [str(first)]
 

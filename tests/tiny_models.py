@@ -110,3 +110,17 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
     from kacq_hooks.corpus import train_bpe_tokenizer
 
     return train_bpe_tokenizer([_TOKENIZER_TEXT] * 8, vocab_size=vocab_size, min_frequency=1)
+
+
+def forbid_loading(monkeypatch, *folders) -> None:
+    """Make loading any of ``folders`` as a causal LM fail the test: a sweep that resumes them must not load them
+    again (their config stays as written, since a checkpoint's identity folds in its config)."""
+    load = AutoModelForCausalLM.from_pretrained
+    forbidden = {str(folder) for folder in folders}
+
+    def guarded(source, *args, **kwargs):
+        if str(source) in forbidden:
+            raise AssertionError(f"{source} was measured before and was loaded again")
+        return load(source, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)

@@ -1,8 +1,11 @@
-"""A checkpoint's identity: a digest of its weights, streamed from its files, never loaded as tensors.
+"""A checkpoint's identity: a digest of its weights, streamed from its files, never loaded as tensors, and of
+its config.
 
 For safetensors files it hashes every tensor's name, dtype, shape and bytes (read from the files'
 byte ranges), so the identity ignores file metadata and how the weights are split into shards: two
-folders holding the same weights have the same identity whatever their names. Ranks share the tensors
+folders holding the same weights have the same identity whatever their names. The config is part of it
+(the same weights under another activation or norm give other coefficients), parsed and without the fields
+that only say who wrote it (``transformers_version``, ``_name_or_path``), so re-saving it changes nothing. Ranks share the tensors
 out. Digests are remembered by path, size, mtime, ctime and inode, so a resumed sweep does not read
 unchanged files again.
 """
@@ -18,6 +21,25 @@ from .errors import CheckpointError
 from .sweep_data import Ranks, _hash_range, content_digest
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
+_CONFIG = "config.json"
+# config fields that record who saved it, not how the model computes
+_PROVENANCE = ("transformers_version", "_name_or_path", "_commit_hash")
+
+
+def config_digest(folder: str | os.PathLike) -> str:
+    """The digest of a checkpoint's config.json without its provenance fields ("" when it has none); a config that
+    is not JSON is hashed as its bytes."""
+    path = Path(folder) / _CONFIG
+    if not path.is_file():
+        return ""
+    raw = path.read_bytes()
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return hashlib.sha256(raw).hexdigest()
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k not in _PROVENANCE}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -62,8 +84,10 @@ def weights_identity(folder: str | os.PathLike, ranks: Ranks = Ranks()) -> str:
     if not files:
         raise CheckpointError(f"{folder} holds no weight files (*.safetensors or pytorch_model*.bin); give a "
                               "folder written by save_pretrained")
+    config = config_digest(folder)
     if files[0].suffix != ".safetensors":
-        return "files-" + content_digest(files, None, ranks)
+        weights = content_digest(files, None, ranks)
+        return "files-" + (hashlib.sha256(f"{weights}\0{config}".encode()).hexdigest() if config else weights)
     tensors: dict[str, tuple[Path, str, list[int], int, int]] = {}
     for path in files:
         for name, (dtype, shape, start, length) in _safetensors_index(path).items():
@@ -81,6 +105,8 @@ def weights_identity(folder: str | os.PathLike, ranks: Ranks = Ranks()) -> str:
     for i, name in enumerate(names):
         _, dtype, shape, _, _ = tensors[name]
         total.update(f"{name}\0{dtype}\0{shape}\0{merged[i]}\n".encode())
+    if config:
+        total.update(f"{_CONFIG}\0{config}\n".encode())
     return "tensors-sha256:" + total.hexdigest()
 
 
@@ -100,7 +126,8 @@ class IdentityCache:
         # mtime alone is not enough: rsync -a and cp -p give new weights the old file's mtime (and often its
         # size); the inode and ctime change with any rewrite and cannot be set back
         stamp = []
-        for path in weight_files(folder):
+        config = folder / _CONFIG
+        for path in weight_files(folder) + ([config] if config.is_file() else []):
             stat = path.stat()
             stamp.append([path.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
         return stamp
