@@ -259,13 +259,7 @@ def pretrain(config: DemoConfig, data: PreparedData, report: Progress,
 
     latest = measure(0)
     for step in range(1, config.pretrain_steps + 1):
-        rows = order[torch.arange((step - 1) * config.batch_size, step * config.batch_size) % len(order)]
-        ids = data.train[rows].to(config.device)
-        loss = lm_loss(model, ids, torch.ones_like(ids))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = pretrain_step(model, optimizer, schedule, data, order, step, config)
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if step % config.entropy_every == 0 or step in (config.early_step, config.pretrain_steps):
@@ -284,6 +278,20 @@ def pretrain(config: DemoConfig, data: PreparedData, report: Progress,
                    "checkpoints": {"early": config.early_step, "late": config.pretrain_steps},
                    "accuracy": {"early": None, "late": data.calibration.accuracy(model)}}
     return pretraining, checkpoints
+
+
+def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, data: PreparedData,
+                  order: torch.Tensor, step: int, config: DemoConfig) -> torch.Tensor:
+    """One pretraining step (1-based ``step``): the next ``batch_size`` rows of ``order``, the LM loss, its backward,
+    clipping to norm 1, the optimizer and the schedule; returns the loss. The caller zeroes the gradients."""
+    rows = order[torch.arange((step - 1) * config.batch_size, step * config.batch_size) % len(order)]
+    ids = data.train[rows].to(config.device)
+    loss = lm_loss(model, ids, torch.ones_like(ids))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss
 
 
 def _snapshot(model: nn.Module, step: int) -> dict:

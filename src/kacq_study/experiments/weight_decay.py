@@ -23,7 +23,6 @@ import torch
 from kacq_hooks.report import pyplot, save_figure
 
 from .. import pipeline
-from ..arms import lm_loss
 from ..config import DemoConfig, DemoConfigError
 from ..pipeline import deterministic
 from ..study import DEFAULT_SEEDS, checked_seeds
@@ -102,14 +101,8 @@ def pretrain_run(config: DemoConfig) -> dict:
 
         measure(0)
         for step in range(1, config.pretrain_steps + 1):
-            rows = order[torch.arange((step - 1) * config.batch_size, step * config.batch_size) % len(order)]
-            ids = data.train[rows].to(config.device)
-            loss = lm_loss(model, ids, torch.ones_like(ids))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            schedule.step()
+            lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step's update uses
+            loss = pipeline.pretrain_step(model, optimizer, schedule, data, order, step, config)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if step % config.entropy_every == 0 or step == config.pretrain_steps:
