@@ -10,7 +10,7 @@ import torch
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments, default_data_collator
 
 import kacq_hooks as kh
-from kacq_hooks.errors import ConfigError
+from kacq_hooks.errors import ConfigError, NoTokensError
 from coefficient_reference import capture, document_mean, entropy, token_mean
 from kacq_hooks.training.callbacks import KnowledgeEntropyCallback
 from tiny_models import VOCAB, random_batch, tiny_model
@@ -193,3 +193,26 @@ def test_count_labels_selects_the_routed_tokens_of_experts_layers():
         torch.testing.assert_close(inst.mean_abs_coefficients()[index].double(), expected, rtol=1e-5, atol=1e-7)
         assert int(inst.stats[index].tokens) == int(counted.sum())
         assert inst.knowledge_entropy().per_layer[index] == pytest.approx(entropy(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("count", ["labels", "shifted_labels"])
+def test_calls_whose_labels_select_no_position_say_so_not_that_nothing_ran(count):
+    model = tiny_model("llama")
+    ids, mask, _ = _batch()
+    nothing = torch.full_like(ids, -100)
+    inst = kh.instrument(model, count=count)
+    model(ids, attention_mask=mask, labels=nothing)
+    for read in (inst.knowledge_entropy, inst.mean_abs_coefficients, lambda: kh.knowledge_entropy(inst)):
+        with pytest.raises(NoTokensError, match=f"count={count!r} selected no position") as caught:
+            read()
+        assert "-100" in str(caught.value) and "padding" not in str(caught.value)
+    with pytest.raises(NoTokensError, match=f"count={count!r} selected no position"):
+        kh.measure(model, [{"input_ids": ids, "attention_mask": mask, "labels": nothing}],
+                   count=count).knowledge_entropy()
+    # once a call selects positions the statistics read as usual; reset() forgets the earlier calls
+    model(ids, attention_mask=mask, labels=ids)
+    assert inst.knowledge_entropy().tokens > 0
+    inst.reset()
+    with pytest.raises(NoTokensError, match="no tokens have been recorded"):
+        inst.knowledge_entropy()
+    inst.remove()

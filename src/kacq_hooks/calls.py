@@ -61,6 +61,7 @@ class Calls:
         self.last: Call | None = None       # the last committed call (reentrant checkpointing recomputes it)
         self._exit_handle = None
         self._training_calls = 0            # counted training forwards since the last backward began
+        self.committed = 0                  # calls added to the statistics since the last reset
         self._backward_task, self._backward_calls = None, 0
         self._stack_of_module = {id(stack.module): k for k, stack in enumerate(binding.stacks)}
         self.sites_of_stack = [[i for i, k in enumerate(binding.site_stack) if k == stack]
@@ -167,6 +168,7 @@ class Calls:
         self.inst.stats.merge(self.pending)
         self.pending.reset()
         call.committed = True
+        self.committed += 1
         self.last = call
         if call.recomputable:
             self._training_calls += 1

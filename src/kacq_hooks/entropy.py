@@ -79,6 +79,9 @@ def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | 
     """Knowledge entropy of an Instrumentation, a CoefficientStats, or a list of per-layer c̄ vectors."""
     if hasattr(source, "stats") and isinstance(source.stats, CoefficientStats):
         labels = labels if labels is not None else getattr(source, "labels", None)
+        unselected = getattr(source, "_unselected", None)  # an Instrumentation counting by labels
+        if callable(unselected) and unselected():
+            raise NoTokensError(unselected())
         source = source.stats
     tokens, nonfinite = None, []
     if isinstance(source, CoefficientStats):

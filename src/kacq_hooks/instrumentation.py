@@ -298,6 +298,9 @@ class Instrumentation:
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
         """Per-layer and total knowledge entropy of everything recorded so far, labelled by layer."""
         self._require_whole_layers()
+        unselected = self._unselected()
+        if unselected:
+            raise NoTokensError(unselected)
         return knowledge_entropy(self.stats, self._weighting(weighting), labels=self.labels)
 
     def mean_abs_coefficients(self, weighting: str | None = None) -> list[torch.Tensor]:
@@ -324,10 +327,24 @@ class Instrumentation:
             raise KacqError(f"{sliced[:3]} hold this rank's slice of tensor-parallel layers, whose entropy is not the "
                             "layer's: gather the slices with inst.all_reduce() (every rank) first")
 
+    def _unselected(self) -> str | None:
+        """Why no token was recorded when calls did run but ``count`` selected none of their positions."""
+        if self.count is None or self._calls.committed == 0 or any(int(s.tokens) for s in self.stats):
+            return None
+        shifted = (" (with 'shifted_labels' position t counts when labels[t + 1] != -100, so a label on the first "
+                   "position alone selects nothing)") if self.count == "shifted_labels" else ""
+        return (f"count={self.count!r} selected no position: in each of the {self._calls.committed} forward pass(es) "
+                f"recorded, every label count reads was -100{shifted}, so no token was counted. Give labels that "
+                "are not -100 on the positions to measure (e.g. the answer's tokens), or instrument without count= "
+                "to count every token")
+
     def _require_tokens(self) -> None:
         self._require_whole_layers()
+        unselected = self._unselected()
+        if unselected:
+            raise NoTokensError(unselected)
         if not any(int(s.tokens) for s in self.stats):
-            raise KacqError("no tokens have been recorded: run forward passes on the instrumented model "
+            raise NoTokensError("no tokens have been recorded: run forward passes on the instrumented model "
                             "(outside inst.pause()) first")
 
     def reset(self) -> None:
@@ -335,6 +352,7 @@ class Instrumentation:
         if [layer.d_ff for layer in self.stats] != self._widths:
             self.stats = CoefficientStats(self._widths, [layer.device for layer in self.stats])
         self.stats.reset()
+        self._calls.committed = 0
         self.reduced = False
         if self._gradients.staged is not None:
             self._gradients.staged.reset()
