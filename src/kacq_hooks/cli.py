@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .bench import PRESETS, bench_table, build_preset, load_model, run_bench
 from .corpus import load_corpus
-from .errors import KacqError
+from .errors import CheckpointError, ConfigError, KacqError, ResuscitationError
 from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
 from .interventions.resuscitation import check_plan_arguments, check_weight_edit
 from .sweep import check_device, check_seq_len, entropy_sweep, measure_texts
@@ -36,17 +36,17 @@ def load_model_and_tokenizer(model_dir: str, device: str):
     """A causal LM and its tokenizer from a local ``save_pretrained`` directory (stored dtype kept)."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise KacqError(f"{model_dir} is not a saved model directory (no config.json); give the folder written by "
+        raise CheckpointError(f"{model_dir} is not a saved model directory (no config.json); give the folder written by "
                         "model.save_pretrained(...)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise KacqError(f"no tokenizer could be loaded from {model_dir} ({err}); save one there with "
+        raise CheckpointError(f"no tokenizer could be loaded from {model_dir} ({err}); save one there with "
                         "tokenizer.save_pretrained(...)") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise KacqError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token and save it")
+            raise CheckpointError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token and save it")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
@@ -93,7 +93,7 @@ def add_resuscitate_parser(subparsers) -> argparse.ArgumentParser:
 def run_resuscitate(args: argparse.Namespace) -> int:
     # every check before the slow part: options, device, positions, the model's MLPs, then the data
     if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
-        raise KacqError("--batch-size and --seq-len must be at least 1")
+        raise ConfigError("--batch-size and --seq-len must be at least 1")
     cap = DEFAULT_MAX_MULTIPLIER if args.max_multiplier is None else args.max_multiplier
     check_plan_arguments(args.ratio, args.factor, cap)
     check_device(args.device)
@@ -104,7 +104,7 @@ def run_resuscitate(args: argparse.Namespace) -> int:
     try:
         check_weight_edit(model)
     except KacqError as err:
-        raise KacqError(f"{err}. kacq resuscitate saves a weight edit and a hook cannot be saved, so it cannot "
+        raise ResuscitationError(f"{err}. kacq resuscitate saves a weight edit and a hook cannot be saved, so it cannot "
                         "edit this model: apply the hook in Python, where it lasts as long as the model object") from err
     texts = load_corpus(args.data)
     before, _ = measure_texts(model, tokenizer, texts, batch_size=args.batch_size, max_length=seq_len)
@@ -312,7 +312,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def run_bench_command(args: argparse.Namespace) -> int:
 
     if (args.model is None) == (args.config is None):
-        raise KacqError("give either MODEL (a save_pretrained folder or hub id) or --config PRESET")
+        raise ConfigError("give either MODEL (a save_pretrained folder or hub id) or --config PRESET")
     if args.config:
         model, ids, mask = build_preset(args.config, args.device)
     else:

@@ -102,3 +102,7 @@ class NoTokensError(KacqError):
 
 class StatisticsOverflowError(KacqError, ArithmeticError):
     """A running fp32 sum of finite coefficients overflowed: no statistic derived from it would be right."""
+
+
+class SweepError(KacqError, RuntimeError):
+    """A checkpoint sweep's engine cannot run its tasks (a Ray cluster that cannot be reached or joined)."""

@@ -161,7 +161,7 @@ def expand_checkpoints(models: Sequence[str], revisions: Sequence[str] | None = 
             children = sorted((p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()),
                               key=lambda p: (_step_of(p.name) is None, _step_of(p.name) or 0, p.name))
             if not children:
-                raise KacqError(f"{model} is a folder with no config.json and no checkpoint subfolders; give a "
+                raise CheckpointError(f"{model} is a folder with no config.json and no checkpoint subfolders; give a "
                                 "folder written by save_pretrained (or a Trainer output_dir)")
             found += [Checkpoint(str(child), str(child)) for child in children]
         elif path.is_dir():
@@ -209,7 +209,7 @@ def _read_config(checkpoint: Checkpoint):
     try:
         return AutoConfig.from_pretrained(checkpoint.source)
     except (OSError, ValueError) as error:
-        raise KacqError(f"could not read the config of {checkpoint.name!r}: {error}") from error
+        raise CheckpointError(f"could not read the config of {checkpoint.name!r}: {error}") from error
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -220,8 +220,9 @@ def load_tokenizer(source: str, name: str, revision: str | None = None, given: b
     """The tokenizer at ``source`` (a folder or hub id), padding on the right; a one-line KacqError when there
     is none (a folder without tokenizer files is refused before transformers tries, and fails, to guess one)."""
     path = Path(source)
+    refused = ConfigError if given else CheckpointError  # a bad --tokenizer, or a checkpoint saved without one
     if path.is_dir() and not _has_tokenizer(path):
-        raise KacqError(f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...)"
+        raise refused(f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...)"
                         + ("" if given else f" for {name}") + "; pass --tokenizer with a folder or hub id that "
                         "holds the tokenizer the model was trained with")
     kwargs = {"revision": revision} if revision else {}
@@ -229,11 +230,11 @@ def load_tokenizer(source: str, name: str, revision: str | None = None, given: b
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as error:  # transformers raises OSError, ValueError, TypeError or sentencepiece errors here
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KacqError(f"could not load a tokenizer from {source} ({first}); pass --tokenizer with the "
+        raise refused(f"could not load a tokenizer from {source} ({first}); pass --tokenizer with the "
                         "tokenizer the model was trained with") from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise KacqError(f"the tokenizer of {name} has neither a pad nor an EOS token; set one and save it")
+            raise refused(f"the tokenizer of {name} has neither a pad nor an EOS token; set one and save it")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
@@ -245,11 +246,11 @@ def check_vocabulary(tokenizer, vocab_size: int | None, name: str) -> None:
         return
     pad = tokenizer.pad_token_id
     if pad is not None and pad >= vocab_size:
-        raise KacqError(f"the tokenizer's pad token {tokenizer.pad_token!r} has id {pad}, beyond the {vocab_size} "
+        raise CheckpointError(f"the tokenizer's pad token {tokenizer.pad_token!r} has id {pad}, beyond the {vocab_size} "
                         f"embeddings of {name}: the model cannot read it. Use the tokenizer the model was trained "
                         "with (--tokenizer), or give it a pad token inside the vocabulary")
     if len(tokenizer) > vocab_size:
-        raise KacqError(f"the tokenizer has {len(tokenizer)} tokens, more than the {vocab_size} embeddings of "
+        raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens, more than the {vocab_size} embeddings of "
                         f"{name}: ids beyond {vocab_size - 1} cannot be read. Use the tokenizer the model was "
                         "trained with (--tokenizer)")
 
@@ -259,9 +260,9 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str, device: str, tokenizer: 
     path = Path(checkpoint.source)
     local = path.exists()
     if local and not (path / "config.json").is_file():
-        raise KacqError(f"{checkpoint.source} has no config.json: give a folder written by save_pretrained")
+        raise CheckpointError(f"{checkpoint.source} has no config.json: give a folder written by save_pretrained")
     if not local and (_offline() or checkpoint.source.startswith((".", "/")) or checkpoint.source.count("/") > 1):
-        raise KacqError(f"model {checkpoint.source!r} not found: no such local folder"
+        raise CheckpointError(f"model {checkpoint.source!r} not found: no such local folder"
                         + (", and the hub is offline (HF_HUB_OFFLINE)" if _offline() else "")
                         + "; check the path")
     kwargs = {"revision": checkpoint.revision} if checkpoint.revision and not local else {}
@@ -381,7 +382,7 @@ def measure_checkpoint(model, tokenizer, texts: Iterable[str], settings: SweepSe
     inst, documents = measure_texts(model, tokenizer, texts, batch_size=settings.batch_size,
                                     max_length=seq_len, weighting=settings.weighting, progress=progress)
     if documents == 0:
-        raise KacqError(f"data {settings.data!r} has no documents to measure on")
+        raise CorpusError(f"data {settings.data!r} has no documents to measure on")
     return _entropy_row(inst, documents, seq_len)
 
 
@@ -616,7 +617,8 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
     settings = SweepSettings(**{**asdict(settings), "data_sha256": data_digest(source, ranks)})
     checkpoints = expand_checkpoints(models, revisions)
     if not checkpoints:
-        raise KacqError("no models given")
+        raise ConfigError("no models given: name at least one MODEL (a save_pretrained folder, a Trainer output "
+                          "folder or a hub id)")
     for checkpoint in checkpoints:
         if checkpoint.revision is None and not Path(checkpoint.source).is_dir():  # not a folder, not a hub id
             load_checkpoint_precheck(checkpoint)
@@ -746,9 +748,9 @@ def load_checkpoint_precheck(checkpoint: Checkpoint) -> None:
     """A model that is neither a local folder nor (online) a hub id: refused before any work."""
     source = checkpoint.source
     if _offline() or source.startswith((".", "/")) or source.count("/") > 1 or Path(source).exists():
-        raise KacqError(f"model {source!r} not found: no such local folder"
+        raise CheckpointError(f"model {source!r} not found: no such local folder"
                         + (", and the hub is offline (HF_HUB_OFFLINE)" if _offline() else "") + "; check the path")
-    raise KacqError(f"model {source!r} is not a local folder; a hub model is swept with --revision (one or more), "
+    raise ConfigError(f"model {source!r} is not a local folder; a hub model is swept with --revision (one or more), "
                     "which downloads each revision and removes it after measuring")
 
 
@@ -777,7 +779,7 @@ def _adopt_results(results: dict, out: Path, settings: SweepSettings) -> None:
             log.warning("ignoring %s: not a readable result (a task stopped while writing it?)", path)
             continue
         if saved.get("settings") != asdict(settings):
-            raise KacqError(f"{path} was measured with other settings ({saved.get('settings')}); to resume, use the "
+            raise ConfigError(f"{path} was measured with other settings ({saved.get('settings')}); to resume, use the "
                             f"same ones, or choose another --out for {asdict(settings)}")
         row = saved.get("row") or {}
         if row.get("identity") and row["identity"] not in merged:
@@ -793,13 +795,13 @@ def _load_previous(path: Path, settings: SweepSettings, source: DataSource, rank
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise KacqError(f"{path} exists but is not a readable sweep ({error}); move it away or choose another --out")
+        raise ConfigError(f"{path} exists but is not a readable sweep ({error}); move it away or choose another --out")
     if previous.get("format") != FORMAT_NAME:
-        raise KacqError(f"{path} is not a kacq entropy sweep; choose another --out")
+        raise ConfigError(f"{path} is not a kacq entropy sweep; choose another --out")
     if previous.get("version", 1) == 1:
         previous = _upgrade_v1(previous, settings, source, ranks)
     if previous.get("settings") != asdict(settings):
-        raise KacqError(f"{path} was measured with other settings ({previous.get('settings')}); to resume, use the "
+        raise ConfigError(f"{path} was measured with other settings ({previous.get('settings')}); to resume, use the "
                         f"same ones, or choose another --out for {asdict(settings)}")
     previous.setdefault("errors", [])
     return previous

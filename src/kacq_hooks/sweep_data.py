@@ -76,7 +76,7 @@ def _hash_range(path: Path, start: int, length: int) -> str:
         while left > 0:
             chunk = handle.read(min(_READ, left))
             if not chunk:
-                raise KacqError(f"{path} changed while it was read (shorter than {start + length} bytes)")
+                raise CorpusError(f"{path} changed while it was read (shorter than {start + length} bytes)")
             digest.update(chunk)
             left -= len(chunk)
     return digest.hexdigest()

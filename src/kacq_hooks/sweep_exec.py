@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError, KacqError, MissingExtraError
+from .errors import ConfigError, MissingExtraError, SweepError
 
 OnDone = Callable[[dict, dict], None]
 
@@ -51,7 +51,7 @@ def _reachable(address: str) -> None:
         with socket.create_connection((host or address, int(port or 6379)), timeout=5):
             pass
     except (OSError, ValueError) as error:
-        raise KacqError(f"cannot reach the Ray cluster at {address} ({error}); start it (ray start --head) or "
+        raise SweepError(f"cannot reach the Ray cluster at {address} ({error}); start it (ray start --head) or "
                         "give its address with --ray-address host:port") from error
 
 
@@ -181,7 +181,7 @@ def _run_ray(specs, jobs, folder, task_ranks, address, fetch, done) -> None:
         try:
             ray.init(address=address, log_to_driver=False)
         except Exception as error:  # ConnectionError, RuntimeError, ValueError by version
-            raise KacqError(f"could not connect to Ray at {address or 'a new local cluster'} "
+            raise SweepError(f"could not connect to Ray at {address or 'a new local cluster'} "
                             f"({type(error).__name__}: {error})") from error
     remote = ray.remote(max_retries=0, num_cpus=1)(_ray_task)
     waiting, running = list(specs), {}
