@@ -184,7 +184,15 @@ def add_entropy_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: removed, so a long series does not fill the disk)")
     parser.add_argument("--max-docs", type=int, default=None, help="the first N documents of the data")
     parser.add_argument("--max-tokens", type=int, default=None, help="at most N tokens per checkpoint: whole "
-                        "documents in order (each cut at --seq-len) while they fit")
+                        "documents in order (each cut at --seq-len) while they fit; with --count, N counted tokens")
+    parser.add_argument("--count", default=None, choices=["labels", "shifted_labels"],
+                        help="measure only the completions of prompt/completion records: --data holds records with "
+                        "\"prompt\" (context, not counted) and \"completion\" fields (JSONL fields or parquet/arrow "
+                        "columns), tokenized separately and joined. labels: the positions holding the completion's "
+                        "tokens; shifted_labels: the positions predicting them (the last prompt token through the "
+                        "second-to-last completion token), those a causal-LM loss on the completion scores. As "
+                        "instrument(count=...). A record whose prompt fills --seq-len refuses the run. Default: every "
+                        "token that is not padding")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--weighting", default="token", choices=["token", "document"])
     parser.add_argument("--out", default="runs/entropy", help="output folder (default runs/entropy)")
@@ -259,6 +267,10 @@ def entropy_table(results: dict) -> str:
                      f"{row['max_total']:10.4f} {row['tokens']:>10} {speed}  {note}".rstrip())
     for row in results.get("errors", []):
         lines.append(f"{row['name'][-40:]:<40} {str(row.get('step') or ''):>8} {'failed':>12}  {row['error']}")
+    count = (results.get("settings") or {}).get("count")
+    if count is not None:
+        from .sweep import _counted
+        lines.append(f"tokens counted: {_counted(count)}")
     return "\n".join(lines)
 
 
@@ -276,7 +288,8 @@ def run_entropy_command(args: argparse.Namespace) -> int:
                                 text_column=args.text_column, streaming=args.streaming, tokenizer=args.tokenizer,
                                 executor=args.executor, jobs=args.jobs, task_ranks=args.task_ranks,
                                 ray_address=args.ray_address, slurm=slurm, cache_dir=args.cache_dir,
-                                keep_cache=args.keep_cache, save_stats=args.save_stats, max_tokens=args.max_tokens)
+                                keep_cache=args.keep_cache, save_stats=args.save_stats, max_tokens=args.max_tokens,
+                                count=args.count)
     finally:
         progress.close()
     if Ranks.current().rank != 0:

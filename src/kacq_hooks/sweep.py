@@ -38,7 +38,7 @@ from .errors import CheckpointError, ConfigError, CorpusError, KacqError
 from .instrumentation import instrument
 from .measuring import evaluation_mode, measure
 from .report import pyplot, save_figure
-from .sweep_data import DataSource, Ranks, data_digest, data_source, read_documents
+from .sweep_data import DataSource, Ranks, check_record_source, data_digest, data_source, read_documents
 from .sweep_identity import IdentityCache
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 Progress = Callable[[str, dict], None]
 DEFAULT_SEQ_LEN = 512
 EXECUTORS = ("serial", "local", "ray", "slurm", "submitit-local")
+COUNTS = (None, "labels", "shifted_labels")  # as instrument(count=...)
+# settings fields added after version 2 files were written, at the value that means what those files measured
+_ADDED_SETTINGS = {"count": None}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
                    "vocab.txt")
 
@@ -74,6 +77,7 @@ class SweepSettings:
     text_column: str = "text"
     tokenizer: str | None = None
     max_tokens: int | None = None
+    count: str | None = None  # None: every token that is not padding; else the positions instrument(count=) selects
 
     def validate(self) -> None:
         if self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 1):
@@ -88,6 +92,9 @@ class SweepSettings:
             raise ConfigError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if not self.text_column:
             raise ConfigError("--text-column must name a column")
+        if self.count not in COUNTS:
+            raise ConfigError(f"--count must be one of {', '.join(c for c in COUNTS if c)}, not {self.count!r} (leave "
+                              "it out to count every token)")
 
 
 def data_identity(data: str | os.PathLike) -> tuple[str, str | None]:
@@ -334,9 +341,64 @@ def encode_batches(tokenizer, texts: Iterable[str], batch_size: int, max_length:
         yield {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def measure_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8, max_length: int = 512,
-                  weighting: str = "token", progress: Progress | None = None, allow_empty: bool = False):
+def encode_record(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(token ids, labels) of one record, cut at ``max_length``: the prompt and the completion are tokenized
+    separately (no special tokens) and joined, so the boundary between them is exact; labels are -100 on the
+    prompt's positions and the token id on the completion's."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = (list(prompt_ids) + list(completion_ids))[:max_length]
+    labels = ([-100] * len(prompt_ids) + list(completion_ids))[:max_length]
+    return ids, labels
+
+
+def counted_positions(labels: Sequence[int], count: str | None, length: int | None = None) -> int:
+    """How many positions of one row ``count`` selects (see :func:`kacq_hooks.instrument`): ``labels`` holds the
+    completion's tokens, ``shifted_labels`` the positions that predict them (the one before each)."""
+    if count is None:
+        return length if length is not None else len(labels)
+    held = [label != -100 for label in labels]
+    return sum(held) if count == "labels" else sum(held[1:])
+
+
+def encode_records(tokenizer, records: Iterable[tuple[str, str]], batch_size: int, max_length: int) -> Iterator[dict]:
+    """``(prompt, completion)`` records in batches: ids padded on the right, labels -100 on prompt and padding."""
+    pad = tokenizer.pad_token_id
+    for batch in _batches(records, batch_size):
+        rows = [encode_record(tokenizer, prompt, completion, max_length) for prompt, completion in batch]
+        width = max(len(ids) for ids, _ in rows)
+        yield {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+               "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+               "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows])}
+
+
+def check_records(records: Sequence[tuple[str, str]], tokenizer, max_length: int, count: str, *, first: int = 0,
+                  name: str = "the tokenizer") -> None:
+    """Refuse the run when a record keeps no counted position once cut at ``max_length`` (its prompt fills the
+    sequence, or with ``shifted_labels`` an empty prompt before a one-token completion): the record would be
+    measured as nothing while its document and tokens were believed counted. ``first`` is the index of
+    ``records[0]`` among all records (a rank's share)."""
+    for index, (prompt, completion) in enumerate(records):
+        ids, labels = encode_record(tokenizer, prompt, completion, max_length)
+        if counted_positions(labels, count) == 0:
+            held = sum(label == -100 for label in labels)
+            why = (f"its prompt fills all {max_length} positions (--seq-len), so no completion token survives the cut"
+                   if held >= max_length else f"with --count {count} a completion token counts only where a position "
+                   "before it predicts it, and this record has no prompt and a one-token completion")
+            raise CorpusError(f"record {first + index} (prompt {prompt[:40]!r}...) has no counted position with "
+                              f"{name}: {why}. The run is refused rather than the record dropped, so that every "
+                              "checkpoint is measured on the records you gave: raise --seq-len, shorten the prompt, "
+                              "or leave the record out")
+
+
+def measure_texts(model, tokenizer, texts: Iterable, *, batch_size: int = 8, max_length: int = 512,
+                  weighting: str = "token", progress: Progress | None = None, allow_empty: bool = False,
+                  count: str | None = None):
     """Tokenize ``texts`` in batches and measure them with :func:`kacq_hooks.measure` (padding masked).
+
+    With ``count`` (``"labels"`` or ``"shifted_labels"``, as :func:`kacq_hooks.instrument` takes it), ``texts``
+    are ``(prompt, completion)`` records (see :func:`encode_records`) and only the positions ``count`` selects
+    from their labels are measured.
 
     Returns the detached Instrumentation that measured them and the number of documents. ``progress``
     gets ``("batch", {"documents": done, "tokens": done})`` after each batch. With no texts: ``(None, 0)``,
@@ -358,11 +420,13 @@ def measure_texts(model, tokenizer, texts: Iterable[str], *, batch_size: int = 8
     if not texts:
         if not allow_empty:
             return None, 0
-        with evaluation_mode(model), instrument(model, weighting=weighting) as inst:
+        with evaluation_mode(model), instrument(model, weighting=weighting, count=count) as inst:
             pass
         return inst, 0
-    inst = measure(model, counted(encode_batches(tokenizer, texts, batch_size, max_length)), weighting=weighting,
-                   progress=report)
+    batches = (encode_records(tokenizer, texts, batch_size, max_length) if count is not None
+               else encode_batches(tokenizer, texts, batch_size, max_length))
+    inst = measure(model, counted(batches), weighting=weighting, progress=report,
+                   **({"count": count} if count is not None else {}))
     return inst, len(texts)
 
 
@@ -380,7 +444,8 @@ def measure_checkpoint(model, tokenizer, texts: Iterable[str], settings: SweepSe
     """
     seq_len = seq_len if seq_len is not None else check_seq_len(settings.seq_len, model.config, "the model")
     inst, documents = measure_texts(model, tokenizer, texts, batch_size=settings.batch_size,
-                                    max_length=seq_len, weighting=settings.weighting, progress=progress)
+                                    max_length=seq_len, weighting=settings.weighting, progress=progress,
+                                    count=settings.count)
     if documents == 0:
         raise CorpusError(f"data {settings.data!r} has no documents to measure on")
     return _entropy_row(inst, documents, seq_len)
@@ -468,14 +533,24 @@ def run_task(spec: dict, *, fetch=None, documents: list[str] | None = None, prog
             if documents is None:
                 documents = read_documents(data_source(spec["data"]), text_column=settings.text_column,
                                            max_docs=settings.max_docs, streaming=spec.get("streaming", False),
-                                           ranks=ranks)
+                                           ranks=ranks, records=settings.count is not None)
         except Exception as caught:  # a checkpoint's fault becomes its error row, on every rank alike
             error = _describe(caught)
         error = _agree(ranks, error)
         if error:
             return {"status": "error", "error": error, "identity": identity}
+        if settings.count is not None:  # the driver checked with the tokenizers it knew; a fetched revision's may differ
+            first = sum(ranks.gather(len(documents))[:ranks.rank])
+            try:
+                check_records(documents, tokenizer, seq_len, settings.count, first=first,
+                              name=f"the tokenizer of {checkpoint.name}")
+            except KacqError as caught:
+                error = str(caught)
+            error = _agree(ranks, error)
+            if error:
+                return {"status": "error", "error": error, "identity": identity}
         if settings.max_tokens is not None:
-            documents = bound_tokens(documents, tokenizer, seq_len, settings.max_tokens, ranks)
+            documents = bound_tokens(documents, tokenizer, seq_len, settings.max_tokens, ranks, count=settings.count)
         total = sum(ranks.gather(len(documents)))
         if total == 0:
             raise CorpusError(f"data {settings.data!r} holds no text to measure on")
@@ -486,7 +561,7 @@ def run_task(spec: dict, *, fetch=None, documents: list[str] | None = None, prog
         try:
             inst, _ = measure_texts(model, tokenizer, documents, batch_size=settings.batch_size, max_length=seq_len,
                                     weighting=settings.weighting, progress=progress if ranks.rank == 0 else None,
-                                    allow_empty=True)
+                                    allow_empty=True, count=settings.count)
         except Exception as caught:
             inst, error = None, _describe(caught)
         error = _agree(ranks, error)
@@ -516,6 +591,7 @@ def _finish(inst, checkpoint, spec, settings, identity, total, seq_len, seconds,
         return {"status": "error", "error": str(caught), "identity": identity}
     row = {"name": checkpoint.name, "model": checkpoint.source, "revision": checkpoint.revision,
            "step": _step_of(checkpoint.name), "identity": identity, "duplicate_of": None, **measured,
+           "count": settings.count,
            "world_size": ranks.world, "seconds": round(seconds, 3),
            "tokens_per_s": round(measured["tokens"] / seconds, 1) if seconds > 0 else None}
     if spec.get("save_stats"):
@@ -528,11 +604,20 @@ def _finish(inst, checkpoint, spec, settings, identity, total, seq_len, seconds,
     return {"status": "measured", "row": row, "identity": identity}
 
 
-def bound_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int, ranks: Ranks = Ranks()) -> list[str]:
+def bound_tokens(documents: list, tokenizer, seq_len: int, max_tokens: int, ranks: Ranks = Ranks(),
+                 count: str | None = None) -> list:
     """The documents, in order over all ranks, while their tokens (each cut at ``seq_len``) add up to at most
-    ``max_tokens``; the first that would pass it and all after are left out. Spread evenly over the ranks."""
-    lengths = [len(ids[:seq_len]) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]] \
-        if documents else []
+    ``max_tokens``; the first that would pass it and all after are left out. Spread evenly over the ranks.
+
+    With ``count`` the documents are ``(prompt, completion)`` records and a record's tokens are its counted
+    positions (those ``count`` selects), so the budget bounds the tokens the statistics hold, not the context
+    read around them."""
+    if count is not None:
+        lengths = [counted_positions(encode_record(tokenizer, prompt, completion, seq_len)[1], count)
+                   for prompt, completion in documents]
+    else:
+        lengths = [len(ids[:seq_len]) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]] \
+            if documents else []
     every = ranks.gather(lengths)
     used, keep = 0, []
     for rank, part in enumerate(every):
@@ -547,7 +632,8 @@ def bound_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int,
             break
     if sum(keep) == 0 and any(every):
         first = next(part[0] for part in every if part)
-        raise ConfigError(f"--max-tokens {max_tokens} leaves no document: the first one has {first} tokens (cut at "
+        what = f"counted tokens (--count {count})" if count is not None else "tokens"
+        raise ConfigError(f"--max-tokens {max_tokens} leaves no document: the first one has {first} {what} (cut at "
                           f"--seq-len {seq_len}) and only whole documents are measured; raise --max-tokens")
     mine = documents[:keep[ranks.rank]]
     if ranks.world > 1 and sum(keep) < sum(len(part) for part in every):
@@ -582,7 +668,7 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                   text_column: str = "text", streaming: bool = False, tokenizer: str | None = None,
                   executor: str = "serial", jobs: int = 1, task_ranks: int = 1, ray_address: str | None = None,
                   slurm: dict | None = None, cache_dir: str | None = None, keep_cache: bool = False, fetch=None,
-                  save_stats: bool = False, max_tokens: int | None = None) -> dict:
+                  save_stats: bool = False, max_tokens: int | None = None, count: str | None = None) -> dict:
     """Measure every checkpoint whose weights are not yet in ``out``; write the JSON as each finishes, then CSV
     and PNG. Returns the results (``checkpoints``: measured and duplicate rows; ``errors``: this run's failures).
 
@@ -591,7 +677,10 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
     ``ray`` on a Ray cluster (``ray_address``, or the one this process has started), ``slurm`` through
     submitit (``slurm``: its ``slurm_*`` parameters, e.g. ``{"partition": "gpu", "timeout_min": 60}``).
     ``max_tokens`` bounds the tokens of each checkpoint's measurement (whole documents, in order; see
-    :func:`bound_tokens`). ``fetch`` replaces the hub download of ``--revision`` sweeps (see :class:`HubFetcher`); each
+    :func:`bound_tokens`). ``count`` (``"labels"`` or ``"shifted_labels"``, as :func:`kacq_hooks.instrument`
+    takes it) measures only the completions of ``{"prompt", "completion"}`` records: ``labels`` the positions
+    holding the completion's tokens, ``shifted_labels`` the positions predicting them (see :func:`encode_record`,
+    :func:`check_records`). ``fetch`` replaces the hub download of ``--revision`` sweeps (see :class:`HubFetcher`); each
     revision's files are removed after measuring unless ``keep_cache``.
     """
     if executor not in EXECUTORS:
@@ -605,8 +694,10 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
     check_device(device)
     source = data_source(data)
     settings = SweepSettings(source.name, None, max_docs, batch_size, seq_len, weighting, dtype, text_column,
-                             tokenizer, max_tokens)
+                             tokenizer, max_tokens, count)
     settings.validate()
+    if count is not None:
+        check_record_source(source)
     ranks = init_ranks(device)
     if ranks.world > 1 and executor != "serial":
         raise ConfigError(f"--executor {executor} under torchrun ({ranks.world} ranks): start the driver as one "
@@ -671,17 +762,38 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
 
     if todo:
         seen_tokenizers: dict = {}
+        lengths: dict[str, int] = {}  # tokenizer source -> the shortest --seq-len a checkpoint using it takes
         for checkpoint in todo:  # configs and tokenizers are small: refuse bad input before any weights load
             if (Path(checkpoint.source) / "config.json").is_file():
                 config = _read_config(checkpoint)
-                check_seq_len(seq_len, config, checkpoint.name)
+                length = check_seq_len(seq_len, config, checkpoint.name)
                 _check_tokenizer_up_front(checkpoint, config, tokenizer, seen_tokenizers)
+                if count is not None:
+                    _check_counted_model(config, checkpoint.name, count)
+                    key = tokenizer or checkpoint.source
+                    lengths[key] = min(lengths.get(key, length), length)
         documents = None
-        if executor == "serial":  # read once (this rank's share), checked before any model loads
+        if executor == "serial" or count is not None:
+            # read once (this rank's share), checked before any model loads; with --count the driver of every
+            # executor reads the records, so that one a checkpoint would measure as nothing refuses the run here
             documents = read_documents(source, text_column=text_column, max_docs=max_docs, streaming=streaming,
-                                       ranks=ranks)
+                                       ranks=ranks, records=count is not None)
             if sum(ranks.gather(len(documents))) == 0:
                 raise CorpusError(f"data {data!r} holds no text: no documents to measure on")
+            if count is not None:
+                first = sum(ranks.gather(len(documents))[:ranks.rank])
+                error = None
+                for key, length in lengths.items():
+                    try:
+                        check_records(documents, seen_tokenizers[key], length, count, first=first,
+                                      name=f"the tokenizer of {key} at --seq-len {length}")
+                    except CorpusError as caught:
+                        error = error or str(caught)
+                error = _agree(ranks, error)
+                if error:
+                    raise CorpusError(error)
+            if executor != "serial":
+                documents = None  # each task reads its own share again
         elif not read_documents(source, text_column=text_column, max_docs=1, streaming=streaming):
             raise CorpusError(f"data {data!r} holds no text: no documents to measure on")
         known = {identity: row["name"] for identity, row in by_identity.items()}
@@ -744,6 +856,14 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
     return results
 
 
+def _check_counted_model(config, name: str, count: str) -> None:
+    """--count reads a causal LM's decoder positions by their labels: refuse other models before weights load."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"--count {count} counts positions of a causal LM's decoder by their labels, but {name} is an "
+                          f"encoder-decoder ({config.model_type}), whose encoder tokens no label selects; measure it "
+                          "without --count")
+
+
 def load_checkpoint_precheck(checkpoint: Checkpoint) -> None:
     """A model that is neither a local folder nor (online) a hub id: refused before any work."""
     source = checkpoint.source
@@ -778,7 +898,7 @@ def _adopt_results(results: dict, out: Path, settings: SweepSettings) -> None:
         except (OSError, ValueError):
             log.warning("ignoring %s: not a readable result (a task stopped while writing it?)", path)
             continue
-        if saved.get("settings") != asdict(settings):
+        if _with_added(saved.get("settings")) != asdict(settings):  # another --count too: never reused
             raise ConfigError(f"{path} was measured with other settings ({saved.get('settings')}); to resume, use the "
                             f"same ones, or choose another --out for {asdict(settings)}")
         row = saved.get("row") or {}
@@ -800,11 +920,20 @@ def _load_previous(path: Path, settings: SweepSettings, source: DataSource, rank
         raise ConfigError(f"{path} is not a kacq entropy sweep; choose another --out")
     if previous.get("version", 1) == 1:
         previous = _upgrade_v1(previous, settings, source, ranks)
+    previous["settings"] = _with_added(previous.get("settings"))
     if previous.get("settings") != asdict(settings):
         raise ConfigError(f"{path} was measured with other settings ({previous.get('settings')}); to resume, use the "
                         f"same ones, or choose another --out for {asdict(settings)}")
     previous.setdefault("errors", [])
     return previous
+
+
+def _with_added(saved):
+    """Saved settings with the fields added since they were written, at the value that means what they measured
+    (a sweep from before --count counted every token)."""
+    if not isinstance(saved, dict):
+        return saved
+    return {**saved, **{k: v for k, v in _ADDED_SETTINGS.items() if k not in saved}}
 
 
 def _upgrade_v1(previous: dict, settings: SweepSettings, source: DataSource, ranks: Ranks) -> dict:
@@ -843,20 +972,27 @@ def write_outputs(results: dict, out: str | os.PathLike) -> list[Path]:
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["checkpoint", "step", "total", "max_total", "tokens", "documents", *labels, "duplicate_of",
-                         "identity", "world_size", "tokens_per_s", "error"])
+                         "identity", "world_size", "tokens_per_s", "error", "counted"])
+        counted = _counted(results.get("settings", {}).get("count"))
         for r in rows:
             by_label = dict(zip(_labels(r), r["per_layer"]))
             writer.writerow([r["name"], r["step"], repr(r["total"]), repr(r["max_total"]), r["tokens"], r["documents"],
                              *[repr(by_label[label]) if label in by_label else "" for label in labels],
                              r.get("duplicate_of") or "", r.get("identity") or "", r.get("world_size", ""),
-                             r.get("tokens_per_s") or "", ""])
+                             r.get("tokens_per_s") or "", "", counted])
         for e in results.get("errors", []):  # a failed checkpoint: its row says why, its numbers stay empty
             writer.writerow([e["name"], e["step"], "", "", "", "", *[""] * len(labels), "", e.get("identity") or "",
-                             "", "", e["error"]])
+                             "", "", e["error"], counted])
     paths = [out / "entropy.json", csv_path]
     if rows:
         paths.append(_plot(rows, out / "entropy.png"))
     return paths
+
+
+def _counted(count: str | None) -> str:
+    """What the ``tokens`` of a sweep are, for its CSV: every unpadded token, or the positions --count selects."""
+    return {None: "tokens", "labels": "completion tokens (--count labels)",
+            "shifted_labels": "positions predicting completion tokens (--count shifted_labels)"}[count]
 
 
 def _labels(row: dict) -> list[str]:
@@ -890,4 +1026,7 @@ def _plot(rows: list[dict], path: Path) -> Path:
         for ax in (left, right):
             ax.set_xticks(x, [Path(r["name"]).name for r in rows], rotation=30, fontsize=7)
     right.legend(fontsize=7)
+    counts = {r.get("count") for r in rows}
+    if counts != {None}:  # say which tokens the entropy is over, on the figure itself
+        fig.suptitle(f"counted: {', '.join(_counted(c) for c in sorted(counts, key=str))}", fontsize=9)
     return save_figure(fig, path)

@@ -21,6 +21,7 @@ BLOCK = 64 << 20  # digest block: large enough to stream well, small enough to s
 _READ = 8 << 20
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TABLE_SUFFIXES = (".parquet", ".arrow")
+RECORD_FIELDS = ("prompt", "completion")  # what a record read for a counted sweep holds (see read_documents)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,14 +157,21 @@ def data_digest(source: DataSource, ranks: Ranks = Ranks()) -> str | None:
 
 
 def read_documents(source: DataSource, *, text_column: str = "text", max_docs: int | None = None,
-                   streaming: bool = False, ranks: Ranks = Ranks()) -> list[str]:
+                   streaming: bool = False, ranks: Ranks = Ranks(), records: bool = False) -> list:
     """This rank's share of the documents (blank ones dropped), the first ``max_docs`` of all when given.
 
     Concatenated in rank order, the shares of all ranks are the documents one process reads. No rank reads
     more than its share (plus, with ``max_docs``, nothing beyond the first ``max_docs`` of its share).
+
+    With ``records``, each document is a ``(prompt, completion)`` pair of strings read from the fields (or
+    columns) ``prompt`` and ``completion``, kept exactly as written (the space between them belongs to one of
+    the two); the completion must not be empty. A ``.txt`` file holds no such records and is refused.
     """
     if max_docs is not None and max_docs < 1:
         raise ConfigError(f"--max-docs must be at least 1, got {max_docs}")
+    if records:
+        check_record_source(source)
+        text_column = RECORD_FIELDS  # type: ignore[assignment]  # the readers take a pair of columns
     if source.kind == "text":
         docs = []
         for path in _shared_files(source.files, ranks):
@@ -186,6 +194,15 @@ def read_documents(source: DataSource, *, text_column: str = "text", max_docs: i
         kept = [doc for part in ranks.gather(docs) for doc in part]
         docs = [kept[i] for i in ranks.share(len(kept))]
     return docs
+
+
+def check_record_source(source: DataSource) -> None:
+    """Refuse data that cannot hold (prompt, completion) records (a blank-line separated .txt file)."""
+    plain = [path for path in source.files if path.suffix.lower() == ".txt"]
+    if source.kind == "text" and plain:
+        raise CorpusError(f"--count counts the tokens of each record's completion, but {plain[0]} is plain text "
+                          "with no completions: give a .jsonl file (or parquet/arrow data) whose records have "
+                          "\"prompt\" and \"completion\" fields, or leave --count out to count every token")
 
 
 def _shared_files(files: Sequence[Path], ranks: Ranks) -> list[Path]:
@@ -276,8 +293,10 @@ def _decode(raw: bytes, path: Path, offset: int) -> str:
                           "convert it to UTF-8 first") from error
 
 
-def _jsonl_text(line: str, path: Path, number: int | None, offset: int, column: str) -> str:
+def _jsonl_text(line: str, path: Path, number: int | None, offset: int, column):
     where = f"{path}, line {number}" if number is not None else f"{path}, the line at byte {offset}"
+    if isinstance(column, tuple):
+        return _jsonl_record(line, where)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as error:
@@ -285,11 +304,53 @@ def _jsonl_text(line: str, path: Path, number: int | None, offset: int, column: 
                           f"object like {{\"{column}\": \"...\"}}") from error
     if not isinstance(obj, dict) or column not in obj:
         found = f"keys {sorted(obj)}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
-        raise CorpusError(f"{where}: expected an object with a \"{column}\" field, found {found}"
-                          + ("; name the text field with --text-column" if isinstance(obj, dict) else ""))
+        hint = "; name the text field with --text-column" if isinstance(obj, dict) else ""
+        if isinstance(obj, dict) and set(RECORD_FIELDS) <= set(obj):
+            hint += ", or pass --count to measure the completions of these prompt/completion records"
+        raise CorpusError(f"{where}: expected an object with a \"{column}\" field, found {found}{hint}")
     if not isinstance(obj[column], str):
         raise CorpusError(f"{where}: \"{column}\" must be a string, found {type(obj[column]).__name__}")
     return obj[column].strip()
+
+
+def _jsonl_record(line: str, where: str) -> tuple[str, str]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise CorpusError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be one "
+                          "object like {\"prompt\": \"...\", \"completion\": \"...\"}") from error
+    if not isinstance(obj, dict):
+        raise CorpusError(f"{where}: expected an object with \"prompt\" and \"completion\" fields, found a JSON "
+                          f"{type(obj).__name__}")
+    return _record(obj.get("prompt"), obj.get("completion"), where, sorted(obj))
+
+
+def _record(prompt, completion, where: str, keys=None) -> tuple[str, str]:
+    """One (prompt, completion) record, refused unless both are strings and the completion holds text."""
+    missing = [name for name, value in zip(RECORD_FIELDS, (prompt, completion)) if value is None]
+    if missing:
+        found = f" (it has {keys})" if keys is not None else ""
+        raise CorpusError(f"{where}: the record has no {' and no '.join(repr(m) for m in missing)} field{found}; "
+                          "--count counts the tokens of each record's completion, so every record needs a \"prompt\" "
+                          "(context, not counted; may be empty) and a \"completion\" (counted)")
+    for name, value in zip(RECORD_FIELDS, (prompt, completion)):
+        if not isinstance(value, str):
+            raise CorpusError(f"{where}: \"{name}\" must be a string, found {type(value).__name__}")
+    if not completion.strip():
+        raise CorpusError(f"{where}: the completion is empty, so no token of this record would count; give every "
+                          "record a completion, or leave the record out")
+    return prompt, completion
+
+
+def _records_of(prompts, completions, where: str) -> list[tuple[str, str]]:
+    return [_record(p, c, f"{where}, row {i}") for i, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def _column_values(table_column, column, where: str):
+    """The documents of one or (for records) two columns: ``table_column(name)`` gives a column's values."""
+    if isinstance(column, tuple):
+        return _records_of(table_column(column[0]), table_column(column[1]), where)
+    return _texts_of(table_column(column), column, where)
 
 
 def _texts_of(values, column: str, where: str) -> list[str]:
@@ -305,7 +366,14 @@ def _texts_of(values, column: str, where: str) -> list[str]:
     return docs
 
 
-def _check_column(column: str, names: Sequence[str], where: str) -> None:
+def _check_column(column, names: Sequence[str], where: str) -> None:
+    if isinstance(column, tuple):
+        missing = [c for c in column if c not in names]
+        if missing:
+            raise CorpusError(f"{where} has no column {' and no '.join(repr(m) for m in missing)} (it has "
+                              f"{sorted(names)}); --count counts the tokens of each record's completion, so the data "
+                              "needs a \"prompt\" and a \"completion\" column")
+        return
     if column not in names:
         raise CorpusError(f"{where} has no column {column!r} (it has {sorted(names)}); name the text column with "
                           "--text-column")
@@ -322,8 +390,9 @@ def _parquet_share(files: Sequence[Path], column: str, max_docs: int | None, ran
         groups += [(path, g) for g in range(meta.num_row_groups)]
     docs: list[str] = []
     for path, group in (groups[i] for i in ranks.share(len(groups))):
-        table = pq.ParquetFile(path).read_row_group(group, columns=[column])
-        docs += _texts_of(table.column(column).to_pylist(), column, str(path))
+        names = list(column) if isinstance(column, tuple) else [column]
+        table = pq.ParquetFile(path).read_row_group(group, columns=names)
+        docs += _column_values(lambda name: table.column(name).to_pylist(), column, str(path))
         if max_docs is not None and len(docs) >= max_docs:
             break
     return docs
@@ -356,9 +425,10 @@ def _arrow_share(source: DataSource, column: str, max_docs: int | None, ranks: R
     rows = ranks.share(len(whole))
     docs: list[str] = []
     step = 4096
+    names = list(column) if isinstance(column, tuple) else [column]
     for begin in range(rows.start, rows.stop, step):
-        part = whole.select_columns([column])[begin:min(begin + step, rows.stop)][column]
-        docs += _texts_of(part, column, source.name)
+        part = whole.select_columns(names)[begin:min(begin + step, rows.stop)]
+        docs += _column_values(lambda name: part[name], column, source.name)
         if max_docs is not None and len(docs) >= max_docs:
             break
     return docs
@@ -380,7 +450,8 @@ def _hub_share(name: str, column: str, max_docs: int | None, streaming: bool, ra
             table = datasets.load_dataset(name, split="train")
             _check_column(column, table.column_names, name)
             rows = ranks.share(min(len(table), max_docs) if max_docs is not None else len(table))
-            return _texts_of(table[rows.start:rows.stop][column], column, name)
+            part = table[rows.start:rows.stop]
+            return _column_values(lambda key: part[key], column, name)
         stream = datasets.load_dataset(name, split="train", streaming=True)
         if max_docs is not None:
             rows = list(stream.take(max_docs))
@@ -394,6 +465,6 @@ def _hub_share(name: str, column: str, max_docs: int | None, streaming: bool, ra
     except Exception as error:  # network and name errors come in many types; say what was tried
         raise CorpusError(f"could not read dataset {name!r} ({type(error).__name__}: {error}); it is neither a "
                           "local file or folder nor a reachable hub dataset") from error
-    if mine and column not in mine[0]:
+    if mine:
         _check_column(column, list(mine[0]), name)
-    return _texts_of([row.get(column) for row in mine], column, name)
+    return _column_values(lambda key: [row.get(key) for row in mine], column, name)
