@@ -618,21 +618,21 @@ def bound_tokens(documents: list, tokenizer, seq_len: int, max_tokens: int, rank
     else:
         lengths = [len(ids[:seq_len]) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]] \
             if documents else []
+    what = f"counted tokens (--count {count})" if count is not None else "tokens"
     every = ranks.gather(lengths)
     used, keep = 0, []
     for rank, part in enumerate(every):
-        count = 0
+        taken = 0
         for length in part:
             if used + length > max_tokens:
                 break
-            used, count = used + length, count + 1
-        keep.append(count)
-        if count < len(part):
+            used, taken = used + length, taken + 1
+        keep.append(taken)
+        if taken < len(part):
             keep += [0] * (len(every) - rank - 1)
             break
     if sum(keep) == 0 and any(every):
         first = next(part[0] for part in every if part)
-        what = f"counted tokens (--count {count})" if count is not None else "tokens"
         raise ConfigError(f"--max-tokens {max_tokens} leaves no document: the first one has {first} {what} (cut at "
                           f"--seq-len {seq_len}) and only whole documents are measured; raise --max-tokens")
     mine = documents[:keep[ranks.rank]]
