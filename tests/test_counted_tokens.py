@@ -209,6 +209,11 @@ def test_calls_whose_labels_select_no_position_say_so_not_that_nothing_ran(count
     with pytest.raises(NoTokensError, match=f"count={count!r} selected no position"):
         kh.measure(model, [{"input_ids": ids, "attention_mask": mask, "labels": nothing}],
                    count=count).knowledge_entropy()
+    if count == "labels":  # labels only on padding select nothing either (shifted, they select the last tokens)
+        inst.reset()
+        model(ids, attention_mask=mask, labels=ids.masked_fill(mask != 0, -100))
+        with pytest.raises(NoTokensError, match=f"count={count!r} selected no position.*masked out"):
+            inst.knowledge_entropy()
     # once a call selects positions the statistics read as usual; reset() forgets the earlier calls
     model(ids, attention_mask=mask, labels=ids)
     assert inst.knowledge_entropy().tokens > 0

@@ -334,9 +334,9 @@ class Instrumentation:
         shifted = (" (with 'shifted_labels' position t counts when labels[t + 1] != -100, so a label on the first "
                    "position alone selects nothing)") if self.count == "shifted_labels" else ""
         return (f"count={self.count!r} selected no position: in each of the {self._calls.committed} forward pass(es) "
-                f"recorded, every label count reads was -100{shifted}, so no token was counted. Give labels that "
-                "are not -100 on the positions to measure (e.g. the answer's tokens), or instrument without count= "
-                "to count every token")
+                f"recorded, every label count reads was -100{shifted}, or the positions it selected were all masked "
+                "out by the attention mask, so no token was counted. Give labels that are not -100 on the unmasked "
+                "positions to measure (e.g. the answer's tokens), or instrument without count= to count every token")
 
     def _require_tokens(self) -> None:
         self._require_whole_layers()

@@ -64,7 +64,9 @@ class SweepSettings:
     sha256 over the sha256 of each 64 MiB block of its contents (:func:`kacq_hooks.sweep_data.content_digest`,
     computed by the ranks together), so ``./data.txt`` and
     ``/abs/data.txt`` resume each other, and a file edited in place does not. ``tokenizer`` is the
-    ``--tokenizer`` given (``None``: each checkpoint's own).
+    ``--tokenizer`` given (``None``: each checkpoint's own). ``count`` is ``--count``: ``None`` measures every
+    token that is not padding, ``"labels"`` / ``"shifted_labels"`` the completions of prompt/completion records
+    (the positions holding, or predicting, the completion's tokens); a result measured with another is never reused.
     """
 
     data: str
