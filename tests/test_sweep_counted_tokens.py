@@ -192,6 +192,17 @@ def test_bad_records_are_refused_before_any_weights_load(run, tmp_path, monkeypa
                  "--device", "cpu"]) == 2
 
 
+def test_records_are_read_and_checked_before_any_checkpoint_is_hashed(run, tmp_path, monkeypatch):
+    from kacq_hooks.sweep_identity import IdentityCache
+
+    root, _, _ = run
+    monkeypatch.setattr(IdentityCache, "identity", lambda *a, **k: pytest.fail("a checkpoint was hashed"))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"prompt": "Zorgon"}) + "\n")
+    with pytest.raises(CorpusError, match="no 'completion' field"):
+        entropy_sweep([str(root / "run")], str(missing), out=tmp_path / "out", count="labels", executor="local")
+
+
 def test_an_encoder_decoder_is_refused_before_its_weights_load(tmp_path, run, monkeypatch):
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -219,6 +230,13 @@ def test_parquet_records_equal_jsonl_records(run, tmp_path):
     b = entropy_sweep([checkpoint], str(tmp_path / "facts.parquet"), out=tmp_path / "b", seq_len=SEQ, count="labels")
     assert a["checkpoints"][0]["per_layer"] == pytest.approx(b["checkpoints"][0]["per_layer"], rel=1e-9)
     assert a["checkpoints"][0]["tokens"] == b["checkpoints"][0]["tokens"]
+    holes = pa.table({"prompt": ["a", "b", "c"], "completion": [" x", " y", None]})
+    pq.write_table(holes, tmp_path / "holes.parquet", row_group_size=2)
+    with pytest.raises(CorpusError, match=r"holes.parquet, row group 1, row 0: the record has no 'completion'"):
+        entropy_sweep([checkpoint], str(tmp_path / "holes.parquet"), out=tmp_path / "c", seq_len=SEQ, count="labels")
+    pq.write_table(pa.table({"text": ["a document"]}), tmp_path / "text.parquet")
+    with pytest.raises(CorpusError, match="no column 'prompt' and no 'completion'"):
+        entropy_sweep([checkpoint], str(tmp_path / "text.parquet"), out=tmp_path / "d", seq_len=SEQ, count="labels")
 
 
 @pytest.mark.slow  # subprocesses each import torch and transformers

@@ -722,6 +722,14 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                    if row.get("identity") and not row.get("duplicate_of")}
     by_name = {row["name"]: row for row in results["checkpoints"]}
 
+    records = None
+    if count is not None:  # with --count every executor's driver reads the records, each field checked before
+        # any checkpoint is hashed (the tasks read their shares again)
+        records = read_documents(source, text_column=text_column, max_docs=max_docs, streaming=streaming,
+                                 ranks=ranks, records=True)
+        if sum(ranks.gather(len(records))) == 0:
+            raise CorpusError(f"data {data!r} holds no records: nothing to measure on")
+
     # identities of local checkpoints: streamed from their weights (cached by path and file stamps)
     cache = IdentityCache(out / "identities.json")
     identities: dict[str, str | None] = {}
@@ -775,27 +783,24 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                     key = tokenizer or checkpoint.source
                     lengths[key] = min(lengths.get(key, length), length)
         documents = None
-        if executor == "serial" or count is not None:
-            # read once (this rank's share), checked before any model loads; with --count the driver of every
-            # executor reads the records, so that one a checkpoint would measure as nothing refuses the run here
+        if records is not None:  # a record a checkpoint would measure as nothing refuses the run here
+            first = sum(ranks.gather(len(records))[:ranks.rank])
+            error = None
+            for key, length in lengths.items():
+                try:
+                    check_records(records, seen_tokenizers[key], length, count, first=first,
+                                  name=f"the tokenizer of {key} at --seq-len {length}")
+                except CorpusError as caught:
+                    error = error or str(caught)
+            error = _agree(ranks, error)
+            if error:
+                raise CorpusError(error)
+            documents = records if executor == "serial" else None  # other executors' tasks read their shares
+        elif executor == "serial":  # read once (this rank's share), checked before any model loads
             documents = read_documents(source, text_column=text_column, max_docs=max_docs, streaming=streaming,
-                                       ranks=ranks, records=count is not None)
+                                       ranks=ranks)
             if sum(ranks.gather(len(documents))) == 0:
                 raise CorpusError(f"data {data!r} holds no text: no documents to measure on")
-            if count is not None:
-                first = sum(ranks.gather(len(documents))[:ranks.rank])
-                error = None
-                for key, length in lengths.items():
-                    try:
-                        check_records(documents, seen_tokenizers[key], length, count, first=first,
-                                      name=f"the tokenizer of {key} at --seq-len {length}")
-                    except CorpusError as caught:
-                        error = error or str(caught)
-                error = _agree(ranks, error)
-                if error:
-                    raise CorpusError(error)
-            if executor != "serial":
-                documents = None  # each task reads its own share again
         elif not read_documents(source, text_column=text_column, max_docs=1, streaming=streaming):
             raise CorpusError(f"data {data!r} holds no text: no documents to measure on")
         known = {identity: row["name"] for identity, row in by_identity.items()}

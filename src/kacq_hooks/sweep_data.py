@@ -342,14 +342,15 @@ def _record(prompt, completion, where: str, keys=None) -> tuple[str, str]:
     return prompt, completion
 
 
-def _records_of(prompts, completions, where: str) -> list[tuple[str, str]]:
-    return [_record(p, c, f"{where}, row {i}") for i, (p, c) in enumerate(zip(prompts, completions))]
+def _records_of(prompts, completions, where: str, first: int) -> list[tuple[str, str]]:
+    return [_record(p, c, f"{where}, row {first + i}") for i, (p, c) in enumerate(zip(prompts, completions))]
 
 
-def _column_values(table_column, column, where: str):
-    """The documents of one or (for records) two columns: ``table_column(name)`` gives a column's values."""
+def _column_values(table_column, column, where: str, first: int = 0):
+    """The documents of one or (for records) two columns: ``table_column(name)`` gives a column's values, the
+    first of them row ``first`` of ``where``."""
     if isinstance(column, tuple):
-        return _records_of(table_column(column[0]), table_column(column[1]), where)
+        return _records_of(table_column(column[0]), table_column(column[1]), where, first)
     return _texts_of(table_column(column), column, where)
 
 
@@ -392,7 +393,8 @@ def _parquet_share(files: Sequence[Path], column: str, max_docs: int | None, ran
     for path, group in (groups[i] for i in ranks.share(len(groups))):
         names = list(column) if isinstance(column, tuple) else [column]
         table = pq.ParquetFile(path).read_row_group(group, columns=names)
-        docs += _column_values(lambda name: table.column(name).to_pylist(), column, str(path))
+        where = f"{path}, row group {group}" if isinstance(column, tuple) else str(path)
+        docs += _column_values(lambda name: table.column(name).to_pylist(), column, where)
         if max_docs is not None and len(docs) >= max_docs:
             break
     return docs
@@ -428,7 +430,7 @@ def _arrow_share(source: DataSource, column: str, max_docs: int | None, ranks: R
     names = list(column) if isinstance(column, tuple) else [column]
     for begin in range(rows.start, rows.stop, step):
         part = whole.select_columns(names)[begin:min(begin + step, rows.stop)]
-        docs += _column_values(lambda name: part[name], column, source.name)
+        docs += _column_values(lambda name: part[name], column, source.name, begin)
         if max_docs is not None and len(docs) >= max_docs:
             break
     return docs
@@ -451,7 +453,7 @@ def _hub_share(name: str, column: str, max_docs: int | None, streaming: bool, ra
             _check_column(column, table.column_names, name)
             rows = ranks.share(min(len(table), max_docs) if max_docs is not None else len(table))
             part = table[rows.start:rows.stop]
-            return _column_values(lambda key: part[key], column, name)
+            return _column_values(lambda key: part[key], column, name, rows.start)
         stream = datasets.load_dataset(name, split="train", streaming=True)
         if max_docs is not None:
             rows = list(stream.take(max_docs))
