@@ -31,7 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import kernels
-from .errors import CheckpointError, ConfigError, KacqError, UnknownKeyError
+from .errors import BenchmarkError, CheckpointError, ConfigError, UnknownKeyError
 from .frontends.nnsight import underlying_module
 from .instrumentation import instrument
 from .locate import find_sites
@@ -106,7 +106,7 @@ def peak_in_subprocess(script: Path, args: list[str]) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise KacqError(f"the measuring child {script.name} failed: "
+        raise BenchmarkError(f"the measuring child {script.name} failed: "
                         + (result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"))
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._hooks import HookSet, OwnerHook
-from .errors import KacqError
+from .errors import ConfigError, KacqError, LocateError, StateError
 from .frontends import StackInputs
 from .stats import CoefficientStats
 
@@ -93,7 +93,7 @@ class Calls:
         if inst._pause_depth:
             return
         if inst.reduced:
-            raise KacqError("these statistics were combined across ranks (all_reduce); read them, then call "
+            raise StateError("these statistics were combined across ranks (all_reduce); read them, then call "
                             "inst.reset() before measuring again, or every rank's earlier tokens would count twice")
         call = self.current
         if call is not None and not _alive(call.frame):
@@ -194,14 +194,14 @@ class Calls:
             call = self.current = None
         site, reader = self.binding.sites[index], self.binding.stacks[stack]
         if call is None or stack not in call.stacks:
-            raise KacqError(f"{site.path} ran outside a call of the {reader.name} stack it "
+            raise StateError(f"{site.path} ran outside a call of the {reader.name} stack it "
                             f"belongs to (a layer called on its own?), so kacq_hooks does not know which positions "
                             f"are padding. Call the model (or its {type(reader.module).__name__}), "
                             "or run this inside inst.pause()")
         count = call.fired.get(index, 0) + 1
         call.fired[index] = count
         if count > 1:
-            raise KacqError(f"{site.path} ran {count} times in one forward (a layer shared across depth, as in "
+            raise LocateError(f"{site.path} ran {count} times in one forward (a layer shared across depth, as in "
                             "ALBERT, or a module called twice): kacq_hooks does not pool the statistics of "
                             "different depths into one layer. Instrument a model whose layers are distinct, or "
                             "pass mlp_out= naming modules that run once per forward")
@@ -221,7 +221,7 @@ class Calls:
         if self._backward_calls == 0:
             return None  # the forward was paused (or not counted): neither are its gradients
         if self._backward_calls > 1:
-            raise KacqError(f"one backward pass recomputes {self._backward_calls} counted forwards "
+            raise ConfigError(f"one backward pass recomputes {self._backward_calls} counted forwards "
                             "(reentrant activation checkpointing with gradient accumulation): kacq_hooks cannot tell "
                             "whose padding mask a recomputed layer had. Use gradient_checkpointing_kwargs="
                             "{'use_reentrant': False} (the default), or call backward after each forward")

@@ -19,7 +19,7 @@ from . import kernels
 from ._hooks import HookSet, OwnerHook
 from .calls import Call, Calls
 from .distributed import is_dtensor, local_slice, to_local
-from .errors import KacqError, ShapeError
+from .errors import ShapeError, StateError
 from .experts import ExpertsTap, SharedTap
 from .kernels import experts_cpu, reference
 
@@ -130,7 +130,7 @@ class Capture:
             return None
         call = self.calls.current
         if call is None or index not in call.routing:
-            raise KacqError(f"the experts of {self.sites[index].path} ran outside a forward of their layer "
+            raise StateError(f"the experts of {self.sites[index].path} ran outside a forward of their layer "
                             f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
         return call
 

@@ -106,3 +106,16 @@ class StatisticsOverflowError(KacqError, ArithmeticError):
 
 class SweepError(KacqError, RuntimeError):
     """A checkpoint sweep's engine cannot run its tasks (a Ray cluster that cannot be reached or joined)."""
+
+
+class StateError(KacqError):
+    """The instrumentation (or an intervention) is not in a state that allows this now: a step was skipped or came
+    out of order (statistics combined across ranks and not reset, tensor-parallel slices not yet gathered, a layer
+    run outside its model's forward, a backward with no forward, fp16 gradients without a declared loss scale).
+
+    Not a ``RuntimeError``: several of these are raised inside hooks, where a caller's broad
+    ``except RuntimeError`` (out-of-memory retries) must not swallow them."""
+
+
+class BenchmarkError(KacqError):
+    """A benchmark's measuring child process failed; the message carries its last error line."""

@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from .errors import ArgumentTypeError, KacqError
+from .errors import ArgumentTypeError, StateError
 from .stats import CoefficientStats
 
 log = logging.getLogger("kacq_hooks.instrumentation")
@@ -184,7 +184,7 @@ class Gradients:
 
     def require_known_scale(self) -> None:
         if self.fp16_seen:
-            raise KacqError("gradients were recorded from float16 training forwards without a declared loss scale, so "
+            raise StateError("gradients were recorded from float16 training forwards without a declared loss scale, so "
                             "they may be those of a GradScaler's scaled loss: call inst.loss_scale(scaler) before "
                             "training (the Trainer: LossScaleCallback(inst)), or inst.loss_scale(None) if the loss "
                             "was not scaled, then inst.reset() and measure again")

@@ -24,7 +24,7 @@ from .calls import Calls
 from .capture import Capture
 from .distributed import neuron_shard, reduce as reduce_across_ranks
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import ConfigError, KacqError, LocateError, NoTokensError
+from .errors import ConfigError, LocateError, NoTokensError, StateError
 from .frontends import Binding, bind
 from .gradients import Gradients
 from .locate import Site
@@ -316,7 +316,7 @@ class Instrumentation:
     def _weighting(self, weighting: str | None) -> str:
         weighting = weighting or self.weighting
         if weighting == "document" and self.weighting != "document":
-            raise KacqError("document-weighted sums were not kept: create the instrumentation with "
+            raise ConfigError("document-weighted sums were not kept: create the instrumentation with "
                             "instrument(model, weighting='document')")
         return weighting
 
@@ -324,7 +324,7 @@ class Instrumentation:
         sliced = [site.label for site, layer, shard in zip(self.sites, self.stats, self.shards)
                   if shard is not None and layer.d_ff != site.d_ff]
         if sliced:
-            raise KacqError(f"{sliced[:3]} hold this rank's slice of tensor-parallel layers, whose entropy is not the "
+            raise StateError(f"{sliced[:3]} hold this rank's slice of tensor-parallel layers, whose entropy is not the "
                             "layer's: gather the slices with inst.all_reduce() (every rank) first")
 
     def _unselected(self) -> str | None:
@@ -406,7 +406,7 @@ class Instrumentation:
         until :meth:`reset`, so no rank's tokens are ever counted twice.
         """
         if self.reduced:
-            raise KacqError("these statistics were already combined across ranks; inst.reset() before the next window")
+            raise StateError("these statistics were already combined across ranks; inst.reset() before the next window")
         reduce_across_ranks(self.stats, self.shards, group, paths=[site.path for site in self.sites])
         self.reduced = True
         return self

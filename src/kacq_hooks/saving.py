@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import KacqError, MissingExtraError, SavedStatsError, ShapeError
+from .errors import LocateError, MissingExtraError, SavedStatsError, ShapeError
 from .stats import FIELDS, CoefficientStats
 
 FORMAT = "kacq_hooks.stats"
@@ -237,7 +237,7 @@ def to_dataframe(inst):
     except ImportError as err:
         raise MissingExtraError("pandas", "data", "to_dataframe") from err
     if not len(inst.stats):
-        raise KacqError("there are no instrumented sites to tabulate")
+        raise LocateError("there are no instrumented sites to tabulate")
     inst.stats.check_finite()  # an overflowed running sum is refused, never tabulated as a number
     frames = []
     for site, layer in zip(_site_records(inst), inst.stats):

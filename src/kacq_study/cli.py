@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kacq_hooks import cli as kacq_cli
-from kacq_hooks.errors import KacqError
+from kacq_hooks.errors import ConfigError
 from kacq_hooks.sweep import check_device
 
 from .arms import ARMS, ZHU_ARMS
@@ -73,11 +73,11 @@ def _parse_arms(text: str | None) -> tuple[str, ...] | None:
     arms = tuple(a.strip() for a in text.split(",") if a.strip())
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
-        raise KacqError(f"unknown arm(s) {unknown or [text]} in --arms; choose from {', '.join(ARMS)} (or 'zhu', "
+        raise DemoConfigError(f"unknown arm(s) {unknown or [text]} in --arms; choose from {', '.join(ARMS)} (or 'zhu', "
                         "'all')")
     repeated = sorted({a for a in arms if arms.count(a) > 1})
     if repeated:
-        raise KacqError(f"--arms {text}: {', '.join(repeated)} given more than once")
+        raise DemoConfigError(f"--arms {text}: {', '.join(repeated)} given more than once")
     return arms
 
 
@@ -90,7 +90,7 @@ def _check_out(out: str) -> None:
         probe.write_text("", encoding="utf-8")
         probe.unlink()
     except OSError as error:
-        raise KacqError(f"--out {out} cannot be written ({error.strerror or error}); choose another folder") from None
+        raise ConfigError(f"--out {out} cannot be written ({error.strerror or error}); choose another folder") from None
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -109,7 +109,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     config.validate()
     seeds = parse_seeds(f"{args.seed}," if args.seed is not None else args.seeds)
     if args.workers is not None and args.workers < 1:
-        raise KacqError(f"--workers {args.workers}: give at least 1 (1 runs every task in this process)")
+        raise DemoConfigError(f"--workers {args.workers}: give at least 1 (1 runs every task in this process)")
     _check_out(args.out)
     progress = _Bars(tqdm, config, len(seeds))
     try:

@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kacq_hooks.errors import UnknownKeyError
+
 from .findings import KINDS, LANDING_MARGIN, LEARNED_MARGIN, LEARNED_MIN_RISE, LOSS_FLAT_TOLERANCE, POWER_LAW_MIN_R2
 from .output import write_text_atomic
 
@@ -237,7 +239,7 @@ def finding_lines(results: dict, ids: Sequence[str]) -> str:
     by_id = {f["id"]: f for f in results["findings"]}
     unknown = [i for i in ids if i not in by_id]
     if unknown:
-        raise KeyError(f"no finding {unknown} in this results.json; it has {sorted(by_id)}")
+        raise UnknownKeyError(f"no finding {unknown} in this results.json; it has {sorted(by_id)}")
     return "\n".join(finding_line(by_id[i]) for i in ids)
 
 
@@ -252,7 +254,7 @@ def render(name: str, results: dict) -> str:
     if name.startswith("findings:"):
         return finding_lines(results, name.split(":", 1)[1].split(","))
     if name not in BLOCKS:
-        raise KeyError(f"unknown published block {name!r}; use one of {sorted(BLOCKS)} or findings:ID,ID")
+        raise UnknownKeyError(f"unknown published block {name!r}; use one of {sorted(BLOCKS)} or findings:ID,ID")
     return BLOCKS[name](results)
 
 

@@ -33,7 +33,7 @@ import torch
 from kacq_hooks.errors import KacqError
 
 from .arms import ARMS
-from .config import DemoConfig, Progress
+from .config import DemoConfig, DemoConfigError, Progress
 from .findings import KINDS, assess, combine, combine_findings, fit_ok, regime
 from .output import json_ready
 from .pipeline import build_model, deterministic, prepare, pretrain, run_arm
@@ -111,6 +111,11 @@ def _init_worker(events) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class TaskError(KacqError):
+    """A study task failed in its worker: the worker ended abruptly, or the task raised an error that is not a
+    KacqError (whose message, with the task named, this one carries)."""
+
+
 def _call(fn, *args):
     """Run a task in a worker; an exception that would not survive pickling (custom __init__ arguments) is
     replaced by one that does, with the same message, a KacqError staying a KacqError."""
@@ -136,10 +141,10 @@ def _result(future: cf.Future, name: str) -> dict:
             error.args = (f"task '{name}': {error.args[0]}", *error.args[1:])
         raise
     except BrokenProcessPool as error:
-        raise KacqError(f"task '{name}' failed: its worker process ended abruptly ({error}); out of memory, or "
+        raise TaskError(f"task '{name}' failed: its worker process ended abruptly ({error}); out of memory, or "
                         "killed; try fewer --workers") from error
     except Exception as error:
-        raise KacqError(f"task '{name}' failed: {type(error).__name__}: {error}") from error
+        raise TaskError(f"task '{name}' failed: {type(error).__name__}: {error}") from error
 
 
 class _Runner:
@@ -226,11 +231,11 @@ def checked_seeds(seeds: Sequence[int], workers: int | None) -> tuple[int, ...]:
     """The seeds sorted, after refusing none, a repeated seed and ``workers`` < 1 (before any slow work)."""
     given = [int(s) for s in seeds]
     if not given:
-        raise KacqError("a study needs at least one seed")
+        raise DemoConfigError("a study needs at least one seed")
     if len(set(given)) < len(given):  # a repeated seed would count twice as seeds agreeing
-        raise KacqError(f"seeds {given}: each seed may be given once")
+        raise DemoConfigError(f"seeds {given}: each seed may be given once")
     if workers is not None and int(workers) < 1:
-        raise KacqError(f"workers={workers}: give at least 1 (1 runs every task in this process)")
+        raise DemoConfigError(f"workers={workers}: give at least 1 (1 runs every task in this process)")
     return tuple(sorted(given))  # the order given does not change results
 
 
@@ -296,13 +301,13 @@ def run_variants(config: DemoConfig, variants: dict[str, tuple[str, dict]], seed
     study's per-seed form whose ``arms`` are keyed by label (``pretraining`` shared), with ``timings``."""
     seeds = checked_seeds(seeds, workers)
     if not variants:
-        raise KacqError("run_variants needs at least one variant")
+        raise DemoConfigError("run_variants needs at least one variant")
     for label, (arm, settings) in variants.items():
         if arm not in ARMS:
-            raise KacqError(f"variant {label!r}: unknown arm {arm!r}; choose from {sorted(ARMS)}")
+            raise DemoConfigError(f"variant {label!r}: unknown arm {arm!r}; choose from {sorted(ARMS)}")
         foreign = sorted(set(settings) - ARM_SETTINGS)
         if foreign:
-            raise KacqError(f"variant {label!r} changes {foreign}, which pretraining reads: a variant may change only "
+            raise DemoConfigError(f"variant {label!r} changes {foreign}, which pretraining reads: a variant may change only "
                             f"continued-training settings ({sorted(ARM_SETTINGS)}); run a separate study for the others")
     configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
     for s, c in configs.items():

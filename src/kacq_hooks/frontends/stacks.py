@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..errors import KacqError, LocateError, ShapeError
+from ..errors import ConfigError, LocateError, ShapeError
 
 _MISSING = object()
 
@@ -140,7 +140,7 @@ class StackReader:
               count: str | None = None) -> None:
         """Refuse inputs whose tokens cannot be counted as asked, before any site runs."""
         if inputs.continuation and weighting == "document":
-            raise KacqError("document weighting needs each document whole in one forward, but this call continues "
+            raise ConfigError("document weighting needs each document whole in one forward, but this call continues "
                             "sequences from a KV cache (cached generation). Measure with use_cache=False, or use "
                             "instrument(model, weighting='token')")
         if inputs.unread and mask_padding:

@@ -38,7 +38,7 @@ import torch.optim.optimizer as optim_hooks
 from torch import nn
 
 from .._hooks import OwnerHook
-from ..errors import ArgumentTypeError, ConfigError, KacqError, ShapeError
+from ..errors import ArgumentTypeError, ConfigError, ShapeError, StateError
 from ..locate import find_sites
 from ..saving import load_stats
 from ..usage import (METHODS, SlotUsage, _distribution, check_same_source, check_top, describe_source, slot_means,
@@ -183,7 +183,7 @@ class SparseMemory:
             if self._stale:
                 self._select()
             if self._slots is None:
-                raise KacqError("sparse_memory chooses each batch's slots from its training forward, but this backward "
+                raise StateError("sparse_memory chooses each batch's slots from its training forward, but this backward "
                                 "follows no forward with gradients enabled since sparse_memory() was called")
         mask = self._masks[key]
         held = self._partial[key].grad

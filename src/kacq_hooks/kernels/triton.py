@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import stats as S
-from ..errors import ConfigError, KacqError, ShapeError
+from ..errors import ConfigError, ShapeError
 
 BLOCK_N = 64    # rows per tile: 64 x 128 values per step, 16 KiB of bf16 in flight per program (4 warps)
 BLOCK_D = 128   # columns per program: a bf16 row segment of 256 bytes, loaded in 16-byte vectors
@@ -154,7 +154,7 @@ def _custom_op(name: str, statistics: tuple):
     def register(fn):
         buffers = tuple(inspect.signature(fn).parameters)[-len(names):]
         if buffers != names:  # the table's order is the order callers pass buffers in
-            raise KacqError(f"{name} takes the buffers {buffers} but the statistics table has {names}: "
+            raise ShapeError(f"{name} takes the buffers {buffers} but the statistics table has {names}: "
                               "write the missing statistics in kernels/triton.py")
         if not interpreting():
             return triton_op(name, fn, mutates_args=mutates_args)

@@ -13,10 +13,9 @@ from typing import Sequence
 
 import kacq_hooks as kh
 from kacq_hooks import facts as kf
-from kacq_hooks.errors import KacqError
 from kacq_hooks.report import pyplot, save_figure
 
-from ..config import DemoConfig
+from ..config import DemoConfig, DemoConfigError
 from ..findings import KINDS, POWER_LAW_MIN_R2, SCENARIOS, assess, combine_findings, fit_ok, spread
 from ..study import DEFAULT_SEEDS, run_variants
 from .common import mean_or_none, spread_text
@@ -37,7 +36,7 @@ def forgetting_horizon(seeds: Sequence[int] = DEFAULT_SEEDS, tail_factor: int = 
     base = config or DemoConfig()
     base.validate()
     if not isinstance(tail_factor, int) or tail_factor < 1:  # the short refit cuts the long tail: it must be longer
-        raise KacqError(f"tail_factor={tail_factor!r}: give an integer >= 1")
+        raise DemoConfigError(f"tail_factor={tail_factor!r}: give an integer >= 1")
     long_tail = tail_factor * base.tail_steps
     run = run_variants(base, {"late": ("late", {"tail_steps": long_tail})}, seeds, workers)
     per_seed = {seed: _horizon_seed(results, base.tail_steps, long_tail) for seed, results in run["per_seed"].items()}

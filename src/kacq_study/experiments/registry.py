@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..config import DemoConfigError
+
 
 def no_summary(result: dict) -> list[str]:
     return []
@@ -40,6 +42,6 @@ EXPERIMENTS: dict[str, Experiment] = {}
 def register(experiment: Experiment) -> Experiment:
     """Add ``experiment`` under its name; a second experiment under a taken name is refused (it would replace one)."""
     if experiment.name in EXPERIMENTS and EXPERIMENTS[experiment.name] is not experiment:
-        raise ValueError(f"two experiments named {experiment.name!r}")
+        raise DemoConfigError(f"two experiments named {experiment.name!r}")
     EXPERIMENTS[experiment.name] = experiment
     return experiment

@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from kacq_hooks.errors import KacqError
 
-from ..config import DemoConfig
+from ..config import DemoConfig, DemoConfigError
 from ..study import DEFAULT_SEEDS
 from .common import against_plain, dose_summary, plot_against_plain
 from .registry import Experiment, register
@@ -35,7 +34,7 @@ def resuscitation_dose(seeds: Sequence[int] = DEFAULT_SEEDS, factors: Sequence[f
     for q in factors:
         variants[f"q={q:g}"] = ("late+resuscitation", {"resuscitation_factor": float(q)})
     if len(variants) != 1 + len(factors):  # two factors under one label would run one arm and report both
-        raise KacqError(f"factors {list(factors)}: give each factor once (labels q=<factor:g> must differ)")
+        raise DemoConfigError(f"factors {list(factors)}: give each factor once (labels q=<factor:g> must differ)")
     run, per_seed, summary, found = against_plain(base, variants, "late+resuscitation", RESUSCITATION_FINDINGS,
                                                    seeds, workers)
     return {"experiment": "resuscitation-dose", "seeds": run["seeds"], "factors": [float(q) for q in factors],

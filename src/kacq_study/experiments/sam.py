@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from kacq_hooks.errors import KacqError
 
-from ..config import DemoConfig
+from ..config import DemoConfig, DemoConfigError
 from ..study import DEFAULT_SEEDS
 from .common import against_plain, dose_summary, plot_against_plain
 from .registry import Experiment, register
@@ -31,10 +30,10 @@ def sam_dose(seeds: Sequence[int] = DEFAULT_SEEDS, rhos: Sequence[float] = SAM_R
     variants = {"late": ("late", {})}
     for rho in rhos:
         if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-            raise KacqError(f"rho {rho!r}: SAM's radius must be a finite number > 0")
+            raise DemoConfigError(f"rho {rho!r}: SAM's radius must be a finite number > 0")
         variants[f"rho={rho:g}"] = ("late+sam", {"sam_rho": float(rho)})
     if len(variants) != 1 + len(rhos):
-        raise KacqError(f"rhos {list(rhos)}: give each radius once (labels rho=<rho:g> must differ)")
+        raise DemoConfigError(f"rhos {list(rhos)}: give each radius once (labels rho=<rho:g> must differ)")
     run, per_seed, summary, found = against_plain(base, variants, "late+sam", ("sam_improves_acquisition",),
                                                    seeds, workers)
     return {"experiment": "sam-dose", "seeds": run["seeds"], "rhos": [float(r) for r in rhos],

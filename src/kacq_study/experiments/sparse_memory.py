@@ -33,11 +33,10 @@ from typing import Sequence
 
 import torch
 
-from kacq_hooks.errors import KacqError
 from kacq_hooks.report import pyplot, save_figure
 
 from ..arms import Arm, adamw_step
-from ..config import DemoConfig
+from ..config import DemoConfig, DemoConfigError
 from ..output import json_ready
 from ..pipeline import build_model, deterministic, prepare, pretrain, run_arm
 from ..study import DEFAULT_SEEDS, checked_seeds
@@ -206,7 +205,7 @@ def sparse_memory_study(seeds: Sequence[int] = DEFAULT_SEEDS, tops: Sequence[int
     seeds = checked_seeds(seeds, workers)
     tops = [int(t) for t in tops]
     if not tops or any(t < 1 or t > base.d_ff for t in tops) or len(set(tops)) != len(tops):
-        raise KacqError(f"tops {tops}: give distinct slot counts between 1 and d_ff={base.d_ff}")
+        raise DemoConfigError(f"tops {tops}: give distinct slot counts between 1 and d_ff={base.d_ff}")
     labels = ["late"] + [_label(c, t) for t in tops for c in CHOICES]
     configs = {s: dataclasses.replace(base, seed=s) for s in seeds}
     tasks = len(seeds) * (1 + len(labels))
