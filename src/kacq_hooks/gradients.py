@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from .errors import ArgumentTypeError, StateError
+from .errors import ArgumentTypeError, ConfigError, NoTokensError, StateError
 from .stats import CoefficientStats
 
 log = logging.getLogger("kacq_hooks.instrumentation")
@@ -188,3 +188,32 @@ class Gradients:
                             "they may be those of a GradScaler's scaled loss: call inst.loss_scale(scaler) before "
                             "training (the Trainer: LossScaleCallback(inst)), or inst.loss_scale(None) if the loss "
                             "was not scaled, then inst.reset() and measure again")
+
+    def reset(self) -> None:
+        """Forget the staged step and the fp16 warning (with :meth:`kacq_hooks.Instrumentation.reset`)."""
+        if self.staged is not None:
+            self.staged.reset()
+        self.fp16_seen = False
+
+    def layers(self, allow_missing: bool, field: str) -> list[bool]:
+        """Which layers hold gradients; refuses what cannot give a right mean gradient."""
+        inst = self.inst
+        inst._require_whole_layers()
+        if not inst.grads:
+            raise ConfigError("gradients are only recorded with instrument(model, grads=True)")
+        self.require_known_scale()
+        have = [int(s.grad_tokens) > 0 for s in inst.stats]
+        if not any(have):
+            staged = self.staged is not None and any(int(s.grad_tokens) for s in self.staged)
+            raise NoTokensError("no gradients have been recorded" + (
+                ": the staged step waits for scaler.update() (inst.loss_scale(scaler))" if staged else
+                ": run a backward pass of a loss computed by the instrumented model (outside inst.pause())"))
+        missing = [i for i, ok in enumerate(have) if not ok]
+        if missing and not allow_missing:
+            why = "; ".join(self.gradless.get(i, f"{inst.labels[i]} saw no gradient") for i in missing[:3])
+            raise NoTokensError(f"layers {[inst.labels[i] for i in missing]} hold no gradients: {why}. Read the other "
+                                "layers with allow_missing=True (NaN for these)")
+        for layer, ok in zip(inst.stats, have):
+            if ok:
+                layer.check_finite([field])
+        return have

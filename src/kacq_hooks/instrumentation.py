@@ -4,8 +4,9 @@ One forward pre-hook on the model remembers the call's attention mask; one forwa
 layer sees C (the input of the MLP output projection) and adds its statistics into fp32 buffers in a
 single reduction. With ``grads=True`` that hook also puts a tensor hook on C, so the backward pass
 streams dL/dC statistics into the same layer. This module is the public face; the call transaction
-lives in :mod:`kacq_hooks.calls`, the site hooks in :mod:`kacq_hooks.capture`, and what each stack
-received is read by :mod:`kacq_hooks.frontends.stacks`. Hooks return nothing (the model's outputs are not
+lives in :mod:`kacq_hooks.calls`, the site hooks in :mod:`kacq_hooks.capture`, the gradient side in
+:mod:`kacq_hooks.gradients`, where the hooked modules sit in :mod:`kacq_hooks.placement`, and what each
+stack received is read by :mod:`kacq_hooks.frontends.stacks`. Hooks return nothing (the model's outputs are not
 changed by a single bit), never call ``.item()`` on a GPU, and are gone after ``remove()`` or the
 end of a ``with`` block, also on error.
 """
@@ -24,10 +25,11 @@ from .calls import Calls
 from .capture import Capture
 from .distributed import neuron_shard, reduce as reduce_across_ranks
 from .entropy import KnowledgeEntropy, knowledge_entropy
-from .errors import ConfigError, LocateError, NoTokensError, StateError
+from .errors import ConfigError, NoTokensError, StateError
 from .frontends import Binding, bind
 from .gradients import Gradients
 from .locate import Site
+from .placement import Placement
 from .stats import CoefficientStats
 
 _WEIGHTINGS = ("token", "document")
@@ -135,7 +137,7 @@ class Instrumentation:
         self._calls = Calls(self, self._widths, devices)      # the call transaction (kacq_hooks.calls)
         self._capture = Capture(self, self._calls)            # the site hooks (kacq_hooks.capture)
         self._gradients = Gradients(self)                     # loss scaling and staged steps (kacq_hooks.gradients)
-        self._slots: list = []                                # (parent, attribute, module) of each site, at attach
+        self._placement = Placement(binding)                  # where each site sits, recorded at attach
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -154,7 +156,7 @@ class Instrumentation:
     def attach(self) -> "Instrumentation":
         """Register the hooks (``instrument`` does this already; use it to re-attach after ``remove``)."""
         if not self._hooks:
-            self._slots = _slots_of(self.binding)
+            self._placement.record()
             self._calls.attach(self._hooks)
             self._capture.attach(self._hooks)
             self._gradients.follow()
@@ -188,41 +190,13 @@ class Instrumentation:
         return self._pause_depth > 0
 
     def check_sites_in_place(self) -> None:
-        """Refuse a model whose instrumented modules were taken out of it after ``instrument()``.
-
-        peft's ``merge_and_unload()`` (and any module swap) puts new modules where the hooked ones were:
-        their forwards would run unseen and every later call would add nothing. Checked when a call ends
-        with a site that did not run, so a normal call pays nothing. A hooked module that
-        was wrapped in place (``get_peft_model`` after ``instrument``) is still in the model and still
-        measured.
-        """
-        gone = []
-        for index, chain in enumerate(self._slots):
-            if chain is None or all(parent._modules.get(name) is child for parent, name, child in chain):
-                continue
-            found = _chain_to(self.binding.root, self.sites[index].module)  # moved (wrapped in place)?
-            if found is None:
-                gone.append(self.sites[index].path)
-                continue
-            wrapper = found[-1][0]
-            if hasattr(wrapper, "ia3_l") and getattr(wrapper, "is_feedforward", False):
-                # peft IA3 on a feed-forward module multiplies its input: the hooked base layer would see l * C,
-                # while the same model instrumented after wrapping (or merged) gives C
-                raise ConfigError(f"{self.sites[index].path} was wrapped by a peft IA3 layer that scales its input "
-                                  "(feedforward_modules) after instrument(), so its hook would measure the scaled "
-                                  "coefficients, not C. Instrument the wrapped model: inst.remove(); "
-                                  "inst = kh.instrument(peft_model)")
-            self._slots[index] = found
-        if gone:
-            raise LocateError(f"the instrumented modules {gone[:3]}{' ...' if len(gone) > 3 else ''} are no longer in "
-                              "the model: it was changed after instrument() (peft's merge_and_unload() or "
-                              "unload(), or modules replaced), so nothing of its forwards would be measured. "
-                              "Instrument the model as it is now: inst.remove(); inst = kh.instrument(merged_model)")
+        """Refuse a model whose instrumented modules were taken out of it after ``instrument()`` (peft's
+        ``merge_and_unload()``, a module swap); see :mod:`kacq_hooks.placement`."""
+        self._placement.check()
 
     def sites_rewrapped(self) -> bool:
         """Whether a hooked module's own attribute in its parent now holds another module (one lookup per site)."""
-        return any(chain is not None and chain[-1][0]._modules.get(chain[-1][1]) is not chain[-1][2]
-                   for chain in self._slots)
+        return self._placement.rewrapped()
 
     # -- gradients -------------------------------------------------------------------------------
     def loss_scale(self, scaler) -> "Instrumentation":
@@ -260,7 +234,7 @@ class Instrumentation:
         without one) is refused, or NaN with ``allow_missing=True``.
         """
         return [s.grad_sum_abs / s.grad_tokens.clamp(min=1) if ok else torch.full_like(s.grad_sum_abs, float("nan"))
-                for s, ok in zip(self.stats, self._gradient_layers(allow_missing, "grad_sum_abs"))]
+                for s, ok in zip(self.stats, self._gradients.layers(allow_missing, "grad_sum_abs"))]
 
     def mean_coefficient_gradients(self, *, allow_missing: bool = False) -> list[torch.Tensor]:
         """Per layer, fp32 [d_ff]: the mean of C_i * dL/dC_i per neuron over the recorded tokens.
@@ -270,29 +244,7 @@ class Instrumentation:
         :meth:`mean_abs_gradients`.
         """
         return [s.grad_sum_cg / s.grad_tokens.clamp(min=1) if ok else torch.full_like(s.grad_sum_cg, float("nan"))
-                for s, ok in zip(self.stats, self._gradient_layers(allow_missing, "grad_sum_cg"))]
-
-    def _gradient_layers(self, allow_missing: bool, field: str) -> list[bool]:
-        """Which layers hold gradients; refuses what cannot give a right mean gradient."""
-        self._require_whole_layers()
-        if not self.grads:
-            raise ConfigError("gradients are only recorded with instrument(model, grads=True)")
-        self._gradients.require_known_scale()
-        have = [int(s.grad_tokens) > 0 for s in self.stats]
-        if not any(have):
-            staged = self._gradients.staged is not None and any(int(s.grad_tokens) for s in self._gradients.staged)
-            raise NoTokensError("no gradients have been recorded" + (
-                ": the staged step waits for scaler.update() (inst.loss_scale(scaler))" if staged else
-                ": run a backward pass of a loss computed by the instrumented model (outside inst.pause())"))
-        missing = [i for i, ok in enumerate(have) if not ok]
-        if missing and not allow_missing:
-            why = "; ".join(self._gradients.gradless.get(i, f"{self.labels[i]} saw no gradient") for i in missing[:3])
-            raise NoTokensError(f"layers {[self.labels[i] for i in missing]} hold no gradients: {why}. Read the other "
-                                "layers with allow_missing=True (NaN for these)")
-        for layer, ok in zip(self.stats, have):
-            if ok:
-                layer.check_finite([field])
-        return have
+                for s, ok in zip(self.stats, self._gradients.layers(allow_missing, "grad_sum_cg"))]
 
     # -- results ---------------------------------------------------------------------------------
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
@@ -354,9 +306,7 @@ class Instrumentation:
         self.stats.reset()
         self._calls.committed = 0
         self.reduced = False
-        if self._gradients.staged is not None:
-            self._gradients.staged.reset()
-        self._gradients.fp16_seen = False
+        self._gradients.reset()
 
     def state_dict(self) -> dict:
         return saving.state_of(self)
@@ -365,13 +315,7 @@ class Instrumentation:
         saving.load_state(self, state)
 
     def _settings(self) -> dict:
-        settings = {"sites": [s.path for s in self.sites], "weighting": self.weighting, "mask_padding": self.mask_padding}
-        if self.count is not None:  # absent when every unpadded token counts, so earlier files still compare
-            settings["count"] = self.count
-        return settings
-
-    def _check_same_measurement(self, other: dict, what: str) -> None:
-        saving.check_same_measurement(self._settings(), other, what)
+        return saving.settings_of(self)
 
     def save(self, path) -> None:
         """Write these statistics to ``path``: safetensors with a JSON header (see :mod:`kacq_hooks.saving`)."""
@@ -393,7 +337,7 @@ class Instrumentation:
 
     def merge(self, other: "Instrumentation") -> "Instrumentation":
         """Add another instrumentation's statistics (another shard of the data) into these."""
-        self._check_same_measurement(other._settings(), "the other statistics were measured with")
+        saving.check_same_measurement(self._settings(), other._settings(), "the other statistics were measured with")
         self.stats.merge(other.stats)
         return self
 
@@ -414,24 +358,6 @@ class Instrumentation:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"Instrumentation({len(self.sites)} sites via {self.binding.name}, {state}, grads={self.grads})"
-
-
-def _slots_of(binding: Binding) -> list:
-    """Per site, the chain of (parent, attribute, child) from the root down to it; None where it is not below the
-    root (a front end whose sites live elsewhere), which is then not checked."""
-    return [_chain_to(binding.root, site.module) for site in binding.sites]
-
-
-def _chain_to(root: nn.Module, module: nn.Module) -> list | None:
-    for name, candidate in root.named_modules(remove_duplicate=False):
-        if candidate is module and name:
-            chain, parent = [], root
-            for attribute in name.split("."):
-                child = parent._modules[attribute]
-                chain.append((parent, attribute, child))
-                parent = child
-            return chain
-    return None
 
 
 def _device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:

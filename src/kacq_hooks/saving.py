@@ -95,7 +95,7 @@ def load_state(inst, state: dict) -> None:
     sites = [s.path for s in inst.sites]
     if state.get("sites") != sites:
         raise ShapeError(f"saved statistics are for sites {state.get('sites')}, this instrumentation has {sites}")
-    inst._check_same_measurement(state, "the saved statistics were measured with")
+    check_same_measurement(inst._settings(), state, "the saved statistics were measured with")
     slices = state.get("slices", [None] * len(inst.sites))
     if state.get("reduced") or any(slices):
         if slices != _slices(inst) and not state.get("reduced"):
@@ -106,6 +106,14 @@ def load_state(inst, state: dict) -> None:
     inst.stats.load_state_dict(state["stats"])
     inst.discarded_calls = int(state.get("discarded_calls", 0))
     inst.reduced = bool(state.get("reduced", False))
+
+
+def settings_of(inst) -> dict:
+    """How ``inst`` (an Instrumentation) measures, as saved with its statistics and compared before combining."""
+    settings = {"sites": [s.path for s in inst.sites], "weighting": inst.weighting, "mask_padding": inst.mask_padding}
+    if inst.count is not None:  # absent when every unpadded token counts, so earlier files still compare
+        settings["count"] = inst.count
+    return settings
 
 
 def check_same_measurement(mine: dict, other: dict, what: str) -> None:
@@ -191,7 +199,7 @@ def load_stats(path: str | Path, inst=None):
     if inst is None:
         return saved
     _check_same_sites(_site_records(inst), saved.sites, _model_type_of(inst), saved.model_type, path)
-    inst._check_same_measurement(saved._settings(), f"the statistics in {path} were measured with")
+    check_same_measurement(inst._settings(), saved._settings(), f"the statistics in {path} were measured with")
     inst.stats.load_state_dict(saved.stats.state_dict())  # copied onto the devices of inst's buffers
     return inst
 
