@@ -27,7 +27,7 @@ def _reader(spec: StackSpec) -> StackReader:
     params = _parameters(type(spec.root), "forward")
     unread = () if spec.mask_name else tuple(name for name in _UNREAD_MASKS if name in params)
     names = Arguments(mask=spec.mask_name, inverted_mask=spec.inverted_mask_name,
-                      grid=tuple(name for name, _ in spec.ids_names), refuse=spec.refuse_kwargs, unread_masks=unread)
+                      grid=spec.ids_names, refuse=spec.refuse_kwargs, unread_masks=unread)
     return StackReader(name=spec.name, module=spec.root, arguments=names, layout=spec.layout)
 
 

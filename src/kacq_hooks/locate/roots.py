@@ -4,10 +4,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from ..errors import LocateError
 from .families import LAYOUT_BY_MODEL_TYPE
 from .paths import find_config, submodule_at
 from .sites import Site
@@ -18,15 +16,14 @@ _IDS_NAMES = ("input_ids", "inputs_embeds", "hidden_states", "pixel_values", "in
 
 @dataclass(frozen=True, eq=False)
 class StackSpec:
-    """How to read one stack's padding mask and token grid from its root module's forward call.
+    """Where one stack's padding mask and token grid arrive: its root module and the names of those arguments.
 
     ``root`` is the module whose ``forward`` receives the stack's own tokens and 2-D padding mask
     (a decoder-only LM's base model, a T5/BART encoder or decoder, BERT's base model, a vision
-    tower). ``read_inputs(args, kwargs)`` returns (mask [batch, seq] or None, (batch, seq) or None)
-    from a pre-hook's (args, kwargs) on ``root``. ``layout`` says how the sites of this stack see C:
-    "batch_first" [batch, seq, d_ff], "seq_first" [seq, batch, d_ff] (XLNet) or "flat"
-    [batch * seq, d_ff] (OPT). ``refuse_kwargs`` maps call arguments that make the stack's FFN
-    positions differ from its tokens to the reason: ``read_inputs`` raises a LocateError for them.
+    tower). ``layout`` says how the sites of this stack see C: "batch_first" [batch, seq, d_ff],
+    "seq_first" [seq, batch, d_ff] (XLNet) or "flat" [batch * seq, d_ff] (OPT). ``refuse_kwargs`` maps
+    call arguments that make the stack's FFN positions differ from its tokens to the reason. The spec only
+    names things: a call's arguments are read by :class:`kacq_hooks.frontends.stacks.StackReader`, built from it.
     """
 
     name: str
@@ -34,35 +31,9 @@ class StackSpec:
     path: str
     layout: str = "batch_first"
     mask_name: str | None = "attention_mask"
-    mask_position: int | None = None
     inverted_mask_name: str | None = None   # a mask with 1 for padding (XLNet's input_mask)
-    ids_names: tuple[tuple[str, int | None], ...] = ()
+    ids_names: tuple[str, ...] = ()         # the forward's token arguments, in order: the first >= 2-D gives the grid
     refuse_kwargs: tuple[tuple[str, str], ...] = ()
-
-    def read_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
-        for key, reason in self.refuse_kwargs:
-            if kwargs.get(key) is not None:
-                raise LocateError(f"{self.name} stack: {key}= is not supported: {reason}")
-        mask = _argument(args, kwargs, self.mask_name, self.mask_position)
-        if mask is None and self.inverted_mask_name and kwargs.get(self.inverted_mask_name) is not None:
-            mask = 1 - kwargs[self.inverted_mask_name]
-        shape = None
-        for name, position in self.ids_names:
-            value = _argument(args, kwargs, name, position)
-            if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                shape = tuple(value.shape[:2])
-                break
-        return mask, shape
-
-
-def _argument(args, kwargs, name, position):
-    if name is None:
-        return None
-    if name in kwargs:
-        return kwargs[name]
-    if position is not None and position < len(args):
-        return args[position]
-    return None
 
 
 def _forward_params(module: nn.Module) -> list[str]:
@@ -103,7 +74,6 @@ def stack_specs(model: nn.Module, sites: list[Site]) -> dict[str, StackSpec]:
         else:
             path, root = _root_of(model, stack)
         params = _forward_params(root)
-        position = {n: i for i, n in enumerate(params)}
         refuse = ()
         inverted = None
         if model_type == "xlnet":
@@ -113,9 +83,8 @@ def stack_specs(model: nn.Module, sites: list[Site]) -> dict[str, StackSpec]:
                       ("perm_mask", "XLNet's permutation mode runs a query stream through the FFN too"))
         specs[name] = StackSpec(
             name=name, root=root, path=path, layout=LAYOUT_BY_MODEL_TYPE.get(model_type, "batch_first"),
-            mask_name="attention_mask" if "attention_mask" in position else None,
-            mask_position=position.get("attention_mask"), inverted_mask_name=inverted,
-            ids_names=tuple((n, position.get(n)) for n in _IDS_NAMES if n in position), refuse_kwargs=refuse)
+            mask_name="attention_mask" if "attention_mask" in params else None, inverted_mask_name=inverted,
+            ids_names=tuple(n for n in _IDS_NAMES if n in params), refuse_kwargs=refuse)
     return specs
 
 
