@@ -26,3 +26,21 @@ def test_counts_leave_out_slots_with_zero_coefficient():
         top = row.topk(k)
         expected[top.indices[top.values > 0]] += 1  # accessed: among the k largest |C| and used at all
     assert used.counts()[0].tolist() == expected.tolist()
+
+
+def test_a_positional_attention_mask_leaves_padding_out_as_a_keyword_one_does():
+    """The model's call is read by the stack reader every instrumentation uses: model(ids, mask) passes the mask
+    by position, and its padded positions must not be measured as tokens."""
+    model = tiny_model("llama").eval()
+    ids, mask = random_batch(3, 8, "right", seed=2)
+    assert int(mask.sum()) < mask.numel()  # the case: some positions are padding
+    measured = {}
+    for how, call in (("keyword", lambda: model(ids, attention_mask=mask)), ("positional", lambda: model(ids, mask))):
+        with usage.measure_usage(model, k=4) as used, torch.no_grad():
+            call()
+        measured[how] = used
+    assert measured["positional"].tokens == measured["keyword"].tokens == [int(mask.sum())] * 2
+    for got, want in zip(measured["positional"].means(), measured["keyword"].means()):
+        assert torch.equal(got, want)
+    for got, want in zip(measured["positional"].counts(), measured["keyword"].counts()):
+        assert torch.equal(got, want)

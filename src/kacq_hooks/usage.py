@@ -35,6 +35,7 @@ from torch import nn
 from ._hooks import OwnerHook
 from .errors import ArgumentTypeError, ConfigError, KacqError, NoTokensError, ShapeError
 from .experts import ExpertsTap, SharedTap
+from .frontends.stacks import StackReader
 from .locate import Site, find_sites
 from .stats import CoefficientStats
 
@@ -202,7 +203,7 @@ class SlotUsage:
     """Per-slot usage measured by hooks on a model's forwards: sum of |C| and, with ``k``, top-k access counts.
 
     Build it with :func:`measure_usage` (a context manager). Padding is left out where the model is called
-    with a 2-D ``attention_mask`` whose shape matches the tokens; MoE slots use the effective coefficient
+    with an ``attention_mask`` (by keyword or position) whose padding fits the tokens; MoE slots use the effective coefficient
     (routing weight x C) as the instrumentation does. ``k`` counts are dense layers only (a token's top-k
     over routed experts would need all its experts' rows at once): with ``k`` an MoE layer is refused.
     """
@@ -226,6 +227,7 @@ class SlotUsage:
         self._count = [torch.zeros(s.d_ff, dtype=torch.float64) for s in self.sites]
         self.tokens = [0] * len(self.sites)
         self._mask: torch.Tensor | None = None
+        self._reader = StackReader(name="model", module=model)  # the one read of a call's inputs, as instrument()'s
         self._handles: list = []
         self.forwards = 0
 
@@ -283,7 +285,7 @@ class SlotUsage:
     def _on_model(self, module, args, kwargs):
         if not self._counting():
             return None
-        mask = kwargs.get("attention_mask")
+        mask = self._reader.read(args, kwargs).mask  # by keyword or position; a 4-D mask's padding where readable
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         # MoE layers see every token of the forward; routed pairs are not tokens, so count them here
         tokens = _tokens_of(self._mask, args, kwargs)
