@@ -1,6 +1,7 @@
 """Top-k access counts on a ReLU model, by hand in float64: a slot whose C is exactly 0 is not accessed."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kacq_hooks import usage
@@ -44,3 +45,18 @@ def test_a_positional_attention_mask_leaves_padding_out_as_a_keyword_one_does():
         assert torch.equal(got, want)
     for got, want in zip(measured["positional"].counts(), measured["keyword"].counts()):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_cached_generation_counts_each_new_position_once(model_type):
+    """A call that continues a KV cache gets the mask of every position so far, but computes C only for its new
+    ones: those are the tokens it adds (padding among them left out), as instrument() counts them."""
+    model = tiny_model(model_type).eval()
+    ids, _ = random_batch(2, 7, None, seed=3)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[1, -1] = 0  # the new position of row 1 is padding
+    with usage.measure_usage(model) as used, torch.no_grad():
+        past = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True).past_key_values
+        model(ids[:, 6:], attention_mask=mask, past_key_values=past, use_cache=True)
+    assert used.tokens == [int(mask.sum())] * 2

@@ -285,7 +285,10 @@ class SlotUsage:
     def _on_model(self, module, args, kwargs):
         if not self._counting():
             return None
-        mask = self._reader.read(args, kwargs).mask  # by keyword or position; a 4-D mask's padding where readable
+        inputs = self._reader.read(args, kwargs)  # the mask by keyword or position; a 4-D mask's padding if readable
+        mask, shape = inputs.mask, inputs.shape
+        if isinstance(mask, torch.Tensor) and shape is not None and mask.shape[-1] > shape[1]:
+            mask = mask[:, -shape[1]:]  # a KV-cache continuation: C is computed for this call's positions only
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         # MoE layers see every token of the forward; routed pairs are not tokens, so count them here
         tokens = _tokens_of(self._mask, args, kwargs)
