@@ -106,8 +106,8 @@ def peak_in_subprocess(script: Path, args: list[str]) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise BenchmarkError(f"the measuring child {script.name} failed: "
-                        + (result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"))
+        why = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        raise BenchmarkError(f"the measuring child {script.name} failed: {why}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -94,7 +94,7 @@ class Calls:
             return
         if inst.reduced:
             raise StateError("these statistics were combined across ranks (all_reduce); read them, then call "
-                            "inst.reset() before measuring again, or every rank's earlier tokens would count twice")
+                             "inst.reset() before measuring again, or every rank's earlier tokens would count twice")
         call = self.current
         if call is not None and not _alive(call.frame):
             self.discard(call, "it never finished (an interrupt, or a run stopped before the last layer)")
@@ -195,16 +195,16 @@ class Calls:
         site, reader = self.binding.sites[index], self.binding.stacks[stack]
         if call is None or stack not in call.stacks:
             raise StateError(f"{site.path} ran outside a call of the {reader.name} stack it "
-                            f"belongs to (a layer called on its own?), so kacq_hooks does not know which positions "
-                            f"are padding. Call the model (or its {type(reader.module).__name__}), "
-                            "or run this inside inst.pause()")
+                             f"belongs to (a layer called on its own?), so kacq_hooks does not know which positions "
+                             f"are padding. Call the model (or its {type(reader.module).__name__}), "
+                             "or run this inside inst.pause()")
         count = call.fired.get(index, 0) + 1
         call.fired[index] = count
         if count > 1:
             raise LocateError(f"{site.path} ran {count} times in one forward (a layer shared across depth, as in "
-                            "ALBERT, or a module called twice): kacq_hooks does not pool the statistics of "
-                            "different depths into one layer. Instrument a model whose layers are distinct, or "
-                            "pass mlp_out= naming modules that run once per forward")
+                              "ALBERT, or a module called twice): kacq_hooks does not pool the statistics of "
+                              "different depths into one layer. Instrument a model whose layers are distinct, or "
+                              "pass mlp_out= naming modules that run once per forward")
         return call
 
     def recomputed(self, task: int) -> Call | None:
@@ -222,9 +222,9 @@ class Calls:
             return None  # the forward was paused (or not counted): neither are its gradients
         if self._backward_calls > 1:
             raise ConfigError(f"one backward pass recomputes {self._backward_calls} counted forwards "
-                            "(reentrant activation checkpointing with gradient accumulation): kacq_hooks cannot tell "
-                            "whose padding mask a recomputed layer had. Use gradient_checkpointing_kwargs="
-                            "{'use_reentrant': False} (the default), or call backward after each forward")
+                              "(reentrant activation checkpointing with gradient accumulation): kacq_hooks cannot tell "
+                              "whose padding mask a recomputed layer had. Use gradient_checkpointing_kwargs="
+                              "{'use_reentrant': False} (the default), or call backward after each forward")
         return self.last
 
 

@@ -131,7 +131,7 @@ class Capture:
         call = self.calls.current
         if call is None or index not in call.routing:
             raise StateError(f"the experts of {self.sites[index].path} ran outside a forward of their layer "
-                            f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
+                             f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
         return call
 
     def on_routed(self, index: int, expert_ids, token_index, weight, c):

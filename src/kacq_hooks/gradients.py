@@ -185,9 +185,9 @@ class Gradients:
     def require_known_scale(self) -> None:
         if self.fp16_seen:
             raise StateError("gradients were recorded from float16 training forwards without a declared loss scale, so "
-                            "they may be those of a GradScaler's scaled loss: call inst.loss_scale(scaler) before "
-                            "training (the Trainer: LossScaleCallback(inst)), or inst.loss_scale(None) if the loss "
-                            "was not scaled, then inst.reset() and measure again")
+                             "they may be those of a GradScaler's scaled loss: call inst.loss_scale(scaler) before "
+                             "training (the Trainer: LossScaleCallback(inst)), or inst.loss_scale(None) if the loss "
+                             "was not scaled, then inst.reset() and measure again")
 
     def reset(self) -> None:
         """Forget the staged step and the fp16 warning (with :meth:`kacq_hooks.Instrumentation.reset`)."""

@@ -269,7 +269,7 @@ class Instrumentation:
         weighting = weighting or self.weighting
         if weighting == "document" and self.weighting != "document":
             raise ConfigError("document-weighted sums were not kept: create the instrumentation with "
-                            "instrument(model, weighting='document')")
+                              "instrument(model, weighting='document')")
         return weighting
 
     def _require_whole_layers(self) -> None:
@@ -277,7 +277,7 @@ class Instrumentation:
                   if shard is not None and layer.d_ff != site.d_ff]
         if sliced:
             raise StateError(f"{sliced[:3]} hold this rank's slice of tensor-parallel layers, whose entropy is not the "
-                            "layer's: gather the slices with inst.all_reduce() (every rank) first")
+                             "layer's: gather the slices with inst.all_reduce() (every rank) first")
 
     def _unselected(self) -> str | None:
         """Why no token was recorded when calls did run but ``count`` selected none of their positions."""
@@ -297,7 +297,7 @@ class Instrumentation:
             raise NoTokensError(unselected)
         if not any(int(s.tokens) for s in self.stats):
             raise NoTokensError("no tokens have been recorded: run forward passes on the instrumented model "
-                            "(outside inst.pause()) first")
+                                "(outside inst.pause()) first")
 
     def reset(self) -> None:
         """Forget everything recorded (after a gather, layers go back to this rank's slices)."""

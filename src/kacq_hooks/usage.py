@@ -203,9 +203,9 @@ class SlotUsage:
     """Per-slot usage measured by hooks on a model's forwards: sum of |C| and, with ``k``, top-k access counts.
 
     Build it with :func:`measure_usage` (a context manager). Padding is left out where the model is called
-    with an ``attention_mask`` (by keyword or position) whose padding fits the tokens; MoE slots use the effective coefficient
-    (routing weight x C) as the instrumentation does. ``k`` counts are dense layers only (a token's top-k
-    over routed experts would need all its experts' rows at once): with ``k`` an MoE layer is refused.
+    with an ``attention_mask`` (by keyword or position) whose padding fits the tokens; MoE slots use the
+    effective coefficient (routing weight x C) as the instrumentation does. ``k`` counts are dense layers only (a
+    token's top-k over routed experts would need all its experts' rows at once): with ``k`` an MoE layer is refused.
     """
 
     def __init__(self, model: nn.Module, *, k: int | None = None, mlp_out: str | None = None,

@@ -74,7 +74,7 @@ def _parse_arms(text: str | None) -> tuple[str, ...] | None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise DemoConfigError(f"unknown arm(s) {unknown or [text]} in --arms; choose from {', '.join(ARMS)} (or 'zhu', "
-                        "'all')")
+                              "'all')")
     repeated = sorted({a for a in arms if arms.count(a) > 1})
     if repeated:
         raise DemoConfigError(f"--arms {text}: {', '.join(repeated)} given more than once")

@@ -307,8 +307,9 @@ def run_variants(config: DemoConfig, variants: dict[str, tuple[str, dict]], seed
             raise DemoConfigError(f"variant {label!r}: unknown arm {arm!r}; choose from {sorted(ARMS)}")
         foreign = sorted(set(settings) - ARM_SETTINGS)
         if foreign:
-            raise DemoConfigError(f"variant {label!r} changes {foreign}, which pretraining reads: a variant may change only "
-                            f"continued-training settings ({sorted(ARM_SETTINGS)}); run a separate study for the others")
+            raise DemoConfigError(f"variant {label!r} changes {foreign}, which pretraining reads: a variant may "
+                                  f"change only continued-training settings ({sorted(ARM_SETTINGS)}); run a "
+                                  "separate study for the others")
     configs = {s: dataclasses.replace(config, seed=s) for s in seeds}
     for s, c in configs.items():
         c.validate()

@@ -141,8 +141,8 @@ class StackReader:
         """Refuse inputs whose tokens cannot be counted as asked, before any site runs."""
         if inputs.continuation and weighting == "document":
             raise ConfigError("document weighting needs each document whole in one forward, but this call continues "
-                            "sequences from a KV cache (cached generation). Measure with use_cache=False, or use "
-                            "instrument(model, weighting='token')")
+                              "sequences from a KV cache (cached generation). Measure with use_cache=False, or use "
+                              "instrument(model, weighting='token')")
         if inputs.unread and mask_padding:
             raise ShapeError(f"the {self.name} stack ({type(self.module).__name__}) was given "
                              f"{', '.join(inputs.unread)}=, a mask kacq_hooks cannot read (it takes attention_mask "

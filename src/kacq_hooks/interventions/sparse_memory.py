@@ -183,8 +183,8 @@ class SparseMemory:
             if self._stale:
                 self._select()
             if self._slots is None:
-                raise StateError("sparse_memory chooses each batch's slots from its training forward, but this backward "
-                                "follows no forward with gradients enabled since sparse_memory() was called")
+                raise StateError("sparse_memory chooses each batch's slots from its training forward, but this "
+                                 "backward follows no forward with gradients enabled since sparse_memory() was called")
         mask = self._masks[key]
         held = self._partial[key].grad
         if held is None or not bool(held.any()):
