@@ -67,6 +67,18 @@ class Calls:
         self.sites_of_stack = [[i for i, k in enumerate(binding.site_stack) if k == stack]
                                for stack in range(len(binding.stacks))]
 
+    def unselected(self, count: str | None, stats: CoefficientStats) -> str | None:
+        """Why nothing was recorded when calls did commit but ``count`` selected none of their positions (None
+        when that is not the reason)."""
+        if count is None or self.committed == 0 or any(int(s.tokens) for s in stats):
+            return None
+        shifted = (" (with 'shifted_labels' position t counts when labels[t + 1] != -100, so a label on the first "
+                   "position alone selects nothing)") if count == "shifted_labels" else ""
+        return (f"count={count!r} selected no position: in each of the {self.committed} forward pass(es) "
+                f"recorded, every label count reads was -100{shifted}, or the positions it selected were all masked "
+                "out by the attention mask, so no token was counted. Give labels that are not -100 on the unmasked "
+                "positions to measure (e.g. the answer's tokens), or instrument without count= to count every token")
+
     def attach(self, hooks: HookSet) -> None:
         """Place the hooks that open, follow and end calls."""
         root, closer = self.binding.root, self.binding.closer or self.binding.root

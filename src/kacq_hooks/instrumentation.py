@@ -281,14 +281,7 @@ class Instrumentation:
 
     def _unselected(self) -> str | None:
         """Why no token was recorded when calls did run but ``count`` selected none of their positions."""
-        if self.count is None or self._calls.committed == 0 or any(int(s.tokens) for s in self.stats):
-            return None
-        shifted = (" (with 'shifted_labels' position t counts when labels[t + 1] != -100, so a label on the first "
-                   "position alone selects nothing)") if self.count == "shifted_labels" else ""
-        return (f"count={self.count!r} selected no position: in each of the {self._calls.committed} forward pass(es) "
-                f"recorded, every label count reads was -100{shifted}, or the positions it selected were all masked "
-                "out by the attention mask, so no token was counted. Give labels that are not -100 on the unmasked "
-                "positions to measure (e.g. the answer's tokens), or instrument without count= to count every token")
+        return self._calls.unselected(self.count, self.stats)
 
     def _require_tokens(self) -> None:
         self._require_whole_layers()
