@@ -344,11 +344,18 @@ def encode_batches(tokenizer, texts: Iterable[str], batch_size: int, max_length:
 
 
 def encode_record(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    """(token ids, labels) of one record, cut at ``max_length``: the prompt and the completion are tokenized
-    separately (no special tokens) and joined, so the boundary between them is exact; labels are -100 on the
-    prompt's positions and the token id on the completion's."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    """(token ids, labels) of one record, cut at ``max_length`` (no special tokens): the tokens of the text
+    ``prompt + completion``, the completion's being those after the prompt's own tokens; labels are -100 on the
+    prompt's positions and the token id on the completion's. When no token boundary falls where the prompt ends
+    (a token of the text spans both), the prompt and the completion are tokenized separately and joined."""
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+    # the completion as it reads after the prompt: tokenized alone, a tokenizer that prepends a word boundary
+    # (SentencePiece's "▁") would add a token the text does not hold
+    whole = list(tokenizer(prompt + completion, add_special_tokens=False)["input_ids"])
+    if len(whole) > len(prompt_ids) and whole[:len(prompt_ids)] == prompt_ids:
+        completion_ids = whole[len(prompt_ids):]
+    else:
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = (list(prompt_ids) + list(completion_ids))[:max_length]
     labels = ([-100] * len(prompt_ids) + list(completion_ids))[:max_length]
     return ids, labels

@@ -1,0 +1,143 @@
+"""`kacq entropy --count` on the records and tokenizers users bring, against an independent float64 reference.
+
+The reference here does not split records the way the sweep does: it tokenizes the text ``prompt + completion``
+as one string (what a model reads when it is given that text) and counts, by character offsets, every token
+that holds a character of the completion; C is captured with plain hooks on each record alone (no padding).
+Where the sweep's tokens differ from that text's, the model was measured on something the user did not write.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny_model, tiny_tokenizer
+
+from coefficient_reference import capture, entropy
+from kacq_hooks.sweep import entropy_sweep
+
+SEQ = 24
+PATHS = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+_TEXT = ("The quick brown fox jumps over the lazy dog. A small model learns facts one batch at a time. "
+         "Zorgon was founded in 1842 by the council of Calidus, on the northern shore of the lake. ")
+RECORDS = [
+    {"prompt": "Zorgon was founded in", "completion": " 1842 by the council."},
+    {"prompt": "The quick brown", "completion": " fox jumps over the lazy dog."},
+    {"prompt": "A small model learns facts", "completion": " one batch at a time."},
+]
+
+
+def sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer.json (no pre-tokenizer; the normalizer prepends "▁" and turns spaces into "▁"),
+    as checkpoints converted from SentencePiece ship it; AutoTokenizer loads it as a generic fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")  # words only, to train
+    core.train_from_iterator([_TEXT] * 8, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"],
+                                                              show_progress=False))
+    core.pre_tokenizer = None
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def text_reference(model, tok, records, count, seq=SEQ, weighting="token"):
+    """c̄ per layer in float64 and the counted positions, each record read as the one text prompt + completion."""
+    sums, tokens, means = [0.0 for _ in PATHS], 0, [[] for _ in PATHS]
+    for record in records:
+        prompt, text = record["prompt"], record["prompt"] + record["completion"]
+        encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"][:seq]
+        holds = [end > len(prompt) for _, end in encoded["offset_mapping"][:seq]]  # holds a completion character
+        keep = holds if count == "labels" else [t + 1 < len(ids) and holds[t + 1] for t in range(len(ids))]
+        keep = torch.tensor(keep)
+        seen = capture(model, PATHS, lambda: model(torch.tensor([ids])))
+        for layer, path in enumerate(PATHS):
+            c = seen[path][0].abs()[keep]
+            sums[layer] += c.sum(0)
+            means[layer].append(c.mean(0))
+        tokens += int(keep.sum())
+    if weighting == "document":
+        return [torch.stack(m).mean(0) for m in means], tokens
+    return [s / tokens for s in sums], tokens
+
+
+def checkpoint(root: Path, tok, seed=1) -> Path:
+    folder = root / f"checkpoint-{seed}"
+    tiny_model("llama", seed=seed).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, records, blank_lines=False, extra=False) -> Path:
+    lines = []
+    for i, record in enumerate(records):
+        lines.append(json.dumps({**record, **({"id": i, "source": "hand"} if extra else {})}, ensure_ascii=False))
+        if blank_lines:
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def check_row(out, row, expected, tokens):
+    assert row["tokens"] == tokens
+    stats = load_file(Path(out) / row["stats_file"])
+    for layer in range(len(PATHS)):
+        got = stats[f"{layer}.sum_abs"].double() / int(stats[f"{layer}.tokens"])
+        torch.testing.assert_close(got, expected[layer], rtol=1e-5, atol=0)
+        assert row["per_layer"][layer] == pytest.approx(entropy(expected[layer]), abs=1e-6)
+
+
+@pytest.mark.parametrize("count", ["labels", "shifted_labels"])
+def test_a_sentencepiece_tokenizer_measures_the_text_as_written(tmp_path, count):
+    # with the separating space at the start of the completion (as the docs ask), tokenizing the completion
+    # alone prepends a second "▁": the model would read "in  1842" with a token the text does not hold
+    tok = sentencepiece_tokenizer()
+    alone = tok.convert_ids_to_tokens(tok(RECORDS[0]["completion"], add_special_tokens=False)["input_ids"])
+    assert alone[0] == "▁"  # the spurious token the sweep must not measure
+    folder = checkpoint(tmp_path, tok)
+    data = write_jsonl(tmp_path / "facts.jsonl", RECORDS)
+    result = entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=SEQ, batch_size=2, count=count,
+                           save_stats=True)
+    [row] = result["checkpoints"]
+    expected, tokens = text_reference(tiny_model("llama", seed=1), tok, RECORDS, count)
+    check_row(tmp_path / "out", row, expected, tokens)
+
+
+UNICODE = [
+    {"prompt": "Zorgon était fondé en", "completion": " 1842 — par le conseil «Calidus»."},
+    {"prompt": "", "completion": "北の湖の岸 🦊 fox"},
+    {"prompt": "The quick brown", "completion": " fox\njumps\tover"},
+]
+
+
+@pytest.mark.parametrize("count", ["labels", "shifted_labels"])
+def test_byte_level_records_with_unicode_blank_lines_and_extra_fields_are_exact(tmp_path, count):
+    tok = tiny_tokenizer()
+    folder = checkpoint(tmp_path, tok)
+    data = write_jsonl(tmp_path / "facts.jsonl", UNICODE + RECORDS, blank_lines=True, extra=True)
+    result = entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=SEQ, batch_size=64, count=count,
+                           save_stats=True)
+    [row] = result["checkpoints"]
+    assert row["documents"] == len(UNICODE + RECORDS)
+    expected, tokens = text_reference(tiny_model("llama", seed=1), tok, UNICODE + RECORDS, count)
+    check_row(tmp_path / "out", row, expected, tokens)
+
+
+def test_document_weighting_with_a_sentencepiece_tokenizer_is_exact(tmp_path):
+    tok = sentencepiece_tokenizer()
+    folder = checkpoint(tmp_path, tok)
+    data = write_jsonl(tmp_path / "facts.jsonl", RECORDS)
+    result = entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=SEQ, batch_size=3,
+                           count="shifted_labels", weighting="document")
+    [row] = result["checkpoints"]
+    expected, tokens = text_reference(tiny_model("llama", seed=1), tok, RECORDS, "shifted_labels",
+                                      weighting="document")
+    assert row["tokens"] == tokens
+    assert row["per_layer"] == pytest.approx([entropy(e) for e in expected], abs=1e-6)
