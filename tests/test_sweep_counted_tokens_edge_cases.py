@@ -141,3 +141,25 @@ def test_document_weighting_with_a_sentencepiece_tokenizer_is_exact(tmp_path):
                                       weighting="document")
     assert row["tokens"] == tokens
     assert row["per_layer"] == pytest.approx([entropy(e) for e in expected], abs=1e-6)
+
+
+def test_a_null_prompt_is_named_as_null_not_as_a_missing_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kacq_hooks.errors import CorpusError
+    from kacq_hooks.sweep_data import data_source, read_documents
+
+    jsonl = tmp_path / "null.jsonl"
+    jsonl.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"prompt": None, "completion": " x"}) + "\n")
+    parquet = tmp_path / "null.parquet"
+    pq.write_table(pa.table({"prompt": ["a", None], "completion": [" b", " c"]}), parquet)
+    for path, where in ((jsonl, "line 2"), (parquet, "row 1")):
+        with pytest.raises(CorpusError) as caught:
+            read_documents(data_source(str(path)), records=True)
+        message = str(caught.value)
+        assert where in message and "null" in message and "no 'prompt' field" not in message
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"completion": " x"}) + "\n")
+    with pytest.raises(CorpusError, match="no 'prompt' field"):
+        read_documents(data_source(str(missing)), records=True)

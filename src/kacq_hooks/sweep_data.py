@@ -327,6 +327,12 @@ def _jsonl_record(line: str, where: str) -> tuple[str, str]:
 
 def _record(prompt, completion, where: str, keys=None) -> tuple[str, str]:
     """One (prompt, completion) record, refused unless both are strings and the completion holds text."""
+    # a field absent from a JSON object is missing; one present as null (or a null parquet/arrow cell) is null
+    null = [name for name, value in zip(RECORD_FIELDS, (prompt, completion))
+            if value is None and (keys is None or name in keys)]
+    if null:
+        raise CorpusError(f"{where}: {' and '.join(repr(n) for n in null)} is null; --count needs every record's "
+                          "\"prompt\" as text (an empty string for no context) and its \"completion\" as text")
     missing = [name for name, value in zip(RECORD_FIELDS, (prompt, completion)) if value is None]
     if missing:
         found = f" (it has {keys})" if keys is not None else ""
