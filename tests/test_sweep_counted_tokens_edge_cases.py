@@ -163,3 +163,18 @@ def test_a_null_prompt_is_named_as_null_not_as_a_missing_field(tmp_path):
     missing.write_text(json.dumps({"completion": " x"}) + "\n")
     with pytest.raises(CorpusError, match="no 'prompt' field"):
         read_documents(data_source(str(missing)), records=True)
+
+
+@pytest.mark.parametrize("count", ["labels", "shifted_labels"])
+def test_progress_reports_the_counted_tokens_the_row_reports(tmp_path, count):
+    from kacq_hooks.sweep import measure_texts
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", seed=1)
+    reports = []
+    records = [(r["prompt"], r["completion"]) for r in RECORDS + UNICODE]
+    inst, documents = measure_texts(model, tok, records, batch_size=2, max_length=SEQ, count=count,
+                                    progress=lambda event, info: reports.append(info))
+    _, tokens = text_reference(model, tok, RECORDS + UNICODE, count)
+    assert documents == len(records) and int(inst.stats[0].tokens) == tokens
+    assert reports[-1] == {"documents": len(records), "tokens": tokens}  # the tok/s shown live is of counted tokens

@@ -419,7 +419,10 @@ def measure_texts(model, tokenizer, texts: Iterable, *, batch_size: int = 8, max
     def counted(batches):
         for batch in batches:
             done["documents"] += int(batch["input_ids"].shape[0])
-            done["tokens"] += int(batch["attention_mask"].sum())
+            if count is None:
+                done["tokens"] += int(batch["attention_mask"].sum())
+            else:  # the positions count selects, as the row's tokens and tokens_per_s count them
+                done["tokens"] += sum(counted_positions(row, count) for row in batch["labels"].tolist())
             yield batch
 
     def report(_: int) -> None:
