@@ -178,3 +178,15 @@ def test_progress_reports_the_counted_tokens_the_row_reports(tmp_path, count):
     _, tokens = text_reference(model, tok, RECORDS + UNICODE, count)
     assert documents == len(records) and int(inst.stats[0].tokens) == tokens
     assert reports[-1] == {"documents": len(records), "tokens": tokens}  # the tok/s shown live is of counted tokens
+
+
+def test_bfloat16_counts_the_same_positions_and_stays_near_the_float64_reference(tmp_path):
+    tok = sentencepiece_tokenizer()
+    folder = checkpoint(tmp_path, tok)
+    data = write_jsonl(tmp_path / "facts.jsonl", RECORDS)
+    result = entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=SEQ, batch_size=2,
+                           count="shifted_labels", dtype="bfloat16", max_tokens=10**6)
+    [row] = result["checkpoints"]
+    expected, tokens = text_reference(tiny_model("llama", seed=1), tok, RECORDS, "shifted_labels")
+    assert row["tokens"] == tokens and row["count"] == "shifted_labels"
+    assert row["per_layer"] == pytest.approx([entropy(e) for e in expected], abs=2e-2)
