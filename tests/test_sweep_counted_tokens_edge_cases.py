@@ -118,8 +118,9 @@ UNICODE = [
 
 
 @pytest.mark.parametrize("count", ["labels", "shifted_labels"])
-def test_byte_level_records_with_unicode_blank_lines_and_extra_fields_are_exact(tmp_path, count):
-    tok = tiny_tokenizer()
+@pytest.mark.parametrize("make", [tiny_tokenizer, sentencepiece_tokenizer], ids=["byte_level", "sentencepiece"])
+def test_records_with_unicode_blank_lines_and_extra_fields_are_exact(tmp_path, count, make):
+    tok = make()
     folder = checkpoint(tmp_path, tok)
     data = write_jsonl(tmp_path / "facts.jsonl", UNICODE + RECORDS, blank_lines=True, extra=True)
     result = entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=SEQ, batch_size=64, count=count,
@@ -190,3 +191,33 @@ def test_bfloat16_counts_the_same_positions_and_stays_near_the_float64_reference
     expected, tokens = text_reference(tiny_model("llama", seed=1), tok, RECORDS, "shifted_labels")
     assert row["tokens"] == tokens and row["count"] == "shifted_labels"
     assert row["per_layer"] == pytest.approx([entropy(e) for e in expected], abs=2e-2)
+
+
+@pytest.mark.slow  # a torchrun group of 2 gloo ranks
+def test_two_gloo_ranks_with_fewer_records_than_ranks_equal_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from kacq_hooks.cli import main
+    from kacq_hooks.sweep_exec import _free_port
+
+    tok = sentencepiece_tokenizer()
+    folder = checkpoint(tmp_path, tok)
+    data = write_jsonl(tmp_path / "one.jsonl", RECORDS[:1])
+    common = ["entropy", str(folder), "--data", str(data), "--count", "shifted_labels", "--seq-len", str(SEQ),
+              "--weighting", "document", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), "-m", "kacq_hooks.cli", *common, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [a] = json.loads((tmp_path / "one" / "entropy.json").read_text())["checkpoints"]
+    [b] = json.loads((tmp_path / "two" / "entropy.json").read_text())["checkpoints"]
+    expected, tokens = text_reference(tiny_model("llama", seed=1), tok, RECORDS[:1], "shifted_labels",
+                                      weighting="document")
+    assert (a["tokens"], a["documents"], b["world_size"]) == (tokens, 1, 2) and (b["tokens"], b["documents"]) == (tokens, 1)
+    assert a["per_layer"] == pytest.approx([entropy(e) for e in expected], abs=1e-6)
+    assert b["per_layer"] == pytest.approx(a["per_layer"], rel=1e-6)
