@@ -332,7 +332,8 @@ def _record(prompt, completion, where: str, keys=None) -> tuple[str, str]:
             if value is None and (keys is None or name in keys)]
     if null:
         raise CorpusError(f"{where}: the record has no {' and no '.join(repr(n) for n in null)} value (null); --count "
-                          "needs every record's \"prompt\" as text (an empty string for no context) and its \"completion\" as text")
+                          "needs every record's \"prompt\" as text (an empty string for no context) and its "
+                          "\"completion\" as text")
     missing = [name for name, value in zip(RECORD_FIELDS, (prompt, completion)) if value is None]
     if missing:
         found = f" (it has {keys})" if keys is not None else ""
