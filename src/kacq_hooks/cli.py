@@ -189,7 +189,8 @@ def add_entropy_parser(subparsers) -> argparse.ArgumentParser:
                         help="measure only the completions of prompt/completion records: --data holds records with "
                         "\"prompt\" (context, not counted) and \"completion\" fields (JSONL fields or parquet/arrow "
                         "columns), tokenized as the text prompt + completion, split where the prompt's tokens end. "
-                        "labels: the positions holding the completion's tokens; shifted_labels: the positions predicting them (the last prompt token through the "
+                        "labels: the positions holding the completion's tokens; shifted_labels: the positions "
+                        "predicting them (the last prompt token through the "
                         "second-to-last completion token), those a causal-LM loss on the completion scores. As "
                         "instrument(count=...). A record whose prompt fills --seq-len refuses the run. Default: every "
                         "token that is not padding")
