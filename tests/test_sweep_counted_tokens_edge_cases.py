@@ -240,3 +240,19 @@ def test_the_same_weights_with_another_tokenizer_are_measured_with_that_tokenize
         expected, tokens = text_reference(model, tok, RECORDS, "labels")
         assert rows[name]["tokens"] == tokens
         assert rows[name]["per_layer"] == pytest.approx([entropy(e) for e in expected], abs=1e-6)
+
+
+def test_a_completion_the_tokenizer_turns_into_no_token_is_refused_as_such(tmp_path):
+    # a normalizer that drops characters (here the soft hyphen) can leave a non-empty completion without a token
+    from tokenizers import normalizers
+
+    from kacq_hooks.errors import CorpusError
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Replace("\u00ad", "")
+    folder = checkpoint(tmp_path, tok)
+    data = write_jsonl(tmp_path / "facts.jsonl", [RECORDS[0], {"prompt": "Zorgon was", "completion": "\u00ad\u00ad"}])
+    with pytest.raises(CorpusError) as caught:
+        entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=SEQ, count="labels")
+    message = str(caught.value)
+    assert "record 1" in message and "no token" in message and "one-token completion" not in message

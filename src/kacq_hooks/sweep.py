@@ -391,9 +391,13 @@ def check_records(records: Sequence[tuple[str, str]], tokenizer, max_length: int
         ids, labels = encode_record(tokenizer, prompt, completion, max_length)
         if counted_positions(labels, count) == 0:
             held = sum(label == -100 for label in labels)
-            why = (f"its prompt fills all {max_length} positions (--seq-len), so no completion token survives the cut"
-                   if held >= max_length else f"with --count {count} a completion token counts only where a position "
-                   "before it predicts it, and this record has no prompt and a one-token completion")
+            if held >= max_length:
+                why = f"its prompt fills all {max_length} positions (--seq-len), so no completion token survives the cut"
+            elif len(labels) == held:  # e.g. a normalizer that drops the completion's characters
+                why = f"its completion {completion[:40]!r} gives no token with this tokenizer"
+            else:
+                why = (f"with --count {count} a completion token counts only where a position before it predicts it, "
+                       "and this record has no prompt and a one-token completion")
             raise CorpusError(f"record {first + index} (prompt {prompt[:40]!r}...) has no counted position with "
                               f"{name}: {why}. The run is refused rather than the record dropped, so that every "
                               "checkpoint is measured on the records you gave: raise --seq-len, shorten the prompt, "
