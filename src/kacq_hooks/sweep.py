@@ -392,7 +392,8 @@ def check_records(records: Sequence[tuple[str, str]], tokenizer, max_length: int
         if counted_positions(labels, count) == 0:
             held = sum(label == -100 for label in labels)
             if held >= max_length:
-                why = f"its prompt fills all {max_length} positions (--seq-len), so no completion token survives the cut"
+                why = (f"its prompt fills all {max_length} positions (--seq-len), so no completion token survives "
+                       "the cut")
             elif len(labels) == held:  # e.g. a normalizer that drops the completion's characters
                 why = f"its completion {completion[:40]!r} gives no token with this tokenizer"
             else:
