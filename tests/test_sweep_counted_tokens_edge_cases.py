@@ -256,3 +256,21 @@ def test_a_completion_the_tokenizer_turns_into_no_token_is_refused_as_such(tmp_p
         entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=SEQ, count="labels")
     message = str(caught.value)
     assert "record 1" in message and "no token" in message and "one-token completion" not in message
+
+
+@pytest.mark.parametrize("count", ["labels", "shifted_labels"])
+def test_completions_cut_by_seq_len_and_a_budget_mid_record_with_a_sentencepiece_tokenizer(tmp_path, count):
+    tok = sentencepiece_tokenizer()
+    folder = checkpoint(tmp_path, tok)
+    data = write_jsonl(tmp_path / "facts.jsonl", RECORDS + RECORDS)
+    short = 10  # cuts the first records' completions
+    model = tiny_model("llama", seed=1)
+    _, two = text_reference(model, tok, RECORDS[:2], count, seq=short)
+    _, three = text_reference(model, tok, RECORDS[:3], count, seq=short)
+    assert two < three
+    result = entropy_sweep([str(folder)], str(data), out=tmp_path / "out", seq_len=short, batch_size=5, count=count,
+                           max_tokens=three - 1, save_stats=True)
+    [row] = result["checkpoints"]
+    expected, tokens = text_reference(model, tok, RECORDS[:2], count, seq=short)
+    assert row["documents"] == 2
+    check_row(tmp_path / "out", row, expected, tokens)
