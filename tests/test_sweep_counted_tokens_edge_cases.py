@@ -223,11 +223,6 @@ def test_two_gloo_ranks_with_fewer_records_than_ranks_equal_one_process(tmp_path
     assert b["per_layer"] == pytest.approx(a["per_layer"], rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a checkpoint's identity digests its weights and config but not its tokenizer, so two folders with the same "
-    "weights and different tokenizers are taken as duplicates: the second is not measured and its row repeats the "
-    "first's entropy, measured on other tokens (with --count, other counted positions too). The tokenizer (when "
-    "--tokenizer is not given) should be part of what makes two checkpoints the same measurement"))
 def test_the_same_weights_with_another_tokenizer_are_measured_with_that_tokenizer(tmp_path):
     byte_level, sentencepiece = tiny_tokenizer(), sentencepiece_tokenizer()
     first = checkpoint(tmp_path / "a", byte_level)

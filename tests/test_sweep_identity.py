@@ -135,3 +135,17 @@ def test_other_settings_than_the_existing_results_are_refused(tmp_path, tokenize
     with pytest.raises(KacqError, match="other settings"):
         entropy_sweep([str(first)], str(data), out=out, batch_size=3, seq_len=16)
     assert len(json.loads((out / "entropy.json").read_text())["checkpoints"]) == 1
+
+
+def test_a_tokenizer_rewritten_in_place_is_a_changed_checkpoint(tmp_path, tokenizer, data):
+    # the same weights read other tokens through another tokenizer: a resumed sweep must not keep the old row as
+    # if nothing changed, even when the weight files' stamps are untouched (the identity cache stamps the tokenizer)
+    folder = save(tmp_path / "step-1", tokenizer, seed=1)
+    before = weights_identity(folder)
+    first = sweep([folder], data, tmp_path / "out")
+    assert [row["name"] for row in first["checkpoints"]] == [str(folder)] and not first["errors"]
+    other = tiny_tokenizer(vocab_size=200)
+    other.save_pretrained(folder)  # weights and config untouched
+    assert weights_identity(folder) != before
+    again = sweep([folder], data, tmp_path / "out")
+    assert "tokenizer" in again["errors"][0]["error"]

@@ -39,7 +39,7 @@ from .instrumentation import instrument
 from .measuring import evaluation_mode, measure
 from .report import pyplot, save_figure
 from .sweep_data import DataSource, Ranks, check_record_source, data_digest, data_source, read_documents
-from .sweep_identity import IdentityCache
+from .sweep_identity import TOKENIZER_MARKERS, IdentityCache
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ EXECUTORS = ("serial", "local", "ray", "slurm", "submitit-local")
 COUNTS = (None, "labels", "shifted_labels")  # as instrument(count=...)
 # settings fields added after version 2 files were written, at the value that means what those files measured
 _ADDED_SETTINGS = {"count": None}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
-                   "vocab.txt")
 
 
 @dataclass(frozen=True)
@@ -222,7 +220,7 @@ def _read_config(checkpoint: Checkpoint):
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+    return any((folder / name).is_file() for name in TOKENIZER_MARKERS)
 
 
 def load_tokenizer(source: str, name: str, revision: str | None = None, given: bool = False):
@@ -231,7 +229,7 @@ def load_tokenizer(source: str, name: str, revision: str | None = None, given: b
     path = Path(source)
     refused = ConfigError if given else CheckpointError  # a bad --tokenizer, or a checkpoint saved without one
     if path.is_dir() and not _has_tokenizer(path):
-        raise refused(f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...)"
+        raise refused(f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_MARKERS[:4])}, ...)"
                         + ("" if given else f" for {name}") + "; pass --tokenizer with a folder or hub id that "
                         "holds the tokenizer the model was trained with")
     kwargs = {"revision": revision} if revision else {}
@@ -772,9 +770,11 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
             log.info("skipping %s: already in %s", checkpoint.name, out / "entropy.json")
             continue
         if row is not None:  # the folder measured under this name now holds other weights
-            _error(results, checkpoint, f"{checkpoint.name} holds other weights than when it was measured into "
-                   f"{out} ({row['identity']}, now {identity}); its earlier row is kept. To measure the new "
-                   "weights, give the folder another name or choose another --out", identity, progress, ranks)
+            _error(results, checkpoint, f"{checkpoint.name} holds other weights, config or tokenizer than when "
+                   f"it was measured into {out} ({row['identity']}, now {identity}), or was measured by a kacq_hooks "
+                   "before 0.3, whose identities left the config and tokenizer out; its earlier row is kept. To "
+                   "measure it as it is now, give the folder another name or choose another --out", identity,
+                   progress, ranks)
             continue
         if identity is not None and identity in by_identity:
             pending_duplicates.append((checkpoint, identity))

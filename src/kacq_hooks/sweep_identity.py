@@ -1,11 +1,12 @@
-"""A checkpoint's identity: a digest of its weights, streamed from its files, never loaded as tensors, and of
-its config.
+"""A checkpoint's identity: a digest of its weights, streamed from its files, never loaded as tensors, of
+its config and of its tokenizer's files.
 
 For safetensors files it hashes every tensor's name, dtype, shape and bytes (read from the files'
 byte ranges), so the identity ignores file metadata and how the weights are split into shards: two
 folders holding the same weights have the same identity whatever their names. The config is part of it
 (the same weights under another activation or norm give other coefficients), parsed and without the fields
-that only say who wrote it (``transformers_version``, ``_name_or_path``), so re-saving it changes nothing. Ranks share the tensors
+that only say who wrote it (``transformers_version``, ``_name_or_path``), so re-saving it changes nothing. The tokenizer files are part of it too: the same weights read other tokens
+through another tokenizer (and, under ``--count``, count other positions). Ranks share the tensors
 out. Digests are remembered by path, size, mtime, ctime and inode, so a resumed sweep does not read
 unchanged files again.
 """
@@ -24,6 +25,11 @@ _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 _CONFIG = "config.json"
 # config fields that record who saved it, not how the model computes
 _PROVENANCE = ("transformers_version", "_name_or_path", "_commit_hash")
+# files that tell a folder holds a tokenizer, and all the files a saved tokenizer may consist of
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                     "vocab.txt")
+TOKENIZER_FILES = TOKENIZER_MARKERS + ("merges.txt", "special_tokens_map.json", "added_tokens.json",
+                                       "chat_template.jinja")
 
 
 def config_digest(folder: str | os.PathLike) -> str:
@@ -40,6 +46,22 @@ def config_digest(folder: str | os.PathLike) -> str:
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k not in _PROVENANCE}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_files(folder: str | os.PathLike) -> list[Path]:
+    """The tokenizer files a checkpoint folder holds (none when it was saved without its tokenizer)."""
+    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+
+
+def tokenizer_digest(folder: str | os.PathLike) -> str:
+    """The digest of a checkpoint folder's tokenizer files, by name and bytes ("" when it holds none)."""
+    files = tokenizer_files(folder)
+    if not files:
+        return ""
+    total = hashlib.sha256()
+    for path in files:
+        total.update(f"{path.name}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return total.hexdigest()
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -84,10 +106,12 @@ def weights_identity(folder: str | os.PathLike, ranks: Ranks = Ranks()) -> str:
     if not files:
         raise CheckpointError(f"{folder} holds no weight files (*.safetensors or pytorch_model*.bin); give a "
                               "folder written by save_pretrained")
-    config = config_digest(folder)
+    config, tokenizer = config_digest(folder), tokenizer_digest(folder)
     if files[0].suffix != ".safetensors":
         weights = content_digest(files, None, ranks)
-        return "files-" + (hashlib.sha256(f"{weights}\0{config}".encode()).hexdigest() if config else weights)
+        if not (config or tokenizer):
+            return "files-" + weights
+        return "files-" + hashlib.sha256(f"{weights}\0{config}\0{tokenizer}".encode()).hexdigest()
     tensors: dict[str, tuple[Path, str, list[int], int, int]] = {}
     for path in files:
         for name, (dtype, shape, start, length) in _safetensors_index(path).items():
@@ -107,6 +131,8 @@ def weights_identity(folder: str | os.PathLike, ranks: Ranks = Ranks()) -> str:
         total.update(f"{name}\0{dtype}\0{shape}\0{merged[i]}\n".encode())
     if config:
         total.update(f"{_CONFIG}\0{config}\n".encode())
+    if tokenizer:
+        total.update(f"tokenizer\0{tokenizer}\n".encode())
     return "tensors-sha256:" + total.hexdigest()
 
 
@@ -127,7 +153,7 @@ class IdentityCache:
         # size); the inode and ctime change with any rewrite and cannot be set back
         stamp = []
         config = folder / _CONFIG
-        for path in weight_files(folder) + ([config] if config.is_file() else []):
+        for path in weight_files(folder) + ([config] if config.is_file() else []) + tokenizer_files(folder):
             stat = path.stat()
             stamp.append([path.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
         return stamp

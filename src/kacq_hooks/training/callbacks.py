@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from kacq_hooks._hooks import HookSet, OwnerHook
 from kacq_hooks.entropy import KnowledgeEntropy
-from kacq_hooks.errors import CheckpointError, ConfigError
+from kacq_hooks.errors import CheckpointError, ConfigError, NoTokensError
 from kacq_hooks.facts.injection import InjectionCollatorSync, InjectionSchedule, inject
 from kacq_hooks.facts.tracker import FactTracker
 from kacq_hooks.training.logging import entropy_scalars, fact_scalars
@@ -289,7 +289,8 @@ class KnowledgeEntropyCallback(_LoggingCallback):
 
     ``count`` ("labels" or "shifted_labels", see :func:`kacq_hooks.instrument`) counts only the positions
     the batches' ``labels`` select (e.g. answer tokens); training batches carry labels, and calibration
-    batches must too (dicts with ``labels``).
+    batches must too (dicts with ``labels``). A report window whose training batches held no counted token
+    (answers cut by truncation, say) logs nothing and warns; training goes on.
 
     Logged keys are ``{prefix}/total`` and, per layer, ``{prefix}/{site.label}`` (the model's own layer
     numbers, e.g. ``knowledge_entropy/decoder.layer_3``). Checkpoints hold ``kacq_{prefix}.pt``: the
@@ -357,7 +358,15 @@ class KnowledgeEntropyCallback(_LoggingCallback):
         if self.calibration is not None:
             entropy = self._measure_calibration(model)
         else:
-            entropy = self._instrumentation.knowledge_entropy()
+            try:
+                entropy = self._instrumentation.knowledge_entropy()
+            except NoTokensError as nothing:
+                # a window whose batches held no counted token (e.g. SFT rows whose answers truncation cut) has no
+                # entropy; the Trainer trains through it, so the report is left out rather than the run stopped
+                logger.warning("step %d: no knowledge entropy logged for the last %d step(s): %s",
+                               state.global_step, self.every, nothing)
+                self._instrumentation.reset()
+                return
             self._instrumentation.reset()
         self.history.append((state.global_step, entropy))
         self._queue(entropy_scalars(entropy, self.prefix, self.per_layer), control)
