@@ -54,7 +54,7 @@ def augmented_passage(injection: kf.Injection, facts: kf.FactSet, config: DemoCo
 
 def adamw_step(model: nn.Module, config: DemoConfig) -> TrainStep:
     """Plain AdamW at the continued-training rate, fresh optimizer state (as after resuscitation)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.continue_lr, weight_decay=config.arm_weight_decay,
                                   betas=(config.continue_beta1, 0.999))
     schedule = warmup(optimizer, config.continue_warmup)
 
@@ -73,7 +73,7 @@ def adamw_step(model: nn.Module, config: DemoConfig) -> TrainStep:
 def sam_step(model: nn.Module, config: DemoConfig) -> TrainStep:
     """Sharpness-aware minimization around AdamW (Foret et al. 2021): two forward/backward passes a step."""
     optimizer = SAM(model.parameters(), torch.optim.AdamW, rho=config.sam_rho, model=model, lr=config.continue_lr,
-                    weight_decay=config.weight_decay, betas=(config.continue_beta1, 0.999))
+                    weight_decay=config.arm_weight_decay, betas=(config.continue_beta1, 0.999))
     schedule = warmup(optimizer, config.continue_warmup)
 
     def step(ids: torch.Tensor, mask: torch.Tensor) -> float:

@@ -36,6 +36,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     f"report.md and figures to --out. Defaults take {RUN_TIME['default']}; --quick "
                     f"{RUN_TIME['quick']}; --arms zhu {RUN_TIME['zhu']}.")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (what the tests run)")
+    parser.add_argument("--regime", choices=("default", "decay"), default="default",
+                        help="'decay': the study where knowledge entropy decays during pretraining (weight decay 1.0 "
+                        "at a constant rate for 15 weight-decay time constants, the early checkpoint at the entropy "
+                        f"peak, the late one after the decay; {RUN_TIME['decay']}); default: the settings above")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     seeds = parser.add_mutually_exclusive_group()  # one way to say which seeds run, never two that disagree
     seeds.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
@@ -104,7 +108,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
         overrides["arms"] = arms
     if args.pretrain_steps is not None:
         overrides["pretrain_steps"] = args.pretrain_steps
-    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    if args.regime == "decay" and args.quick:
+        raise KacqError("--quick and --regime decay are two different studies: give one of them")
+    if args.regime == "decay":
+        config = DemoConfig.decay(**overrides)
+    else:
+        config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     config = config.scaled(args.scale)
     config.validate()
     seeds = parse_seeds(f"{args.seed}," if args.seed is not None else args.seeds)

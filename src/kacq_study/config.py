@@ -30,6 +30,7 @@ RUN_TIME = {
                "clone, pip's cache warm, the tokenizer trained afresh)",
     "quick": "about 1 minute (60 s measured on the idle 2-core machine, the tokenizer trained afresh; 2 min 29 s "
              "while two other jobs shared the cores)",
+    "decay": "not measured yet",
     "zhu": "about 11 minutes on 2 CPU cores (10 min 52 s measured with two workers, 1,244 s of tasks; the first "
            "minutes beside two other jobs)",
 }
@@ -42,6 +43,10 @@ ATTRIBUTION_BY = "score"
 # Record steps in an arm's attribution store: the checkpoint as loaded (c̄ only, before any edit) is step -1;
 # step 0 is the arm's start (after the edit, before the first update), as in the probe trajectory.
 CHECKPOINT_STEP = -1
+
+# the decay regime's pretraining length (DemoConfig.decay): 15 weight-decay time constants at lr 3e-3 and wd 1.0,
+# so that a peak as late as the latest measured (7 time constants) is followed by as many again of decay
+DECAY_STEPS = 5000
 
 Progress = Callable[[str, dict], None]
 TrainStep = Callable[[torch.Tensor, torch.Tensor], float]
@@ -104,6 +109,13 @@ class DemoConfig:
     augment_variants: int = 4
     sam_rho: float = 0.05
     arms: tuple[str, ...] = ("early", "late", "late+resuscitation")
+    # the decay regime (DemoConfig.decay): a constant learning rate after warmup, the checkpoints chosen from the
+    # pretraining's own entropy curve, and continued training at its own weight decay
+    lr_schedule: str = "cosine"          # "cosine": warmup, then cosine to 10% of lr; "constant": warmup, then lr
+    checkpoint_rule: str = "fixed"       # "fixed": early at early_step, late at the last step; "peak": early at the
+                                         # entropy peak after the early collapse, late at the last step (see
+                                         # pipeline.entropy_peak), and the run says whether entropy decayed after it
+    continue_weight_decay: float | None = None  # AdamW weight decay of continued training (None: weight_decay)
     threads: int = 1                     # fixed thread count: CPU reductions are then run-to-run identical
     device: str = "cpu"                  # where the model, batches and calibration live ("cpu", "cuda", "cuda:1")
 
@@ -116,6 +128,36 @@ class DemoConfig:
                      continue_batch_size=None, continue_warmup=4, injection_every=8, injection_rounds=3,
                      lead_steps=5, tail_steps=16, window=4, augment_variants=2)
         return cls(**{**small, **overrides})
+
+    @classmethod
+    def decay(cls, **overrides) -> "DemoConfig":
+        """The study where knowledge entropy decays during pretraining (``kacq demo --regime decay``,
+        ``RUN_TIME["decay"]``).
+
+        The default run trains 360 steps at weight decay 0.01, about 0.01 of AdamW's weight-decay time constant
+        1 / (lr * wd), and its entropy climbs throughout. Here the recipe of the ``entropy-weight-decay``
+        experiment, where entropy peaks after 3-7 time constants and then falls: d_model 64, 4 layers, 128-token
+        rows of 8, a constant learning rate of 3e-3 after a 50-step warmup and weight decay 1.0 (333 steps per time
+        constant), 5,000 steps (15 time constants), entropy on 64 held-out rows every 100 steps. The early checkpoint
+        is the entropy peak after the early collapse and the late one the last step (``checkpoint_rule="peak"``,
+        :func:`kacq_study.pipeline.entropy_peak`). Continued training runs the default study's arms; its 128-token
+        rows carry the passages whole over several rows (``injection="span"``: up to 3 rows a passage, 9 at the first
+        round, so 12 rows a step), and its AdamW keeps the default's weight decay 0.01 (1.0 at the continued rate
+        would shrink every weight by a third over the arm, an intervention of its own).
+
+        These settings were fixed before the first full run, from the experiment's measurements, not from any
+        finding's verdict.
+        """
+        settings = dict(d_model=64, n_layers=4, n_heads=4, d_ff=256, seq_len=128, vocab_size=2048, max_docs=None,
+                        calibration_sequences=64, pretrain_steps=DECAY_STEPS, batch_size=8, lr=3e-3, warmup_steps=50,
+                        weight_decay=1.0, lr_schedule="constant", checkpoint_rule="peak", early_step=0,
+                        entropy_every=100, injection="span", continue_batch_size=12, continue_weight_decay=0.01)
+        return cls(**{**settings, **overrides})
+
+    @property
+    def arm_weight_decay(self) -> float:
+        """The AdamW weight decay of continued training."""
+        return self.weight_decay if self.continue_weight_decay is None else self.continue_weight_decay
 
     def scaled(self, k: float) -> "DemoConfig":
         """A larger (k > 1) or smaller study: d_model and d_ff times ``k`` (d_model kept a multiple of
@@ -163,7 +205,20 @@ class DemoConfig:
         if (self.d_model // self.n_heads) % 2:
             raise DemoConfigError(f"d_model={self.d_model} / n_heads={self.n_heads} = {self.d_model // self.n_heads} "
                                   "is odd: the rotary position embedding needs an even head dimension")
-        if not 0 < self.early_step < self.pretrain_steps:
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise DemoConfigError(f"lr_schedule={self.lr_schedule!r}: use 'cosine' or 'constant'")
+        if self.checkpoint_rule not in ("fixed", "peak"):
+            raise DemoConfigError(f"checkpoint_rule={self.checkpoint_rule!r}: use 'fixed' (early_step and the last "
+                                  "step) or 'peak' (the entropy peak and the last step)")
+        if self.continue_weight_decay is not None and not self.continue_weight_decay >= 0:
+            raise DemoConfigError(f"continue_weight_decay={self.continue_weight_decay} must be >= 0 (or None)")
+        if self.checkpoint_rule == "peak":
+            # the rule needs the early collapse, a peak after it and three measurements after the peak
+            if self.pretrain_steps // self.entropy_every < 8:
+                raise DemoConfigError(f"checkpoint_rule='peak' needs at least 8 entropy measurements after step 0; "
+                                      f"pretrain_steps={self.pretrain_steps} with entropy_every={self.entropy_every} "
+                                      f"gives {self.pretrain_steps // self.entropy_every}: lower entropy_every")
+        elif not 0 < self.early_step < self.pretrain_steps:
             raise DemoConfigError(f"early_step={self.early_step} must lie in (0, pretrain_steps={self.pretrain_steps})")
         if self.injection_rounds < 1 or self.injection_every < 1:
             raise DemoConfigError("injection_rounds and injection_every must be >= 1")
@@ -205,4 +260,9 @@ class DemoConfig:
         its tokenizer, not a setting of the study, and would make equal studies differ by a path."""
         settings = dataclasses.asdict(self)
         del settings["cache_dir"]
+        # settings added with the decay regime are left out at their defaults: an earlier study's results.json
+        # keeps its bytes
+        for name, default in (("lr_schedule", "cosine"), ("checkpoint_rule", "fixed"), ("continue_weight_decay", None)):
+            if settings[name] == default:
+                del settings[name]
         return {**settings, "continue_steps": self.continue_steps}

@@ -425,9 +425,36 @@ def loss_flattened(results: dict) -> dict:
         values, holds)
 
 
+def entropy_decayed_before_late(results: dict) -> dict | None:
+    """The regime check of a run whose checkpoints were chosen from its entropy curve (``checkpoint_rule="peak"``):
+    entropy decayed after the peak (the early checkpoint) before the late checkpoint, by the rule's own criterion
+    (:func:`kacq_study.pipeline.entropy_peak`). None for a run with fixed checkpoints (no such check).
+
+    >>> rule = {"peak_step": 300, "late_step": 900, "fall_after_peak": 0.05, "noise": 0.005, "noise_multiple": 3.0,
+    ...         "decays": True}
+    >>> entropy_decayed_before_late({"pretraining": {"checkpoint_rule": rule}})["holds"]
+    True
+    """
+    rule = results.get("pretraining", {}).get("checkpoint_rule")
+    if not rule:
+        return None
+    values = {k: rule.get(k) for k in ("peak_step", "late_step", "fall_after_peak", "noise", "measurements_after_peak")}
+    return _finding(
+        "entropy_decayed_before_late", "regime",
+        "knowledge entropy peaked and decayed during pretraining before the late checkpoint",
+        f"the total entropy at the late checkpoint (the last step) is below its peak after the early collapse (the "
+        f"early checkpoint) by more than {rule.get('noise_multiple')} times the step-to-step noise of the curve from "
+        "the peak on, with at least three measurements after the peak",
+        # too few measurements after the peak (a peak at the end: entropy still climbing) is no decay, not "unchecked"
+        values, rule.get("decays") is True)
+
+
 def regime(results: dict) -> list[dict]:
-    """The regime checks (not the papers' findings): pretraining flattened, and each arm learned its facts."""
-    return [loss_flattened(results), *(facts_are_learned(results, arm) for arm in results.get("arms", {}))]
+    """The regime checks (not the papers' findings): pretraining flattened, entropy decayed before the late
+    checkpoint (runs whose checkpoints the entropy curve chose), and each arm learned its facts."""
+    decayed = entropy_decayed_before_late(results)
+    return [loss_flattened(results), *([decayed] if decayed is not None else []),
+            *(facts_are_learned(results, arm) for arm in results.get("arms", {}))]
 
 
 def spread(values) -> dict:

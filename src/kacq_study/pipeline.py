@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -238,16 +239,24 @@ def _check_rows(config: DemoConfig, tokenizer, facts: kf.FactSet) -> None:
 
 def pretrain(config: DemoConfig, data: PreparedData, report: Progress,
               snapshot_at: Sequence[int] = ()) -> tuple[dict, dict]:
-    """Pretrain from scratch; checkpoints "early", "late" and ``step<N>`` for each step of ``snapshot_at``."""
+    """Pretrain from scratch; checkpoints "early", "late" and ``step<N>`` for each step of ``snapshot_at``.
+
+    With ``config.checkpoint_rule == "peak"`` the early checkpoint is chosen after training by
+    :func:`entropy_peak` from the entropy measured every ``entropy_every`` steps (a snapshot is kept at each), and
+    ``pretraining["checkpoint_rule"]`` records the rule's numbers, including whether entropy decayed after the peak."""
     tokenizer = data.tokenizer
     model = build_model(config, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.warmup_steps, config.pretrain_steps))
+    factor = (_cosine(config.warmup_steps, config.pretrain_steps) if config.lr_schedule == "cosine"
+              else _constant(config.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed))
     entropy = {"steps": [], "total": [], "per_layer": [], "max_total": None}
     losses, checkpoints = [], {}
+    by_peak = config.checkpoint_rule == "peak"
+    measured: dict[int, dict] = {}  # by_peak: a snapshot at every entropy measurement, the candidates
 
     def measure(step: int) -> dict:
         ke = data.calibration.entropy(model)
@@ -255,29 +264,88 @@ def pretrain(config: DemoConfig, data: PreparedData, report: Progress,
         entropy["total"].append(ke["total"])
         entropy["per_layer"].append(ke["per_layer"])
         entropy["max_total"] = ke["max_total"]
+        if by_peak:
+            measured[step] = _snapshot(model, step)
         return ke
 
     latest = measure(0)
+    fixed_early = None if by_peak else config.early_step
     for step in range(1, config.pretrain_steps + 1):
         loss = pretrain_step(model, optimizer, schedule, data, order, step, config)
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if step % config.entropy_every == 0 or step in (config.early_step, config.pretrain_steps):
+        if step % config.entropy_every == 0 or step in (fixed_early, config.pretrain_steps):
             if not entropy["steps"] or entropy["steps"][-1] != step:
                 latest = measure(step)
-        if step == config.early_step:
+        if step == fixed_early:
             checkpoints["early"] = _snapshot(model, step)
         if step in snapshot_at:
             checkpoints[f"step{step}"] = _snapshot(model, step)
         report("pretrain", {"step": step, "total": config.pretrain_steps, "loss": losses[-1],
                             "entropy": latest["total"]})
     checkpoints["late"] = _snapshot(model, config.pretrain_steps)
+    rule = None
+    if by_peak:
+        rule = entropy_peak(entropy["steps"], entropy["total"])
+        checkpoints["early"] = measured[rule["peak_step"]]
+        measured.clear()
     checkpoints["tokenizer"] = tokenizer
     checkpoints["model"] = model
     pretraining = {"steps": list(range(1, config.pretrain_steps + 1)), "loss": losses, "entropy": entropy,
-                   "checkpoints": {"early": config.early_step, "late": config.pretrain_steps},
+                   "checkpoints": {"early": checkpoints["early"]["step"], "late": config.pretrain_steps},
                    "accuracy": {"early": None, "late": data.calibration.accuracy(model)}}
+    if rule is not None:
+        pretraining["checkpoint_rule"] = rule
     return pretraining, checkpoints
+
+
+# "Entropy decayed after its peak": the fall from the peak to the last measurement must exceed this many times the
+# curve's step-to-step noise after the peak (fixed before any run; the entropy-weight-decay experiment's criterion)
+DECAY_NOISE_MULTIPLE = 3.0
+
+
+def curve_noise(values: Sequence[float]) -> float | None:
+    """Step-to-step noise of a curve: the standard deviation of its first differences over sqrt(2), which a slow
+    trend barely moves; None for fewer than three values.
+
+    >>> round(curve_noise([1.0, 1.1, 1.0, 1.1]), 4)
+    0.1155
+    """
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    if len(diffs) < 2:
+        return None
+    return statistics.stdev(diffs) / math.sqrt(2)
+
+
+def entropy_peak(steps: Sequence[int], totals: Sequence[float],
+                 noise_multiple: float = DECAY_NOISE_MULTIPLE) -> dict:
+    """The checkpoint rule of the decay regime, from a pretraining's own entropy curve (it looks at no finding).
+
+    From scratch, entropy collapses within tens of steps, climbs, and (with enough weight decay) peaks and falls.
+    The early minimum is the lowest total in the first quarter of the measurements after step 0; the peak is the
+    highest total from it on, and the early checkpoint is the measurement at the peak. The late checkpoint is the
+    last measurement. ``decays`` is True when the last total is below the peak by more than ``noise_multiple``
+    times the noise of the curve from the peak on (:func:`curve_noise`), False when not, None when fewer than
+    three measurements follow the peak: a run whose entropy did not decay says so, and its late checkpoint is
+    then not "after the decay".
+
+    >>> r = entropy_peak([0, 1, 2, 3, 4, 5, 6, 7], [9.0, 5.0, 6.0, 7.0, 6.9, 6.7, 6.5, 6.3])
+    >>> r["early_minimum_step"], r["peak_step"], r["late_step"], r["decays"]
+    (1, 3, 7, True)
+    """
+    if len(steps) != len(totals) or len(totals) < 2:
+        raise DemoConfigError(f"the peak rule needs at least two entropy measurements, got {len(totals)}")
+    head = max(2, len(totals) // 4)  # step 0 is the untrained model, near the maximum: the collapse comes after it
+    low = min(range(1, min(head, len(totals))), key=totals.__getitem__)
+    peak = max(range(low, len(totals)), key=totals.__getitem__)
+    after = list(totals[peak:])
+    noise = curve_noise(after)
+    fall = totals[peak] - totals[-1]
+    decays = None if noise is None or len(after) < 3 else bool(fall > noise_multiple * noise)
+    return {"rule": "peak", "early_minimum_step": steps[low], "early_minimum": totals[low],
+            "peak_step": steps[peak], "peak": totals[peak], "late_step": steps[-1], "last": totals[-1],
+            "fall_after_peak": fall, "noise": noise, "noise_multiple": noise_multiple,
+            "measurements_after_peak": len(after) - 1, "decays": decays}
 
 
 def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, data: PreparedData,
@@ -304,6 +372,12 @@ def _cosine(warmup: int, total: int) -> Callable[[int], float]:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _constant(warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     return factor
 
 

@@ -289,7 +289,7 @@ def _pretrain_then_arms(configs: dict[int, DemoConfig], jobs: dict[str, tuple[st
 # study (injection_rounds is not one: the generated facts get one paraphrase per round).
 ARM_SETTINGS = frozenset({
     "arm_entropy_every", "injection", "injection_every", "lead_steps", "tail_steps",
-    "continue_batch_size", "continue_lr", "continue_beta1", "continue_warmup", "window", "iqr_factor",
+    "continue_batch_size", "continue_lr", "continue_weight_decay", "continue_beta1", "continue_warmup", "window", "iqr_factor",
     "resuscitation_ratio", "resuscitation_factor", "resuscitation_cap", "augment_variants", "sam_rho"})
 
 

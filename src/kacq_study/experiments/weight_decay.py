@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import multiprocessing
-import statistics
 import time
 from pathlib import Path
 from typing import Sequence
@@ -115,28 +114,25 @@ def pretrain_run(config: DemoConfig) -> dict:
 
 
 def _noise(values: Sequence[float]) -> float | None:
-    """Step-to-step noise of a curve: the standard deviation of its first differences over sqrt(2), which a slow
-    trend barely moves."""
-    diffs = [b - a for a, b in zip(values, values[1:])]
-    return statistics.stdev(diffs) / math.sqrt(2) if len(diffs) >= 2 else None
+    """Step-to-step noise of a curve (:func:`kacq_study.pipeline.curve_noise`, shared with the demo's decay regime)."""
+    return pipeline.curve_noise(values)
 
 
 def analyse_run(run: dict) -> dict:
     """Where entropy bottoms out after the early collapse, where it peaks after that, and whether it then decays.
 
-    The early minimum is the lowest total in the first quarter of the measurements after step 0; the peak is the highest total
-    after it. "Decays" holds when the last total is below the peak by more than :data:`NOISE_MULTIPLE` times the
-    noise of the curve after the peak (None when fewer than three points follow the peak). A layer falls when its
-    own entropy at the end is below its value at the total's peak by more than that multiple of its own noise.
+    The early minimum, the peak and "decays" are :func:`kacq_study.pipeline.entropy_peak`'s (the demo's decay regime
+    picks its checkpoints by the same rule): the early minimum is the lowest total in the first quarter of the
+    measurements after step 0; the peak is the highest total after it. "Decays" holds when the last total is below
+    the peak by more than :data:`NOISE_MULTIPLE` times the noise of the curve after the peak (None when fewer than
+    three points follow the peak). A layer falls when its own entropy at the end is below its value at the total's
+    peak by more than that multiple of its own noise.
     """
     steps, totals = run["steps"], run["total"]
-    head = max(2, len(totals) // 4)  # step 0 is the untrained model, near the maximum: the collapse comes after it
-    low = min(range(1, min(head, len(totals))), key=totals.__getitem__) if len(totals) > 1 else 0
-    peak = max(range(low, len(totals)), key=totals.__getitem__)
-    after = totals[peak:]
-    noise = _noise(after)
-    fall = totals[peak] - totals[-1]
-    decays = None if noise is None or len(after) < 3 else fall > NOISE_MULTIPLE * noise
+    rule = pipeline.entropy_peak(steps, totals, NOISE_MULTIPLE)
+    peak = steps.index(rule["peak_step"])
+    low = steps.index(rule["early_minimum_step"])
+    noise, fall, decays = rule["noise"], rule["fall_after_peak"], rule["decays"]
     layers = []
     for k in range(len(run["per_layer"][0])):
         curve = [row[k] for row in run["per_layer"]]
