@@ -38,7 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (what the tests run)")
     parser.add_argument("--regime", choices=("default", "decay"), default="default",
                         help="'decay': the study where knowledge entropy decays during pretraining (weight decay 1.0 "
-                        "at a constant rate for 15 weight-decay time constants, the early checkpoint at the entropy "
+                        "at a constant rate for 12 weight-decay time constants, the early checkpoint at the entropy "
                         f"peak, the late one after the decay; {RUN_TIME['decay']}); default: the settings above")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     seeds = parser.add_mutually_exclusive_group()  # one way to say which seeds run, never two that disagree
