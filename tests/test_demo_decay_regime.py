@@ -3,13 +3,16 @@ decay settings (constant rate, continued-training weight decay), the default stu
 and a tiny decay-regime study end to end whose early checkpoint is the snapshot at the entropy peak."""
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from kacq_hooks.cli import main
+from kacq_study import published
 from kacq_study.arms import adamw_step
 from kacq_study.config import DemoConfig, DemoConfigError
 from kacq_study.findings import entropy_decayed_before_late, regime
@@ -148,3 +151,44 @@ def test_a_tiny_decay_study_starts_its_early_arm_from_the_peak_snapshot(tmp_path
     # "entropy decays" is judged from the chosen early checkpoint on
     decays = next(f for f in results["findings"] if f["id"] == "entropy_decays")
     assert decays["values"]["from_step"]["values"] == [rule["peak_step"]]
+
+
+def _as_decay(results: dict) -> dict:
+    """A decay-regime results dict made from the committed default one (for the publishing machinery only)."""
+    decay = copy.deepcopy(results)
+    decay["config"]["checkpoint_rule"] = "peak"
+    spread = lambda v: {"mean": v, "min": v, "max": v, "values": [v] * len(decay["seeds"])}  # noqa: E731
+    n = len(decay["seeds"])
+    decay["regime"].insert(1, {
+        "id": "entropy_decayed_before_late", "paper": "regime", "claim": "knowledge entropy peaked and decayed "
+        "during pretraining before the late checkpoint", "criterion": "...", "per_seed": [True] * n, "held": n,
+        "checked": n, "seeds": n, "reproduces": True,
+        "values": {"peak_step": spread(2000), "late_step": spread(4000), "fall_after_peak": spread(0.05),
+                   "noise": spread(0.005), "measurements_after_peak": spread(20)}})
+    return decay
+
+
+def test_the_decay_study_publishes_into_its_own_blocks_and_leaves_the_default_ones(tmp_path):
+    default = json.loads((ROOT / published.COPY).read_text(encoding="utf-8"))
+    decay = _as_decay(default)
+    assert (published.study_of(default), published.study_of(decay)) == ("default", "decay")
+    (tmp_path / "docs").mkdir()
+    for name in published.FILES:
+        shutil.copyfile(ROOT / name, tmp_path / name)
+    findings_md = tmp_path / "docs" / "findings.md"
+    block = published.DECAY_START.format(name="findings-table")
+    findings_md.write_text(findings_md.read_text() + f"\n{block}\nstale\n{published.END}\n", encoding="utf-8")
+    assert published.differences(decay, tmp_path) == ["docs/findings.md: findings-table differ"]
+    assert published.differences(default, tmp_path) == []  # the default's blocks do not see the decay block
+    path = tmp_path / "decay.json"
+    path.write_text(json.dumps(decay), encoding="utf-8")
+    assert published.main([str(path), "--write", "--root", str(tmp_path)]) == 0
+    text = findings_md.read_text()
+    assert "stale" not in text and "entropy_decayed_before_late 3 of 3" in text
+    assert published.differences(decay, tmp_path) == [] and published.differences(default, tmp_path) == []
+    assert json.loads((tmp_path / published.DECAY_COPY).read_text()) == decay
+    assert "peak (early checkpoint) at step 2000" in published.readme_findings(decay)
+    # a repository with no decay block fails the decay check instead of passing on nothing
+    shutil.copyfile(ROOT / "docs" / "findings.md", findings_md)
+    if published.DECAY_START.split("{")[0] not in findings_md.read_text():
+        assert published.differences(decay, tmp_path) == ["docs/findings.md: no published block"]

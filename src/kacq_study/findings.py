@@ -31,6 +31,10 @@ LEARNED_MARGIN = 0.5
 # LOSS_FLAT_TOLERANCE (relative) of the mean over the window before it.
 LOSS_FLAT_WINDOW = 0.1
 LOSS_FLAT_TOLERANCE = 0.02
+# The decay regime's checkpoint rule (kacq_study.pipeline.entropy_peak): entropy "decayed" after its peak when the
+# fall from the peak to the last measurement exceeds this many times the curve's step-to-step noise after the peak
+# (the entropy-weight-decay experiment's criterion, fixed before any run).
+DECAY_NOISE_MULTIPLE = 3.0
 
 
 # The dedicated experiment (``python -m kacq_study.experiments NAME``, written up in docs/findings.md) that

@@ -26,7 +26,7 @@ from kacq_hooks.corpus import cached_tokenizer, load_corpus, pack_documents, wik
 
 from .arms import Arm, adamw_step, lm_loss
 from .config import DemoConfig, DemoConfigError, Progress
-from .findings import LANDING_ARMS
+from .findings import DECAY_NOISE_MULTIPLE, LANDING_ARMS
 from .metrics import Landing, fact_metrics, injected_values, kim_metrics
 
 # ------------------------------------------------------------------------------------------------
@@ -299,17 +299,12 @@ def pretrain(config: DemoConfig, data: PreparedData, report: Progress,
     return pretraining, checkpoints
 
 
-# "Entropy decayed after its peak": the fall from the peak to the last measurement must exceed this many times the
-# curve's step-to-step noise after the peak (fixed before any run; the entropy-weight-decay experiment's criterion)
-DECAY_NOISE_MULTIPLE = 3.0
-
-
 def curve_noise(values: Sequence[float]) -> float | None:
     """Step-to-step noise of a curve: the standard deviation of its first differences over sqrt(2), which a slow
     trend barely moves; None for fewer than three values.
 
     >>> round(curve_noise([1.0, 1.1, 1.0, 1.1]), 4)
-    0.1155
+    0.0816
     """
     diffs = [b - a for a, b in zip(values, values[1:])]
     if len(diffs) < 2:

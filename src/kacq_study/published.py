@@ -13,7 +13,9 @@ drift from a run: a test regenerates them from the committed ``docs/demo_results
     python -m kacq_study.published runs/demo/results.json --check   # exit 1 when the published text differs
     python -m kacq_study.published runs/demo/results.json --write   # rewrite the blocks (and keep a copy)
 
-compares (or rewrites) them against a fresh run.
+compares (or rewrites) them against a fresh run. The decay regime's study (``kacq demo --regime decay``) has blocks of
+its own, marked ``<!-- published from decay results.json: NAME -->`` and generated from ``docs/demo_decay_results.json``;
+the same commands given its results.json check or rewrite those blocks only.
 
 Beside each verdict the text gives every seed's margin to the finding's criterion (how far the compared
 numbers were from flipping it) and marks the verdict *fragile* when some seed's margin is no larger than the
@@ -33,7 +35,8 @@ from typing import Callable, Sequence
 
 from kacq_hooks.errors import UnknownKeyError
 
-from .findings import KINDS, LANDING_MARGIN, LEARNED_MARGIN, LEARNED_MIN_RISE, LOSS_FLAT_TOLERANCE, POWER_LAW_MIN_R2
+from .findings import (DECAY_NOISE_MULTIPLE, KINDS, LANDING_MARGIN, LEARNED_MARGIN, LEARNED_MIN_RISE, LOSS_FLAT_TOLERANCE,
+                       POWER_LAW_MIN_R2)
 from .output import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +44,12 @@ FILES = ("README.md", "docs/findings.md")
 COPY = "docs/demo_results.json"  # the committed results.json the published text is generated from
 START = "<!-- published from results.json: {name} -->"
 END = "<!-- end published -->"
+# The decay regime's study (`kacq demo --regime decay`) is published apart, from its own committed results, in blocks
+# that name it: a results.json updates only the blocks of its own study (told by its config's checkpoint rule)
+DECAY_FILES = ("docs/findings.md",)
+DECAY_COPY = "docs/demo_decay_results.json"
+DECAY_START = "<!-- published from decay results.json: {name} -->"
+_SOURCES = {"results.json": "default", "decay results.json": "decay"}
 
 
 def _n(value, digits: int = 3) -> str:
@@ -185,7 +194,11 @@ def finding_line(finding: dict) -> str:
 
 def _regime_line(check: dict) -> str:
     v = check["values"]
-    if check["id"] == "loss_flattened":
+    if check["id"] == "entropy_decayed_before_late":
+        detail = (f"peak (early checkpoint) at step {_spread(v['peak_step'], 0)}, fall to the late checkpoint "
+                  f"{_spread(v['fall_after_peak'], 4)} nats against step-to-step noise {_spread(v['noise'], 4)} "
+                  f"(passes above {DECAY_NOISE_MULTIPLE:g}x the noise)")
+    elif check["id"] == "loss_flattened":
         detail = (f"relative change of the mean loss over the last tenth of pretraining "
                   f"{_spread(v['relative_change'], 4)} (within {LOSS_FLAT_TOLERANCE:.0%} passes)")
     else:
@@ -245,8 +258,25 @@ def finding_lines(results: dict, ids: Sequence[str]) -> str:
 
 # The blocks by name; "findings:ID,ID" is the lines of those findings (docs/findings.md's sections)
 BLOCKS: dict[str, Callable[[dict], str]] = {"readme-findings": readme_findings, "findings-table": findings_table}
-_BLOCK = re.compile(re.escape(START).replace(re.escape("{name}"), r"(?P<name>\S+)") + r"\n(?P<body>.*?)\n?"
-                    + re.escape(END), re.S)
+_BLOCK = re.compile(r"<!-- published from (?P<source>results\.json|decay results\.json): (?P<name>\S+) -->"
+                    r"\n(?P<body>.*?)\n?" + re.escape(END), re.S)
+
+
+def study_of(results: dict) -> str:
+    """Which study a results dict is: "decay" (its checkpoints chosen by the entropy peak) or "default"."""
+    return "decay" if (results.get("config") or {}).get("checkpoint_rule") == "peak" else "default"
+
+
+def files_of(results: dict) -> tuple[str, ...]:
+    return DECAY_FILES if study_of(results) == "decay" else FILES
+
+
+def copy_of(results: dict) -> str:
+    return DECAY_COPY if study_of(results) == "decay" else COPY
+
+
+def _start(source: str, name: str) -> str:
+    return (DECAY_START if _SOURCES[source] == "decay" else START).format(name=name)
 
 
 def render(name: str, results: dict) -> str:
@@ -259,17 +289,27 @@ def render(name: str, results: dict) -> str:
 
 
 def update(text: str, results: dict) -> str:
-    """``text`` with every marked block regenerated from ``results``."""
-    return _BLOCK.sub(lambda m: f"{START.format(name=m['name'])}\n{render(m['name'], results)}\n{END}", text)
+    """``text`` with every marked block of ``results``' study regenerated from ``results`` (the other study's
+    blocks as they are)."""
+    study = study_of(results)
+
+    def block(m: re.Match) -> str:
+        if _SOURCES[m["source"]] != study:
+            return m[0]
+        return f"{_start(m['source'], m['name'])}\n{render(m['name'], results)}\n{END}"
+
+    return _BLOCK.sub(block, text)
 
 
-def differences(results: dict, root: Path = ROOT, files: Sequence[str] = FILES) -> list[str]:
+def differences(results: dict, root: Path = ROOT, files: Sequence[str] | None = None) -> list[str]:
     """The files (with the block names) whose published text ``results`` would change; [] when they agree.
-    A file that holds no marked block at all is reported too: the check would otherwise pass on nothing."""
+    Only the blocks of ``results``' study are compared (:func:`study_of`); a file that holds none of them is
+    reported too: the check would otherwise pass on nothing."""
     out = []
-    for name in files:
+    study = study_of(results)
+    for name in files_of(results) if files is None else files:
         text = (Path(root) / name).read_text(encoding="utf-8")
-        blocks = list(_BLOCK.finditer(text))
+        blocks = [m for m in _BLOCK.finditer(text) if _SOURCES[m["source"]] == study]
         if not blocks:
             out.append(f"{name}: no published block")
             continue
@@ -282,11 +322,12 @@ def differences(results: dict, root: Path = ROOT, files: Sequence[str] = FILES) 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kacq_study.published", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="a results.json of the default run (kacq demo)")
+    parser.add_argument("results", help="a results.json of kacq demo (the default run, or --regime decay's, whose "
+                        f"blocks and copy {DECAY_COPY} are its own)")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--check", action="store_true", help="exit 1 when the published text differs")
     action.add_argument("--write", action="store_true", help=f"rewrite the published blocks and copy the results "
-                        f"to {COPY}")
+                        f"to {COPY} (or {DECAY_COPY})")
     parser.add_argument("--root", default=str(ROOT), help="the repository (default: this checkout)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     results = json.loads(Path(args.results).read_text(encoding="utf-8"))
@@ -299,12 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
         print("the published verdicts differ from this results.json" if found else "the published verdicts agree")
         return 1 if found else 0
-    for name in FILES:
+    files, copy = files_of(results), copy_of(results)
+    for name in files:
         path = root / name
         write_text_atomic(path, update(path.read_text(encoding="utf-8"), results))
-    if Path(args.results).resolve() != (root / COPY).resolve():
-        shutil.copyfile(args.results, root / COPY)
-    print(f"rewrote the published blocks of {', '.join(FILES)} and copied the results to {COPY}")
+    if Path(args.results).resolve() != (root / copy).resolve():
+        shutil.copyfile(args.results, root / copy)
+    print(f"rewrote the published blocks ({study_of(results)} study) of {', '.join(files)} and copied the results "
+          f"to {copy}")
     return 0
 
 

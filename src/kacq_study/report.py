@@ -454,6 +454,8 @@ def _regime_section(results: dict) -> list[str]:
     from .config import DemoConfig  # the study's own defaults stand in for keys an older results file lacks
 
     c = {**DemoConfig().to_dict(), **results.get("config", {})}
+    if c.get("checkpoint_rule") == "peak":
+        return _decay_regime_section(results, c)
     tokens = c["batch_size"] * c["seq_len"]
     rows = c.get("continue_batch_size") or c["batch_size"]
     return [
@@ -492,6 +494,64 @@ def _regime_section(results: dict) -> list[str]:
         "in the findings below (docs/findings.md has the dedicated experiments).", ""]
 
 
+def _decimals(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _decay_regime_section(results: dict, c: dict) -> list[str]:
+    """Why the decay regime (``DemoConfig.decay``) stands in for the papers' checkpoints, with each seed's
+    checkpoints as its entropy curve chose them."""
+    from .config import DemoConfig  # the default study, for comparison
+    tokens = c["batch_size"] * c["seq_len"]
+    rows = c.get("continue_batch_size") or c["batch_size"]
+    wd, lr = c["weight_decay"], c["lr"]
+    per_tau = 1 / (lr * wd) if lr and wd else None
+    chosen = []
+    for seed, r in zip(results.get("seeds", []), results.get("per_seed", [])):
+        rule = r["pretraining"].get("checkpoint_rule") or {}
+        verdict = {True: "decayed", False: "did not decay by the criterion", None: "not judged"}[rule.get("decays")]
+        chosen.append(f"seed {seed}: early minimum at step {rule.get('early_minimum_step')}, peak (early checkpoint) at "
+                      f"step {rule.get('peak_step')} ({_decimals(rule.get('peak'), 3)} nats), late checkpoint at step "
+                      f"{rule.get('late_step')} ({_decimals(rule.get('last'), 3)} nats): a fall of "
+                      f"{_decimals(rule.get('fall_after_peak'), 4)} against noise {_decimals(rule.get('noise'), 4)}, {verdict}")
+    tau = f"{per_tau:,.0f} steps" if per_tau else "n/a"
+    default = DemoConfig()
+    shrink = 1 - (1 - c["continue_lr"] * wd) ** c["continue_steps"]
+    rules = [r["pretraining"].get("checkpoint_rule") or {} for r in results.get("per_seed", [])]
+    fall_values = [r.get("fall_after_peak") for r in rules]
+    falls = ", ".join(_decimals(f, 4) for f in fall_values) or "n/a"
+    share = ", ".join("n/a" if f is None or not r.get("peak") else f"{f / r['peak']:.2%}"
+                      for f, r in zip(fall_values, rules)) or "n/a"
+    spans = f"{c['pretrain_steps'] / per_tau:.1f}" if per_tau else "n/a"
+    return [
+        "## Why this regime", "",
+        f"- **Pretraining for many weight-decay time constants.** A {c['n_layers']}-layer Llama-style model "
+        f"(d_model {c['d_model']}, {c['d_ff']} FFN slots per layer, vocabulary {c['vocab_size']}) is trained from "
+        f"scratch for {c['pretrain_steps']} steps of {c['batch_size']} x {c['seq_len']} tokens ({tokens:,} per step) "
+        f"on English Wikipedia summaries with AdamW at a constant rate {_fmt(lr)} after {c['warmup_steps']} warmup "
+        f"steps and weight decay {_fmt(wd)}: one time constant 1 / (lr x wd) is {tau}, and the run spans {spans} of "
+        "them. The papers' OLMo checkpoints span many such time constants; the default study (weight decay "
+        f"{_fmt(default.weight_decay)}, {default.pretrain_steps} steps at a peak rate of {_fmt(default.lr)}) covers "
+        f"{default.pretrain_steps * default.lr * default.weight_decay:.3f} of one, and its entropy climbs throughout. "
+        "In the entropy-weight-decay experiment at this recipe, entropy peaked once the FFN weight norm had levelled "
+        "off (decay balancing the updates) and then fell, the shape Kim et al. measured; whether it did in this run "
+        "is the regime check below.",
+        "- **Checkpoints chosen by the entropy curve, not by a finding.** The early checkpoint is the peak of the "
+        "calibration entropy after the early collapse (measured every "
+        f"{c['entropy_every']} steps, a snapshot kept at each), the late one the last step; the rule says whether "
+        "entropy decayed in between (the fall from the peak exceeds 3x the curve's step-to-step noise), and the "
+        "regime check below counts the seeds where it did not. " + "; ".join(chosen) + ".",
+        f"- **Injection over rows of {c['seq_len']} tokens.** A passage plus EOS starts a row and continues over the "
+        f"next rows whole (up to three), {rows} rows a continued-training step; the arms, their schedule "
+        f"({c['injection_rounds']} rounds every {c['injection_every']} steps), rate, momentum, resuscitation and the "
+        "landing analysis are the default study's. Continued training keeps the default's weight decay "
+        f"{_fmt(c.get('continue_weight_decay', wd))}: the pretraining's {_fmt(wd)} at the continued rate "
+        f"{_fmt(c['continue_lr'])} would shrink every weight by {shrink:.0%} over an arm's {c['continue_steps']} "
+        "steps, an intervention of its own.",
+        f"- **What does not carry over.** The fall after the peak is {falls} nats ({share} of the total at the "
+        "peak); a model of under a million parameters trained for minutes is not OLMo.", ""]
+
+
 def _regime_checks(results: dict) -> list[str]:
     checks = {f["id"]: f for f in results.get("regime", [])}
     summary = results["summary"]
@@ -504,6 +564,9 @@ def _regime_checks(results: dict) -> list[str]:
         lines.append(f"- **{flat['claim']}**: {_held_text(flat, check=True)}. Criterion: {flat['criterion']}. Measured: last "
                      f"{_sp(v.get('last'))}, before {_sp(v.get('before'))}, relative change "
                      f"{_sp(v.get('relative_change'), 3)}.")
+    decayed = checks.get("entropy_decayed_before_late")
+    if decayed:
+        lines.append(f"- **{decayed['claim']}**: {_held_text(decayed, check=True)}. Criterion: {decayed['criterion']}.")
     learned = [f for key, f in checks.items() if key.startswith("facts_are_learned[")]
     for f in learned:
         lines.append(f"- **{f['claim']}**: {_held_text(f, check=True)}. Criterion: {f['criterion']}.")
@@ -575,7 +638,7 @@ def render_markdown(results: dict) -> str:
         f"({data['documents']} documents, {data['tokens']} tokens), once per seed ({', '.join(map(str, seeds))}). "
         f"Knowledge entropy (Kim et al. 2025, token-weighted, padding masked) was measured on "
         f"{data['calibration_sequences']} held-out sequences every {config['entropy_every']} steps. From the "
-        f"checkpoints at step {pre['checkpoints']['early']} (early) and {pre['checkpoints']['late']} (late), training "
+        f"checkpoints at step {_early_steps(results)} (early) and {pre['checkpoints']['late']} (late), training "
         f"continued for {config['continue_steps']} steps {_continued_training(config)}with {data['records']} "
         f"{data['facts']} fact records injected at steps {data['injection_steps']} (paraphrase, duplication and once "
         "scenarios, Chang et al. 2024, and never-injected controls); every probe was scored before every update.",
@@ -644,6 +707,14 @@ def render_markdown(results: dict) -> str:
     lines += ["", f"These are results of a very small model trained briefly, over {n} seed{'s' * (n != 1)}; treat a "
               "verdict as what these runs measured, not as evidence for or against the papers."]
     return "\n".join(lines) + "\n"
+
+
+def _early_steps(results: dict) -> str:
+    """The early checkpoint's step: one number when every seed's is the same (fixed), else each seed's."""
+    steps = [r["pretraining"]["checkpoints"]["early"] for r in results["per_seed"]]
+    if len(set(steps)) == 1:
+        return str(steps[0])
+    return ", ".join(f"{s} (seed {seed})" for seed, s in zip(results["seeds"], steps))
 
 
 def _continued_training(config: dict) -> str:

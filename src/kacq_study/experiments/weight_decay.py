@@ -23,6 +23,7 @@ from kacq_hooks.report import pyplot, save_figure
 
 from .. import pipeline
 from ..config import DemoConfig, DemoConfigError
+from ..findings import DECAY_NOISE_MULTIPLE
 from ..pipeline import deterministic
 from ..study import DEFAULT_SEEDS, checked_seeds
 from .common import number_text, quiet
@@ -35,8 +36,9 @@ WARMUP = 50
 # the small recipe: 4 layers, d_model 64, d_ff 256, 128-token rows of 8, a 2,048-token BPE vocabulary
 RECIPE = dict(d_model=64, d_ff=256, n_layers=4, n_heads=4, seq_len=128, vocab_size=2048, batch_size=8,
               calibration_sequences=64, max_docs=None)
-# the fall after the peak must exceed this many times the step-to-step noise of the curve (fixed before any run)
-NOISE_MULTIPLE = 3.0
+# the fall after the peak must exceed this many times the step-to-step noise of the curve (fixed before any run; the
+# demo's decay regime judges its checkpoints by the same number)
+NOISE_MULTIPLE = DECAY_NOISE_MULTIPLE
 # OLMo 7B's published peak and final learning rate and weight decay, and Kim et al.'s checkpoint span (steps)
 OLMO = {"peak_lr": 3.0e-4, "final_lr": 3.0e-5, "weight_decay": 0.1, "warmup": 5000, "steps": 700_000}
 
