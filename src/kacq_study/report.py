@@ -532,7 +532,8 @@ def _decay_regime_section(results: dict, c: dict) -> list[str]:
         f"steps and weight decay {_fmt(wd)}: one time constant 1 / (lr x wd) is {tau}, and the run spans {spans} of "
         "them. The papers' OLMo checkpoints span many such time constants; the default study (weight decay "
         f"{_fmt(default.weight_decay)}, {default.pretrain_steps} steps at a peak rate of {_fmt(default.lr)}) covers "
-        f"{default.pretrain_steps * default.lr * default.weight_decay:.3f} of one, and its entropy climbs throughout. "
+        f"at most {default.pretrain_steps * default.lr * default.weight_decay:.3f} of one (at its peak rate "
+        "throughout), and its entropy climbs throughout. "
         "In the entropy-weight-decay experiment at this recipe, entropy peaked once the FFN weight norm had levelled "
         "off (decay balancing the updates) and then fell, the shape Kim et al. measured; whether it did in this run "
         "is the regime check below.",
