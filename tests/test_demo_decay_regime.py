@@ -153,42 +153,39 @@ def test_a_tiny_decay_study_starts_its_early_arm_from_the_peak_snapshot(tmp_path
     assert decays["values"]["from_step"]["values"] == [rule["peak_step"]]
 
 
-def _as_decay(results: dict) -> dict:
-    """A decay-regime results dict made from the committed default one (for the publishing machinery only)."""
-    decay = copy.deepcopy(results)
-    decay["config"]["checkpoint_rule"] = "peak"
-    spread = lambda v: {"mean": v, "min": v, "max": v, "values": [v] * len(decay["seeds"])}  # noqa: E731
-    n = len(decay["seeds"])
-    decay["regime"].insert(1, {
-        "id": "entropy_decayed_before_late", "paper": "regime", "claim": "knowledge entropy peaked and decayed "
-        "during pretraining before the late checkpoint", "criterion": "...", "per_seed": [True] * n, "held": n,
-        "checked": n, "seeds": n, "reproduces": True,
-        "values": {"peak_step": spread(2000), "late_step": spread(4000), "fall_after_peak": spread(0.05),
-                   "noise": spread(0.005), "measurements_after_peak": spread(20)}})
-    return decay
-
-
 def test_the_decay_study_publishes_into_its_own_blocks_and_leaves_the_default_ones(tmp_path):
     default = json.loads((ROOT / published.COPY).read_text(encoding="utf-8"))
-    decay = _as_decay(default)
+    decay = json.loads((ROOT / published.DECAY_COPY).read_text(encoding="utf-8"))
     assert (published.study_of(default), published.study_of(decay)) == ("default", "decay")
     (tmp_path / "docs").mkdir()
     for name in published.FILES:
         shutil.copyfile(ROOT / name, tmp_path / name)
-    findings_md = tmp_path / "docs" / "findings.md"
-    block = published.DECAY_START.format(name="findings-table")
-    findings_md.write_text(findings_md.read_text() + f"\n{block}\nstale\n{published.END}\n", encoding="utf-8")
-    assert published.differences(decay, tmp_path) == ["docs/findings.md: findings-table differ"]
-    assert published.differences(default, tmp_path) == []  # the default's blocks do not see the decay block
+    fresh = copy.deepcopy(decay)  # a rerun of the decay study where one seed's entropy did not decay
+    check = next(c for c in fresh["regime"] if c["id"] == "entropy_decayed_before_late")
+    check["per_seed"][1] = False
+    check["held"] = sum(v is True for v in check["per_seed"])
+    check["reproduces"] = False
+    assert published.differences(fresh, tmp_path) == ["docs/findings.md: findings-table, readme-findings differ"]
+    assert published.differences(default, tmp_path) == []  # the default's blocks do not see the decay ones
     path = tmp_path / "decay.json"
-    path.write_text(json.dumps(decay), encoding="utf-8")
+    path.write_text(json.dumps(fresh), encoding="utf-8")
     assert published.main([str(path), "--write", "--root", str(tmp_path)]) == 0
-    text = findings_md.read_text()
-    assert "stale" not in text and "entropy_decayed_before_late 3 of 3" in text
-    assert published.differences(decay, tmp_path) == [] and published.differences(default, tmp_path) == []
-    assert json.loads((tmp_path / published.DECAY_COPY).read_text()) == decay
-    assert "peak (early checkpoint) at step 2000" in published.readme_findings(decay)
+    text = (tmp_path / "docs" / "findings.md").read_text()
+    assert "entropy_decayed_before_late 2 of 3" in text and "passed for 2 of 3 seeds; peak" in text
+    assert published.differences(fresh, tmp_path) == [] and published.differences(default, tmp_path) == []
+    assert json.loads((tmp_path / published.DECAY_COPY).read_text()) == fresh
     # a repository with no decay block fails the decay check instead of passing on nothing
-    shutil.copyfile(ROOT / "docs" / "findings.md", findings_md)
-    if published.DECAY_START.split("{")[0] not in findings_md.read_text():
-        assert published.differences(decay, tmp_path) == ["docs/findings.md: no published block"]
+    shutil.copyfile(ROOT / "README.md", tmp_path / "docs" / "findings.md")
+    assert published.differences(fresh, tmp_path) == ["docs/findings.md: no published block"]
+
+
+def test_the_published_decay_verdicts_agree_with_the_committed_decay_results():
+    committed = json.loads((ROOT / published.DECAY_COPY).read_text(encoding="utf-8"))
+    assert published.study_of(committed) == "decay"
+    assert published.differences(committed, ROOT) == []
+    # every seed's checkpoints are the rule's, applied to that seed's own curve
+    for seed in committed["per_seed"]:
+        entropy = seed["pretraining"]["entropy"]
+        rule = entropy_peak(entropy["steps"], entropy["total"])
+        assert seed["pretraining"]["checkpoints"] == {"early": rule["peak_step"], "late": rule["late_step"]}
+        assert seed["pretraining"]["checkpoint_rule"]["decays"] == rule["decays"]

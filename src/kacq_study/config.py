@@ -30,7 +30,9 @@ RUN_TIME = {
                "clone, pip's cache warm, the tokenizer trained afresh)",
     "quick": "about 1 minute (60 s measured on the idle 2-core machine, the tokenizer trained afresh; 2 min 29 s "
              "while two other jobs shared the cores)",
-    "decay": "not measured yet",
+    "decay": "about an hour on the shared 2-core machine (57 min 35 s measured for `python -m kacq_study --regime decay "
+             "--workers 3` on 2026-12-07 while about ten other processes shared the cores; its 1,453 CPU-seconds "
+             "suggest about 12 minutes on 2 idle cores, an estimate, not measured)",
     "zhu": "about 11 minutes on 2 CPU cores (10 min 52 s measured with two workers, 1,244 s of tasks; the first "
            "minutes beside two other jobs)",
 }
