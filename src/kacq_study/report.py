@@ -224,8 +224,13 @@ def plot_entropy(results: dict, path: Path) -> Path:
                 "training loss", color="tab:green")
     checkpoints = seeds[0]["pretraining"]["checkpoints"]
     for ax in (left, middle):
-        for (name, step), style in zip(checkpoints.items(), ("--", "-.")):
-            ax.axvline(step, color="black", ls=style, lw=1, label=f"{name} checkpoint (step {step})")
+        for name, style in zip(checkpoints, ("--", "-.")):
+            # one line when every seed has the same step; a line per seed when the entropy curve chose them
+            steps = sorted({s["pretraining"]["checkpoints"][name] for s in seeds})
+            label = (f"{name} checkpoint (step {steps[0]})" if len(steps) == 1
+                     else f"{name} checkpoints (steps {', '.join(map(str, steps))}; by seed)")
+            for i, step in enumerate(steps):
+                ax.axvline(step, color="black", ls=style, lw=1, label=label if i == 0 else None)
     left.set(xlabel="pretraining step", ylabel="knowledge entropy H (nats)", title="knowledge entropy (total)")
     middle.set(xlabel="pretraining step", ylabel="training loss (nats/token)", title="pretraining loss")
     per_seed_layers = [list(zip(*s["pretraining"]["entropy"]["per_layer"])) for s in seeds]
