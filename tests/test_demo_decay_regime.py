@@ -125,6 +125,12 @@ def test_continued_training_uses_its_own_weight_decay():
 def test_cli_refuses_quick_with_the_decay_regime(capsys):
     assert main(["demo", "--quick", "--regime", "decay", "--out", "unused"]) == 2
     assert "--quick and --regime decay" in capsys.readouterr().err
+    from kacq_study.cli import run_demo_command, register
+    import argparse
+    parser = argparse.ArgumentParser()
+    args = register(parser.add_subparsers()).parse_args(["--quick", "--regime", "decay"])
+    with pytest.raises(DemoConfigError, match="two different studies"):
+        run_demo_command(args)
 
 
 @pytest.mark.slow

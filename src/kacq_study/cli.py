@@ -109,7 +109,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     if args.pretrain_steps is not None:
         overrides["pretrain_steps"] = args.pretrain_steps
     if args.regime == "decay" and args.quick:
-        raise KacqError("--quick and --regime decay are two different studies: give one of them")
+        raise DemoConfigError("--quick and --regime decay are two different studies: give one of them")
     if args.regime == "decay":
         config = DemoConfig.decay(**overrides)
     else:
