@@ -9,7 +9,11 @@ A ratio is the median over turns of variant / plain time. Peak memory is measure
 benchmarks/_harness.py (a fresh subprocess per variant): "peak" is the high-water mark of one forward
 after a warm-up, "rise" its increase over the memory held before that forward.
 
-    python benchmarks/moe_overhead.py [--repeats N] [--impl grouped_mm]
+With ``--cpu-time`` torch runs one thread and each call is timed by the CPU time of that thread
+(``time.thread_time``), which other processes' load on a shared machine does not inflate (wall time
+does: a descheduled thread stretches every call); peak memory is measured as without it.
+
+    python benchmarks/moe_overhead.py [--repeats N] [--impl grouped_mm] [--cpu-time]
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +34,7 @@ import kacq_hooks as kh  # noqa: E402
 from kacq_hooks.experts import ExpertsTap, find_experts  # noqa: E402
 
 IMPLS = ("eager", "batched_mm", "grouped_mm")
-TARGETS = {"forward": 1.05, "peak memory": 1.02, "memory rise": 1.02}
+TARGETS = {"forward": 1.03, "peak memory": 1.02, "memory rise": 1.02}
 MEASURED = ("kacq instrument", "ExpertsTap floor")
 
 
@@ -102,11 +107,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--impl", choices=IMPLS, action="append")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one torch thread, timed by its CPU time (time.thread_time) instead of wall time")
     parser.add_argument("--peak-of", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_of:
         peak_of(*args.peak_of)
         return
+    if args.cpu_time:
+        torch.set_num_threads(1)
     rows = []
     for impl in args.impl or IMPLS:
         model, ids, mask = build(impl)
@@ -116,17 +125,20 @@ def main(argv=None) -> None:
         first = {name: fn() for name, fn in fns.items()}
         for name in MEASURED:
             assert torch.equal(first["plain"], first[name]), f"{name} changed the logits"
-        samples = time_samples(fns, args.repeats, ids.device)
+        samples = time_samples(fns, args.repeats, ids.device,
+                               clock=time.thread_time if args.cpu_time else time.perf_counter)
         memory = {name: peak_in_subprocess(Path(__file__), ["--peak-of", impl, name]) for name in fns}
         ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
         for name in MEASURED:
-            measured = {"forward": (ms["plain"], ms[name], "ms", paired_ratio(samples, name, "plain"))}
+            forward = "forward (CPU time, 1 thread)" if args.cpu_time else "forward"
+            measured = {forward: (ms["plain"], ms[name], "ms", paired_ratio(samples, name, "plain"))}
             for what, key in (("peak memory", "peak_mib"), ("memory rise", "extra_mib")):
                 plain, other = memory["plain"][key], memory[name][key]
                 measured[what] = (plain, other, "MiB", other / plain)
             for what, (plain, other, unit, ratio) in measured.items():
+                target = TARGETS[what.split(" (")[0]]
                 rows.append([impl, name, what, f"{plain:.1f} {unit}", f"{other:.1f} {unit}", f"{ratio:.3f}x",
-                             f"<= {TARGETS[what]:.2f}x", "met" if ratio <= TARGETS[what] else "MISSED"])
+                             f"<= {target:.2f}x", "met" if ratio <= target else "MISSED"])
         log = sys.stderr  # a partial table after each implementation, in case a later one fails
         print(f"{impl}: " + "; ".join(f"{r[1]} {r[2]} {r[5]}" for r in rows if r[0] == impl), file=log, flush=True)
     print_table(["experts impl", "variant", "measure", "plain", "variant", "ratio", "target", ""], rows)

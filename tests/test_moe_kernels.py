@@ -63,3 +63,115 @@ def test_empty_call_changes_nothing():
     experts_cpu.accumulate_experts(torch.zeros(0, M), torch.zeros(0, dtype=torch.long), torch.zeros(0),
                                    torch.zeros(0, dtype=torch.bool), None, out, E)
     assert all(not bool(b.any()) for _, b in out.buffers())
+
+
+# -- the one-pass C kernel over routed rows (kernels/native.c: kacq_routed) ----------------------------------------
+
+def _native_or_skip():
+    from kacq_hooks.kernels import native
+    if native.library() is None:
+        pytest.skip("no C compiler here: " + str(native.unavailable_reason()))
+
+
+def _assert_equal_stats(got, want):
+    for (name, a), (_, b) in zip(want.buffers(), got.buffers()):
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(b, a), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("order", ["tokens", "sorted", "one"])
+def test_c_kernel_reduces_routed_rows_as_the_reference_without_inductor(monkeypatch, order, docs, dtype):
+    """Routed rows in any order go through one C pass: the same statistics, and the compiler runtime (~60 MiB)
+    is never loaded."""
+    from kacq_hooks.kernels import cpu
+    _native_or_skip()
+    monkeypatch.setattr(cpu, "_run_compiled", lambda *a: pytest.fail("Inductor ran"))
+    c, ids, weight, keep, doc = batch(300, order, dtype=dtype)
+    doc = doc if docs else None
+    want, got = LayerStats(E * M + SHARED), LayerStats(E * M + SHARED)
+    for part in (slice(0, 170), slice(170, 300)):  # two calls accumulate
+        args = (c[part], ids[part], weight[part], keep[part], None if doc is None else doc[part])
+        reference.accumulate_experts(*args, want, E)
+        experts_cpu.accumulate_experts(*args, got, E)
+    _assert_equal_stats(got, want)
+    assert int(got.routed_tokens[:M].sum()) > 0 or order == "one"
+
+
+def test_c_kernel_reads_token_order_rows_in_place_and_strided_rows(monkeypatch):
+    """batched_mm hands rows in token order: the kernel reads them through their grouped order (no copy of C),
+    and rows of a wider buffer (a row stride) are read where they are."""
+    from kacq_hooks.kernels import native
+    _native_or_skip()
+    c, ids, weight, keep, doc = batch(257, "tokens")
+    wide = torch.randn(257, 2 * M)
+    wide[:, 3:3 + M] = c
+    strided = wide[:, 3:3 + M]
+    seen = []
+    real = native.routed
+    monkeypatch.setattr(native, "routed", lambda lib, c, order, *rest: seen.append((c.data_ptr(), order)) or
+                        real(lib, c, order, *rest))
+    want, got = LayerStats(E * M), LayerStats(E * M)
+    reference.accumulate_experts(c, ids, weight, keep, doc, want, E)
+    experts_cpu.accumulate_experts(strided, ids, weight, keep, doc, got, E)
+    _assert_equal_stats(got, want)
+    [(ptr, order)] = seen
+    assert ptr == strided.data_ptr() and order is not None and torch.equal(ids[order], ids.sort().values)
+
+
+def test_c_kernel_counts_nonfinite_rows_through_the_reference(monkeypatch):
+    """A NaN or Inf on a valid row: the kernel adds nothing and the reference counts it, keeping it out of the sums;
+    one on a padded row is not counted."""
+    from kacq_hooks.kernels import native
+    _native_or_skip()
+    statuses = []
+    real = native._check
+    monkeypatch.setattr(native, "_check", lambda status: statuses.append(status) or real(status))
+    c, ids, weight, keep, doc = batch(200, "tokens", bad=True)
+    want, got = LayerStats(E * M), LayerStats(E * M)
+    reference.accumulate_experts(c, ids, weight, keep, doc, want, E)
+    experts_cpu.accumulate_experts(c, ids, weight, keep, doc, got, E)
+    _assert_equal_stats(got, want)
+    assert statuses == [1] and int(got.nonfinite.sum()) == 2 and torch.isfinite(got.sum_abs).all()
+
+
+def test_c_kernel_results_do_not_depend_on_the_thread_count():
+    _native_or_skip()
+    c, ids, weight, keep, doc = batch(2000, "tokens", seed=3)
+    c = c.repeat(1, 40)  # wide enough that the kernel splits columns among threads
+    m = c.shape[1]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out = LayerStats(E * m)
+            experts_cpu.accumulate_experts(c, ids, weight, keep, doc, out, E)
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    for (name, a), (_, b) in zip(results[0].buffers(), results[1].buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_expert_ids_outside_the_layer_are_refused_not_written_past_the_slots():
+    c, ids, weight, keep, doc = batch(50, "tokens")
+    ids[7] = E  # one past the last expert
+    out = LayerStats(E * M)
+    with pytest.raises((IndexError, RuntimeError)):
+        experts_cpu.accumulate_experts(c, ids, weight, keep, doc, out, E)
+
+
+def test_inductor_path_equals_reference_where_the_c_kernel_is_unavailable(monkeypatch):
+    """Without the one-pass C kernel the routed rows take the compiled (or eager) path, with the same sums."""
+    from kacq_hooks.kernels import cpu
+    monkeypatch.setattr(cpu, "_native_for", lambda *a, **k: None)
+    for bad in (False, True):
+        c, ids, weight, keep, doc = batch(200, "tokens", bad=bad)
+        want, got = LayerStats(E * M), LayerStats(E * M)
+        reference.accumulate_experts(c, ids, weight, keep, doc, want, E)
+        experts_cpu.accumulate_experts(c, ids, weight, keep, doc, got, E)
+        _assert_equal_stats(got, want)

@@ -77,6 +77,20 @@ def test_the_native_kernel_takes_the_tables_buffers_and_refuses_a_table_it_does_
         native._load()
 
 
+def test_the_routed_kernel_takes_the_tables_routed_buffers_and_refuses_a_table_it_does_not_write(monkeypatch):
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"the one-pass CPU kernel cannot be built here: {native.unavailable_reason()}")
+    # the slot statistics of a forward and the routed ones, less the NaN/Inf count the reference makes
+    assert native.ROUTED_OUTPUTS == tuple(s.name for s in stats.ROUTED if s.name != "nonfinite")
+    assert native.ROUTED_OUTPUTS == ("sum_abs", "sum_sq", "active", "max_abs", "doc_sum_abs", "routed_sum_abs",
+                                     "routed_tokens")
+    assert len(lib.kacq_routed.argtypes) == 11 + len(native.ROUTED_OUTPUTS) + 1
+    monkeypatch.setattr(native, "ROUTED_OUTPUTS", native.ROUTED_OUTPUTS + ("routed_sum_sq",))
+    with pytest.raises(RuntimeError, match=r"native\.c's kacq_routed writes .* add the missing"):
+        native._load()
+
+
 def test_the_triton_ops_mutate_exactly_the_tables_buffers():
     pytest.importorskip("triton")
     from kacq_hooks.kernels import triton as fused

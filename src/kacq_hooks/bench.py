@@ -44,9 +44,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_samples(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device
-                 ) -> dict[str, list[float]]:
-    """Seconds of every call of each run, measured in turns after one warm-up call each."""
+def time_samples(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of every call of each run, measured in turns after one warm-up call each.
+
+    ``clock`` is wall time by default; ``time.thread_time`` (with one torch thread) counts only the CPU
+    time of the calling thread, which other processes' load on a shared machine does not inflate."""
     for run in runs.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -54,10 +57,10 @@ def time_samples(runs: dict[str, Callable[[], object]], repeats: int, device: to
         order = list(runs) if turn % 2 == 0 else list(reversed(runs))  # no variant always runs second
         for name in order:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             runs[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

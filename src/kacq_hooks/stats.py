@@ -284,9 +284,12 @@ MAXIMA = tuple(s.name for s in STATISTICS if s.combine == "max")
 def kernel_outputs(phase: str) -> tuple[str, ...]:
     """The per-neuron fields a fused kernel that hands NaN/Inf blocks to the reference writes, in table order.
 
-    Its argument list (``kernels/native.py``) is built from this; the kernel declares the same names.
+    ``phase`` is a statistic's phase, or ``"routed"`` for a kernel over routed experts' rows, which fills
+    :data:`ROUTED` (the slot statistics of a forward and the routed ones). Its argument list
+    (``kernels/native.py``) is built from this; the kernel declares the same names.
     """
-    return tuple(s.name for s in STATISTICS if s.phase == phase and s.per_neuron and not s.zero_when_finite)
+    chosen = ROUTED if phase == "routed" else tuple(s for s in STATISTICS if s.phase == phase)
+    return tuple(s.name for s in chosen if s.per_neuron and not s.zero_when_finite)
 
 
 def _groups() -> list[tuple[torch.dtype, str, list[str]]]:

@@ -8,8 +8,9 @@ forward's (or backward's) statistics of a [N, d_ff] coefficient tensor into a
   ``torch.compile`` keeps (and Inductor schedules), so compiled models use them too;
 - CPU tensors: :mod:`.cpu`: one pass over C in the C kernel of :mod:`.native` (built at first use with the
   system compiler), or the reference in a few eager torch passes where it cannot be built or
-  ``KACQ_KERNELS=eager`` asks for them (routed experts: one Inductor loop per expert, :mod:`.experts_cpu`,
-  whose eager fallback ``KACQ_KERNELS=eager`` forces too);
+  ``KACQ_KERNELS=eager`` asks for them (routed experts, :mod:`.experts_cpu`: one pass of the same C kernel
+  over all routed rows, else one Inductor loop per expert, whose eager fallback ``KACQ_KERNELS=eager``
+  forces too);
 - anything else, or while ``torch.compile`` traces: :mod:`.reference`.
 
 ``KACQ_KERNELS=torch`` forces the reference everywhere, ``KACQ_KERNELS=native`` makes a failed build of the

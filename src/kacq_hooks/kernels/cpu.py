@@ -10,7 +10,7 @@ they make a column sum non-finite, and only then is the block handed to the refe
 them and keeps them out of the sums. Buffers are allocated per block (no state shared between models
 or threads).
 
-Why not Inductor (which routed experts, :mod:`.experts_cpu`, still use): its runtime holds ~60 MiB of
+Why not Inductor (which routed experts, :mod:`.experts_cpu`, use only where the C kernel cannot run): its runtime holds ~60 MiB of
 resident memory once loaded, and its one generated loop over a 2048 x 1536 C took ~3.6 ms on the
 benchmark machine, against ~2 ms for these passes when the machine is idle. Under load the passes lose
 (each op is a parallel region whose barrier waits for a descheduled thread).

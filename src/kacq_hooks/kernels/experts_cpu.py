@@ -1,19 +1,26 @@
-"""The routed-experts reduction of :func:`.reference.accumulate_experts` on the CPU, one fused pass per expert.
+"""The routed-experts reduction of :func:`.reference.accumulate_experts` on the CPU, in one pass over C.
 
 The reference scatters a dozen ``[n, m]`` temporaries into ``[E, m]`` with ``index_add_``, which
-costs as much as the experts' own matmuls. Here the rows are grouped by expert (already so in
-eager, one expert per call, and in grouped_mm, sorted by expert; batched_mm's token order is sorted
-once), and each expert's block is reduced by one Inductor-generated loop (the same compile path as
-:mod:`.cpu`) into named per-slot partials, one per statistic of :data:`kacq_hooks.stats.ROUTED`, which
-are folded into that expert's slots. The sums equal the reference's up to the order of float additions.
-NaN and Inf are counted in the same loop, exactly as the reference counts them.
+costs as much as the experts' own matmuls. Here every routed row is read once by the C kernel of
+:mod:`.native` (``kacq_routed``): per (expert, column tile) it streams that expert's rows and forms
+``|w| |C|`` in a register, exactly as the reference forms it, for every statistic of
+:data:`kacq_hooks.stats.ROUTED` (its argument list is built from that table). Rows grouped by expert
+(eager: one expert per call; grouped_mm: sorted) are read in place; batched_mm's token order is read
+through the rows' grouped order, without copying C. A NaN or Inf on a valid row makes the kernel add
+nothing, and the block goes to the reference, which counts it. The sums equal the reference's up to the
+order of float additions.
+
+Where the C kernel cannot run (no compiler, fp16, strided columns) each expert's block is reduced by one
+Inductor-generated loop (the same compile path as :mod:`.cpu`) into named per-slot partials, folded into
+that expert's slots; without Inductor, the reference.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import stats as S
-from . import cpu, reference
+from ..errors import ShapeError
+from . import cpu, native, reference
 
 
 def _block_partials(c: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor,
@@ -34,8 +41,16 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
     n, m = c.shape
     if n == 0:
         return
+    if out.sum_abs.numel() < experts * m:
+        raise ShapeError(f"{experts} experts of {m} neurons do not fit statistics of {out.sum_abs.numel()} slots")
     ids = expert_ids.to(torch.long)
     weight = weight.detach()
+    lib = cpu._native_for(out, c, rows=keep)
+    done = None if lib is None else _native(lib, c, ids, weight, keep, doc_weight, out, experts)
+    if done is False:  # a NaN or Inf among the valid rows: counted exactly
+        reference.accumulate_experts(c, ids, weight, keep, doc_weight, out, experts)
+    if done is not None:
+        return
     if n > 1 and not bool((ids[1:] >= ids[:-1]).all()):  # batched_mm: token order; group the rows once
         order = torch.argsort(ids, stable=True)
         ids, c, weight, keep = ids[order], c.index_select(0, order), weight[order], keep[order]
@@ -55,3 +70,26 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
         slots = slice(expert * m, (expert + 1) * m)
         for name, partial in partials.items():
             S.BY_NAME[name].fold(getattr(out, name)[slots], partial)
+
+
+def _native(lib, c, ids, weight, keep, doc_weight, out, experts: int) -> bool | None:
+    """All routed rows through the one-pass C kernel (:func:`.native.routed`): True when they are added;
+    False, having added nothing, when a slot sum is non-finite (a NaN or Inf in C on a valid row); None
+    when the kernel cannot take them (expert ids outside the layer, mismatched lengths: the slower paths
+    refuse or handle them)."""
+    n = c.shape[0]
+    extras = (ids, weight, keep) + (() if doc_weight is None else (doc_weight,))
+    if not all(t.device.type == "cpu" and t.shape == (n,) for t in extras):
+        return None
+    if not bool(ids.min() >= 0):
+        return None
+    counts = torch.bincount(ids, minlength=experts)
+    if counts.numel() != experts:
+        return None
+    starts = torch.zeros(experts + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=starts[1:])
+    # rows in token order (batched_mm) are read through their grouped order, not copied into it
+    order = None if n == 1 or bool((ids[1:] >= ids[:-1]).all()) else torch.argsort(ids, stable=True)
+    w = weight.abs().float().contiguous()
+    doc = None if doc_weight is None else doc_weight.float().contiguous()
+    return native.routed(lib, c, order, starts, w, keep.contiguous(), doc, out, experts)

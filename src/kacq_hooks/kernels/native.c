@@ -257,3 +257,140 @@ int kacq_backward(const void *c, const void *g, int dtype, int64_t n, int64_t d,
     free(cols);
     return nonfinite;
 }
+
+/* Routed experts: the rows of C of a mixture-of-experts layer, each row belonging to one expert (its slots are
+ * expert * m .. expert * m + m - 1) and scaled by its routing weight. The specification is
+ * reference.accumulate_experts: per slot, over the valid rows of the slot's expert, a = |C| * |w| (formed in
+ * fp32, as the reference forms it, here in a register) is summed, squared and summed, maxed, counted where
+ * > 0, and weighted by the document weight; the rows the router picked (w != 0) add their unscaled |C| and
+ * are counted. No [n, m] temporary is formed: each (expert, column tile) is one work item that streams its
+ * expert's rows in order, so every slot is summed in row order by one thread, whatever the thread count.
+ *
+ * order (n row indices, grouped by expert) lets the kernel read rows that arrive in token order (batched_mm)
+ * without copying them; NULL when they are already grouped. starts (experts + 1) bounds each expert's rows in
+ * that grouped order. weight, keep and doc_weight are indexed by the row of c. As in kacq_forward, a
+ * non-finite slot sum (a NaN or Inf in C on a valid row makes |C| * |w| NaN or Inf) writes nothing and
+ * returns 1, and the caller hands the block to the reference. */
+const char *const kacq_routed_outputs =
+    "sum_abs,sum_sq,active,max_abs,doc_sum_abs,routed_sum_abs,routed_tokens";
+
+#define ROUTED_ROW(LOAD, DOC)                                                                                 \
+    for (int64_t k = 0; k < width; ++k) {                                                                    \
+        const float raw = fabsf(LOAD(row, k));                                                               \
+        const float a = raw * w; /* |w C|, in fp32 as the reference */                                       \
+        p1[k] += a;                                                                                          \
+        p2[k] += a * a;                                                                                      \
+        mx[k] = a > mx[k] ? a : mx[k];                                                                       \
+        act[k] += a > 0.0f;                                                                                  \
+        pr[k] += raw * picked;                                                                               \
+    }                                                                                                        \
+    if (DOC) /* a loop of its own: with it in the loop above, gcc does not vectorize that loop */            \
+        for (int64_t k = 0; k < width; ++k) pw[k] += dw * (fabsf(LOAD(row, k)) * w);
+
+#define ROUTED_ROWS(LOAD, DOC)                                                                                \
+    for (int64_t q = q0; q < q1; ++q) {                                                                      \
+        const int64_t r = order ? order[q] : q;                                                              \
+        if (!keep[r]) continue;                                                                              \
+        const void *row = (const char *)c + (r * row_stride + j0) * elem;                                    \
+        const float w = weight[r];                                                                           \
+        const float picked = w != 0.0f ? 1.0f : 0.0f; /* a NaN/Inf raw makes |w C| NaN/Inf too */       \
+        const float dw = DOC ? doc_weight[r] : 0.0f;                                                         \
+        ROUTED_ROW(LOAD, DOC)                                                                                \
+    }
+
+typedef struct {
+    double s1, s2, sw, sr;
+    float mx;
+    int64_t act;
+} routed_column_t;
+
+int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stride, const int64_t *order,
+                const int64_t *starts, int64_t experts, const float *weight, const uint8_t *keep,
+                const float *doc_weight, float *sum_abs, float *sum_sq, int64_t *active, float *max_abs,
+                float *doc_sum_abs, float *routed_sum_abs, int64_t *routed_tokens, int threads) {
+    (void)n;
+    const int64_t tile = tile_width(m, threads), tiles = (m + tile - 1) / tile, items = experts * tiles;
+    const int64_t elem = dtype == KACQ_BF16 ? 2 : 4;
+    routed_column_t *cols = malloc(sizeof(routed_column_t) * (experts * m > 0 ? experts * m : 1));
+    int64_t *picked_rows = calloc(experts > 0 ? experts : 1, sizeof(int64_t));
+    if (!cols || !picked_rows) {
+        free(cols);
+        free(picked_rows);
+        return 2;
+    }
+    int nonfinite = 0, failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) \
+    if (threads > 1 && (starts[experts] - starts[0]) * m > 65536) reduction(| : nonfinite, failed)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t e = item / tiles, j0 = (item % tiles) * tile;
+        const int64_t width = m - j0 < tile ? m - j0 : tile;
+        double *scratch = malloc(tile * (4 * sizeof(double) + 5 * sizeof(float) + sizeof(int32_t) + sizeof(int64_t)));
+        if (!scratch) {
+            failed = 1;
+            continue;
+        }
+        /* restrict: the accumulators never overlap, so the row loop vectorizes without runtime alias checks */
+        double *restrict s1 = scratch, *restrict s2 = s1 + tile, *restrict sw = s2 + tile, *restrict sr = sw + tile;
+        float *restrict p1 = (float *)(sr + tile), *restrict p2 = p1 + tile, *restrict pw = p2 + tile;
+        float *restrict pr = pw + tile, *restrict mx = pr + tile;
+        int64_t *restrict act_total = (int64_t *)(mx + tile);
+        int32_t *restrict act = (int32_t *)(act_total + tile);
+        for (int64_t k = 0; k < width; ++k) {
+            s1[k] = s2[k] = sw[k] = sr[k] = 0.0;
+            mx[k] = 0.0f;
+            act_total[k] = 0;
+        }
+        for (int64_t q0 = starts[e]; q0 < starts[e + 1]; q0 += CHUNK) {
+            const int64_t q1 = q0 + CHUNK < starts[e + 1] ? q0 + CHUNK : starts[e + 1];
+            for (int64_t k = 0; k < width; ++k) {
+                p1[k] = p2[k] = pw[k] = pr[k] = 0.0f;
+                act[k] = 0;
+            }
+            if (dtype == KACQ_BF16) {
+                if (doc_weight) { ROUTED_ROWS(LOAD_BF16, 1) } else { ROUTED_ROWS(LOAD_BF16, 0) }
+            } else {
+                if (doc_weight) { ROUTED_ROWS(LOAD_F32, 1) } else { ROUTED_ROWS(LOAD_F32, 0) }
+            }
+            for (int64_t k = 0; k < width; ++k) {
+                s1[k] += p1[k];
+                s2[k] += p2[k];
+                sw[k] += pw[k];
+                sr[k] += pr[k];
+                act_total[k] += act[k];
+            }
+        }
+        for (int64_t k = 0; k < width; ++k) {
+            nonfinite |= !isfinite(s1[k]) | !isfinite(s2[k]) | !isfinite(sr[k]);
+            cols[e * m + j0 + k] = (routed_column_t){s1[k], s2[k], sw[k], sr[k], mx[k], act_total[k]};
+        }
+        if (j0 == 0) { /* the expert's load, counted once */
+            int64_t count = 0;
+            for (int64_t q = starts[e]; q < starts[e + 1]; ++q) {
+                const int64_t r = order ? order[q] : q;
+                count += keep[r] && weight[r] != 0.0f;
+            }
+            picked_rows[e] = count;
+        }
+        free(scratch);
+    }
+    if (failed) {
+        free(cols);
+        free(picked_rows);
+        return 2;
+    }
+    if (!nonfinite) {
+        for (int64_t e = 0; e < experts; ++e)
+            for (int64_t j = e * m; j < (e + 1) * m; ++j) {
+                sum_abs[j] += (float)cols[j].s1;
+                sum_sq[j] += (float)cols[j].s2;
+                max_abs[j] = cols[j].mx > max_abs[j] ? cols[j].mx : max_abs[j];
+                active[j] += cols[j].act;
+                if (doc_weight) doc_sum_abs[j] += (float)cols[j].sw;
+                routed_sum_abs[j] += (float)cols[j].sr;
+                routed_tokens[j] += picked_rows[e];
+            }
+    }
+    free(cols);
+    free(picked_rows);
+    return nonfinite;
+}

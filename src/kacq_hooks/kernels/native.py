@@ -1,4 +1,5 @@
-"""The dense CPU reductions in one pass over C: ``native.c``, built at first use with the system C compiler.
+"""The CPU reductions in one pass over C (dense blocks, dL/dC, routed experts' rows): ``native.c``, built at
+first use with the system C compiler.
 
 The build is cached under ``$KACQ_CACHE`` (default ``~/.cache/kacq_hooks``) in a folder named by a hash
 of the source, the compiler and the machine, written atomically (workers of one study may build at the
@@ -7,7 +8,7 @@ same time). Where no compiler is found or the build fails, :func:`library` retur
 is logged once. ``KACQ_KERNELS=eager`` skips the build, ``KACQ_KERNELS=native`` makes its failure an
 error.
 
-The kernel takes raw pointers, so the caller (:mod:`.cpu`) hands it only what it is written for: fp32
+The kernel takes raw pointers, so the caller (:mod:`.cpu`, :mod:`.experts_cpu`) hands it only what it is written for: fp32
 or bf16 blocks whose rows are contiguous, on the CPU; anything else goes to the eager passes. Its output
 buffers are passed in the order of the statistics table (:func:`kacq_hooks.stats.kernel_outputs`), and
 the library is loaded only if ``native.c`` declares that it writes exactly those fields.
@@ -44,6 +45,7 @@ _FLAG_SETS = ([*_BASE, "-march=native", "-fopenmp"], [*_BASE, "-fopenmp"], [*_BA
 # the per-neuron buffers each kernel writes, in the order it takes them (NaN/Inf counts are the reference's)
 FORWARD_OUTPUTS = stats.kernel_outputs("forward")
 BACKWARD_OUTPUTS = stats.kernel_outputs("backward")
+ROUTED_OUTPUTS = stats.kernel_outputs("routed")
 _FORWARD_COUNTERS = tuple(s for s in stats.FORWARD if not s.per_neuron)  # added here, from the row mask
 _BACKWARD_COUNTERS = tuple(s for s in stats.BACKWARD if not s.per_neuron)
 
@@ -111,7 +113,8 @@ def _load() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     lib = ctypes.CDLL(str(_build(compiler)))
-    for kernel, wanted in (("kacq_forward", FORWARD_OUTPUTS), ("kacq_backward", BACKWARD_OUTPUTS)):
+    for kernel, wanted in (("kacq_forward", FORWARD_OUTPUTS), ("kacq_backward", BACKWARD_OUTPUTS),
+                           ("kacq_routed", ROUTED_OUTPUTS)):
         declared = tuple(ctypes.c_char_p.in_dll(lib, f"{kernel}_outputs").value.decode().split(","))
         if declared != wanted:
             raise RuntimeError(f"native.c's {kernel} writes {declared} but the statistics table asks for {wanted}: "
@@ -123,6 +126,9 @@ def _load() -> ctypes.CDLL:
     # (c, g, dtype, n, d, c row stride, g row stride, valid rows, *outputs, threads)
     lib.kacq_backward.argtypes = [p, p, i32, i64, i64, i64, i64, p, *[p] * len(BACKWARD_OUTPUTS), i32]
     lib.kacq_backward.restype = i32
+    # (c, dtype, n, m, row stride, order, starts, experts, |weight|, valid rows, document weights, *outputs, threads)
+    lib.kacq_routed.argtypes = [p, i32, i64, i64, i64, p, p, i64, p, p, p, *[p] * len(ROUTED_OUTPUTS), i32]
+    lib.kacq_routed.restype = i32
     return lib
 
 
@@ -199,6 +205,22 @@ def backward(lib: ctypes.CDLL, c: torch.Tensor, g: torch.Tensor, rows: torch.Ten
     if done:
         _count_rows(_BACKWARD_COUNTERS, out, n, valid)
     return done
+
+
+def routed(lib: ctypes.CDLL, c: torch.Tensor, order: torch.Tensor | None, starts: torch.Tensor,
+           weight: torch.Tensor, keep: torch.Tensor, doc_weight: torch.Tensor | None, out, experts: int) -> bool:
+    """One pass of :func:`kacq_hooks.kernels.reference.accumulate_experts` over ``c`` (see :func:`supports`).
+
+    Row ``r`` of ``c`` belongs to expert ``e`` where ``order`` (int64, the rows grouped by expert; None when
+    ``c`` is grouped already) lists it between ``starts[e]`` and ``starts[e + 1]``; ``weight`` (fp32) is
+    its |routing weight|, ``keep`` (bool) whether it is a valid row, ``doc_weight`` (fp32) its document
+    weight or None, all indexed by the row of ``c``. Returns False, having added nothing, as :func:`forward`.
+    """
+    n, m = c.shape
+    status = lib.kacq_routed(_ptr(c), DTYPES[c.dtype], n, m, c.stride(0), _ptr(order), _ptr(starts), experts,
+                             _ptr(weight), _ptr(keep), _ptr(doc_weight),
+                             *[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS], torch.get_num_threads())
+    return _check(status)
 
 
 def _count_rows(counters, out, n: int, valid: torch.Tensor | None) -> None:
