@@ -266,11 +266,12 @@ int kacq_backward(const void *c, const void *g, int dtype, int64_t n, int64_t d,
  * are counted. No [n, m] temporary is formed: each (expert, column tile) is one work item that streams its
  * expert's rows in order, so every slot is summed in row order by one thread, whatever the thread count.
  *
- * order (n row indices, grouped by expert) lets the kernel read rows that arrive in token order (batched_mm)
- * without copying them; NULL when they are already grouped. starts (experts + 1) bounds each expert's rows in
- * that grouped order. weight, keep and doc_weight are indexed by the row of c. As in kacq_forward, a
- * non-finite slot sum (a NaN or Inf in C on a valid row makes |C| * |w| NaN or Inf) writes nothing and
- * returns 1, and the caller hands the block to the reference. */
+ * ids (n, int64) is the expert of each row. Rows already grouped by expert (eager: one expert per call;
+ * grouped_mm: sorted) are read in place; rows in token order (batched_mm) are read through their grouped order
+ * (a counting sort of the ids, stable), never copied. weight (n, fp32: the routing weight, whose absolute value
+ * scales the row), keep and doc_weight are indexed by the row of c. As in kacq_forward, a non-finite slot sum
+ * (a NaN or Inf in C on a valid row makes |C| * |w| NaN or Inf) writes nothing and returns 1, and the caller
+ * hands the block to the reference; an id outside 0..experts-1 writes nothing and returns 3. */
 const char *const kacq_routed_outputs =
     "sum_abs,sum_sq,active,max_abs,doc_sum_abs,routed_sum_abs,routed_tokens";
 
@@ -287,15 +288,46 @@ const char *const kacq_routed_outputs =
     if (DOC) /* a loop of its own: with it in the loop above, gcc does not vectorize that loop */            \
         for (int64_t k = 0; k < width; ++k) pw[k] += dw * (fabsf(LOAD(row, k)) * w);
 
+/* The valid rows of a chunk, four at a time (a quarter of the accumulator loads and stores), then one by one. */
 #define ROUTED_ROWS(LOAD, DOC)                                                                                \
-    for (int64_t q = q0; q < q1; ++q) {                                                                      \
-        const int64_t r = order ? order[q] : q;                                                              \
-        if (!keep[r]) continue;                                                                              \
-        const void *row = (const char *)c + (r * row_stride + j0) * elem;                                    \
-        const float w = weight[r];                                                                           \
-        const float picked = w != 0.0f ? 1.0f : 0.0f; /* a NaN/Inf raw makes |w C| NaN/Inf too */       \
-        const float dw = DOC ? doc_weight[r] : 0.0f;                                                         \
-        ROUTED_ROW(LOAD, DOC)                                                                                \
+    {                                                                                                        \
+        const void *rows[CHUNK];                                                                             \
+        float ws[CHUNK], fs[CHUNK], ds[CHUNK];                                                               \
+        int64_t m4 = 0;                                                                                      \
+        for (int64_t q = q0; q < q1; ++q) {                                                                  \
+            const int64_t r = order ? order[q] : q;                                                          \
+            if (!keep[r]) continue;                                                                          \
+            rows[m4] = (const char *)c + (r * row_stride + j0) * elem;                                       \
+            ws[m4] = fabsf(weight[r]);                                                                       \
+            fs[m4] = ws[m4] != 0.0f ? 1.0f : 0.0f; /* routed: a NaN/Inf raw makes |w C| NaN/Inf too */      \
+            ds[m4++] = DOC ? doc_weight[r] : 0.0f;                                                           \
+        }                                                                                                    \
+        int64_t i = 0;                                                                                       \
+        for (; i + 4 <= m4; i += 4) {                                                                        \
+            const void *q0r = rows[i], *q1r = rows[i + 1], *q2r = rows[i + 2], *q3r = rows[i + 3];           \
+            const float w0 = ws[i], w1 = ws[i + 1], w2 = ws[i + 2], w3 = ws[i + 3];                          \
+            const float f0 = fs[i], f1 = fs[i + 1], f2 = fs[i + 2], f3 = fs[i + 3];                          \
+            for (int64_t k = 0; k < width; ++k) {                                                            \
+                const float r0 = fabsf(LOAD(q0r, k)), r1 = fabsf(LOAD(q1r, k));                              \
+                const float r2 = fabsf(LOAD(q2r, k)), r3 = fabsf(LOAD(q3r, k));                              \
+                const float a0 = r0 * w0, a1 = r1 * w1, a2 = r2 * w2, a3 = r3 * w3; /* |w C| in fp32 */      \
+                p1[k] += (a0 + a1) + (a2 + a3);                                                              \
+                p2[k] += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3);                                          \
+                const float m01 = a0 > a1 ? a0 : a1, m23 = a2 > a3 ? a2 : a3, mm = m01 > m23 ? m01 : m23;    \
+                mx[k] = mm > mx[k] ? mm : mx[k];                                                             \
+                act[k] += (a0 > 0.0f) + (a1 > 0.0f) + (a2 > 0.0f) + (a3 > 0.0f);                             \
+                pr[k] += (r0 * f0 + r1 * f1) + (r2 * f2 + r3 * f3);                                          \
+            }                                                                                                \
+            if (DOC) /* a loop of its own: inside the loop above, gcc does not vectorize it */               \
+                for (int64_t k = 0; k < width; ++k)                                                          \
+                    pw[k] += (ds[i] * (fabsf(LOAD(q0r, k)) * w0) + ds[i + 1] * (fabsf(LOAD(q1r, k)) * w1)) + \
+                             (ds[i + 2] * (fabsf(LOAD(q2r, k)) * w2) + ds[i + 3] * (fabsf(LOAD(q3r, k)) * w3)); \
+        }                                                                                                    \
+        for (; i < m4; ++i) {                                                                                \
+            const void *row = rows[i];                                                                       \
+            const float w = ws[i], picked = fs[i], dw = ds[i];                                               \
+            ROUTED_ROW(LOAD, DOC)                                                                            \
+        }                                                                                                    \
     }
 
 typedef struct {
@@ -304,23 +336,50 @@ typedef struct {
     int64_t act;
 } routed_column_t;
 
-int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stride, const int64_t *order,
-                const int64_t *starts, int64_t experts, const float *weight, const uint8_t *keep,
-                const float *doc_weight, float *sum_abs, float *sum_sq, int64_t *active, float *max_abs,
-                float *doc_sum_abs, float *routed_sum_abs, int64_t *routed_tokens, int threads) {
-    (void)n;
+int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stride, const int64_t *ids,
+                int64_t experts, const float *weight, const uint8_t *keep, const float *doc_weight, float *sum_abs,
+                float *sum_sq, int64_t *active, float *max_abs, float *doc_sum_abs, float *routed_sum_abs,
+                int64_t *routed_tokens, int threads) {
     const int64_t tile = tile_width(m, threads), tiles = (m + tile - 1) / tile, items = experts * tiles;
     const int64_t elem = dtype == KACQ_BF16 ? 2 : 4;
+    int64_t *starts = calloc(experts + 1, sizeof(int64_t));
+    if (!starts) return 2;
+    int grouped = 1;
+    for (int64_t r = 0; r < n; ++r) {
+        if (ids[r] < 0 || ids[r] >= experts) {
+            free(starts);
+            return 3;
+        }
+        starts[ids[r] + 1] += 1;
+        grouped &= r == 0 || ids[r] >= ids[r - 1];
+    }
+    for (int64_t e = 0; e < experts; ++e) starts[e + 1] += starts[e];
+    int64_t *order = NULL;
+    if (!grouped) { /* a stable counting sort: each expert's rows in token order */
+        order = malloc(sizeof(int64_t) * (n > 0 ? n : 1));
+        int64_t *next = malloc(sizeof(int64_t) * (experts > 0 ? experts : 1));
+        if (!order || !next) {
+            free(order);
+            free(next);
+            free(starts);
+            return 2;
+        }
+        memcpy(next, starts, sizeof(int64_t) * experts);
+        for (int64_t r = 0; r < n; ++r) order[next[ids[r]]++] = r;
+        free(next);
+    }
     routed_column_t *cols = malloc(sizeof(routed_column_t) * (experts * m > 0 ? experts * m : 1));
     int64_t *picked_rows = calloc(experts > 0 ? experts : 1, sizeof(int64_t));
     if (!cols || !picked_rows) {
         free(cols);
         free(picked_rows);
+        free(order);
+        free(starts);
         return 2;
     }
     int nonfinite = 0, failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) \
-    if (threads > 1 && (starts[experts] - starts[0]) * m > 65536) reduction(| : nonfinite, failed)
+    if (threads > 1 && n * m > 65536) reduction(| : nonfinite, failed)
     for (int64_t item = 0; item < items; ++item) {
         const int64_t e = item / tiles, j0 = (item % tiles) * tile;
         const int64_t width = m - j0 < tile ? m - j0 : tile;
@@ -367,12 +426,14 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
             int64_t count = 0;
             for (int64_t q = starts[e]; q < starts[e + 1]; ++q) {
                 const int64_t r = order ? order[q] : q;
-                count += keep[r] && weight[r] != 0.0f;
+                count += keep[r] && fabsf(weight[r]) != 0.0f;
             }
             picked_rows[e] = count;
         }
         free(scratch);
     }
+    free(order);
+    free(starts);
     if (failed) {
         free(cols);
         free(picked_rows);

@@ -126,8 +126,8 @@ def _load() -> ctypes.CDLL:
     # (c, g, dtype, n, d, c row stride, g row stride, valid rows, *outputs, threads)
     lib.kacq_backward.argtypes = [p, p, i32, i64, i64, i64, i64, p, *[p] * len(BACKWARD_OUTPUTS), i32]
     lib.kacq_backward.restype = i32
-    # (c, dtype, n, m, row stride, order, starts, experts, |weight|, valid rows, document weights, *outputs, threads)
-    lib.kacq_routed.argtypes = [p, i32, i64, i64, i64, p, p, i64, p, p, p, *[p] * len(ROUTED_OUTPUTS), i32]
+    # (c, dtype, n, m, row stride, expert ids, experts, weights, valid rows, document weights, *outputs, threads)
+    lib.kacq_routed.argtypes = [p, i32, i64, i64, i64, p, i64, p, p, p, *[p] * len(ROUTED_OUTPUTS), i32]
     lib.kacq_routed.restype = i32
     return lib
 
@@ -207,20 +207,20 @@ def backward(lib: ctypes.CDLL, c: torch.Tensor, g: torch.Tensor, rows: torch.Ten
     return done
 
 
-def routed(lib: ctypes.CDLL, c: torch.Tensor, order: torch.Tensor | None, starts: torch.Tensor,
-           weight: torch.Tensor, keep: torch.Tensor, doc_weight: torch.Tensor | None, out, experts: int) -> bool:
+def routed(lib: ctypes.CDLL, c: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor,
+           doc_weight: torch.Tensor | None, out, experts: int) -> bool | None:
     """One pass of :func:`kacq_hooks.kernels.reference.accumulate_experts` over ``c`` (see :func:`supports`).
 
-    Row ``r`` of ``c`` belongs to expert ``e`` where ``order`` (int64, the rows grouped by expert; None when
-    ``c`` is grouped already) lists it between ``starts[e]`` and ``starts[e + 1]``; ``weight`` (fp32) is
-    its |routing weight|, ``keep`` (bool) whether it is a valid row, ``doc_weight`` (fp32) its document
-    weight or None, all indexed by the row of ``c``. Returns False, having added nothing, as :func:`forward`.
+    Row ``r`` of ``c`` belongs to expert ``ids[r]`` (contiguous int64); ``weight`` (contiguous fp32) is its
+    routing weight, ``keep`` (contiguous bool) whether it is a valid row, ``doc_weight`` (contiguous fp32)
+    its document weight or None. Returns False, having added nothing, as :func:`forward`; None, having
+    added nothing, when an id lies outside ``0..experts - 1``.
     """
     n, m = c.shape
-    status = lib.kacq_routed(_ptr(c), DTYPES[c.dtype], n, m, c.stride(0), _ptr(order), _ptr(starts), experts,
-                             _ptr(weight), _ptr(keep), _ptr(doc_weight),
-                             *[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS], torch.get_num_threads())
-    return _check(status)
+    status = lib.kacq_routed(_ptr(c), DTYPES[c.dtype], n, m, c.stride(0), _ptr(ids), experts, _ptr(weight),
+                             _ptr(keep), _ptr(doc_weight), *[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS],
+                             torch.get_num_threads())
+    return None if status == 3 else _check(status)
 
 
 def _count_rows(counters, out, n: int, valid: torch.Tensor | None) -> None:
