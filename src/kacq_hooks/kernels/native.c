@@ -340,9 +340,9 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
                 int64_t experts, const float *weight, const uint8_t *keep, const float *doc_weight, float *sum_abs,
                 float *sum_sq, int64_t *active, float *max_abs, float *doc_sum_abs, float *routed_sum_abs,
                 int64_t *routed_tokens, int threads) {
-    const int64_t tile = tile_width(m, threads), tiles = (m + tile - 1) / tile, items = experts * tiles;
+    const int64_t tile = tile_width(m, threads), tiles = (m + tile - 1) / tile;
     const int64_t elem = dtype == KACQ_BF16 ? 2 : 4;
-    int64_t *starts = calloc(experts + 1, sizeof(int64_t));
+    int64_t *starts = calloc(2 * experts + 1, sizeof(int64_t)), *hit = starts + experts + 1;
     if (!starts) return 2;
     int grouped = 1;
     for (int64_t r = 0; r < n; ++r) {
@@ -353,7 +353,12 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
         starts[ids[r] + 1] += 1;
         grouped &= r == 0 || ids[r] >= ids[r - 1];
     }
-    for (int64_t e = 0; e < experts; ++e) starts[e + 1] += starts[e];
+    int64_t hits = 0; /* only the experts that received rows are reduced and written (eager: one a call) */
+    for (int64_t e = 0; e < experts; ++e) {
+        if (starts[e + 1]) hit[hits++] = e;
+        starts[e + 1] += starts[e];
+    }
+    const int64_t items = hits * tiles;
     int64_t *order = NULL;
     if (!grouped) { /* a stable counting sort: each expert's rows in token order */
         order = malloc(sizeof(int64_t) * (n > 0 ? n : 1));
@@ -368,8 +373,8 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
         for (int64_t r = 0; r < n; ++r) order[next[ids[r]]++] = r;
         free(next);
     }
-    routed_column_t *cols = malloc(sizeof(routed_column_t) * (experts * m > 0 ? experts * m : 1));
-    int64_t *picked_rows = calloc(experts > 0 ? experts : 1, sizeof(int64_t));
+    routed_column_t *cols = malloc(sizeof(routed_column_t) * (hits * m > 0 ? hits * m : 1));
+    int64_t *picked_rows = calloc(hits > 0 ? hits : 1, sizeof(int64_t));
     if (!cols || !picked_rows) {
         free(cols);
         free(picked_rows);
@@ -381,7 +386,7 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) \
     if (threads > 1 && n * m > 65536) reduction(| : nonfinite, failed)
     for (int64_t item = 0; item < items; ++item) {
-        const int64_t e = item / tiles, j0 = (item % tiles) * tile;
+        const int64_t h = item / tiles, e = hit[h], j0 = (item % tiles) * tile;
         const int64_t width = m - j0 < tile ? m - j0 : tile;
         double *scratch = malloc(tile * (4 * sizeof(double) + 5 * sizeof(float) + sizeof(int32_t) + sizeof(int64_t)));
         if (!scratch) {
@@ -420,7 +425,7 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
         }
         for (int64_t k = 0; k < width; ++k) {
             nonfinite |= !isfinite(s1[k]) | !isfinite(s2[k]) | !isfinite(sr[k]);
-            cols[e * m + j0 + k] = (routed_column_t){s1[k], s2[k], sw[k], sr[k], mx[k], act_total[k]};
+            cols[h * m + j0 + k] = (routed_column_t){s1[k], s2[k], sw[k], sr[k], mx[k], act_total[k]};
         }
         if (j0 == 0) { /* the expert's load, counted once */
             int64_t count = 0;
@@ -428,30 +433,26 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
                 const int64_t r = order ? order[q] : q;
                 count += keep[r] && fabsf(weight[r]) != 0.0f;
             }
-            picked_rows[e] = count;
+            picked_rows[h] = count;
         }
         free(scratch);
     }
+    if (!failed && !nonfinite)
+        for (int64_t h = 0; h < hits; ++h)
+            for (int64_t k = 0; k < m; ++k) {
+                const routed_column_t *col = &cols[h * m + k];
+                const int64_t j = hit[h] * m + k;
+                sum_abs[j] += (float)col->s1;
+                sum_sq[j] += (float)col->s2;
+                max_abs[j] = col->mx > max_abs[j] ? col->mx : max_abs[j];
+                active[j] += col->act;
+                if (doc_weight) doc_sum_abs[j] += (float)col->sw;
+                routed_sum_abs[j] += (float)col->sr;
+                routed_tokens[j] += picked_rows[h];
+            }
     free(order);
     free(starts);
-    if (failed) {
-        free(cols);
-        free(picked_rows);
-        return 2;
-    }
-    if (!nonfinite) {
-        for (int64_t e = 0; e < experts; ++e)
-            for (int64_t j = e * m; j < (e + 1) * m; ++j) {
-                sum_abs[j] += (float)cols[j].s1;
-                sum_sq[j] += (float)cols[j].s2;
-                max_abs[j] = cols[j].mx > max_abs[j] ? cols[j].mx : max_abs[j];
-                active[j] += cols[j].act;
-                if (doc_weight) doc_sum_abs[j] += (float)cols[j].sw;
-                routed_sum_abs[j] += (float)cols[j].sr;
-                routed_tokens[j] += picked_rows[e];
-            }
-    }
     free(cols);
     free(picked_rows);
-    return nonfinite;
+    return failed ? 2 : nonfinite;
 }
