@@ -175,3 +175,13 @@ def test_inductor_path_equals_reference_where_the_c_kernel_is_unavailable(monkey
         reference.accumulate_experts(c, ids, weight, keep, doc, want, E)
         experts_cpu.accumulate_experts(c, ids, weight, keep, doc, got, E)
         _assert_equal_stats(got, want)
+
+
+def test_statistics_with_fewer_slots_than_the_experts_are_refused_not_overrun():
+    """The C kernel writes experts x m slots through raw pointers: a narrower statistics buffer is refused first."""
+    from kacq_hooks.errors import ShapeError
+    c, ids, weight, keep, doc = batch(50, "tokens")
+    out = LayerStats(E * M - 1)
+    with pytest.raises(ShapeError, match="do not fit"):
+        experts_cpu.accumulate_experts(c, ids, weight, keep, doc, out, E)
+    assert all(not bool(b.any()) for _, b in out.buffers())
