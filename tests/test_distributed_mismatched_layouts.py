@@ -65,3 +65,42 @@ def test_ranks_with_other_layer_widths_are_refused_on_every_rank(tmp_path, width
         kind, name, message = results[rank]
         assert (kind, name) == ("refused", "ShapeError"), results[rank]
         assert str(widths[rank]) in message and "rank" in message
+
+
+def _settings_worker(rank: int, init_file: str, options: list[dict], results) -> None:
+    import kacq_hooks as kh
+    from tiny_models import random_batch, tiny_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+    try:
+        model = tiny_model("llama")
+        ids, mask = random_batch(seed=rank)
+        inst = kh.instrument(model, **options[rank])
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        try:
+            inst.all_reduce()
+            results[rank] = ("reduced", int(inst.stats[0].tokens), "")
+        except Exception as error:  # noqa: BLE001 - the test inspects the kind
+            results[rank] = ("refused", type(error).__name__, str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("options", [[{}, {}],
+                                     [{"weighting": "document"}, {}],
+                                     [{}, {"mask_padding": False}]],
+                         ids=["same", "weighting", "mask_padding"])
+def test_instrumentations_measured_otherwise_are_refused_like_merge_refuses_them(tmp_path, options):
+    # merge() refuses these settings locally; across ranks one rank's document sums would cover half the data
+    results = mp.Manager().dict()
+    mp.spawn(_settings_worker, args=(str(tmp_path / "pg"), options, results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        if options[0] == options[1]:
+            assert results[rank][0] == "reduced", results[rank]
+        else:
+            kind, name, message = results[rank]
+            assert (kind, name) == ("refused", "ShapeError"), results[rank]
+            assert "rank" in message
