@@ -26,7 +26,9 @@ instrumentation, so this module imports nothing of :mod:`kacq_hooks.instrumentat
 """
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +124,7 @@ def local_slice(path: str, shard: NeuronShard, c) -> torch.Tensor:
     return c.to_local()
 
 
-def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None):
+def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None, settings: dict | None = None):
     """Combine the statistics of every rank in place, so that each rank holds the one-process answer.
 
     Args:
@@ -134,6 +136,8 @@ def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None):
             the same slice: none when the tensor-parallel group is the whole world, the weight mesh's
             other dims when it is a 2-D mesh.
         paths: the sites' module paths, for messages.
+        settings: how this rank measured (an Instrumentation's sites, weighting, padding and count); when
+            given, ranks that measured otherwise are refused before anything is combined.
 
     Token shards add (maxima take the max); neuron shards are gathered along d_ff and their token
     counts taken once, after checking that every rank of the tensor-parallel group counted the same.
@@ -147,7 +151,7 @@ def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None):
         if shards is not None and group is not None:
             raise ArgumentTypeError("reduce(inst, group) takes the group second; pass reduce(inst.stats, inst.shards, group)")
         reduce(inst.stats, list(inst.shards), shards if group is None else group,
-               paths=[site.path for site in inst.sites])
+               paths=[site.path for site in inst.sites], settings=inst._settings())
         return inst
     if not isinstance(stats, CoefficientStats):
         raise ArgumentTypeError(f"reduce() takes CoefficientStats (an instrumentation's .stats), not {type(stats).__name__}")
@@ -159,6 +163,8 @@ def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None):
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("reduce() needs an initialised torch.distributed process group "
                         "(torch.distributed.init_process_group); one process has nothing to reduce")
+    if settings is not None:
+        _check_same_settings(settings, group, stats[0].sum_abs.device if len(stats) else torch.device("cpu"))
     data_group = group if group is not None else _data_group(shards)
     if data_group is not _NO_GROUP:
         stats.all_reduce(data_group)  # token shards add, whatever the layers hold
@@ -169,6 +175,17 @@ def reduce(stats, shards=None, group=None, *, paths: list[str] | None = None):
 
 
 _NO_GROUP = object()
+
+
+def _check_same_settings(settings: dict, group, device) -> None:
+    """Refuse, on every rank alike, ranks that measured otherwise: their sums are not one measurement (a rank
+    without document sums would leave its documents out of the document entropy)."""
+    digest = zlib.crc32(json.dumps(settings, sort_keys=True, default=str).encode())
+    both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # max and -min of the digests in one collective
+    if int(both[0]) != -int(both[1]):
+        raise ShapeError(f"the ranks measured with different settings (this rank {dist.get_rank()}: {settings}); "
+                         "instrument the model the same way on every rank before combining them")
 
 
 def _data_group(shards: list[NeuronShard | None]):

@@ -169,6 +169,7 @@ def experts_entropy(inst) -> list[ExpertsEntropy]:
         share = mass / mass.sum()
         within = sum(float(p) * entropy(g) for p, g in zip(share, groups) if float(p) > 0)
         load = [int(stats.routed_tokens[i * m]) for i in range(e)]
+        stats.check_finite(["routed_sum_abs"])  # unweighted, it can overflow while the weighted sums do not
         routed = [stats.routed_sum_abs[i * m:(i + 1) * m] for i in range(e)]
         per_expert = [entropy(r / n) if n and float(r.sum()) > 0 else None for r, n in zip(routed, load)]
         results.append(ExpertsEntropy(

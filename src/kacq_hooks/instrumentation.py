@@ -344,7 +344,8 @@ class Instrumentation:
         """
         if self.reduced:
             raise StateError("these statistics were already combined across ranks; inst.reset() before the next window")
-        reduce_across_ranks(self.stats, self.shards, group, paths=[site.path for site in self.sites])
+        reduce_across_ranks(self.stats, self.shards, group, paths=[site.path for site in self.sites],
+                            settings=self._settings())
         self.reduced = True
         return self
 

@@ -484,10 +484,28 @@ class CoefficientStats:
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError("all_reduce needs an initialised torch.distributed process group "
                             "(torch.distributed.init_process_group); for one process there is nothing to reduce")
+        self._check_same_layout(dist, group)
         for arena in self._arenas.values():
             for (_, _, names), buf in zip(_GROUPS, arena.buffers):
                 dist.all_reduce(buf, op=getattr(dist.ReduceOp, BY_NAME[names[0]].reduce_op), group=group)
         return self
+
+    def _check_same_layout(self, dist, group) -> None:
+        """Refuse, on every rank alike, ranks whose layers differ: the flat buffers are reduced element by element,
+        so other widths of the same total size would mix neurons of different layers, and other sizes abort gloo."""
+        d_ffs = self.d_ffs
+        per_device = [sum(s.d_ff for s in self.layers if s.device == dev) for dev in self._arenas]
+        # a fixed-length fingerprint, so that ranks with different numbers of layers can still compare it
+        fingerprint = [len(d_ffs), len(self._arenas), sum(d_ffs), sum((i + 1) * d for i, d in enumerate(d_ffs)),
+                  sum((i + 1) ** 2 * d for i, d in enumerate(d_ffs)), sum((i + 1) * n for i, n in enumerate(per_device))]
+        device = next(iter(self._arenas.values())).buffers[0].device if self._arenas else torch.device("cpu")
+        mine = torch.tensor(fingerprint, dtype=torch.int64, device=device)
+        both = torch.cat([mine, -mine])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # max and -min of every entry in one collective
+        if not torch.equal(both[:len(fingerprint)], -both[len(fingerprint):]):
+            raise ShapeError(f"the ranks hold statistics of different layers (this rank {dist.get_rank()}: widths "
+                             f"{d_ffs}); every rank must measure the same sites of the same model before they are "
+                             "combined")
 
     def check_finite(self) -> None:
         """Refuse (StatisticsOverflowError naming the layer) when any running float sum overflowed."""

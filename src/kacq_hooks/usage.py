@@ -36,7 +36,7 @@ from ._hooks import OwnerHook
 from .errors import ArgumentTypeError, ConfigError, KacqError, NoTokensError, ShapeError
 from .experts import ExpertsTap, SharedTap
 from .frontends.stacks import StackReader
-from .locate import Site, find_sites
+from .locate import LAYOUT_BY_MODEL_TYPE, Site, find_config, find_sites
 from .stats import CoefficientStats
 
 METHODS = ("tfidf", "count")
@@ -212,6 +212,13 @@ class SlotUsage:
                  sites: list[Site] | None = None, grad_only: bool = False):
         self.model = model
         self.sites = sites if sites is not None else find_sites(model, mlp_out)
+        stacks = sorted({site.stack for site in self.sites})
+        if len(stacks) > 1 or getattr(find_config(model), "is_encoder_decoder", False):
+            # one padding mask is read, the model call's: another stack's C has other rows (a decoder's own length)
+            raise ConfigError(f"slot usage reads the padding of the model's own call only, but the sites lie in the "
+                              f"stacks {stacks} of {type(model).__name__}, an encoder-decoder model or several "
+                              "stacks whose rows it cannot tell: measure a decoder-only or encoder-only model, or use "
+                              "kh.instrument(model) (which reads each stack's own mask) and pass its statistics")
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ConfigError(f"k must be a whole number of slots per token >= 1, not {k!r}")
@@ -227,7 +234,8 @@ class SlotUsage:
         self._count = [torch.zeros(s.d_ff, dtype=torch.float64) for s in self.sites]
         self.tokens = [0] * len(self.sites)
         self._mask: torch.Tensor | None = None
-        self._reader = StackReader(name="model", module=model)  # the one read of a call's inputs, as instrument()'s
+        self._reader = StackReader(name="model", module=model,  # the row order of C, as instrument() reads it
+                                   layout=LAYOUT_BY_MODEL_TYPE.get(_config_model_type(model), "batch_first"))  # the one read of a call's inputs, as instrument()'s
         self._handles: list = []
         self.forwards = 0
 
@@ -302,10 +310,11 @@ class SlotUsage:
     def on_forward(self) -> None:
         """Called at the start of every counted forward of the model (a subclass may reset there)."""
 
-    def _rows(self, c2d: torch.Tensor) -> torch.Tensor | None:
-        """Which rows of a [B*T, m] coefficient tensor are real tokens (None: all)."""
+    def _rows(self, c2d: torch.Tensor, seq_first: bool = False) -> torch.Tensor | None:
+        """Which rows of a [B*T, m] coefficient tensor (of a [T, B, m] one when ``seq_first``) are real tokens
+        (None: all)."""
         if self._mask is not None and self._mask.numel() == c2d.shape[0]:
-            return self._mask.reshape(-1).to(c2d.device) != 0
+            return (self._mask.t() if seq_first else self._mask).reshape(-1).to(c2d.device) != 0
         return None
 
     def _on_dense(self, index: int, module, args):
@@ -313,7 +322,7 @@ class SlotUsage:
             return None
         c = args[0].detach()
         c2d = c.reshape(-1, c.shape[-1])
-        rows = self._rows(c2d)
+        rows = self._rows(c2d, seq_first=c.dim() == 3 and self._reader.layout == "seq_first")
         if rows is not None:
             c2d = c2d[rows]
         a = c2d.abs().double()

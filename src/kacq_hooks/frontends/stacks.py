@@ -103,7 +103,7 @@ class StackReader:
         names = self.arguments
         bound = bind_arguments(self.module, args, kwargs)
         for key, reason in names.refuse:
-            if kwargs.get(key) is not None:
+            if bound.get(key) is not None:  # by keyword or by position
                 raise LocateError(f"{self.name} stack: {key}= is not supported: {reason}")
         mask = bound.get(names.mask) if names.mask else None
         if mask is None and names.inverted_mask and bound.get(names.inverted_mask) is not None:
