@@ -12,9 +12,6 @@ from kacq_hooks import bench
 from kacq_hooks.errors import KacqError
 
 
-@pytest.mark.xfail(strict=True, reason="peak_in_subprocess raised RuntimeError in 0.2; its BenchmarkError is a "
-                   "KacqError only (test_error_classes asserts it is not a RuntimeError), so `except RuntimeError` "
-                   "callers of the benchmark harness now miss it; not listed as a break in CHANGELOG.md")
 def test_a_failing_measuring_child_is_still_caught_as_a_runtime_error(tmp_path):
     script = tmp_path / "child.py"
     script.write_text("import sys\nsys.exit('the child could not build its model')\n")

@@ -9,12 +9,16 @@ A :class:`HookSet` holds every hook one owner placed (torch handles, or taps wit
 removes them all at once, idempotently; it is also a context manager. Plain callables given to it
 are wrapped in a :class:`FunctionHook`, so they are inert in a copy too, unless registered with
 ``travels=True``: a self-contained edit of the model (a scale that holds no outside state) that a
-copy of the model keeps, as torch's own hooks are kept.
+copy of the model keeps, as torch's own hooks are kept. An owner that edits the forward but cannot
+travel (a hook that replaces mixture-of-experts coefficients, shared by every tap of its module) says so
+through ``copy_refusal()``: its copied hooks refuse to run, since an unedited copy would measure another model.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .errors import StateError
 
 
 def _call(hook: "OwnerHook", args: tuple):
@@ -43,11 +47,17 @@ class OwnerHook:
             return _call_eagerly(self, args)
         return getattr(self._owner, self._method)(*self._bound, *args)
 
+    def _copied(self):
+        refusal = getattr(self._owner, "copy_refusal", None)
+        message = refusal() if callable(refusal) else None
+        return (RefusingHook, (message,)) if message else (InertHook, ())
+
     def __deepcopy__(self, memo):
-        return InertHook()
+        kind, args = self._copied()
+        return kind(*args)
 
     def __reduce__(self):
-        return (InertHook, ())
+        return self._copied()
 
 
 class FunctionHook(OwnerHook):
@@ -80,6 +90,16 @@ class InertHook:
                                   module._forward_hooks_always_called):
                         extra.pop(key, None)
         return None
+
+
+class RefusingHook:
+    """What a copied hook of an edit that cannot travel becomes: the copy's forward is refused."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, *args):
+        raise StateError(self.message)
 
 
 class HookSet:

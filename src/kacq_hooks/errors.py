@@ -117,5 +117,6 @@ class StateError(KacqError):
     ``except RuntimeError`` (out-of-memory retries) must not swallow them."""
 
 
-class BenchmarkError(KacqError):
-    """A benchmark's measuring child process failed; the message carries its last error line."""
+class BenchmarkError(KacqError, RuntimeError):
+    """A benchmark's measuring child process failed; the message carries its last error line. Still a
+    ``RuntimeError``, as this refusal was before 0.3 (it is never raised inside a hook)."""

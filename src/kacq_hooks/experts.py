@@ -201,6 +201,17 @@ class ExpertsTap:
         self.remove()
 
 
+def _copy_refusal(hub) -> str | None:
+    """Why a deep copy of the model must not run ``hub``'s module unedited (None: the copy may, uninstrumented)."""
+    if not any(tap.replaces for tap in hub._taps):
+        return None
+    return (f"'{hub.layer.path}' belongs to a copy (copy.deepcopy, pickle or torch.save) of a model whose "
+            "mixture-of-experts coefficients were replaced by a hook there (resuscitate(..., mode='hook') or a "
+            "replacing ExpertsTap). That edit cannot travel with a copy, and running the copy unedited would "
+            "measure another model than the one copied. Copy the model before editing it, or edit it with "
+            "resuscitate(..., mode='weights'), whose edit is in the weights and is copied")
+
+
 class _Hub:
     """The hooks of one experts module, shared by every :class:`ExpertsTap` attached to it.
 
@@ -208,6 +219,8 @@ class _Hub:
     override however many taps there are, so that taps compose: replacing taps run first, in attach
     order, then the observers on the final tensor.
     """
+
+    copy_refusal = _copy_refusal
 
     def __init__(self, layer: ExpertsLayer):
         self.layer = layer
@@ -459,6 +472,8 @@ class _ListHub:
     at the end of the block's forward, never guessed.
     """
 
+    copy_refusal = _copy_refusal
+
     def __init__(self, layer: ExpertsLayer):
         self.layer = layer
         self._taps: list[ExpertsTap] = []
@@ -568,6 +583,8 @@ class _SortedHub:
     per expert beside it. The router's output, just before, says the token of each row and the gate that
     multiplies the row's output after the down projection.
     """
+
+    copy_refusal = _copy_refusal
 
     def __init__(self, layer: ExpertsLayer):
         self.layer = layer

@@ -375,7 +375,10 @@ def resuscitate(model: nn.Module, plan: ResuscitationPlan, mode: str = "weights"
     ``model.config.kacq_resuscitation`` (so a model saved with ``save_pretrained`` and loaded again still
     refuses a second plan). ``copy.deepcopy`` of a resuscitated model copies the edited weights or the
     hooks, and the marks with them, so the copy is resuscitated too and refuses a second plan; it has no
-    handle: revert the original before copying if the copy should be unedited.
+    handle: revert the original before copying if the copy should be unedited. One exception: the hook
+    that scales a mixture-of-experts layer's routed slots cannot travel, so a copy of a model edited that
+    way refuses to run (:class:`~kacq_hooks.errors.StateError`) rather than run unedited; copy before
+    editing, or use ``mode="weights"``.
 
     >>> handle = resuscitate(model, plan)          # doctest: +SKIP
     >>> handle.revert()                            # doctest: +SKIP
