@@ -214,6 +214,16 @@ def last_layer_falls_most(results: dict) -> dict:
         if len(drops) > 1 and _numbers(drops) else None)
 
 
+def _one_checkpoint(results: dict) -> bool:
+    """Whether the early and the late checkpoint are the same step: the decay regime's peak rule takes the last step
+    as the early checkpoint when entropy still climbs at the end, and the early and late arms then train the same
+    weights; an early-against-late finding has nothing to compare (not checked, never "not held"). The criterion
+    texts do not say so: they are the same for every seed, and a run's earlier results.json keeps its bytes; the
+    seed's regime check (entropy_decayed_before_late) fails and says why."""
+    steps = results.get("pretraining", {}).get("checkpoints", {})
+    return steps.get("early") is not None and steps.get("early") == steps.get("late")
+
+
 def late_acquires_less(results: dict) -> dict:
     """Kim et al.: a later checkpoint acquires new knowledge less well."""
     values, _ = _compare(results, "acquisition", "early", "late")
@@ -221,7 +231,8 @@ def late_acquires_less(results: dict) -> dict:
                     "a later checkpoint acquires new knowledge less well",
                     "acquisition A = (K_after - K_before)/|K_before| of the early arm > the late arm; not "
                     "checked when neither arm acquired anything (both A <= 0)",
-                    values, _acquires_more(values["acquisition[early]"], values["acquisition[late]"]))
+                    values, None if _one_checkpoint(results)
+                    else _acquires_more(values["acquisition[early]"], values["acquisition[late]"]))
 
 
 def late_forgets_more(results: dict) -> dict:
@@ -230,7 +241,8 @@ def late_forgets_more(results: dict) -> dict:
     return _finding("late_forgets_more", "Kim et al. 2025", "a later checkpoint forgets more",
                     "forgetting F (relative drop of held-out next-token accuracy) of the late arm > 0 and > "
                     "the early arm's; not checked when neither arm lost accuracy (both F <= 0)",
-                    values, _forgets_more(values["forgetting[late]"], values["forgetting[early]"]))
+                    values, None if _one_checkpoint(results)
+                    else _forgets_more(values["forgetting[late]"], values["forgetting[early]"]))
 
 
 def _resuscitation_improves(results: dict, key: str, claim: str) -> dict:

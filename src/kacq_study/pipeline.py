@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kacq_hooks as kh
 from kacq_hooks import facts as kf
+from kacq_hooks.errors import MetricError
 from kacq_hooks.corpus import cached_tokenizer, load_corpus, pack_documents, wikipedia_summaries
 
 from .arms import Arm, adamw_step, lm_loss
@@ -330,13 +331,21 @@ def entropy_peak(steps: Sequence[int], totals: Sequence[float],
     """
     if len(steps) != len(totals) or len(totals) < 2:
         raise DemoConfigError(f"the peak rule needs at least two entropy measurements, got {len(totals)}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise DemoConfigError(f"the peak rule needs the measurements' steps increasing, got {list(steps)}")
+    bad = [s for s, t in zip(steps, totals) if not math.isfinite(t)]
+    if bad:
+        # a diverged model: nothing compares above NaN, so it would be taken as the peak, or crash the noise
+        raise MetricError(f"the entropy measured at step(s) {bad} is not finite (the pretraining diverged): no "
+                          "checkpoint can be chosen from this curve; lower lr or weight_decay")
     head = max(2, len(totals) // 4)  # step 0 is the untrained model, near the maximum: the collapse comes after it
     low = min(range(1, min(head, len(totals))), key=totals.__getitem__)
     peak = max(range(low, len(totals)), key=totals.__getitem__)
     after = list(totals[peak:])
     noise = curve_noise(after)
     fall = totals[peak] - totals[-1]
-    decays = None if noise is None or len(after) < 3 else bool(fall > noise_multiple * noise)
+    # at least three measurements after the peak (``after`` holds the peak too)
+    decays = None if noise is None or len(after) < 4 else bool(fall > noise_multiple * noise)
     return {"rule": "peak", "early_minimum_step": steps[low], "early_minimum": totals[low],
             "peak_step": steps[peak], "peak": totals[peak], "late_step": steps[-1], "last": totals[-1],
             "fall_after_peak": fall, "noise": noise, "noise_multiple": noise_multiple,

@@ -141,7 +141,7 @@ def analyse_run(run: dict) -> dict:
         layer_noise = _noise(curve[peak:])
         change = curve[-1] - curve[peak]
         layers.append({"change_after_peak": change, "noise": layer_noise,
-                       "falls": None if layer_noise is None or len(curve) - peak < 3
+                       "falls": None if layer_noise is None or len(curve) - peak < 4  # three after the peak
                        else -change > NOISE_MULTIPLE * layer_noise})
     norms = run["ffn_norm"]
     last_quarter = norms[-max(2, len(norms) // 4):]

@@ -1,0 +1,115 @@
+"""Edge cases of the decay regime's checkpoint rule (`kacq_study.pipeline.entropy_peak`) and of the findings it
+feeds: how many measurements must follow the peak, a non-finite entropy, a peak at the last measurement (the early
+checkpoint is then the late one), ties and uneven steps, and how often the rule and "entropy decays" call a curve
+that never decays a decay (choosing the early checkpoint at the curve's maximum favours both)."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from kacq_hooks.errors import KacqError
+from kacq_study.findings import entropy_decayed_before_late, entropy_decays, late_acquires_less, late_forgets_more
+from kacq_study.pipeline import entropy_peak
+
+
+def _steps(totals):
+    return [100 * i for i in range(len(totals))]
+
+
+def test_two_measurements_after_the_peak_are_not_judged():
+    # the rule's docstring and the regime check's criterion: decays needs at least three measurements after the peak
+    totals = [22.0, 19.0, 19.5, 20.0, 20.5, 21.0, 21.5, 22.5, 21.0, 20.0]
+    rule = entropy_peak(_steps(totals), totals)
+    assert rule["peak_step"] == 700 and rule["measurements_after_peak"] == 2
+    assert rule["decays"] is None
+    assert entropy_decayed_before_late({"pretraining": {"checkpoint_rule": rule}})["holds"] is False
+    # three after the peak are judged
+    rule = entropy_peak(_steps(totals + [19.0]), totals + [19.0])
+    assert rule["measurements_after_peak"] == 3 and rule["decays"] is not None
+
+
+@pytest.mark.parametrize("where", [1, 2, 5, 9])
+def test_a_non_finite_entropy_is_refused_not_chosen_or_skipped(where):
+    # a NaN (a diverged model) at the early minimum would otherwise become the "peak" (nothing compares above NaN)
+    totals = [22.0, 19.0, 19.5, 20.0, 20.5, 21.0, 21.5, 21.4, 21.3, 21.2, 21.1, 21.0]
+    totals[where] = math.nan
+    with pytest.raises(KacqError, match="not finite"):
+        entropy_peak(_steps(totals), totals)
+    totals[where] = math.inf
+    with pytest.raises(KacqError, match="not finite"):
+        entropy_peak(_steps(totals), totals)
+
+
+def test_steps_and_totals_must_agree_and_steps_must_increase():
+    with pytest.raises(KacqError):
+        entropy_peak([0, 100, 200], [1.0, 2.0])
+    with pytest.raises(KacqError, match="increas"):
+        entropy_peak([0, 200, 100, 300], [22.0, 19.0, 20.0, 19.5])
+
+
+def test_a_plateau_of_ties_takes_its_first_step_and_uneven_steps_are_read_as_measured():
+    totals = [22.0, 19.0, 20.0, 21.0, 21.0, 21.0, 20.5, 20.0, 19.5]
+    rule = entropy_peak(_steps(totals), totals)
+    assert rule["peak_step"] == 300  # the first of the tied maxima: the earliest candidate for "at or before the peak"
+    # a last measurement closer than the others (pretrain_steps not a multiple of entropy_every)
+    steps = [0, 100, 200, 300, 400, 500, 600, 650]
+    rule = entropy_peak(steps, [22.0, 19.0, 20.0, 21.0, 20.8, 20.6, 20.4, 20.3])
+    assert rule["peak_step"] == 300 and rule["late_step"] == 650
+
+
+def _results_where_early_is_late(acquisition, forgetting):
+    kim = {"acquisition": acquisition, "forgetting": forgetting}
+    return {"pretraining": {"checkpoints": {"early": 4000, "late": 4000}},
+            "arms": {"early": {"kim": dict(kim)}, "late": {"kim": dict(kim)}}}
+
+
+def test_early_against_late_is_not_checked_when_the_peak_is_the_last_step():
+    # a seed whose entropy still climbs at the end: the peak rule's early checkpoint is the last step, the same
+    # weights as the late one, and the two arms are the same training; "a later checkpoint acquires less / forgets
+    # more" then compares a checkpoint with itself and must not come out "not held"
+    results = _results_where_early_is_late(0.2, 0.05)
+    assert late_acquires_less(results)["holds"] is None
+    assert late_forgets_more(results)["holds"] is None
+    # distinct checkpoints are still compared
+    results["pretraining"]["checkpoints"]["early"] = 2400
+    assert late_acquires_less(results)["holds"] is False and late_forgets_more(results)["holds"] is False
+
+
+def _null_rates(curve, trials=400, n=41, sd=0.01):
+    """How often the rule says "decays" and "entropy decays" holds on curves that never decay."""
+    decays = held = 0
+    for t in range(trials):
+        rng = random.Random(t)
+        totals = [curve(i) + rng.gauss(0, sd) for i in range(n)]
+        totals[0], totals[1] = 25.0, 20.0  # the untrained model and the early collapse
+        steps = _steps(totals)
+        rule = entropy_peak(steps, totals)
+        decays += rule["decays"] is True
+        results = {"pretraining": {"entropy": {"steps": steps, "total": totals, "per_layer": [[x] for x in totals]},
+                                   "checkpoints": {"early": rule["peak_step"], "late": steps[-1]}}}
+        held += entropy_decays(results)["holds"] is True
+    return decays / trials, held / trials
+
+
+def test_the_rule_is_fooled_by_a_noisy_plateau_as_often_as_measured():
+    """Pins what the rule does on curves with no decay at all (the measured false-positive rates that
+    docs/findings.md states): a climb to a flat plateau with noise, and a slow steady climb. The early checkpoint
+    is the maximum of ~40 noisy measurements, so the fall from it to a random last point often exceeds 3x the
+    noise, and the curve after it starts at its highest rank."""
+    plateau = _null_rates(lambda i: 21.0 + min(i, 10) * 0.07)
+    climbing = _null_rates(lambda i: 21.0 + i * 0.001)
+    assert 0.12 < plateau[0] < 0.32 and 0.07 < plateau[1] < 0.22
+    assert 0.05 < climbing[0] < 0.18 and 0.12 < climbing[1] < 0.28
+
+
+@pytest.mark.xfail(strict=True, reason="the 3x-noise criterion, fixed before the decay run, ignores that the peak "
+                   "is the maximum of many noisy measurements: on a flat noisy plateau it reports a decay for about "
+                   "1 seed in 5, and 'entropy decays' holds on a steadily climbing curve for about 1 in 5; a "
+                   "criterion corrected for the selection would change the published verdicts, which is not a "
+                   "reviewer's call")
+def test_a_curve_that_never_decays_is_called_a_decay_in_at_most_one_seed_in_twenty():
+    for curve in (lambda i: 21.0 + min(i, 10) * 0.07, lambda i: 21.0 + i * 0.001):
+        decays, held = _null_rates(curve)
+        assert decays <= 0.05 and held <= 0.05
