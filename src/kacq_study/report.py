@@ -546,7 +546,14 @@ def _decay_regime_section(results: dict, c: dict) -> list[str]:
         "calibration entropy after the early collapse (measured every "
         f"{c['entropy_every']} steps, a snapshot kept at each), the late one the last step; the rule says whether "
         "entropy decayed in between (the fall from the peak exceeds 3x the curve's step-to-step noise), and the "
-        "regime check below counts the seeds where it did not. " + "; ".join(chosen) + ".",
+        "regime check below counts the seeds where it did not. " + "; ".join(chosen) + ". "
+        "Choosing the early checkpoint at the curve's maximum favours the verdicts judged from it: \"entropy "
+        "decays\" needs the last measurement below the early checkpoint, which then holds by construction whenever "
+        "the peak is not the last measurement, and its Spearman starts from the curve's highest point; the "
+        "3x-noise fall is measured from a maximum of noisy measurements. On simulated curves that climb to a flat "
+        "noisy plateau and never decay (tests/test_demo_decay_regime_edge_cases.py), the regime check passes for "
+        "about 1 seed in 5 and \"entropy decays\" holds for about 1 in 5, both for about 1 in 10: a single seed's "
+        "decay is weak evidence; every seed's is the claim.",
         f"- **Injection over rows of {c['seq_len']} tokens.** A passage plus EOS starts a row and continues over the "
         f"next rows whole (up to three), {rows} rows a continued-training step; the arms, their schedule "
         f"({c['injection_rounds']} rounds every {c['injection_every']} steps), rate, momentum, resuscitation and the "
