@@ -229,13 +229,18 @@ def _check_rows(config: DemoConfig, tokenizer, facts: kf.FactSet) -> None:
         return
     rows = config.continue_batch_size or config.batch_size
     schedule = config.schedule(facts)
+    needed = {}
     for step in schedule.steps:
         lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in schedule.passages_at(step)]
-        needed = sum(math.ceil(n / config.seq_len) for n in lengths)
-        if needed > rows:
-            raise DemoConfigError(f"the passages injected at continued-training step {step} need {needed} rows of "
-                                  f"{config.seq_len} tokens but a batch has {rows}: raise continue_batch_size (or "
-                                  "batch_size) or seq_len, or lower facts_per_scenario")
+        needed[step] = sum(math.ceil(n / config.seq_len) for n in lengths)
+    if needed and max(needed.values()) > rows:
+        # the worst step, so that one number fixes every step (kacq demo has no option for it: say how from Python)
+        step = max(needed, key=needed.get)
+        raise DemoConfigError(f"the passages injected at continued-training step {step} need {needed[step]} rows of "
+                              f"{config.seq_len} tokens but a batch has {rows}: raise continue_batch_size (or "
+                              "batch_size) or seq_len, or lower facts_per_scenario; kacq demo has no option for "
+                              "these: run the study from Python (kacq_study.study.run_study) with e.g. "
+                              f"continue_batch_size={needed[step]}")
 
 
 def pretrain(config: DemoConfig, data: PreparedData, report: Progress,
