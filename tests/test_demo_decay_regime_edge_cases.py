@@ -4,7 +4,9 @@ checkpoint is then the late one), ties and uneven steps, and how often the rule 
 that never decays a decay (choosing the early checkpoint at the curve's maximum favours both)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
 import random
 import re
@@ -15,7 +17,10 @@ import pytest
 from kacq_hooks.errors import KacqError
 from kacq_study.config import DemoConfig, DemoConfigError
 from kacq_study.findings import entropy_decayed_before_late, entropy_decays, late_acquires_less, late_forgets_more
+from kacq_study.output import json_ready
 from kacq_study.pipeline import entropy_peak, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _steps(totals):
@@ -150,3 +155,34 @@ def test_scaling_the_decay_regime_keeps_its_span_in_weight_decay_time_constants(
     scaled = base.scaled(k)
     span = scaled.pretrain_steps * scaled.lr * scaled.weight_decay
     assert span == pytest.approx(base.pretrain_steps * base.lr * base.weight_decay)
+
+
+def test_a_seed_whose_peak_is_the_last_step_is_reported_as_such(tmp_path):
+    """The decay study's results with seed 1 as a seed whose entropy still climbed at the end (the rule's peak at
+    the last step, so early and late are one checkpoint): the study assembles and reports it; the regime check
+    fails for that seed, and the early-against-late findings leave it unchecked instead of "not held"."""
+    from kacq_study.report import write_report
+    from kacq_study.study import assemble
+
+    committed = json.loads((ROOT / "docs" / "demo_decay_results.json").read_text(encoding="utf-8"))
+    per_seed = copy.deepcopy(committed["per_seed"])
+    seed = per_seed[1]
+    entropy = seed["pretraining"]["entropy"]
+    entropy["total"][-1] = max(entropy["total"]) + 0.01  # still climbing at the end
+    rule = json_ready(entropy_peak(entropy["steps"], entropy["total"]))
+    assert rule["peak_step"] == rule["late_step"] and rule["decays"] is None
+    seed["pretraining"]["checkpoint_rule"] = rule
+    seed["pretraining"]["checkpoints"]["early"] = rule["peak_step"]
+    # the two arms trained the same weights the same way: the same numbers
+    seed["arms"]["early"]["kim"] = copy.deepcopy(seed["arms"]["late"]["kim"])
+    for r in per_seed:
+        r.pop("findings", None), r.pop("regime", None)
+    results = assemble(committed["config"], committed["seeds"], per_seed)
+    by_id = {f["id"]: f for f in results["findings"] + results["regime"]}
+    assert by_id["entropy_decayed_before_late"]["per_seed"][1] is False
+    assert by_id["late_acquires_less"]["per_seed"][1] is None
+    assert by_id["late_forgets_more"]["per_seed"][1] is None
+    assert by_id["entropy_decays"]["per_seed"][1] is None  # one measurement from the early checkpoint on
+    write_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "peak (early checkpoint) at step 4000" in report and "not judged" in report
