@@ -186,3 +186,20 @@ def test_a_seed_whose_peak_is_the_last_step_is_reported_as_such(tmp_path):
     write_report(results, tmp_path)
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "peak (early checkpoint) at step 4000" in report and "not judged" in report
+
+
+def test_the_decay_report_says_which_weight_decay_continued_training_used():
+    """The report's decay section read continue_weight_decay with the pretraining's as the fallback and still called
+    it "the default's" and said that value "would shrink" the weights, which, kept, it did."""
+    from kacq_study.report import _decay_regime_section
+
+    committed = json.loads((ROOT / "docs" / "demo_decay_results.json").read_text(encoding="utf-8"))
+    text = "\n".join(_decay_regime_section(committed, committed["config"]))
+    assert "Continued training uses weight decay 0.01" in text and "would shrink every weight by 33%" in text
+    config = dict(committed["config"])
+    del config["continue_weight_decay"]  # DemoConfig.decay(continue_weight_decay=None): the pretraining's 1.0
+    text = "\n".join(_decay_regime_section(committed, config))
+    assert "keeps the pretraining's weight decay 1," in text and "would shrink" not in text
+    assert "default's weight decay" not in text
+    # the model's size is the run's, not a fixed phrase
+    assert "a 4-layer model of width 64 trained for 4000 steps" in text

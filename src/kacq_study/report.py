@@ -555,14 +555,25 @@ def _decay_regime_section(results: dict, c: dict) -> list[str]:
         "about 1 seed in 5 and \"entropy decays\" holds for about 1 in 5, both for about 1 in 10: a single seed's "
         "decay is weak evidence; every seed's is the claim.",
         f"- **Injection over rows of {c['seq_len']} tokens.** A passage plus EOS starts a row and continues over the "
-        f"next rows whole (up to three), {rows} rows a continued-training step; the arms, their schedule "
+        f"next rows whole, {rows} rows a continued-training step; the arms, their schedule "
         f"({c['injection_rounds']} rounds every {c['injection_every']} steps), rate, momentum, resuscitation and the "
-        "landing analysis are the default study's. Continued training keeps the default's weight decay "
-        f"{_fmt(c.get('continue_weight_decay', wd))}: the pretraining's {_fmt(wd)} at the continued rate "
-        f"{_fmt(c['continue_lr'])} would shrink every weight by {shrink:.0%} over an arm's {c['continue_steps']} "
-        "steps, an intervention of its own.",
+        "landing analysis are the default study's. " + _arm_weight_decay_text(c, wd, shrink),
         f"- **What does not carry over.** The fall after the peak is {falls} nats ({share} of the total at the "
-        "peak); a model of under a million parameters trained for minutes is not OLMo.", ""]
+        f"peak); a {c['n_layers']}-layer model of width {c['d_model']} trained for {c['pretrain_steps']} steps is "
+        "not OLMo.", ""]
+
+
+def _arm_weight_decay_text(c: dict, wd: float, shrink: float) -> str:
+    """What weight decay continued training used (``continue_weight_decay``; absent from the settings: the
+    pretraining's), and what the pretraining's would have done at the continued rate."""
+    arm_wd = c.get("continue_weight_decay")
+    effect = (f"the pretraining's {_fmt(wd)} at the continued rate {_fmt(c['continue_lr'])} shrinks every weight by "
+              f"{shrink:.0%} over an arm's {c['continue_steps']} steps")
+    if arm_wd is None or arm_wd == wd:
+        return (f"Continued training keeps the pretraining's weight decay {_fmt(wd)}, and the arms' numbers include "
+                f"its shrinkage: {effect}.")
+    return f"Continued training uses weight decay {_fmt(arm_wd)}: {effect.replace('shrinks', 'would shrink')}, an " \
+           "intervention of its own."
 
 
 def _regime_checks(results: dict) -> list[str]:
