@@ -203,3 +203,29 @@ def test_the_decay_report_says_which_weight_decay_continued_training_used():
     assert "default's weight decay" not in text
     # the model's size is the run's, not a fixed phrase
     assert "a 4-layer model of width 64 trained for 4000 steps" in text
+
+
+def test_the_decay_study_writes_to_its_own_folder_by_default(monkeypatch):
+    """Both studies wrote to runs/demo by default, and a run removes the outputs of the previous one there: the
+    hour-long decay study replaced the default study's results.json (or the other way round) when a user ran both
+    to compare them, as the docs invite."""
+    import argparse
+
+    from kacq_study import cli
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def check_out(out):
+        seen.append(out)
+        raise Reached
+
+    monkeypatch.setattr(cli, "_check_out", check_out)
+    parser = cli.register(argparse.ArgumentParser().add_subparsers())
+    for argv, out in ((["--regime", "decay"], "runs/demo-decay"), ([], "runs/demo"), (["--quick"], "runs/demo"),
+                      (["--regime", "decay", "--out", "elsewhere"], "elsewhere")):
+        with pytest.raises(Reached):
+            cli.run_demo_command(parser.parse_args(argv + ["--device", "cpu"]))
+        assert seen[-1] == out

@@ -40,7 +40,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="'decay': the study where knowledge entropy decays during pretraining (weight decay 1.0 "
                         "at a constant rate for 12 weight-decay time constants, the early checkpoint at the entropy "
                         f"peak, the late one after the decay; {RUN_TIME['decay']}); default: the settings above")
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/demo; runs/demo-decay with "
+                        "--regime decay, so that one study's outputs never replace the other's)")
     seeds = parser.add_mutually_exclusive_group()  # one way to say which seeds run, never two that disagree
     seeds.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                        help="comma-separated distinct seeds >= 0, or a count N for seeds 0..N-1 (default "
@@ -119,6 +120,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     seeds = parse_seeds(f"{args.seed}," if args.seed is not None else args.seeds)
     if args.workers is not None and args.workers < 1:
         raise DemoConfigError(f"--workers {args.workers}: give at least 1 (1 runs every task in this process)")
+    if args.out is None:
+        args.out = "runs/demo-decay" if args.regime == "decay" else "runs/demo"
     _check_out(args.out)
     progress = _Bars(tqdm, config, len(seeds))
     try:
