@@ -229,3 +229,9 @@ def test_the_decay_study_writes_to_its_own_folder_by_default(monkeypatch):
         with pytest.raises(Reached):
             cli.run_demo_command(parser.parse_args(argv + ["--device", "cpu"]))
         assert seen[-1] == out
+
+
+def test_too_few_measurements_for_the_peak_rule_says_what_the_cli_can_change():
+    # `kacq demo --regime decay --pretrain-steps 700` was told to "lower entropy_every", which no option sets
+    with pytest.raises(DemoConfigError, match=r"at least 8 entropy measurements.*--pretrain-steps\) to at least 800"):
+        DemoConfig.decay(pretrain_steps=700).validate()

@@ -222,7 +222,9 @@ class DemoConfig:
             if self.pretrain_steps // self.entropy_every < 8:
                 raise DemoConfigError(f"checkpoint_rule='peak' needs at least 8 entropy measurements after step 0; "
                                       f"pretrain_steps={self.pretrain_steps} with entropy_every={self.entropy_every} "
-                                      f"gives {self.pretrain_steps // self.entropy_every}: lower entropy_every")
+                                      f"gives {self.pretrain_steps // self.entropy_every}: raise pretrain_steps "
+                                      f"(--pretrain-steps) to at least {8 * self.entropy_every}, or lower "
+                                      "entropy_every (DemoConfig; kacq demo has no option for it)")
         elif not 0 < self.early_step < self.pretrain_steps:
             raise DemoConfigError(f"early_step={self.early_step} must lie in (0, pretrain_steps={self.pretrain_steps})")
         if self.injection_rounds < 1 or self.injection_every < 1:
