@@ -168,7 +168,9 @@ class DemoConfig:
         """A larger (k > 1) or smaller study: d_model and d_ff times ``k`` (d_model kept a multiple of
         2 * n_heads: RoPE needs an even head dimension), and the pretraining steps, the corpus documents and the
         step settings tied to them (early checkpoint, warmup, entropy interval) times ``k``, so the checkpoints
-        stay at the same share of training. Meant for a GPU (``--scale``); ``k = 1`` is this config.
+        stay at the same share of training. Meant for a GPU (``--scale``); ``k = 1`` is this config. A study whose
+        checkpoints are chosen on the entropy curve (the decay regime) is clocked in weight-decay time constants:
+        its weight decay is divided by ``k``, so it spans as many of them as unscaled.
 
         >>> c = DemoConfig.quick().scaled(1.2)
         >>> c.d_model, c.d_model // c.n_heads % 2
@@ -189,6 +191,7 @@ class DemoConfig:
             self, d_model=d_model, d_ff=times(self.d_ff), pretrain_steps=steps,
             early_step=min(steps - 1, times(self.early_step)), warmup_steps=times(self.warmup_steps, 0),
             entropy_every=times(self.entropy_every),
+            weight_decay=self.weight_decay / k if self.checkpoint_rule == "peak" else self.weight_decay,
             max_docs=None if self.max_docs is None else times(self.max_docs))
 
     @property
