@@ -253,6 +253,22 @@ def test_an_expert_id_outside_the_layer_is_refused_not_written_into_the_shared_s
     assert all(not bool(b.any()) for _, b in out.buffers())
 
 
+@pytest.mark.parametrize("what", ["ids", "weight", "keep", "doc"])
+@pytest.mark.parametrize("length", [1, 39, 41])
+def test_routing_tensors_of_another_length_than_c_are_refused(what, length):
+    """The kernel hands rows whose ids, weights, mask or document weights do not match C's rows to the slower
+    paths, which broadcast or index them: one id for 40 rows added nothing, 39 ids dropped a row's expert,
+    41 weights were read through the grouped order. All are refused before anything is added."""
+    c, ids, weight, keep, doc = rows(40, 4, 2, seed=1)
+    args = dict(ids=ids, weight=weight, keep=keep, doc=doc)
+    t = args[what]
+    args[what] = t[:length] if length <= 40 else torch.cat([t, t[:1]])
+    out = LayerStats(2 * 4)
+    with pytest.raises(ShapeError, match="rows"):
+        experts_cpu.accumulate_experts(c, args["ids"], args["weight"], args["keep"], args["doc"], out, 2)
+    assert all(not bool(b.any()) for _, b in out.buffers())
+
+
 # -- real models -----------------------------------------------------------------------------------------------
 
 def expert_c64(mod, x, e):
