@@ -39,6 +39,12 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
                        doc_weight: torch.Tensor | None, out, experts: int) -> None:
     """Same contract as :func:`.reference.accumulate_experts`, for CPU tensors."""
     n, m = c.shape
+    # one entry per row of C: the kernel would hand other lengths to the loop below, which broadcasts or
+    # indexes them into plausible sums
+    for what, t in (("expert ids", expert_ids), ("routing weights", weight), ("row mask", keep),
+                    ("document weights", doc_weight)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
     if n == 0:
         return
     if out.sum_abs.numel() < experts * m:
