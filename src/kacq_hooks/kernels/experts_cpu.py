@@ -43,7 +43,7 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
     # indexes them into plausible sums
     for what, t in (("expert ids", expert_ids), ("routing weights", weight), ("row mask", keep),
                     ("document weights", doc_weight)):
-        if t is not None and tuple(t.shape) != (n,):
+        if t is not None and t.shape != (n,):
             raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
     if n == 0:
         return
