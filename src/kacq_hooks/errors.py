@@ -14,6 +14,10 @@ class ShapeError(KacqError, ValueError):
     """A tensor, mask or plan does not fit the model or the statistics it is meant for."""
 
 
+class ExpertIdError(ShapeError, IndexError):
+    """A routed row names an expert outside the layer's ``0..experts - 1`` (its slots do not exist)."""
+
+
 class MissingExtraError(KacqError, ImportError):
     """An optional integration was asked for but its package is not installed."""
 

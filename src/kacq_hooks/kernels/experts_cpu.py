@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import stats as S
-from ..errors import ShapeError
+from ..errors import ExpertIdError, ShapeError
 from . import cpu, native, reference
 
 
@@ -39,6 +39,12 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
                        doc_weight: torch.Tensor | None, out, experts: int) -> None:
     """Same contract as :func:`.reference.accumulate_experts`, for CPU tensors."""
     n, m = c.shape
+    # one entry per row of C: the kernel would hand other lengths to the loop below, which broadcasts or
+    # indexes them into plausible sums
+    for what, t in (("expert ids", expert_ids), ("routing weights", weight), ("row mask", keep),
+                    ("document weights", doc_weight)):
+        if t is not None and t.shape != (n,):
+            raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
     if n == 0:
         return
     if out.sum_abs.numel() < experts * m:
@@ -51,6 +57,12 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
         reference.accumulate_experts(c, ids, weight, keep, doc_weight, out, experts)
     if done is not None:
         return
+    # the kernel range-checks ids itself; the per-expert loop below would fold an id of `experts` or more into
+    # the slots after the routed ones (a shared expert's) and fail on a negative one without saying why
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= experts:
+        raise ExpertIdError(f"routed rows name expert {low if low < 0 else high}, outside 0..{experts - 1} of this "
+                            "layer: hand only the layer's own expert ids (expert-parallel sentinels are not rows)")
     if n > 1 and not bool((ids[1:] >= ids[:-1]).all()):  # batched_mm: token order; group the rows once
         order = torch.argsort(ids, stable=True)
         ids, c, weight, keep = ids[order], c.index_select(0, order), weight[order], keep[order]
@@ -75,11 +87,15 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
 def _native(lib, c, ids, weight, keep, doc_weight, out, experts: int) -> bool | None:
     """All routed rows through the one-pass C kernel (:func:`.native.routed`): True when they are added;
     False, having added nothing, when a slot sum is non-finite (a NaN or Inf in C on a valid row); None
-    when the kernel cannot take them (expert ids outside the layer, mismatched lengths: the slower paths
-    refuse or handle them)."""
+    when the kernel cannot take them (expert ids outside the layer: refused by the caller; mismatched lengths,
+    weights other than fp32/bf16/fp16: the slower paths refuse or handle them)."""
     n = c.shape[0]
     extras = (ids, weight, keep) + (() if doc_weight is None else (doc_weight,))
     if not all(t.device.type == "cpu" and t.shape == (n,) for t in extras):
+        return None
+    # the kernel reads weights as fp32: a float64 weight that rounds to 0 there would no longer count as routed
+    # (the reference tests weight != 0 on the weight as given); those dtypes convert exactly
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     # few and cheap host ops: eager hands one call per expert, so a fixed cost here is paid E times a layer
     doc = None if doc_weight is None else doc_weight.float().contiguous()
