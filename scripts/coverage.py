@@ -25,6 +25,7 @@ import torch
 
 import kacq_hooks as kh
 from kacq_hooks import locate
+from kacq_hooks.frontends.hf import find_stacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import model_zoo  # noqa: E402  (tests/ holds the tiny configs)
@@ -104,10 +105,11 @@ def _forward_checks(model, sites, specs, inputs) -> tuple[list[str], dict]:
     """Call counts and layouts of every site in one plain forward, with C captured for the float64 reference."""
     problems, unexercised, captured = [], [], {i: [] for i in range(len(sites))}
     shapes: dict[str, tuple] = {}
+    readers = {reader.name: reader for reader in find_stacks(model, sites)[0]}  # the library's one reader
 
     def on_stack(name):
         def hook(module, args, kwargs):
-            shapes[name] = specs[name].read_inputs(args, kwargs)[1]
+            shapes[name] = readers[name].read(args, kwargs).shape
         return hook
 
     handles = [spec.root.register_forward_pre_hook(on_stack(n), with_kwargs=True) for n, spec in specs.items()]
