@@ -79,3 +79,23 @@ def test_a_tiny_run_is_registered_and_writes_its_figure_and_summary(tmp_path):
     assert plot_entropy_weight_decay(result, tmp_path / "decay.png").stat().st_size > 0
     lines = summary(result)
     assert lines[0].startswith("wd 1.0") and lines[-1].startswith("OLMo 7B")
+
+
+def test_the_committed_run_agrees_with_todays_rule_and_the_findings_page():
+    """docs/findings/entropy_weight_decay.json holds the measured curves; its verdicts must be what today's rule draws
+    from them, and the findings page must quote them."""
+    from pathlib import Path
+
+    from kacq_study.experiments import weight_decay
+
+    root = Path(__file__).parents[1]
+    committed = json.loads((root / "docs" / "findings" / "entropy_weight_decay.json").read_text(encoding="utf-8"))
+    again = weight_decay.reanalysed(committed)
+    for wd, row in committed["by_weight_decay"].items():
+        fresh = again["by_weight_decay"][wd]
+        assert row["decays"] == fresh["decays"] and row["peak_step"] == fresh["peak_step"]
+        assert row["layers_falling"] == fresh["layers_falling"]
+    assert committed["by_weight_decay"]["1.0"]["decays"] == [True, True, True]
+    page = (root / "docs" / "findings.md").read_text(encoding="utf-8")
+    peaks = ", ".join(f"{s:,}" for s in committed["by_weight_decay"]["1.0"]["peak_step"])
+    assert peaks in page  # the table's wd 1.0 peak steps

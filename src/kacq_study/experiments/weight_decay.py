@@ -175,12 +175,20 @@ def entropy_weight_decay(seeds: Sequence[int] = DEFAULT_SEEDS, workers: int | No
     else:
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             runs = list(pool.map(_task, configs))
-    by_decay = {}
+    return {"experiment": "entropy-weight-decay", "seeds": list(seeds), "weight_decays": list(weight_decays),
+            "steps": steps, "every": every, "lr": configs[0].lr, "recipe": {**RECIPE, **overrides},
+            "noise_multiple": NOISE_MULTIPLE, "olmo": olmo_time_constants(), "runs": runs,
+            "by_weight_decay": by_weight_decay(runs, weight_decays)}
+
+
+def by_weight_decay(runs: Sequence[dict], weight_decays: Sequence[float]) -> dict:
+    """Each weight decay's peaks, falls and decaying layers over its seeds, from the runs' analyses."""
+    summary = {}
     for wd in weight_decays:
         mine = [r for r in runs if r["weight_decay"] == wd]
         analyses = [r["analysis"] for r in mine]
         n_layers = len(analyses[0]["layers"])
-        by_decay[str(wd)] = {
+        summary[str(wd)] = {
             "steps_per_time_constant": 1 / (mine[0]["lr"] * wd),
             "time_constants_at_end": mine[0]["time_constants"][-1],
             "peak_step": [a["peak_step"] for a in analyses],
@@ -192,9 +200,14 @@ def entropy_weight_decay(seeds: Sequence[int] = DEFAULT_SEEDS, workers: int | No
             "held_out_loss_last": [a["held_out_loss_last"] for a in analyses],
             "ffn_norm_change_last_quarter": [a["ffn_norm_change_last_quarter"] for a in analyses],
         }
-    return {"experiment": "entropy-weight-decay", "seeds": list(seeds), "weight_decays": list(weight_decays),
-            "steps": steps, "every": every, "lr": configs[0].lr, "recipe": {**RECIPE, **overrides},
-            "noise_multiple": NOISE_MULTIPLE, "olmo": olmo_time_constants(), "runs": runs, "by_weight_decay": by_decay}
+    return summary
+
+
+def reanalysed(result: dict) -> dict:
+    """``result`` (a saved run of this experiment) with every run analysed again by today's :func:`analyse_run`:
+    the measured curves are kept, only the verdicts drawn from them are recomputed."""
+    runs = [{**run, "analysis": analyse_run(run)} for run in result["runs"]]
+    return {**result, "runs": runs, "by_weight_decay": by_weight_decay(runs, result["weight_decays"])}
 
 
 def plot_entropy_weight_decay(result: dict, path: Path) -> Path:
