@@ -2,6 +2,8 @@
 sum that overflows fp32 is refused when read, never reported as a number."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def test_an_overflowed_square_sum_is_refused_where_it_is_read():
 
 # -- the table drives the kernels ---------------------------------------------------------------------------------
 
-def test_the_native_kernel_takes_the_tables_buffers_and_refuses_a_table_it_does_not_write(monkeypatch):
+def test_the_native_kernel_takes_the_tables_buffers_and_refuses_a_table_it_does_not_write(monkeypatch, caplog):
     lib = native.library()
     if lib is None:
         pytest.skip(f"the one-pass CPU kernel cannot be built here: {native.unavailable_reason()}")
@@ -75,6 +77,11 @@ def test_the_native_kernel_takes_the_tables_buffers_and_refuses_a_table_it_does_
     monkeypatch.setattr(native, "FORWARD_OUTPUTS", native.FORWARD_OUTPUTS + ("sum_cubed",))
     with pytest.raises(RuntimeError, match=r"native\.c's kacq_forward writes .* add the missing"):
         native._load()
+    # and says so aloud: unlike a missing compiler, it is a slip of whoever added the statistic
+    monkeypatch.setattr(native, "_state", {})
+    with caplog.at_level(logging.WARNING, logger=native.log.name):
+        assert native.library() is None
+    assert "add the missing statistics' lines to native.c" in caplog.text
 
 
 def test_the_routed_kernel_takes_the_tables_routed_buffers_and_refuses_a_table_it_does_not_write(monkeypatch):

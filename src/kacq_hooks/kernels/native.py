@@ -108,6 +108,10 @@ def _build(compiler: str) -> Path:
     raise RuntimeError("; ".join(errors))
 
 
+class _TableMismatch(RuntimeError):
+    """native.c and the statistics table disagree: a statistic was added to one and not the other."""
+
+
 def _load() -> ctypes.CDLL:
     compiler = _compiler()
     if compiler is None:
@@ -117,8 +121,8 @@ def _load() -> ctypes.CDLL:
                            ("kacq_routed", ROUTED_OUTPUTS)):
         declared = tuple(ctypes.c_char_p.in_dll(lib, f"{kernel}_outputs").value.decode().split(","))
         if declared != wanted:
-            raise RuntimeError(f"native.c's {kernel} writes {declared} but the statistics table asks for {wanted}: "
-                               "add the missing statistics' lines to native.c")
+            raise _TableMismatch(f"native.c's {kernel} writes {declared} but the statistics table asks for {wanted}: "
+                                 "add the missing statistics' lines to native.c")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     # (c, dtype, n, d, row stride, valid rows, document weights, *outputs, threads)
     lib.kacq_forward.argtypes = [p, i32, i64, i64, i64, p, p, *[p] * len(FORWARD_OUTPUTS), i32]
@@ -144,8 +148,11 @@ def library() -> ctypes.CDLL | None:
                     _state["lib"] = _load()
                 except Exception as err:  # no toolchain, a read-only cache, a platform the source does not build on
                     _state["lib"], _state["why"] = None, f"{type(err).__name__}: {err}"
-                    log.info("kacq_hooks: the one-pass CPU kernel is unavailable (%s); using eager torch passes, "
-                             "which give the same statistics a few passes slower", _state["why"])
+                    # a missing toolchain is the machine's limit; a table native.c does not match is a developer's
+                    # slip that would otherwise only show as slower statistics
+                    report = log.warning if isinstance(err, _TableMismatch) else log.info
+                    report("kacq_hooks: the one-pass CPU kernel is unavailable (%s); using eager torch passes, "
+                           "which give the same statistics a few passes slower", _state["why"])
     if _state["lib"] is None and mode == "native":
         raise NativeBuildError(f"KACQ_KERNELS=native, but the one-pass CPU kernel could not be built: "
                                f"{_state['why']}. Install a C compiler (or set CC), or unset KACQ_KERNELS")
