@@ -5,9 +5,9 @@ For safetensors files it hashes every tensor's name, dtype, shape and bytes (rea
 byte ranges), so the identity ignores file metadata and how the weights are split into shards: two
 folders holding the same weights have the same identity whatever their names. The config is part of it
 (the same weights under another activation or norm give other coefficients), parsed and without the fields
-that only say who wrote it (``transformers_version``, ``_name_or_path``), so re-saving it changes nothing. The tokenizer files are part of it too: the same weights read other tokens
-through another tokenizer (and, under ``--count``, count other positions). Ranks share the tensors
-out. Digests are remembered by path, size, mtime, ctime and inode, so a resumed sweep does not read
+that only say who wrote it (``transformers_version``, ``_name_or_path``), so re-saving it changes nothing.
+The tokenizer files are part of it too: the same weights read other tokens through another tokenizer (and,
+under ``--count``, count other positions). Ranks share the tensors out. Digests are remembered by path, size, mtime, ctime and inode, so a resumed sweep does not read
 unchanged files again.
 """
 from __future__ import annotations
