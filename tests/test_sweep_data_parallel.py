@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,15 @@ def torchrun(args, ranks=2, timeout=240):
                str(_free_port()),
                "-m", "kacq_hooks.cli", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # seen once in about ten full-suite runs on this 2-core machine: a rank aborted by std::terminate inside
+        # torch/gloo between two checkpoints, before any number was written; the launch is repeated once into a
+        # fresh --out (a second abort fails the test), so the numbers compared are always a whole run's
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+        if out is not None and out.exists():
+            shutil.rmtree(out)
+        command[command.index("--master-port") + 1] = str(_free_port())
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
