@@ -469,3 +469,13 @@ def test_instrumented_compiled_model_matches_eager():
     assert int(inst.stats[0].tokens) == int(mask.sum())
     for a, b in zip(inst.knowledge_entropy().per_layer, eager.knowledge_entropy().per_layer):
         assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_fullgraph_compile_of_an_instrumented_model_says_why_it_cannot_be_one_graph():
+    model = tiny_model("llama")
+    kh.instrument(model)
+    ids, mask = random_batch()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="without fullgraph=True") as caught, torch.no_grad():
+        compiled(ids, attention_mask=mask)
+    assert "kacq_hooks" in str(caught.value)

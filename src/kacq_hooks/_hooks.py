@@ -27,8 +27,10 @@ def _call(hook: "OwnerHook", args: tuple):
 
 # The hooks keep per-call Python state (which call is open, which sites fired), which torch.compile must not
 # trace into a graph. The disabled wrapper costs a few percent of a forward per call, so it is only taken
-# while compiling.
-_call_eagerly = torch.compiler.disable(_call)
+# while compiling. Dynamo prints the reason when fullgraph=True refuses the break.
+_call_eagerly = torch.compiler.disable(
+    _call, reason="kacq_hooks' hooks keep per-call Python state and run between compiled graphs: an instrumented "
+                  "model cannot be one full graph; compile it without fullgraph=True")
 
 
 class OwnerHook:
