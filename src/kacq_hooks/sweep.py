@@ -97,12 +97,6 @@ class SweepSettings:
                               "it out to count every token)")
 
 
-def data_identity(data: str | os.PathLike) -> tuple[str, str | None]:
-    """(resolved absolute path, content digest) of local data; (name, None) for a hub dataset."""
-    source = data_source(data)
-    return source.name, data_digest(source)
-
-
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a ``torch.device`` that exists on this machine; a :class:`ConfigError` saying why not."""
     try:
@@ -205,11 +199,6 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-
-
-def iter_documents(data: str, max_docs: int | None = None, text_column: str = "text") -> Iterator[str]:
-    """Documents of --data as one process reads them (see :func:`kacq_hooks.sweep_data.read_documents`)."""
-    yield from read_documents(data_source(data), text_column=text_column, max_docs=max_docs)
 
 
 def _read_config(checkpoint: Checkpoint):
@@ -449,21 +438,6 @@ def _entropy_row(inst, documents: int, seq_len: int) -> dict:
     entropy = inst.knowledge_entropy()
     return {**entropy.to_dict(), "documents": documents, "seq_len": seq_len, "layers": len(inst.sites),
             "sites": [site.path for site in inst.sites], "labels": [site.label for site in inst.sites]}
-
-
-def measure_checkpoint(model, tokenizer, texts: Iterable[str], settings: SweepSettings,
-                       progress: Progress | None = None, *, seq_len: int | None = None) -> dict:
-    """Knowledge entropy of ``model`` on ``texts``, batched as given, padding masked; a JSON-ready dict.
-
-    Documents are cut at ``seq_len`` (default: ``settings.seq_len`` checked against the model's positions).
-    """
-    seq_len = seq_len if seq_len is not None else check_seq_len(settings.seq_len, model.config, "the model")
-    inst, documents = measure_texts(model, tokenizer, texts, batch_size=settings.batch_size,
-                                    max_length=seq_len, weighting=settings.weighting, progress=progress,
-                                    count=settings.count)
-    if documents == 0:
-        raise CorpusError(f"data {settings.data!r} has no documents to measure on")
-    return _entropy_row(inst, documents, seq_len)
 
 
 # ------------------------------------------------------------------------------------------------

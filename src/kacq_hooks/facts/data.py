@@ -14,7 +14,6 @@ from kacq_hooks.facts.records import PROBE_KINDS, SCENARIOS, FactRecord, FactSet
 logger = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("train_context",) + tuple(f"{kind}_{part}" for kind in PROBE_KINDS for part in ("input", "target"))
-OPTIONAL_FIELDS = ("paraphrases",)
 
 
 def load_fictional_knowledge(

@@ -73,9 +73,6 @@ class FactSet(Sequence[FactRecord]):
             raise ConfigError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
         return [i for i, s in enumerate(self.scenarios) if s == scenario]
 
-    def with_scenarios(self, scenarios: Sequence[str]) -> "FactSet":
-        return FactSet(self.records, scenarios)
-
 
 def default_scenarios(n: int) -> list[str]:
     if n == 130:
