@@ -1,8 +1,8 @@
 """Every hook kacq_hooks places is owned by a HookSet, and a deep copy of the model never feeds the original.
 
 One test per kind of hook: the instrumentation's (dense sites, call transaction), the experts and
-shared-expert taps, attribution's site hooks, resuscitation's hook mode and the injection callback's
-input hook. Each copies a model with the hook attached, runs the copy, and checks that the original's
+shared-expert taps, attribution's site hooks, resuscitation's hook mode, the injection callback's
+input hook, slot usage's forward hooks and sparse memory finetuning's gradient and optimizer step hooks. Each copies a model with the hook attached, runs the copy, and checks that the original's
 state did not move; then runs the original, to show the hook there is live.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torch.optim.optimizer as optim_hooks
 from tiny_models import random_batch, tiny_model
 
 import kacq_hooks as kh
@@ -18,7 +19,8 @@ from kacq_hooks import facts
 from kacq_hooks._hooks import HookSet
 from kacq_hooks.attribution import _hooks as attribution_hooks
 from kacq_hooks.attribution import attributable_sites
-from kacq_hooks.interventions import resuscitate, resuscitation_plan
+from kacq_hooks.interventions import resuscitate, resuscitation_plan, sparse_memory
+from kacq_hooks.usage import measure_usage
 from kacq_hooks.training.callbacks import InjectionCallback
 
 
@@ -123,3 +125,69 @@ def test_a_copy_does_not_take_the_injection_callbacks_passages(tokenizer):
     assert callback._due is None and callback.injected == {0: [0]}
     callback.on_train_end(None, State(), None)
     assert not callback._hooks
+
+
+def _every_hook(model) -> dict[str, int]:
+    """How many hooks of each kind torch holds for ``model`` and for every optimizer."""
+    params = list(model.parameters())
+    return {"forward": _hook_count(model),
+            "grad": sum(len(p._backward_hooks or {}) for p in params),
+            "accumulated": sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in params),
+            "step": len(optim_hooks._global_optimizer_pre_hooks) + len(optim_hooks._global_optimizer_post_hooks)}
+
+
+def _train(model, optimizer, steps=2):
+    for step in range(steps):
+        ids, mask = random_batch(4, 16, "right", seed=step)
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _reference(model):
+    ids, mask = random_batch(4, 16, "right", seed=100)
+    with kh.instrument(model) as inst, torch.no_grad():
+        model(ids, attention_mask=mask)
+    return inst
+
+
+@pytest.mark.parametrize("per_batch", [True, False])
+def test_sparse_memory_removes_every_gradient_and_step_hook(per_batch):
+    model = tiny_model("llama").train()
+    reference = _reference(model)
+    bare = _every_hook(model)
+    handle = sparse_memory(model, None if per_batch else reference, reference, top=4)
+    placed = _every_hook(model)
+    assert placed["grad"] > 0 and placed["accumulated"] > 0 and placed["step"] == bare["step"] + 2
+    assert (placed["forward"] > bare["forward"]) == per_batch  # the per-batch choice reads each training forward
+    handle.remove()
+    assert _every_hook(model) == bare
+    handle.remove()  # idempotent
+    assert _every_hook(model) == bare
+
+
+def test_a_copy_of_a_model_and_optimizer_under_sparse_memory_trains_as_without_it():
+    model = tiny_model("llama").train()
+    plain = copy.deepcopy(model)
+    handle = sparse_memory(model, reference=_reference(model), top=4)
+    twin, twin_optimizer = copy.deepcopy((model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)))
+    assert _every_hook(twin)["grad"] == 0 and _every_hook(twin)["accumulated"] == 0
+    _train(twin, twin_optimizer)
+    _train(plain, torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1))
+    for (name, a), b in zip(plain.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name  # every entry trained, exactly as a model never under the intervention
+    assert handle.slots is None and not handle._saved  # the copy's forwards and steps fed nothing back
+    handle.remove()
+
+
+def test_a_copy_of_a_model_under_slot_usage_does_not_feed_it():
+    model = tiny_model("llama").eval()
+    ids, mask = random_batch()
+    bare = _every_hook(model)
+    with measure_usage(model, k=2) as usage:
+        twin = copy.deepcopy(model)
+        twin(input_ids=ids, attention_mask=mask)
+        assert usage.forwards == 0 and not any(usage.tokens)
+        model(input_ids=ids, attention_mask=mask)
+        assert usage.forwards == 1 and all(t == int(mask.sum()) for t in usage.tokens)
+    assert _every_hook(model) == bare

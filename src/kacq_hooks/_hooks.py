@@ -6,7 +6,10 @@ call, so a deep copy (or ``torch.save``) of an instrumented model is an uninstru
 one whose forwards feed a hidden instrumentation.
 
 A :class:`HookSet` holds every hook one owner placed (torch handles, or taps with ``remove()``) and
-removes them all at once, idempotently; it is also a context manager. Plain callables given to it
+removes them all at once, idempotently; it is also a context manager. Besides module forward hooks it places
+a parameter's gradient hooks and torch's global optimizer step hooks. Those are never copied: torch copies
+and pickles a parameter without its hooks, and the step hooks are global, so they also fire for a copied
+optimizer, whose copied parameters their owner must then not recognise as its own (it keys by identity). Plain callables given to it
 are wrapped in a :class:`FunctionHook`, so they are inert in a copy too, unless registered with
 ``travels=True``: a self-contained edit of the model (a scale that holds no outside state) that a
 copy of the model keeps, as torch's own hooks are kept. An owner that edits the forward but cannot
@@ -16,6 +19,7 @@ through ``copy_refusal()``: its copied hooks refuse to run, since an unedited co
 from __future__ import annotations
 
 import torch
+import torch.optim.optimizer as optim_hooks
 from torch import nn
 
 from .errors import StateError
@@ -130,6 +134,20 @@ class HookSet:
         """A forward hook on ``module``; returns torch's handle."""
         return self.add(module.register_forward_hook(_live(hook, travels), with_kwargs=with_kwargs,
                                                      always_call=always_call))
+
+    def grad(self, parameter: torch.Tensor, hook):
+        """A hook on ``parameter``'s gradient before it is accumulated (it may return a replacement)."""
+        return self.add(parameter.register_hook(_live(hook, False)))
+
+    def accumulated(self, parameter: torch.Tensor, hook):
+        """A hook called with ``parameter`` once its gradient has been accumulated into ``.grad``."""
+        return self.add(parameter.register_post_accumulate_grad_hook(_live(hook, False)))
+
+    def optimizer_step(self, before, after):
+        """Global hooks around every ``Optimizer.step`` (any optimizer's): ``before`` and ``after`` are called
+        with ``(optimizer, args, kwargs)``."""
+        self.add(optim_hooks.register_optimizer_step_pre_hook(_live(before, False)))
+        self.add(optim_hooks.register_optimizer_step_post_hook(_live(after, False)))
 
     def tap(self, tap):
         """Attach a tap (an :class:`~kacq_hooks.experts.ExpertsTap`, a SharedTap) and own what it returns."""

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._hooks import OwnerHook
+from ._hooks import HookSet, OwnerHook
 from .errors import ArgumentTypeError, ConfigError, KacqError, NoTokensError, ShapeError
 from .experts import ExpertsTap, SharedTap
 from .frontends.stacks import StackReader
@@ -236,7 +236,7 @@ class SlotUsage:
         self._mask: torch.Tensor | None = None
         self._reader = StackReader(name="model", module=model,  # the row order of C, as instrument() reads it
                                    layout=LAYOUT_BY_MODEL_TYPE.get(_config_model_type(model), "batch_first"))  # the one read of a call's inputs, as instrument()'s
-        self._handles: list = []
+        self._hooks = HookSet()
         self.forwards = 0
 
     # -- results
@@ -261,25 +261,23 @@ class SlotUsage:
     # -- hooks
 
     def attach(self) -> "SlotUsage":
-        if self._handles:
+        if self._hooks:
             return self
-        self._handles.append(self.model.register_forward_pre_hook(OwnerHook(self, "_on_model"), with_kwargs=True))
+        self._hooks.pre(self.model, OwnerHook(self, "_on_model"), with_kwargs=True)
         for index, site in enumerate(self.sites):
             if site.kind == "experts":
                 layer = site.experts_layer
-                self._handles.append(ExpertsTap(layer, OwnerHook(self, "_on_routed", index)).attach())
+                self._hooks.tap(ExpertsTap(layer, OwnerHook(self, "_on_routed", index)))
                 start = layer.experts * layer.d_ff
                 for shared in layer.shared:
-                    self._handles.append(SharedTap(shared, OwnerHook(self, "_on_shared", index, start)).attach())
+                    self._hooks.tap(SharedTap(shared, OwnerHook(self, "_on_shared", index, start)))
                     start += shared.d_ff
             else:
-                self._handles.append(site.module.register_forward_pre_hook(OwnerHook(self, "_on_dense", index)))
+                self._hooks.pre(site.module, OwnerHook(self, "_on_dense", index))
         return self
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def __enter__(self) -> "SlotUsage":
         return self.attach()

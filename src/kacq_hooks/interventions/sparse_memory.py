@@ -34,10 +34,9 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.optim.optimizer as optim_hooks
 from torch import nn
 
-from .._hooks import OwnerHook
+from .._hooks import HookSet, OwnerHook
 from ..errors import ArgumentTypeError, ConfigError, ShapeError, StateError
 from ..locate import find_sites
 from ..saving import load_stats
@@ -93,7 +92,7 @@ class SparseMemory:
         self._frozen = {} if train_rest else {id(p): p for p in model.parameters()
                                               if p.requires_grad and id(p) not in params}
         self._saved: dict[int, tuple] = {}
-        self._handles: list = []
+        self._hooks = HookSet()
         self._stale = False
         self._usage = None
         if self.per_batch:
@@ -120,9 +119,7 @@ class SparseMemory:
     def remove(self) -> None:
         """End sparse finetuning: every hook removed, training is as without the handle. A second call does nothing."""
         _ACTIVE.discard(self)
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         if self._usage is not None:
             self._usage.remove()
         self._saved.clear()
@@ -144,11 +141,10 @@ class SparseMemory:
 
     def _attach(self) -> None:
         for key, p in self._partial.items():
-            self._handles.append(p.register_hook(OwnerHook(self, "_mask_grad", key)))
+            self._hooks.grad(p, OwnerHook(self, "_mask_grad", key))
         for p in self._frozen.values():
-            self._handles.append(p.register_post_accumulate_grad_hook(OwnerHook(self, "_drop_grad")))
-        self._handles.append(optim_hooks.register_optimizer_step_pre_hook(OwnerHook(self, "_before_step")))
-        self._handles.append(optim_hooks.register_optimizer_step_post_hook(OwnerHook(self, "_after_step")))
+            self._hooks.accumulated(p, OwnerHook(self, "_drop_grad"))
+        self._hooks.optimizer_step(OwnerHook(self, "_before_step"), OwnerHook(self, "_after_step"))
         if self._usage is not None:
             self._usage.attach()
         self.active = True
