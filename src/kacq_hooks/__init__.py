@@ -22,6 +22,7 @@ from .interventions import Resuscitation, ResuscitationPlan, resuscitate, resusc
 from .locate import Site, find_sites
 from .measuring import measure
 from .stats import CoefficientStats, LayerStats
+from ._version import __version__
 
 __all__ = [
     "instrument", "measure", "Instrumentation", "instrumentations_of", "paused",
@@ -30,4 +31,3 @@ __all__ = [
     "KacqError", "LocateError", "ShapeError", "MissingExtraError",
     "resuscitation_plan", "resuscitate", "ResuscitationPlan", "Resuscitation",
 ]
-__version__ = "0.2.0"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ._version import __version__
 from .entropy import KnowledgeEntropy, knowledge_entropy
 from .errors import LocateError, MissingExtraError, SavedStatsError, ShapeError
 from .stats import FIELDS, CoefficientStats
@@ -133,8 +134,6 @@ def check_same_measurement(mine: dict, other: dict, what: str) -> None:
 
 def header_of(inst) -> dict:
     """The JSON header :func:`save_stats` writes for ``inst`` (an Instrumentation or SavedStats)."""
-    from . import __version__  # the package's __init__ imports this module's users; read at call time
-
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kacq_version": __version__,
         "model_type": _model_type_of(inst), "sites": _site_records(inst),

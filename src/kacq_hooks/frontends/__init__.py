@@ -15,40 +15,17 @@ stacks with the same :class:`~kacq_hooks.frontends.stacks.StackReader`, only the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from torch import nn
-
-from ..locate import Site
+from . import hf, nnsight, transformer_lens
+from .binding import Binding
 from .stacks import Arguments, StackInputs, StackReader  # noqa: F401  (the front ends import them from here)
-
-
-@dataclass
-class Binding:
-    """What an Instrumentation needs from a model (see the module notes)."""
-
-    root: nn.Module
-    sites: list[Site]
-    stacks: list[StackReader]
-    site_stack: list[int]                       # per site, its index into ``stacks``
-    root_reader: StackReader                    # reads the call of the whole model (the root's own inputs)
-    name: str = "hf"
-    closer: nn.Module | None = None
-    frame_owner: nn.Module | None = None    # the module whose running forward bounds a call (default: root)
-    notes: list[str] = field(default_factory=list)
 
 
 def bind(model, mlp_out: str | None = None, stacks=None) -> Binding:
     """Pick the front end for ``model`` without importing optional packages unless the model is theirs."""
     module = type(model).__module__ or ""
+    # the front end modules import their optional packages only when they bind a model of them
     if module.startswith("transformer_lens"):
-        from . import transformer_lens  # optional extra
-
         return transformer_lens.bind(model, mlp_out)  # one decoder stack
     if module.startswith("nnsight"):
-        from . import nnsight  # optional extra
-
-        return nnsight.bind(model, mlp_out, stacks)
-    from . import hf  # hf imports this module (Binding): a cycle
-
+        return nnsight.bind(model, mlp_out, stacks, bind_inner=bind)
     return hf.bind(model, mlp_out, stacks)

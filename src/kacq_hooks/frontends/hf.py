@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..locate import Site, StackSpec, find_sites, stack_specs
-from . import Binding
+from .binding import Binding
 from .stacks import Arguments, StackReader, _parameters
 
 # Mask arguments whose convention (1 for tokens, or 1 for padding as torch's key_padding_mask) cannot be told:

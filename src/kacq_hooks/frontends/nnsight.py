@@ -45,10 +45,9 @@ def underlying_module(model) -> nn.Module:
                     "instruments nnsight.NNsight / LanguageModel / TransformersModel wrappers of torch models")
 
 
-def bind(model, mlp_out: str | None = None, stacks=None):
-    """Bind the module inside an nnsight envoy with the front end that module would get on its own."""
+def bind(model, mlp_out: str | None = None, stacks=None, *, bind_inner):
+    """Bind the module inside an nnsight envoy with the front end that module would get on its own:
+    ``bind_inner`` is :func:`kacq_hooks.frontends.bind`, which picks it (and calls this function)."""
     _require()
-    from . import bind as bind_any  # frontends/__init__ imports this module: a cycle
-
-    inner = bind_any(underlying_module(model), mlp_out, stacks)
+    inner = bind_inner(underlying_module(model), mlp_out, stacks)
     return dataclasses.replace(inner, name=f"nnsight+{inner.name}")

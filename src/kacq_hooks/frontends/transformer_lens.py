@@ -50,7 +50,8 @@ from torch import nn
 from ..errors import ConfigError, LocateError, MissingExtraError
 from ..experts import ExpertsLayer
 from ..locate import Site
-from . import Binding, hf
+from . import hf
+from .binding import Binding
 from .stacks import Arguments, StackReader
 
 log = logging.getLogger(__name__)
