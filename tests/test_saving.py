@@ -183,3 +183,18 @@ def test_a_file_whose_tensors_do_not_fit_its_sites_names_the_file(tmp_path):
     edited = _rewritten(path, tmp_path / "narrow.safetensors", tensors={"0.sum_abs": torch.zeros(3)})
     with pytest.raises(SavedStatsError, match=r"narrow\.safetensors.*layer 0 sum_abs"):
         load_stats(edited)
+
+
+def test_knowledge_entropy_reads_measurements_by_their_interface_and_refuses_look_alikes(tmp_path):
+    model = tiny_model("llama")
+    inst = _measured(model, [0])
+    saved = load_stats(save_stats(inst, tmp_path / "stats.safetensors"))
+    from_inst, from_saved = kh.knowledge_entropy(inst), kh.knowledge_entropy(saved)
+    assert from_inst.per_layer == from_saved.per_layer == inst.knowledge_entropy().per_layer
+    assert from_inst.labels == inst.labels and from_saved.labels == []  # a file holds no layer labels of its own
+
+    class LookAlike:  # an object that merely has a ``stats`` attribute is not a measurement
+        stats = inst.stats
+
+    with pytest.raises(kh.ShapeError, match="knowledge_entropy takes"):
+        kh.knowledge_entropy(LookAlike())

@@ -19,6 +19,22 @@ from .stats import CoefficientStats
 log = logging.getLogger(__name__)
 
 
+class Measurement:
+    """What :func:`knowledge_entropy` reads from an object that measured statistics (an
+    :class:`~kacq_hooks.Instrumentation`, a :class:`~kacq_hooks.saving.SavedStats`): its ``stats``, its
+    layers' ``labels`` (None: none known) and :meth:`no_tokens_reason`."""
+
+    stats: CoefficientStats
+
+    @property
+    def labels(self) -> list[str] | None:
+        return None
+
+    def no_tokens_reason(self) -> str | None:
+        """Why no token was recorded although the model ran (None: that is not the case, or not known)."""
+        return None
+
+
 @dataclass(frozen=True)
 class KnowledgeEntropy:
     """Per-layer and total knowledge entropy, in nats.
@@ -76,12 +92,13 @@ def entropy(mean_abs: torch.Tensor) -> float:
 
 
 def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | None = None) -> KnowledgeEntropy:
-    """Knowledge entropy of an Instrumentation, a CoefficientStats, or a list of per-layer c̄ vectors."""
-    if hasattr(source, "stats") and isinstance(source.stats, CoefficientStats):
-        labels = labels if labels is not None else getattr(source, "labels", None)
-        unselected = getattr(source, "_unselected", None)  # an Instrumentation counting by labels
-        if callable(unselected) and unselected():
-            raise NoTokensError(unselected())
+    """Knowledge entropy of a :class:`Measurement` (an Instrumentation, saved statistics), a CoefficientStats,
+    or a list of per-layer c̄ vectors."""
+    if isinstance(source, Measurement):
+        labels = labels if labels is not None else source.labels
+        reason = source.no_tokens_reason()  # e.g. an Instrumentation counting by labels that selected nothing
+        if reason:
+            raise NoTokensError(reason)
         source = source.stats
     tokens, nonfinite = None, []
     if isinstance(source, CoefficientStats):
@@ -104,7 +121,7 @@ def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | 
     elif isinstance(source, Sequence) and all(isinstance(c, torch.Tensor) for c in source):
         cbars = list(source)
     else:
-        raise ShapeError(f"knowledge_entropy takes an Instrumentation, CoefficientStats or a list of tensors, "
+        raise ShapeError(f"knowledge_entropy takes an Instrumentation, SavedStats, CoefficientStats or a list of tensors, "
                         f"not {type(source).__name__}")
     return KnowledgeEntropy(
         per_layer=[entropy(c) for c in cbars],

@@ -24,7 +24,7 @@ from ._hooks import HookSet
 from .calls import Calls
 from .capture import Capture
 from .distributed import neuron_shard, reduce as reduce_across_ranks
-from .entropy import KnowledgeEntropy, knowledge_entropy
+from .entropy import KnowledgeEntropy, Measurement, knowledge_entropy
 from .errors import ConfigError, NoTokensError, StateError
 from .frontends import Binding, bind
 from .gradients import Gradients
@@ -102,7 +102,7 @@ def paused(model: nn.Module) -> Iterator[None]:
         yield
 
 
-class Instrumentation:
+class Instrumentation(Measurement):
     """Owns the hooks on one model and the :class:`CoefficientStats` they feed.
 
     Each model call is a transaction: statistics of a call are staged and added to :attr:`stats` only
@@ -250,7 +250,7 @@ class Instrumentation:
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
         """Per-layer and total knowledge entropy of everything recorded so far, labelled by layer."""
         self._require_whole_layers()
-        unselected = self._unselected()
+        unselected = self.no_tokens_reason()
         if unselected:
             raise NoTokensError(unselected)
         return knowledge_entropy(self.stats, self._weighting(weighting), labels=self.labels)
@@ -279,13 +279,13 @@ class Instrumentation:
             raise StateError(f"{sliced[:3]} hold this rank's slice of tensor-parallel layers, whose entropy is not the "
                              "layer's: gather the slices with inst.all_reduce() (every rank) first")
 
-    def _unselected(self) -> str | None:
+    def no_tokens_reason(self) -> str | None:
         """Why no token was recorded when calls did run but ``count`` selected none of their positions."""
         return self._calls.unselected(self.count, self.stats)
 
     def _require_tokens(self) -> None:
         self._require_whole_layers()
-        unselected = self._unselected()
+        unselected = self.no_tokens_reason()
         if unselected:
             raise NoTokensError(unselected)
         if not any(int(s.tokens) for s in self.stats):

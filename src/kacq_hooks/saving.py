@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .entropy import KnowledgeEntropy, knowledge_entropy
+from .entropy import KnowledgeEntropy, Measurement, knowledge_entropy
 from .errors import LocateError, MissingExtraError, SavedStatsError, ShapeError
 from .stats import FIELDS, CoefficientStats
 
@@ -30,7 +30,7 @@ _KEY = "kacq_hooks"  # the safetensors metadata entry that holds the JSON header
 
 
 @dataclass
-class SavedStats:
+class SavedStats(Measurement):
     """Statistics read from a file without a model: enough to merge, compute entropy and tabulate.
 
     ``sites`` are the header's site records (dicts with path, label, d_ff, kind, experts, expert_d_ff).
