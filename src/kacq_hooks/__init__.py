@@ -22,7 +22,7 @@ from .interventions import Resuscitation, ResuscitationPlan, resuscitate, resusc
 from .locate import Site, find_sites
 from .measuring import measure
 from .stats import CoefficientStats, LayerStats
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (the package's version, kacq_hooks.__version__)
 
 __all__ = [
     "instrument", "measure", "Instrumentation", "instrumentations_of", "paused",

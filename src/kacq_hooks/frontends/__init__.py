@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from . import hf, nnsight, transformer_lens
 from .binding import Binding
-from .stacks import Arguments, StackInputs, StackReader  # noqa: F401  (the front ends import them from here)
+from .stacks import Arguments, StackInputs, StackReader  # noqa: F401  (names of this package)
 
 
 def bind(model, mlp_out: str | None = None, stacks=None) -> Binding:
