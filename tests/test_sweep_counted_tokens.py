@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tiny_models import forbid_loading, tiny_model, tiny_tokenizer
 
-from coefficient_reference import capture, entropy
+from coefficient_reference import entropy
+from counted_reference import counted_c_bar, save_checkpoint, saved_c_bar
 from kacq_hooks.cli import main
 from kacq_hooks.errors import ConfigError, CorpusError
 from kacq_hooks.sweep import entropy_sweep
+from torchrun_launch import torchrun
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SEQ = 20
@@ -31,7 +32,6 @@ RECORDS = [
     {"prompt": "The council of", "completion": " Calidus"},
     {"prompt": "A small model learns", "completion": " facts one batch at a time."},
 ]
-PATHS = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -39,39 +39,22 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("counted")
     tok = tiny_tokenizer()
     for step, seed in ((1, 1), (2, 2)):
-        tiny_model("llama", seed=seed).save_pretrained(root / "run" / f"checkpoint-{step}")
-        tok.save_pretrained(root / "run" / f"checkpoint-{step}")
+        save_checkpoint(root / "run" / f"checkpoint-{step}", tok, seed)
     data = root / "facts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     return root, data, tok
 
 
 def reference(folder, tok, records, count, weighting="token"):
-    """c̄ per layer in float64: each record alone, its positions selected by hand."""
+    """c̄ per layer in float64: each record alone, prompt and completion tokenized apart and cut by hand."""
     model = tiny_model("llama", seed=int(Path(folder).name.split("-")[1]))
-    sums, tokens, means = [0.0 for _ in PATHS], 0, [[] for _ in PATHS]
+    examples = []
     for record in records:
         prompt = tok(record["prompt"], add_special_tokens=False)["input_ids"] if record["prompt"] else []
         completion = tok(record["completion"], add_special_tokens=False)["input_ids"]
         ids = (prompt + completion)[:SEQ]
-        holds = [False] * min(len(prompt), SEQ) + [True] * (len(ids) - min(len(prompt), SEQ))
-        # logits at t are scored against the token at t + 1: t counts when t + 1 holds a completion token
-        keep = holds if count == "labels" else [holds[t + 1] if t + 1 < len(ids) else False for t in range(len(ids))]
-        keep = torch.tensor(keep)
-        seen = capture(model, PATHS, lambda: model(torch.tensor([ids])))
-        for layer, path in enumerate(PATHS):
-            c = seen[path][0].abs()[keep]
-            sums[layer] += c.sum(0)
-            means[layer].append(c.mean(0))
-        tokens += int(keep.sum())
-    if weighting == "document":
-        return [torch.stack(m).mean(0) for m in means], tokens
-    return [s / tokens for s in sums], tokens
-
-
-def c_bar(out, row):
-    stats = load_file(Path(out) / row["stats_file"])
-    return [stats[f"{i}.sum_abs"].double() / int(stats[f"{i}.tokens"]) for i in range(row["layers"])]
+        examples.append((ids, [False] * min(len(prompt), SEQ) + [True] * (len(ids) - min(len(prompt), SEQ))))
+    return counted_c_bar(model, examples, count, weighting)
 
 
 @pytest.mark.parametrize("count", ["labels", "shifted_labels"])
@@ -86,7 +69,7 @@ def test_the_cli_measures_exactly_the_counted_positions_of_each_record(run, tmp_
     for row in saved["checkpoints"]:
         expected, tokens = reference(row["name"], tok, RECORDS, count)
         assert row["count"] == count and row["tokens"] == tokens and row["documents"] == len(RECORDS)
-        for layer, got in enumerate(c_bar(out, row)):
+        for layer, got in enumerate(saved_c_bar(out, row)):
             torch.testing.assert_close(got, expected[layer], rtol=1e-5, atol=0)
             assert row["per_layer"][layer] == pytest.approx(entropy(expected[layer]), abs=1e-6)
     header, first = (out / "entropy.csv").read_text().splitlines()[:2]
@@ -252,19 +235,6 @@ def test_the_local_executor_equals_serial_with_count(run, tmp_path, monkeypatch)
         assert (a["name"], a["tokens"], a["documents"], a["count"]) == (b["name"], b["tokens"], b["documents"],
                                                                          "shifted_labels")
         assert a["per_layer"] == pytest.approx(b["per_layer"], rel=1e-9)
-
-
-def torchrun(args, ranks=2, timeout=300):
-    import subprocess
-    import sys
-
-    from kacq_hooks.sweep_exec import _free_port
-
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-               str(_free_port()), "-m", "kacq_hooks.cli", *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    return done
 
 
 @pytest.mark.slow  # a torchrun group of 2 gloo ranks

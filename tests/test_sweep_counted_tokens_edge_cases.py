@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tiny_models import tiny_model, tiny_tokenizer
 
-from coefficient_reference import capture, entropy
+from coefficient_reference import entropy
+from counted_reference import counted_c_bar, save_checkpoint, saved_c_bar
 from kacq_hooks.sweep import entropy_sweep
+from torchrun_launch import torchrun
 
 SEQ = 24
-PATHS = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
 _TEXT = ("The quick brown fox jumps over the lazy dog. A small model learns facts one batch at a time. "
          "Zorgon was founded in 1842 by the council of Calidus, on the northern shore of the lake. ")
 RECORDS = [
@@ -49,30 +49,17 @@ def sentencepiece_tokenizer():
 
 def text_reference(model, tok, records, count, seq=SEQ, weighting="token"):
     """c̄ per layer in float64 and the counted positions, each record read as the one text prompt + completion."""
-    sums, tokens, means = [0.0 for _ in PATHS], 0, [[] for _ in PATHS]
+    examples = []
     for record in records:
         prompt, text = record["prompt"], record["prompt"] + record["completion"]
         encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"][:seq]
-        holds = [end > len(prompt) for _, end in encoded["offset_mapping"][:seq]]  # holds a completion character
-        keep = holds if count == "labels" else [t + 1 < len(ids) and holds[t + 1] for t in range(len(ids))]
-        keep = torch.tensor(keep)
-        seen = capture(model, PATHS, lambda: model(torch.tensor([ids])))
-        for layer, path in enumerate(PATHS):
-            c = seen[path][0].abs()[keep]
-            sums[layer] += c.sum(0)
-            means[layer].append(c.mean(0))
-        tokens += int(keep.sum())
-    if weighting == "document":
-        return [torch.stack(m).mean(0) for m in means], tokens
-    return [s / tokens for s in sums], tokens
+        # a token holds the completion where it holds one of its characters
+        examples.append((encoded["input_ids"][:seq], [end > len(prompt) for _, end in encoded["offset_mapping"][:seq]]))
+    return counted_c_bar(model, examples, count, weighting)
 
 
 def checkpoint(root: Path, tok, seed=1) -> Path:
-    folder = root / f"checkpoint-{seed}"
-    tiny_model("llama", seed=seed).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_checkpoint(root / f"checkpoint-{seed}", tok, seed)
 
 
 def write_jsonl(path: Path, records, blank_lines=False, extra=False) -> Path:
@@ -87,9 +74,7 @@ def write_jsonl(path: Path, records, blank_lines=False, extra=False) -> Path:
 
 def check_row(out, row, expected, tokens):
     assert row["tokens"] == tokens
-    stats = load_file(Path(out) / row["stats_file"])
-    for layer in range(len(PATHS)):
-        got = stats[f"{layer}.sum_abs"].double() / int(stats[f"{layer}.tokens"])
+    for layer, got in enumerate(saved_c_bar(out, row)):
         torch.testing.assert_close(got, expected[layer], rtol=1e-5, atol=0)
         assert row["per_layer"][layer] == pytest.approx(entropy(expected[layer]), abs=1e-6)
 
@@ -195,12 +180,7 @@ def test_bfloat16_counts_the_same_positions_and_stays_near_the_float64_reference
 
 @pytest.mark.slow  # a torchrun group of 2 gloo ranks
 def test_two_gloo_ranks_with_fewer_records_than_ranks_equal_one_process(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     from kacq_hooks.cli import main
-    from kacq_hooks.sweep_exec import _free_port
 
     tok = sentencepiece_tokenizer()
     folder = checkpoint(tmp_path, tok)
@@ -208,11 +188,7 @@ def test_two_gloo_ranks_with_fewer_records_than_ranks_equal_one_process(tmp_path
     common = ["entropy", str(folder), "--data", str(data), "--count", "shifted_labels", "--seq-len", str(SEQ),
               "--weighting", "document", "--device", "cpu"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(_free_port()), "-m", "kacq_hooks.cli", *common, "--out", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun([*common, "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-2000:]
     [a] = json.loads((tmp_path / "one" / "entropy.json").read_text())["checkpoints"]
     [b] = json.loads((tmp_path / "two" / "entropy.json").read_text())["checkpoints"]

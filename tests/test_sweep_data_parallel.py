@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,29 +12,14 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from kacq_hooks.cli import main
 from kacq_hooks.sweep_data import Ranks, data_source, read_documents
+from torchrun_launch import torchrun as launch
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 DOCS = [f"Document {i}: " + " ".join(["alpha beta", "gamma", "delta epsilon zeta"][: 1 + i % 3]) * (1 + i % 4)
         for i in range(7)]  # 7 documents: 2 ranks do not divide them evenly
 
 
 def torchrun(args, ranks=2, timeout=240):
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    from kacq_hooks.sweep_exec import _free_port
-
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-               str(_free_port()),
-               "-m", "kacq_hooks.cli", *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
-        # seen once in about ten full-suite runs on this 2-core machine: a rank aborted by std::terminate inside
-        # torch/gloo between two checkpoints, before any number was written; the launch is repeated once into a
-        # fresh --out (a second abort fails the test), so the numbers compared are always a whole run's
-        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
-        if out is not None and out.exists():
-            shutil.rmtree(out)
-        command[command.index("--master-port") + 1] = str(_free_port())
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    done = launch(args, ranks, timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
