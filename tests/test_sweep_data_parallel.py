@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from gathered_ranks import GatheredRanks
 from tiny_models import tiny_model, tiny_tokenizer
 
 from kacq_hooks.cli import main
-from kacq_hooks.sweep_data import Ranks, data_source, read_documents
+from kacq_hooks.sweep_data import data_source, read_documents
 from torchrun_launch import torchrun as launch
 
 DOCS = [f"Document {i}: " + " ".join(["alpha beta", "gamma", "delta epsilon zeta"][: 1 + i % 3]) * (1 + i % 4)
@@ -60,19 +61,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, bound):
         assert a["identity"] == b["identity"]
 
 
-class _Counted(Ranks):
-    """Rank r of w whose gather answers with values every rank gave beforehand (real ranks' all_gather)."""
-
-    def __init__(self, rank, world, counts, parts=None):
-        object.__setattr__(self, "rank", rank)
-        object.__setattr__(self, "world", world)
-        object.__setattr__(self, "counts", counts)
-        object.__setattr__(self, "parts", parts)
-
-    def gather(self, value):
-        return self.counts if isinstance(value, int) else self.parts
-
-
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 @pytest.mark.parametrize("max_docs", [None, 1, 4])
@@ -93,13 +81,13 @@ def test_rank_shares_concatenate_to_the_documents(tmp_path, suffix, world, max_d
         expected = expected[:max_docs] if max_docs else expected
         source = data_source(path)
         # what each rank reads of its range, then the trim and spread after the all_gather of counts
-        raw = [read_documents(source, max_docs=max_docs, ranks=_Counted(r, world, [0] * world, []))
+        raw = [read_documents(source, max_docs=max_docs, ranks=GatheredRanks(r, world, [0] * world, []))
                for r in range(world)]
         counts = [len(part) for part in raw]
         kept = [part[:max(0, max_docs - sum(counts[:r]))] if max_docs else part for r, part in enumerate(raw)]
         got = []
         for rank in range(world):
-            got += read_documents(source, max_docs=max_docs, ranks=_Counted(rank, world, counts, kept))
+            got += read_documents(source, max_docs=max_docs, ranks=GatheredRanks(rank, world, counts, kept))
         assert got == expected, (lines, world)
 
 
@@ -122,7 +110,7 @@ def test_a_rank_reads_only_its_byte_range(tmp_path, monkeypatch):
         return handle
 
     monkeypatch.setattr(Path, "open", spying_open)
-    docs = read_documents(data_source(path), ranks=_Counted(3, 4, None))
+    docs = read_documents(data_source(path), ranks=GatheredRanks(3, 4, None))
     first = 1000 - len(docs)  # the last quarter of the bytes: about the last quarter of the lines
     assert 700 < first < 800 and docs == [f"document number {i}" for i in range(first, 1000)]
     assert sum(reads) < path.stat().st_size / 4 + 100  # its quarter, not the file

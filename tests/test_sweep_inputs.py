@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from gathered_ranks import GatheredRanks
 from tiny_models import tiny_model, tiny_tokenizer
 
 from kacq_hooks.errors import CorpusError
@@ -18,27 +19,14 @@ datasets = pytest.importorskip("datasets")
 TEXTS = [f"row {i}: " + "word " * (i % 5) for i in range(23)] + ["", "   "]  # two blank rows are dropped
 
 
-class _Counted(Ranks):
-    """Rank r of w whose gather answers with values every rank gave beforehand (real ranks' all_gather)."""
-
-    def __init__(self, rank, world, counts, parts=None):
-        object.__setattr__(self, "rank", rank)
-        object.__setattr__(self, "world", world)
-        object.__setattr__(self, "counts", counts)
-        object.__setattr__(self, "parts", parts)
-
-    def gather(self, value):
-        return self.counts if isinstance(value, int) else self.parts
-
-
 def shares(source, world, max_docs=None, **kwargs):
     """Every rank's documents, as real ranks would read them: what each reads of its range, then the trim
     and spread that follow the all_gather of counts (and of the kept documents)."""
-    raw = [read_documents(source, ranks=_Counted(r, world, [0] * world, []), max_docs=max_docs, **kwargs)
+    raw = [read_documents(source, ranks=GatheredRanks(r, world, [0] * world, []), max_docs=max_docs, **kwargs)
            for r in range(world)]
     counts = [len(part) for part in raw]
     kept = [part[:max(0, max_docs - sum(counts[:r]))] if max_docs else part for r, part in enumerate(raw)]
-    return [read_documents(source, ranks=_Counted(r, world, counts, kept), max_docs=max_docs, **kwargs)
+    return [read_documents(source, ranks=GatheredRanks(r, world, counts, kept), max_docs=max_docs, **kwargs)
             for r in range(world)]
 
 
