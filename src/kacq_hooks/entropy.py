@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 class Measurement:
     """What :func:`knowledge_entropy` reads from an object that measured statistics (an
     :class:`~kacq_hooks.Instrumentation`, a :class:`~kacq_hooks.saving.SavedStats`): its ``stats``, its
-    layers' ``labels`` (None: none known) and :meth:`no_tokens_reason`."""
+    layers' ``labels`` (None: none known), :meth:`no_tokens_reason`, the weighting it was measured with
+    (:meth:`entropy_weighting`) and whether its layers are whole (:meth:`check_whole_layers`), so the function
+    gives what the object's own ``knowledge_entropy()`` gives."""
 
     stats: CoefficientStats
 
@@ -33,6 +35,14 @@ class Measurement:
     def no_tokens_reason(self) -> str | None:
         """Why no token was recorded although the model ran (None: that is not the case, or not known)."""
         return None
+
+    def entropy_weighting(self, weighting: str | None) -> str:
+        """The weighting an entropy of these statistics uses: ``weighting`` if given, else the measured one
+        (a ConfigError where the statistics cannot be read that way)."""
+        return weighting or "token"
+
+    def check_whole_layers(self) -> None:
+        """Refuse statistics that hold only part of a layer's neurons (a tensor-parallel rank's slice)."""
 
 
 @dataclass(frozen=True)
@@ -91,15 +101,21 @@ def entropy(mean_abs: torch.Tensor) -> float:
     return float(-(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum()) + 0.0  # never -0.0
 
 
-def knowledge_entropy(source, weighting: str = "token", labels: Sequence[str] | None = None) -> KnowledgeEntropy:
+def knowledge_entropy(source, weighting: str | None = None,
+                      labels: Sequence[str] | None = None) -> KnowledgeEntropy:
     """Knowledge entropy of a :class:`Measurement` (an Instrumentation, saved statistics), a CoefficientStats,
-    or a list of per-layer c̄ vectors."""
+    or a list of per-layer c̄ vectors.
+
+    ``weighting`` None: a Measurement's own (the one it was measured with), else "token"."""
     if isinstance(source, Measurement):
+        source.check_whole_layers()  # a rank's slice of a layer has no entropy of the layer's
+        weighting = source.entropy_weighting(weighting)
         labels = labels if labels is not None else source.labels
         reason = source.no_tokens_reason()  # e.g. an Instrumentation counting by labels that selected nothing
         if reason:
             raise NoTokensError(reason)
         source = source.stats
+    weighting = weighting or "token"
     tokens, nonfinite = None, []
     if isinstance(source, CoefficientStats):
         tokens = [int(s.tokens) for s in source]

@@ -265,6 +265,12 @@ class Instrumentation(Measurement):
         self._require_tokens()
         return [s.active.double().div(s.tokens.clamp(min=1)).float() for s in self.stats]
 
+    def entropy_weighting(self, weighting: str | None) -> str:
+        return self._weighting(weighting)
+
+    def check_whole_layers(self) -> None:
+        self._require_whole_layers()
+
     def _weighting(self, weighting: str | None) -> str:
         weighting = weighting or self.weighting
         if weighting == "document" and self.weighting != "document":

@@ -21,7 +21,7 @@ import torch
 
 from ._version import __version__
 from .entropy import KnowledgeEntropy, Measurement, knowledge_entropy
-from .errors import LocateError, MissingExtraError, SavedStatsError, ShapeError
+from .errors import ConfigError, LocateError, MissingExtraError, SavedStatsError, ShapeError
 from .stats import FIELDS, CoefficientStats
 
 FORMAT = "kacq_hooks.stats"
@@ -51,8 +51,15 @@ class SavedStats(Measurement):
         self.stats.merge(other.stats)
         return self
 
+    def entropy_weighting(self, weighting: str | None) -> str:
+        measured = self.header.get("weighting", "token")
+        if weighting == "document" and measured != "document":
+            raise ConfigError("these statistics were measured with weighting='token', so they hold no document "
+                              "sums: measure with instrument(model, weighting='document') to read them by document")
+        return weighting or measured
+
     def knowledge_entropy(self, weighting: str | None = None) -> KnowledgeEntropy:
-        return knowledge_entropy(self.stats, weighting or self.header.get("weighting", "token"))
+        return knowledge_entropy(self, weighting)
 
     def _settings(self) -> dict:
         """How the statistics were measured, as :meth:`kacq_hooks.Instrumentation.merge` compares them."""
