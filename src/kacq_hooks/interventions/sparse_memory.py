@@ -216,6 +216,9 @@ class SparseMemory:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         saved = self._saved.pop(id(optimizer), {})
+        # a step inside another's (a wrapper such as ZeroRedundancyOptimizer runs its inner optimizer's step): the
+        # chosen entries stay chosen until the outer step has written back too, else it would undo their update
+        still_open = {key for other in self._saved.values() for key in other}
         with torch.no_grad():
             for key, (before, tensors) in saved.items():
                 p = self._partial[key]
@@ -226,7 +229,8 @@ class SparseMemory:
                         continue
                     old = tensors.get(name)  # state the step created starts at zero on the frozen entries
                     t.copy_(torch.where(keep, t, old if old is not None else torch.zeros_like(t)))
-                keep.zero_()
+                if key not in still_open:
+                    keep.zero_()
 
 
 def _used_top(scores: torch.Tensor, top: int) -> torch.Tensor:
