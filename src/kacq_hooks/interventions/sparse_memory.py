@@ -140,13 +140,17 @@ class SparseMemory:
     # -- setup
 
     def _attach(self) -> None:
-        for key, p in self._partial.items():
-            self._hooks.grad(p, OwnerHook(self, "_mask_grad", key))
-        for p in self._frozen.values():
-            self._hooks.accumulated(p, OwnerHook(self, "_drop_grad"))
-        self._hooks.optimizer_step(OwnerHook(self, "_before_step"), OwnerHook(self, "_after_step"))
-        if self._usage is not None:
-            self._usage.attach()
+        try:
+            for key, p in self._partial.items():
+                self._hooks.grad(p, OwnerHook(self, "_mask_grad", key))
+            for p in self._frozen.values():
+                self._hooks.accumulated(p, OwnerHook(self, "_drop_grad"))
+            self._hooks.optimizer_step(OwnerHook(self, "_before_step"), OwnerHook(self, "_after_step"))
+            if self._usage is not None:
+                self._usage.attach()
+        except BaseException:  # no handle reaches the caller: leave no hook that it could not remove
+            self.remove()
+            raise
         self.active = True
         _ACTIVE.add(self)
 
@@ -276,6 +280,12 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
     widths = [s.d_ff for s in sites]
     check_top(top, widths)
     slices = [slot_parameters(model, site) for site in sites]  # refuses layouts it cannot split before any hook
+    names = {id(p): name for name, p in model.named_parameters()}
+    frozen = sorted({names.get(id(s.parameter), s.role) for site_slices in slices for s in site_slices
+                     if not s.parameter.requires_grad})
+    if frozen:  # torch refuses a gradient hook on them, and nothing of them could train
+        raise ConfigError(f"sparse_memory trains the chosen slots of every FFN layer, but {frozen[:4]} do not require "
+                          "gradients: unfreeze them (requires_grad_(True)) before sparse_memory()")
     k = None
     reference_p = None
     fixed = None
