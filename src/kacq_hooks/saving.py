@@ -48,6 +48,8 @@ class SavedStats(Measurement):
 
     def merge(self, other) -> "SavedStats":
         _check_same_sites(self.sites, _site_records(other), self.model_type, _model_type_of(other))
+        # as Instrumentation.merge: sums measured another way (weighting, padding, count=) are not one measurement
+        check_same_measurement(self._settings(), other._settings(), "the other statistics were measured with")
         self.stats.merge(other.stats)
         return self
 
