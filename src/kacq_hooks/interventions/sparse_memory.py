@@ -87,6 +87,7 @@ class SparseMemory:
             for s in site_slices:
                 params[id(s.parameter)] = s.parameter
         self._partial = params
+        self._slot_names = {name: p for name, p in model.named_parameters() if id(p) in params}
         self._masks: dict[int, torch.Tensor] = {}
         self._chosen: dict[int, torch.Tensor] = {key: torch.zeros_like(p, dtype=torch.bool) for key, p in params.items()}
         self._frozen = {} if train_rest else {id(p): p for p in model.parameters()
@@ -204,8 +205,16 @@ class SparseMemory:
         saved = {}
         # this model's parameters now (one made trainable after the handle included); an optimizer of another
         # model (a copy of this one) steps untouched
-        mine = set() if self.train_rest else {id(p) for p in self.model.parameters()}
-        for p in self._held(optimizer):
+        current = dict(self.model.named_parameters())
+        held = self._held(optimizer)
+        replaced = [name for name, p in self._slot_names.items() if current.get(name) is not p]
+        if replaced and {id(p) for p in held} & ({id(p) for p in current.values()} | set(self._partial)):
+            # the gradient hooks are on the old tensors: the new ones would train unmasked, or not at all
+            raise StateError(f"{replaced[:3]} were replaced by new tensors after sparse_memory() (e.g. "
+                             "load_state_dict(assign=True)), so its hooks no longer reach them: remove() the handle and "
+                             "call sparse_memory on the model as it is now")
+        mine = set() if self.train_rest else {id(p) for p in current.values()}
+        for p in held:
             key = id(p)
             if key in self._frozen or (key in mine and key not in self._partial):
                 # a stale gradient tensor (zero_grad(set_to_none=False)) would still decay it; a parameter that
