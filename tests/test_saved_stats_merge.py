@@ -45,3 +45,28 @@ def test_saved_statistics_measured_the_same_way_merge_into_the_instrumentations_
     inst_b, b = _file(tmp_path, "b", 2, weighting="document")
     merged = load_stats(a).merge(load_stats(b))
     assert kh.knowledge_entropy(merged).per_layer == inst_a.merge(inst_b).knowledge_entropy().per_layer
+
+
+def _older(path, out):
+    """``path`` as an earlier kacq_hooks wrote it: another version string, no mask_padding nor weighting entry."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["kacq_hooks"])
+    header = {k: v for k, v in header.items() if k not in ("mask_padding", "weighting")} | {"kacq_version": "0.1.0"}
+    save_file(load_file(str(path)), str(out), metadata={"kacq_hooks": json.dumps(header)})
+    return out
+
+
+def test_a_file_written_by_an_earlier_version_loads_reads_and_merges_both_ways(tmp_path):
+    inst_a, a = _file(tmp_path, "a", 1)
+    inst_b, b = _file(tmp_path, "b", 2)
+    old = _older(a, tmp_path / "old.safetensors")
+    want = kh.knowledge_entropy(inst_a.stats).per_layer
+    assert kh.knowledge_entropy(load_stats(old)).per_layer == want
+    both = inst_a.merge(inst_b).knowledge_entropy().per_layer
+    assert load_stats(old).merge(load_stats(b)).knowledge_entropy().per_layer == both
+    assert load_stats(b).merge(load_stats(old)).knowledge_entropy().per_layer == both

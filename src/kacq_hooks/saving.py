@@ -129,7 +129,7 @@ def settings_of(inst) -> dict:
 def check_same_measurement(mine: dict, other: dict, what: str) -> None:
     """Refuse to combine statistics measured with other settings (``mine`` and ``other`` as ``_settings()``)."""
     for key in ("sites", "mask_padding"):
-        if key in other and other[key] != mine[key]:
+        if key in other and key in mine and other[key] != mine[key]:  # an earlier file may not say
             raise ShapeError(f"{what} {key}={other[key]!r}, this instrumentation {key}={mine[key]!r}: their sums "
                              "are not one measurement. Measure both the same way")
     if other.get("count") != mine.get("count"):  # which tokens were counted (instrument(count=...))
