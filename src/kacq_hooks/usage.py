@@ -35,6 +35,7 @@ from torch import nn
 from ._hooks import HookSet, OwnerHook
 from .errors import ArgumentTypeError, ConfigError, KacqError, NoTokensError, ShapeError
 from .experts import ExpertsTap, SharedTap
+from .frontends.nnsight import underlying_module
 from .frontends.stacks import StackReader
 from .locate import LAYOUT_BY_MODEL_TYPE, Site, find_config, find_sites
 from .stats import CoefficientStats
@@ -118,6 +119,12 @@ def slot_scores(new, reference, *, method: str = "tfidf", weighting: str = "toke
         new_v, ref_v = slot_means(new, weighting), slot_means(reference, weighting)
     _check_widths(new_v, ref_v)
     return [tfidf(a, b) for a, b in zip(_distribution(new_v, "new"), _distribution(ref_v, "reference"))]
+
+
+def torch_module(model):
+    """The torch module an nnsight envoy wraps (its hooks go there, as kh.instrument places them); any other model
+    as it is."""
+    return underlying_module(model) if (type(model).__module__ or "").startswith("nnsight") else model
 
 
 def _loaded(source):
@@ -210,6 +217,7 @@ class SlotUsage:
 
     def __init__(self, model: nn.Module, *, k: int | None = None, mlp_out: str | None = None,
                  sites: list[Site] | None = None, grad_only: bool = False):
+        model = torch_module(model)
         self.model = model
         self.sites = sites if sites is not None else find_sites(model, mlp_out)
         stacks = sorted({site.stack for site in self.sites})

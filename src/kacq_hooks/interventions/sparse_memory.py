@@ -41,7 +41,7 @@ from ..errors import ArgumentTypeError, ConfigError, ShapeError, StateError
 from ..locate import find_sites
 from ..saving import load_stats
 from ..usage import (METHODS, SlotUsage, _distribution, check_same_source, check_top, describe_source, slot_means,
-                     slot_scores, tfidf, top_slots)
+                     slot_scores, tfidf, top_slots, torch_module)
 from .slots import SlotSlice, slot_parameters
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,7 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
         raise ConfigError(f"method must be one of {METHODS}, not {method!r}")
     if not isinstance(train_rest, bool):
         raise ArgumentTypeError(f"train_rest must be True or False, not {train_rest!r}")
+    model = torch_module(model)  # an nnsight envoy: the module inside it trains
     if any(other.model is model for other in _ACTIVE):
         raise ConfigError("this model already has an active sparse_memory: remove() it before starting another "
                           "(two would each freeze the other's slots, so only their intersection would train)")
