@@ -290,6 +290,11 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
     widths = [s.d_ff for s in sites]
     check_top(top, widths)
     slices = [slot_parameters(model, site) for site in sites]  # refuses layouts it cannot split before any hook
+    held = {id(p) for other in _ACTIVE for p in other._partial.values()}
+    if any(id(s.parameter) in held for site_slices in slices for s in site_slices):
+        raise ConfigError("these FFN parameters are already under an active sparse_memory (of a module that holds "
+                          "them, such as a wrapper or the inner model): remove() it before starting another (two "
+                          "would each freeze the other's slots, so only their intersection would train)")
     names = {id(p): name for name, p in model.named_parameters()}
     frozen = sorted({names.get(id(s.parameter), s.role) for site_slices in slices for s in site_slices
                      if not s.parameter.requires_grad})
