@@ -60,8 +60,6 @@ def test_saved_statistics_keep_their_weighting(tmp_path):
     _same(kh.knowledge_entropy(saved), want, labels=False)
 
 
-@pytest.mark.xfail(strict=True, reason="SavedStats has no labels although every site record in the file holds its "
-                   "label; tests/test_saving.py asserts a loaded file gives labels == [], so this is left as it is")
 def test_saved_statistics_keep_their_layer_labels(tmp_path):
     inst = _measured("token")
     saved = load_stats(save_stats(inst, tmp_path / "token.safetensors"))

@@ -191,7 +191,7 @@ def test_knowledge_entropy_reads_measurements_by_their_interface_and_refuses_loo
     saved = load_stats(save_stats(inst, tmp_path / "stats.safetensors"))
     from_inst, from_saved = kh.knowledge_entropy(inst), kh.knowledge_entropy(saved)
     assert from_inst.per_layer == from_saved.per_layer == inst.knowledge_entropy().per_layer
-    assert from_inst.labels == inst.labels and from_saved.labels == []  # a file holds no layer labels of its own
+    assert from_inst.labels == from_saved.labels == inst.labels  # the file's site records hold the labels
 
     class LookAlike:  # an object that merely has a ``stats`` attribute is not a measurement
         stats = inst.stats

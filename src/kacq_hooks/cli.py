@@ -25,7 +25,7 @@ from .corpus import load_corpus
 from .errors import CheckpointError, ConfigError, KacqError, ResuscitationError
 from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
 from .interventions.resuscitation import check_plan_arguments, check_weight_edit
-from .sweep import check_device, check_seq_len, entropy_sweep, measure_texts
+from .sweep import check_device, check_seq_len, counted_description, entropy_sweep, measure_texts
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +270,7 @@ def entropy_table(results: dict) -> str:
         lines.append(f"{row['name'][-40:]:<40} {str(row.get('step') or ''):>8} {'failed':>12}  {row['error']}")
     count = (results.get("settings") or {}).get("count")
     if count is not None:
-        from .sweep import _counted
-        lines.append(f"tokens counted: {_counted(count)}")
+        lines.append(f"tokens counted: {counted_description(count)}")
     return "\n".join(lines)
 
 

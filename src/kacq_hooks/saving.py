@@ -46,6 +46,12 @@ class SavedStats(Measurement):
     def model_type(self) -> str:
         return self.header["model_type"]
 
+    @property
+    def labels(self) -> list[str] | None:
+        """The layer labels the file's site records hold (None for a file whose records have none)."""
+        labels = [site.get("label") for site in self.sites]
+        return labels if all(isinstance(label, str) for label in labels) else None
+
     def merge(self, other) -> "SavedStats":
         _check_same_sites(self.sites, _site_records(other), self.model_type, _model_type_of(other))
         # as Instrumentation.merge: sums measured another way (weighting, padding, count=) are not one measurement

@@ -38,6 +38,7 @@ from .errors import CheckpointError, ConfigError, CorpusError, KacqError
 from .instrumentation import instrument
 from .measuring import evaluation_mode, measure
 from .report import pyplot, save_figure
+from .sweep_exec import check_engine, run_specs
 from .sweep_data import DataSource, Ranks, check_record_source, data_digest, data_source, read_documents
 from .sweep_identity import TOKENIZER_MARKERS, IdentityCache
 
@@ -473,7 +474,7 @@ class HubFetcher:
             cache.delete_revisions(*commits).execute()
 
 
-def _atomic_json(path: Path, value: dict) -> None:
+def write_json_atomically(path: Path, value: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     staging.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
@@ -588,7 +589,7 @@ def _finish(inst, checkpoint, spec, settings, identity, total, seq_len, seconds,
         stats.parent.mkdir(parents=True, exist_ok=True)
         inst.save(stats)
         row["stats_file"] = str(stats.relative_to(out))
-    _atomic_json(result_path(out, identity), {"format": FORMAT_NAME + ".result", "settings": asdict(settings),
+    write_json_atomically(result_path(out, identity), {"format": FORMAT_NAME + ".result", "settings": asdict(settings),
                                               "row": row})
     return {"status": "measured", "row": row, "identity": identity}
 
@@ -692,7 +693,6 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
         raise ConfigError(f"--executor {executor} under torchrun ({ranks.world} ranks): start the driver as one "
                           "process; use --task-ranks to make each task a torchrun job")
     if executor in ("ray", "slurm", "submitit-local"):
-        from .sweep_exec import check_engine
         check_engine(executor, ray_address)  # a missing engine fails before any hashing
     settings = SweepSettings(**{**asdict(settings), "data_sha256": data_digest(source, ranks)})
     checkpoints = expand_checkpoints(models, revisions)
@@ -825,9 +825,8 @@ def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, r
                 spec["known"] = {identity: row["name"] for identity, row in by_identity.items()}
                 finished(checkpoint, run_task(spec, fetch=fetch, documents=documents, progress=step, ranks=ranks))
         else:
-            from .sweep_exec import run_specs
             run_specs(specs, executor, jobs=jobs, task_ranks=task_ranks, ray_address=ray_address, slurm=slurm,
-                      fetch=fetch, folder=out / "tasks",
+                      fetch=fetch, folder=out / "tasks", task=run_task,
                       on_done=lambda spec, outcome: finished(Checkpoint(**spec["checkpoint"]), outcome),
                       progress=progress)
 
@@ -955,7 +954,7 @@ def _write_json(path: Path, results: dict) -> None:
     rows = results["checkpoints"]
     if all(isinstance(r.get("step"), int) for r in rows):  # a series reads in step order, duplicates in place
         rows.sort(key=lambda r: r["step"])
-    _atomic_json(path, results)
+    write_json_atomically(path, results)
 
 
 def write_outputs(results: dict, out: str | os.PathLike) -> list[Path]:
@@ -969,7 +968,7 @@ def write_outputs(results: dict, out: str | os.PathLike) -> list[Path]:
         writer = csv.writer(handle)
         writer.writerow(["checkpoint", "step", "total", "max_total", "tokens", "documents", *labels, "duplicate_of",
                          "identity", "world_size", "tokens_per_s", "error", "counted"])
-        counted = _counted(results.get("settings", {}).get("count"))
+        counted = counted_description(results.get("settings", {}).get("count"))
         for r in rows:
             by_label = dict(zip(_labels(r), r["per_layer"]))
             writer.writerow([r["name"], r["step"], repr(r["total"]), repr(r["max_total"]), r["tokens"], r["documents"],
@@ -985,7 +984,7 @@ def write_outputs(results: dict, out: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def _counted(count: str | None) -> str:
+def counted_description(count: str | None) -> str:
     """What the ``tokens`` of a sweep are, for its CSV: every unpadded token, or the positions --count selects."""
     return {None: "tokens", "labels": "completion tokens (--count labels)",
             "shifted_labels": "positions predicting completion tokens (--count shifted_labels)"}[count]
@@ -1024,5 +1023,5 @@ def _plot(rows: list[dict], path: Path) -> Path:
     right.legend(fontsize=7)
     counts = {r.get("count") for r in rows}
     if counts != {None}:  # say which tokens the entropy is over, on the figure itself
-        fig.suptitle(f"counted: {', '.join(_counted(c) for c in sorted(counts, key=str))}", fontsize=9)
+        fig.suptitle(f"counted: {', '.join(counted_description(c) for c in sorted(counts, key=str))}", fontsize=9)
     return save_figure(fig, path)

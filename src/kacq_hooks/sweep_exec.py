@@ -1,11 +1,12 @@
 """One task per checkpoint on an engine researchers already run: subprocesses, Ray, or SLURM via submitit.
 
-Every engine runs :func:`kacq_hooks.sweep.run_task` on a task spec (plain JSON). The task writes its
+Every engine runs the sweep's task (:func:`kacq_hooks.sweep.run_task`, handed in by the sweep, which is the
+floor above this one) on a task spec (plain JSON). The task writes its
 result atomically to ``OUT/results/``; the driver merges each outcome as it arrives, so one failing or
 killed task becomes an error row and never takes the others with it. A task of ``task_ranks`` > 1 is
 itself a data-parallel job: a ``torchrun`` group (local, Ray) or ``ntasks_per_node`` SLURM tasks.
 
-Run one task by hand: ``python -m kacq_hooks.sweep_exec SPEC.json OUTCOME.json``.
+Run one task by hand: ``python -m kacq_hooks.sweep_worker SPEC.json OUTCOME.json``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Callable
 from .errors import ConfigError, MissingExtraError, SweepError
 
 OnDone = Callable[[dict, dict], None]
+Task = Callable[..., dict]  # task(spec, fetch=None) -> outcome
 
 
 def check_engine(executor: str, ray_address: str | None = None) -> None:
@@ -60,9 +62,14 @@ def _key(spec: dict) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-80:]
 
 
-def run_specs(specs: list[dict], executor: str, *, jobs: int, folder: Path, on_done: OnDone, task_ranks: int = 1,
-              ray_address: str | None = None, slurm: dict | None = None, fetch=None, progress=None) -> None:
-    """Run every spec on ``executor`` with at most ``jobs`` at once; ``on_done(spec, outcome)`` as each ends."""
+def run_specs(specs: list[dict], executor: str, *, jobs: int, folder: Path, on_done: OnDone, task: Task,
+              task_ranks: int = 1, ray_address: str | None = None, slurm: dict | None = None, fetch=None,
+              progress=None) -> None:
+    """Run every spec on ``executor`` with at most ``jobs`` at once; ``on_done(spec, outcome)`` as each ends.
+
+    ``task(spec, fetch=)`` runs one spec where the engine places it (Ray and submitit pickle it by reference,
+    so it is a module-level function); local subprocesses start ``kacq_hooks.sweep_worker``, which runs the
+    sweep's own task."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if fetch is not None and executor == "local":
@@ -74,9 +81,9 @@ def run_specs(specs: list[dict], executor: str, *, jobs: int, folder: Path, on_d
     if executor == "local":
         _run_local(specs, jobs, folder, task_ranks, done)
     elif executor == "ray":
-        _run_ray(specs, jobs, folder, task_ranks, ray_address, fetch, done)
+        _run_ray(specs, jobs, folder, task_ranks, ray_address, task, fetch, done)
     else:
-        _run_submitit(specs, jobs, folder, task_ranks, executor, slurm or {}, fetch, done)
+        _run_submitit(specs, jobs, folder, task_ranks, executor, slurm or {}, task, fetch, done)
 
 
 class _Bar:
@@ -96,7 +103,7 @@ class _Bar:
 
 def task_command(spec_path: Path, outcome_path: Path, task_ranks: int = 1) -> list[str]:
     """The command line of one task: this Python, or a torchrun group of ``task_ranks`` ranks."""
-    module = ["-m", "kacq_hooks.sweep_exec", str(spec_path), str(outcome_path)]
+    module = ["-m", "kacq_hooks.sweep_worker", str(spec_path), str(outcome_path)]
     if task_ranks == 1:
         return [sys.executable, *module]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(task_ranks), "--master-port",
@@ -166,15 +173,13 @@ def _run_local(specs: list[dict], jobs: int, folder: Path, task_ranks: int, done
 # Ray
 
 
-def _ray_task(spec: dict, folder: str, task_ranks: int, fetch) -> dict:
+def _ray_task(spec: dict, folder: str, task_ranks: int, task: Task, fetch) -> dict:
     if task_ranks > 1:
         return _run_one_subprocess(spec, Path(folder), task_ranks)
-    from .sweep import run_task
-
-    return run_task(spec, fetch=fetch)
+    return task(spec, fetch=fetch)
 
 
-def _run_ray(specs, jobs, folder, task_ranks, address, fetch, done) -> None:
+def _run_ray(specs, jobs, folder, task_ranks, address, task, fetch, done) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -188,7 +193,7 @@ def _run_ray(specs, jobs, folder, task_ranks, address, fetch, done) -> None:
     while waiting or running:
         while waiting and len(running) < jobs:
             spec = waiting.pop(0)
-            running[remote.remote(spec, str(folder), task_ranks, fetch)] = spec
+            running[remote.remote(spec, str(folder), task_ranks, task, fetch)] = spec
         ready, _ = ray.wait(list(running), num_returns=1)
         for ref in ready:
             spec = running.pop(ref)
@@ -208,14 +213,12 @@ def _first_line(error: BaseException) -> str:
 # SLURM through submitit
 
 
-def _submitit_task(spec: dict, task_ranks: int, fetch) -> dict:
+def _submitit_task(spec: dict, task_ranks: int, task: Task, fetch) -> dict:
     if task_ranks > 1:  # srun started one process per rank: join them as a torch.distributed group
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export()
-    from .sweep import run_task
-
-    return run_task(spec, fetch=fetch)
+    return task(spec, fetch=fetch)
 
 
 def slurm_parameters(slurm: dict, jobs: int, task_ranks: int) -> dict:
@@ -244,7 +247,7 @@ def sbatch_script(folder: str | os.PathLike, slurm: dict | None = None, jobs: in
     return submitit_slurm._make_sbatch_string(command=command, folder=str(folder), **converted)
 
 
-def _run_submitit(specs, jobs, folder, task_ranks, executor, slurm, fetch, done) -> None:
+def _run_submitit(specs, jobs, folder, task_ranks, executor, slurm, task, fetch, done) -> None:
     import submitit
 
     cluster = "slurm" if executor == "slurm" else "local"
@@ -260,7 +263,7 @@ def _run_submitit(specs, jobs, folder, task_ranks, executor, slurm, fetch, done)
     while waiting or running:
         while waiting and len(running) < jobs:
             spec = waiting.pop(0)
-            running.append((spec, engine.submit(_submitit_task, spec, task_ranks, fetch)))
+            running.append((spec, engine.submit(_submitit_task, spec, task_ranks, task, fetch)))
         for entry in list(running):
             spec, job = entry
             if job.done():
@@ -271,23 +274,3 @@ def _run_submitit(specs, jobs, folder, task_ranks, executor, slurm, fetch, done)
                     outcome = {"status": "error", "error": _first_line(error) + f"; its logs: {job.paths.folder}"}
                 done(spec, outcome)
         time.sleep(0.5)
-
-
-# ------------------------------------------------------------------------------------------------
-# python -m kacq_hooks.sweep_exec SPEC OUTCOME
-
-
-def main(argv: list[str] | None = None) -> int:
-    spec_path, outcome_path = (argv if argv is not None else sys.argv[1:])[:2]
-    from .sweep import _atomic_json, run_task
-    from .sweep_data import Ranks
-
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    outcome = run_task(spec)
-    if Ranks.current().rank == 0:
-        _atomic_json(Path(outcome_path), outcome)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
