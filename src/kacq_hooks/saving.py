@@ -17,7 +17,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ._version import __version__
 from .entropy import KnowledgeEntropy, Measurement, knowledge_entropy

@@ -33,11 +33,13 @@ import torch
 from torch import nn
 
 from ._hooks import HookSet, OwnerHook
-from .errors import ArgumentTypeError, ConfigError, KacqError, NoTokensError, ShapeError
+from .errors import ArgumentTypeError, ConfigError, NoTokensError, ShapeError
 from .experts import ExpertsTap, SharedTap
 from .frontends.nnsight import underlying_module
 from .frontends.stacks import StackReader
+from .instrumentation import Instrumentation
 from .locate import LAYOUT_BY_MODEL_TYPE, Site, find_config, find_sites
+from .saving import SavedStats, load_stats
 from .stats import CoefficientStats
 
 METHODS = ("tfidf", "count")
@@ -50,7 +52,6 @@ def slot_means(source, weighting: str = "token") -> list[torch.Tensor]:
     statistics file), a ``CoefficientStats``, a :class:`SlotUsage`, or a list of per-layer tensors.
     """
     if isinstance(source, (str, os.PathLike)):
-        from .saving import load_stats
         source = load_stats(source)
     if isinstance(source, SlotUsage):
         return source.means()
@@ -129,7 +130,6 @@ def torch_module(model):
 
 def _loaded(source):
     if isinstance(source, (str, os.PathLike)):
-        from .saving import load_stats
         return load_stats(source)
     return source
 
@@ -148,14 +148,13 @@ def _config_model_type(model) -> str | None:
 
 def describe_source(source) -> dict:
     """What a statistics source records about its measurement: model type and padding rule, where known."""
-    from .saving import SavedStats
     if isinstance(source, SavedStats):
         return {"model_type": source.model_type, "mask_padding": source.header.get("mask_padding")}
     if isinstance(source, SlotUsage):
         return {"model_type": _config_model_type(source.model), "mask_padding": True}
     if isinstance(source, nn.Module):
         return {"model_type": _config_model_type(source)}
-    if callable(getattr(source, "_settings", None)) and hasattr(source, "mask_padding"):  # an Instrumentation
+    if isinstance(source, Instrumentation):
         return {"model_type": _config_model_type(getattr(source, "model", None)), "mask_padding": source.mask_padding}
     return {}
 
