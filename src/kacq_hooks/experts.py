@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._hooks import OwnerHook
+from ._hooks import HookSet, OwnerHook
 from .errors import ExpertsError, ShapeError
 from .locate.moe import TAPPABLE, ExpertsLayer, SharedExpert, _is_decorated, experts_implementation
 from .locate.moe import find_experts  # noqa: F401  (found in locate, a public name of this module too)
@@ -201,41 +201,18 @@ class ExpertsTap:
         self.remove()
 
 
-def _copy_refusal(hub) -> str | None:
-    """Why a deep copy of the model must not run ``hub``'s module unedited (None: the copy may, uninstrumented)."""
-    if not any(tap.replaces for tap in hub._taps):
-        return None
-    return (f"'{hub.layer.path}' belongs to a copy (copy.deepcopy, pickle or torch.save) of a model whose "
-            "mixture-of-experts coefficients were replaced by a hook there (resuscitate(..., mode='hook') or a "
-            "replacing ExpertsTap). That edit cannot travel with a copy, and running the copy unedited would "
-            "measure another model than the one copied. Copy the model before editing it, or edit it with "
-            "resuscitate(..., mode='weights'), whose edit is in the weights and is copied")
-
-
-class _Hub:
-    """The hooks of one experts module, shared by every :class:`ExpertsTap` attached to it.
-
-    One hub per module keeps one set of hooks, one torch-function mode and one ``_apply_gate``
-    override however many taps there are, so that taps compose: replacing taps run first, in attach
-    order, then the observers on the final tensor.
-    """
-
-    copy_refusal = _copy_refusal
+class _TapHub:
+    """What the hubs of every experts layout share: the taps of one module, the hooks they share (one
+    :class:`~kacq_hooks._hooks.HookSet`, placed with the first tap and removed with the last) and the reason
+    a copy of the model must not run the module unedited."""
 
     def __init__(self, layer: ExpertsLayer):
         self.layer = layer
-        self._module_ref = weakref.ref(layer.module)
         self._taps: list[ExpertsTap] = []
-        self._handles: list = []
-        self._call: _Call | None = None
-        self._mode: _Mode | None = None
-        self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
-        self._emitting = False
-
-    # -- lifecycle
+        self._hooks = HookSet()
 
     def add(self, tap: ExpertsTap) -> None:
-        if not self._handles:
+        if not self._hooks:
             self._attach()
         self._taps.append(tap)
 
@@ -244,22 +221,57 @@ class _Hub:
         self._taps = [t for t in self._taps if t is not tap]
         if self._taps:
             return False
-        self._close()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._scores = None
+        self._detach()
+        self._hooks.remove()
         return True
 
     def _attach(self) -> None:
-        module = self._module_ref()
-        self._handles.append(module.register_forward_pre_hook(OwnerHook(self, "_pre"), with_kwargs=True))
-        self._handles.append(module.register_forward_hook(OwnerHook(self, "_post"), with_kwargs=True, always_call=True))
-        act = getattr(module, "act_fn", None)
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        """Drop what a forward left behind, before the hooks go."""
+
+    def copy_refusal(self) -> str | None:
+        """Why a deep copy of the model must not run this module unedited (None: the copy may, uninstrumented)."""
+        if not any(tap.replaces for tap in self._taps):
+            return None
+        return (f"'{self.layer.path}' belongs to a copy (copy.deepcopy, pickle or torch.save) of a model whose "
+                "mixture-of-experts coefficients were replaced by a hook there (resuscitate(..., mode='hook') or a "
+                "replacing ExpertsTap). That edit cannot travel with a copy, and running the copy unedited would "
+                "measure another model than the one copied. Copy the model before editing it, or edit it with "
+                "resuscitate(..., mode='weights'), whose edit is in the weights and is copied")
+
+
+class _Hub(_TapHub):
+    """The hooks of one experts module, shared by every :class:`ExpertsTap` attached to it.
+
+    One hub per module keeps one set of hooks, one torch-function mode and one ``_apply_gate``
+    override however many taps there are, so that taps compose: replacing taps run first, in attach
+    order, then the observers on the final tensor.
+    """
+
+    def __init__(self, layer: ExpertsLayer):
+        super().__init__(layer)
+        self._module_ref = weakref.ref(layer.module)
+        self._call: _Call | None = None
+        self._mode: _Mode | None = None
+        self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
+        self._emitting = False
+
+    # -- lifecycle
+
+    def _detach(self) -> None:
+        self._close()
+        self._scores = None
+
+    def _attach(self) -> None:
+        module, hooks = self._module_ref(), self._hooks
+        hooks.pre(module, OwnerHook(self, "_pre"), with_kwargs=True)
+        hooks.post(module, OwnerHook(self, "_post"), with_kwargs=True, always_call=True)
         if _is_decorated(module) and not module.has_gate:
-            self._handles.append(act.register_forward_hook(OwnerHook(self, "_act_out")))
+            hooks.post(module.act_fn, OwnerHook(self, "_act_out"))
         if self.layer.input_scaled:
-            self._handles.append(self.layer.router.register_forward_hook(OwnerHook(self, "_router_out")))
+            hooks.post(self.layer.router, OwnerHook(self, "_router_out"))
 
     # -- hooks
 
@@ -462,7 +474,7 @@ def _row_index(args, kwargs, func) -> torch.Tensor | None:
     return None
 
 
-class _ListHub:
+class _ListHub(_TapHub):
     """The hooks of one per-expert module list (see :class:`ExpertsTap`).
 
     C of expert e is the input of its output projection (a pre-hook there). The block's own forward
@@ -472,12 +484,8 @@ class _ListHub:
     at the end of the block's forward, never guessed.
     """
 
-    copy_refusal = _copy_refusal
-
     def __init__(self, layer: ExpertsLayer):
-        self.layer = layer
-        self._taps: list[ExpertsTap] = []
-        self._handles: list = []
+        super().__init__(layer)
         self._mode: _ListMode | None = None
         self._emitting = False
         self._reset()
@@ -489,17 +497,17 @@ class _ListHub:
         self._c: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, tuple[int, torch.Tensor]] = {}          # id(expert output) -> (expert, output)
 
-    add = _Hub.add
-    discard = _Hub.discard
-
     def _attach(self) -> None:
-        block = self.layer.block
-        self._handles.append(block.register_forward_pre_hook(OwnerHook(self, "_enter")))
-        self._handles.append(block.register_forward_hook(OwnerHook(self, "_exit"), always_call=True))
+        block, hooks = self.layer.block, self._hooks
+        hooks.pre(block, OwnerHook(self, "_enter"))
+        hooks.post(block, OwnerHook(self, "_exit"), always_call=True)
         for e, (expert, down) in enumerate(zip(self.layer.module, self.layer.downs)):
-            self._handles.append(expert.register_forward_pre_hook(OwnerHook(self, "_expert_in", e)))
-            self._handles.append(down.register_forward_pre_hook(OwnerHook(self, "_down_in", e)))
-            self._handles.append(expert.register_forward_hook(OwnerHook(self, "_expert_out", e)))
+            hooks.pre(expert, OwnerHook(self, "_expert_in", e))
+            hooks.pre(down, OwnerHook(self, "_down_in", e))
+            hooks.post(expert, OwnerHook(self, "_expert_out", e))
+
+    def _detach(self) -> None:
+        self._close()
 
     def _close(self) -> None:
         if self._mode is not None:
@@ -576,7 +584,7 @@ class _ListHub:
             self._emitting = False
 
 
-class _SortedHub:
+class _SortedHub(_TapHub):
     """The hooks of experts that take their rows sorted by expert (JetMoE, see :class:`ExpertsTap`).
 
     C is the input of the down projection (``module``): all routed rows, sorted by expert, with the count
@@ -584,31 +592,19 @@ class _SortedHub:
     multiplies the row's output after the down projection.
     """
 
-    copy_refusal = _copy_refusal
-
     def __init__(self, layer: ExpertsLayer):
-        self.layer = layer
-        self._taps: list[ExpertsTap] = []
-        self._handles: list = []
+        super().__init__(layer)
         self._routing = None
 
-    def add(self, tap: ExpertsTap) -> None:
-        if not self._handles:
-            self._handles.append(self.layer.router.register_forward_hook(OwnerHook(self, "_router_out")))
-            self._handles.append(self.layer.module.register_forward_pre_hook(OwnerHook(self, "_down_in")))
-            if self.layer.block is not None:  # a forward that failed halfway leaves no routing behind
-                self._handles.append(self.layer.block.register_forward_pre_hook(OwnerHook(self, "_reset")))
-        self._taps.append(tap)
+    def _attach(self) -> None:
+        hooks = self._hooks
+        hooks.post(self.layer.router, OwnerHook(self, "_router_out"))
+        hooks.pre(self.layer.module, OwnerHook(self, "_down_in"))
+        if self.layer.block is not None:  # a forward that failed halfway leaves no routing behind
+            hooks.pre(self.layer.block, OwnerHook(self, "_reset"))
 
-    def discard(self, tap: ExpertsTap) -> bool:
-        self._taps = [t for t in self._taps if t is not tap]
-        if self._taps:
-            return False
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _detach(self) -> None:
         self._routing = None
-        return True
 
     def _reset(self, *_):
         self._routing = None
@@ -664,27 +660,25 @@ class SharedTap:
     def __init__(self, shared: SharedExpert, on_coefficients: Callable[[torch.Tensor, torch.Tensor | None], None]):
         self.shared = shared
         self.on_coefficients = on_coefficients
-        self._handles: list = []
+        self._hooks = HookSet()
         self._c = self._gate = None
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._hooks)
 
     def attach(self) -> SharedTap:
-        if self._handles:
+        if self._hooks:
             return self
-        self._handles.append(self.shared.down.register_forward_pre_hook(OwnerHook(self, "_down_in")))
+        self._hooks.pre(self.shared.down, OwnerHook(self, "_down_in"))
         if self.shared.gate is not None:
-            self._handles.append(self.shared.gate.register_forward_hook(OwnerHook(self, "_gate_out")))
+            self._hooks.post(self.shared.gate, OwnerHook(self, "_gate_out"))
             if self.shared.block is not None:  # a forward that failed halfway leaves no half pair behind
-                self._handles.append(self.shared.block.register_forward_pre_hook(OwnerHook(self, "_reset")))
+                self._hooks.pre(self.shared.block, OwnerHook(self, "_reset"))
         return self
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self._c = self._gate = None
 
     def __enter__(self) -> SharedTap:
