@@ -25,8 +25,21 @@ from torch import nn
 from .errors import StateError
 
 
+_between_graphs = 0  # how many hooks are running eagerly between torch.compile's graphs (nested: more than one)
+
+
 def _call(hook: "OwnerHook", args: tuple):
-    return hook._run(args)
+    global _between_graphs
+    _between_graphs += 1
+    try:
+        return hook._run(args)
+    finally:
+        _between_graphs -= 1
+
+
+def running_between_graphs() -> bool:
+    """Whether the hook now running was called from a forward that torch.compile traced (see below)."""
+    return _between_graphs > 0
 
 
 # The hooks keep per-call Python state (which call is open, which sites fired), which torch.compile must not

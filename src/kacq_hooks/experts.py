@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._hooks import HookSet, OwnerHook
+from ._hooks import HookSet, OwnerHook, running_between_graphs
 from .errors import ExpertsError, ShapeError
 from .locate.moe import TAPPABLE, ExpertsLayer, SharedExpert, _is_decorated, experts_implementation
 from .locate.moe import find_experts  # noqa: F401  (found in locate, a public name of this module too)
@@ -121,6 +121,64 @@ class _Mode(TorchFunctionMode):
         elif func in _SORTS and self.call.sorted is None:
             self.call.sorted = out
         return out
+
+
+_INDEX, _DOWN = "index", "down"  # the tag of the routing index (and its mask), of the whole down projection
+
+
+class _Tagged(torch.Tensor):
+    """A tensor of one eager experts forward that its hub follows: the routing index and what the loop derives
+    from it (``one_hot``, ``permute``, ``mask[e]``: its ``torch.where`` is recorded), or the down projection
+    and its expert slices (a matmul with ``down_proj[e]`` hands C to the taps first).
+
+    Only ops that touch a tagged tensor call back into Python; they run on plain tensors (results are plain
+    unless followed), so the forward's numbers and autograd graph are the untagged ones (an alias is the
+    identity, forward and backward). ``_kacq`` is ``(hub, call, kind)``: kind is ``_INDEX``, ``_DOWN`` or the
+    expert of a down slice; a tag whose call is over is inert.
+    """
+
+    _kacq: tuple
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MATMULS and len(args) + len(kwargs) >= 2:
+            weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+            if type(weight) is cls and type(weight._kacq[2]) is int:
+                hub, call, expert = weight._kacq
+                if hub._call is call and not hub._emitting:
+                    # the matmul consumes the tensor handed out, so a tensor hook on it sees dL/dC
+                    args = (hub._eager_rows(call, args[0], expert), *args[1:])
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        first = args[0] if args else None
+        if type(first) is cls:
+            hub, call, kind = first._kacq
+            if hub._call is call and not hub._emitting:
+                return hub._follow(call, kind, func, len(args) + len(kwargs), out)
+        return out
+
+
+def _tag(tensor: torch.Tensor, hub, call, kind) -> _Tagged:
+    tagged = tensor.as_subclass(_Tagged)  # an alias: same storage, same autograd history
+    tagged._kacq = (hub, call, kind)
+    return tagged
+
+
+class _StateWithout:
+    """``__getstate__`` of an experts module during a tagged forward: its state without the forward's entries,
+    so a copy (deepcopy, pickle, torch.save) taken meanwhile is the plain module."""
+
+    def __init__(self, module: nn.Module, installed: dict):
+        self._module_ref, self._installed = weakref.ref(module), installed
+
+    def __call__(self):
+        module = self._module_ref()
+        state = nn.Module.__getstate__(module)
+        for name, value in self._installed.items():
+            if state.get(name) is value:
+                del state[name]
+        return state
 
 
 class ExpertsTap:
@@ -254,6 +312,7 @@ class _Hub(_TapHub):
         super().__init__(layer)
         self._module_ref = weakref.ref(layer.module)
         self._call: _Call | None = None
+        self._installed: dict = {}  # what one forward put in the module's __dict__ (name -> object)
         self._mode: _Mode | None = None
         self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
         self._emitting = False
@@ -298,15 +357,65 @@ class _Hub(_TapHub):
             index, weights = self._routing(args, kwargs)
             expected = index.numel()
         self._close()
-        self._call = _Call(impl, hidden.shape[0], index, weights, expected)
+        self._call = call = _Call(impl, hidden.shape[0], index, weights, expected)
         if impl != "eager" and module.has_gate:
-            module.__dict__["_apply_gate"] = self._apply_gate
+            self._install(module, "_apply_gate", self._apply_gate)
+        if impl == "eager" and self._can_tag(module, index):
+            return self._tag_forward(module, args, kwargs, call)
         # a torch-function mode costs a Python call on every op, so it is held only while it is needed:
-        # eager reads its own torch.where and down projections through it for the whole forward, grouped_mm
-        # only its torch.sort (the mode is left where C appears); batched_mm's rows are in the routing's order
+        # eager (where tensors cannot be tagged) reads its own torch.where and down projections through it for
+        # the whole forward, grouped_mm only its torch.sort (the mode is left where C appears); batched_mm's rows
+        # are in the routing's order
         if impl != "batched_mm":
-            self._mode = _Mode(self, self._call)
+            self._mode = _Mode(self, call)
             self._mode.__enter__()
+        return None
+
+    # -- eager, through tagged tensors
+
+    def _can_tag(self, module, index) -> bool:
+        """Whether this eager forward is followed through tagged tensors rather than a torch-function mode.
+
+        Not for input-scaled layers (their down projection is one bmm over every expert), not between
+        torch.compile's graphs (Dynamo traces the module's attributes), and only where the down projection
+        is a 3-D parameter (the instance attribute that shadows it for one forward must be a tensor)."""
+        down = module._parameters.get("down_proj")
+        return (not self.layer.input_scaled and not running_between_graphs() and isinstance(index, torch.Tensor)
+                and isinstance(down, torch.Tensor) and down.dim() == 3)
+
+    def _tag_forward(self, module, args, kwargs, call: _Call):
+        """Tag the routing index and shadow ``down_proj`` with a tagged alias, for this forward only.
+
+        The index's one-hot mask and its per-expert rows stay tagged, so the loop's ``torch.where`` is seen;
+        ``down_proj[e]`` is tagged with ``e``, so its matmul is seen. Every other op of the forward runs
+        untouched: no mode, no Python call per op. ``_close`` takes the shadow away (always: the post-hook
+        runs on exceptions too, and a copy taken meanwhile pickles the module's state without it).
+        """
+        self._install(module, "down_proj", _tag(module._parameters["down_proj"], self, call, _DOWN))
+        index = call.index
+        tagged = _tag(index, self, call, _INDEX)
+        args = tuple(tagged if a is index else a for a in args)
+        kwargs = {k: tagged if v is index else v for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _install(self, module, name: str, value) -> None:
+        """Put ``value`` in ``module.__dict__[name]`` until ``_close``; a copy's state leaves it out."""
+        if not self._installed:
+            self._installed["__getstate__"] = module.__dict__["__getstate__"] = _StateWithout(module, self._installed)
+        self._installed[name] = module.__dict__[name] = value
+
+    def _follow(self, call: _Call, kind, func, nargs: int, out):
+        """An op of the forward touched a tagged tensor (its first argument): keep following it, or record it."""
+        if kind is _INDEX:
+            if func in _WHERES and nargs == 1:
+                call.where = out
+            elif func in _FOLLOWED and isinstance(out, torch.Tensor):
+                return _tag(out, self, call, _INDEX)
+        elif func in _FOLLOWED and isinstance(out, torch.Tensor):
+            expert = self._down_expert(out)
+            if expert is not None and expert >= 0:
+                return _tag(out, self, call, expert)
+        return out
 
     def _post(self, module, args, kwargs, output):
         call = self._call
@@ -319,8 +428,11 @@ class _Hub(_TapHub):
 
     def _close(self) -> None:
         module = self._module_ref()
+        installed, self._installed = self._installed, {}
         if module is not None:
-            module.__dict__.pop("_apply_gate", None)
+            for name, value in installed.items():
+                if module.__dict__.get(name) is value:
+                    del module.__dict__[name]
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
@@ -342,7 +454,7 @@ class _Hub(_TapHub):
 
     def _down_expert(self, weight) -> int | None:
         """The expert whose down projection ``weight`` is (a view of ``down_proj``), -1 for all of them."""
-        down = self._module_ref().down_proj
+        down = nn.Module.__getattr__(self._module_ref(), "down_proj")  # the parameter, not a forward's tagged alias
         if weight is down:
             return -1
         if isinstance(weight, torch.Tensor) and weight._base is down and weight.dim() == 2:
@@ -366,6 +478,7 @@ class _Hub(_TapHub):
                                f"{expert}'s down projection without a torch.where that routes them; use "
                                "model.set_experts_implementation('grouped_mm')")
         top_k_pos, token_index = call.where
+        call.where = None  # one where routes one down projection: a matmul without its own is refused
         expert_ids = torch.full_like(token_index, expert)
         return self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
 
@@ -430,6 +543,9 @@ _VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.f
           torch.Tensor.contiguous, torch.Tensor.squeeze, torch.Tensor.unsqueeze}
 _GATHERS = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select}
 _MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+# what keeps a tensor of an eager forward tagged: the one-hot mask of the index, and views, permutes, indexing
+_FOLLOWED = _VIEWS | {F.one_hot, torch.Tensor.__getitem__, torch.Tensor.permute, torch.permute, torch.Tensor.transpose,
+                      torch.transpose, torch.Tensor.t, torch.t, torch.Tensor.select}
 
 
 class _ListMode(TorchFunctionMode):
