@@ -14,15 +14,18 @@ transformers 5 stores all experts of a layer in one module with 3-D parameters (
 :class:`ExpertsTap` hands the callback the very tensor each implementation feeds to the down
 projection, with the routing of its rows, without computing anything the forward does not:
 
-- eager: the down projection call (``F.linear``, ``@`` or ``bmm`` with a view of ``down_proj``) is
-  seen through a torch-function mode, and its rows are the tokens of the loop's own ``torch.where``;
+- eager: the down projection call (``F.linear``, ``@`` or ``bmm`` with a view of ``down_proj``), whose
+  rows are the tokens of the loop's own ``torch.where``; both are seen through tagged tensors (the
+  routing index and, for one forward, an alias of ``down_proj`` in the module's ``__dict__``), so that
+  only the few ops touching them call into Python;
 - batched_mm: the output of the class's ``_apply_gate`` (``act_fn`` without a gate), rows in the
   order of ``top_k_index.reshape(-1)``;
 - grouped_mm: the same output, rows in the order of the implementation's own ``torch.sort``.
 
-The torch-function mode (a Python call per op) is held only as long as it is needed: for the whole
-eager forward, until C for grouped_mm (it only has to see the sort), never for batched_mm; so the
-rest of the batched forwards and the callbacks' own work run unintercepted.
+A torch-function mode (a Python call per op) is held only as long as it is needed: until C for
+grouped_mm (it only has to see the sort), never for batched_mm, and for the whole eager forward only
+where tags do not apply (input-scaled layers, forwards traced by torch.compile); so the rest of the
+forwards and the callbacks' own work run unintercepted.
 
 Any other implementation (a fused kernel) keeps C inside the kernel and is refused.
 
