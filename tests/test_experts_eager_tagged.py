@@ -204,7 +204,8 @@ def test_a_removed_tap_leaves_no_shadow_and_a_stale_tag_is_inert(models):
     assert _clean(model)
     stale = kept["down"]  # a tagged alias kept past its forward: plain arithmetic, no handoff, no error
     x = torch.randn(3, stale.shape[-1])
-    assert torch.equal(torch.nn.functional.linear(x, stale[0]), torch.nn.functional.linear(x, layer.module.down_proj[0]))
+    linear = torch.nn.functional.linear
+    assert torch.equal(linear(x, stale[0]), linear(x, layer.module.down_proj[0]))
 
 
 def test_a_down_projection_without_its_own_where_is_refused(models, monkeypatch):

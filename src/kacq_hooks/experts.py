@@ -306,7 +306,7 @@ class _TapHub:
 class _Hub(_TapHub):
     """The hooks of one experts module, shared by every :class:`ExpertsTap` attached to it.
 
-    One hub per module keeps one set of hooks, one torch-function mode and one ``_apply_gate``
+    One hub per module keeps one set of hooks, one torch-function mode (or one set of tags) and one ``_apply_gate``
     override however many taps there are, so that taps compose: replacing taps run first, in attach
     order, then the observers on the final tensor.
     """
@@ -457,7 +457,10 @@ class _Hub(_TapHub):
 
     def _down_expert(self, weight) -> int | None:
         """The expert whose down projection ``weight`` is (a view of ``down_proj``), -1 for all of them."""
-        down = nn.Module.__getattr__(self._module_ref(), "down_proj")  # the parameter, not a forward's tagged alias
+        module = self._module_ref()
+        down = module._parameters.get("down_proj")  # the parameter, not the tagged alias a forward puts before it
+        if down is None:
+            down = module.down_proj
         if weight is down:
             return -1
         if isinstance(weight, torch.Tensor) and weight._base is down and weight.dim() == 2:
