@@ -381,10 +381,11 @@ class _Hub(_TapHub):
 
         Not for input-scaled layers (their down projection is one bmm over every expert), not between
         torch.compile's graphs (Dynamo traces the module's attributes), and only where the down projection
-        is a 3-D parameter (the instance attribute that shadows it for one forward must be a tensor)."""
+        is a plain 3-D parameter (the instance attribute that shadows it for one forward must be a tensor) and the
+        index a plain tensor: a subclass of either (a DTensor) would lose its own type to the tag."""
         down = module._parameters.get("down_proj")
-        return (not self.layer.input_scaled and not running_between_graphs() and isinstance(index, torch.Tensor)
-                and isinstance(down, torch.Tensor) and down.dim() == 3)
+        return (not self.layer.input_scaled and not running_between_graphs() and type(index) is torch.Tensor
+                and type(down) in (nn.Parameter, torch.Tensor) and down.dim() == 3)
 
     def _tag_forward(self, module, args, kwargs, call: _Call):
         """Tag the routing index and shadow ``down_proj`` with a tagged alias, for this forward only.
