@@ -355,3 +355,27 @@ def test_down_proj_seen_during_the_forward_is_the_parameter():
         with torch.no_grad():
             model(ids, attention_mask=mask)
     assert seen == {"same": True, "grad": True, "get_parameter": True}
+
+
+def test_down_proj_swapped_in_parameters_after_the_pre_hook_is_refused_as_such():
+    """A pre-hook placed after the tap that swaps ``_parameters['down_proj']`` (as offloading and sharding hooks
+    do) leaves the tagged alias of the old weights in ``__dict__``, so the forward would multiply by them. It was
+    refused only at the end, as 'exposed C for 0 of its N routed pairs'; now at the first down projection, saying
+    why."""
+    model, ids, mask = _reentering_model()
+    [layer, *_] = _layers(model)
+    module = layer.module
+    original = module._parameters["down_proj"]
+    doubled = torch.nn.Parameter(original.detach() * 2)
+    handles = [module.register_forward_pre_hook(lambda mod, args: mod._parameters.__setitem__("down_proj", doubled)),
+               module.register_forward_hook(lambda mod, args, out: mod._parameters.__setitem__("down_proj", original),
+                                            always_call=True)]
+    try:
+        with ExpertsTap(layer, lambda *a: None):
+            layer.module._forward_pre_hooks.move_to_end(handles[0].id)  # after the tap's pre-hook
+            with torch.no_grad(), pytest.raises(ExpertsError, match="replaced"):
+                model(ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    assert module._parameters["down_proj"] is original and "down_proj" not in module.__dict__

@@ -56,6 +56,7 @@ read from the router's output just before it.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,11 +89,11 @@ OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 class _Call:
     """What one forward of the experts module needs to label its rows."""
 
-    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "rows", "expected")
+    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "rows", "expected", "down")
 
     def __init__(self, impl, tokens, index, weights, expected):
         self.impl, self.tokens, self.index, self.weights = impl, tokens, index, weights
-        self.where = self.sorted = None
+        self.where = self.sorted = self.down = None
         self.rows, self.expected = 0, expected
 
 
@@ -319,6 +320,7 @@ class _Hub(_TapHub):
         self._mode: _Mode | None = None
         self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
         self._emitting = False
+        self._refused = 0  # re-entrant forwards refused by _pre whose always-called _post must not close the outer
 
     # -- lifecycle
 
@@ -338,6 +340,14 @@ class _Hub(_TapHub):
     # -- hooks
 
     def _pre(self, module, args, kwargs):
+        if self._call is not None and _forwards_of(module) > 1:
+            # one call is followed at a time: starting another would close the outer one, whose remaining
+            # experts would then go unseen without an error
+            self._refused += 1
+            raise ExpertsError(f"'{self.layer.path}' was called again inside its own forward (a hook or a tap "
+                               "ran the model re-entrantly); kacq_hooks follows one forward of an experts module "
+                               "at a time. Run the inner forward after the outer one returns, or remove the taps "
+                               "for it")
         impl = experts_implementation(module)
         if impl not in TAPPABLE:
             raise ExpertsError(
@@ -384,8 +394,10 @@ class _Hub(_TapHub):
         is a plain 3-D parameter (the instance attribute that shadows it for one forward must be a tensor) and the
         index a plain tensor: a subclass of either (a DTensor) would lose its own type to the tag."""
         down = module._parameters.get("down_proj")
+        # a forward wrapped on the instance (accelerate's offload hooks) may swap the parameters in after the
+        # pre-hook, behind the shadow: the mode reads them at the matmul instead
         return (not self.layer.input_scaled and not running_between_graphs() and type(index) is torch.Tensor
-                and type(down) in (nn.Parameter, torch.Tensor) and down.dim() == 3)
+                and type(down) in (nn.Parameter, torch.Tensor) and down.dim() == 3 and "forward" not in module.__dict__)
 
     def _tag_forward(self, module, args, kwargs, call: _Call):
         """Tag the routing index and shadow ``down_proj`` with a tagged alias, for this forward only.
@@ -395,7 +407,8 @@ class _Hub(_TapHub):
         untouched: no mode, no Python call per op. ``_close`` takes the shadow away (always: the post-hook
         runs on exceptions too, and a copy taken meanwhile pickles the module's state without it).
         """
-        self._install(module, "down_proj", _tag(module._parameters["down_proj"], self, call, _DOWN))
+        call.down = module._parameters["down_proj"]
+        self._install(module, "down_proj", _tag(call.down, self, call, _DOWN))
         index = call.index
         tagged = _tag(index, self, call, _INDEX)
         args = tuple(tagged if a is index else a for a in args)
@@ -416,12 +429,20 @@ class _Hub(_TapHub):
             elif func in _FOLLOWED and isinstance(out, torch.Tensor):
                 return _tag(out, self, call, _INDEX)
         elif func in _FOLLOWED and isinstance(out, torch.Tensor):
+            if self._module_ref()._parameters.get("down_proj") is not call.down:
+                # the shadow would multiply by the weights of before the swap
+                raise ExpertsError(f"'{self.layer.path}'.down_proj was replaced in _parameters during its forward "
+                                   "(after kacq_hooks' pre-hook), so the forward would run on the old weights; "
+                                   "replace parameters before the forward, or with setattr")
             expert = self._down_expert(out)
             if expert is not None and expert >= 0:
                 return _tag(out, self, call, expert)
         return out
 
     def _post(self, module, args, kwargs, output):
+        if self._refused:  # the always-called post-hook of a re-entrant forward _pre refused: the outer goes on
+            self._refused -= 1
+            return
         call = self._call
         self._close()
         if output is not None and call is not None and call.rows != call.expected:
@@ -544,6 +565,19 @@ class _Hub(_TapHub):
                                  weight, c)
         finally:
             self._emitting = False
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _forwards_of(module: nn.Module) -> int:
+    """How many calls of ``module`` are running in this thread (frames of ``nn.Module._call_impl``)."""
+    n, frame = 0, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module:
+            n += 1
+        frame = frame.f_back
+    return n
 
 
 _VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
