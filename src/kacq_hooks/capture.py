@@ -54,6 +54,8 @@ class Capture:
         site = self.sites[index]
         task = torch._C._current_graph_task_id()
         if task != -1:  # activation checkpointing re-runs forwards in backward
+            if site.kind == "experts":  # the module's input is not C: its taps take dL/dC of the recomputed C
+                return
             call = self.calls.recomputed(task)
             if call is not None and inst.grads and c.requires_grad and torch.is_grad_enabled():
                 rows, _, _ = self._rows_for(call, index, c)
@@ -134,7 +136,22 @@ class Capture:
                              f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
         return call
 
+    def _recomputed_call(self, index: int, c: torch.Tensor) -> Call | None:
+        """In a backward that re-runs the forward (reentrant checkpointing): the counted call whose dL/dC the
+        recomputed C of experts site ``index`` carries, if gradients are measured; else None."""
+        task = torch._C._current_graph_task_id()
+        if task == -1 or self.inst._pause_depth or not (self.inst.grads and c.requires_grad and torch.is_grad_enabled()):
+            return None
+        call = self.calls.recomputed(task)
+        return call if call is not None and index in call.routing else None
+
     def on_routed(self, index: int, expert_ids, token_index, weight, c):
+        recomputed = self._recomputed_call(index, c)
+        if recomputed is not None:  # the original forward ran without grad and counted C; only dL/dC is new
+            rows, _ = recomputed.routing[index]
+            keep = torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None else rows[token_index]
+            c.register_hook(functools.partial(self._on_routed_gradient, index, recomputed, c.detach(), expert_ids, keep))
+            return
         call = self._routed_call(index)
         if call is None:
             return
@@ -160,6 +177,12 @@ class Capture:
             stats.grad_tokens.add_(keep.shape[0] if rows is None else rows.sum())
 
     def on_shared(self, index: int, start: int, c, gate):
+        recomputed = self._recomputed_call(index, c)
+        if recomputed is not None:
+            rows, _ = recomputed.routing[index]
+            c.register_hook(functools.partial(self._on_shared_gradient, index, recomputed, start,
+                                              c.detach().reshape(-1, c.shape[-1]), rows))
+            return
         call = self._routed_call(index)
         if call is None:
             return
