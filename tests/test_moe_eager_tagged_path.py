@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 
 # zoo families whose experts hold 3-D parameters and run transformers' eager loop
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe",
-            "phimoe", "glm4_moe", "ernie4_5_moe", "minimax"]
+            "phimoe", "glm4_moe", "ernie4_5_moe", "minimax", "flex_olmo", "jamba", "granitemoeshared",
+            "exaone_moe", "afmoe", "minimax_m2", "laguna"]
 
 
 def _build(model_type, seed=0):
@@ -379,3 +380,34 @@ def test_down_proj_swapped_in_parameters_after_the_pre_hook_is_refused_as_such()
         for h in handles:
             h.remove()
     assert module._parameters["down_proj"] is original and "down_proj" not in module.__dict__
+
+
+def test_a_keyboard_interrupt_inside_the_forward_leaves_a_recoverable_module():
+    """KeyboardInterrupt is not an Exception: torch skips the always-called post-hook, so the shadow stays until
+    the next forward or remove(). The next forward must be whole and exact, and not taken for a re-entrant one."""
+    model, ids, mask = _reentering_model()
+    [layer, *_] = _layers(model)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+    state = {"interrupt": True}
+    rows = []
+
+    def tap(e, t, w, c):
+        if state["interrupt"]:
+            state["interrupt"] = False
+            raise KeyboardInterrupt
+        rows.append(c.shape[0])
+
+    with ExpertsTap(layer, tap):
+        with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+            model(ids, attention_mask=mask)
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask).logits
+    assert torch.equal(out, plain)
+    assert sum(rows) == ids.numel() * model.config.num_experts_per_tok
+    assert "down_proj" not in layer.module.__dict__ and "__getstate__" not in layer.module.__dict__
+    with ExpertsTap(layer, tap):  # interrupted, then removed: remove() takes the shadow away
+        with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+            state["interrupt"] = True
+            model(ids, attention_mask=mask)
+    assert "down_proj" not in layer.module.__dict__ and layer.module.down_proj is layer.module._parameters["down_proj"]
