@@ -411,3 +411,36 @@ def test_a_keyboard_interrupt_inside_the_forward_leaves_a_recoverable_module():
             state["interrupt"] = True
             model(ids, attention_mask=mask)
     assert "down_proj" not in layer.module.__dict__ and layer.module.down_proj is layer.module._parameters["down_proj"]
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_document_weighted_statistics_equal_the_reference(padding):
+    """weighting='document': each batch row's mean over its real tokens, then the mean over rows."""
+    model = _build("qwen2_moe")
+    ids, mask = random_batch(batch=3, seq=8, padding=padding, seed=26)
+    seen = {}
+    hooks = [layer.module.register_forward_pre_hook(
+        lambda mod, args, kwargs, p=layer.path: seen.__setitem__(p, (args, kwargs)) and None, with_kwargs=True)
+        for layer in _layers(model)]
+    inst = kh.instrument(model, weighting="document")
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    finally:
+        inst.remove()
+        for h in hooks:
+            h.remove()
+    batch, seq = ids.shape
+    for i, site in enumerate(inst.sites):
+        if site.kind != "experts":
+            continue
+        module = site.experts_layer.module
+        x, index, weights = _routing(seen[site.experts_layer.path])
+        want = 0
+        for b in range(batch):
+            row = torch.zeros(batch * seq, dtype=torch.bool)
+            row[b * seq:(b + 1) * seq] = mask[b].bool()
+            _, s_w, _, _ = _reference(module, x, index, weights, row)
+            want = want + s_w.reshape(-1) / int(mask[b].sum())
+        got = inst.mean_abs_coefficients("document")[i].double()[: want.numel()]
+        _assert_close64(got, want / batch, f"{site.path} document mean |w C|")
