@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,11 +90,12 @@ OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 class _Call:
     """What one forward of the experts module needs to label its rows."""
 
-    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "rows", "expected", "down")
+    __slots__ = ("impl", "tokens", "index", "weights", "where", "sorted", "rows", "expected", "down", "thread")
 
     def __init__(self, impl, tokens, index, weights, expected):
         self.impl, self.tokens, self.index, self.weights = impl, tokens, index, weights
         self.where = self.sorted = self.down = None
+        self.thread = threading.get_ident()
         self.rows, self.expected = 0, expected
 
 
@@ -320,7 +322,8 @@ class _Hub(_TapHub):
         self._mode: _Mode | None = None
         self._scores: torch.Tensor | None = None  # input-scaled layouts: the router's last [T, E] scores
         self._emitting = False
-        self._refused = 0  # re-entrant forwards refused by _pre whose always-called _post must not close the outer
+        self._lock = threading.Lock()
+        self._refused: dict[int, int] = {}  # thread -> forwards _pre refused, whose always-called _post must pass
 
     # -- lifecycle
 
@@ -340,14 +343,40 @@ class _Hub(_TapHub):
     # -- hooks
 
     def _pre(self, module, args, kwargs):
-        if self._call is not None and _forwards_of(module) > 1:
-            # one call is followed at a time: starting another would close the outer one, whose remaining
-            # experts would then go unseen without an error
-            self._refused += 1
-            raise ExpertsError(f"'{self.layer.path}' was called again inside its own forward (a hook or a tap "
-                               "ran the model re-entrantly); kacq_hooks follows one forward of an experts module "
-                               "at a time. Run the inner forward after the outer one returns, or remove the taps "
-                               "for it")
+        with self._lock:  # the check that no call is open and the opening of this one, at once for every thread
+            call = self._open(module, args, kwargs)
+        impl = call.impl
+        if impl != "eager" and module.has_gate:
+            self._install(module, "_apply_gate", self._apply_gate)
+        if impl == "eager" and self._can_tag(module, call.index):
+            return self._tag_forward(module, args, kwargs, call)
+        # a torch-function mode costs a Python call on every op, so it is held only while it is needed:
+        # eager (where tensors cannot be tagged) reads its own torch.where and down projections through it for
+        # the whole forward, grouped_mm only its torch.sort (the mode is left where C appears); batched_mm's rows
+        # are in the routing's order
+        if impl != "batched_mm":
+            self._mode = _Mode(self, call)
+            self._mode.__enter__()
+        return None
+
+    def _open(self, module, args, kwargs) -> _Call:
+        """Check the arguments and open this forward's call (under ``_lock``)."""
+        # one call is followed at a time: starting another would close the open one, whose remaining experts
+        # would then go unseen without an error (a call left open by a KeyboardInterrupt is not running)
+        open_call, me = self._call, threading.get_ident()
+        if open_call is not None:
+            if open_call.thread == me and _forwards_of(module) > 1:
+                why = ("was called again inside its own forward (a hook or a tap ran the model re-entrantly). Run "
+                       "the inner forward after the outer one returns, or remove the taps for it")
+            elif open_call.thread != me and any(t.ident == open_call.thread for t in threading.enumerate()):
+                why = ("was called from two threads at once. Run the instrumented model's forwards one at a time "
+                       "(or give each thread its own copy of the model)")
+            else:
+                why = None
+            if why is not None:
+                self._refused[me] = self._refused.get(me, 0) + 1
+                raise ExpertsError(f"'{self.layer.path}' {why}: kacq_hooks follows one forward of an experts "
+                                   "module at a time")
         impl = experts_implementation(module)
         if impl not in TAPPABLE:
             raise ExpertsError(
@@ -371,18 +400,7 @@ class _Hub(_TapHub):
             expected = index.numel()
         self._close()
         self._call = call = _Call(impl, hidden.shape[0], index, weights, expected)
-        if impl != "eager" and module.has_gate:
-            self._install(module, "_apply_gate", self._apply_gate)
-        if impl == "eager" and self._can_tag(module, index):
-            return self._tag_forward(module, args, kwargs, call)
-        # a torch-function mode costs a Python call on every op, so it is held only while it is needed:
-        # eager (where tensors cannot be tagged) reads its own torch.where and down projections through it for
-        # the whole forward, grouped_mm only its torch.sort (the mode is left where C appears); batched_mm's rows
-        # are in the routing's order
-        if impl != "batched_mm":
-            self._mode = _Mode(self, call)
-            self._mode.__enter__()
-        return None
+        return call
 
     # -- eager, through tagged tensors
 
@@ -440,8 +458,9 @@ class _Hub(_TapHub):
         return out
 
     def _post(self, module, args, kwargs, output):
-        if self._refused:  # the always-called post-hook of a re-entrant forward _pre refused: the outer goes on
-            self._refused -= 1
+        me = threading.get_ident()
+        if self._refused.get(me):  # the always-called post-hook of a forward _pre refused: the open one goes on
+            self._refused[me] -= 1
             return
         call = self._call
         self._close()
