@@ -486,3 +486,59 @@ def test_forwards_from_two_threads_are_each_whole_or_refused():
     assert "down_proj" not in layer.module.__dict__
     out, got, _ = _tapped(model, ids, mask)  # and a later forward is whole
     assert sum(c.shape[0] for *_, c in got[layer.path]) == expected
+
+
+def test_switching_implementations_between_calls_keeps_every_forward_exact():
+    """eager -> grouped_mm -> batched_mm -> eager on one tapped model: each forward's logits are those of the
+    uninstrumented forward of the same implementation, its handoffs match the float64 reference, and nothing of
+    one implementation's forward (the eager shadow, the batched _apply_gate) is left for the next."""
+    model = _build("olmoe")
+    ids, mask = random_batch(batch=2, seq=6, padding="right", seed=27)
+    valid = mask.reshape(-1).bool()
+    for impl in ["eager", "grouped_mm", "batched_mm", "eager"]:
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            plain = model(ids, attention_mask=mask).logits
+        out, got, seen = _tapped(model, ids, mask, tagged=impl == "eager")
+        assert torch.equal(out, plain), impl
+        for layer in _layers(model):
+            assert not {"down_proj", "_apply_gate", "__getstate__"} & set(layer.module.__dict__), impl
+            x, index, weights = _routing(seen[layer.path])
+            s_abs, s_w, _, load = _reference(layer.module, x, index, weights, valid)
+            mine, mine_w = torch.zeros_like(s_abs), torch.zeros_like(s_abs)
+            for e, t, w, c in got[layer.path]:
+                keep = valid[t]
+                mine.index_add_(0, e[keep], c[keep].double().abs())
+                mine_w.index_add_(0, e[keep], w[keep].double().abs()[:, None] * c[keep].double().abs())
+            _assert_close64(mine, s_abs, f"{impl} {layer.path}")
+            _assert_close64(mine_w, s_w, f"{impl} {layer.path} weighted")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_instrumented_statistics_equal_the_uncompiled_ones(backend):
+    model = _build("mixtral")
+    ids, mask = random_batch(batch=2, seq=6, padding="right", seed=28)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+    inst = kh.instrument(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    inst.remove()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend=backend)
+        inst_c = kh.instrument(model)
+        try:
+            with torch.no_grad():
+                out = compiled(ids, attention_mask=mask).logits
+        except KacqError:
+            return  # a refusal that says why is acceptable
+        finally:
+            inst_c.remove()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, plain)
+    for i, site in enumerate(inst.sites):
+        torch.testing.assert_close(inst_c.mean_abs_coefficients()[i], inst.mean_abs_coefficients()[i],
+                                   rtol=1e-6, atol=1e-7)
+    assert all("down_proj" not in layer.module.__dict__ for layer in _layers(model))
