@@ -542,3 +542,32 @@ def test_compiled_instrumented_statistics_equal_the_uncompiled_ones(backend):
         torch.testing.assert_close(inst_c.mean_abs_coefficients()[i], inst.mean_abs_coefficients()[i],
                                    rtol=1e-6, atol=1e-7)
     assert all("down_proj" not in layer.module.__dict__ for layer in _layers(model))
+
+
+def test_an_nnsight_wrapped_model_keeps_the_tagged_path_and_its_numbers():
+    """nnsight wraps each module's forward on the instance; the tagged path still applies (accelerate's hooks,
+    which swap parameters in, are the ones that need the mode) and the statistics are those of the plain model."""
+    nnsight = pytest.importorskip("nnsight")
+    model, ids, mask = _reentering_model()
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+    inst = kh.instrument(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    inst.remove()
+    wrapped = nnsight.NNsight(model)
+    shadows = []
+    [layer, *_] = _layers(model)
+    handle = layer.module.act_fn.register_forward_hook(
+        lambda mod, args, out: shadows.append("down_proj" in layer.module.__dict__) and None)
+    inst_n = kh.instrument(model)
+    try:
+        with wrapped.trace(ids, attention_mask=mask):
+            logits = wrapped.lm_head.output.save()
+    finally:
+        inst_n.remove()
+        handle.remove()
+    assert shadows and all(shadows), "the nnsight-wrapped forward fell back to the torch-function mode"
+    assert torch.equal(getattr(logits, "value", logits), plain)
+    for i in range(len(inst.sites)):
+        assert torch.equal(inst_n.mean_abs_coefficients()[i], inst.mean_abs_coefficients()[i])

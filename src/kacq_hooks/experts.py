@@ -412,10 +412,11 @@ class _Hub(_TapHub):
         is a plain 3-D parameter (the instance attribute that shadows it for one forward must be a tensor) and the
         index a plain tensor: a subclass of either (a DTensor) would lose its own type to the tag."""
         down = module._parameters.get("down_proj")
-        # a forward wrapped on the instance (accelerate's offload hooks) may swap the parameters in after the
-        # pre-hook, behind the shadow: the mode reads them at the matmul instead
+        # accelerate's hooks (offloading) swap the parameters in inside the wrapped forward, after the pre-hook,
+        # behind the shadow: the mode reads them at the matmul instead
         return (not self.layer.input_scaled and not running_between_graphs() and type(index) is torch.Tensor
-                and type(down) in (nn.Parameter, torch.Tensor) and down.dim() == 3 and "forward" not in module.__dict__)
+                and type(down) in (nn.Parameter, torch.Tensor) and down.dim() == 3 and down.device.type != "meta"
+                and "_hf_hook" not in module.__dict__)
 
     def _tag_forward(self, module, args, kwargs, call: _Call):
         """Tag the routing index and shadow ``down_proj`` with a tagged alias, for this forward only.
