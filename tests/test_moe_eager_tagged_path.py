@@ -571,3 +571,31 @@ def test_an_nnsight_wrapped_model_keeps_the_tagged_path_and_its_numbers():
     assert torch.equal(getattr(logits, "value", logits), plain)
     for i in range(len(inst.sites)):
         assert torch.equal(inst_n.mean_abs_coefficients()[i], inst.mean_abs_coefficients()[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_handoffs_are_the_modes_bit_for_bit_and_near_the_reference(dtype, monkeypatch):
+    from kacq_hooks import experts
+
+    model = _build("qwen2_moe").to(dtype)
+    ids, mask = random_batch(batch=2, seq=7, padding="right", seed=29)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+    out, tagged, seen = _tapped(model, ids, mask)
+    assert torch.equal(out, plain)
+    monkeypatch.setattr(experts._Hub, "_can_tag", lambda self, module, index: False)
+    out_mode, by_mode, _ = _tapped(model, ids, mask, tagged=False)
+    assert torch.equal(out_mode, plain)
+    valid = mask.reshape(-1).bool()
+    for layer in _layers(model):
+        assert len(tagged[layer.path]) == len(by_mode[layer.path]) > 0
+        for mine, theirs in zip(tagged[layer.path], by_mode[layer.path]):
+            for a, b in zip(mine, theirs):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+        x, index, weights = _routing(seen[layer.path])
+        s_abs, _, _, _ = _reference(layer.module, x, index, weights, valid)
+        mine = torch.zeros_like(s_abs)
+        for e, t, w, c in tagged[layer.path]:
+            assert c.dtype == dtype
+            mine.index_add_(0, e[valid[t]], c[valid[t]].double().abs())
+        torch.testing.assert_close(mine, s_abs, rtol=3e-2, atol=3e-2 * float(s_abs.abs().max()))
