@@ -599,3 +599,67 @@ def test_half_precision_handoffs_are_the_modes_bit_for_bit_and_near_the_referenc
             assert c.dtype == dtype
             mine.index_add_(0, e[valid[t]], c[valid[t]].double().abs())
         torch.testing.assert_close(mine, s_abs, rtol=3e-2, atol=3e-2 * float(s_abs.abs().max()))
+
+
+@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]])
+def test_peft_lora_on_the_experts_parameters_hands_over_the_merged_models_c(targets):
+    """peft's LoRA on 3-D expert parameters (target_parameters) parametrizes them during the forward: the logits
+    are the untapped LoRA model's, and C is that of the model with the adapters merged into the weights."""
+    peft = pytest.importorskip("peft")
+    model, ids, mask = _reentering_model()
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=targets, init_lora_weights=False)
+    lora = peft.get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        plain = lora(ids, attention_mask=mask).logits
+    out, got, _ = _tapped(lora, ids, mask, tagged=False)
+    assert torch.equal(out, plain)
+    merged = lora.merge_and_unload()
+    _, want, _ = _tapped(merged, ids, mask)
+    k = model.config.num_experts_per_tok
+    assert len(got) == len(want)
+    for (path, mine), theirs in zip(sorted(got.items()), [want[p] for p in sorted(want)]):
+        assert sum(c.shape[0] for *_, c in mine) == ids.numel() * k, path
+        for (e, t, w, c), (e2, t2, w2, c2) in zip(mine, theirs):
+            assert torch.equal(e, e2) and torch.equal(t, t2)
+            torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c, c2, rtol=1e-4, atol=1e-5)
+
+
+def test_parameters_state_dict_and_torch_save_seen_from_a_tap_are_the_plain_models():
+    import io
+
+    model, ids, mask = _reentering_model()
+    [layer, *_] = _layers(model)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+    params = dict(model.named_parameters())
+    seen = {}
+
+    def look(e, t, w, c):
+        if seen:
+            return
+        assert "down_proj" in layer.module.__dict__  # inside the tagged forward
+        seen["named"] = dict(model.named_parameters())
+        seen["parameters"] = list(model.parameters())
+        seen["state"] = model.state_dict()
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        seen["saved"] = buffer.getvalue()
+
+    inst = kh.instrument(model)
+    try:
+        with ExpertsTap(layer, look):
+            with torch.no_grad():
+                out = model(ids, attention_mask=mask).logits
+    finally:
+        inst.remove()
+    assert torch.equal(out, plain)
+    assert seen["named"].keys() == params.keys() and all(seen["named"][n] is p for n, p in params.items())
+    assert len(seen["parameters"]) == len(params) and all(type(p) is torch.nn.Parameter for p in seen["parameters"])
+    for name, value in seen["state"].items():
+        assert type(value) is torch.Tensor and torch.equal(value, model.state_dict()[name]), name
+    loaded = torch.load(io.BytesIO(seen["saved"]), weights_only=False)
+    for experts in _layers(loaded):
+        assert not {"down_proj", "__getstate__"} & set(experts.module.__dict__)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, plain)
