@@ -601,7 +601,8 @@ def test_half_precision_handoffs_are_the_modes_bit_for_bit_and_near_the_referenc
         torch.testing.assert_close(mine, s_abs, rtol=3e-2, atol=3e-2 * float(s_abs.abs().max()))
 
 
-@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]])
+@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj"],
+                                     ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]])
 def test_peft_lora_on_the_experts_parameters_hands_over_the_merged_models_c(targets):
     """peft's LoRA on 3-D expert parameters (target_parameters) parametrizes them during the forward: the logits
     are the untapped LoRA model's, and C is that of the model with the adapters merged into the weights."""

@@ -140,7 +140,9 @@ class Capture:
         """In a backward that re-runs the forward (reentrant checkpointing): the counted call whose dL/dC the
         recomputed C of experts site ``index`` carries, if gradients are measured; else None."""
         task = torch._C._current_graph_task_id()
-        if task == -1 or self.inst._pause_depth or not (self.inst.grads and c.requires_grad and torch.is_grad_enabled()):
+        if task == -1 or self.inst._pause_depth or not self.inst.grads:
+            return None
+        if not (c.requires_grad and torch.is_grad_enabled()):
             return None
         call = self.calls.recomputed(task)
         return call if call is not None and index in call.routing else None
@@ -149,8 +151,10 @@ class Capture:
         recomputed = self._recomputed_call(index, c)
         if recomputed is not None:  # the original forward ran without grad and counted C; only dL/dC is new
             rows, _ = recomputed.routing[index]
-            keep = torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None else rows[token_index]
-            c.register_hook(functools.partial(self._on_routed_gradient, index, recomputed, c.detach(), expert_ids, keep))
+            keep = (torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None
+                    else rows[token_index])
+            c.register_hook(functools.partial(self._on_routed_gradient, index, recomputed, c.detach(), expert_ids,
+                                              keep))
             return
         call = self._routed_call(index)
         if call is None:
