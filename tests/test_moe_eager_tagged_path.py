@@ -664,3 +664,26 @@ def test_parameters_state_dict_and_torch_save_seen_from_a_tap_are_the_plain_mode
         assert not {"down_proj", "__getstate__"} & set(experts.module.__dict__)
     with torch.no_grad():
         assert torch.equal(loaded(ids, attention_mask=mask).logits, plain)
+
+
+def test_instrument_remove_instrument_and_two_instrumentations_agree():
+    model, ids, mask = _reentering_model()
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+
+    def measured(*insts):
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask).logits
+        for inst in insts:
+            inst.remove()
+        assert torch.equal(out, plain)
+        assert all(not {"down_proj", "__getstate__"} & set(layer.module.__dict__) for layer in _layers(model))
+        assert all(not layer.module._forward_pre_hooks for layer in _layers(model))
+        return [[s.clone() for s in inst.mean_abs_coefficients()] for inst in insts]
+
+    [first] = measured(kh.instrument(model))
+    kh.instrument(model).remove()
+    [again] = measured(kh.instrument(model))
+    both = measured(kh.instrument(model), kh.instrument(model))
+    for stats in (again, *both):
+        assert all(torch.equal(a, b) for a, b in zip(first, stats))

@@ -207,7 +207,8 @@ class ExpertsTap:
 
     Rows follow the implementation's order (eager: by top-k position then token; grouped_mm: sorted by
     expert); experts that received no token get no row. A forward that used another implementation,
-    or whose rows do not add up to every routed pair, raises :class:`ExpertsError`.
+    or whose rows do not add up to every routed pair, raises :class:`ExpertsError`; so does a forward of the
+    module started while another is open (re-entrantly from a hook or callback, or from another thread).
     The tap does not touch shared experts (they are dense MLPs: tap their ``down`` input).
 
     With ``replaces=True`` the callback returns the tensor the down projection multiplies instead of
