@@ -191,3 +191,19 @@ def test_a_copy_of_a_model_under_slot_usage_does_not_feed_it():
         model(input_ids=ids, attention_mask=mask)
         assert usage.forwards == 1 and all(t == int(mask.sum()) for t in usage.tokens)
     assert _every_hook(model) == bare
+
+
+@pytest.mark.parametrize("per_batch", [True, False])
+def test_a_copied_sparse_memory_handle_is_a_removed_one(per_batch):
+    model = tiny_model("llama").train()
+    reference = _reference(model)
+    handle = sparse_memory(model, None if per_batch else reference, reference, top=4)
+    _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    twin = copy.deepcopy(handle)  # copies the model it holds; the copy's hooks are not placed anywhere
+    assert handle.active and "active" in repr(handle)
+    assert not twin.active and "removed" in repr(twin)
+    assert _every_hook(twin.model)["grad"] == 0
+    assert (twin.slots is None) == (handle.slots is None)  # what was chosen is still readable
+    twin.remove()  # nothing to remove, and the original is untouched
+    assert handle.active and _every_hook(model)["grad"] > 0
+    handle.remove()

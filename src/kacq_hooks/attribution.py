@@ -206,7 +206,7 @@ def attribute(
     if method != "ablation" and torch.is_inference_mode_enabled():  # enable_grad cannot undo inference mode
         raise AttributionError(f"{method} needs autograd, which torch.inference_mode() turns off: call attribute() "
                                "outside inference mode (torch.no_grad() around it is fine), or use method='ablation'")
-    tracker = _as_tracker(model, tokenizer, probes, kinds, batch_size, padding_side, unclean_targets)
+    tracker = as_tracker(model, tokenizer, probes, kinds, batch_size, padding_side, unclean_targets)
     run = _Runner(model, tracker, baseline, positions, reduction, mlp_out)
     n = len(tracker.encoded)
     scores = [torch.full((n, site.d_ff), math.nan) for site in run.sites]
@@ -252,7 +252,7 @@ def ablate(
     with one per probe (e.g. ``result.top_slots(k)``: a ``[n_probes, k, 2]`` tensor; -1 rows are
     skipped), or "all" for every slot of every site.
     """
-    tracker = _as_tracker(model, tokenizer, probes, kinds, batch_size, padding_side, unclean_targets)
+    tracker = as_tracker(model, tokenizer, probes, kinds, batch_size, padding_side, unclean_targets)
     run = _Runner(model, tracker, baseline, positions, reduction, mlp_out)
     n = len(tracker.encoded)
     masks = None if isinstance(slots, str) and slots == "all" else run.slot_masks(slots, n)
@@ -326,7 +326,7 @@ def _is_pairs(probes) -> bool:
         isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in probes)
 
 
-def _as_tracker(model, tokenizer, probes, kinds, batch_size, padding_side, unclean_targets) -> FactTracker:
+def as_tracker(model, tokenizer, probes, kinds, batch_size, padding_side, unclean_targets) -> FactTracker:
     """A FactTracker holding the probes' encoding and padded batches (its scoring is not used)."""
     if isinstance(probes, FactTracker):
         if probes.model is not model:

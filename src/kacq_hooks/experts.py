@@ -69,7 +69,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._hooks import HookSet, OwnerHook, running_between_graphs
 from .errors import ExpertsError, ShapeError
-from .locate.moe import TAPPABLE, ExpertsLayer, SharedExpert, _is_decorated, experts_implementation
+from .locate.moe import TAPPABLE, ExpertsLayer, SharedExpert, is_decorated_experts, experts_implementation
 from .locate.moe import find_experts  # noqa: F401  (found in locate, a public name of this module too)
 
 try:  # transformers 5 dispatches fused experts through this module; 4.x has no fused experts
@@ -223,10 +223,11 @@ class ExpertsTap:
         if layer.kind != "experts":
             raise ShapeError(f"{layer!r} is a dense layer: tap the input of its output projection instead")
         module = layer.module
-        if _is_decorated(module) and module.has_gate and not callable(getattr(type(module), "_apply_gate", None)):
+        decorated = is_decorated_experts(module)
+        if decorated and module.has_gate and not callable(getattr(type(module), "_apply_gate", None)):
             raise ExpertsError(f"{type(module).__name__} has no _apply_gate: its batched implementations cannot be "
                                "tapped; use model.set_experts_implementation('eager')")
-        if _is_decorated(module) and not module.has_gate and not isinstance(getattr(module, "act_fn", None), nn.Module):
+        if decorated and not module.has_gate and not isinstance(getattr(module, "act_fn", None), nn.Module):
             raise ExpertsError(f"{type(module).__name__}.act_fn is not a module, so C cannot be seen in its batched "
                                "implementations; use model.set_experts_implementation('eager')")
         self.layer = layer
@@ -336,7 +337,7 @@ class _Hub(_TapHub):
         module, hooks = self._module_ref(), self._hooks
         hooks.pre(module, OwnerHook(self, "_pre"), with_kwargs=True)
         hooks.post(module, OwnerHook(self, "_post"), with_kwargs=True, always_call=True)
-        if _is_decorated(module) and not module.has_gate:
+        if is_decorated_experts(module) and not module.has_gate:
             hooks.post(module.act_fn, OwnerHook(self, "_act_out"))
         if self.layer.input_scaled:
             hooks.post(self.layer.router, OwnerHook(self, "_router_out"))
@@ -936,7 +937,7 @@ def expert_up_rows(layer: ExpertsLayer, expert: int, rows: torch.Tensor) -> list
     m = layer.d_ff
     if rows.numel() and (rows.min() < 0 or rows.max() >= m):
         raise ShapeError(f"rows must lie in 0..{m - 1} for {layer.path}")
-    decorated = _is_decorated(module)
+    decorated = is_decorated_experts(module)
     if decorated and not module.has_gate:
         raise ExpertsError(f"{layer.path} has no gate: C = act(up x), so no row scaling multiplies C by exactly u")
     if decorated and (type(module)._apply_gate is not _default_apply_gate or not module.is_concatenated):

@@ -69,7 +69,7 @@ def _file_blocks(path: Path) -> list[tuple[Path, int, int]]:
     return [(path, start, min(BLOCK, size - start)) for start in range(0, size, BLOCK)] or [(path, 0, 0)]
 
 
-def _hash_range(path: Path, start: int, length: int) -> str:
+def hash_range(path: Path, start: int, length: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         handle.seek(start)
@@ -87,7 +87,7 @@ def content_digest(paths: Sequence[Path], root: Path | None = None, ranks: Ranks
     """A digest of the bytes of ``paths`` (their names relative to ``root`` too, when given): sha256 over the
     sha256 of each 64 MiB block. Rank r hashes blocks r, r + world, ...; every rank returns the same digest."""
     units = [(index, block) for index, path in enumerate(paths) for block in _file_blocks(path)]
-    mine = {i: _hash_range(*unit[1]) for i, unit in enumerate(units) if i % ranks.world == ranks.rank}
+    mine = {i: hash_range(*unit[1]) for i, unit in enumerate(units) if i % ranks.world == ranks.rank}
     merged: dict[int, str] = {}
     for part in ranks.gather(mine):
         merged.update(part)

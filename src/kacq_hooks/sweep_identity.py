@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 
 from .errors import CheckpointError
-from .sweep_data import Ranks, _hash_range, content_digest
+from .sweep_data import Ranks, hash_range, content_digest
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 _CONFIG = "config.json"
@@ -120,7 +120,7 @@ def weights_identity(folder: str | os.PathLike, ranks: Ranks = Ranks()) -> str:
                                       f"{path.name})")
             tensors[name] = (path, dtype, shape, start, length)
     names = sorted(tensors)
-    mine = {i: _hash_range(tensors[n][0], tensors[n][3], tensors[n][4])
+    mine = {i: hash_range(tensors[n][0], tensors[n][3], tensors[n][4])
             for i, n in enumerate(names) if i % ranks.world == ranks.rank}
     merged: dict[int, str] = {}
     for part in ranks.gather(mine):

@@ -71,7 +71,9 @@ def slot_means(source, weighting: str = "token") -> list[torch.Tensor]:
                             f"CoefficientStats, a SlotUsage or a list of per-layer tensors, not {type(source).__name__}")
 
 
-def _distribution(values: list[torch.Tensor], what: str, layer_ids: Sequence[int] | None = None) -> list[torch.Tensor]:
+def slot_distribution(values: list[torch.Tensor], what: str,
+                      layer_ids: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Each layer's slot usage normalized to sum 1; non-finite, negative or all-zero usage is refused."""
     out = []
     for i, v in enumerate(values):
         if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
@@ -119,7 +121,7 @@ def slot_scores(new, reference, *, method: str = "tfidf", weighting: str = "toke
     else:
         new_v, ref_v = slot_means(new, weighting), slot_means(reference, weighting)
     _check_widths(new_v, ref_v)
-    return [tfidf(a, b) for a, b in zip(_distribution(new_v, "new"), _distribution(ref_v, "reference"))]
+    return [tfidf(a, b) for a, b in zip(slot_distribution(new_v, "new"), slot_distribution(ref_v, "reference"))]
 
 
 def torch_module(model):

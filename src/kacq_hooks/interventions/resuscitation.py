@@ -473,7 +473,7 @@ def check_weight_edit(model: nn.Module, mlp_out: str | None = None) -> None:
         _row_targets(model, site, None)
 
 
-def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
+def parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
     for module in model.modules():
         if any(c is child for c in module.children()):
             return module
@@ -482,7 +482,7 @@ def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
 
 def _up_rows(model: nn.Module, site: Site) -> tuple[list[nn.Parameter], int]:
     """The parameters whose rows produce the up half of C (weight, and bias if any), and the row offset."""
-    return _up_rows_of(_parent_of(model, site.module), site.path, site.d_ff)
+    return _up_rows_of(parent_of(model, site.module), site.path, site.d_ff)
 
 
 def _up_rows_of(parent: nn.Module, path: str, d_ff: int) -> tuple[list[nn.Parameter], int]:

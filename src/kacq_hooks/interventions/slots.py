@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import LocateError
 from ..locate import Site
-from .resuscitation import _parent_of
+from .resuscitation import parent_of
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,7 +145,7 @@ def slot_parameters(model: nn.Module, site: Site) -> list[SlotSlice]:
     weights cannot be told apart (quantized weights, an unknown layout).
     """
     if site.kind != "experts":
-        return _mlp_slices(_parent_of(model, site.module), site.module, site.d_ff, 0, site.path)
+        return _mlp_slices(parent_of(model, site.module), site.module, site.d_ff, 0, site.path)
     layer = site.experts_layer
     out: list[SlotSlice] = []
     if layer.layout == "module_list":

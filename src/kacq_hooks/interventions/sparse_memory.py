@@ -40,7 +40,7 @@ from .._hooks import HookSet, OwnerHook
 from ..errors import ArgumentTypeError, ConfigError, ShapeError, StateError
 from ..locate import find_sites
 from ..saving import load_stats
-from ..usage import (METHODS, SlotUsage, _distribution, check_same_source, check_top, describe_source, slot_means,
+from ..usage import (METHODS, SlotUsage, slot_distribution, check_same_source, check_top, describe_source, slot_means,
                      slot_scores, tfidf, top_slots, torch_module)
 from .slots import SlotSlice, slot_parameters
 
@@ -125,6 +125,12 @@ class SparseMemory:
             self._usage.remove()
         self._saved.clear()
         self.active = False
+
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy, pickle) of the handle places no hooks, so it is a removed handle, not an active one
+        state = dict(self.__dict__)
+        state.update(active=False, _hooks=HookSet(), _usage=None, _saved={})
+        return state
 
     def __enter__(self) -> "SparseMemory":
         return self
@@ -332,7 +338,7 @@ def sparse_memory(model: nn.Module, new=None, reference=None, *, top: int, metho
         if [v.numel() for v in ref_values] != widths:
             raise ShapeError(f"the reference statistics have layers of {[v.numel() for v in ref_values]} slots, "
                              f"this model {widths}: measure the reference on this model")
-        reference_p = _distribution(ref_values, "reference")
+        reference_p = slot_distribution(ref_values, "reference")
         if new is not None:
             fixed = [_used_top(s, top) for s in slot_scores(new, reference, method=method, weighting=weighting)]
     handle = SparseMemory(model, sites, slices, top=top, method=method, reference_p=reference_p, fixed=fixed,

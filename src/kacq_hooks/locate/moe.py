@@ -165,7 +165,7 @@ def _is_fused_experts(module: nn.Module) -> bool:
             and isinstance(up, torch.Tensor) and up.dim() == 3)
 
 
-def _is_decorated(module: nn.Module) -> bool:
+def is_decorated_experts(module: nn.Module) -> bool:
     """True for classes wired to ``ExpertsInterface`` by transformers' ``use_experts_implementation``."""
     return hasattr(module, "has_gate") and hasattr(module, "is_transposed")
 
@@ -256,7 +256,7 @@ def read_experts_layer(model: nn.Module, name: str, module: nn.Module, layer: in
     parent_name, _, child_name = name.rpartition(".")
     parent = submodule_at(model, parent_name)
     shared = _shared_experts(parent, child_name, f"{parent_name}." if parent_name else "", d)
-    input_scaled = not _is_decorated(module) and _routing_free(module)
+    input_scaled = not is_decorated_experts(module) and _routing_free(module)
     router = getattr(parent, "router", None) if input_scaled else None
     if input_scaled and not isinstance(router, nn.Module):
         raise ExpertsError(f"'{name}' takes only hidden states (its routing is in its input) but no 'router' "
@@ -380,7 +380,7 @@ def _add_dense_layers(model, named, container, layers, d_model) -> None:
 
 def experts_implementation(module: nn.Module) -> str:
     """The implementation the fused experts ``module`` runs now ("eager" for classes with one forward)."""
-    if not _is_decorated(module):
+    if not is_decorated_experts(module):
         return "eager"
     return getattr(getattr(module, "config", None), "_experts_implementation", None) or "eager"
 

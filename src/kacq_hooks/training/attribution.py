@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from kacq_hooks.attribution import _as_tracker, attributable_sites, attribute
+from kacq_hooks.attribution import as_tracker, attributable_sites, attribute
 from kacq_hooks.errors import AttributionError, ConfigError
 from kacq_hooks.facts.trajectory import ProbeRef, StepFile, TrajectoryError
 from kacq_hooks.facts.records import PROBE_KINDS
@@ -309,7 +309,7 @@ class AttributionTracker:
         if isinstance(probes, FactTracker):
             self.probes = probes
         else:  # encode once: attribute() takes the tracker's encoding and batches
-            self.probes = _as_tracker(model, tokenizer, probes, kinds or PROBE_KINDS,
+            self.probes = as_tracker(model, tokenizer, probes, kinds or PROBE_KINDS,
                                       attribute_kwargs.pop("batch_size", 32),
                                       attribute_kwargs.pop("padding_side", "left"),
                                       attribute_kwargs.pop("unclean_targets", "extend"))
