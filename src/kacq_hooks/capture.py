@@ -151,10 +151,8 @@ class Capture:
         recomputed = self._recomputed_call(index, c)
         if recomputed is not None:  # the original forward ran without grad and counted C; only dL/dC is new
             rows, _ = recomputed.routing[index]
-            keep = (torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None
-                    else rows[token_index])
             c.register_hook(functools.partial(self._on_routed_gradient, index, recomputed, c.detach(), expert_ids,
-                                              keep))
+                                              _routed_keep(rows, token_index, c.device)))
             return
         call = self._routed_call(index)
         if call is None:
@@ -162,7 +160,7 @@ class Capture:
         if self.sites[index].routed_scale != 1.0:  # applied to the routed output after the experts (Laguna)
             weight = weight * self.sites[index].routed_scale
         rows, doc_weight = call.routing[index]
-        keep = torch.ones(token_index.shape[0], dtype=torch.bool, device=c.device) if rows is None else rows[token_index]
+        keep = _routed_keep(rows, token_index, c.device)
         docs = None if doc_weight is None else doc_weight[token_index]
         experts = self.sites[index].experts
         fused = experts_cpu if kernels.backend_for(c.device) == "cpu" else reference
@@ -200,6 +198,13 @@ class Capture:
         if not self.inst._pause_depth and not call.discarded:
             reference.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
                                                 self.inst._gradients.target(index), start)
+
+
+def _routed_keep(rows: torch.Tensor | None, token_index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Which routed rows are real tokens: the layer's row mask read at each row's token (all, without a mask)."""
+    if rows is None:
+        return torch.ones(token_index.shape[0], dtype=torch.bool, device=device)
+    return rows[token_index]
 
 
 def _fp16_autocast(device_type: str) -> bool:
