@@ -514,16 +514,22 @@ def test_switching_implementations_between_calls_keeps_every_forward_exact():
             _assert_close64(mine_w, s_w, f"{impl} {layer.path} weighted")
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compiled_instrumented_statistics_equal_the_uncompiled_ones(backend):
-    model = _build("mixtral")
-    ids, mask = random_batch(batch=2, seq=6, padding="right", seed=28)
+def _plain_and_measured(model, ids, mask):
+    """The plain model's logits, and its statistics of one instrumented forward (the instrumentation removed)."""
     with torch.no_grad():
         plain = model(ids, attention_mask=mask).logits
     inst = kh.instrument(model)
     with torch.no_grad():
         model(ids, attention_mask=mask)
     inst.remove()
+    return plain, inst
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_instrumented_statistics_equal_the_uncompiled_ones(backend):
+    model = _build("mixtral")
+    ids, mask = random_batch(batch=2, seq=6, padding="right", seed=28)
+    plain, inst = _plain_and_measured(model, ids, mask)
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, backend=backend)
@@ -549,12 +555,7 @@ def test_an_nnsight_wrapped_model_keeps_the_tagged_path_and_its_numbers():
     which swap parameters in, are the ones that need the mode) and the statistics are those of the plain model."""
     nnsight = pytest.importorskip("nnsight")
     model, ids, mask = _reentering_model()
-    with torch.no_grad():
-        plain = model(ids, attention_mask=mask).logits
-    inst = kh.instrument(model)
-    with torch.no_grad():
-        model(ids, attention_mask=mask)
-    inst.remove()
+    plain, inst = _plain_and_measured(model, ids, mask)
     wrapped = nnsight.NNsight(model)
     shadows = []
     [layer, *_] = _layers(model)

@@ -406,6 +406,16 @@ def test_norm_topk_on_and_off_equal_float64(model_type, norm):
         assert_matches(stats, want, rtol=2e-5, atol=1e-7)
 
 
+def _assert_same_buffers(first, second):
+    """Two runs' statistics, layer by layer: floating buffers equal to float rounding, counts exactly."""
+    for a, b in zip(first, second):
+        for (name, x), (_, y) in zip(a.buffers(), b.buffers()):
+            if x.dtype.is_floating_point:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=name)
+            else:
+                assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
 def test_half_precision_models_equal_the_reference_on_the_same_c(dtype, impl, monkeypatch):
@@ -427,12 +437,7 @@ def test_half_precision_models_equal_the_reference_on_the_same_c(dtype, impl, mo
             for stats, want in zip(got, wants):
                 for name in ("sum_abs", "routed_sum_abs", "doc_sum_abs"):
                     torch.testing.assert_close(getattr(stats, name).double(), want[name], rtol=3e-2, atol=1e-3)
-    for a, b in zip(*results):
-        for (name, x), (_, y) in zip(a.buffers(), b.buffers()):
-            if x.dtype.is_floating_point:
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=name)
-            else:
-                assert torch.equal(x, y), name
+    _assert_same_buffers(*results)
 
 
 @pytest.mark.parametrize("mode", ["eager", "torch"])
@@ -448,12 +453,7 @@ def test_kernel_switches_off_give_the_same_numbers(mode, impl, monkeypatch):
         model.set_experts_implementation(impl)
         got, _ = _run_and_reference(model, padding="left", calls=2)
         results.append(got)
-    for a, b in zip(*results):
-        for (name, x), (_, y) in zip(a.buffers(), b.buffers()):
-            if x.dtype.is_floating_point:
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=name)
-            else:
-                assert torch.equal(x, y), name
+    _assert_same_buffers(*results)
 
 
 def test_a_nan_coefficient_in_one_token_is_counted_once_per_routed_pair():
