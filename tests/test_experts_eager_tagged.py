@@ -189,6 +189,53 @@ def test_several_taps_share_one_shadow_and_a_replacing_tap_acts_first(models):
     assert _clean(model) and not layer.module._forward_pre_hooks and not layer.module._forward_hooks
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_expert_rows_describe_the_rows_handed_to_on_coefficients(models, model_type):
+    """A tap that takes on_expert_rows gets each expert's rows as (expert, token, top-k position) of the routing
+    the module received: gathered, they are exactly the per-row tensors a plain tap gets, in the same order.
+    Beside a tap without it, both get on_coefficients (the same rows); a replacing tap cannot take it."""
+    model = models[model_type]
+    ids, mask = random_batch(batch=3, seq=10, padding="left", seed=12)
+    layers = _layers(model)
+    _, plain = _handoffs(model, ids, mask)
+    described = {k: [] for k in range(len(layers))}
+
+    def rows_of(k):
+        def rows(expert, token_index, top_k_pos, weights, c):
+            described[k].append((torch.full_like(token_index, expert), token_index.clone(),
+                                 weights[token_index, top_k_pos].clone(), c.detach().clone()))
+        return rows
+
+    def fail(*a):
+        pytest.fail("on_coefficients was called though every tap takes on_expert_rows")
+
+    taps = [ExpertsTap(layer, fail, on_expert_rows=rows_of(k)).attach() for k, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        flat = [h for k in range(len(layers)) for h in described[k]]  # layers run in order
+        assert len(flat) == len(plain) > 0
+        for mine, theirs in zip(flat, plain):
+            for a, b in zip(mine, theirs):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+        first_layer = described[0][:]
+        got = {"with": [], "without": []}
+        taps[0].on_coefficients = lambda *a: got["with"].append([t.detach().clone() for t in a])
+        beside = ExpertsTap(layers[0], lambda *a: got["without"].append([t.detach().clone() for t in a])).attach()
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        beside.remove()
+    finally:
+        for tap in taps:
+            tap.remove()
+    assert len(got["with"]) == len(got["without"]) == len(first_layer)
+    for a, b, c in zip(got["with"], got["without"], first_layer):
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))
+    assert _clean(model)
+    with pytest.raises(ExpertsError, match="observing taps only"):
+        ExpertsTap(layers[0], lambda *a: a[-1], replaces=True, on_expert_rows=rows_of(0))
+
+
 def test_a_removed_tap_leaves_no_shadow_and_a_stale_tag_is_inert(models):
     model = models["mixtral"]
     ids, mask = random_batch(batch=2, seq=5, seed=9)

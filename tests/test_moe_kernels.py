@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kacq_hooks.errors import ShapeError
 from kacq_hooks.kernels import experts_cpu, reference
 from kacq_hooks.stats import LayerStats
 
@@ -184,4 +185,72 @@ def test_statistics_with_fewer_slots_than_the_experts_are_refused_not_overrun():
     out = LayerStats(E * M - 1)
     with pytest.raises(ShapeError, match="do not fit"):
         experts_cpu.accumulate_experts(c, ids, weight, keep, doc, out, E)
+    assert all(not bool(b.any()) for _, b in out.buffers())
+
+
+# -- eager's rows, one expert at a time, as (token, top-k position) pairs (native.routed_rows) ----------------------
+
+def _eager_rows(n_tokens: int, k: int, expert: int, seed: int, dtype=torch.float32, bad: bool = False):
+    """One expert's rows as an eager forward hands them, and the per-token routing they index."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n_tokens)])
+    weights = torch.rand(n_tokens, k, generator=g).to(dtype)
+    weights[::5, 0] = 0
+    top_k_pos, token_index = torch.where((index == expert).t())  # the loop's own where, on the permuted mask
+    c = torch.randn(token_index.shape[0], M, generator=g)
+    c[c.abs() < 0.1] = 0
+    if bad and c.shape[0] > 2:
+        c[1, 3] = float("nan")
+    keep = torch.rand(n_tokens, generator=g) > 0.25
+    doc = torch.rand(n_tokens, generator=g)
+    return c.to(dtype), token_index, top_k_pos, weights, keep, doc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keep_docs", ["none", "keep", "keep_docs"])
+@pytest.mark.parametrize("bad", [False, True])
+def test_expert_rows_read_per_token_equal_the_gathered_rows(monkeypatch, dtype, keep_docs, bad):
+    """The kernel gathers each row's weight, mask and document weight from the per-token routing itself: the same
+    statistics as the per-row tensors through accumulate_experts (a NaN on a valid row: counted, as there)."""
+    from kacq_hooks.kernels import native
+    _native_or_skip()
+    calls = []
+    real = native.routed_rows
+    monkeypatch.setattr(native, "routed_rows", lambda *a: calls.append(1) or real(*a))
+    want, got = LayerStats(E * M + SHARED), LayerStats(E * M + SHARED)
+    for expert, seed in ((2, 0), (0, 1), (2, 2)):  # several calls accumulate, one expert twice
+        c, token_index, top_k_pos, weights, keep, doc = _eager_rows(40, 2, expert, seed, dtype, bad)
+        keep = None if keep_docs == "none" else keep
+        doc = doc if keep_docs == "keep_docs" else None
+        rows = (torch.full_like(token_index, expert), weights[token_index, top_k_pos],
+                torch.ones_like(token_index, dtype=torch.bool) if keep is None else keep[token_index],
+                None if doc is None else doc[token_index])
+        reference.accumulate_experts(c, rows[0], rows[1], rows[2], rows[3], want, E)
+        experts_cpu.accumulate_expert_rows(c, expert, token_index, top_k_pos, weights, keep, doc, got, E)
+    assert len(calls) == 3
+    _assert_equal_stats(got, want)
+    assert int(got.nonfinite.sum()) == int(want.nonfinite.sum())
+
+
+def test_expert_rows_the_kernel_cannot_take_are_summed_as_gathered_rows(monkeypatch):
+    """fp16 C, float64 routing weights or a float mask: the per-row tensors are gathered in torch instead, with
+    the same statistics; a token outside the routing is refused, not read past it."""
+    _native_or_skip()
+    for change in ("fp16", "float64 weights", "float mask"):
+        c, token_index, top_k_pos, weights, keep, doc = _eager_rows(30, 2, 1, 7)
+        if change == "fp16":
+            c = c.half()
+        elif change == "float64 weights":
+            weights = weights.double()
+        want, got = LayerStats(E * M), LayerStats(E * M)
+        reference.accumulate_experts(c, torch.full_like(token_index, 1), weights[token_index, top_k_pos],
+                                     keep[token_index], doc[token_index], want, E)
+        if change == "float mask":
+            keep = keep.float()
+        experts_cpu.accumulate_expert_rows(c, 1, token_index, top_k_pos, weights, keep, doc, got, E)
+        _assert_equal_stats(got, want)
+    c, token_index, top_k_pos, weights, keep, doc = _eager_rows(30, 2, 1, 7)
+    out = LayerStats(E * M)
+    with pytest.raises(ShapeError, match="token"):
+        experts_cpu.accumulate_expert_rows(c, 1, token_index + 30, top_k_pos, weights, keep, None, out, E)
     assert all(not bool(b.any()) for _, b in out.buffers())

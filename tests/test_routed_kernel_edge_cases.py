@@ -367,6 +367,16 @@ def _run_and_reference(model, *, batch=3, seq=9, padding="right", calls=1, grads
     return [inst.stats.layers[i] for i, _ in sites], wants
 
 
+def _spy_on_the_routed_kernel(monkeypatch) -> list:
+    """A list that grows by one each time the C kernel takes routed rows (eager's arrive per expert, as
+    (token, top-k position) pairs: native.routed_rows)."""
+    ran = []
+    for entry in ("routed", "routed_rows"):
+        real = getattr(native, entry)
+        monkeypatch.setattr(native, entry, lambda *a, real=real, **k: ran.append(1) or real(*a, **k))
+    return ran
+
+
 VARIANTS = {
     "padded_left_two_calls": dict(padding="left", calls=2),
     "padded_right_with_grads": dict(grads=True),
@@ -387,9 +397,7 @@ def test_real_moe_models_equal_float64(model_type, impl, variant, monkeypatch):
         overrides[EXPERT_KEY[model_type]] = options.pop("experts")
     model = _model(model_type, **overrides)
     model.set_experts_implementation(impl)
-    ran = []
-    real = native.routed
-    monkeypatch.setattr(native, "routed", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ran = _spy_on_the_routed_kernel(monkeypatch)
     got, wants = _run_and_reference(model, **options)
     assert ran, "the C kernel never ran"
     for stats, want in zip(got, wants):
@@ -425,9 +433,7 @@ def test_half_precision_models_equal_the_reference_on_the_same_c(dtype, impl, mo
     results = []
     for mode in ("auto", "torch"):
         monkeypatch.setenv("KACQ_KERNELS", mode)
-        ran = []
-        real = native.routed
-        monkeypatch.setattr(native, "routed", lambda *a, **k: ran.append(1) or real(*a, **k))
+        ran = _spy_on_the_routed_kernel(monkeypatch)
         model = _model("mixtral", dtype)
         model.set_experts_implementation(impl)
         got, wants = _run_and_reference(model)

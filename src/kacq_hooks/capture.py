@@ -39,7 +39,8 @@ class Capture:
                       prepend=self.inst.shards[index] is not None)
             if site.kind == "experts":
                 layer = site.experts_layer
-                hooks.tap(ExpertsTap(layer, OwnerHook(self, "on_routed", index)))
+                hooks.tap(ExpertsTap(layer, OwnerHook(self, "on_routed", index),
+                                     on_expert_rows=OwnerHook(self, "on_expert_rows", index)))
                 start = layer.experts * layer.d_ff
                 for shared in layer.shared:
                     hooks.tap(SharedTap(shared, OwnerHook(self, "on_shared", index, start)))
@@ -167,6 +168,21 @@ class Capture:
         fused.accumulate_experts(c.detach(), expert_ids, weight, keep, docs, self.calls.pending[index], experts)
         if self.inst.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_routed_gradient, index, call, c.detach(), expert_ids, keep))
+
+    def on_expert_rows(self, index: int, expert: int, token_index, top_k_pos, weights, c):
+        """One expert's rows of an eager forward: :meth:`on_routed`'s statistics, the routing read per token by
+        the CPU kernel (eager hands one call per expert, so what is saved here is saved E times a layer)."""
+        site = self.sites[index]
+        if (site.routed_scale != 1.0 or kernels.backend_for(c.device) != "cpu"
+                or (self.inst.grads and c.requires_grad and torch.is_grad_enabled())):
+            self.on_routed(index, torch.full_like(token_index, expert), token_index, weights[token_index, top_k_pos], c)
+            return
+        call = self._routed_call(index)
+        if call is None:
+            return
+        rows, doc_weight = call.routing[index]
+        experts_cpu.accumulate_expert_rows(c.detach(), expert, token_index, top_k_pos, weights, rows, doc_weight,
+                                           self.calls.pending[index], site.experts)
 
     def _on_routed_gradient(self, index: int, call: Call, c, expert_ids, keep, grad):
         if self.inst._pause_depth or call.discarded:

@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 _ROUTING_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
 
 OnCoefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+OnExpertRows = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 # ----------------------------------------------------------------------------------------------- tapping
@@ -211,6 +212,14 @@ class ExpertsTap:
     module started while another is open (re-entrantly from a hook or callback, or from another thread).
     The tap does not touch shared experts (they are dense MLPs: tap their ``down`` input).
 
+    ``on_expert_rows``, when given, is called instead of ``on_coefficients`` for each expert of an eager
+    forward, as ``on_expert_rows(expert, token_index, top_k_pos, routing_weights, c)``: the same rows, described
+    by the forward's own routing. Row ``r`` of ``c`` is token ``token_index[r]`` at top-k position
+    ``top_k_pos[r]``, its routing weight ``routing_weights[token_index[r], top_k_pos[r]]`` (``routing_weights``
+    is the ``[tokens, k]`` tensor the module received) and its expert ``expert`` (an int). A consumer that reads
+    these itself spares the forward three per-row tensors per expert (eager hands one call per expert, so a
+    fixed cost there is paid E times a layer). Only for observing taps.
+
     With ``replaces=True`` the callback returns the tensor the down projection multiplies instead of
     ``c`` (same shape and dtype, e.g. ``c`` with some slots scaled): the forward continues with it,
     and every tap without ``replaces`` on the same module sees the replaced tensor, whatever the order
@@ -219,7 +228,11 @@ class ExpertsTap:
     The handle is idempotent and a context manager, like torch's ``RemovableHandle``.
     """
 
-    def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients, *, replaces: bool = False):
+    def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients, *, replaces: bool = False,
+                 on_expert_rows: OnExpertRows | None = None):
+        if replaces and on_expert_rows is not None:
+            raise ExpertsError("a replacing tap returns the C the forward continues with, from on_coefficients: "
+                               "on_expert_rows is for observing taps only; pass one or the other")
         if layer.kind != "experts":
             raise ShapeError(f"{layer!r} is a dense layer: tap the input of its output projection instead")
         module = layer.module
@@ -232,6 +245,7 @@ class ExpertsTap:
                                "implementations; use model.set_experts_implementation('eager')")
         self.layer = layer
         self.on_coefficients = on_coefficients
+        self.on_expert_rows = on_expert_rows
         self.replaces = replaces
         self._module_ref = weakref.ref(module)
         self._attached = False
@@ -529,8 +543,7 @@ class _Hub(_TapHub):
                                "model.set_experts_implementation('grouped_mm')")
         top_k_pos, token_index = call.where
         call.where = None  # one where routes one down projection: a matmul without its own is refused
-        expert_ids = torch.full_like(token_index, expert)
-        return self._emit(call, expert_ids, token_index, call.weights[token_index, top_k_pos], c)
+        return self._emit(call, None, token_index, None, c, eager=(expert, top_k_pos))
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         self._leave_mode()
@@ -575,13 +588,26 @@ class _Hub(_TapHub):
             weight = call.weights.reshape(-1)[perm]
         return self._emit(call, expert_ids, token_index, weight, c)
 
-    def _emit(self, call, expert_ids, token_index, weight, c) -> torch.Tensor:
-        """Hand ``c`` to every tap (replacing ones first); the tensor the forward continues with."""
-        if c.shape[0] != expert_ids.shape[0]:
-            raise ExpertsError(f"'{self.layer.path}': {c.shape[0]} rows of C for {expert_ids.shape[0]} routed pairs")
+    def _emit(self, call, expert_ids, token_index, weight, c, *, eager=None) -> torch.Tensor:
+        """Hand ``c`` to every tap (replacing ones first); the tensor the forward continues with.
+
+        ``eager`` is ``(expert, top_k_pos)`` for one expert's rows of an eager forward: when every tap takes
+        ``on_expert_rows`` (none replaces, then) they get the rows so; else ``expert_ids`` and ``weight`` are
+        built here and every tap gets ``on_coefficients``, the same rows.
+        """
+        if c.shape[0] != token_index.shape[0]:
+            raise ExpertsError(f"'{self.layer.path}': {c.shape[0]} rows of C for {token_index.shape[0]} routed pairs")
         call.rows += c.shape[0]
         self._emitting = True
         try:
+            if eager is not None:
+                expert, top_k_pos = eager
+                if all(tap.on_expert_rows is not None for tap in self._taps):
+                    for tap in self._taps:
+                        tap.on_expert_rows(expert, token_index, top_k_pos, call.weights, c)
+                    return c
+                expert_ids = torch.full_like(token_index, expert)
+                weight = call.weights[token_index, top_k_pos]
             c = _hand_to_taps([t for t in self._taps if t.replaces], self.layer.path, expert_ids, token_index, weight, c)
             return _hand_to_taps([t for t in self._taps if not t.replaces], self.layer.path, expert_ids, token_index,
                                  weight, c)

@@ -84,6 +84,42 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
             S.BY_NAME[name].fold(getattr(out, name)[slots], partial)
 
 
+def accumulate_expert_rows(c: torch.Tensor, expert: int, token_index: torch.Tensor, top_k_pos: torch.Tensor,
+                           weights: torch.Tensor, keep: torch.Tensor | None, doc_weight: torch.Tensor | None, out,
+                           experts: int) -> None:
+    """:func:`accumulate_experts` for one expert's rows as an eager forward hands them: row ``r`` of ``c`` is
+    token ``token_index[r]`` at top-k position ``top_k_pos[r]``, its routing weight
+    ``weights[token_index[r], top_k_pos[r]]``; ``keep`` and ``doc_weight`` are per token (None: every token
+    valid, no document weights). The C kernel reads the routing per token; where it cannot, the per-row
+    tensors are gathered here and summed as :func:`accumulate_experts` sums them.
+    """
+    n, m = c.shape
+    lib = native.library() if (0 < n and 0 <= expert < experts and out.sum_abs.numel() >= experts * m
+                               and token_index.shape == top_k_pos.shape == (n,) and weights.dim() == 2) else None
+    if lib is not None and weights.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            and cpu._native_for(out, c, rows=None) is not None \
+            and (keep is None or (keep.dtype == torch.bool and keep.shape == weights.shape[:1])) \
+            and (doc_weight is None or doc_weight.shape == weights.shape[:1]):
+        done = native.routed_rows(lib, c, expert, token_index.contiguous(), top_k_pos.contiguous(),
+                                  weights.detach().float().contiguous(), None if keep is None else keep.contiguous(),
+                                  None if doc_weight is None else doc_weight.float().contiguous(), out, experts)
+        if done:
+            return
+    else:
+        done = None
+    if n and (int(token_index.min()) < 0 or int(token_index.max()) >= weights.shape[0]):
+        raise ShapeError(f"eager rows name token {int(token_index.min())}..{int(token_index.max())} of a routing of "
+                         f"{weights.shape[0]} tokens: hand the token index of the forward's own torch.where")
+    ids = torch.full_like(token_index, expert)
+    weight = weights[token_index, top_k_pos]
+    row_keep = torch.ones_like(token_index, dtype=torch.bool) if keep is None else keep[token_index] != 0
+    row_doc = None if doc_weight is None else doc_weight[token_index]
+    if done is False:  # a NaN or Inf among the valid rows: counted exactly
+        reference.accumulate_experts(c, ids, weight, row_keep, row_doc, out, experts)
+    else:
+        accumulate_experts(c, ids, weight, row_keep, row_doc, out, experts)
+
+
 def _native(lib, c, ids, weight, keep, doc_weight, out, experts: int) -> bool | None:
     """All routed rows through the one-pass C kernel (:func:`.native.routed`): True when they are added;
     False, having added nothing, when a slot sum is non-finite (a NaN or Inf in C on a valid row); None

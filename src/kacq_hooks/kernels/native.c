@@ -271,7 +271,13 @@ int kacq_backward(const void *c, const void *g, int dtype, int64_t n, int64_t d,
  * (a counting sort of the ids, stable), never copied. weight (n, fp32: the routing weight, whose absolute value
  * scales the row), keep and doc_weight are indexed by the row of c. As in kacq_forward, a non-finite slot sum
  * (a NaN or Inf in C on a valid row makes |C| * |w| NaN or Inf) writes nothing and returns 1, and the caller
- * hands the block to the reference; an id outside 0..experts-1 writes nothing and returns 3. */
+ * hands the block to the reference; an id outside 0..experts-1 writes nothing and returns 3.
+ *
+ * Eager experts hand one expert's rows at a time as (token, top-k position) pairs: with gather_token non-NULL,
+ * row r is token gather_token[r] at position gather_pos[r] of expert gather_expert, and weight ([tokens, k],
+ * fp32), keep and doc_weight ([tokens], either may be NULL: every token valid, no document weights) are read per
+ * token. The per-row arrays are gathered here, in one loop, rather than by four torch ops per expert; a token
+ * or position out of range writes nothing and returns 3. */
 const char *const kacq_routed_outputs =
     "sum_abs,sum_sq,active,max_abs,doc_sum_abs,routed_sum_abs,routed_tokens";
 
@@ -336,18 +342,60 @@ typedef struct {
     int64_t act;
 } routed_column_t;
 
+/* The per-row arrays of eager's (token, top-k position) pairs, in one block (see kacq_routed); NULL when out of
+ * memory, *bad set when a token or position is out of range. */
+static void *gather_rows(int64_t n, const int64_t *token, const int64_t *pos, int64_t expert, int64_t tokens,
+                         int64_t k, const float *weight, const uint8_t *keep, const float *doc_weight, int *bad) {
+    void *block = malloc(n > 0 ? n * (sizeof(int64_t) + 2 * sizeof(float) + 1) : 1);
+    if (!block) return NULL;
+    int64_t *ids = block;
+    float *w = (float *)(ids + n), *doc = w + n;
+    uint8_t *valid = (uint8_t *)(doc + n);
+    for (int64_t r = 0; r < n; ++r) {
+        const int64_t t = token[r], p = pos[r];
+        if (t < 0 || t >= tokens || p < 0 || p >= k) {
+            *bad = 1;
+            break;
+        }
+        ids[r] = expert;
+        w[r] = weight[t * k + p];
+        valid[r] = keep ? keep[t] : 1;
+        doc[r] = doc_weight ? doc_weight[t] : 0.0f;
+    }
+    return block;
+}
+
 int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stride, const int64_t *ids,
-                int64_t experts, const float *weight, const uint8_t *keep, const float *doc_weight, float *sum_abs,
-                float *sum_sq, int64_t *active, float *max_abs, float *doc_sum_abs, float *routed_sum_abs,
-                int64_t *routed_tokens, int threads) {
+                int64_t experts, const float *weight, const uint8_t *keep, const float *doc_weight,
+                const int64_t *gather_token, const int64_t *gather_pos, int64_t gather_expert, int64_t tokens,
+                int64_t k, float *sum_abs, float *sum_sq, int64_t *active, float *max_abs, float *doc_sum_abs,
+                float *routed_sum_abs, int64_t *routed_tokens, int threads) {
+    void *gathered = NULL;
+    if (gather_token) {
+        int bad = 0;
+        gathered = gather_rows(n, gather_token, gather_pos, gather_expert, tokens, k, weight, keep, doc_weight, &bad);
+        if (!gathered) return 2;
+        if (bad) {
+            free(gathered);
+            return 3;
+        }
+        ids = gathered;
+        weight = (const float *)(ids + n);
+        doc_weight = doc_weight ? weight + n : NULL;
+        keep = (const uint8_t *)(weight + 2 * n);
+    }
     const int64_t tile = tile_width(m, threads), tiles = (m + tile - 1) / tile;
     const int64_t elem = dtype == KACQ_BF16 ? 2 : 4;
     int64_t *starts = calloc(2 * experts + 1, sizeof(int64_t)), *hit = starts + experts + 1;
-    if (!starts) return 2;
+    if (!starts) {
+        free(gathered);
+        return 2;
+    }
     int grouped = 1;
     for (int64_t r = 0; r < n; ++r) {
         if (ids[r] < 0 || ids[r] >= experts) {
             free(starts);
+            free(gathered);
             return 3;
         }
         starts[ids[r] + 1] += 1;
@@ -367,6 +415,7 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
             free(order);
             free(next);
             free(starts);
+            free(gathered);
             return 2;
         }
         memcpy(next, starts, sizeof(int64_t) * experts);
@@ -380,6 +429,7 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
         free(picked_rows);
         free(order);
         free(starts);
+        free(gathered);
         return 2;
     }
     int nonfinite = 0, failed = 0;
@@ -454,5 +504,6 @@ int kacq_routed(const void *c, int dtype, int64_t n, int64_t m, int64_t row_stri
     free(starts);
     free(cols);
     free(picked_rows);
+    free(gathered);
     return failed ? 2 : nonfinite;
 }

@@ -130,8 +130,10 @@ def _load() -> ctypes.CDLL:
     # (c, g, dtype, n, d, c row stride, g row stride, valid rows, *outputs, threads)
     lib.kacq_backward.argtypes = [p, p, i32, i64, i64, i64, i64, p, *[p] * len(BACKWARD_OUTPUTS), i32]
     lib.kacq_backward.restype = i32
-    # (c, dtype, n, m, row stride, expert ids, experts, weights, valid rows, document weights, *outputs, threads)
-    lib.kacq_routed.argtypes = [p, i32, i64, i64, i64, p, i64, p, p, p, *[p] * len(ROUTED_OUTPUTS), i32]
+    # (c, dtype, n, m, row stride, expert ids, experts, weights, valid rows, document weights,
+    #  eager's gather: token and top-k position of each row, their expert, tokens, k; *outputs, threads)
+    lib.kacq_routed.argtypes = [p, i32, i64, i64, i64, p, i64, p, p, p, p, p, i64, i64, i64,
+                                *[p] * len(ROUTED_OUTPUTS), i32]
     lib.kacq_routed.restype = i32
     return lib
 
@@ -225,8 +227,25 @@ def routed(lib: ctypes.CDLL, c: torch.Tensor, ids: torch.Tensor, weight: torch.T
     """
     n, m = c.shape
     status = lib.kacq_routed(_ptr(c), DTYPES[c.dtype], n, m, c.stride(0), _ptr(ids), experts, _ptr(weight),
-                             _ptr(keep), _ptr(doc_weight), *[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS],
-                             torch.get_num_threads())
+                             _ptr(keep), _ptr(doc_weight), None, None, 0, 0, 0,
+                             *[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS], torch.get_num_threads())
+    return None if status == 3 else _check(status)
+
+
+def routed_rows(lib: ctypes.CDLL, c: torch.Tensor, expert: int, token_index: torch.Tensor, top_k_pos: torch.Tensor,
+                weights: torch.Tensor, keep: torch.Tensor | None, doc_weight: torch.Tensor | None, out,
+                experts: int) -> bool | None:
+    """:func:`routed` for one expert's rows as an eager forward hands them: row ``r`` of ``c`` is token
+    ``token_index[r]`` at top-k position ``top_k_pos[r]`` (both contiguous int64), whose routing weight is
+    ``weights[token_index[r], top_k_pos[r]]`` (``weights`` [tokens, k], contiguous fp32); ``keep`` (contiguous
+    bool) and ``doc_weight`` (contiguous fp32) are per token, or None. The kernel gathers the per-row values
+    itself. Returns as :func:`routed`; None also when a token or position is out of range.
+    """
+    n, m = c.shape
+    tokens, k = weights.shape
+    status = lib.kacq_routed(_ptr(c), DTYPES[c.dtype], n, m, c.stride(0), None, experts, _ptr(weights), _ptr(keep),
+                             _ptr(doc_weight), _ptr(token_index), _ptr(top_k_pos), expert, tokens, k,
+                             *[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS], torch.get_num_threads())
     return None if status == 3 else _check(status)
 
 
