@@ -94,10 +94,10 @@ def accumulate_expert_rows(c: torch.Tensor, expert: int, token_index: torch.Tens
     tensors are gathered here and summed as :func:`accumulate_experts` sums them.
     """
     n, m = c.shape
-    lib = native.library() if (0 < n and 0 <= expert < experts and out.sum_abs.numel() >= experts * m
-                               and token_index.shape == top_k_pos.shape == (n,) and weights.dim() == 2) else None
+    lib = cpu._native_for(out, c, rows=None) if (
+        0 <= expert < experts and out.sum_abs.numel() >= experts * m and weights.dim() == 2
+        and token_index.shape == top_k_pos.shape == (n,)) else None
     if lib is not None and weights.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and cpu._native_for(out, c, rows=None) is not None \
             and (keep is None or (keep.dtype == torch.bool and keep.shape == weights.shape[:1])) \
             and (doc_weight is None or doc_weight.shape == weights.shape[:1]):
         done = native.routed_rows(lib, c, expert, token_index.contiguous(), top_k_pos.contiguous(),
