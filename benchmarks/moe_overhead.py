@@ -3,8 +3,8 @@
 A ~20M-parameter Mixtral (8 experts, top-2), batch 8 x 256 with right padding, on the CPU. Three
 variants take turns in one process, for each experts implementation: the plain forward; the forward
 under ``kh.instrument(model)`` (every statistic of every slot, padding masked, then the knowledge
-entropy); and, as a floor, an ``ExpertsTap`` on every layer feeding the smallest useful consumer (fp32
-sums of ``|w * c|`` per slot and routed-token counts per expert, by ``index_add_`` into ``[E, m]``).
+entropy); and, as a floor, an ``ExpertsTap`` on every layer whose consumer does nothing: what seeing C
+costs before any statistic is formed (the hooks, following the routing, handing the rows over).
 A ratio is the median over turns of variant / plain time. Peak memory is measured as in
 benchmarks/_harness.py (a fresh subprocess per variant): "peak" is the high-water mark of one forward
 after a warm-up, "rise" its increase over the memory held before that forward.
@@ -52,32 +52,19 @@ def build(impl: str, batch: int = 8, seq: int = 256, seed: int = 0):
     return model, ids, mask
 
 
-class SlotSums:
-    """fp32 sum of |w * c| per (expert, neuron) and routed-token count per expert, unpadded tokens only."""
-
-    def __init__(self, layer, valid: torch.Tensor):
-        self.sum_abs = torch.zeros(layer.experts, layer.d_ff)
-        self.load = torch.zeros(layer.experts)
-        self.valid = valid  # [B*T] float 0/1, the rows the experts module receives
-
-    def __call__(self, expert_ids, token_index, weight, c):
-        keep = self.valid[token_index] * (weight != 0)
-        scaled = c.abs().float()
-        scaled.mul_((weight.abs().float() * keep)[:, None])  # |w c| = |c| |w|, in place: one [n, m] buffer
-        self.sum_abs.index_add_(0, expert_ids, scaled)
-        self.load.index_add_(0, expert_ids, keep)
+def _nothing(expert_ids, token_index, weight, c) -> None:
+    """The floor's consumer: it takes the rows and forms no statistic."""
 
 
 def runs(model, ids, mask):
     layers = [layer for layer in find_experts(model) if layer.kind == "experts"]
-    valid = mask.reshape(-1).float()
 
     def plain():
         with torch.no_grad():
             return model(ids, attention_mask=mask).logits
 
     def tapped():
-        taps = [ExpertsTap(layer, SlotSums(layer, valid)).attach() for layer in layers]
+        taps = [ExpertsTap(layer, _nothing).attach() for layer in layers]
         try:
             return plain()
         finally:
