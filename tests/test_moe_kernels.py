@@ -254,3 +254,40 @@ def test_expert_rows_the_kernel_cannot_take_are_summed_as_gathered_rows(monkeypa
     with pytest.raises(ShapeError, match="token"):
         experts_cpu.accumulate_expert_rows(c, 1, token_index + 30, top_k_pos, weights, keep, None, out, E)
     assert all(not bool(b.any()) for _, b in out.buffers())
+
+
+def test_expert_rows_with_int32_indices_are_read_as_their_values_not_as_int64_memory():
+    """The C kernel reads the token and top-k position arrays as int64: int32 ones (a consumer's own index, or
+    .int() of the forward's) must be widened first, not reinterpreted, which pairs two int32 tokens into one
+    int64 and reads past the tensor. Here the int32 tokens [3, 0, 5, 0] sit before [7, 0, 9, 0] in storage: read as
+    int64 they are tokens 3, 5, 7, 9, all in range, so nothing would flag the wrong rows."""
+    _native_or_skip()
+    g = torch.Generator().manual_seed(0)
+    weights, c = torch.rand(10, 2, generator=g), torch.randn(4, M, generator=g)
+    keep, doc = torch.rand(10, generator=g) > 0.3, torch.rand(10, generator=g)
+    token_index = torch.tensor([3, 0, 5, 0, 7, 0, 9, 0], dtype=torch.int32)[:4]
+    top_k_pos = torch.tensor([0, 1, 0, 1])
+    tokens = token_index.long()
+    want = LayerStats(E * M)
+    reference.accumulate_experts(c, torch.full((4,), 1), weights[tokens, top_k_pos], keep[tokens], doc[tokens],
+                                 want, E)
+    for token_dtype, pos_dtype in ((torch.int32, torch.long), (torch.long, torch.int32), (torch.int32, torch.int32)):
+        got = LayerStats(E * M)
+        experts_cpu.accumulate_expert_rows(c, 1, token_index.to(token_dtype), top_k_pos.to(pos_dtype), weights, keep,
+                                           doc, got, E)
+        _assert_equal_stats(got, want)
+
+
+@pytest.mark.parametrize("mode", ["auto", "eager"])
+def test_expert_rows_with_a_position_or_token_outside_the_routing_are_refused(monkeypatch, mode):
+    """A top-k position outside 0..k-1 (a negative one would wrap around to another position's weight), or a
+    row mask / document weights shorter than the tokens named, are refused with a ShapeError, nothing added."""
+    monkeypatch.setenv("KACQ_KERNELS", mode)
+    c, token_index, top_k_pos, weights, keep, doc = _eager_rows(30, 2, 1, 7)
+    for args in ((token_index, top_k_pos - 2, weights, keep, doc), (token_index, top_k_pos + 2, weights, keep, doc),
+                 (token_index, top_k_pos, weights, keep[:3], doc), (token_index, top_k_pos, weights, keep, doc[:3]),
+                 (token_index, top_k_pos, weights.reshape(-1), keep, doc)):
+        out = LayerStats(E * M)
+        with pytest.raises(ShapeError):
+            experts_cpu.accumulate_expert_rows(c, 1, *args, out, E)
+        assert all(not bool(b.any()) for _, b in out.buffers())

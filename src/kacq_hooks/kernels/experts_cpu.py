@@ -94,6 +94,8 @@ def accumulate_expert_rows(c: torch.Tensor, expert: int, token_index: torch.Tens
     tensors are gathered here and summed as :func:`accumulate_experts` sums them.
     """
     n, m = c.shape
+    # the kernel reads both as int64 arrays: an int32 one would be read as pairs of tokens (and past its end)
+    token_index, top_k_pos = token_index.to(torch.long), top_k_pos.to(torch.long)
     lib = cpu._native_for(out, c, rows=None) if (
         0 <= expert < experts and out.sum_abs.numel() >= experts * m and weights.dim() == 2
         and token_index.shape == top_k_pos.shape == (n,)) else None
@@ -107,9 +109,20 @@ def accumulate_expert_rows(c: torch.Tensor, expert: int, token_index: torch.Tens
             return
     else:
         done = None
-    if n and (int(token_index.min()) < 0 or int(token_index.max()) >= weights.shape[0]):
+    if weights.dim() != 2:
+        raise ShapeError(f"routing weights of shape {tuple(weights.shape)}: eager rows index a [tokens, k] routing")
+    tokens, k = weights.shape
+    if n and (int(token_index.min()) < 0 or int(token_index.max()) >= tokens):
         raise ShapeError(f"eager rows name token {int(token_index.min())}..{int(token_index.max())} of a routing of "
-                         f"{weights.shape[0]} tokens: hand the token index of the forward's own torch.where")
+                         f"{tokens} tokens: hand the token index of the forward's own torch.where")
+    # a negative position would index from the end: another position's weight, without an error
+    if n and (int(top_k_pos.min()) < 0 or int(top_k_pos.max()) >= k):
+        raise ShapeError(f"eager rows name top-k position {int(top_k_pos.min())}..{int(top_k_pos.max())} of a "
+                         f"routing of {k} per token: hand the positions of the forward's own torch.where")
+    for what, t in (("row mask", keep), ("document weights", doc_weight)):
+        if t is not None and (t.dim() != 1 or (n and int(token_index.max()) >= t.shape[0])):
+            raise ShapeError(f"{what} of shape {tuple(t.shape)} for a routing of {tokens} tokens: one entry per "
+                             "token expected")
     ids = torch.full_like(token_index, expert)
     weight = weights[token_index, top_k_pos]
     row_keep = torch.ones_like(token_index, dtype=torch.bool) if keep is None else keep[token_index] != 0
