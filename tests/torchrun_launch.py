@@ -15,8 +15,10 @@ ABORT = "terminate called without an active exception"
 RELAUNCHES = 3  # two aborts in a row were seen once in a full-suite run (2026-12-07), never in 15 launches alone
 
 
-def torchrun(args: list[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], ranks: int = 2, timeout: int = 300,
+             entry: tuple[str, ...] = ("-m", "kacq_hooks.cli")) -> subprocess.CompletedProcess:
     """Run ``python -m kacq_hooks.cli ARGS`` on ``ranks`` CPU ranks; the finished process is returned as it ended.
+    ``entry`` replaces ``-m kacq_hooks.cli`` (a script path, for a test that wraps the CLI).
 
     A launch in which a rank aborted in std::terminate is repeated, into a fresh ``--out``, up to RELAUNCHES
     times: seen in about one full-suite run in four on a 2-core machine, inside torch/gloo at a checkpoint's
@@ -27,7 +29,7 @@ def torchrun(args: list[str], ranks: int = 2, timeout: int = 300) -> subprocess.
 
     def launch() -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-                   str(_free_port()), "-m", "kacq_hooks.cli", *args]
+                   str(_free_port()), *entry, *args]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
     done = launch()

@@ -25,7 +25,7 @@ from .corpus import load_corpus
 from .errors import CheckpointError, ConfigError, KacqError, ResuscitationError
 from .interventions import DEFAULT_MAX_MULTIPLIER, resuscitate, resuscitation_plan
 from .interventions.resuscitation import check_plan_arguments, check_weight_edit
-from .sweep import check_device, check_seq_len, counted_description, entropy_sweep, measure_texts
+from .sweep import check_device, check_seq_len, counted_description, entropy_sweep, joined_ranks, measure_texts
 
 log = logging.getLogger(__name__)
 
@@ -275,24 +275,25 @@ def entropy_table(results: dict) -> str:
 
 
 def run_entropy_command(args: argparse.Namespace) -> int:
-    from .sweep_data import Ranks
-
     progress = SweepProgress()
     slurm = {k: v for k, v in (("partition", args.slurm_partition), ("timeout_min", args.slurm_time),
                                ("gpus_per_node", args.slurm_gpus), ("cpus_per_task", args.slurm_cpus))
              if v is not None}
     try:
-        results = entropy_sweep(args.models, args.data, out=args.out, revisions=args.revision,
-                                max_docs=args.max_docs, batch_size=args.batch_size, seq_len=args.seq_len,
-                                weighting=args.weighting, dtype=args.dtype, device=args.device, progress=progress,
-                                text_column=args.text_column, streaming=args.streaming, tokenizer=args.tokenizer,
-                                executor=args.executor, jobs=args.jobs, task_ranks=args.task_ranks,
-                                ray_address=args.ray_address, slurm=slurm, cache_dir=args.cache_dir,
-                                keep_cache=args.keep_cache, save_stats=args.save_stats, max_tokens=args.max_tokens,
-                                count=args.count)
+        check_device(args.device)  # refused before any rank waits for the others
+        # under torchrun the group is joined here and left before this process exits (see joined_ranks)
+        with joined_ranks(args.device) as ranks:
+            results = entropy_sweep(args.models, args.data, out=args.out, revisions=args.revision,
+                                    max_docs=args.max_docs, batch_size=args.batch_size, seq_len=args.seq_len,
+                                    weighting=args.weighting, dtype=args.dtype, device=args.device, progress=progress,
+                                    text_column=args.text_column, streaming=args.streaming, tokenizer=args.tokenizer,
+                                    executor=args.executor, jobs=args.jobs, task_ranks=args.task_ranks,
+                                    ray_address=args.ray_address, slurm=slurm, cache_dir=args.cache_dir,
+                                    keep_cache=args.keep_cache, save_stats=args.save_stats, max_tokens=args.max_tokens,
+                                    count=args.count)
     finally:
         progress.close()
-    if Ranks.current().rank != 0:
+    if ranks.rank != 0:
         return 0
     print(entropy_table(results))
     print(f"wrote entropy.json, entropy.csv and entropy.png to {args.out}")

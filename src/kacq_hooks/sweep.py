@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -307,6 +308,33 @@ def init_ranks(device: str | torch.device) -> Ranks:
     return Ranks.current()
 
 
+@contextmanager
+def _leaving_started_group() -> Iterator[None]:
+    """A process group started inside the block (by :func:`init_ranks`) is destroyed when the block ends, error or
+    not; one that was up before it is the caller's and stays.
+
+    Destroying it joins gloo's worker threads while the interpreter still runs. Left to the end of the process,
+    a worker can still be releasing the last collective's tensors (which takes the GIL) when the interpreter
+    begins to finalize; Python then ends that thread inside a C++ destructor and the rank aborts with
+    "terminate called without an active exception", after all its work was done."""
+    import torch.distributed as dist
+
+    running = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not running and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextmanager
+def joined_ranks(device: str | torch.device) -> Iterator[Ranks]:
+    """:func:`init_ranks` for the length of a block (a process's whole run, e.g. ``kacq entropy`` under torchrun):
+    a group it starts is left again when the block ends (see :func:`_leaving_started_group`)."""
+    with _leaving_started_group():
+        yield init_ranks(device)
+
+
 def rank_device(device: str | torch.device, ranks: Ranks) -> torch.device:
     """``cuda`` under torchrun means this rank's GPU (LOCAL_RANK)."""
     resolved = torch.device(device)
@@ -485,6 +513,7 @@ def result_path(out: Path, identity: str) -> Path:
     return Path(out) / "results" / (identity.split(":")[-1][:40] + ".json")
 
 
+@_leaving_started_group()  # a torchrun task process (sweep_worker) or a caller that did not start the group
 def run_task(spec: dict, *, fetch=None, documents: list[str] | None = None, progress: Progress | None = None,
              ranks: Ranks | None = None) -> dict:
     """Measure one checkpoint as ``spec`` says (see :func:`task_spec`); every rank of the group calls it.
@@ -652,6 +681,7 @@ def task_spec(checkpoint: Checkpoint, settings: SweepSettings, *, data: str, out
             "cache_dir": cache_dir, "keep_cache": keep_cache, "save_stats": save_stats}
 
 
+@_leaving_started_group()  # the group init_ranks starts below is left before the caller's process exits
 def entropy_sweep(models: Sequence[str], data: str, *, out: str | os.PathLike, revisions: Sequence[str] | None = None,
                   max_docs: int | None = None, batch_size: int = 8, seq_len: int | None = None, weighting: str = "token",
                   dtype: str = "float32", device: str = "cpu", progress: Progress | None = None,

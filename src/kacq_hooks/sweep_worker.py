@@ -9,15 +9,15 @@ import json
 import sys
 from pathlib import Path
 
-from .sweep import run_task, write_json_atomically
-from .sweep_data import Ranks
+from .sweep import joined_ranks, run_task, write_json_atomically
 
 
 def main(argv: list[str] | None = None) -> int:
     spec_path, outcome_path = (argv if argv is not None else sys.argv[1:])[:2]
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    outcome = run_task(spec)
-    if Ranks.current().rank == 0:
+    with joined_ranks(spec["device"]) as ranks:  # left before this process exits (see joined_ranks)
+        outcome = run_task(spec, ranks=ranks)
+    if ranks.rank == 0:
         write_json_atomically(Path(outcome_path), outcome)
     return 0
 
