@@ -92,7 +92,8 @@ def test_the_routed_kernel_takes_the_tables_routed_buffers_and_refuses_a_table_i
     assert native.ROUTED_OUTPUTS == tuple(s.name for s in stats.ROUTED if s.name != "nonfinite")
     assert native.ROUTED_OUTPUTS == ("sum_abs", "sum_sq", "active", "max_abs", "doc_sum_abs", "routed_sum_abs",
                                      "routed_tokens")
-    assert len(lib.kacq_routed.argtypes) == 10 + len(native.ROUTED_OUTPUTS) + 1
+    # c, dtype, n, m, row stride, ids, experts, weights, mask, document weights; eager's gather (five); outputs; threads
+    assert len(lib.kacq_routed.argtypes) == 10 + 5 + len(native.ROUTED_OUTPUTS) + 1
     monkeypatch.setattr(native, "ROUTED_OUTPUTS", native.ROUTED_OUTPUTS + ("routed_sum_sq",))
     with pytest.raises(RuntimeError, match=r"native\.c's kacq_routed writes .* add the missing"):
         native._load()
