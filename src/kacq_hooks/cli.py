@@ -280,7 +280,6 @@ def run_entropy_command(args: argparse.Namespace) -> int:
                                ("gpus_per_node", args.slurm_gpus), ("cpus_per_task", args.slurm_cpus))
              if v is not None}
     try:
-        check_device(args.device)  # refused before any rank waits for the others
         # under torchrun the group is joined here and left before this process exits (see joined_ranks)
         with joined_ranks(args.device) as ranks:
             results = entropy_sweep(args.models, args.data, out=args.out, revisions=args.revision,

@@ -303,7 +303,8 @@ def init_ranks(device: str | torch.device) -> Ranks:
     if not os.environ.get("MASTER_ADDR") or not os.environ.get("RANK"):
         raise ConfigError(f"WORLD_SIZE={world} but RANK/MASTER_ADDR are not set: start the ranks with torchrun "
                           "or accelerate launch")
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    # a device this process cannot use is refused before it joins: the other ranks would wait for it
+    backend = "nccl" if check_device(device).type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return Ranks.current()
 
