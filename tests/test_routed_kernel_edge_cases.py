@@ -369,11 +369,19 @@ def _run_and_reference(model, *, batch=3, seq=9, padding="right", calls=1, grads
 
 def _spy_on_the_routed_kernel(monkeypatch) -> list:
     """A list that grows by one each time the C kernel takes routed rows (eager's arrive per expert, as
-    (token, top-k position) pairs: native.routed_rows)."""
+    (token, top-k position) pairs: native.routed_rows, or the kernel native.bind_routed_rows binds to a layer
+    forward's routing)."""
     ran = []
     for entry in ("routed", "routed_rows"):
         real = getattr(native, entry)
         monkeypatch.setattr(native, entry, lambda *a, real=real, **k: ran.append(1) or real(*a, **k))
+    real_bind = native.bind_routed_rows
+
+    def bind(*a, **k):
+        kernel = real_bind(*a, **k)
+        return lambda *rows: ran.append(1) or kernel(*rows)
+
+    monkeypatch.setattr(native, "bind_routed_rows", bind)
     return ran
 
 

@@ -12,6 +12,7 @@ loss scaler. Hooks return nothing and never call ``.item()``.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -31,6 +32,8 @@ class Capture:
         self.inst = inst
         self.calls = calls
         self.sites = inst.sites
+        # experts sites: (routing weights, call, ExpertRows) of the eager layer forward now running (on_expert_rows)
+        self._bound_rows: dict[int, tuple] = {}
 
     def attach(self, hooks: HookSet) -> None:
         for index, site in enumerate(self.sites):
@@ -171,7 +174,17 @@ class Capture:
 
     def on_expert_rows(self, index: int, expert: int, token_index, top_k_pos, weights, c):
         """One expert's rows of an eager forward: :meth:`on_routed`'s statistics, the routing read per token by
-        the CPU kernel (eager hands one call per expert, so what is saved here is saved E times a layer)."""
+        the CPU kernel. Eager hands one call per expert, so what is saved here is saved E times a layer: the
+        first expert of a layer's forward checks the call and binds its routing to the kernel
+        (:class:`~kacq_hooks.kernels.experts_cpu.ExpertRows`); the others, in the same call with the same
+        routing, check only what can differ between them."""
+        bound = self._bound_rows.get(index)
+        if (bound is not None and bound[0]() is weights and bound[1] is self.calls.current
+                and self.calls.pending.layers[index] is bound[2].out and not self.inst._pause_depth
+                and torch._C._current_graph_task_id() == -1
+                and not (c.requires_grad and self.inst.grads and torch.is_grad_enabled())
+                and bound[2](c.detach(), expert, token_index, top_k_pos)):
+            return
         site = self.sites[index]
         if (site.routed_scale != 1.0 or kernels.backend_for(c.device) != "cpu"
                 or (self.inst.grads and c.requires_grad and torch.is_grad_enabled())):
@@ -181,8 +194,15 @@ class Capture:
         if call is None:
             return
         rows, doc_weight = call.routing[index]
+        out = self.calls.pending[index]
+        if bound is None or bound[0]() is not weights or bound[1] is not call:
+            sink = experts_cpu.ExpertRows.prepare(c, weights, rows, doc_weight, out, site.experts)
+            # the routing is held by a weak reference: a forward's router output (and its graph) is not kept
+            self._bound_rows[index] = bound = None if sink is None else (weakref.ref(weights), call, sink)
+            if bound is not None and sink(c.detach(), expert, token_index, top_k_pos):
+                return
         experts_cpu.accumulate_expert_rows(c.detach(), expert, token_index, top_k_pos, weights, rows, doc_weight,
-                                           self.calls.pending[index], site.experts)
+                                           out, site.experts)
 
     def _on_routed_gradient(self, index: int, call: Call, c, expert_ids, keep, grad):
         if self.inst._pause_depth or call.discarded:

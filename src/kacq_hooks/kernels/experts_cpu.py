@@ -133,6 +133,51 @@ def accumulate_expert_rows(c: torch.Tensor, expert: int, token_index: torch.Tens
         accumulate_experts(c, ids, weight, row_keep, row_doc, out, experts)
 
 
+class ExpertRows:
+    """:func:`accumulate_expert_rows` for the experts of one eager forward of a layer, its routing checked and
+    bound to the C kernel once (:meth:`prepare`): each expert's call then checks and hands over only its own
+    rows. Eager hands one call per expert, so what is done here once is spared E - 1 times a layer."""
+
+    __slots__ = ("out", "buffer", "experts", "dtype", "_held", "_kernel")
+
+    def __init__(self, lib, weights: torch.Tensor, keep: torch.Tensor | None, doc_weight: torch.Tensor | None, out,
+                 experts: int, dtype: torch.dtype):
+        # the kernel reads these by address: they live as long as this object
+        self._held = (weights.detach().float().contiguous(), None if keep is None else keep.contiguous(),
+                      None if doc_weight is None else doc_weight.float().contiguous())
+        self.out, self.buffer, self.experts, self.dtype = out, out.sum_abs, experts, dtype
+        self._kernel = native.bind_routed_rows(lib, *self._held, out, experts)
+
+    @classmethod
+    def prepare(cls, c: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,
+                doc_weight: torch.Tensor | None, out, experts: int) -> "ExpertRows | None":
+        """The bound routing, or None where the kernel cannot read it as it is (then call
+        :func:`accumulate_expert_rows`, which converts, falls back or refuses)."""
+        lib = cpu._native_for(out, c, rows=None)
+        if lib is None or weights.dim() != 2 or weights.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        if keep is not None and not (keep.dtype == torch.bool and keep.shape == weights.shape[:1]):
+            return None
+        if doc_weight is not None and doc_weight.shape != weights.shape[:1]:
+            return None
+        return cls(lib, weights, keep, doc_weight, out, experts, c.dtype)
+
+    def __call__(self, c: torch.Tensor, expert: int, token_index: torch.Tensor, top_k_pos: torch.Tensor) -> bool:
+        """Add one expert's rows, as :func:`accumulate_expert_rows` adds them. False, having added nothing, when
+        they are not as the kernel reads them (another dtype or layout, int32 indices), hold a NaN or Inf, or
+        name a token or position out of range: :func:`accumulate_expert_rows` then converts, counts or refuses."""
+        n = token_index.shape[0]
+        if not (c.dtype is self.dtype and c.is_cpu and c.dim() == 2 and c.shape[0] == n and n > 0
+                and (c.stride(1) == 1 or c.shape[1] == 1) and 0 <= expert < self.experts
+                and self.experts * c.shape[1] <= self.buffer.numel() and self.out.sum_abs is self.buffer
+                and token_index.dtype is torch.long and top_k_pos.dtype is torch.long
+                and top_k_pos.shape == token_index.shape == (n,)
+                and token_index.is_contiguous() and top_k_pos.is_contiguous()
+                and not (c.is_neg() or c.is_conj() or c._is_zerotensor())):
+            return False
+        return self._kernel(c, expert, token_index, top_k_pos) is True
+
+
 def _native(lib, c, ids, weight, keep, doc_weight, out, experts: int) -> bool | None:
     """All routed rows through the one-pass C kernel (:func:`.native.routed`): True when they are added;
     False, having added nothing, when a slot sum is non-finite (a NaN or Inf in C on a valid row); None

@@ -249,6 +249,26 @@ def routed_rows(lib: ctypes.CDLL, c: torch.Tensor, expert: int, token_index: tor
     return None if status == 3 else _check(status)
 
 
+def bind_routed_rows(lib: ctypes.CDLL, weights: torch.Tensor, keep: torch.Tensor | None,
+                     doc_weight: torch.Tensor | None, out, experts: int):
+    """:func:`routed_rows` with one layer forward's routing and outputs bound: a function
+    ``(c, expert, token_index, top_k_pos)`` returning as :func:`routed_rows`, which takes only the pointers of
+    one expert's rows (eager hands E calls a layer, so what is bound here is converted once, not E times).
+    The bound tensors must outlive it; its caller checks what :func:`routed_rows` asks of each call."""
+    tokens, k = weights.shape
+    kernel = lib.kacq_routed
+    bound = (_ptr(weights), _ptr(keep), _ptr(doc_weight))
+    tail = (*[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS], torch.get_num_threads())
+
+    def routed_rows_of(c: torch.Tensor, expert: int, token_index: torch.Tensor, top_k_pos: torch.Tensor):
+        n, m = c.shape
+        status = kernel(c.data_ptr(), DTYPES[c.dtype], n, m, c.stride(0), None, experts, *bound,
+                        token_index.data_ptr(), top_k_pos.data_ptr(), expert, tokens, k, *tail)
+        return None if status == 3 else _check(status)
+
+    return routed_rows_of
+
+
 def _count_rows(counters, out, n: int, valid: torch.Tensor | None) -> None:
     """The per-layer counters (token counts), which read only the row mask."""
     block = stats.rows_only(n, valid)
