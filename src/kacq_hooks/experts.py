@@ -166,6 +166,20 @@ class _Tagged(torch.Tensor):
         return out
 
 
+    def __getitem__(self, index):
+        # the loop's indexing of tagged tensors (the mask row, down_proj[e]) taken here, before torch's function
+        # dispatch: a Python call where __torch_function__ costs a round of argument parsing (twice an expert)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = _GETITEM(self, index)
+        hub, call, kind = self._kacq
+        if hub._call is call and not hub._emitting:
+            return hub._follow(call, kind, _GETITEM, 2, out)
+        return out
+
+
+_GETITEM = torch.Tensor.__getitem__
+
+
 def _tag(tensor: torch.Tensor, hub, call, kind) -> _Tagged:
     tagged = tensor.as_subclass(_Tagged)  # an alias: same storage, same autograd history
     tagged._kacq = (hub, call, kind)
@@ -295,10 +309,12 @@ class _TapHub:
         if not self._hooks:
             self._attach()
         self._taps.append(tap)
+        self._taps_changed()
 
     def discard(self, tap: ExpertsTap) -> bool:
         """Forget ``tap``; True when it was the last one and the hooks are gone."""
         self._taps = [t for t in self._taps if t is not tap]
+        self._taps_changed()
         if self._taps:
             return False
         self._detach()
@@ -310,6 +326,9 @@ class _TapHub:
 
     def _detach(self) -> None:
         """Drop what a forward left behind, before the hooks go."""
+
+    def _taps_changed(self) -> None:
+        """The taps were added to or removed: eager's hub reads them once per expert, so it keeps what it needs."""
 
     def copy_refusal(self) -> str | None:
         """Why a deep copy of the model must not run this module unedited (None: the copy may, uninstrumented)."""
@@ -340,8 +359,13 @@ class _Hub(_TapHub):
         self._emitting = False
         self._lock = threading.Lock()
         self._refused: dict[int, int] = {}  # thread -> forwards _pre refused, whose always-called _post must pass
+        self._row_takers: tuple = ()  # every tap's on_expert_rows, when every tap takes it (eager), else empty
 
     # -- lifecycle
+
+    def _taps_changed(self) -> None:
+        takers = tuple(tap.on_expert_rows for tap in self._taps)
+        self._row_takers = takers if all(f is not None for f in takers) else ()
 
     def _detach(self) -> None:
         self._close()
@@ -602,9 +626,9 @@ class _Hub(_TapHub):
         try:
             if eager is not None:
                 expert, top_k_pos = eager
-                if all(tap.on_expert_rows is not None for tap in self._taps):
-                    for tap in self._taps:
-                        tap.on_expert_rows(expert, token_index, top_k_pos, call.weights, c)
+                if self._row_takers:
+                    for on_expert_rows in self._row_takers:
+                        on_expert_rows(expert, token_index, top_k_pos, call.weights, c)
                     return c
                 expert_ids = torch.full_like(token_index, expert)
                 weight = call.weights[token_index, top_k_pos]
