@@ -144,7 +144,15 @@ def test_a_tiny_decay_study_starts_its_early_arm_from_the_peak_snapshot(tmp_path
     pre = seed["pretraining"]
     rule = pre["checkpoint_rule"]
     entropy = pre["entropy"]
-    assert rule == json_ready(entropy_peak(entropy["steps"], entropy["total"]))
+    # the rule was taken from the curve before results.json rounded it to 7 digits: from the published curve come
+    # the same steps and verdict, and differences of totals (the fall, the noise) equal to that rounding
+    again = json_ready(entropy_peak(entropy["steps"], entropy["total"]))
+    assert rule.keys() == again.keys()
+    for key, value in rule.items():
+        if isinstance(value, float):
+            assert value == pytest.approx(again[key], rel=1e-5), key
+        else:
+            assert value == again[key], key
     assert pre["checkpoints"] == {"early": rule["peak_step"], "late": 80}
     # the early arm starts from the weights at the peak: its starting entropy is the pretraining's there, exactly
     at_peak = entropy["total"][entropy["steps"].index(rule["peak_step"])]
