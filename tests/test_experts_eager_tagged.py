@@ -286,3 +286,24 @@ def test_compiled_eager_experts_use_the_mode_and_match(models):
         for a, b in zip(mine, theirs):
             torch.testing.assert_close(a, b)
     assert _clean(model)
+
+
+def test_on_expert_rows_set_on_an_attached_tap_is_what_the_next_forward_calls(models):
+    """on_expert_rows is an attribute like on_coefficients: set on an attached tap, the next forward calls what it
+    holds now (None: on_coefficients), not the callable it held when it was attached."""
+    model = models["mixtral"]
+    ids, mask = random_batch(batch=2, seq=6, seed=4)
+    [layer, *_] = _layers(model)
+    calls = []
+    tap = ExpertsTap(layer, lambda *a: calls.append("coefficients"),
+                     on_expert_rows=lambda *a: calls.append("first rows")).attach()
+    try:
+        for rows, want in ((None, "coefficients"), (lambda *a: calls.append("second rows"), "second rows")):
+            tap.on_expert_rows = rows
+            calls.clear()
+            with torch.no_grad():
+                model(ids, attention_mask=mask)
+            assert calls and set(calls) == {want}
+    finally:
+        tap.remove()
+    assert _clean(model)

@@ -259,7 +259,7 @@ class ExpertsTap:
                                "implementations; use model.set_experts_implementation('eager')")
         self.layer = layer
         self.on_coefficients = on_coefficients
-        self.on_expert_rows = on_expert_rows
+        self._on_expert_rows = on_expert_rows
         self.replaces = replaces
         self._module_ref = weakref.ref(module)
         self._attached = False
@@ -267,6 +267,18 @@ class ExpertsTap:
     @property
     def attached(self) -> bool:
         return self._attached
+
+    @property
+    def on_expert_rows(self) -> OnExpertRows | None:
+        return self._on_expert_rows
+
+    @on_expert_rows.setter
+    def on_expert_rows(self, on_expert_rows: OnExpertRows | None) -> None:
+        self._on_expert_rows = on_expert_rows
+        # the hub keeps its taps' on_expert_rows (read once per expert): set on an attached tap, it must know
+        hub = _HUBS.get(self._module_ref()) if self._attached else None
+        if hub is not None:
+            hub._taps_changed()
 
     def attach(self) -> ExpertsTap:
         if not self._attached:
