@@ -177,3 +177,36 @@ def test_eager_statistics_with_the_bound_routing_equal_the_per_call_path(monkeyp
     for got, want in zip(bound.layers, per_call.layers):
         _assert_same(got, want)
     assert int(bound.layers[0].routed_tokens.sum()) > 0
+
+
+def test_routing_weights_passed_again_after_an_in_place_change_are_read_anew(monkeypatch):
+    """A block that hands the same bf16 routing-weights object to two forwards of its experts, changed in place in
+    between: the second forward's rows are weighted by the weights as they are then (the bound routing holds an
+    fp32 copy of them, so it is bound per experts forward, not per weights object)."""
+    _native_or_skip()
+    ids = torch.randint(0, 64, (2, 10))
+
+    def block_forward(self, hidden_states):
+        batch, seq, width = hidden_states.shape
+        h = hidden_states.view(-1, width)
+        _, weights, index = self.gate(h)
+        weights = weights.to(torch.bfloat16)
+        out = self.experts(h, index, weights)
+        weights.mul_(0.25)
+        out = out + self.experts(h * 0.5, index.flip(-1), weights)
+        return out.reshape(batch, seq, width)
+
+    def run():
+        model = _mixtral().eval()
+        block = model.model.layers[0].mlp
+        monkeypatch.setattr(block, "forward", block_forward.__get__(block))
+        inst = kh.instrument(model, weighting="document")
+        with inst, torch.no_grad():
+            model(ids)
+        return inst.stats
+
+    bound = run()
+    monkeypatch.setattr(experts_cpu.ExpertRows, "prepare", classmethod(lambda cls, *a: None))
+    per_call = run()
+    for got, want in zip(bound.layers, per_call.layers):
+        _assert_same(got, want)

@@ -32,8 +32,10 @@ class Capture:
         self.inst = inst
         self.calls = calls
         self.sites = inst.sites
-        # experts sites: (routing weights, call, ExpertRows) of the eager layer forward now running (on_expert_rows)
+        # experts sites: (routing weights, call, ExpertRows, hub forward) of the eager forward now running
+        # (on_expert_rows); the hub's forward count tells a second forward handed the same weights object apart
         self._bound_rows: dict[int, tuple] = {}
+        self._hubs: dict[int, object] = {}
 
     def attach(self, hooks: HookSet) -> None:
         for index, site in enumerate(self.sites):
@@ -42,8 +44,9 @@ class Capture:
                       prepend=self.inst.shards[index] is not None)
             if site.kind == "experts":
                 layer = site.experts_layer
-                hooks.tap(ExpertsTap(layer, OwnerHook(self, "on_routed", index),
-                                     on_expert_rows=OwnerHook(self, "on_expert_rows", index)))
+                tap = hooks.tap(ExpertsTap(layer, OwnerHook(self, "on_routed", index),
+                                           on_expert_rows=OwnerHook(self, "on_expert_rows", index)))
+                self._hubs[index] = tap._hub()
                 start = layer.experts * layer.d_ff
                 for shared in layer.shared:
                     hooks.tap(SharedTap(shared, OwnerHook(self, "on_shared", index, start)))
@@ -180,6 +183,7 @@ class Capture:
         routing, check only what can differ between them."""
         bound = self._bound_rows.get(index)
         if (bound is not None and bound[0]() is weights and bound[1] is self.calls.current
+                and bound[3] == self._hubs[index].forwards
                 and self.calls.pending.layers[index] is bound[2].out and not self.inst._pause_depth
                 and torch._C._current_graph_task_id() == -1
                 and not (c.requires_grad and self.inst.grads and torch.is_grad_enabled())
@@ -195,10 +199,11 @@ class Capture:
             return
         rows, doc_weight = call.routing[index]
         out = self.calls.pending[index]
-        if bound is None or bound[0]() is not weights or bound[1] is not call:
+        forward = self._hubs[index].forwards
+        if bound is None or bound[0]() is not weights or bound[1] is not call or bound[3] != forward:
             sink = experts_cpu.ExpertRows.prepare(c, weights, rows, doc_weight, out, site.experts)
             # the routing is held by a weak reference: a forward's router output (and its graph) is not kept
-            self._bound_rows[index] = bound = None if sink is None else (weakref.ref(weights), call, sink)
+            self._bound_rows[index] = bound = None if sink is None else (weakref.ref(weights), call, sink, forward)
             if bound is not None and sink(c.detach(), expert, token_index, top_k_pos):
                 return
         experts_cpu.accumulate_expert_rows(c.detach(), expert, token_index, top_k_pos, weights, rows, doc_weight,

@@ -276,7 +276,7 @@ class ExpertsTap:
     def on_expert_rows(self, on_expert_rows: OnExpertRows | None) -> None:
         self._on_expert_rows = on_expert_rows
         # the hub keeps its taps' on_expert_rows (read once per expert): set on an attached tap, it must know
-        hub = _HUBS.get(self._module_ref()) if self._attached else None
+        hub = self._hub()
         if hub is not None:
             hub._taps_changed()
 
@@ -290,6 +290,11 @@ class ExpertsTap:
             hub.add(self)
             self._attached = True
         return self
+
+    def _hub(self):
+        """The hub of this attached tap's module (shared by every tap on it), or None."""
+        module = self._module_ref() if self._attached else None
+        return None if module is None else _HUBS.get(module)
 
     def remove(self) -> None:
         if not self._attached:
@@ -372,6 +377,7 @@ class _Hub(_TapHub):
         self._lock = threading.Lock()
         self._refused: dict[int, int] = {}  # thread -> forwards _pre refused, whose always-called _post must pass
         self._row_takers: tuple = ()  # every tap's on_expert_rows, when every tap takes it (eager), else empty
+        self.forwards = 0  # forwards opened: a tap that keeps state per forward (Capture's bound routing) reads it
 
     # -- lifecycle
 
@@ -452,6 +458,7 @@ class _Hub(_TapHub):
             expected = index.numel()
         self._close()
         self._call = call = _Call(impl, hidden.shape[0], index, weights, expected)
+        self.forwards += 1
         return call
 
     # -- eager, through tagged tensors
