@@ -307,3 +307,6 @@ def test_on_expert_rows_set_on_an_attached_tap_is_what_the_next_forward_calls(mo
     finally:
         tap.remove()
     assert _clean(model)
+    replacing = ExpertsTap(layer, lambda *a: a[-1], replaces=True)
+    with pytest.raises(ExpertsError, match="observing taps only"):
+        replacing.on_expert_rows = lambda *a: None

@@ -244,9 +244,6 @@ class ExpertsTap:
 
     def __init__(self, layer: ExpertsLayer, on_coefficients: OnCoefficients, *, replaces: bool = False,
                  on_expert_rows: OnExpertRows | None = None):
-        if replaces and on_expert_rows is not None:
-            raise ExpertsError("a replacing tap returns the C the forward continues with, from on_coefficients: "
-                               "on_expert_rows is for observing taps only; pass one or the other")
         if layer.kind != "experts":
             raise ShapeError(f"{layer!r} is a dense layer: tap the input of its output projection instead")
         module = layer.module
@@ -259,10 +256,10 @@ class ExpertsTap:
                                "implementations; use model.set_experts_implementation('eager')")
         self.layer = layer
         self.on_coefficients = on_coefficients
-        self._on_expert_rows = on_expert_rows
         self.replaces = replaces
         self._module_ref = weakref.ref(module)
         self._attached = False
+        self.on_expert_rows = on_expert_rows
 
     @property
     def attached(self) -> bool:
@@ -274,6 +271,9 @@ class ExpertsTap:
 
     @on_expert_rows.setter
     def on_expert_rows(self, on_expert_rows: OnExpertRows | None) -> None:
+        if self.replaces and on_expert_rows is not None:
+            raise ExpertsError("a replacing tap returns the C the forward continues with, from on_coefficients: "
+                               "on_expert_rows is for observing taps only; pass one or the other")
         self._on_expert_rows = on_expert_rows
         # the hub keeps its taps' on_expert_rows (read once per expert): set on an attached tap, it must know
         hub = self._hub()
