@@ -210,3 +210,28 @@ def test_routing_weights_passed_again_after_an_in_place_change_are_read_anew(mon
     per_call = run()
     for got, want in zip(bound.layers, per_call.layers):
         _assert_same(got, want)
+
+
+def test_a_failed_forward_leaves_nothing_of_its_inputs_alive():
+    """A forward that raises after an eager layer ran is discarded; what the bound routing keeps for its layer
+    must not hold the call (whose inputs hold the embeddings and the graph that made them) past it."""
+    _native_or_skip()
+    model = _mixtral()
+    ids = torch.randint(0, 64, (2, 12))
+
+    def fail(module, args):
+        raise RuntimeError("a layer fails")
+
+    handle = model.model.layers[1].register_forward_pre_hook(fail)
+    inst = kh.instrument(model)
+    with inst:
+        embeddings = model.model.embed_tokens(ids) * 1.0  # part of a graph, as a multimodal model's would be
+        alive = weakref.ref(embeddings)
+        with pytest.raises(RuntimeError, match="a layer fails"):
+            model(inputs_embeds=embeddings)
+        del embeddings
+        gc.collect()
+        assert alive() is None
+        handle.remove()
+        model(ids)  # the layer binds again, for the new call
+    assert inst.discarded_calls == 1 and int(inst.stats.layers[0].routed_tokens.sum()) > 0

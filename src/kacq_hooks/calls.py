@@ -29,7 +29,7 @@ class Call:
     """One forward of the model: the inputs each stack was called with, and which sites have fired."""
 
     __slots__ = ("opener", "stacks", "fired", "rows", "committed", "discarded", "root", "incomplete", "routing",
-                 "grad_counted", "frame", "handling", "training", "marks", "staged", "recomputable")
+                 "grad_counted", "frame", "handling", "training", "marks", "staged", "recomputable", "__weakref__")
 
     def __init__(self, opener: nn.Module, root: StackInputs, frame, handling):
         self.opener = opener

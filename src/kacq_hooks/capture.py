@@ -33,7 +33,8 @@ class Capture:
         self.calls = calls
         self.sites = inst.sites
         # experts sites: (routing weights, call, ExpertRows, hub forward) of the eager forward now running
-        # (on_expert_rows); the hub's forward count tells a second forward handed the same weights object apart
+        # (on_expert_rows); the hub's forward count tells a second forward handed the same weights object apart.
+        # Weights and call are held weakly: a forward's router output and inputs (and their graph) are not kept
         self._bound_rows: dict[int, tuple] = {}
         self._hubs: dict[int, object] = {}
 
@@ -181,8 +182,8 @@ class Capture:
         first expert of a layer's forward checks the call and binds its routing to the kernel
         (:class:`~kacq_hooks.kernels.experts_cpu.ExpertRows`); the others, in the same call with the same
         routing, check only what can differ between them."""
-        bound = self._bound_rows.get(index)
-        if (bound is not None and bound[0]() is weights and bound[1] is self.calls.current
+        bound, current = self._bound_rows.get(index), self.calls.current
+        if (bound is not None and current is not None and bound[1]() is current and bound[0]() is weights
                 and bound[3] == self._hubs[index].forwards
                 and self.calls.pending.layers[index] is bound[2].out and not self.inst._pause_depth
                 and torch._C._current_graph_task_id() == -1
@@ -200,10 +201,10 @@ class Capture:
         rows, doc_weight = call.routing[index]
         out = self.calls.pending[index]
         forward = self._hubs[index].forwards
-        if bound is None or bound[0]() is not weights or bound[1] is not call or bound[3] != forward:
+        if bound is None or bound[0]() is not weights or bound[1]() is not call or bound[3] != forward:
             sink = experts_cpu.ExpertRows.prepare(c, weights, rows, doc_weight, out, site.experts)
-            # the routing is held by a weak reference: a forward's router output (and its graph) is not kept
-            self._bound_rows[index] = bound = None if sink is None else (weakref.ref(weights), call, sink, forward)
+            self._bound_rows[index] = bound = None if sink is None else (weakref.ref(weights), weakref.ref(call),
+                                                                         sink, forward)
             if bound is not None and sink(c.detach(), expert, token_index, top_k_pos):
                 return
         experts_cpu.accumulate_expert_rows(c.detach(), expert, token_index, top_k_pos, weights, rows, doc_weight,
