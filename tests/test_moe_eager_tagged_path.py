@@ -688,3 +688,29 @@ def test_instrument_remove_instrument_and_two_instrumentations_agree():
     both = measured(kh.instrument(model), kh.instrument(model))
     for stats in (again, *both):
         assert all(torch.equal(a, b) for a, b in zip(first, stats))
+
+
+def test_a_users_torch_function_mode_sees_the_forwards_ops_but_not_the_taps_bookkeeping():
+    """Following down_proj[e] reads its storage offset and strides: a user's mode active around the forward (a FLOP
+    counter, a logger) must see the forward's indexing, as without kacq_hooks, and not kacq_hooks' own reads."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    model = _build("mixtral")
+    ids, mask = random_batch(model.config.vocab_size, 2, 8)
+    inst = kh.instrument(model)
+    mode = Record()
+    with inst, torch.no_grad(), mode:
+        model(ids, attention_mask=mask)
+    assert mode.names.count("__getitem__") > 0
+    for internal in ("storage_offset", "stride", "_base", "as_subclass"):
+        assert internal not in mode.names, internal
+    assert int(inst.stats.layers[0].routed_tokens.sum()) > 0

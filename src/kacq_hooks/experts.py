@@ -173,7 +173,9 @@ class _Tagged(torch.Tensor):
             out = _GETITEM(self, index)
         hub, call, kind = self._kacq
         if hub._call is call and not hub._emitting:
-            return hub._follow(call, kind, _GETITEM, 2, out)
+            # a user's torch-function mode sees the indexing (above), not the hub's reads of what it returned
+            with torch._C.DisableTorchFunction():
+                return hub._follow(call, kind, _GETITEM, 2, out)
         return out
 
 
