@@ -179,11 +179,13 @@ def test_eager_statistics_with_the_bound_routing_equal_the_per_call_path(monkeyp
     assert int(bound.layers[0].routed_tokens.sum()) > 0
 
 
-def test_routing_weights_passed_again_after_an_in_place_change_are_read_anew(monkeypatch):
+@pytest.mark.parametrize("path", ["bound", "per call"])
+def test_the_same_routing_weights_handed_to_a_second_experts_forward_are_refused(monkeypatch, path):
     """A block that hands the same bf16 routing-weights object to two forwards of its experts, changed in place in
-    between: the second forward's rows are weighted by the weights as they are then (the bound routing holds an
-    fp32 copy of them, so it is bound per experts forward, not per weights object)."""
+    between: the bound routing (an fp32 copy of the weights) must not serve the second forward, which is refused
+    as a second experts forward inside one forward of the layer, on either path."""
     _native_or_skip()
+    from kacq_hooks.experts import ExpertsError
     ids = torch.randint(0, 64, (2, 10))
 
     def block_forward(self, hidden_states):
@@ -196,20 +198,15 @@ def test_routing_weights_passed_again_after_an_in_place_change_are_read_anew(mon
         out = out + self.experts(h * 0.5, index.flip(-1), weights)
         return out.reshape(batch, seq, width)
 
-    def run():
-        model = _mixtral().eval()
-        block = model.model.layers[0].mlp
-        monkeypatch.setattr(block, "forward", block_forward.__get__(block))
-        inst = kh.instrument(model, weighting="document")
-        with inst, torch.no_grad():
-            model(ids)
-        return inst.stats
-
-    bound = run()
-    monkeypatch.setattr(experts_cpu.ExpertRows, "prepare", classmethod(lambda cls, *a: None))
-    per_call = run()
-    for got, want in zip(bound.layers, per_call.layers):
-        _assert_same(got, want)
+    if path == "per call":
+        monkeypatch.setattr(experts_cpu.ExpertRows, "prepare", classmethod(lambda cls, *a: None))
+    model = _mixtral().eval()
+    block = model.model.layers[0].mlp
+    monkeypatch.setattr(block, "forward", block_forward.__get__(block))
+    inst = kh.instrument(model, weighting="document")
+    with inst, torch.no_grad(), pytest.raises(ExpertsError, match="twice"):
+        model(ids)
+    assert all(int(layer.tokens) == 0 for layer in inst.stats.layers)
 
 
 def test_a_failed_forward_leaves_nothing_of_its_inputs_alive():
@@ -235,3 +232,29 @@ def test_a_failed_forward_leaves_nothing_of_its_inputs_alive():
         handle.remove()
         model(ids)  # the layer binds again, for the new call
     assert inst.discarded_calls == 1 and int(inst.stats.layers[0].routed_tokens.sum()) > 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_experts_run_twice_in_one_forward_of_their_layer_are_refused_not_counted_twice(impl):
+    """The layer's tokens are counted once per forward of the MoE block; experts run twice inside it would add
+    every routed row twice against them (a mean |C| twice too large). Refused, and the call is left out."""
+    from kacq_hooks.experts import ExpertsError
+    model = _mixtral().eval()
+    model.set_experts_implementation(impl)
+    block = model.model.layers[1].mlp
+    once = type(block).forward
+
+    def twice(self, hidden_states):
+        return (once(self, hidden_states) + once(self, hidden_states)) / 2
+
+    block.forward = twice.__get__(block)
+    ids = torch.randint(0, 64, (2, 10))
+    inst = kh.instrument(model)
+    with inst, torch.no_grad():
+        with pytest.raises(ExpertsError, match="twice"):
+            model(ids)
+    assert all(int(layer.tokens) == 0 and not bool(layer.routed_tokens.any()) for layer in inst.stats.layers)
+    del block.forward  # the block as it was: measured
+    with inst, torch.no_grad():
+        model(ids)
+    assert int(inst.stats.layers[1].tokens) == 20

@@ -21,7 +21,7 @@ from ._hooks import HookSet, OwnerHook
 from .calls import Call, Calls
 from .distributed import is_dtensor, local_slice, to_local
 from .errors import ShapeError, StateError
-from .experts import ExpertsTap, SharedTap
+from .experts import ExpertsError, ExpertsTap, SharedTap
 from .kernels import experts_cpu, reference
 
 
@@ -37,6 +37,7 @@ class Capture:
         # Weights and call are held weakly: a forward's router output and inputs (and their graph) are not kept
         self._bound_rows: dict[int, tuple] = {}
         self._hubs: dict[int, object] = {}
+        self._layer_entered: dict[int, int | None] = {}  # experts sites: the hub's forwards when the layer began
 
     def attach(self, hooks: HookSet) -> None:
         for index, site in enumerate(self.sites):
@@ -96,6 +97,7 @@ class Capture:
         if site.kind == "experts":  # C arrives from the taps; here the layer counts its tokens, once
             stats.tokens.add_(c2d.shape[0] if rows is None else rows.sum())
             call.routing[index] = (rows, doc_weight)
+            self._layer_entered[index] = getattr(self._hubs.get(index), "forwards", None)
             return
         kernels.accumulate_forward(c2d, rows, doc_weight, stats)
         if whole is not None and inst.grads and whole.requires_grad and torch.is_grad_enabled():
@@ -142,6 +144,12 @@ class Capture:
         if call is None or index not in call.routing:
             raise StateError(f"the experts of {self.sites[index].path} ran outside a forward of their layer "
                              f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
+        entered = self._layer_entered.get(index)
+        if entered is not None and self._hubs[index].forwards - entered > 1:
+            raise ExpertsError(f"the experts of {self.sites[index].path} ran twice in one forward of their layer "
+                               f"({type(self.sites[index].module).__name__}): its tokens are counted once a forward, "
+                               "so rows handed twice would count twice against them. Call the experts once per "
+                               "forward of the layer, or measure them with an ExpertsTap of your own")
         return call
 
     def _recomputed_call(self, index: int, c: torch.Tensor) -> Call | None:
