@@ -28,3 +28,22 @@ def test_an_overflowed_routed_sum_is_refused_naming_the_field():
     assert bool(torch.isfinite(layer.sum_abs).all()) and not bool(torch.isfinite(layer.routed_sum_abs).all())
     with pytest.raises(StatisticsOverflowError, match="routed_sum_abs"):
         experts_entropy(inst)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_routing_weight_is_named_as_the_cause_not_an_overflow_of_c(bad):
+    """C is finite; the router's weight of one row is NaN or Inf (a diverged router). The layer is refused, and the
+    refusal says the routing weight may be the cause: a NaN sum cannot come from summing finite |C| past fp32."""
+    from kacq_hooks.errors import StatisticsOverflowError
+    from kacq_hooks.kernels import experts_cpu
+    from kacq_hooks.stats import LayerStats
+    experts, m = 3, 4
+    c = torch.rand(6, m)
+    weight = torch.rand(6)
+    weight[2] = bad
+    out = LayerStats(experts * m)
+    experts_cpu.accumulate_experts(c, torch.tensor([0, 0, 1, 1, 2, 2]), weight, torch.ones(6, dtype=torch.bool), None,
+                                   out, experts)
+    with pytest.raises(StatisticsOverflowError, match="routing weight") as refused:
+        out.mean_abs()
+    assert ("sum_abs is NaN" if bad != bad else "overflowed to inf") in str(refused.value)

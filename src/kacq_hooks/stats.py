@@ -389,11 +389,21 @@ class LayerStats:
             if bool(bad.any()):
                 where = f"layer {self.index}" if self.index is not None else "this layer"
                 slots = f" at neurons {bad.nonzero().flatten()[:5].tolist()}" if buf.dim() else ""
+                value = buf.reshape(-1)[bad][0].item()
+                # a routed row's statistics are of |w C|: a NaN or Inf routing weight (a diverged router) is not
+                # counted apart as a non-finite C is
+                router = ("; in a mixture-of-experts layer, a NaN or Inf routing weight w (a diverged router) makes "
+                          "|w C| non-finite: check the router's outputs")
+                if math.isnan(value):  # finite values summed past fp32 give Inf, never NaN
+                    raise StatisticsOverflowError(
+                        f"{where}: the running fp32 sum {name} is NaN{slots}. NaN/Inf coefficients are counted apart "
+                        f"and kept out of every sum, so this NaN did not come from C{router}; no number derived from "
+                        "these statistics is right: reset and measure again once the cause is fixed")
                 raise StatisticsOverflowError(
-                    f"{where}: the running fp32 sum {name} overflowed to {buf.reshape(-1)[bad][0].item()}{slots} "
+                    f"{where}: the running fp32 sum {name} overflowed to {value}{slots} "
                     f"(NaN/Inf coefficients are counted apart, so finite |C| summed past "
                     f"{torch.finfo(torch.float32).max:.3g}): these coefficients are too large to measure in fp32; "
-                    "check for a diverged run, or reset and measure shorter windows")
+                    f"check for a diverged run, or reset and measure shorter windows{router}")
 
     def mean_abs(self, weighting: str = "token") -> torch.Tensor:
         """c̄: the mean |C| per neuron, over tokens ("token") or over per-document means ("document")."""
