@@ -258,3 +258,35 @@ def test_experts_run_twice_in_one_forward_of_their_layer_are_refused_not_counted
     with inst, torch.no_grad():
         model(ids)
     assert int(inst.stats.layers[1].tokens) == 20
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_experts_run_inside_pause_within_their_layers_forward_do_not_refuse_the_counted_forward(impl):
+    """inst.pause() is the documented way to run the experts apart from a measured forward: a block that runs its
+    experts once under pause (a probe) and once for real is counted once, as if the probe were not there. Only
+    the forwards that are counted may be called twice; the refusal of a second one must not count paused ones."""
+    model = _mixtral().eval()
+    model.set_experts_implementation(impl)
+    ids = torch.randint(0, 64, (2, 10))
+    plain = kh.instrument(model)
+    with plain, torch.no_grad():
+        model(ids)
+    plain.remove()
+    want = [layer.mean_abs().clone() for layer in plain.stats.layers]
+    block = model.model.layers[1].mlp
+    once = type(block).forward
+    inst = kh.instrument(model)
+
+    def with_probe(self, hidden_states):
+        with inst.pause():  # a probe of the experts on other rows, not measured
+            h = hidden_states.reshape(-1, hidden_states.shape[-1]) * 0.5
+            _, weights, index = self.gate(h)
+            self.experts(h, index, weights)
+        return once(self, hidden_states)
+
+    block.forward = with_probe.__get__(block)
+    with inst, torch.no_grad():
+        model(ids)
+    assert int(inst.stats.layers[1].tokens) == 20
+    for got, expected in zip(inst.stats.layers, want):
+        torch.testing.assert_close(got.mean_abs(), expected, rtol=1e-6, atol=0)

@@ -37,7 +37,9 @@ class Capture:
         # Weights and call are held weakly: a forward's router output and inputs (and their graph) are not kept
         self._bound_rows: dict[int, tuple] = {}
         self._hubs: dict[int, object] = {}
-        self._layer_entered: dict[int, int | None] = {}  # experts sites: the hub's forwards when the layer began
+        # experts sites: the hub's forward counted in the layer's current forward (None: none yet); paused
+        # experts forwards (a probe run inside inst.pause()) are not counted, so they are not a second one
+        self._layer_counted: dict[int, int | None] = {}
 
     def attach(self, hooks: HookSet) -> None:
         for index, site in enumerate(self.sites):
@@ -97,7 +99,7 @@ class Capture:
         if site.kind == "experts":  # C arrives from the taps; here the layer counts its tokens, once
             stats.tokens.add_(c2d.shape[0] if rows is None else rows.sum())
             call.routing[index] = (rows, doc_weight)
-            self._layer_entered[index] = getattr(self._hubs.get(index), "forwards", None)
+            self._layer_counted[index] = None
             return
         kernels.accumulate_forward(c2d, rows, doc_weight, stats)
         if whole is not None and inst.grads and whole.requires_grad and torch.is_grad_enabled():
@@ -136,16 +138,23 @@ class Capture:
         self._on_gradient(index, call, c2d, rows, to_local(grad, mesh, placements))
 
     # -- experts sites: routed and shared experts
-    def _routed_call(self, index: int) -> Call | None:
-        """The open call in which site ``index`` has fired, or None while paused or recomputing."""
+    def _routed_call(self, index: int, routed: bool = True) -> Call | None:
+        """The open call in which site ``index`` has fired, or None while paused or recomputing. ``routed``: for
+        the routed experts, whose first counted forward in the layer's forward is noted and a second refused (the
+        shared experts, which may run before them, only read the call)."""
         if self.inst._pause_depth or torch._C._current_graph_task_id() != -1:
             return None
         call = self.calls.current
         if call is None or index not in call.routing:
             raise StateError(f"the experts of {self.sites[index].path} ran outside a forward of their layer "
                              f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
-        entered = self._layer_entered.get(index)
-        if entered is not None and self._hubs[index].forwards - entered > 1:
+        if not routed:
+            return call
+        forward = getattr(self._hubs.get(index), "forwards", None)  # None: a hub that does not count (module lists)
+        counted = self._layer_counted.get(index)
+        if counted is None:
+            self._layer_counted[index] = forward
+        elif forward != counted:
             raise ExpertsError(f"the experts of {self.sites[index].path} ran twice in one forward of their layer "
                                f"({type(self.sites[index].module).__name__}): its tokens are counted once a forward, "
                                "so rows handed twice would count twice against them. Call the experts once per "
@@ -235,7 +244,7 @@ class Capture:
             c.register_hook(functools.partial(self._on_shared_gradient, index, recomputed, start,
                                               c.detach().reshape(-1, c.shape[-1]), rows))
             return
-        call = self._routed_call(index)
+        call = self._routed_call(index, routed=False)
         if call is None:
             return
         rows, doc_weight = call.routing[index]
