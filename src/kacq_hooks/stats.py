@@ -110,6 +110,7 @@ class Statistic:
     combine: str = "sum"  # or "max" (of non-negative values: a zero buffer is the identity)
     phase: str = "forward"
     zero_when_finite: bool = False
+    signed: bool = False  # terms of either sign: finite terms past fp32's range can sum to NaN (inf + -inf)
 
     def term(self, block) -> torch.Tensor | None:
         """Per-row contributions [n, m] over ``block`` (None: nothing to add for this block)."""
@@ -237,7 +238,7 @@ class GradSumAbs(Statistic):
 
 class GradSumCg(Statistic):
     """sum C * dL/dC (the first-order effect of scaling neuron i)."""
-    name, phase = "grad_sum_cg", "backward"
+    name, phase, signed = "grad_sum_cg", "backward", True
 
     def term(self, block):
         return torch.where(block.keep, block.c * block.g, 0.0)
@@ -394,7 +395,13 @@ class LayerStats:
                 # counted apart as a non-finite C is
                 router = ("; in a mixture-of-experts layer, a NaN or Inf routing weight w (a diverged router) makes "
                           "|w C| non-finite: check the router's outputs")
-                if math.isnan(value):  # finite values summed past fp32 give Inf, never NaN
+                if BY_NAME[name].signed:  # products of finite values past fp32 with opposite signs give NaN
+                    raise StatisticsOverflowError(
+                        f"{where}: the running fp32 sum {name} overflowed to {value}{slots} (NaN/Inf coefficients "
+                        "are counted apart, so finite terms passed fp32's range, or did so with opposite signs and "
+                        "made NaN): these values are too large to measure in fp32; check for a diverged run or an "
+                        "unscaled loss, or reset and measure shorter windows")
+                if math.isnan(value):  # finite non-negative values summed past fp32 give Inf, never NaN
                     raise StatisticsOverflowError(
                         f"{where}: the running fp32 sum {name} is NaN{slots}. NaN/Inf coefficients are counted apart "
                         f"and kept out of every sum, so this NaN did not come from C{router}; no number derived from "
