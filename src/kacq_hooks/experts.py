@@ -165,7 +165,6 @@ class _Tagged(torch.Tensor):
                 return hub._follow(call, kind, func, len(args) + len(kwargs), out)
         return out
 
-
     def __getitem__(self, index):
         # the loop's indexing of tagged tensors (the mask row, down_proj[e]) taken here, before torch's function
         # dispatch: a Python call where __torch_function__ costs a round of argument parsing (twice an expert)
