@@ -199,13 +199,10 @@ class Capture:
         first expert of a layer's forward checks the call and binds its routing to the kernel
         (:class:`~kacq_hooks.kernels.experts_cpu.ExpertRows`); the others, in the same call with the same
         routing, check only what can differ between them."""
-        bound, current = self._bound_rows.get(index), self.calls.current
-        if (bound is not None and current is not None and bound[1]() is current and bound[0]() is weights
-                and bound[3] == self._hubs[index].forwards
-                and self.calls.pending.layers[index] is bound[2].out and not self.inst._pause_depth
-                and torch._C._current_graph_task_id() == -1
+        sink = self._bound_sink(index, weights, self.calls.current)
+        if (sink is not None and not self.inst._pause_depth and torch._C._current_graph_task_id() == -1
                 and not (c.requires_grad and self.inst.grads and torch.is_grad_enabled())
-                and bound[2](c.detach(), expert, token_index, top_k_pos)):
+                and sink(c.detach(), expert, token_index, top_k_pos)):
             return
         site = self.sites[index]
         if (site.routed_scale != 1.0 or kernels.backend_for(c.device) != "cpu"
@@ -217,15 +214,23 @@ class Capture:
             return
         rows, doc_weight = call.routing[index]
         out = self.calls.pending[index]
-        forward = self._hubs[index].forwards
-        if bound is None or bound[0]() is not weights or bound[1]() is not call or bound[3] != forward:
+        if sink is None:  # the first expert of this forward: bind its routing (None where the kernel cannot)
             sink = experts_cpu.ExpertRows.prepare(c, weights, rows, doc_weight, out, site.experts)
-            self._bound_rows[index] = bound = None if sink is None else (weakref.ref(weights), weakref.ref(call),
-                                                                         sink, forward)
-            if bound is not None and sink(c.detach(), expert, token_index, top_k_pos):
+            self._bound_rows[index] = None if sink is None else (weakref.ref(weights), weakref.ref(call), sink,
+                                                                 self._hubs[index].forwards)
+            if sink is not None and sink(c.detach(), expert, token_index, top_k_pos):
                 return
         experts_cpu.accumulate_expert_rows(c.detach(), expert, token_index, top_k_pos, weights, rows, doc_weight,
                                            out, site.experts)
+
+    def _bound_sink(self, index: int, weights, call: Call | None):
+        """The routing bound for this forward of site ``index`` (same call, same weights object, same experts
+        forward, the pending buffers it was bound to), or None."""
+        bound = self._bound_rows.get(index)
+        if (bound is None or call is None or bound[1]() is not call or bound[0]() is not weights
+                or bound[3] != self._hubs[index].forwards or self.calls.pending.layers[index] is not bound[2].out):
+            return None
+        return bound[2]
 
     def _on_routed_gradient(self, index: int, call: Call, c, expert_ids, keep, grad):
         if self.inst._pause_depth or call.discarded:

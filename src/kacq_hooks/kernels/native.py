@@ -241,12 +241,7 @@ def routed_rows(lib: ctypes.CDLL, c: torch.Tensor, expert: int, token_index: tor
     bool) and ``doc_weight`` (contiguous fp32) are per token, or None. The kernel gathers the per-row values
     itself. Returns as :func:`routed`; None also when a token or position is out of range.
     """
-    n, m = c.shape
-    tokens, k = weights.shape
-    status = lib.kacq_routed(_ptr(c), DTYPES[c.dtype], n, m, c.stride(0), None, experts, _ptr(weights), _ptr(keep),
-                             _ptr(doc_weight), _ptr(token_index), _ptr(top_k_pos), expert, tokens, k,
-                             *[_ptr(getattr(out, name)) for name in ROUTED_OUTPUTS], torch.get_num_threads())
-    return None if status == 3 else _check(status)
+    return bind_routed_rows(lib, weights, keep, doc_weight, out, experts)(c, expert, token_index, top_k_pos)
 
 
 def bind_routed_rows(lib: ctypes.CDLL, weights: torch.Tensor, keep: torch.Tensor | None,
@@ -254,7 +249,8 @@ def bind_routed_rows(lib: ctypes.CDLL, weights: torch.Tensor, keep: torch.Tensor
     """:func:`routed_rows` with one layer forward's routing and outputs bound: a function
     ``(c, expert, token_index, top_k_pos)`` returning as :func:`routed_rows`, which takes only the pointers of
     one expert's rows (eager hands E calls a layer, so what is bound here is converted once, not E times).
-    The bound tensors must outlive it; its caller checks what :func:`routed_rows` asks of each call."""
+    The bound tensors must outlive it; its caller checks what :func:`routed_rows` asks of each call (``c``
+    [n, m] of a dtype the kernel reads, unit column stride; both indices contiguous int64 of length n)."""
     tokens, k = weights.shape
     kernel = lib.kacq_routed
     bound = (_ptr(weights), _ptr(keep), _ptr(doc_weight))
