@@ -40,6 +40,8 @@ class Capture:
         # experts sites: the hub's forward counted in the layer's current forward (None: none yet); paused
         # experts forwards (a probe run inside inst.pause()) are not counted, so they are not a second one
         self._layer_counted: dict[int, int | None] = {}
+        # experts sites: the shared experts (by first slot) seen in the layer's current forward, for the same refusal
+        self._shared_counted: dict[int, set[int]] = {}
 
     def attach(self, hooks: HookSet) -> None:
         for index, site in enumerate(self.sites):
@@ -100,6 +102,7 @@ class Capture:
             stats.tokens.add_(c2d.shape[0] if rows is None else rows.sum())
             call.routing[index] = (rows, doc_weight)
             self._layer_counted[index] = None
+            self._shared_counted[index] = set()
             return
         kernels.accumulate_forward(c2d, rows, doc_weight, stats)
         if whole is not None and inst.grads and whole.requires_grad and torch.is_grad_enabled():
@@ -150,7 +153,7 @@ class Capture:
                              f"({type(self.sites[index].module).__name__}); call the model, or run inside inst.pause()")
         if not routed:
             return call
-        forward = getattr(self._hubs.get(index), "forwards", None)  # None: a hub that does not count (module lists)
+        forward = self._hubs[index].forwards
         counted = self._layer_counted.get(index)
         if counted is None:
             self._layer_counted[index] = forward
@@ -252,6 +255,12 @@ class Capture:
         call = self._routed_call(index, routed=False)
         if call is None:
             return
+        seen = self._shared_counted[index]
+        if start in seen:
+            raise ExpertsError(f"a shared expert of {self.sites[index].path} ran twice in one forward of its layer "
+                               f"({type(self.sites[index].module).__name__}): its tokens are counted once a forward, "
+                               "so its rows would count twice against them. Call it once per forward of the layer")
+        seen.add(start)
         rows, doc_weight = call.routing[index]
         c2d = c.detach().reshape(-1, c.shape[-1])
         reference.accumulate_slice(c2d, rows, gate, doc_weight, self.calls.pending[index], start)

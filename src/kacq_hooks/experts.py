@@ -322,6 +322,9 @@ class _TapHub:
         self.layer = layer
         self._taps: list[ExpertsTap] = []
         self._hooks = HookSet()
+        # forwards of the experts opened (for a module list: of its block). A tap that keeps state per forward
+        # reads it: Capture's bound routing, and its refusal of experts run twice in one forward of their layer
+        self.forwards = 0
 
     def add(self, tap: ExpertsTap) -> None:
         if not self._hooks:
@@ -378,7 +381,6 @@ class _Hub(_TapHub):
         self._lock = threading.Lock()
         self._refused: dict[int, int] = {}  # thread -> forwards _pre refused, whose always-called _post must pass
         self._row_takers: tuple = ()  # every tap's on_expert_rows, when every tap takes it (eager), else empty
-        self.forwards = 0  # forwards opened: a tap that keeps state per forward (Capture's bound routing) reads it
 
     # -- lifecycle
 
@@ -745,6 +747,7 @@ class _ListHub(_TapHub):
         self._expert_rows: dict[int, torch.Tensor] = {}
         self._c: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, tuple[int, torch.Tensor]] = {}          # id(expert output) -> (expert, output)
+        self._handed: set[int] = set()                                  # experts whose C this forward handed over
 
     def _attach(self) -> None:
         block, hooks = self.layer.block, self._hooks
@@ -772,6 +775,7 @@ class _ListHub(_TapHub):
         hidden = args[0]
         self._identity = torch.arange(hidden.numel() // hidden.shape[-1], device=hidden.device)
         self._track(hidden, self._identity)
+        self.forwards += 1
         self._mode = _ListMode(self)
         self._mode.__enter__()
 
@@ -792,6 +796,13 @@ class _ListHub(_TapHub):
         if c.numel() // c.shape[-1] != rows.numel():
             raise ExpertsError(f"expert {e} of '{self.layer.path}': C has {c.numel() // c.shape[-1]} rows for the "
                                f"{rows.numel()} rows the expert received")
+        if e in self._handed:  # its rows, C and weight are paired by expert, once per forward of the block
+            raise ExpertsError(f"expert {e} of '{self.layer.path}' ran twice in one forward of its block "
+                               f"'{type(self.layer.block).__name__}': kacq_hooks pairs each expert's C with its rows "
+                               "and routing weight once per forward of the block, and the block's tokens are counted "
+                               "once. Run each expert once per forward of the block, or measure the layer another "
+                               "way: instrument(model, mlp_out='path.{i}.to.a.projection')")
+        self._handed.add(e)
         c2d = c.reshape(-1, c.shape[-1])
         # replacing taps act now, on the tensor the down projection takes; observers wait for the weight
         ids = torch.full_like(rows, e)
@@ -877,6 +888,7 @@ class _SortedHub(_TapHub):
             raise ExpertsError(f"'{path}': its router's output does not line up with the {c.shape[0]} rows of C "
                                "(a token index and a gate per row, a count per expert): kacq_hooks cannot label them")
         expert_ids = torch.repeat_interleave(torch.arange(self.layer.experts, device=c.device), sizes)
+        self.forwards += 1
         c = _hand_to_taps([t for t in self._taps if t.replaces], path, expert_ids, token_index, gates, c)
         c = _hand_to_taps([t for t in self._taps if not t.replaces], path, expert_ids, token_index, gates, c)
         return (c, *args[1:])  # the projection takes the very tensor handed out, so its hooks see dL/dC
@@ -910,7 +922,7 @@ class SharedTap:
         self.shared = shared
         self.on_coefficients = on_coefficients
         self._hooks = HookSet()
-        self._c = self._gate = None
+        self._reset()
 
     @property
     def attached(self) -> bool:
@@ -928,7 +940,7 @@ class SharedTap:
 
     def remove(self) -> None:
         self._hooks.remove()
-        self._c = self._gate = None
+        self._reset()
 
     def __enter__(self) -> SharedTap:
         return self.attach()
@@ -938,11 +950,20 @@ class SharedTap:
 
     def _reset(self, *_):
         self._c = self._gate = None
+        self._paired = False
 
     def _down_in(self, module, args):
         if self.shared.gate is None:
             self.on_coefficients(args[0], None)
             return
+        # which of two Cs would the block's one gate multiply? (without the block, forwards cannot be told apart)
+        if self.shared.block is not None and (self._c is not None or self._paired):
+            self._reset()
+            raise ExpertsError(f"'{self.shared.path}' ran twice in one forward of its block "
+                               f"'{type(self.shared.block).__name__}', which computes its gate once: kacq_hooks pairs "
+                               "a shared expert's C with its gate once per forward of the block and cannot tell which "
+                               "C the gate multiplies. Run the shared expert once per forward of the block (a probe "
+                               "too, even inside inst.pause())")
         self._c = args[0]
         self._pair()
 
@@ -955,6 +976,7 @@ class SharedTap:
             return
         c, gate = self._c, self._gate
         self._c = self._gate = None
+        self._paired = True
         if gate.shape != c.shape[:-1]:
             raise ExpertsError(f"the gate of '{self.shared.path}' has shape {tuple(gate.shape)}, its coefficients "
                                f"{tuple(c.shape)}: they do not pair row by row")
