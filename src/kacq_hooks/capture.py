@@ -239,7 +239,8 @@ class Capture:
         if self.inst._pause_depth or call.discarded:
             return
         stats = self.inst._gradients.target(index)
-        reference.accumulate_experts_backward(c, grad, expert_ids, keep, stats, self.sites[index].experts)
+        fused = experts_cpu if kernels.backend_for(c.device) == "cpu" else reference
+        fused.accumulate_experts_backward(c, grad, expert_ids, keep, stats, self.sites[index].experts)
         if index not in call.grad_counted:  # a layer's gradient tokens are counted once per call
             call.grad_counted.add(index)
             rows, _ = call.routing[index]

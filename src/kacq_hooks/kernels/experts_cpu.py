@@ -84,6 +84,45 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
             S.BY_NAME[name].fold(getattr(out, name)[slots], partial)
 
 
+def accumulate_experts_backward(c: torch.Tensor, g: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor,
+                                out, experts: int) -> None:
+    """Same contract as :func:`.reference.accumulate_experts_backward`, for CPU tensors: each expert's rows in
+    one pass of the dense dL/dC kernel (:func:`.native.backward`) into that expert's slots. Rows grouped by
+    expert (eager, grouped_mm) are read in place; batched_mm's are grouped first. A block holding a NaN or Inf
+    goes to the reference, which counts it; without the C kernel, every block does."""
+    n, m = c.shape
+    if g.shape != c.shape:
+        raise ShapeError(f"dL/dC of shape {tuple(g.shape)} does not match C of shape {tuple(c.shape)}")
+    for what, t in (("expert ids", expert_ids), ("row mask", keep)):
+        if t.shape != (n,):
+            raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
+    if n == 0:
+        return
+    if out.grad_sum_abs.numel() < experts * m:
+        raise ShapeError(f"{experts} experts of {m} neurons do not fit statistics of {out.grad_sum_abs.numel()} slots")
+    ids = expert_ids.to(torch.long)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= experts:  # index_add_ would fold them into a shared expert's slots, or fail unexplained
+        raise ExpertIdError(f"routed rows name expert {low if low < 0 else high}, outside 0..{experts - 1} of this "
+                            "layer: hand only the layer's own expert ids (expert-parallel sentinels are not rows)")
+    lib = cpu._native_for(out, c, g, rows=keep)
+    if lib is None or not out.grad_sum_abs.is_contiguous():
+        reference.accumulate_experts_backward(c, g, ids, keep, out, experts)
+        return
+    if low != high and not bool((ids[1:] >= ids[:-1]).all()):  # batched_mm: token order
+        order = torch.argsort(ids, stable=True)
+        ids, c, g, keep = ids[order], c.index_select(0, order), g.index_select(0, order), keep[order]
+    runs = ((low, n),) if low == high else enumerate(torch.bincount(ids, minlength=experts).tolist())
+    start = 0
+    for expert, count in runs:
+        if not count:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        if not native.backward(lib, c[rows], g[rows], keep[rows], out, start=expert * m):
+            reference.accumulate_experts_backward(c[rows], g[rows], ids[rows], keep[rows], out, experts)
+
+
 def accumulate_expert_rows(c: torch.Tensor, expert: int, token_index: torch.Tensor, top_k_pos: torch.Tensor,
                            weights: torch.Tensor, keep: torch.Tensor | None, doc_weight: torch.Tensor | None, out,
                            experts: int) -> None:

@@ -205,13 +205,20 @@ def forward(lib: ctypes.CDLL, c: torch.Tensor, rows: torch.Tensor | None, doc_we
     return done
 
 
-def backward(lib: ctypes.CDLL, c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out) -> bool:
-    """One pass of :func:`kacq_hooks.kernels.reference.accumulate_backward`; False as in :func:`forward`."""
+def backward(lib: ctypes.CDLL, c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out,
+             start: int | None = None) -> bool:
+    """One pass of :func:`kacq_hooks.kernels.reference.accumulate_backward`; False as in :func:`forward`.
+
+    With ``start``, the block is one routed expert's: its sums go into slots ``start .. start + d`` of ``out``
+    and its rows are not counted (a layer's gradient tokens are counted once, by the caller)."""
     n, d = c.shape
     valid = None if rows is None else rows.contiguous()
+    buffers = [getattr(out, name) for name in BACKWARD_OUTPUTS]
+    if start is not None:
+        buffers = [buf[start:start + d] for buf in buffers]
     done = _check(lib.kacq_backward(_ptr(c), _ptr(g), DTYPES[c.dtype], n, d, c.stride(0), g.stride(0), _ptr(valid),
-                                    *[_ptr(getattr(out, name)) for name in BACKWARD_OUTPUTS], torch.get_num_threads()))
-    if done:
+                                    *[_ptr(buf) for buf in buffers], torch.get_num_threads()))
+    if done and start is None:
         _count_rows(_BACKWARD_COUNTERS, out, n, valid)
     return done
 
