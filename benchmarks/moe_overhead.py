@@ -5,7 +5,8 @@ variants take turns in one process, for each experts implementation: the plain f
 under ``kh.instrument(model)`` (every statistic of every slot, padding masked, then the knowledge
 entropy); and, as a floor, an ``ExpertsTap`` on every layer whose consumer does nothing: what seeing C
 costs before any statistic is formed (the hooks, following the routing, handing the rows over).
-A ratio is the median over turns of variant / plain time. Peak memory is measured as in
+A ratio is the median over turns of variant / plain time; beside it, the quartiles of those per-turn
+ratios say how noisy the run was (a difference inside them is not resolved). Peak memory is measured as in
 benchmarks/_harness.py (a fresh subprocess per variant): "peak" is the high-water mark of one forward
 after a warm-up, "rise" its increase over the memory held before that forward.
 
@@ -118,17 +119,22 @@ def main(argv=None) -> None:
         ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
         for name in MEASURED:
             forward = "forward (CPU time, 1 thread)" if args.cpu_time else "forward"
-            measured = {forward: (ms["plain"], ms[name], "ms", paired_ratio(samples, name, "plain"))}
+            turns = [a / b for a, b in zip(samples[name], samples["plain"])]
+            low, _, high = statistics.quantiles(turns, n=4) if len(turns) > 1 else (turns[0],) * 3
+            measured = {forward: (ms["plain"], ms[name], "ms", paired_ratio(samples, name, "plain"),
+                                  f"{low:.3f}-{high:.3f}")}
             for what, key in (("peak memory", "peak_mib"), ("memory rise", "extra_mib")):
                 plain, other = memory["plain"][key], memory[name][key]
-                measured[what] = (plain, other, "MiB", other / plain)
-            for what, (plain, other, unit, ratio) in measured.items():
+                measured[what] = (plain, other, "MiB", other / plain, "")
+            for what, (plain, other, unit, ratio, spread) in measured.items():
                 target = TARGETS[what.split(" (")[0]]
-                rows.append([impl, name, what, f"{plain:.1f} {unit}", f"{other:.1f} {unit}", f"{ratio:.3f}x",
+                rows.append([impl, name, what, f"{plain:.1f} {unit}", f"{other:.1f} {unit}", f"{ratio:.3f}x", spread,
                              f"<= {target:.2f}x", "met" if ratio <= target else "MISSED"])
         log = sys.stderr  # a partial table after each implementation, in case a later one fails
-        print(f"{impl}: " + "; ".join(f"{r[1]} {r[2]} {r[5]}" for r in rows if r[0] == impl), file=log, flush=True)
-    print_table(["experts impl", "variant", "measure", "plain", "variant", "ratio", "target", ""], rows)
+        print(f"{impl}: " + "; ".join(f"{r[1]} {r[2]} {r[5]}" + (f" (quartiles {r[6]})" if r[6] else "")
+                                      for r in rows if r[0] == impl), file=log, flush=True)
+    print_table(["experts impl", "variant", "measure", "plain", "variant", "ratio", "quartiles of turns", "target", ""],
+                rows)
 
 
 if __name__ == "__main__":
