@@ -144,13 +144,51 @@ def test_a_training_step_gives_the_reference_gradient_statistics(impl, monkeypat
         torch.testing.assert_close(cg_a, cg_b, rtol=1e-4, atol=1e-10)
 
 
-def test_the_training_step_uses_the_kernel_not_the_reference(monkeypatch):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_the_training_step_uses_the_kernel_not_the_reference(family, monkeypatch):
     _native_or_skip()
+    import model_zoo
     calls = []
-    real = reference.accumulate_experts_backward
-    monkeypatch.setattr(reference, "accumulate_experts_backward", lambda *a: calls.append(1) or real(*a))
-    model = _mixtral("grouped_mm").train()
-    ids = torch.randint(0, 96, (2, 9))
+    for name in ("accumulate_experts_backward", "accumulate_slice_backward"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    model = _mixtral("grouped_mm").train() if family == "mixtral" else model_zoo.build(family).train()
+    ids = torch.randint(0, 64, (2, 9))
     with kh.instrument(model, grads=True):
         model(ids, labels=ids).loss.backward()
     assert calls == []
+
+
+@pytest.mark.parametrize("rows", ["all", "masked"])
+def test_a_shared_experts_gradient_slice_equals_float64_and_leaves_the_other_slots(rows):
+    _native_or_skip()
+    c, grad, _, keep = _rows("sorted")
+    valid = None if rows == "all" else keep
+    out = _stats(shared=M)
+    experts_cpu.accumulate_slice_backward(c, grad, valid, out, E * M)
+    ok = torch.ones(N, dtype=torch.bool) if valid is None else valid
+    want_abs = torch.where(ok[:, None], grad.double().abs(), 0.0).sum(0)
+    want_cg = torch.where(ok[:, None], c.double() * grad.double(), 0.0).sum(0)
+    torch.testing.assert_close(out.grad_sum_abs[E * M:].double(), want_abs, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(out.grad_sum_cg[E * M:].double(), want_cg, rtol=1e-5, atol=1e-9)
+    assert not out.grad_sum_abs[:E * M].any() and int(out.grad_tokens) == 0
+    with pytest.raises(ShapeError, match="outside"):  # the kernel would write past the buffers
+        experts_cpu.accumulate_slice_backward(c, grad, valid, out, E * M + 1)
+
+
+def test_a_qwen2_moe_training_step_gives_the_reference_shared_gradient_statistics(monkeypatch):
+    _native_or_skip()
+    import model_zoo
+    ids = torch.randint(0, 64, (2, 9))
+    got = {}
+    for kernels in ("auto", "torch"):
+        monkeypatch.setenv("KACQ_KERNELS", kernels)
+        model = model_zoo.build("qwen2_moe").train()
+        inst = kh.instrument(model, grads=True)
+        with inst:
+            model(ids, labels=ids).loss.backward()
+        got[kernels] = [layer.grad_sum_cg.clone() for layer in inst.stats.layers]
+        inst.remove()
+    for a, b in zip(got["auto"], got["torch"]):
+        assert a[-8:].abs().sum() > 0  # the shared expert's slots saw gradients
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)

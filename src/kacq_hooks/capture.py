@@ -270,8 +270,9 @@ class Capture:
 
     def _on_shared_gradient(self, index: int, call: Call, start: int, c2d, rows, grad):
         if not self.inst._pause_depth and not call.discarded:
-            reference.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
-                                                self.inst._gradients.target(index), start)
+            fused = experts_cpu if kernels.backend_for(c2d.device) == "cpu" else reference
+            fused.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
+                                            self.inst._gradients.target(index), start)
 
 
 def _routed_keep(rows: torch.Tensor | None, token_index: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -123,6 +123,19 @@ def accumulate_experts_backward(c: torch.Tensor, g: torch.Tensor, expert_ids: to
             reference.accumulate_experts_backward(c[rows], g[rows], ids[rows], keep[rows], out, experts)
 
 
+def accumulate_slice_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out, start: int) -> None:
+    """Same contract as :func:`.reference.accumulate_slice_backward` (a shared expert's dL/dC into slots
+    ``start .. start + m``), for CPU tensors: one pass of the dense dL/dC kernel."""
+    m = c.shape[1]
+    if g.shape != c.shape:
+        raise ShapeError(f"dL/dC of shape {tuple(g.shape)} does not match C of shape {tuple(c.shape)}")
+    if not 0 <= start <= out.grad_sum_abs.numel() - m:
+        raise ShapeError(f"slots {start}..{start + m - 1} lie outside statistics of {out.grad_sum_abs.numel()} slots")
+    lib = cpu._native_for(out, c, g, rows=rows) if out.grad_sum_abs.is_contiguous() else None
+    if lib is None or not native.backward(lib, c, g, rows, out, start=start):
+        reference.accumulate_slice_backward(c, g, rows, out, start)
+
+
 def accumulate_expert_rows(c: torch.Tensor, expert: int, token_index: torch.Tensor, top_k_pos: torch.Tensor,
                            weights: torch.Tensor, keep: torch.Tensor | None, doc_weight: torch.Tensor | None, out,
                            experts: int) -> None:
