@@ -133,3 +133,37 @@ def test_the_model_called_twice_counts_each_forward_once(family):
     for a, b in zip(once.stats.layers, twice.stats.layers):
         assert int(b.tokens) == 2 * int(a.tokens)
         torch.testing.assert_close(b.mean_abs(), a.mean_abs())
+
+
+def test_a_gated_shared_expert_probed_outside_its_block_is_not_refused():
+    """The refusal is for two Cs in one forward of the block. Calling the shared expert on its own after a forward
+    (a probe inside inst.pause(), or a user's SharedTap on direct calls) runs outside any forward of the block:
+    nothing to pair it with there, nothing refused, and the next forward measures as usual."""
+    net = build("qwen2_moe").eval()
+    moe = net.model.layers[1].mlp
+    ids = torch.randint(0, net.config.vocab_size, (2, 7))
+    x = torch.randn(3, net.config.hidden_size)
+    inst = kh.instrument(net)
+    with inst, torch.no_grad():
+        net(ids)
+        with inst.pause():
+            moe.shared_expert(x)
+            moe.shared_expert(x * 0.5)
+        net(ids)
+    assert inst.discarded_calls == 0
+    reference = kh.instrument(net)
+    with reference, torch.no_grad():
+        net(ids)
+        net(ids)
+    for a, b in zip(inst.stats.layers, reference.stats.layers):
+        assert int(a.tokens) == int(b.tokens) == 28
+        torch.testing.assert_close(a.sum_abs, b.sum_abs)
+
+    [layer] = [layer for layer in kh.experts.find_experts(net) if layer.path.startswith("model.layers.1.")]
+    seen = []
+    with kh.experts.SharedTap(layer.shared[0], lambda c, gate: seen.append(c.shape[0])), torch.no_grad():
+        net(ids)
+        moe.shared_expert(x)
+        moe.shared_expert(x)
+        net(ids)
+    assert seen == [14, 14]

@@ -935,7 +935,8 @@ class SharedTap:
         if self.shared.gate is not None:
             self._hooks.post(self.shared.gate, OwnerHook(self, "_gate_out"))
             if self.shared.block is not None:  # a forward that failed halfway leaves no half pair behind
-                self._hooks.pre(self.shared.block, OwnerHook(self, "_reset"))
+                self._hooks.pre(self.shared.block, OwnerHook(self, "_block_in"))
+                self._hooks.post(self.shared.block, OwnerHook(self, "_block_out"), always_call=True)
         return self
 
     def remove(self) -> None:
@@ -948,17 +949,30 @@ class SharedTap:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _reset(self, *_):
+    def _reset(self) -> None:
+        self._clear()
+        self._in_block = 0  # forwards of the block running: the refusal below is for a second C inside one
+
+    def _clear(self) -> None:
         self._c = self._gate = None
         self._paired = False
+
+    def _block_in(self, *_):
+        self._clear()
+        self._in_block += 1
+
+    def _block_out(self, *_):  # always called, also when a pre-hook of the block raised before _block_in
+        self._clear()
+        self._in_block = max(self._in_block - 1, 0)
 
     def _down_in(self, module, args):
         if self.shared.gate is None:
             self.on_coefficients(args[0], None)
             return
-        # which of two Cs would the block's one gate multiply? (without the block, forwards cannot be told apart)
-        if self.shared.block is not None and (self._c is not None or self._paired):
-            self._reset()
+        # which of two Cs would the block's one gate multiply? (without the block, forwards cannot be told apart;
+        # outside a forward of the block, a probe of the shared expert on its own, there is no gate to mix up)
+        if self._in_block and (self._c is not None or self._paired):
+            self._clear()
             raise ExpertsError(f"'{self.shared.path}' ran twice in one forward of its block "
                                f"'{type(self.shared.block).__name__}', which computes its gate once: kacq_hooks pairs "
                                "a shared expert's C with its gate once per forward of the block and cannot tell which "
