@@ -29,7 +29,8 @@ class Call:
     """One forward of the model: the inputs each stack was called with, and which sites have fired."""
 
     __slots__ = ("opener", "stacks", "fired", "rows", "committed", "discarded", "root", "incomplete", "routing",
-                 "grad_counted", "frame", "handling", "training", "marks", "staged", "recomputable", "__weakref__")
+                 "layer_tokens", "grad_counted", "frame", "handling", "training", "marks", "staged", "recomputable",
+                 "__weakref__")
 
     def __init__(self, opener: nn.Module, root: StackInputs, frame, handling):
         self.opener = opener
@@ -47,6 +48,7 @@ class Call:
         self.discarded = False
         self.incomplete = False
         self.routing: dict = {}       # experts sites: (valid rows, document weights) of the layer's tokens
+        self.layer_tokens: dict = {}  # experts sites: the layer's tokens in this call (int or 0-d tensor)
         self.grad_counted: set = set()
 
 
@@ -151,6 +153,7 @@ class Calls:
         call.fired.clear()
         call.stacks.clear()
         call.routing.clear()
+        call.layer_tokens.clear()
         call.rows = {}
 
     def on_exit(self, module, args, kwargs, output):

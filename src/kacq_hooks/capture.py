@@ -99,8 +99,10 @@ class Capture:
         if documents is not None:
             stats.documents.add_(documents.to(stats.documents.device))
         if site.kind == "experts":  # C arrives from the taps; here the layer counts its tokens, once
-            stats.tokens.add_(c2d.shape[0] if rows is None else rows.sum())
+            tokens = c2d.shape[0] if rows is None else rows.sum()
+            stats.tokens.add_(tokens)
             call.routing[index] = (rows, doc_weight)
+            call.layer_tokens[index] = tokens  # the gradient tokens too: not the routed rows of a handoff
             self._layer_counted[index] = None
             self._shared_counted[index] = set()
             return
@@ -243,8 +245,7 @@ class Capture:
         fused.accumulate_experts_backward(c, grad, expert_ids, keep, stats, self.sites[index].experts)
         if index not in call.grad_counted:  # a layer's gradient tokens are counted once per call
             call.grad_counted.add(index)
-            rows, _ = call.routing[index]
-            stats.grad_tokens.add_(keep.shape[0] if rows is None else rows.sum())
+            stats.grad_tokens.add_(call.layer_tokens[index])
 
     def on_shared(self, index: int, start: int, c, gate):
         recomputed = self._recomputed_call(index, c)
