@@ -7,6 +7,8 @@ out, and the same model measures normally once the layer runs its experts once a
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -167,3 +169,61 @@ def test_a_gated_shared_expert_probed_outside_its_block_is_not_refused():
         moe.shared_expert(x)
         net(ids)
     assert seen == [14, 14]
+
+
+def _chunked(self, hidden, interleave=False):
+    """The module-list block, each expert run on two chunks of its rows (weighed chunk by chunk, or both chunks run
+    before either is weighed)."""
+    b, t, d = hidden.shape
+    x = hidden.view(-1, d)
+    weights, chosen = torch.topk(torch.softmax(self.gate(x), dim=-1), 2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(chosen, len(self.experts)).permute(2, 1, 0)
+    for e, expert in enumerate(self.experts):
+        pos, tokens = torch.where(mask[e])
+        parts = [(tokens[part], pos[part]) for part in (slice(0, 3), slice(3, None))]
+        if interleave:
+            ys = [expert(x[None, tk].reshape(-1, d)) for tk, _ in parts]
+            for (tk, ps), y in zip(parts, ys):
+                out.index_add_(0, tk, y * weights[tk, ps, None])
+        else:
+            for tk, ps in parts:
+                out.index_add_(0, tk, expert(x[None, tk].reshape(-1, d)) * weights[tk, ps, None])
+    return out.view(b, t, d)
+
+
+def _handoffs(net, ids):
+    [layer] = kh.experts.find_experts(net)[:1]
+    got = []
+    with kh.experts.ExpertsTap(layer, lambda e, t, w, c: got.append((e, t, w))), torch.no_grad():
+        net(ids)
+    return sorted(zip(torch.cat([g[0] for g in got]).tolist(), torch.cat([g[1] for g in got]).tolist(),
+                      torch.cat([g[2] for g in got]).tolist()))
+
+
+def test_a_module_list_expert_run_per_chunk_reaches_an_experts_tap_once_per_row():
+    """An ExpertsTap of one's own is a stream of handoffs: an expert run on two chunks of its rows, each weighed,
+    hands each chunk with its rows and weights (as the fused layouts hand each forward). instrument(), which counts
+    the layer's tokens once a forward, refuses it as it refuses a fused experts module run twice."""
+    net = module_list_model()
+    moe = net.layers[0].mlp
+    ids = torch.randint(0, VOCAB, (2, 9))
+    whole = _handoffs(net, ids)
+    moe.forward = _chunked.__get__(moe)
+    chunked = _handoffs(net, ids)
+    assert [(e, t) for e, t, _ in chunked] == [(e, t) for e, t, _ in whole]
+    torch.testing.assert_close(torch.tensor([w for *_, w in chunked]), torch.tensor([w for *_, w in whole]))
+    _refused_then_measured(net, lambda: net(ids), lambda: delattr(moe, "forward"), 0, 18)
+
+
+def test_a_module_list_expert_run_again_before_its_output_is_weighed_is_refused():
+    """Two Cs of one expert waiting for their weights: which weight goes with which C cannot be told, for any tap."""
+    net = module_list_model()
+    moe = net.layers[0].mlp
+    moe.forward = functools.partial(_chunked, moe, interleave=True)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with pytest.raises(ExpertsError, match="before its first output was multiplied"):
+        _handoffs(net, ids)
+    _refused_then_measured(net, lambda: net(ids), lambda: delattr(moe, "forward"), 0, 18,
+                           match="before its first output was multiplied")

@@ -322,8 +322,9 @@ class _TapHub:
         self.layer = layer
         self._taps: list[ExpertsTap] = []
         self._hooks = HookSet()
-        # forwards of the experts opened (for a module list: of its block). A tap that keeps state per forward
-        # reads it: Capture's bound routing, and its refusal of experts run twice in one forward of their layer
+        # forwards of the experts opened (for a module list: of its block, and one more each time an expert runs
+        # again in it). A tap that keeps state per forward reads it: Capture's bound routing, and its refusal of
+        # experts run twice in one forward of their layer
         self.forwards = 0
 
     def add(self, tap: ExpertsTap) -> None:
@@ -747,7 +748,7 @@ class _ListHub(_TapHub):
         self._expert_rows: dict[int, torch.Tensor] = {}
         self._c: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, tuple[int, torch.Tensor]] = {}          # id(expert output) -> (expert, output)
-        self._handed: set[int] = set()                                  # experts whose C this forward handed over
+        self._handed: set[int] = set()                                  # experts handed since forwards last grew
 
     def _attach(self) -> None:
         block, hooks = self.layer.block, self._hooks
@@ -796,12 +797,19 @@ class _ListHub(_TapHub):
         if c.numel() // c.shape[-1] != rows.numel():
             raise ExpertsError(f"expert {e} of '{self.layer.path}': C has {c.numel() // c.shape[-1]} rows for the "
                                f"{rows.numel()} rows the expert received")
-        if e in self._handed:  # its rows, C and weight are paired by expert, once per forward of the block
-            raise ExpertsError(f"expert {e} of '{self.layer.path}' ran twice in one forward of its block "
-                               f"'{type(self.layer.block).__name__}': kacq_hooks pairs each expert's C with its rows "
-                               "and routing weight once per forward of the block, and the block's tokens are counted "
-                               "once. Run each expert once per forward of the block, or measure the layer another "
-                               "way: instrument(model, mlp_out='path.{i}.to.a.projection')")
+        if e in self._c:  # its first C still waits for a weight: which weight goes with which C cannot be told
+            raise ExpertsError(f"expert {e} of '{self.layer.path}' ran again in one forward of its block "
+                               f"'{type(self.layer.block).__name__}' before its first output was multiplied by its "
+                               "routing weight: kacq_hooks pairs an expert's C with the next weight its output is "
+                               "multiplied by, and cannot tell which C each weight goes with. Weigh each run's output "
+                               "before running the expert again, or measure the layer another way: "
+                               "instrument(model, mlp_out='path.{i}.to.a.projection')")
+        if e in self._handed:
+            # run again after its first run was weighed (chunks of its rows, or another path): its rows are handed
+            # again, as a second forward of fused experts is; for the taps that count forwards it is another one
+            # (instrument() counts the layer's tokens once a forward of the layer, and refuses it)
+            self.forwards += 1
+            self._handed = set()
         self._handed.add(e)
         c2d = c.reshape(-1, c.shape[-1])
         # replacing taps act now, on the tensor the down projection takes; observers wait for the weight
