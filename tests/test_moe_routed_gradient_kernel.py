@@ -192,3 +192,26 @@ def test_a_qwen2_moe_training_step_gives_the_reference_shared_gradient_statistic
     for a, b in zip(got["auto"], got["torch"]):
         assert a[-8:].abs().sum() > 0  # the shared expert's slots saw gradients
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask", ["one short", "one entry", "twice as long", "a column"])
+def test_a_shared_experts_row_mask_of_another_length_is_refused_not_read_past(mask):
+    """The kernel reads n bytes of the row mask: a shorter one would be read past its end (one entry: the
+    reference broadcasts it, the kernel read garbage after it), a longer one silently cut; both are refused."""
+    c, grad, _, keep = _rows("sorted")
+    rows = {"one short": keep[:-1], "one entry": keep[:1], "twice as long": torch.cat([keep, keep]),
+            "a column": keep[:, None]}[mask]
+    out = _stats(shared=M)
+    with pytest.raises(ShapeError, match="row mask"):
+        experts_cpu.accumulate_slice_backward(c, grad, rows, out, E * M)
+    assert not out.grad_sum_abs.any() and not out.grad_sum_cg.any()
+
+
+def test_routed_rows_without_a_row_mask_are_all_kept_as_the_reference_keeps_them():
+    c, grad, ids, _ = _rows("token order")
+    got, want = _stats(), _stats()
+    experts_cpu.accumulate_experts_backward(c, grad, ids, None, got, E)
+    reference.accumulate_experts_backward(c, grad, ids, None, want, E)
+    assert got.grad_sum_abs.any()
+    torch.testing.assert_close(got.grad_sum_abs, want.grad_sum_abs, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(got.grad_sum_cg, want.grad_sum_cg, rtol=1e-4, atol=1e-9)

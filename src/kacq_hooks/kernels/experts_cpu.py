@@ -16,6 +16,8 @@ that expert's slots; without Inductor, the reference.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import stats as S
@@ -94,7 +96,7 @@ def accumulate_experts_backward(c: torch.Tensor, g: torch.Tensor, expert_ids: to
     if g.shape != c.shape:
         raise ShapeError(f"dL/dC of shape {tuple(g.shape)} does not match C of shape {tuple(c.shape)}")
     for what, t in (("expert ids", expert_ids), ("row mask", keep)):
-        if t.shape != (n,):
+        if t is not None and t.shape != (n,):  # a mask of None keeps every row, as the reference's does
             raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
     if n == 0:
         return
@@ -111,7 +113,8 @@ def accumulate_experts_backward(c: torch.Tensor, g: torch.Tensor, expert_ids: to
         return
     if low != high and not bool((ids[1:] >= ids[:-1]).all()):  # batched_mm: token order
         order = torch.argsort(ids, stable=True)
-        ids, c, g, keep = ids[order], c.index_select(0, order), g.index_select(0, order), keep[order]
+        ids, c, g = ids[order], c.index_select(0, order), g.index_select(0, order)
+        keep = None if keep is None else keep[order]
     runs = ((low, n),) if low == high else enumerate(torch.bincount(ids, minlength=experts).tolist())
     start = 0
     for expert, count in runs:
@@ -119,16 +122,22 @@ def accumulate_experts_backward(c: torch.Tensor, g: torch.Tensor, expert_ids: to
             continue
         rows = slice(start, start + count)
         start += count
-        if not native.backward(lib, c[rows], g[rows], keep[rows], out, start=expert * m):
-            reference.accumulate_experts_backward(c[rows], g[rows], ids[rows], keep[rows], out, experts)
+        valid = None if keep is None else keep[rows]
+        if not native.backward(lib, c[rows], g[rows], valid, out, start=expert * m):
+            reference.accumulate_experts_backward(c[rows], g[rows], ids[rows], valid, out, experts)
 
 
 def accumulate_slice_backward(c: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, out, start: int) -> None:
     """Same contract as :func:`.reference.accumulate_slice_backward` (a shared expert's dL/dC into slots
     ``start .. start + m``), for CPU tensors: one pass of the dense dL/dC kernel."""
-    m = c.shape[1]
+    if c.dim() != 2:
+        raise ShapeError(f"a shared expert's C of shape {tuple(c.shape)}: pass [rows, neurons]")
+    n, m = c.shape
     if g.shape != c.shape:
         raise ShapeError(f"dL/dC of shape {tuple(g.shape)} does not match C of shape {tuple(c.shape)}")
+    if rows is not None and rows.shape != (n,):  # the kernel reads n entries of it: never past its end
+        raise ShapeError(f"row mask of shape {tuple(rows.shape)} for {n} rows of C: one entry per row expected")
+    start = operator.index(start)
     if not 0 <= start <= out.grad_sum_abs.numel() - m:
         raise ShapeError(f"slots {start}..{start + m - 1} lie outside statistics of {out.grad_sum_abs.numel()} slots")
     lib = cpu._native_for(out, c, g, rows=rows) if out.grad_sum_abs.is_contiguous() else None
