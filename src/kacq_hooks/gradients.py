@@ -118,7 +118,8 @@ class Gradients:
     def unfollow(self) -> None:
         """Give the scaler its own ``update`` back (the scaler stays declared; an unfinished step is dropped)."""
         scaler, wrapper = self.scaler, self._wrapper
-        if scaler is not None and scaler.__dict__.get("update") is wrapper:
+        # only our own wrapper: with none (already unfollowed) the scaler has no instance update to give back
+        if scaler is not None and wrapper is not None and scaler.__dict__.get("update") is wrapper:
             del scaler.update
         if scaler is not None and self._scale_wrapper is not None and scaler.__dict__.get("scale") is self._scale_wrapper:
             del scaler.scale
