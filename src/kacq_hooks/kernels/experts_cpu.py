@@ -37,20 +37,35 @@ def _block_partials(c: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor,
     return partials
 
 
+def _check_rows(c: torch.Tensor, per_row, slots: torch.Tensor, experts: int) -> bool:
+    """Refuse per-row tensors (name, tensor or None) of another length than C's rows: a kernel reads n entries of
+    them, and the torch loops would broadcast or index them into plausible sums. Then whether there is a row to
+    add; if so, the layer's ``experts`` x m slots must fit ``slots``."""
+    n, m = c.shape
+    for what, t in per_row:
+        if t is not None and t.shape != (n,):
+            raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
+    if n and slots.numel() < experts * m:
+        raise ShapeError(f"{experts} experts of {m} neurons do not fit statistics of {slots.numel()} slots")
+    return n > 0
+
+
+def _expert_range(ids: torch.Tensor, experts: int) -> tuple[int, int]:
+    """The lowest and highest expert of ``ids`` (non-empty), refused outside the layer's 0..experts - 1."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= experts:
+        raise ExpertIdError(f"routed rows name expert {low if low < 0 else high}, outside 0..{experts - 1} of this "
+                            "layer: hand only the layer's own expert ids (expert-parallel sentinels are not rows)")
+    return low, high
+
+
 def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor,
                        doc_weight: torch.Tensor | None, out, experts: int) -> None:
     """Same contract as :func:`.reference.accumulate_experts`, for CPU tensors."""
     n, m = c.shape
-    # one entry per row of C: the kernel would hand other lengths to the loop below, which broadcasts or
-    # indexes them into plausible sums
-    for what, t in (("expert ids", expert_ids), ("routing weights", weight), ("row mask", keep),
-                    ("document weights", doc_weight)):
-        if t is not None and t.shape != (n,):
-            raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
-    if n == 0:
+    if not _check_rows(c, (("expert ids", expert_ids), ("routing weights", weight), ("row mask", keep),
+                           ("document weights", doc_weight)), out.sum_abs, experts):
         return
-    if out.sum_abs.numel() < experts * m:
-        raise ShapeError(f"{experts} experts of {m} neurons do not fit statistics of {out.sum_abs.numel()} slots")
     ids = expert_ids.to(torch.long)
     weight = weight.detach()
     lib = cpu._native_for(out, c, rows=keep)
@@ -61,10 +76,7 @@ def accumulate_experts(c: torch.Tensor, expert_ids: torch.Tensor, weight: torch.
         return
     # the kernel range-checks ids itself; the per-expert loop below would fold an id of `experts` or more into
     # the slots after the routed ones (a shared expert's) and fail on a negative one without saying why
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= experts:
-        raise ExpertIdError(f"routed rows name expert {low if low < 0 else high}, outside 0..{experts - 1} of this "
-                            "layer: hand only the layer's own expert ids (expert-parallel sentinels are not rows)")
+    _expert_range(ids, experts)
     if n > 1 and not bool((ids[1:] >= ids[:-1]).all()):  # batched_mm: token order; group the rows once
         order = torch.argsort(ids, stable=True)
         ids, c, weight, keep = ids[order], c.index_select(0, order), weight[order], keep[order]
@@ -95,18 +107,11 @@ def accumulate_experts_backward(c: torch.Tensor, g: torch.Tensor, expert_ids: to
     n, m = c.shape
     if g.shape != c.shape:
         raise ShapeError(f"dL/dC of shape {tuple(g.shape)} does not match C of shape {tuple(c.shape)}")
-    for what, t in (("expert ids", expert_ids), ("row mask", keep)):
-        if t is not None and t.shape != (n,):  # a mask of None keeps every row, as the reference's does
-            raise ShapeError(f"{what} of shape {tuple(t.shape)} for {n} routed rows of C: one entry per row expected")
-    if n == 0:
+    # a mask of None keeps every row, as the reference's does
+    if not _check_rows(c, (("expert ids", expert_ids), ("row mask", keep)), out.grad_sum_abs, experts):
         return
-    if out.grad_sum_abs.numel() < experts * m:
-        raise ShapeError(f"{experts} experts of {m} neurons do not fit statistics of {out.grad_sum_abs.numel()} slots")
     ids = expert_ids.to(torch.long)
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= experts:  # index_add_ would fold them into a shared expert's slots, or fail unexplained
-        raise ExpertIdError(f"routed rows name expert {low if low < 0 else high}, outside 0..{experts - 1} of this "
-                            "layer: hand only the layer's own expert ids (expert-parallel sentinels are not rows)")
+    low, high = _expert_range(ids, experts)  # index_add_ would fold others into a shared expert's slots
     lib = cpu._native_for(out, c, g, rows=keep)
     if lib is None or not out.grad_sum_abs.is_contiguous():
         reference.accumulate_experts_backward(c, g, ids, keep, out, experts)
