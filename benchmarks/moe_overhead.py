@@ -91,12 +91,18 @@ def peak_of(impl: str, name: str) -> None:
     print(json.dumps(peak_during(runs(model, ids, mask)[name], ids.device)))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=11)
+def arguments(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the mixture-of-experts benchmarks: --repeats, --impl (repeatable), --cpu-time."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--impl", choices=IMPLS, action="append")
     parser.add_argument("--cpu-time", action="store_true",
                         help="one torch thread, timed by its CPU time (time.thread_time) instead of wall time")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = arguments(__doc__, repeats=11)
     parser.add_argument("--peak-of", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_of:

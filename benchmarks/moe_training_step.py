@@ -11,7 +11,6 @@ forward is measured by benchmarks/moe_overhead.py.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import describe, print_table, time_samples  # noqa: E402
-from moe_overhead import IMPLS, build  # noqa: E402
+from moe_overhead import IMPLS, arguments, build  # noqa: E402
 
 from kacq_hooks import bench  # noqa: E402
 
@@ -29,12 +28,7 @@ VARIANTS = {"plain": None, "kacq instrument": {}, "kacq instrument(grads=True)":
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--impl", choices=IMPLS, action="append")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="one torch thread, timed by its CPU time (time.thread_time) instead of wall time")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, repeats=9).parse_args(argv)
     if args.cpu_time:
         torch.set_num_threads(1)
     rows = []
