@@ -13,6 +13,9 @@ order of float additions.
 Where the C kernel cannot run (no compiler, fp16, strided columns) each expert's block is reduced by one
 Inductor-generated loop (the same compile path as :mod:`.cpu`) into named per-slot partials, folded into
 that expert's slots; without Inductor, the reference.
+
+dL/dC of routed rows (and of a shared expert's) is reduced by the dense backward kernel (``kacq_backward``),
+once per expert's rows, into that expert's slots; where it cannot run, by the reference.
 """
 from __future__ import annotations
 
