@@ -193,8 +193,8 @@ class Capture:
         keep = _routed_keep(rows, token_index, c.device)
         docs = None if doc_weight is None else doc_weight[token_index]
         experts = self.sites[index].experts
-        fused = experts_cpu if kernels.backend_for(c.device) == "cpu" else reference
-        fused.accumulate_experts(c.detach(), expert_ids, weight, keep, docs, self.calls.pending[index], experts)
+        _experts_kernels(c.device).accumulate_experts(c.detach(), expert_ids, weight, keep, docs,
+                                                      self.calls.pending[index], experts)
         if self.inst.grads and c.requires_grad and torch.is_grad_enabled():
             c.register_hook(functools.partial(self._on_routed_gradient, index, call, c.detach(), expert_ids, keep))
 
@@ -241,8 +241,8 @@ class Capture:
         if self.inst._pause_depth or call.discarded:
             return
         stats = self.inst._gradients.target(index)
-        fused = experts_cpu if kernels.backend_for(c.device) == "cpu" else reference
-        fused.accumulate_experts_backward(c, grad, expert_ids, keep, stats, self.sites[index].experts)
+        _experts_kernels(c.device).accumulate_experts_backward(c, grad, expert_ids, keep, stats,
+                                                               self.sites[index].experts)
         if index not in call.grad_counted:  # a layer's gradient tokens are counted once per call
             call.grad_counted.add(index)
             stats.grad_tokens.add_(call.layer_tokens[index])
@@ -271,9 +271,13 @@ class Capture:
 
     def _on_shared_gradient(self, index: int, call: Call, start: int, c2d, rows, grad):
         if not self.inst._pause_depth and not call.discarded:
-            fused = experts_cpu if kernels.backend_for(c2d.device) == "cpu" else reference
-            fused.accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
-                                            self.inst._gradients.target(index), start)
+            _experts_kernels(c2d.device).accumulate_slice_backward(c2d, grad.reshape(-1, grad.shape[-1]), rows,
+                                                                    self.inst._gradients.target(index), start)
+
+
+def _experts_kernels(device: torch.device):
+    """Where experts' blocks are reduced: the CPU kernels (one pass of the C kernel), elsewhere the reference."""
+    return experts_cpu if kernels.backend_for(device) == "cpu" else reference
 
 
 def _routed_keep(rows: torch.Tensor | None, token_index: torch.Tensor, device: torch.device) -> torch.Tensor:
