@@ -6,6 +6,7 @@ warm-up, paired median ratios, peak memory after a warm-up call (a fresh subproc
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,14 @@ from kacq_hooks.bench import (describe, format_table, paired_ratio, peak_during,
                               sync, time_interleaved, time_samples)
 
 HERE = Path(__file__).parent
+
+
+def turn_quartiles(samples: dict[str, list[float]], name: str, base: str) -> str:
+    """"low-high": the quartiles of ``name``'s time / ``base``'s time over the turns, beside their median
+    (``paired_ratio``): how noisy the run was, a difference inside them not resolved."""
+    turns = [a / b for a, b in zip(samples[name], samples[base])]
+    low, _, high = statistics.quantiles(turns, n=4) if len(turns) > 1 else (turns[0],) * 3
+    return f"{low:.3f}-{high:.3f}"
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -29,7 +29,8 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import describe, paired_ratio, peak_during, peak_in_subprocess, print_table, time_samples  # noqa: E402
+from _harness import (describe, paired_ratio, peak_during, peak_in_subprocess, print_table, time_samples,  # noqa: E402
+                      turn_quartiles)
 
 import kacq_hooks as kh  # noqa: E402
 from kacq_hooks.experts import ExpertsTap, find_experts  # noqa: E402
@@ -125,10 +126,8 @@ def main(argv=None) -> None:
         ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
         for name in MEASURED:
             forward = "forward (CPU time, 1 thread)" if args.cpu_time else "forward"
-            turns = [a / b for a, b in zip(samples[name], samples["plain"])]
-            low, _, high = statistics.quantiles(turns, n=4) if len(turns) > 1 else (turns[0],) * 3
             measured = {forward: (ms["plain"], ms[name], "ms", paired_ratio(samples, name, "plain"),
-                                  f"{low:.3f}-{high:.3f}")}
+                                  turn_quartiles(samples, name, "plain"))}
             for what, key in (("peak memory", "peak_mib"), ("memory rise", "extra_mib")):
                 plain, other = memory["plain"][key], memory[name][key]
                 measured[what] = (plain, other, "MiB", other / plain, "")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import describe, print_table, time_samples  # noqa: E402
+from _harness import describe, paired_ratio, print_table, time_samples, turn_quartiles  # noqa: E402
 from moe_overhead import IMPLS, arguments, build  # noqa: E402
 
 from kacq_hooks import bench  # noqa: E402
@@ -41,10 +41,8 @@ def main(argv=None) -> None:
                                clock=time.thread_time if args.cpu_time else time.perf_counter)
         plain = statistics.median(samples["plain"]) * 1e3
         for name in list(VARIANTS)[1:]:
-            turns = [a / b for a, b in zip(samples[name], samples["plain"])]
-            low, _, high = statistics.quantiles(turns, n=4) if len(turns) > 1 else (turns[0],) * 3
             rows.append([impl, name, f"{plain:.1f} ms", f"{statistics.median(samples[name]) * 1e3:.1f} ms",
-                         f"{statistics.median(turns):.3f}x", f"{low:.3f}-{high:.3f}"])
+                         f"{paired_ratio(samples, name, 'plain'):.3f}x", turn_quartiles(samples, name, "plain")])
         print(f"{impl}: " + "; ".join(f"{r[1]} {r[4]} (quartiles {r[5]})" for r in rows if r[0] == impl),
               file=sys.stderr, flush=True)
     step = "training step (CPU time, 1 thread)" if args.cpu_time else "training step"
